@@ -1,0 +1,11 @@
+"""Hidden checks for the exercise notebooks: ``check("N.M", your_object)``.
+
+The tests for each exercise live here, in the package, so the notebooks stay
+short. A check prints one line when your answer is right and raises
+``ExerciseError`` with a specific message when it is not.
+"""
+
+from ._core import REGISTRY, Exercise, ExerciseError, Mistake, check, exercise
+from . import lesson00, lesson01  # noqa: F401  (registers the checkers)
+
+__all__ = ["check", "ExerciseError", "Exercise", "Mistake", "exercise", "REGISTRY"]

@@ -1,0 +1,251 @@
+"""Generate ``exercises/`` from ``solutions/`` (the single source).
+
+In a solution notebook every answer sits between two marker lines::
+
+    def feed_forward(x, w_in, b_in, w_out, b_out):
+        ### BEGIN SOLUTION 1.1: compute act(x W_in + b_in) W_out + b_out
+        h = F.gelu(x @ w_in + b_in)
+        return h @ w_out + b_out
+        ### END SOLUTION
+
+``build`` copies each notebook and turns every marked region into a stub at
+the same indentation::
+
+        raise NotImplementedError("Exercise 1.1: compute act(x W_in + b_in) W_out + b_out")
+
+Everything outside the markers (instructions, hints, check cells) is kept.
+Each written exercise gets a fingerprint of its cell sources in
+``exercises/.fingerprints.json``; if a learner has edited an exercise since it
+was generated, ``build`` keeps it and says how to regenerate anyway
+(``--force`` saves a timestamped copy under ``exercises/backups/`` first).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jupytext
+import nbformat
+
+__all__ = [
+    "BuildError",
+    "Region",
+    "stub_source",
+    "exercise_notebook",
+    "fingerprint",
+    "build",
+    "status",
+    "find_root",
+]
+
+BEGIN = re.compile(r"^(?P<indent>[ \t]*)### BEGIN SOLUTION(?:\s+(?P<id>\d+\.\d+)\s*:\s*(?P<task>.*?))?\s*$")
+END = re.compile(r"^[ \t]*### END SOLUTION\s*$")
+CHECK_CALL = re.compile(r"""check\(\s*["'](?P<id>\d+\.\d+)["']""")
+FINGERPRINTS = ".fingerprints.json"
+PAIRED = ("ipynb", "py")
+
+
+class BuildError(ValueError):
+    """A solution notebook breaks the marker rules; the message says where."""
+
+
+@dataclass(frozen=True)
+class Region:
+    ex_id: str  # "N.M"
+    task: str  # what the learner has to do, shown in the stub's message
+    cell: int  # index of the cell in the notebook
+    line: int  # 1-based line of the BEGIN marker in that cell
+
+
+def stub_source(source: str, *, where: str = "") -> tuple[str, list[Region]]:
+    """Replace each marked region of one cell's source by a stub; return it and the regions."""
+    out: list[str] = []
+    regions: list[Region] = []
+    inside: re.Match | None = None
+    for number, line in enumerate(source.split("\n"), start=1):
+        begin, end = BEGIN.match(line), END.match(line)
+        if begin:
+            if inside:
+                raise BuildError(f"{where} line {number}: BEGIN SOLUTION inside another solution region")
+            if not begin.group("id"):
+                raise BuildError(
+                    f"{where} line {number}: a BEGIN SOLUTION marker needs an exercise id and a task, "
+                    f"e.g. '### BEGIN SOLUTION 1.2: count the parameters'"
+                )
+            inside = begin
+            task = begin.group("task").strip()
+            if not task:
+                raise BuildError(f"{where} line {number}: say what to do after 'BEGIN SOLUTION {begin.group('id')}:'")
+            regions.append(Region(begin.group("id"), task, -1, number))
+            message = json.dumps(f"Exercise {begin.group('id')}: {task}", ensure_ascii=False)
+            out.append(f"{begin.group('indent')}raise NotImplementedError({message})")
+        elif end:
+            if not inside:
+                raise BuildError(f"{where} line {number}: END SOLUTION without a BEGIN SOLUTION")
+            inside = None
+        elif not inside:
+            out.append(line)
+    if inside:
+        raise BuildError(f"{where}: BEGIN SOLUTION {inside.group('id')} is never closed by '### END SOLUTION'")
+    return "\n".join(out), regions
+
+
+def _cell_id(stem: str, index: int) -> str:
+    return hashlib.sha1(f"{stem}:{index}".encode()).hexdigest()[:8]
+
+
+def exercise_notebook(solution: nbformat.NotebookNode, stem: str) -> tuple[nbformat.NotebookNode, list[Region]]:
+    """The exercise version of a solution notebook, and the regions it stubbed."""
+    nb = nbformat.from_dict(json.loads(json.dumps(solution)))  # deep copy
+    regions: list[Region] = []
+    for index, cell in enumerate(nb.cells):
+        cell["id"] = _cell_id(stem, index)  # deterministic, so regeneration is reproducible
+        if cell.cell_type != "code":
+            continue
+        new, found = stub_source(cell.source, where=f"{stem} cell {index}")
+        cell.source = new
+        cell.outputs, cell.execution_count = [], None
+        regions += [Region(r.ex_id, r.task, index, r.line) for r in found]
+    _validate(nb, regions, stem)
+    return nb, regions
+
+
+def _validate(nb: nbformat.NotebookNode, regions: list[Region], stem: str) -> None:
+    """Every exercise needs a check cell (tag ``check``) after its last region."""
+    checks: dict[str, int] = {}
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type == "code" and "check" in cell.metadata.get("tags", []):
+            if not cell.metadata.get("jupyter", {}).get("source_hidden"):
+                raise BuildError(f"{stem} cell {index}: a check cell should be collapsed: jupyter={{\"source_hidden\": true}}")
+            if "NBVAL_CHECK_OUTPUT" in cell.source:
+                raise BuildError(f"{stem} cell {index}: check cells must signal by raising, not by # NBVAL_CHECK_OUTPUT")
+            for match in CHECK_CALL.finditer(cell.source):
+                checks[match.group("id")] = index
+    for region in regions:
+        if not region.ex_id.startswith(f"{int(stem[:2])}.") and stem[:2].isdigit():
+            raise BuildError(f"{stem} cell {region.cell}: exercise {region.ex_id} does not belong to lesson {stem[:2]}")
+        after = checks.get(region.ex_id)
+        if after is None:
+            raise BuildError(f"{stem}: exercise {region.ex_id} has no check cell (a code cell tagged 'check' calling check({region.ex_id!r}, ...))")
+        if after <= region.cell:
+            raise BuildError(f"{stem}: the check cell of exercise {region.ex_id} (cell {after}) must come after its solution (cell {region.cell})")
+
+
+def fingerprint(nb: nbformat.NotebookNode) -> str:
+    """A hash of what a learner writes: the cell types and sources (not outputs)."""
+    h = hashlib.sha256()
+    for cell in nb.cells:
+        h.update(cell.cell_type.encode() + b"\0" + cell.source.strip().encode() + b"\0\0")
+    return h.hexdigest()
+
+
+def _read(path: Path) -> nbformat.NotebookNode:
+    return jupytext.read(path) if path.suffix == ".py" else nbformat.read(path, as_version=4)
+
+
+def _write_text(nb: nbformat.NotebookNode, fmt: str) -> str:
+    if fmt == "ipynb":
+        return nbformat.writes(nb) + "\n"
+    return jupytext.writes(nb, fmt="py:percent")
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The course folder: the nearest parent holding solutions/ and exercises/ (or pyproject.toml)."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "solutions").is_dir() and (folder / "pyproject.toml").exists():
+            return folder
+    raise BuildError(f"could not find the course folder (with solutions/ and pyproject.toml) above {here}")
+
+
+@dataclass
+class Report:
+    written: list[Path] = field(default_factory=list)
+    unchanged: list[Path] = field(default_factory=list)
+    kept: list[Path] = field(default_factory=list)  # learner-edited, not overwritten
+    backups: list[Path] = field(default_factory=list)
+    exercises: list[str] = field(default_factory=list)
+
+
+def _targets(root: Path) -> dict[str, nbformat.NotebookNode]:
+    """stem -> generated exercise notebook, for every solutions/NN_*.py."""
+    sources = sorted((root / "solutions").glob("[0-9][0-9]_*.py"))
+    if not sources:
+        raise BuildError(f"no solution notebooks found in {root / 'solutions'}")
+    return {p.stem: exercise_notebook(jupytext.read(p), p.stem)[0] for p in sources}
+
+
+def build(root: Path | None = None, *, force: bool = False, only: str | None = None, now: _dt.datetime | None = None) -> Report:
+    """Regenerate exercises/ from solutions/, never losing a learner's edits."""
+    root = root or find_root()
+    out_dir = root / "exercises"
+    out_dir.mkdir(exist_ok=True)
+    prints_path = out_dir / FINGERPRINTS
+    prints = json.loads(prints_path.read_text()) if prints_path.exists() else {}
+    report = Report()
+    stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    for stem, nb in _targets(root).items():
+        if only and not stem.startswith(only):
+            continue
+        new_print = fingerprint(nb)
+        report.exercises += sorted({m.group("id") for c in nb.cells for m in CHECK_CALL.finditer(c.source)})
+        paths = {fmt: out_dir / f"{stem}.{fmt}" for fmt in PAIRED}
+        texts = {fmt: _write_text(nb, fmt) for fmt in PAIRED}
+        # The .ipynb and its .py are one notebook to the learner (jupytext pairs
+        # them), so an edit to either protects both.
+        edited = [p for p in paths.values() if p.exists() and _edited(p, prints.get(p.name), new_print)]
+        if edited and not force:
+            report.kept += [p for p in paths.values() if p.exists()]
+            continue
+        for fmt, path in paths.items():
+            if path.exists() and path.read_text() == texts[fmt]:
+                report.unchanged.append(path)
+                prints[path.name] = new_print
+                continue
+            if edited and path.exists():
+                backup = out_dir / "backups" / f"{stem}.{stamp}.{fmt}"
+                backup.parent.mkdir(exist_ok=True)
+                shutil.copy2(path, backup)
+                report.backups.append(backup)
+            path.write_text(texts[fmt])
+            report.written.append(path)
+            prints[path.name] = new_print
+    prints_path.write_text(json.dumps(dict(sorted(prints.items())), indent=1) + "\n")
+    return report
+
+
+def _edited(path: Path, generated: str | None, new_print: str) -> bool:
+    """Has the learner changed the code or text of ``path`` since it was generated?"""
+    try:
+        current = fingerprint(_read(path))
+    except Exception:  # unreadable: treat as edited, never delete it
+        return True
+    return current not in (generated, new_print)
+
+
+def status(root: Path | None = None) -> list[str]:
+    """Problems that make exercises/ out of date with solutions/ (empty list: in sync)."""
+    root = root or find_root()
+    problems = []
+    out_dir = root / "exercises"
+    targets = _targets(root)
+    for stem, nb in targets.items():
+        for fmt in PAIRED:
+            path = out_dir / f"{stem}.{fmt}"
+            if not path.exists():
+                problems.append(f"{path.relative_to(root)} is missing")
+                continue
+            disk = _read(path)
+            if fingerprint(disk) != fingerprint(nb):
+                problems.append(f"{path.relative_to(root)} differs from what solutions/{stem}.py generates")
+            elif [c.metadata.get("tags", []) for c in disk.cells] != [c.metadata.get("tags", []) for c in nb.cells]:
+                problems.append(f"{path.relative_to(root)} has different cell tags than solutions/{stem}.py")
+    extra = {p.stem for p in out_dir.glob("[0-9][0-9]_*.ipynb")} - set(targets)
+    problems += [f"exercises/{stem}.ipynb has no solution notebook" for stem in sorted(extra)]
+    return problems

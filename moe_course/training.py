@@ -1,0 +1,252 @@
+"""One training loop for every lesson.
+
+``train(model, task, config)`` runs AdamW on batches the task samples, shows a
+tqdm progress bar, evaluates on held-out data every ``eval_every`` steps and
+returns the metrics history as a pandas table. It can save a checkpoint and
+resume from it; a resumed run ends with exactly the weights of an
+uninterrupted one, because the checkpoint carries the model, the optimiser and
+the batch sampler's random state.
+
+A *task* says what a batch is and what the loss is; see ``Task``.
+``ClassificationTask`` covers the clinic lessons.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .device import get_device
+
+__all__ = ["TrainConfig", "TrainResult", "Task", "ClassificationTask", "train", "model_logits"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300  # optimiser steps in total
+    batch_size: int = 128  # examples per step
+    lr: float = 3e-3  # peak learning rate of AdamW
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    warmup_steps: int = 0  # linear warm-up, then cosine decay to lr_min_ratio·lr
+    lr_min_ratio: float = 1.0  # 1.0 keeps the learning rate constant after warm-up
+    grad_clip: float | None = 1.0  # max global gradient norm (None: no clipping)
+    eval_every: int = 50  # steps between held-out evaluations (the last step always evaluates)
+    seed: int = 0  # seeds the batch sampler (the model is seeded by whoever builds it)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
+            raise ValueError(f"TrainConfig.warmup_steps must be in [0, steps], got {self.warmup_steps!r}")
+        if not 0.0 <= self.lr_min_ratio <= 1.0:
+            raise ValueError(f"TrainConfig.lr_min_ratio must be in [0, 1], got {self.lr_min_ratio!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip!r}")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate used for optimiser step ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(1, self.steps - self.warmup_steps)
+        progress = (step - self.warmup_steps) / span
+        floor = self.lr * self.lr_min_ratio
+        return floor + 0.5 * (self.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+class Task(Protocol):
+    """What ``train`` needs to know about a problem."""
+
+    def sample_batch(self, batch_size: int, generator: torch.Generator, device: torch.device) -> Any:
+        """A random training batch, drawn with ``generator``."""
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """The scalar training loss, and metrics to log for this batch."""
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        """Held-out metrics, computed under ``torch.no_grad()`` in eval mode."""
+
+
+def model_logits(output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Split a model's output into (logits, auxiliary loss or None).
+
+    Models may return a tensor, or a typed result with ``logits`` (or ``y``)
+    and optionally ``aux_loss`` (already weighted by its coefficient).
+    """
+    if isinstance(output, torch.Tensor):
+        return output, None
+    logits = getattr(output, "logits", None)
+    if logits is None:
+        logits = getattr(output, "y", None)
+    if logits is None:
+        raise TypeError(f"model returned {type(output).__name__}; expected a tensor or a result with .logits")
+    return logits, getattr(output, "aux_loss", None)
+
+
+@dataclass
+class ClassificationTask:
+    """Classify rows of ``x_train`` into ``y_train``; evaluate on the held-out split.
+
+    x (N, d_in) float, y (N,) int64. Batches are drawn with replacement.
+    """
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+
+    def __post_init__(self) -> None:
+        for split in ("train", "val"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
+                raise ValueError(f"{split} split: expected x (N, d_in) and y (N,), got {tuple(x.shape)} and {tuple(y.shape)}")
+            if len(x) == 0:
+                raise ValueError(f"{split} split is empty")
+
+    @classmethod
+    def from_clinic(cls, clinic: Any) -> "ClassificationTask":
+        return cls(clinic.train.x, clinic.train.diagnosis, clinic.val.x, clinic.val.diagnosis)
+
+    def sample_batch(self, batch_size: int, generator: torch.Generator, device: torch.device):
+        idx = torch.randint(len(self.x_train), (batch_size,), generator=generator)
+        return self.x_train[idx].to(device), self.y_train[idx].to(device)
+
+    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        x, y = batch
+        logits, aux = model_logits(model(x))
+        ce = F.cross_entropy(logits, y)
+        total = ce if aux is None else ce + aux
+        return total, {"train_loss": ce.item()}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        logits, _ = model_logits(model(self.x_val.to(device)))
+        y = self.y_val.to(device)
+        return {
+            "val_loss": F.cross_entropy(logits, y).item(),
+            "val_acc": (logits.argmax(-1) == y).float().mean().item(),
+        }
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: pd.DataFrame  # one row per evaluation: step, lr, train_loss, held-out metrics, seconds
+    config: TrainConfig
+    seconds: float = 0.0  # wall-clock time of this call
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> dict[str, float]:
+        """The last row of the history, as a dict."""
+        return self.history.iloc[-1].to_dict()
+
+
+def _save_checkpoint(path: Path, model, optimizer, generator, step, rows, config) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(),
+            "step": step,
+            "history": rows,
+            "config": asdict(config),
+        },
+        tmp,
+    )
+    tmp.replace(path)  # never leave a half-written checkpoint behind
+
+
+def train(
+    model: nn.Module,
+    task: Task,
+    config: TrainConfig = TrainConfig(),
+    *,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    checkpoint_path: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+    callback: Any = None,
+) -> TrainResult:
+    """Train ``model`` on ``task`` and return it with its metrics history.
+
+    checkpoint_path: where to save (every ``checkpoint_every`` steps and at the end).
+    resume: continue from ``checkpoint_path`` if it exists.
+    stop_after: stop after this many steps in total (to simulate an
+        interruption; the learning-rate schedule still follows ``config.steps``).
+    callback: called as ``callback(step, model)`` after each evaluation, e.g. to
+        record routing statistics over training.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device) if device is not None else get_device()
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    rows: list[dict[str, float]] = []
+    start_step = 0
+    path = Path(checkpoint_path) if checkpoint_path is not None else None
+    if resume:
+        if path is None:
+            raise ValueError("resume=True needs a checkpoint_path")
+        if path.exists():
+            state = torch.load(path, map_location=device, weights_only=False)
+            if state["config"] != asdict(config):
+                raise ValueError(f"checkpoint {path} was made with a different TrainConfig: {state['config']}")
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            generator.set_state(state["generator"])
+            start_step, rows = state["step"], list(state["history"])
+    last = config.steps if stop_after is None else min(config.steps, stop_after)
+    t0 = time.perf_counter()
+    running: dict[str, float] = {}
+    bar = tqdm(range(start_step, last), desc="training", disable=not progress, leave=False, initial=start_step, total=last)
+    for step in bar:
+        model.train()
+        lr = config.lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = task.sample_batch(config.batch_size, generator, device)
+        loss, metrics = task.loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        for key, value in metrics.items():  # average train metrics since the last evaluation
+            running[key] = running.get(key, 0.0) + value
+        running["_n"] = running.get("_n", 0.0) + 1
+        done = step + 1
+        if done % config.eval_every == 0 or done == config.steps:
+            model.eval()
+            n = running.pop("_n")
+            row = {"step": done, "lr": lr, **{k: v / n for k, v in running.items()}}
+            row.update(task.evaluate(model, device))
+            row["seconds"] = time.perf_counter() - t0
+            rows.append(row)
+            running = {}
+            if callback is not None:
+                callback(done, model)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("step", "lr", "seconds")})
+        if path is not None and checkpoint_every and done % checkpoint_every == 0:
+            _save_checkpoint(path, model, optimizer, generator, done, rows, config)
+    bar.close()
+    if path is not None:
+        _save_checkpoint(path, model, optimizer, generator, last, rows, config)
+    model.eval()
+    return TrainResult(model, pd.DataFrame(rows), config, time.perf_counter() - t0)
