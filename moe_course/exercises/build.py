@@ -29,6 +29,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Container
 
 import jupytext
 import nbformat
@@ -63,11 +64,16 @@ class Region:
     line: int  # 1-based line of the BEGIN marker in that cell
 
 
-def stub_source(source: str, *, where: str = "") -> tuple[str, list[Region]]:
-    """Replace each marked region of one cell's source by a stub; return it and the regions."""
+def stub_source(source: str, *, where: str = "", stub_only: Container[str] | None = None) -> tuple[str, list[Region]]:
+    """Replace each marked region of one cell's source by a stub; return it and the regions.
+
+    stub_only: stub only the exercises with these ids and keep the others'
+    answers (without their markers); the tests use it to solve all but one.
+    """
     out: list[str] = []
     regions: list[Region] = []
     inside: re.Match | None = None
+    keep = False
     for number, line in enumerate(source.split("\n"), start=1):
         begin, end = BEGIN.match(line), END.match(line)
         if begin:
@@ -83,13 +89,15 @@ def stub_source(source: str, *, where: str = "") -> tuple[str, list[Region]]:
             if not task:
                 raise BuildError(f"{where} line {number}: say what to do after 'BEGIN SOLUTION {begin.group('id')}:'")
             regions.append(Region(begin.group("id"), task, -1, number))
-            message = json.dumps(f"Exercise {begin.group('id')}: {task}", ensure_ascii=False)
-            out.append(f"{begin.group('indent')}raise NotImplementedError({message})")
+            keep = stub_only is not None and begin.group("id") not in stub_only
+            if not keep:
+                message = json.dumps(f"Exercise {begin.group('id')}: {task}", ensure_ascii=False)
+                out.append(f"{begin.group('indent')}raise NotImplementedError({message})")
         elif end:
             if not inside:
                 raise BuildError(f"{where} line {number}: END SOLUTION without a BEGIN SOLUTION")
             inside = None
-        elif not inside:
+        elif not inside or keep:
             out.append(line)
     if inside:
         raise BuildError(f"{where}: BEGIN SOLUTION {inside.group('id')} is never closed by '### END SOLUTION'")
@@ -100,7 +108,9 @@ def _cell_id(stem: str, index: int) -> str:
     return hashlib.sha1(f"{stem}:{index}".encode()).hexdigest()[:8]
 
 
-def exercise_notebook(solution: nbformat.NotebookNode, stem: str) -> tuple[nbformat.NotebookNode, list[Region]]:
+def exercise_notebook(
+    solution: nbformat.NotebookNode, stem: str, *, stub_only: Container[str] | None = None
+) -> tuple[nbformat.NotebookNode, list[Region]]:
     """The exercise version of a solution notebook, and the regions it stubbed."""
     nb = nbformat.from_dict(json.loads(json.dumps(solution)))  # deep copy
     regions: list[Region] = []
@@ -108,7 +118,7 @@ def exercise_notebook(solution: nbformat.NotebookNode, stem: str) -> tuple[nbfor
         cell["id"] = _cell_id(stem, index)  # deterministic, so regeneration is reproducible
         if cell.cell_type != "code":
             continue
-        new, found = stub_source(cell.source, where=f"{stem} cell {index}")
+        new, found = stub_source(cell.source, where=f"{stem} cell {index}", stub_only=stub_only)
         cell.source = new
         cell.outputs, cell.execution_count = [], None
         regions += [Region(r.ex_id, r.task, index, r.line) for r in found]

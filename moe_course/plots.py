@@ -1,0 +1,134 @@
+"""Figures the lessons share. Every function returns the matplotlib Axes it drew on.
+
+One look for the whole course: seaborn's colour-blind-safe palette, titles,
+labelled axes with units, legends.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+
+__all__ = ["use_course_style", "grouped_bars", "learning_curves", "heatmap", "plot_clinic", "save"]
+
+
+def use_course_style() -> None:
+    """The course's figure style (call once at the top of a lesson)."""
+    sns.set_theme(context="notebook", style="whitegrid", palette="colorblind")
+    plt.rcParams.update({"figure.figsize": (7.5, 4.0), "figure.dpi": 100, "axes.titleweight": "bold"})
+
+
+def _numpy(values) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().double().numpy()
+    return np.asarray(values, dtype=float)
+
+
+def grouped_bars(
+    values: Mapping[str, Sequence[float] | torch.Tensor],
+    groups: Sequence[str],
+    *,
+    title: str,
+    ylabel: str,
+    xlabel: str = "",
+    chance: float | None = None,
+    ax: plt.Axes | None = None,
+    fmt: str = "{:.0%}",
+) -> plt.Axes:
+    """One group of bars per entry of ``groups``, one colour per series in ``values``.
+
+    values: series name -> one number per group (e.g. model -> accuracy per specialty).
+    chance: draw a dashed reference line at this height (e.g. chance accuracy).
+    """
+    rows = [
+        {"group": g, "series": name, "value": v}
+        for name, series in values.items()
+        for g, v in zip(groups, _numpy(series), strict=True)
+    ]
+    frame = pd.DataFrame(rows)
+    ax = ax or plt.figure().gca()
+    sns.barplot(frame, x="group", y="value", hue="series", ax=ax)
+    for container in ax.containers:
+        ax.bar_label(container, labels=[fmt.format(v) if np.isfinite(v) else "–" for v in container.datavalues], fontsize=8, padding=2)
+    if chance is not None:
+        ax.axhline(chance, ls="--", color="gray", lw=1)
+        ax.annotate("chance", (ax.get_xlim()[1], chance), xytext=(-4, 3), textcoords="offset points", ha="right", color="gray", fontsize=8)
+    ax.set(title=title, ylabel=ylabel, xlabel=xlabel)
+    ax.legend(title=None, loc="lower right" if chance is not None else "best")
+    return ax
+
+
+def learning_curves(
+    histories: Mapping[str, pd.DataFrame],
+    metric: str,
+    *,
+    title: str,
+    ylabel: str,
+    ax: plt.Axes | None = None,
+) -> plt.Axes:
+    """``metric`` against training step for several runs (one line each)."""
+    ax = ax or plt.figure().gca()
+    for name, history in histories.items():
+        ax.plot(history["step"], history[metric], marker="o", ms=3, label=name)
+    ax.set(title=title, xlabel="training step", ylabel=ylabel)
+    ax.legend()
+    return ax
+
+
+def heatmap(
+    matrix,
+    *,
+    rows: Sequence[str],
+    cols: Sequence[str],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    ax: plt.Axes | None = None,
+    fmt: str = ".2f",
+    cmap: str = "viridis",
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> plt.Axes:
+    """An annotated heatmap, e.g. specialty × expert gate mass."""
+    ax = ax or plt.figure().gca()
+    sns.heatmap(_numpy(matrix), annot=True, fmt=fmt, cmap=cmap, xticklabels=list(cols), yticklabels=list(rows), vmin=vmin, vmax=vmax, ax=ax, cbar=True)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    return ax
+
+
+def plot_clinic(clinic, *, specialties: Sequence[int] = (0, 1), max_points: int = 600) -> plt.Figure:
+    """Left: the context features (2-D projection) coloured by specialty.
+    Then, for each of ``specialties``: two measurements coloured by diagnosis.
+    """
+    pts = clinic.train
+    n = min(len(pts), max_points)
+    context = pts.x[:n, clinic.d_measure :]
+    centred = context - context.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    xy = (centred @ v[:2].T).numpy()  # (n, 2) principal directions of the context
+    fig, axes = plt.subplots(1, 1 + len(specialties), figsize=(4.2 * (1 + len(specialties)), 3.9))
+    names = [clinic.specialties[i] for i in pts.specialty[:n].tolist()]
+    sns.scatterplot(x=xy[:, 0], y=xy[:, 1], hue=names, hue_order=list(clinic.specialties), s=12, ax=axes[0], linewidth=0)
+    axes[0].set(title="context: who walks in", xlabel="context, 1st principal direction", ylabel="context, 2nd principal direction")
+    axes[0].legend(fontsize=8, markerscale=1.5)
+    palette = sns.color_palette("colorblind", clinic.num_diagnoses)
+    for ax, s in zip(axes[1:], specialties):
+        own = pts.of_specialty(s)
+        k = min(len(own), max_points // 2)
+        sns.scatterplot(x=own.x[:k, 0].numpy(), y=own.x[:k, 1].numpy(), hue=[f"diagnosis {d}" for d in own.diagnosis[:k].tolist()],
+                        hue_order=[f"diagnosis {d}" for d in range(clinic.num_diagnoses)], palette=palette, s=12, ax=ax, linewidth=0)
+        ax.set(title=f"{clinic.specialties[s]}: measurements → diagnosis", xlabel="measurement 1", ylabel="measurement 2")
+        ax.legend(fontsize=7, markerscale=1.5, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def save(ax_or_fig, path: str) -> None:
+    """Save a figure (for instructors reviewing what learners see)."""
+    fig = ax_or_fig.figure if hasattr(ax_or_fig, "figure") else ax_or_fig
+    fig.savefig(path, bbox_inches="tight", dpi=110)
