@@ -76,6 +76,8 @@ SPECIALTY_NAMES: tuple[str, ...] = (
 
 # Fixed offsets that split one seed into independent random streams.
 _RULES, _CENTRES, _TRAIN, _VAL = 0, 1, 2, 3
+import os
+_SHARE_ALL = bool(os.environ.get("SHARE_ALL"))
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,8 @@ def _make_rule(seed: int, s: int, *, d_measure: int, num_diagnoses: int, teacher
     # A twin (odd s) copies its partner's teacher and renames the diagnoses with a
     # derangement: same measurements, a different conclusion for every patient.
     base = s - 1 if twins and s % 2 == 1 else s
+    if _SHARE_ALL and twins:
+        base = 0
     g = _generator(seed, _RULES, base)
     u = torch.randn(d_measure, teacher_width, generator=g) * (teacher_gain / d_measure**0.5)  # (d_measure, F)
     c = torch.randn(teacher_width, generator=g) * 0.5  # (F,)

@@ -1,0 +1,106 @@
+"""Things that must stay in step: notebook pairs, exercises vs solutions, environment vs package."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+
+from moe_course.exercises import status
+from notebook_tools import ROOT
+
+FOLDERS = ("notebooks", "solutions", "exercises")
+NOTEBOOKS = sorted(p for folder in FOLDERS for p in (ROOT / folder).glob("*.ipynb"))
+TEXTS = sorted(p for folder in FOLDERS for p in (ROOT / folder).glob("[0-9][0-9]_*.py"))
+
+
+def test_there_are_notebooks_in_every_folder():
+    for folder in FOLDERS:
+        assert list((ROOT / folder).glob("[0-9][0-9]_*.ipynb")), f"{folder}/ has no notebooks"
+
+
+@pytest.mark.parametrize("path", TEXTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_py_has_its_ipynb(path):
+    assert path.with_suffix(".ipynb").exists(), f"{path.name} has no paired .ipynb (run `make sync`)"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_ipynb_and_py_pair_have_the_same_cells(path):
+    text = path.with_suffix(".py")
+    assert text.exists(), f"{path.name} has no paired .py (run `make sync`)"
+    nb, py = nbformat.read(path, as_version=4), jupytext.read(text)
+    assert len(nb.cells) == len(py.cells), f"{path.name}: {len(nb.cells)} cells, its .py has {len(py.cells)}"
+    for i, (a, b) in enumerate(zip(nb.cells, py.cells)):
+        assert a.cell_type == b.cell_type, f"{path.name} cell {i}: {a.cell_type} vs {b.cell_type}"
+        assert a.source.strip() == b.source.strip(), f"{path.name} cell {i} differs between .ipynb and .py (run `make sync`)"
+        assert a.metadata.get("tags", []) == b.metadata.get("tags", []), f"{path.name} cell {i}: tags differ"
+        assert a.metadata.get("jupyter", {}) == b.metadata.get("jupyter", {}), f"{path.name} cell {i}: jupyter metadata differs"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_notebook_is_committed_without_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            assert not cell.outputs, f"{path.name} cell {i} carries outputs"
+            assert cell.execution_count is None, f"{path.name} cell {i} carries an execution count"
+    assert nb.metadata.get("kernelspec", {}).get("name") == "python3", f"{path.name}: kernelspec python3 missing"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_check_cells_are_tagged_collapsed_and_unmarked(path):
+    nb = nbformat.read(path, as_version=4)
+    for i, cell in enumerate(nb.cells):
+        calls_check = cell.cell_type == "code" and re.search(r"^check\(", cell.source, re.M)
+        if calls_check and path.parent.name != "notebooks":
+            assert "check" in cell.metadata.get("tags", []), f"{path.name} cell {i} calls check() but is not tagged 'check'"
+            assert cell.metadata.get("jupyter", {}).get("source_hidden") is True, f"{path.name} cell {i} is not collapsed"
+        assert "NBVAL_CHECK_OUTPUT" not in cell.source, f"{path.name} cell {i}: check cells must not compare outputs"
+
+
+def test_exercises_are_in_sync_with_solutions():
+    problems = status(ROOT)
+    assert not problems, "exercises/ is out of date, run `moe-exercises build`:\n" + "\n".join(problems)
+
+
+def test_notebooks_never_contain_model_code():
+    """The package is the only home of model code: lessons import it, never define modules."""
+    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py")):
+        source = path.read_text()
+        assert not re.search(r"^\s*class \w+\(.*(nn\.Module|Module)\)", source, re.M), f"{path.name} defines an nn.Module"
+
+
+CONDA_NAMES = {"pytorch": "torch"}  # conda-forge name → PyPI name
+
+
+def _normalise(requirement: str) -> str:
+    name = re.split(r"[<>=!~\[ ;]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+    return CONDA_NAMES.get(name, name)
+
+
+def test_environment_yml_lists_the_same_dependencies_as_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {_normalise(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]}
+    env_text = (ROOT / "environment.yml").read_text()
+    conda, pip = set(), set()
+    section = None
+    for line in env_text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("dependencies:"):
+            section = "conda"
+        elif stripped == "- pip:":
+            section = "pip"
+        elif stripped.startswith("- ") and section:
+            item = stripped[2:].strip().strip("'\"")
+            (pip if section == "pip" and line.startswith("      ") else conda).add(item)
+    listed = {_normalise(i) for i in conda | pip if not i.startswith("-e")} - {"python", "pip"}
+    editable = {i for i in pip if i.startswith("-e")}
+    assert listed == wanted, f"only in pyproject: {sorted(wanted - listed)}; only in environment.yml: {sorted(listed - wanted)}"
+    assert editable == {"-e ."} or editable == {"-e .[dev]"}, f"environment.yml should install the package editable, found {editable}"
+    assert "conda-forge" in env_text
