@@ -15,6 +15,7 @@ mistakes would produce and naming the one that matches.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -112,6 +113,16 @@ def _same(a: Any, b: Any) -> bool:
     return True
 
 
+def _parameter_names(fn: Callable, count: int) -> list[str]:
+    """The learner's own names for the first ``count`` positional arguments."""
+    try:
+        params = [p.name for p in inspect.signature(fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    return [params[i] if i < len(params) else f"number {i + 1}" for i in range(count)]
+
+
 class Exercise:
     """Helpers a checker uses; every message starts with the exercise id."""
 
@@ -150,9 +161,10 @@ class Exercise:
             raise
         except Exception as err:  # the learner's code crashed: say where and with what
             self.fail(f"your function raised {type(err).__name__}: {err}\n  It was called with: {shown}.")
+        names = _parameter_names(fn, len(args))
         for i, (old, new) in enumerate(zip(before, args)):
             if not _same(new, old):
-                self.fail(f"your function changed its input number {i + 1} ({describe(new)}) in place. Compute a new tensor instead of writing into the input (avoid `+=`, `.add_()`, `x[...] = ...` on inputs).")
+                self.fail(f"your function changed its input `{names[i]}` ({describe(new)}) in place. Compute a new tensor instead of writing into the input (avoid `+=`, `.add_()`, `x[...] = ...` on inputs).")
         for k, old in before_kw.items():
             if not _same(kwargs[k], old):
                 self.fail(f"your function changed its input `{k}` in place. Compute a new tensor instead of writing into the input.")

@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from moe_course.experts import FeedForward
+from moe_course.training import ClassificationTask, TrainConfig, model_logits, train
+
+
+def _task(n: int = 256, seed: int = 0) -> ClassificationTask:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=g)
+    y = (x[:, 0] * x[:, 1] > 0).long()
+    return ClassificationTask(x[: n // 2], y[: n // 2], x[n // 2 :], y[n // 2 :])
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return FeedForward(5, 16, d_out=2)
+
+
+def test_train_learns_and_returns_a_history_table():
+    result = train(_model(), _task(), TrainConfig(steps=200, eval_every=50, lr=1e-2), progress=False, device="cpu")
+    h = result.history
+    assert list(h["step"]) == [50, 100, 150, 200]
+    assert {"step", "lr", "train_loss", "val_loss", "val_acc", "seconds"} <= set(h.columns)
+    assert h["val_acc"].iloc[-1] > 0.8 > h["val_acc"].iloc[0] - 0.2
+    assert result.final["step"] == 200
+
+
+def test_train_is_reproducible():
+    a = train(_model(), _task(), TrainConfig(steps=30, eval_every=10), progress=False, device="cpu")
+    b = train(_model(), _task(), TrainConfig(steps=30, eval_every=10), progress=False, device="cpu")
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_resumed_run_ends_with_exactly_the_same_weights(tmp_path):
+    config = TrainConfig(steps=40, eval_every=10, warmup_steps=5, lr_min_ratio=0.1)
+    whole = train(_model(), _task(), config, progress=False, device="cpu")
+    ckpt = tmp_path / "run.pt"
+    first = train(_model(), _task(), config, progress=False, device="cpu", checkpoint_path=ckpt, stop_after=20)
+    assert first.final["step"] == 20 and ckpt.exists()
+    resumed = train(_model(seed=99), _task(), config, progress=False, device="cpu", checkpoint_path=ckpt, resume=True)
+    for p, q in zip(whole.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+    assert list(resumed.history["step"]) == [10, 20, 30, 40]
+    assert resumed.history["val_loss"].tolist() == whole.history["val_loss"].tolist()
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    ckpt = tmp_path / "run.pt"
+    train(_model(), _task(), TrainConfig(steps=10, eval_every=5), progress=False, device="cpu", checkpoint_path=ckpt)
+    with pytest.raises(ValueError, match="different TrainConfig"):
+        train(_model(), _task(), TrainConfig(steps=20, eval_every=5), progress=False, device="cpu", checkpoint_path=ckpt, resume=True)
+
+
+def test_resume_needs_a_path():
+    with pytest.raises(ValueError, match="checkpoint_path"):
+        train(_model(), _task(), TrainConfig(steps=5), progress=False, device="cpu", resume=True)
+
+
+def test_learning_rate_schedule_warms_up_then_decays():
+    c = TrainConfig(steps=100, lr=1.0, warmup_steps=10, lr_min_ratio=0.1)
+    assert c.lr_at(0) == pytest.approx(0.1) and c.lr_at(9) == pytest.approx(1.0)
+    assert c.lr_at(10) == pytest.approx(1.0) and c.lr_at(99) == pytest.approx(0.1, abs=0.01)
+    assert TrainConfig(steps=10, lr=0.5).lr_at(7) == 0.5
+
+
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [({"steps": 0}, "steps"), ({"lr": 0.0}, "lr"), ({"batch_size": -1}, "batch_size"),
+     ({"steps": 5, "warmup_steps": 6}, "warmup_steps"), ({"grad_clip": 0.0}, "grad_clip"), ({"lr_min_ratio": 2.0}, "lr_min_ratio")],
+)
+def test_train_config_rejects_bad_values(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        TrainConfig(**kwargs)
+
+
+def test_callback_sees_every_evaluation():
+    seen = []
+    train(_model(), _task(), TrainConfig(steps=20, eval_every=5), progress=False, device="cpu", callback=lambda s, m: seen.append(s))
+    assert seen == [5, 10, 15, 20]
+
+
+def test_model_logits_reads_typed_results():
+    class Out:
+        logits = torch.zeros(2, 3)
+        aux_loss = torch.tensor(0.5)
+
+    logits, aux = model_logits(Out())
+    assert logits.shape == (2, 3) and aux.item() == 0.5
+    assert model_logits(torch.ones(1))[1] is None
+    with pytest.raises(TypeError, match="expected a tensor"):
+        model_logits(object())
+
+
+def test_aux_loss_is_added_to_the_training_loss():
+    class WithAux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 2)
+
+        def forward(self, x):
+            class Out:
+                pass
+
+            out = Out()
+            out.logits = self.lin(x)
+            out.aux_loss = 10.0 * self.lin.weight.pow(2).sum()
+            return out
+
+    task = _task()
+    batch = (task.x_train[:8], task.y_train[:8])
+    model = WithAux()
+    total, metrics = task.loss(model, batch)
+    assert total.item() == pytest.approx(metrics["train_loss"] + 10.0 * model.lin.weight.pow(2).sum().item(), rel=1e-5)
+
+
+def test_classification_task_checks_shapes():
+    with pytest.raises(ValueError, match="train split"):
+        ClassificationTask(torch.zeros(3, 2), torch.zeros(4, dtype=torch.long), torch.zeros(2, 2), torch.zeros(2, dtype=torch.long))
