@@ -59,7 +59,8 @@ def grouped_bars(
         ax.axhline(chance, ls="--", color="gray", lw=1)
         ax.annotate("chance", (ax.get_xlim()[1], chance), xytext=(-4, 3), textcoords="offset points", ha="right", color="gray", fontsize=8)
     ax.set(title=title, ylabel=ylabel, xlabel=xlabel)
-    ax.legend(title=None, loc="lower right" if chance is not None else "best")
+    # below the axes, so it never hides a bar
+    ax.legend(title=None, loc="upper center", bbox_to_anchor=(0.5, -0.14 if not xlabel else -0.22), ncol=min(3, len(values)), frameon=False)
     return ax
 
 
