@@ -9,15 +9,20 @@ position-wise feed-forward network (each token thinks alone)::
     FFN(x) = act(x W_in + b_in) W_out + b_out          (Vaswani et al. 2017, eq. 2)
 
 Mixture-of-Experts layers replace this one FFN by many of them, the experts.
+``Experts`` keeps E of them with their weights stacked into one tensor per
+kind, ``w_in (E, D, F)`` and so on, so that dispatch code can run all experts
+with grouped matmuls.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FeedForward", "feed_forward", "ACTIVATIONS"]
+__all__ = ["FeedForward", "feed_forward", "Experts", "ACTIVATIONS"]
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
 
@@ -86,3 +91,116 @@ class FeedForward(nn.Module):
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"
+
+
+class Experts(nn.Module):
+    """E feed-forward experts (the doctors) with stacked parameters.
+
+    Expert e computes ``act(x w_in[e] + b_in[e]) w_out[e] + b_out[e]``, the same
+    FFN as ``FeedForward``. Parameters (this layout is fixed; dispatch code
+    relies on it)::
+
+        w_in  (E, D, F)    b_in  (E, F)
+        w_out (E, F, D)    b_out (E, D)
+
+    init_scale: None gives PyTorch's ``nn.Linear`` default, U(±1/sqrt(fan_in))
+        for weights and biases. A number s gives the Switch Transformer
+        initialisation (Fedus et al. 2021, arXiv:2101.03961, sec. 2.3): weights
+        from a normal with std = sqrt(s / fan_in), truncated at two standard
+        deviations, biases zero. s = 0.1 is the paper's choice (one tenth of the
+        usual scale), which markedly stabilised their training.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        d_ff: int,
+        *,
+        activation: str = "gelu",
+        bias: bool = True,
+        init_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("num_experts", num_experts), ("d_model", d_model), ("d_ff", d_ff)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+        if init_scale is not None and not (isinstance(init_scale, (int, float)) and math.isfinite(init_scale) and init_scale > 0):
+            raise ValueError(f"init_scale must be a positive number or None (PyTorch's default), got {init_scale!r}")
+        self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
+        self.activation, self.bias, self.init_scale = activation, bias, init_scale
+        E, D, F_ = num_experts, d_model, d_ff
+        self.w_in = nn.Parameter(torch.empty(E, D, F_))
+        self.w_out = nn.Parameter(torch.empty(E, F_, D))
+        if bias:
+            self.b_in = nn.Parameter(torch.empty(E, F_))
+            self.b_out = nn.Parameter(torch.empty(E, D))
+        else:
+            self.register_parameter("b_in", None)
+            self.register_parameter("b_out", None)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for w, b, fan_in in ((self.w_in, self.b_in, self.d_model), (self.w_out, self.b_out, self.d_ff)):
+            if self.init_scale is None:
+                bound = 1.0 / math.sqrt(fan_in)
+                w.uniform_(-bound, bound)
+                if b is not None:
+                    b.uniform_(-bound, bound)
+            else:
+                std = math.sqrt(self.init_scale / fan_in)
+                nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
+                if b is not None:
+                    b.zero_()
+
+    @classmethod
+    def from_feed_forward(cls, ffn: FeedForward, num_experts: int) -> "Experts":
+        """E copies of one dense FFN ("upcycling": Komatsuzaki et al. 2022, arXiv:2212.05055).
+
+        Every expert starts equal to ``ffn``; training makes them diverge.
+        """
+        if not isinstance(ffn, FeedForward):
+            raise TypeError(f"from_feed_forward expects a FeedForward, got {type(ffn).__name__}")
+        if ffn.d_out != ffn.d_model:
+            raise ValueError(f"experts map D → D; this FeedForward maps {ffn.d_model} → {ffn.d_out}")
+        has_bias = ffn.fc_in.bias is not None
+        experts = cls(num_experts, ffn.d_model, ffn.d_ff, activation=ffn.activation, bias=has_bias)
+        with torch.no_grad():
+            experts.w_in.copy_(ffn.fc_in.weight.T.expand(num_experts, -1, -1))  # (E, D, F)
+            experts.w_out.copy_(ffn.fc_out.weight.T.expand(num_experts, -1, -1))  # (E, F, D)
+            if has_bias:
+                experts.b_in.copy_(ffn.fc_in.bias.expand(num_experts, -1))
+                experts.b_out.copy_(ffn.fc_out.bias.expand(num_experts, -1))
+        return experts
+
+    def expert_output(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` alone on tokens x (N, D) → (N, D)."""
+        if isinstance(e, torch.Tensor) and e.numel() == 1:
+            e = int(e.item())
+        if not isinstance(e, int) or isinstance(e, bool) or not 0 <= e < self.num_experts:
+            raise ValueError(f"expert index must be an int in [0, {self.num_experts}), got {e!r}")
+        if x.ndim != 2 or x.shape[-1] != self.d_model:
+            raise ValueError(f"expert_output expects tokens of shape (N, {self.d_model}), got {tuple(x.shape)}")
+        b_in = None if self.b_in is None else self.b_in[e]
+        b_out = None if self.b_out is None else self.b_out[e]
+        return feed_forward(x, self.w_in[e], b_in, self.w_out[e], b_out, self.activation)  # (N, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token (the dense mixture's view): x (N, D) → (E, N, D)."""
+        if x.ndim != 2 or x.shape[-1] != self.d_model:
+            raise ValueError(f"Experts expects tokens of shape (N, {self.d_model}), got {tuple(x.shape)}")
+        h = torch.einsum("nd,edf->enf", x, self.w_in)  # (E, N, F)
+        if self.b_in is not None:
+            h = h + self.b_in[:, None, :]
+        h = ACTIVATIONS[self.activation](h)
+        y = torch.einsum("enf,efd->end", h, self.w_out)  # (E, N, D)
+        if self.b_out is not None:
+            y = y + self.b_out[:, None, :]
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
+                f"activation={self.activation!r}, bias={self.bias}, init_scale={self.init_scale}")
