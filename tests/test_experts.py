@@ -82,3 +82,91 @@ def test_count_parameters_trainable_only():
     m = FeedForward(4, 8)
     m.fc_in.weight.requires_grad_(False)
     assert count_parameters(m, trainable_only=True) == count_parameters(m) - 32
+
+
+# -- Experts: E stacked feed-forward experts ----------------------------------
+
+from moe_course.experts import Experts  # noqa: E402
+
+
+def test_experts_have_the_stacked_layout():
+    ex = Experts(3, 4, 6)
+    assert ex.w_in.shape == (3, 4, 6) and ex.b_in.shape == (3, 6)
+    assert ex.w_out.shape == (3, 6, 4) and ex.b_out.shape == (3, 4)
+    assert count_parameters(ex) == 3 * ffn_param_count(4, 6)
+    nobias = Experts(3, 4, 6, bias=False)
+    assert nobias.b_in is None and nobias.b_out is None
+    assert count_parameters(nobias) == 3 * ffn_param_count(4, 6, bias=False)
+
+
+def test_experts_expert_output_is_one_feed_forward():
+    torch.manual_seed(0)
+    ex = Experts(3, 4, 6, activation="relu")
+    x = torch.randn(5, 4)
+    for e in range(3):
+        want = F.relu(x @ ex.w_in[e] + ex.b_in[e]) @ ex.w_out[e] + ex.b_out[e]
+        torch.testing.assert_close(ex.expert_output(e, x), want)
+    assert not torch.allclose(ex.expert_output(0, x), ex.expert_output(1, x))
+
+
+def test_experts_forward_runs_every_expert_on_every_token():
+    torch.manual_seed(0)
+    ex = Experts(3, 4, 6)
+    x = torch.randn(5, 4)
+    y = ex(x)
+    assert y.shape == (3, 5, 4)
+    for e in range(3):
+        torch.testing.assert_close(y[e], ex.expert_output(e, x))
+
+
+def test_experts_from_feed_forward_copies_the_dense_ffn_into_every_expert():
+    torch.manual_seed(0)
+    ffn = FeedForward(4, 8, activation="relu")
+    ex = Experts.from_feed_forward(ffn, 3)
+    x = torch.randn(6, 4)
+    for e in range(3):
+        torch.testing.assert_close(ex.expert_output(e, x), ffn(x))
+    ex.w_in.data[1] += 1.0  # the copies are independent parameters
+    torch.testing.assert_close(ex.expert_output(0, x), ffn(x))
+    assert Experts.from_feed_forward(FeedForward(4, 8, bias=False), 2).b_in is None
+
+
+def test_experts_switch_init_has_the_switch_scale():
+    torch.manual_seed(0)
+    ex = Experts(8, 64, 256, init_scale=0.1)
+    for w, fan_in in ((ex.w_in, 64), (ex.w_out, 256)):
+        std = (0.1 / fan_in) ** 0.5
+        assert w.abs().max() <= 2 * std + 1e-7  # truncated at two standard deviations
+        assert 0.8 * std < w.std() < 0.95 * std  # a normal truncated at ±2σ has std ≈ 0.88σ
+    assert torch.all(ex.b_in == 0) and torch.all(ex.b_out == 0)
+
+
+def test_experts_default_init_is_like_nn_linear():
+    torch.manual_seed(0)
+    ex = Experts(4, 16, 64)
+    assert ex.w_in.abs().max() <= 1 / 16**0.5 and ex.w_in.abs().max() > 0.9 / 16**0.5
+    assert ex.w_out.abs().max() <= 1 / 64**0.5
+    assert ex.b_in.abs().max() > 0
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,words",
+    [
+        ((0, 4, 8), {}, "num_experts must be a positive int"),
+        ((2, 0, 8), {}, "d_model must be a positive int"),
+        ((2, 4, -1), {}, "d_ff must be a positive int"),
+        ((2, 4, 8), {"activation": "tanh"}, "unknown activation"),
+        ((2, 4, 8), {"init_scale": 0.0}, "init_scale must be a positive number"),
+    ],
+)
+def test_experts_reject_bad_arguments(args, kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        Experts(*args, **kwargs)
+
+
+def test_experts_expert_output_names_bad_inputs():
+    ex = Experts(2, 4, 8)
+    with pytest.raises(ValueError, match=r"expert index must be an int in \[0, 2\)"):
+        ex.expert_output(2, torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"shape \(N, 4\)"):
+        ex.expert_output(0, torch.randn(3, 5))
