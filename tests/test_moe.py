@@ -1,0 +1,252 @@
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_course.experts import Experts, FeedForward
+from moe_course.moe import MoEConfig, MoELayer, MoEOutput
+
+
+def _layer(seed: int = 0, **overrides) -> MoELayer:
+    torch.manual_seed(seed)
+    kwargs = dict(d_model=8, d_ff=16, num_experts=4)
+    kwargs.update(overrides)
+    return MoELayer(MoEConfig(**kwargs))
+
+
+def _x(*shape: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _loop_reference(layer: MoELayer, x: torch.Tensor, out: MoEOutput) -> torch.Tensor:
+    """Token by token: y_n = Σ_j keep · gate · expert(x_n), from the layer's own routing."""
+    tokens = x.reshape(-1, layer.config.d_model)
+    y = torch.zeros_like(tokens)
+    for n in range(tokens.shape[0]):
+        for j in range(out.expert_index.shape[1]):
+            if out.keep[n, j]:
+                y[n] += out.gates[n, j] * layer.expert_output(int(out.expert_index[n, j]), tokens[n : n + 1])[0]
+    return y.reshape(x.shape)
+
+
+# -- config ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        ({"top_k": 5, "router": "top_k"}, "top_k=5 is more than num_experts=4"),
+        ({"capacity_factor": 0.0}, "capacity_factor must be > 0"),
+        ({"capacity_factor": -1.0}, "capacity_factor must be > 0"),
+        ({"d_model": 0}, "d_model must be a positive int"),
+        ({"d_ff": 0}, "d_ff must be a positive int"),
+        ({"num_experts": 0}, "num_experts must be a positive int"),
+        ({"router": "hash"}, "unknown router type 'hash'"),
+        ({"top_k": 2}, "router='switch' routes each token to one expert"),
+        ({"aux_loss_coef": -0.1}, "aux_loss_coef must be a number >= 0"),
+        ({"router_jitter": 1.0}, r"router_jitter must be in \[0, 1\)"),
+        ({"init_scale": 0.0}, "init_scale must be > 0 or None"),
+        ({"activation": "swish"}, "unknown activation 'swish'"),
+        ({"min_capacity": 0}, "min_capacity must be a positive int"),
+    ],
+)
+def test_moeconfig_rejects_bad_values_with_clear_messages(overrides, words):
+    kwargs = dict(d_model=8, d_ff=16, num_experts=4)
+    kwargs.update(overrides)
+    with pytest.raises(ValueError, match=words):
+        MoEConfig(**kwargs)
+
+
+def test_moeconfig_is_frozen():
+    config = MoEConfig(8, 16, 4)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.top_k = 2  # type: ignore[misc]
+
+
+# -- shapes and fields -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("router,k", [("switch", 1), ("top_k", 2), ("noisy_top_k", 2)])
+def test_moelayer_shapes_and_dtypes(router, k):
+    layer = _layer(router=router, top_k=k)
+    out = layer(_x(2, 5, 8))
+    assert out.y.shape == (2, 5, 8)
+    assert out.router_logits.shape == (10, 4) and out.router_logits.dtype == torch.float32
+    assert out.router_probs.shape == (10, 4) and out.router_probs.dtype == torch.float32
+    assert out.expert_index.shape == (10, k) and out.expert_index.dtype == torch.int64
+    assert out.gates.shape == (10, k) and out.keep.shape == (10, k) and out.keep.dtype == torch.bool
+    assert out.aux_loss.ndim == out.z_loss.ndim == out.loss.ndim == out.num_dropped.ndim == 0
+    assert out.tokens_per_expert.shape == (4,) and int(out.tokens_per_expert.sum()) == 10 * k
+    assert out.capacity is None and int(out.num_dropped) == 0 and out.keep.all()
+    torch.testing.assert_close(out.router_probs, F.softmax(out.router_logits, -1))
+    assert layer(_x(6, 8)).y.shape == (6, 8)
+
+
+def test_moelayer_loss_is_the_weighted_sum_of_aux_and_z():
+    layer = _layer(aux_loss_coef=0.5, z_loss_coef=0.25)
+    out = layer(_x(12, 8))
+    torch.testing.assert_close(out.loss, 0.5 * out.aux_loss + 0.25 * out.z_loss)
+    assert out.aux_loss.item() >= 1.0 - 1e-6  # at least 1 in practice, 1.0 when perfectly balanced
+
+
+def test_moelayer_router_and_expert_output_methods():
+    layer = _layer()
+    x = _x(7, 8)
+    out = layer(x)
+    torch.testing.assert_close(layer.router(x), out.router_logits)
+    torch.testing.assert_close(layer.router(x), x @ layer.w_router)
+    assert layer.expert_output(2, x).shape == (7, 8)
+    with pytest.raises(ValueError, match=r"router expects tokens of shape \(N, 8\)"):
+        layer.router(_x(2, 3, 8))
+    with pytest.raises(ValueError, match=r"MoELayer expects x of shape \(B, T, 8\) or \(N, 8\)"):
+        layer(_x(7, 5))
+
+
+# -- equivalences ------------------------------------------------------------------
+
+
+def test_moelayer_with_one_expert_is_the_dense_ffn():
+    torch.manual_seed(0)
+    ffn = FeedForward(8, 16)
+    layer = _layer(num_experts=1)
+    layer.experts = Experts.from_feed_forward(ffn, 1)
+    x = _x(2, 5, 8)
+    out = layer(x)
+    assert torch.all(out.gates == 1.0)  # softmax over one expert
+    torch.testing.assert_close(out.y, ffn(x))
+
+
+def test_moelayer_with_upcycled_experts_is_the_dense_ffn_times_the_gate():
+    torch.manual_seed(0)
+    ffn = FeedForward(8, 16)
+    x = _x(10, 8)
+    switch = _layer()
+    switch.experts = Experts.from_feed_forward(ffn, 4)
+    out = switch(x)
+    torch.testing.assert_close(out.y, out.gates * ffn(x))  # Switch: raw gate, < 1
+    top2 = _layer(router="top_k", top_k=2)
+    top2.experts = Experts.from_feed_forward(ffn, 4)
+    torch.testing.assert_close(top2(x).y, ffn(x))  # renormalised gates sum to 1
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"router": "top_k", "top_k": 2},
+        {"router": "top_k", "top_k": 3, "bias": False, "activation": "relu"},
+        {"capacity_factor": 1.0},
+        {"router": "top_k", "top_k": 2, "capacity_factor": 0.5},
+        {"router": "noisy_top_k", "top_k": 2, "capacity_factor": 1.25},
+    ],
+)
+def test_moelayer_equals_a_naive_per_token_loop(overrides):
+    layer = _layer(**overrides)
+    x = _x(3, 6, 8)
+    out = layer(x)
+    torch.testing.assert_close(out.y, _loop_reference(layer, x, out))
+
+
+# -- capacity and dropping ---------------------------------------------------------
+
+
+def test_moelayer_drops_over_capacity_tokens_and_they_get_zero_output():
+    layer = _layer(capacity_factor=0.5)
+    with torch.no_grad():
+        layer.w_router.zero_()
+        layer.w_router[:, 0] = 1.0  # make most tokens want expert 0
+    x = _x(16, 8).abs()  # positive features: expert 0 wins for every token
+    out = layer(x)
+    assert out.capacity == 2  # ceil(16 / 4 · 0.5)
+    assert out.expert_index[:, 0].tolist() == [0] * 16
+    assert out.keep[:, 0].tolist() == [True, True] + [False] * 14  # the earliest tokens get the slots
+    assert int(out.num_dropped) == 14
+    assert torch.all(out.y[2:] == 0)  # x + y = x: a dropped token passes through the residual unchanged
+    assert out.tokens_per_expert.tolist() == [16, 0, 0, 0]  # what the router chose, before dropping
+
+
+def test_moelayer_capacity_counts_all_tokens_of_the_call():
+    out = _layer(router="top_k", top_k=2, capacity_factor=1.0)(_x(4, 8, 8))
+    assert out.capacity == 16  # ceil(2 · 32 / 4 · 1.0)
+    kept = torch.bincount(out.expert_index[out.keep], minlength=4)
+    assert torch.equal(kept, out.tokens_per_expert.clamp(max=16))
+
+
+# -- precision, noise, gradients --------------------------------------------------
+
+
+def test_moelayer_router_runs_in_float32_under_bfloat16_autocast():
+    layer = _layer()
+    x = _x(2, 5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        assert (x @ layer.w_router).dtype == torch.bfloat16  # autocast is really on
+    assert out.router_logits.dtype == torch.float32 and out.router_probs.dtype == torch.float32
+    torch.testing.assert_close(out.router_logits, layer.router(x.reshape(-1, 8)))  # float32 values, not bf16-rounded
+    assert out.gates.dtype == torch.float32
+
+
+def test_moelayer_jitter_only_in_training():
+    layer = _layer(router_jitter=0.5)
+    x = _x(20, 8)
+    layer.eval()
+    a, b = layer(x), layer(x)
+    assert torch.equal(a.router_logits, b.router_logits)
+    torch.testing.assert_close(a.router_logits, layer.router(x))
+    layer.train()
+    torch.manual_seed(0)
+    c = layer(x)
+    assert not torch.allclose(c.router_logits, layer.router(x))
+    torch.testing.assert_close(c.y, _loop_reference(layer, x, c))  # experts see the clean tokens
+
+
+def test_moelayer_noisy_router_is_deterministic_in_eval_and_random_in_training():
+    layer = _layer(router="noisy_top_k", top_k=2)
+    assert torch.all(layer.w_noise == 0)  # Shazeer et al. initialise W_noise to zero
+    x = _x(30, 8)
+    layer.eval()
+    ev = layer(x)
+    clean_top2 = layer.router(x).topk(2, dim=-1).indices
+    assert torch.equal(ev.expert_index, clean_top2)
+    layer.train()
+    torch.manual_seed(0)
+    tr1 = layer(x)
+    torch.manual_seed(1)
+    tr2 = layer(x)
+    assert not torch.equal(tr1.expert_index, tr2.expert_index)
+    (tr1.y.pow(2).sum()).backward()
+    assert layer.w_noise.grad.abs().sum() > 0
+
+
+def test_moelayer_router_gets_a_gradient_through_the_gate():
+    layer = _layer(aux_loss_coef=0.0, z_loss_coef=0.0)
+    out = layer(_x(12, 8))
+    (out.y.pow(2).sum() + 0 * out.loss).backward()
+    assert layer.w_router.grad is not None and layer.w_router.grad.abs().sum() > 0
+    assert layer.experts.w_in.grad.abs().sum() > 0
+
+
+def test_moelayer_balance_loss_gradient_reaches_the_router():
+    layer = _layer()
+    layer(_x(12, 8)).aux_loss.backward()
+    assert layer.w_router.grad.abs().sum() > 0
+    assert layer.experts.w_in.grad is None  # the aux loss does not touch the experts
+
+
+def test_moelayer_switch_init_scale_of_the_router():
+    layer = _layer(d_model=256, num_experts=64)
+    std = (0.1 / 256) ** 0.5
+    assert layer.w_router.abs().max() <= 2 * std + 1e-7
+    assert 0.8 * std < layer.w_router.std() < 0.95 * std
+
+
+def test_moelayer_forward_stashes_no_state():
+    layer = _layer(router="noisy_top_k", top_k=2, capacity_factor=1.0, router_jitter=0.1)
+    before_attrs, before_state = set(vars(layer)), set(layer.state_dict())
+    before_modules = {k: set(vars(m)) for k, m in layer.named_modules()}
+    layer(_x(2, 5, 8))
+    assert set(vars(layer)) == before_attrs and set(layer.state_dict()) == before_state
+    assert {k: set(vars(m)) for k, m in layer.named_modules()} == before_modules
