@@ -5,8 +5,13 @@ specialist. Modules, in reading order:
 
     device     get_device(), seed_everything()
     clinic     make_clinic(): patients from several specialties (lessons 01-05)
-    experts    FeedForward: one doctor, the transformer's MLP block
+    experts    FeedForward: one doctor, the transformer's MLP block; Experts: E doctors, stacked weights
     flops      count_parameters(), ffn_param_count(), ffn_flops()
+    routing    the GP: top_k_routing(), switch_routing(), noisy_top_k_routing(), expert_choice_routing(), capacity_mask()
+    losses     load_balancing_loss(), router_z_loss(), importance_loss(): keep every doctor busy
+    dispatch   sort_dispatch(): send tokens to their experts, weigh and add up what comes back
+    moe        MoEConfig, MoELayer: a router in front of E experts, returns MoEOutput
+    models     ClinicMoE: embed, one MoE layer, classify (the clinic lessons)
     metrics    accuracy_by_group()
     training   train(), TrainConfig, ClassificationTask
     plots      figures the lessons share
