@@ -102,28 +102,26 @@ def heatmap(
     return ax
 
 
-def plot_clinic(clinic, *, specialties: Sequence[int] = (0, 1), max_points: int = 600) -> plt.Figure:
-    """Left: the context features (2-D projection) coloured by specialty.
+def plot_clinic(clinic, *, specialties: Sequence[int] = (0, 1), max_points: int = 300) -> plt.Figure:
+    """Left: the mean context vector of each specialty (each department's code).
     Then, for each of ``specialties``: two measurements coloured by diagnosis.
     """
     pts = clinic.train
-    n = min(len(pts), max_points)
-    context = pts.x[:n, clinic.d_measure :]
-    centred = context - context.mean(0)
-    _, _, v = torch.linalg.svd(centred, full_matrices=False)
-    xy = (centred @ v[:2].T).numpy()  # (n, 2) principal directions of the context
-    fig, axes = plt.subplots(1, 1 + len(specialties), figsize=(4.2 * (1 + len(specialties)), 3.9))
-    names = [clinic.specialties[i] for i in pts.specialty[:n].tolist()]
-    sns.scatterplot(x=xy[:, 0], y=xy[:, 1], hue=names, hue_order=list(clinic.specialties), s=12, ax=axes[0], linewidth=0)
-    axes[0].set(title="context: who walks in", xlabel="context, 1st principal direction", ylabel="context, 2nd principal direction")
-    axes[0].legend(fontsize=8, markerscale=1.5)
+    codes = torch.stack([clinic.context(pts.of_specialty(s).x).mean(0) for s in range(clinic.num_specialties)])
+    fig, axes = plt.subplots(1, 1 + len(specialties), figsize=(4.4 * (1 + len(specialties)), 4.0),
+                             gridspec_kw={"width_ratios": [1.1] + [1] * len(specialties)})
+    sns.heatmap(codes.numpy(), cmap="vlag", center=0, ax=axes[0], yticklabels=list(clinic.specialties),
+                annot=True, fmt=".1f", annot_kws={"fontsize": 7}, cbar=False)
+    axes[0].set(title="context: each department's code", xlabel="context feature (mean over its patients)", ylabel="")
     palette = sns.color_palette("colorblind", clinic.num_diagnoses)
+    order = [f"diagnosis {d}" for d in range(clinic.num_diagnoses)]
     for ax, s in zip(axes[1:], specialties):
         own = pts.of_specialty(s)
-        k = min(len(own), max_points // 2)
-        sns.scatterplot(x=own.x[:k, 0].numpy(), y=own.x[:k, 1].numpy(), hue=[f"diagnosis {d}" for d in own.diagnosis[:k].tolist()],
-                        hue_order=[f"diagnosis {d}" for d in range(clinic.num_diagnoses)], palette=palette, s=12, ax=ax, linewidth=0)
-        ax.set(title=f"{clinic.specialties[s]}: measurements → diagnosis", xlabel="measurement 1", ylabel="measurement 2")
+        k = min(len(own), max_points)
+        m = clinic.measurements(own.x[:k])
+        sns.scatterplot(x=m[:, 0].numpy(), y=m[:, 1].numpy(), hue=[f"diagnosis {d}" for d in own.diagnosis[:k].tolist()],
+                        hue_order=order, palette=palette, s=14, ax=ax, linewidth=0)
+        ax.set(title=f"{clinic.specialties[s]}: diagnoses", xlabel="measurement 1", ylabel="measurement 2")
         ax.legend(fontsize=7, markerscale=1.5, loc="upper right")
     fig.tight_layout()
     return fig

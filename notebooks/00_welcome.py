@@ -64,6 +64,16 @@
 # from the MoE literature: **parameters hold knowledge; compute per token is effort.**
 
 # %% [markdown]
+# Try it: move the sliders. With one specialist per patient (k = 1), adding specialists
+# multiplies what the hospital knows, while a visit costs about the same as seeing one
+# doctor (plus a tiny GP consultation: the router). Raise k and each visit gets dearer.
+
+# %%
+from moe_course.widgets import hospital_explorer
+
+hospital_explorer()
+
+# %% [markdown]
 # ## The course map
 #
 # | lesson | topic | in the clinic |
@@ -140,11 +150,13 @@ print("specialties:", ", ".join(clinic.specialties))
 print("diagnoses per specialty:", clinic.num_diagnoses)
 
 # %% [markdown]
-# A picture says more. Below, the left panel projects the *context* features onto two
-# directions: the four specialties form separate clouds, so telling them apart is easy.
-# The right panel shows the first two *measurements* coloured by diagnosis, for two
-# specialties: the same kind of patient gets different diagnoses depending on the
-# department. One doctor has to learn both maps at once.
+# A picture says more. On the left, the average context of each specialty: every
+# department stamps its own code on its patients, so a GP can tell them apart at a glance
+# (a straight line separates them; the GP of lesson 03 is exactly such a line). The two panels on the
+# right plot two of the measurements for cardiology and ophthalmology patients, coloured
+# by diagnosis: the two departments carve up the same kind of measurements into
+# diagnoses in different ways. One doctor would have to learn both maps at once, and
+# know which one to use.
 
 # %%
 from moe_course.plots import plot_clinic, use_course_style

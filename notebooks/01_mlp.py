@@ -197,10 +197,11 @@ grouped_bars(
 #
 # ## Why: the specialties pull the weights in opposite directions
 #
-# Take the generalist and compute the gradient of the loss on a batch of each specialty.
-# If two specialties' gradients point in opposite directions (negative cosine), a step
-# that helps one hurts the other. In the clinic, neighbouring specialties are
-# "contradicting twins": the same measurements, different diagnoses.
+# Take the trained generalist and compute the gradient of the loss on a batch of each
+# specialty. If two specialties' gradients point in opposite directions (negative cosine),
+# a step that helps one hurts the other. Remember how the clinic was made: every second
+# specialty is a "contradicting twin" of the one before, with the same measurements
+# leading to different diagnoses.
 
 # %%
 from moe_course.metrics import gradient_cosines
@@ -211,13 +212,18 @@ for s in range(S):
     own = clinic.val.of_specialty(s)
     batches.append((own.x[:512].to(device), own.diagnosis[:512].to(device)))
 cosines = gradient_cosines(generalist, batches).cpu()
+off_diagonal = cosines[~torch.eye(S, dtype=torch.bool)]
+print(f"off-diagonal cosines: mean {off_diagonal.mean():.2f}, "
+      f"{(off_diagonal < 0).float().mean():.0%} of them negative")
 heatmap(cosines, rows=clinic.specialties, cols=clinic.specialties, fmt=".2f", cmap="vlag", vmin=-1, vmax=1,
-        title="Gradient agreement between specialties (generalist)", xlabel="specialty", ylabel="specialty");
+        title="Gradient agreement between specialties (trained generalist)", xlabel="specialty", ylabel="specialty");
 
 # %% [markdown]
-# The off-diagonal cosines are near zero or negative: there is little shared direction
-# that helps everyone. Each specialist, in contrast, gets gradients from one rule only.
-# This is the situation a Mixture-of-Experts layer is made for.
+# Read the off-diagonal cells: they are mostly negative. Wherever the generalist stands
+# now, the step that would help cardiology makes some other specialty worse, so
+# training settles into a compromise that serves nobody well. Each specialist, in
+# contrast, gets gradients from one rule only and is never pulled two ways. This tug of
+# war is exactly the situation a Mixture-of-Experts layer is made for.
 #
 # ## Recap
 #

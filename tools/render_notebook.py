@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import base64
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,9 @@ def render(path: Path, out_root: Path = Path("build/render")) -> Path:
     ExecutePreprocessor(timeout=600, kernel_name="python3").preprocess(nb, {"metadata": {"path": str(path.parent)}})
     seconds = time.perf_counter() - start
     out = out_root / path.stem
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
     (out / f"{path.stem}.html").write_text(HTMLExporter().from_notebook_node(nb)[0])
     count = 0
     for index, cell in enumerate(nb.cells):
