@@ -3,7 +3,7 @@
 Legend: N tokens, D model width, E experts, K choices per token, C capacity.
 
 ``experts`` is anything with ``num_experts`` and ``expert_output(e, x)``
-(x (M, D) → (M, D)), such as ``moe_course.experts.Experts``.
+(x (M, D) → (M, D)), such as ``moe_course.experts.Experts`` (see ``ExpertBank``).
 
     sort_dispatch           token choice: sort assignments by expert, one block per expert
     expert_choice_dispatch  expert choice: each expert runs on the C tokens it picked
@@ -11,14 +11,25 @@ Legend: N tokens, D model width, E experts, K choices per token, C capacity.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
-__all__ = ["sort_dispatch", "expert_choice_dispatch"]
+__all__ = ["ExpertBank", "sort_dispatch", "expert_choice_dispatch"]
+
+
+class ExpertBank(Protocol):
+    """What dispatch needs from the experts: how many, and each one alone."""
+
+    num_experts: int
+
+    def expert_output(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on tokens x (M, D) → (M, D)."""
 
 
 def sort_dispatch(
     x: torch.Tensor,
-    experts,
+    experts: ExpertBank,
     expert_index: torch.Tensor,
     gates: torch.Tensor,
     keep: torch.Tensor | None = None,
@@ -32,6 +43,10 @@ def sort_dispatch(
     contributions sum). Dropped assignments (keep False) contribute nothing,
     so a token with no kept assignment gets y_n = 0: in a residual block
     x + y = x, the token passes through unchanged.
+
+    Cost note: the Python loop runs one matmul pair per expert. With stacked
+    weights (``Experts``), each ``w_in[e]`` in the loop gives the backward a
+    full-size (E, D, F) gradient per expert; grouped matmuls avoid that.
     """
     if x.ndim != 2:
         raise ValueError(f"x must have shape (N, D), got {tuple(x.shape)}")
@@ -66,7 +81,7 @@ def sort_dispatch(
 
 def expert_choice_dispatch(
     x: torch.Tensor,
-    experts,
+    experts: ExpertBank,
     token_index: torch.Tensor,
     gates: torch.Tensor,
 ) -> torch.Tensor:
