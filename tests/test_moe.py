@@ -224,8 +224,9 @@ def test_moelayer_noisy_router_is_deterministic_in_eval_and_random_in_training()
 def test_moelayer_router_gets_a_gradient_through_the_gate():
     layer = _layer(aux_loss_coef=0.0, z_loss_coef=0.0)
     out = layer(_x(12, 8))
-    (out.y.pow(2).sum() + 0 * out.loss).backward()
-    assert layer.w_router.grad is not None and layer.w_router.grad.abs().sum() > 0
+    out.y.pow(2).sum().backward()  # the task loss alone: its only path to the router is the gate
+    # a renormalised top-1 gate (always 1.0) would leave only round-off here (~1e-8)
+    assert layer.w_router.grad is not None and layer.w_router.grad.abs().max() > 1e-3
     assert layer.experts.w_in.grad.abs().sum() > 0
 
 
