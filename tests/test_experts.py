@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_course.experts import FeedForward, feed_forward
+from moe_course.experts import Experts, FeedForward, feed_forward
 from moe_course.flops import count_parameters, ffn_flops, ffn_param_count, matmul_flops
 
 
@@ -85,8 +85,6 @@ def test_count_parameters_trainable_only():
 
 
 # -- Experts: E stacked feed-forward experts ----------------------------------
-
-from moe_course.experts import Experts  # noqa: E402
 
 
 def test_experts_have_the_stacked_layout():
