@@ -14,7 +14,8 @@ import pandas as pd
 import seaborn as sns
 import torch
 
-__all__ = ["use_course_style", "grouped_bars", "learning_curves", "heatmap", "plot_clinic", "save"]
+__all__ = ["use_course_style", "grouped_bars", "learning_curves", "heatmap", "plot_clinic", "save",
+           "bias_variance_bars", "expert_bars", "gate_mass_heatmap"]
 
 
 def use_course_style() -> None:
@@ -131,3 +132,79 @@ def save(ax_or_fig, path: str) -> None:
     """Save a figure (for instructors reviewing what learners see)."""
     fig = ax_or_fig.figure if hasattr(ax_or_fig, "figure") else ax_or_fig
     fig.savefig(path, bbox_inches="tight", dpi=110)
+
+
+def bias_variance_bars(
+    frame: pd.DataFrame,
+    *,
+    title: str,
+    xlabel: str = "ensemble size M (doctors averaged)",
+    ylabel: str = "squared error of the probabilities (Brier)",
+    ax: plt.Axes | None = None,
+) -> plt.Axes:
+    """Stacked bars, one per ensemble size: bias at the bottom, variance on top (their sum is the error).
+
+    frame: columns ``size``, ``bias`` and ``variance``, e.g. from
+    ``moe_course.ensembles.bias_variance_by_size``.
+    """
+    for column in ("size", "bias", "variance"):
+        if column not in frame:
+            raise ValueError(f"bias_variance_bars needs a column {column!r}; got {list(frame.columns)}")
+    ax = ax or plt.figure().gca()
+    colours = sns.color_palette("colorblind", 2)
+    labels = [str(int(m)) for m in frame["size"]]
+    bias, variance = frame["bias"].to_numpy(float), frame["variance"].to_numpy(float)
+    ax.bar(labels, bias, color=colours[0], label="bias² (all doctors wrong the same way)")
+    bars = ax.bar(labels, variance, bottom=bias, color=colours[1], label="variance (doctors disagree)")
+    ax.bar_label(bars, labels=[f"{b + v:.3f}" for b, v in zip(bias, variance)], fontsize=8, padding=2)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel, ylim=(0, 1.15 * float((bias + variance).max())))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+    return ax
+
+
+def expert_bars(
+    values,
+    *,
+    title: str,
+    ylabel: str,
+    labels: Sequence[str] | None = None,
+    xlabel: str = "expert",
+    ax: plt.Axes | None = None,
+    fmt: str = "{:.2f}",
+    highlight: int | None = None,
+    ylim: tuple[float, float] | None = None,
+) -> plt.Axes:
+    """One bar per expert (e.g. its gate weight for a patient); ``highlight`` draws one bar in a second colour."""
+    v = _numpy(values).reshape(-1)
+    names = list(labels) if labels is not None else [f"expert {e}" for e in range(len(v))]
+    if len(names) != len(v):
+        raise ValueError(f"{len(v)} values but {len(names)} labels")
+    colours = sns.color_palette("colorblind", 2)
+    ax = ax or plt.figure().gca()
+    bars = ax.bar(names, v, color=[colours[1] if i == highlight else colours[0] for i in range(len(v))])
+    ax.bar_label(bars, labels=[fmt.format(x) for x in v], fontsize=8, padding=2)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    return ax
+
+
+def gate_mass_heatmap(
+    mass,
+    specialties: Sequence[str],
+    *,
+    title: str,
+    ax: plt.Axes | None = None,
+    fmt: str = ".2f",
+    label: str = "mean gate weight",
+) -> plt.Axes:
+    """Specialty × expert table in [0, 1] (e.g. mean gate weight), with a labelled colour bar."""
+    m = _numpy(mass)
+    if m.ndim != 2 or m.shape[0] != len(specialties):
+        raise ValueError(f"mass must be (S, E) with S = {len(specialties)} specialties, got shape {m.shape}")
+    ax = ax or plt.figure().gca()
+    sns.heatmap(m, annot=True, fmt=fmt, cmap="viridis", vmin=0.0, vmax=1.0, ax=ax,
+                xticklabels=[f"expert {e}" for e in range(m.shape[1])], yticklabels=list(specialties),
+                cbar_kws={"label": label})
+    ax.set(title=title, xlabel="expert", ylabel="specialty of the patients")
+    return ax

@@ -12,7 +12,7 @@ from IPython.display import display
 
 from .flops import ffn_flops, ffn_param_count, matmul_flops
 
-__all__ = ["hospital_numbers", "hospital_explorer"]
+__all__ = ["hospital_numbers", "hospital_explorer", "mixture_playground"]
 
 
 def hospital_numbers(num_experts: int, top_k: int, d_model: int, d_ff: int) -> dict[str, int]:
@@ -73,3 +73,108 @@ def hospital_explorer(d_model: int = 512, d_ff: int = 2048) -> W.Widget:
     top_k.observe(update, names="value")
     update()
     return W.VBox([W.HBox([experts, top_k]), summary, chart])
+
+
+def mixture_playground(model, patients, specialties, *, max_patients: int = 512) -> W.Widget:
+    """Look inside a trained dense mixture: the GP's weight on every doctor, and every doctor's answer.
+
+    model: a ``moe_course.mixture.DenseMixture`` (anything returning ``gate_weights``
+    (N, E) and ``expert_logits`` (N, E, classes)); patients: ``clinic.Patients``
+    (the first ``max_patients`` are offered); specialties: their names.
+
+    "one patient": left, the gate weight of each expert for that patient; right,
+    each expert's probabilities for every diagnosis, and the mixture's, with the
+    true diagnosis framed. "one specialty": the mean gate weight of each expert
+    over the specialty's patients, and how often each expert alone (and the
+    mixture) gets those patients right.
+    """
+    import numpy as np
+    import torch
+
+    from .plots import expert_bars
+    from .specialisation import expert_accuracy_by_specialty, gate_mass_by_specialty
+
+    n = min(len(patients), max_patients)
+    if n == 0:
+        raise ValueError("mixture_playground needs at least one patient")
+    x, diagnosis, specialty = patients.x[:n], patients.diagnosis[:n], patients.specialty[:n]
+    num_specialties = len(specialties)
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        out = model(x.to(device))
+    gate = out.gate_weights.cpu()  # (n, E)
+    expert_probs = torch.softmax(out.expert_logits.cpu(), dim=-1)  # (n, E, classes)
+    mixture = torch.softmax(out.logits.cpu(), dim=-1)  # (n, classes)
+    num_experts, num_classes = expert_probs.shape[1:]
+    mass = gate_mass_by_specialty(gate, specialty, num_specialties)  # (S, E)
+    expert_acc = expert_accuracy_by_specialty(out.expert_logits.cpu(), diagnosis, specialty, num_specialties)  # (S, E)
+    mixture_correct = (mixture.argmax(-1) == diagnosis).float()  # (n,)
+
+    mode = W.ToggleButtons(options=["one patient", "one specialty"], value="one patient", description="look at")
+    patient = W.IntSlider(value=0, min=0, max=n - 1, description="patient", continuous_update=False)
+    chosen = W.Dropdown(options=[(name, s) for s, name in enumerate(specialties)], value=0, description="specialty")
+    summary = W.HTML()
+    chart = W.Output()
+
+    def draw_patient(i: int) -> None:
+        g, probs, mix = gate[i], expert_probs[i], mixture[i]  # (E,), (E, classes), (classes,)
+        top, truth = int(g.argmax()), int(diagnosis[i])
+        summary.value = (
+            f"<b>Patient {i}</b> ({specialties[int(specialty[i])]}), true diagnosis <b>{truth}</b>. "
+            f"The GP trusts <b>expert {top}</b> most (weight {g[top]:.2f}); that expert says diagnosis "
+            f"{int(probs[top].argmax())} ({probs[top].max():.0%} sure). The mixture says diagnosis "
+            f"<b>{int(mix.argmax())}</b> ({mix.max():.0%})."
+        )
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [1, 1.3]})
+        expert_bars(g, title="the GP's weight on each doctor", ylabel="gate weight", ax=axes[0], highlight=top, ylim=(0, 1.1))
+        table = torch.cat([probs, mix[None]]).numpy()  # (E + 1, classes)
+        axes[1].imshow(table, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        for r in range(table.shape[0]):
+            for c in range(num_classes):
+                axes[1].text(c, r, f"{table[r, c]:.2f}", ha="center", va="center", fontsize=8,
+                             color="black" if table[r, c] > 0.6 else "white")
+        axes[1].add_patch(plt.Rectangle((truth - 0.5, -0.5), 1, table.shape[0], fill=False, lw=2.5, ec="#DE8F05"))
+        axes[1].set_yticks(range(table.shape[0]), [f"expert {e} (w={g[e]:.2f})" for e in range(num_experts)] + ["mixture"])
+        axes[1].set_xticks(range(num_classes), [f"{c}" for c in range(num_classes)])
+        axes[1].grid(False)
+        axes[1].set(title="each doctor's answer (probability per diagnosis)", xlabel=f"diagnosis (true: {truth}, framed)")
+        fig.tight_layout()
+        display(fig)
+        plt.close(fig)
+
+    def draw_specialty(s: int) -> None:
+        keep = specialty == s
+        acc = expert_acc[s]  # (E,)
+        mix_acc = float(mixture_correct[keep].mean()) if keep.any() else float("nan")
+        top = int(mass[s].argmax())
+        summary.value = (
+            f"<b>{specialties[s]}</b>: {int(keep.sum())} patients. The GP sends them mostly to "
+            f"<b>expert {top}</b> (mean weight {mass[s, top]:.2f}), who alone gets {acc[top]:.0%} of them right; "
+            f"the mixture gets {mix_acc:.0%}."
+        )
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+        expert_bars(mass[s], title=f"the GP's mean weight, {specialties[s]}", ylabel="mean gate weight", ax=axes[0], highlight=top, ylim=(0, 1.1))
+        values = np.append(acc.numpy(), mix_acc)
+        expert_bars(values, labels=[f"expert {e}" for e in range(num_experts)] + ["mixture"], xlabel="",
+                    title=f"accuracy on {specialties[s]} patients", ylabel="held-out accuracy", ax=axes[1],
+                    highlight=top, ylim=(0, 1.1), fmt="{:.0%}")
+        axes[1].axhline(1 / num_classes, ls="--", color="gray", lw=1)
+        fig.tight_layout()
+        display(fig)
+        plt.close(fig)
+
+    def update(*_):
+        patient.layout.display = None if mode.value == "one patient" else "none"
+        chosen.layout.display = None if mode.value == "one specialty" else "none"
+        with chart:
+            chart.clear_output(wait=True)
+            if mode.value == "one patient":
+                draw_patient(patient.value)
+            else:
+                draw_specialty(chosen.value)
+
+    for control in (mode, patient, chosen):
+        control.observe(update, names="value")
+    update()
+    return W.VBox([mode, W.HBox([patient, chosen]), summary, chart])

@@ -1,0 +1,175 @@
+"""The dense mixture of experts: ask every specialist, let the GP weigh the answers.
+
+Shape legend (used across the package): B batch, T time, D model width,
+F hidden width, E experts, K top-k, C capacity, N = B·T tokens. Here a token
+is a patient (N patients of width D = d_in), and the classifiers' outputs
+have one entry per diagnosis class (written ``classes`` below, to keep C for
+capacity).
+
+The model (Jacobs, Jordan, Nowlan and Hinton 1991, "Adaptive Mixtures of
+Local Experts", Neural Computation 3(1)): every expert e gives a probability
+for each diagnosis, the gate gives every expert a weight, and the mixture's
+prediction is the gate-weighted average of the experts' *probabilities*::
+
+    p(y | x) = Σ_e g_e(x) · p_e(y | x)          g(x) = softmax(x W_g + b_g)
+
+Training minimises -log p(y | x), the negative log-likelihood of the mixture,
+which is the "competitive" error function of the paper: the gradient of a
+patient's loss reaches each expert in proportion to how much that expert's
+answer explains the patient (its posterior responsibility), so an expert that
+is already good at a patient gets most of that patient's gradient and the
+others are left alone. Experts *compete* for patients, and specialise.
+Blending the experts' outputs linearly instead (one prediction from
+Σ_e g_e · output_e, as the paper's first, "cooperative" error function does)
+couples the experts on every patient; the paper argues that this makes them
+cooperate rather than specialise.
+
+Why probabilities, in this course: averaging probabilities is what an
+ensemble does (lesson 02), so an ensemble is exactly a dense mixture whose
+gate is stuck at 1/E for everyone. The mixture adds one thing, a gate that
+listens to the patient. Every expert still runs on every patient, so the cost
+grows linearly with E (``dense_mixture_flops``); lesson 04's sparse router
+consults only the top-k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .experts import FeedForward
+from .flops import matmul_flops
+from .gating import SoftmaxGate
+
+__all__ = [
+    "mixture_probs",
+    "mixture_log_probs",
+    "DenseMixtureConfig",
+    "MixtureOutput",
+    "DenseMixture",
+    "dense_mixture_flops",
+    "dense_mixture_param_count",
+]
+
+def _check_pair(expert_logits: torch.Tensor, gate: torch.Tensor, gate_name: str) -> None:
+    if expert_logits.ndim != 3 or gate.ndim != 2 or expert_logits.shape[:2] != gate.shape:
+        raise ValueError(
+            f"expected expert_logits (N, E, classes) and {gate_name} (N, E) with the same N and E; "
+            f"got {tuple(expert_logits.shape)} and {tuple(gate.shape)}"
+        )
+    if gate.shape[1] == 0:
+        raise ValueError("a mixture needs at least one expert (E = 0)")
+
+
+def mixture_probs(expert_logits: torch.Tensor, gate_weights: torch.Tensor) -> torch.Tensor:
+    """The mixture's prediction Σ_e g_e · softmax(logits_e): (N, E, classes), (N, E) → (N, classes).
+
+    Each expert's logits become probabilities over the classes first (softmax
+    over the last axis); the gate then weighs the E distributions. Rows sum to 1
+    whenever the gate's rows do. An ensemble is the special case g_e = 1/E.
+    """
+    _check_pair(expert_logits, gate_weights, "gate_weights")
+    probs = torch.softmax(expert_logits, dim=-1)  # (N, E, classes)
+    return torch.einsum("ne,nec->nc", gate_weights, probs)  # (N, classes)
+
+
+def mixture_log_probs(expert_logits: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
+    """log Σ_e g_e · p_e, computed stably: (N, E, classes), gate logits (N, E) → (N, classes).
+
+    Works in log space, log p = logsumexp_e(log_softmax(gate)_e + log_softmax(logits_e)),
+    so a confident expert (a probability of 1e-40) does not underflow to log 0.
+    ``F.cross_entropy`` on the result is the mixture's negative log-likelihood,
+    -log p(y | x): the rows are already normalised, so its own log-softmax changes nothing.
+    """
+    _check_pair(expert_logits, gate_logits, "gate_logits")
+    log_gate = torch.log_softmax(gate_logits, dim=-1)  # (N, E)
+    log_probs = torch.log_softmax(expert_logits, dim=-1)  # (N, E, classes)
+    return torch.logsumexp(log_gate[:, :, None] + log_probs, dim=1)  # (N, classes)
+
+
+@dataclass(frozen=True)
+class DenseMixtureConfig:
+    d_in: int  # width of a patient vector (D)
+    d_ff: int  # hidden width of each expert (F); the team has E·F hidden units
+    num_classes: int  # diagnoses: each expert outputs one score per class
+    num_experts: int  # E, every one of them runs on every patient
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "d_ff", "num_classes", "num_experts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"DenseMixtureConfig.{name} must be a positive int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MixtureOutput:
+    """Everything the dense mixture computed for N patients."""
+
+    logits: torch.Tensor  # (N, classes) log p(y | x), the mixture's log-probabilities (rows already normalised)
+    gate_logits: torch.Tensor  # (N, E) the gate's raw scores
+    gate_weights: torch.Tensor  # (N, E) softmax of gate_logits: the weight of every expert
+    expert_logits: torch.Tensor  # (N, E, classes) every expert's own scores
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """The mixture's probabilities over the classes: (N, classes)."""
+        return torch.softmax(self.logits, dim=-1)
+
+    @property
+    def expert_probs(self) -> torch.Tensor:
+        """Each expert's own probabilities: (N, E, classes)."""
+        return torch.softmax(self.expert_logits, dim=-1)
+
+
+class DenseMixture(nn.Module):
+    """A softmax gate over E ``FeedForward`` experts, all of which see every patient.
+
+    x (N, d_in) → MixtureOutput. Each expert is the clinic MLP of lesson 01,
+    ``FeedForward(d_in, d_ff, d_out=num_classes)``. ``moe_course.training``
+    trains it with cross-entropy on ``.logits``, which is the mixture's
+    negative log-likelihood -log Σ_e g_e p_e(y | x).
+    """
+
+    def __init__(self, config: DenseMixtureConfig) -> None:
+        super().__init__()
+        if not isinstance(config, DenseMixtureConfig):
+            raise TypeError(f"DenseMixture expects a DenseMixtureConfig, got {type(config).__name__}")
+        self.config = config
+        self.gate = SoftmaxGate(config.d_in, config.num_experts)
+        self.experts = nn.ModuleList(
+            FeedForward(config.d_in, config.d_ff, d_out=config.num_classes) for _ in range(config.num_experts)
+        )
+
+    def forward(self, x: torch.Tensor) -> MixtureOutput:
+        if x.ndim != 2 or x.shape[-1] != self.config.d_in:
+            raise ValueError(f"DenseMixture expects patients of shape (N, {self.config.d_in}), got {tuple(x.shape)}")
+        gate = self.gate(x)  # weights (N, E)
+        expert_logits = torch.stack([expert(x) for expert in self.experts], dim=1)  # (N, E, classes): every doctor, every patient
+        logits = mixture_log_probs(expert_logits, gate.logits)  # (N, classes): log Σ_e g_e p_e
+        return MixtureOutput(logits, gate.logits, gate.weights, expert_logits)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.config.num_experts}"
+
+
+def dense_mixture_flops(num_tokens: int, d_in: int, d_ff: int, num_classes: int, num_experts: int) -> int:
+    """Matmul FLOPs of DenseMixture on N patients: the gate plus all E experts.
+
+    gate 2·N·D·E, each expert 2·N·D·F + 2·N·F·classes, so the total grows
+    linearly with E: every patient sees every doctor.
+    """
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    gate = matmul_flops(num_tokens, d_in, num_experts)
+    expert = matmul_flops(num_tokens, d_in, d_ff) + matmul_flops(num_tokens, d_ff, num_classes)
+    return gate + num_experts * expert
+
+
+def dense_mixture_param_count(d_in: int, d_ff: int, num_classes: int, num_experts: int) -> int:
+    """Parameters of DenseMixture: the gate (D·E + E) plus E experts (D·F + F + F·classes + classes each)."""
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    expert = d_in * d_ff + d_ff + d_ff * num_classes + num_classes
+    return (d_in * num_experts + num_experts) + num_experts * expert

@@ -1,0 +1,150 @@
+"""Did the experts specialise? Who the GP sends each specialty to, measured.
+
+Shape legend (used across the package): B batch, T time, D model width,
+F hidden width, E experts, K top-k, C capacity, N = B·T tokens. Here N counts
+patients and S is the number of specialties (a clinic-only letter).
+
+Two views of the same question:
+
+* **Gate mass** (``gate_mass_by_specialty``): the average gate weight that
+  the patients of each specialty give each expert, an (S, E) table whose rows
+  sum to 1. Specialised experts show up as one bright cell per row, in a
+  different column for every row.
+* **Specialisation score** (``specialisation_score``): one number, the
+  normalised mutual information between a patient's specialty and its *top*
+  expert (the argmax of its gate weights)::
+
+      NMI = 2 · I(S; X) / (H(S) + H(X))
+
+  with I the mutual information and H the entropies of the empirical joint
+  distribution of (specialty S, top expert X). It is 1 when every specialty
+  has its own expert and nobody else's, and 0 when knowing the specialty says
+  nothing about the expert (for example, when one expert takes everyone).
+  Dividing by the arithmetic mean of the two entropies (the "NMI_sum" of
+  Vinh, Epps and Bailey 2010, JMLR 11, and scikit-learn's default) also
+  penalises a specialty split over several experts and two specialties
+  sharing one, unlike dividing by the smaller entropy. The logarithm's base
+  cancels out. Convention: if both entropies are 0 (a single specialty, a
+  single expert) the score is 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+
+__all__ = [
+    "gate_mass_by_specialty",
+    "top_expert_counts",
+    "normalized_mutual_information",
+    "specialisation_score",
+    "expert_accuracy_by_specialty",
+    "SpecialisationTracker",
+]
+
+
+def _check(gate_weights: torch.Tensor, specialty: torch.Tensor, num_specialties: int) -> None:
+    if gate_weights.ndim != 2 or specialty.shape != gate_weights.shape[:1]:
+        raise ValueError(f"expected gate_weights (N, E) and specialty (N,); got {tuple(gate_weights.shape)} and {tuple(specialty.shape)}")
+    if gate_weights.shape[1] == 0:
+        raise ValueError("there must be at least one expert (gate_weights has E = 0 columns)")
+    if isinstance(num_specialties, bool) or not isinstance(num_specialties, int) or num_specialties <= 0:
+        raise ValueError(f"num_specialties must be a positive int, got {num_specialties!r}")
+    if specialty.numel() and (specialty.min() < 0 or specialty.max() >= num_specialties):
+        raise ValueError(f"specialty ids must lie in [0, {num_specialties}), got values in [{int(specialty.min())}, {int(specialty.max())}]")
+
+
+def gate_mass_by_specialty(gate_weights: torch.Tensor, specialty: torch.Tensor, num_specialties: int) -> torch.Tensor:
+    """Mean gate weight of every expert within each specialty: (N, E), (N,) → (S, E).
+
+    Row s sums to 1; it is NaN for a specialty without patients.
+    """
+    _check(gate_weights, specialty, num_specialties)
+    g = gate_weights.detach().float().cpu()
+    s = specialty.cpu()
+    total = torch.zeros(num_specialties, g.shape[1]).index_add_(0, s, g)  # (S, E)
+    counts = torch.bincount(s, minlength=num_specialties).float()  # (S,)
+    return total / counts[:, None]
+
+
+def top_expert_counts(gate_weights: torch.Tensor, specialty: torch.Tensor, num_specialties: int) -> torch.Tensor:
+    """How many patients of each specialty have each expert as their top expert: → (S, E) int64."""
+    _check(gate_weights, specialty, num_specialties)
+    e = gate_weights.shape[1]
+    top = gate_weights.detach().argmax(dim=-1).cpu()  # (N,) the expert with the largest weight
+    return torch.bincount(specialty.cpu() * e + top, minlength=num_specialties * e).reshape(num_specialties, e)
+
+
+def normalized_mutual_information(counts: torch.Tensor) -> float:
+    """2·I(row; column) / (H(row) + H(column)) of a contingency table of counts (S, E).
+
+    Empty cells contribute 0 (the limit of p·log p as p → 0). Returns 1.0
+    when both entropies are 0, and NaN for an all-zero table.
+    """
+    if counts.ndim != 2:
+        raise ValueError(f"counts must be a 2-D table (S, E), got shape {tuple(counts.shape)}")
+    if (counts < 0).any():
+        raise ValueError("counts must be non-negative")
+    joint = counts.double()
+    total = joint.sum()
+    if total == 0:
+        return float("nan")
+    joint = joint / total  # (S, E) joint distribution
+    p_row, p_col = joint.sum(1), joint.sum(0)  # (S,), (E,)
+    nz = joint > 0
+    mutual = (joint[nz] * (joint[nz] / (p_row[:, None] * p_col[None, :])[nz]).log()).sum()
+    h_row = -(p_row[p_row > 0] * p_row[p_row > 0].log()).sum()
+    h_col = -(p_col[p_col > 0] * p_col[p_col > 0].log()).sum()
+    if h_row + h_col == 0:
+        return 1.0  # one specialty, one expert: trivially a perfect match
+    return float((2 * mutual / (h_row + h_col)).clamp(0.0, 1.0))
+
+
+def specialisation_score(gate_weights: torch.Tensor, specialty: torch.Tensor, num_specialties: int) -> float:
+    """Normalised mutual information between specialty and top expert, in [0, 1]: (N, E), (N,) → float."""
+    return normalized_mutual_information(top_expert_counts(gate_weights, specialty, num_specialties))
+
+
+def expert_accuracy_by_specialty(expert_logits: torch.Tensor, targets: torch.Tensor, specialty: torch.Tensor, num_specialties: int) -> torch.Tensor:
+    """Accuracy of each expert *on its own*, within each specialty: (N, E, classes), (N,), (N,) → (S, E).
+
+    Shows whether the expert the gate picks for a specialty is the one that
+    knows that specialty's rule. NaN for a specialty without patients.
+    """
+    if expert_logits.ndim != 3 or targets.shape != expert_logits.shape[:1]:
+        raise ValueError(f"expected expert_logits (N, E, classes) and targets (N,); got {tuple(expert_logits.shape)} and {tuple(targets.shape)}")
+    correct = (expert_logits.detach().argmax(-1) == targets[:, None]).float()  # (N, E)
+    return gate_mass_by_specialty(correct, specialty, num_specialties)
+
+
+@dataclass
+class SpecialisationTracker:
+    """A ``train(..., callback=tracker)`` callback that records specialisation during training.
+
+    At every evaluation it runs the model on ``x`` (the model must return a
+    result with ``gate_weights`` (N, E)) and appends the step, the
+    specialisation score and the gate-mass table.
+    """
+
+    x: torch.Tensor  # (N, D) patients to watch, e.g. the held-out set
+    specialty: torch.Tensor  # (N,) their specialties
+    num_specialties: int
+    rows: list[dict[str, float]] = field(default_factory=list)
+    gate_mass: list[torch.Tensor] = field(default_factory=list)  # one (S, E) table per evaluation
+
+    def __call__(self, step: int, model: torch.nn.Module) -> None:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            out = model(self.x.to(device))
+        weights = getattr(out, "gate_weights", None)
+        if weights is None:
+            raise TypeError(f"SpecialisationTracker needs a model whose output has gate_weights; got {type(out).__name__}")
+        self.rows.append({"step": step, "score": specialisation_score(weights, self.specialty, self.num_specialties)})
+        self.gate_mass.append(gate_mass_by_specialty(weights, self.specialty, self.num_specialties))
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """Columns step and score, one row per evaluation."""
+        return pd.DataFrame(self.rows, columns=["step", "score"])
