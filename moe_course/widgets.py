@@ -6,13 +6,26 @@ numbers behind every widget come from the package's tested functions.
 
 from __future__ import annotations
 
+import io
+
 import ipywidgets as W
 import matplotlib.pyplot as plt
-from IPython.display import display
 
 from .flops import ffn_flops, ffn_param_count, matmul_flops
 
 __all__ = ["hospital_numbers", "hospital_explorer", "mixture_playground"]
+
+
+def figure_png(fig: plt.Figure, dpi: int = 100) -> bytes:
+    """Render a matplotlib figure to PNG bytes (for an ipywidgets Image) and close it.
+
+    Widgets show figures this way rather than through an Output widget, so they
+    look the same whatever matplotlib backend the kernel runs.
+    """
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def hospital_numbers(num_experts: int, top_k: int, d_model: int, d_ff: int) -> dict[str, int]:
@@ -42,7 +55,7 @@ def hospital_explorer(d_model: int = 512, d_ff: int = 2048) -> W.Widget:
     top_k = W.IntSlider(value=1, min=1, max=8, description="seen per patient k", continuous_update=False,
                         style={"description_width": "initial"})
     summary = W.HTML()
-    chart = W.Output()
+    chart = W.Image(format="png", layout=W.Layout(width="560px"))
 
     def update(*_):
         top_k.max = experts.value
@@ -55,19 +68,16 @@ def hospital_explorer(d_model: int = 512, d_ff: int = 2048) -> W.Widget:
             f"({n['MoE parameters']:,} parameters) and a visit costs <b>{costs:.2f}×</b> "
             f"({n['MoE FLOPs per token']:,} FLOPs per patient)."
         )
-        with chart:
-            chart.clear_output(wait=True)
-            fig, ax = plt.subplots(figsize=(6, 2.6))
-            ax.barh(["effort per patient\n(FLOPs per token)", "knowledge\n(parameters)"], [costs, knows],
-                    color=["#DE8F05", "#0173B2"])
-            ax.axvline(1.0, color="gray", ls="--", lw=1)
-            ax.set(xlabel="relative to one doctor (one dense FFN of the same width)", xlim=(0, max(8.0, knows * 1.1)),
-                   title="An MoE layer: knowledge grows with E, effort with k")
-            for y, v in enumerate([costs, knows]):
-                ax.text(v, y, f" {v:.2f}×", va="center")
-            fig.tight_layout()
-            display(fig)
-            plt.close(fig)
+        fig, ax = plt.subplots(figsize=(6, 2.6))
+        ax.barh(["effort per patient\n(FLOPs per token)", "knowledge\n(parameters)"], [costs, knows],
+                color=["#DE8F05", "#0173B2"])
+        ax.axvline(1.0, color="gray", ls="--", lw=1)
+        ax.set(xlabel="relative to one doctor (one dense FFN of the same width)", xlim=(0, max(8.0, knows * 1.1)),
+               title="An MoE layer: knowledge grows with E, effort with k")
+        for y, v in enumerate([costs, knows]):
+            ax.text(v, y, f" {v:.2f}×", va="center")
+        fig.tight_layout()
+        chart.value = figure_png(fig)
 
     experts.observe(update, names="value")
     top_k.observe(update, names="value")
@@ -115,7 +125,7 @@ def mixture_playground(model, patients, specialties, *, max_patients: int = 512)
     patient = W.IntSlider(value=0, min=0, max=n - 1, description="patient", continuous_update=False)
     chosen = W.Dropdown(options=[(name, s) for s, name in enumerate(specialties)], value=0, description="specialty")
     summary = W.HTML()
-    chart = W.Output()
+    chart = W.Image(format="png", layout=W.Layout(width="560px"))
 
     def draw_patient(i: int) -> None:
         g, probs, mix = gate[i], expert_probs[i], mixture[i]  # (E,), (E, classes), (classes,)

@@ -1,0 +1,117 @@
+"""Widgets work for a learner: JupyterLab in headless Chromium, run the lesson, move a slider.
+
+Needs Debian's chromium (/usr/bin/chromium; .ci/run installs it) and the
+`playwright` Python package (the dev extra). Playwright never downloads a
+browser here: it drives the system Chromium. Skipped where either is missing.
+Screenshots go to build/browser/ for a human to look at.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from notebook_tools import ROOT
+
+REQUIRED = os.environ.get("MOE_COURSE_REQUIRE_BROWSER") == "1"  # set by .ci/run: CI must not skip these
+CHROMIUM = os.environ.get("MOE_COURSE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+if not Path(CHROMIUM).exists():
+    if REQUIRED:
+        raise RuntimeError(f"browser tests required but no Chromium at {CHROMIUM} (apt-get install chromium)")
+    pytest.skip("no system Chromium (apt-get install chromium)", allow_module_level=True)
+playwright = pytest.importorskip("playwright.sync_api")
+
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-quic"]
+SHOTS = ROOT / "build" / "browser"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lab_url(tmp_path_factory):
+    """JupyterLab serving a *copy* of the lessons, so the browser can never save over the course."""
+    root = tmp_path_factory.mktemp("lab")
+    shutil.copytree(ROOT / "notebooks", root / "notebooks", ignore=shutil.ignore_patterns("*.py", ".ipynb_checkpoints"))
+    port, token = _free_port(), "browser-test"
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    log = open(SHOTS / "lab.log", "w")
+    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
+           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}"]
+    if os.geteuid() == 0:
+        cmd.append("--allow-root")
+    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=5)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError((SHOTS / "lab.log").read_text()[-2000:])
+            time.sleep(0.5)
+    yield base, token
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+def run_notebook_in_browser(page, base: str, token: str, notebook: str, ready: str) -> None:
+    """Open a notebook in JupyterLab, wait for the kernel, run all cells, wait for ``ready`` to appear."""
+    page.goto(f"{base}/lab/tree/{notebook}?token={token}", wait_until="domcontentloaded")
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
+    page.locator(".jp-Notebook").first.click()
+    page.locator(".lm-MenuBar-item", has_text="Run").first.click()
+    page.locator(".lm-Menu-item", has_text="Run All Cells").first.click()
+    page.wait_for_selector(ready, state="attached", timeout=240_000)
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=240_000)
+
+
+def test_hospital_explorer_slider_updates_the_numbers(lab_url):
+    base, token = lab_url
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            run_notebook_in_browser(page, base, token, "notebooks/00_welcome.ipynb", ".widget-slider")
+            slider = page.locator(".widget-slider").first
+            slider.scroll_into_view_if_needed()
+            summary = page.locator(".widget-html-content").filter(has_text="each patient sees").first
+            summary.wait_for(timeout=30_000)
+            before = summary.text_content()
+            assert "8 specialists, each patient sees 1" in before
+            slider.scroll_into_view_if_needed()
+            slider.locator(".noUi-handle, .slider-handle, [role=slider]").first.focus()
+            for _ in range(4):
+                page.keyboard.press("ArrowRight")
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.widget-html-content')].some("
+                "e => e.textContent.startsWith('12 specialists'))", timeout=30_000)
+            page.wait_for_timeout(1500)  # let the chart image catch up before the screenshot
+            after = summary.text_content()
+            assert "12 specialists, each patient sees 1" in after, after
+            page.screenshot(path=str(SHOTS / "00_welcome_widget.png"), full_page=False)
+            slider.screenshot(path=str(SHOTS / "00_welcome_slider.png"))
+        except BaseException:
+            page.screenshot(path=str(SHOTS / "00_welcome_failure.png"))
+            (SHOTS / "00_welcome_failure.html").write_text(page.content())
+            raise
+        finally:
+            browser.close()
