@@ -125,7 +125,7 @@ def mixture_playground(model, patients, specialties, *, max_patients: int = 512)
     patient = W.IntSlider(value=0, min=0, max=n - 1, description="patient", continuous_update=False)
     chosen = W.Dropdown(options=[(name, s) for s, name in enumerate(specialties)], value=0, description="specialty")
     summary = W.HTML()
-    chart = W.Image(format="png", layout=W.Layout(width="560px"))
+    chart = W.Image(format="png", layout=W.Layout(width="900px"))
 
     def draw_patient(i: int) -> None:
         g, probs, mix = gate[i], expert_probs[i], mixture[i]  # (E,), (E, classes), (classes,)
@@ -150,8 +150,7 @@ def mixture_playground(model, patients, specialties, *, max_patients: int = 512)
         axes[1].grid(False)
         axes[1].set(title="each doctor's answer (probability per diagnosis)", xlabel=f"diagnosis (true: {truth}, framed)")
         fig.tight_layout()
-        display(fig)
-        plt.close(fig)
+        chart.value = figure_png(fig)
 
     def draw_specialty(s: int) -> None:
         keep = specialty == s
@@ -171,18 +170,15 @@ def mixture_playground(model, patients, specialties, *, max_patients: int = 512)
                     highlight=top, ylim=(0, 1.1), fmt="{:.0%}")
         axes[1].axhline(1 / num_classes, ls="--", color="gray", lw=1)
         fig.tight_layout()
-        display(fig)
-        plt.close(fig)
+        chart.value = figure_png(fig)
 
     def update(*_):
         patient.layout.display = None if mode.value == "one patient" else "none"
         chosen.layout.display = None if mode.value == "one specialty" else "none"
-        with chart:
-            chart.clear_output(wait=True)
-            if mode.value == "one patient":
-                draw_patient(patient.value)
-            else:
-                draw_specialty(chosen.value)
+        if mode.value == "one patient":
+            draw_patient(patient.value)
+        else:
+            draw_specialty(chosen.value)
 
     for control in (mode, patient, chosen):
         control.observe(update, names="value")

@@ -163,3 +163,272 @@ MUTANTS: dict[str, list[tuple[str, object, str]]] = {
         ("skips empty specialties", acc_skip_empty, "one entry per specialty"),
     ],
 }
+
+
+# == lessons 02-03 ==================================================================
+import math  # noqa: E402
+
+
+# -- 2.1 average_probs ---------------------------------------------------------
+def avg_logits_then_softmax(member_logits):
+    return torch.softmax(member_logits.mean(dim=0), dim=-1)
+
+
+def avg_softmax_over_members(member_logits):
+    return torch.softmax(member_logits, dim=0).mean(dim=0)
+
+
+def avg_sum_not_mean(member_logits):
+    return torch.softmax(member_logits, dim=-1).sum(dim=0)
+
+
+def avg_over_patients(member_logits):
+    return torch.softmax(member_logits, dim=-1).mean(dim=1)
+
+
+def avg_naive_exp(member_logits):
+    e = member_logits.exp()
+    return (e / e.sum(-1, keepdim=True)).mean(dim=0)
+
+
+# -- 2.2 bias_variance ---------------------------------------------------------
+def bv_unbiased_variance(member_probs, targets):
+    y = F.one_hot(targets, member_probs.shape[-1]).float()
+    mean = member_probs.mean(0)
+    error = ((member_probs - y) ** 2).sum(-1).mean()
+    bias = ((mean - y) ** 2).sum(-1).mean()
+    variance = ((member_probs - mean) ** 2).sum(-1).sum(0).mean() / (member_probs.shape[0] - 1)
+    return error, bias, variance
+
+
+def bv_mean_over_classes(member_probs, targets):
+    y = F.one_hot(targets, member_probs.shape[-1]).float()
+    mean = member_probs.mean(0)
+    return ((member_probs - y) ** 2).mean(), ((mean - y) ** 2).mean(), ((member_probs - mean) ** 2).mean()
+
+
+def bv_variance_around_truth(member_probs, targets):
+    y = F.one_hot(targets, member_probs.shape[-1]).float()
+    mean = member_probs.mean(0)
+    error = ((member_probs - y) ** 2).sum(-1).mean()
+    return error, ((mean - y) ** 2).sum(-1).mean(), ((member_probs - y) ** 2).sum(-1).mean()
+
+
+def bv_bias_not_squared(member_probs, targets):
+    y = F.one_hot(targets, member_probs.shape[-1]).float()
+    mean = member_probs.mean(0)
+    return (((member_probs - y) ** 2).sum(-1).mean(), (mean - y).abs().sum(-1).mean(),
+            ((member_probs - mean) ** 2).sum(-1).mean())
+
+
+def bv_per_patient(member_probs, targets):
+    y = F.one_hot(targets, member_probs.shape[-1]).float()
+    mean = member_probs.mean(0)
+    return ((member_probs - y) ** 2).sum(-1).mean(0), ((mean - y) ** 2).sum(-1), ((member_probs - mean) ** 2).sum(-1).mean(0)
+
+
+# -- 2.3 ensemble_log_loss -----------------------------------------------------
+def ll_members_average(member_logits, targets):
+    r, n, c = member_logits.shape
+    return F.cross_entropy(member_logits.reshape(r * n, c), targets.repeat(r))
+
+
+def ll_average_logits(member_logits, targets):
+    return F.cross_entropy(member_logits.mean(0), targets)
+
+
+def ll_naive_log(member_logits, targets):
+    probs = torch.softmax(member_logits, dim=-1).mean(0)
+    return -probs[torch.arange(len(targets)), targets].log().mean()
+
+
+def ll_forgot_log_r(member_logits, targets):
+    log_mean = torch.logsumexp(torch.log_softmax(member_logits, dim=-1), dim=0)
+    return F.nll_loss(log_mean, targets)
+
+
+def ll_sum_over_patients(member_logits, targets):
+    log_mean = torch.logsumexp(torch.log_softmax(member_logits, dim=-1), dim=0) - math.log(member_logits.shape[0])
+    return F.nll_loss(log_mean, targets, reduction="sum")
+
+
+# -- 3.1 softmax_gate ----------------------------------------------------------
+def gate_softmax_over_patients(x, w_gate):
+    return torch.softmax(x @ w_gate, dim=0)
+
+
+def gate_no_softmax(x, w_gate):
+    return x @ w_gate
+
+
+def gate_sigmoid(x, w_gate):
+    return torch.sigmoid(x @ w_gate)
+
+
+def gate_naive_exp(x, w_gate):
+    e = (x @ w_gate).exp()
+    return e / e.sum(-1, keepdim=True)
+
+
+def gate_transposed(x, w_gate):
+    return torch.softmax(x @ w_gate.T, dim=-1)
+
+
+# -- 3.2 dense_mixture ---------------------------------------------------------
+def mix_logits(x, gate, experts):
+    weights = torch.softmax(gate(x), dim=-1)
+    logits = torch.stack([e(x) for e in experts], dim=1)
+    return torch.softmax((weights[:, :, None] * logits).sum(1), dim=-1)
+
+
+def mix_no_gate(x, gate, experts):
+    return torch.stack([torch.softmax(e(x), dim=-1) for e in experts], dim=1).mean(1)
+
+
+def mix_gate_over_patients(x, gate, experts):
+    weights = torch.softmax(gate(x), dim=0)
+    probs = torch.stack([torch.softmax(e(x), dim=-1) for e in experts], dim=1)
+    return (weights[:, :, None] * probs).sum(1)
+
+
+def mix_expert_softmax_over_experts(x, gate, experts):
+    weights = torch.softmax(gate(x), dim=-1)
+    probs = torch.softmax(torch.stack([e(x) for e in experts], dim=1), dim=1)
+    return (weights[:, :, None] * probs).sum(1)
+
+
+def mix_raw_gate(x, gate, experts):
+    probs = torch.stack([torch.softmax(e(x), dim=-1) for e in experts], dim=1)
+    return (gate(x)[:, :, None] * probs).sum(1)
+
+
+def mix_no_sum(x, gate, experts):
+    weights = torch.softmax(gate(x), dim=-1)
+    probs = torch.stack([torch.softmax(e(x), dim=-1) for e in experts], dim=1)
+    return weights[:, :, None] * probs
+
+
+# -- 3.3 specialisation_score --------------------------------------------------
+def _joint(gate_weights, specialty, num_specialties):
+    top = gate_weights.argmax(dim=-1)
+    joint = torch.zeros(num_specialties, gate_weights.shape[1])
+    joint.index_put_((specialty, top), torch.ones(len(top)), accumulate=True)
+    return joint / joint.sum()
+
+
+def _entropy(p):
+    p = p[p > 0]
+    return -(p * p.log()).sum()
+
+
+def _mi(joint):
+    ps, pe = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
+    nz = joint > 0
+    return (joint[nz] * (joint / (ps * pe))[nz].log()).sum()
+
+
+def score_raw_mi(gate_weights, specialty, num_specialties):
+    return float(_mi(_joint(gate_weights, specialty, num_specialties)))
+
+
+def score_by_specialty_entropy(gate_weights, specialty, num_specialties):
+    joint = _joint(gate_weights, specialty, num_specialties)
+    return float(_mi(joint) / _entropy(joint.sum(1)))
+
+
+def score_nan_for_empty(gate_weights, specialty, num_specialties):
+    joint = _joint(gate_weights, specialty, num_specialties)
+    ps, pe = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
+    mi = (joint * (joint / (ps * pe)).log()).sum()
+    h = -(ps * ps.log()).sum() - (pe * pe.log()).sum()
+    return float(2 * mi / h)
+
+
+def score_by_min_entropy(gate_weights, specialty, num_specialties):
+    joint = _joint(gate_weights, specialty, num_specialties)
+    return float(_mi(joint) / torch.minimum(_entropy(joint.sum(1)), _entropy(joint.sum(0))))
+
+
+def score_soft_counts(gate_weights, specialty, num_specialties):
+    joint = torch.zeros(num_specialties, gate_weights.shape[1]).index_add_(0, specialty, gate_weights)
+    joint = joint / joint.sum()
+    return float(2 * _mi(joint) / (_entropy(joint.sum(1)) + _entropy(joint.sum(0))))
+
+
+def score_argmax_over_patients(gate_weights, specialty, num_specialties):
+    top = gate_weights.argmax(dim=0)  # (E,): the wrong axis
+    joint = torch.zeros(num_specialties, gate_weights.shape[1])
+    joint.index_put_((specialty, top), torch.ones(len(top)), accumulate=True)
+    joint = joint / joint.sum()
+    return float(2 * _mi(joint) / (_entropy(joint.sum(1)) + _entropy(joint.sum(0))))
+
+
+# -- 3.4 dense_mixture_flops ---------------------------------------------------
+def mix_flops_no_gate(num_tokens, d_in, d_ff, num_classes, num_experts):
+    return num_experts * (2 * num_tokens * d_in * d_ff + 2 * num_tokens * d_ff * num_classes)
+
+
+def mix_flops_one_expert(num_tokens, d_in, d_ff, num_classes, num_experts):
+    return 2 * num_tokens * d_in * num_experts + 2 * num_tokens * d_in * d_ff + 2 * num_tokens * d_ff * num_classes
+
+
+def mix_flops_square_experts(num_tokens, d_in, d_ff, num_classes, num_experts):
+    return 2 * num_tokens * d_in * num_experts + num_experts * 4 * num_tokens * d_in * d_ff
+
+
+def mix_flops_macs(num_tokens, d_in, d_ff, num_classes, num_experts):
+    return num_tokens * d_in * num_experts + num_experts * (num_tokens * d_in * d_ff + num_tokens * d_ff * num_classes)
+
+
+MUTANTS.update({
+    "2.1": [
+        ("averaged logits, then softmax", avg_logits_then_softmax, "averaged the logits"),
+        ("softmax over the members", avg_softmax_over_members, "softmax over the members"),
+        ("sum instead of mean", avg_sum_not_mean, "summed the members"),
+        ("mean over the patients", avg_over_patients, "averaged over the patients"),
+        ("exp without subtracting the max", avg_naive_exp, "overflows"),
+    ],
+    "2.2": [
+        ("variance divides by R - 1", bv_unbiased_variance, "R - 1"),
+        ("mean over the classes", bv_mean_over_classes, "sum* over the classes"),
+        ("variance around the truth", bv_variance_around_truth, "spread around the truth"),
+        ("bias not squared", bv_bias_not_squared, "bias is not squared"),
+        ("per-patient values", bv_per_patient, "return one number"),
+    ],
+    "2.3": [
+        ("members' average loss", ll_members_average, "members' average cross-entropy"),
+        ("averaged logits", ll_average_logits, "averaged the logits"),
+        ("log of an underflowed probability", ll_naive_log, "logsumexp"),
+        ("forgot log R", ll_forgot_log_r, "log R"),
+        ("summed over patients", ll_sum_over_patients, "summed over the"),
+    ],
+    "3.1": [
+        ("softmax over the patients", gate_softmax_over_patients, "softmax over the patients"),
+        ("no softmax", gate_no_softmax, "raw scores"),
+        ("sigmoid", gate_sigmoid, "sigmoid"),
+        ("exp without subtracting the max", gate_naive_exp, "overflows"),
+        ("transposed w_gate", gate_transposed, "raised RuntimeError"),
+    ],
+    "3.2": [
+        ("mixed logits, then softmax", mix_logits, "mixed the experts' logits"),
+        ("forgot the gate", mix_no_gate, "forgot to weight by the gate"),
+        ("gate softmax over the patients", mix_gate_over_patients, "over the patients"),
+        ("expert softmax over the experts", mix_expert_softmax_over_experts, "runs over the experts"),
+        ("raw gate scores as weights", mix_raw_gate, "raw scores"),
+        ("no sum over the experts", mix_no_sum, "separate answers"),
+    ],
+    "3.3": [
+        ("raw mutual information", score_raw_mi, "mutual information itself"),
+        ("divided by H(specialty) only", score_by_specialty_entropy, "H(specialty) alone"),
+        ("0 · log 0 gives NaN", score_nan_for_empty, "0 · log 0"),
+        ("divided by the smaller entropy", score_by_min_entropy, "smaller or larger of the two entropies"),
+        ("soft counts", score_soft_counts, "soft counts"),
+        ("argmax over the patients", score_argmax_over_patients, "raised"),
+    ],
+    "3.4": [
+        ("forgot the gate", mix_flops_no_gate, "gate is missing"),
+        ("one expert only", mix_flops_one_expert, "single expert"),
+        ("experts map back to D", mix_flops_square_experts, "F × classes"),
+        ("multiply-adds, not FLOPs", mix_flops_macs, "multiply-add"),
+    ],
+})
