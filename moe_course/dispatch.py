@@ -6,16 +6,45 @@ Legend: N tokens, D model width, E experts, K choices per token, C capacity.
 (x (M, D) → (M, D)), such as ``moe_course.experts.Experts`` (see ``ExpertBank``).
 
     sort_dispatch           token choice: sort assignments by expert, one block per expert
+                            (any ExpertBank; the readable reference)
     expert_choice_dispatch  expert choice: each expert runs on the C tokens it picked
+
+Competing implementations of the same token-choice computation on stacked
+``Experts`` (lesson 06 compares them; ``python -m moe_course.bench`` times them):
+
+    masks_loop      a Python loop over experts, a boolean mask picks each one's tokens (the common style)
+    onehot_einsum   GShard: one-hot dispatch and combine tensors (N, E, C) and einsums
+    padded_bmm      tokens copied into a padded (E, C, D) buffer, one batched matmul per layer
+    sort_split      sort by expert, split into blocks, one matmul pair per expert
+    grouped_mm      sort by expert, one grouped matmul per layer (torch.nn.functional.grouped_mm)
+
+All return the same y (N, D) and the same gradients; ``dispatch(..., method=)``
+picks one, and ``DEFAULT_METHOD`` is the fastest available.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["ExpertBank", "sort_dispatch", "expert_choice_dispatch"]
+from .experts import ACTIVATIONS, Experts
+
+__all__ = [
+    "ExpertBank",
+    "sort_dispatch",
+    "expert_choice_dispatch",
+    "masks_loop",
+    "onehot_einsum",
+    "padded_bmm",
+    "sort_split",
+    "grouped_mm",
+    "dispatch",
+    "METHODS",
+    "DEFAULT_METHOD",
+    "HAS_GROUPED_MM",
+]
 
 
 class ExpertBank(Protocol):
@@ -97,3 +126,240 @@ def expert_choice_dispatch(
     outputs = [experts.expert_output(e, x[token_index[e]]) for e in range(experts.num_experts)]  # E × (C, D)
     y_sorted = torch.cat(outputs) * gates.reshape(-1, 1).to(outputs[0].dtype)  # (E·C, D)
     return torch.zeros(x.shape, dtype=y_sorted.dtype, device=x.device).index_add(0, token_index.reshape(-1), y_sorted)
+
+
+# ---------------------------------------------------------------------------
+# Competing implementations on stacked Experts.
+#
+# Every function: x (N, D), experts (Experts with w_in (E, D, F), w_out (E, F, D)),
+# expert_index (N, K) int64, gates (N, K), keep (N, K) bool or None → y (N, D),
+#     y_n = Σ_j keep[n, j] · gates[n, j] · expert_{expert_index[n, j]}(x_n).
+# ---------------------------------------------------------------------------
+
+
+def _validate(x: torch.Tensor, experts: Experts, expert_index: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor | None):
+    if not isinstance(experts, Experts):
+        raise TypeError(f"these dispatch implementations need stacked moe_course.experts.Experts, got {type(experts).__name__}")
+    if x.ndim != 2 or x.shape[1] != experts.d_model:
+        raise ValueError(f"x must have shape (N, {experts.d_model}), got {tuple(x.shape)}")
+    if expert_index.ndim == 1:
+        expert_index = expert_index[:, None]
+    if gates.ndim == 1:
+        gates = gates[:, None]
+    if expert_index.shape != gates.shape or expert_index.shape[0] != x.shape[0]:
+        raise ValueError(f"expert_index {tuple(expert_index.shape)} and gates {tuple(gates.shape)} must both be (N, K) with N={x.shape[0]}")
+    if keep is not None:
+        if keep.ndim == 1:
+            keep = keep[:, None]
+        if keep.shape != expert_index.shape or keep.dtype != torch.bool:
+            raise ValueError(f"keep must be a bool tensor of shape {tuple(expert_index.shape)}, got {keep.dtype} {tuple(keep.shape)}")
+    return expert_index, gates, keep
+
+
+def _act(experts: Experts) -> Callable[[torch.Tensor], torch.Tensor]:
+    return ACTIVATIONS[experts.activation]
+
+
+def _kept_assignments(expert_index: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor | None):
+    """The kept (token, expert, gate) assignments, sorted by expert (stable): three (M,) tensors."""
+    num_tokens, k = expert_index.shape
+    token = torch.arange(num_tokens, device=expert_index.device).repeat_interleave(k)  # (N·K,)
+    expert, gate = expert_index.reshape(-1), gates.reshape(-1)  # (N·K,)
+    if keep is not None:
+        kept = keep.reshape(-1)
+        token, expert, gate = token[kept], expert[kept], gate[kept]
+    order = torch.argsort(expert, stable=True)
+    return token[order], expert[order], gate[order]  # (M,) each
+
+
+def _combine(x: torch.Tensor, token: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """y = Σ gate · out, added back to each assignment's token: (M, D) → (N, D)."""
+    weighted = out * gate.to(out.dtype)[:, None]  # (M, D)
+    return torch.zeros(x.shape, dtype=out.dtype, device=x.device).index_add(0, token, weighted)  # (N, D)
+
+
+def masks_loop(x, experts: Experts, expert_index, gates, keep=None) -> torch.Tensor:
+    """The common style: for each expert, a boolean mask finds its tokens, then a matmul pair.
+
+    Weights are ``unbind``-ed once (not indexed w_in[e] per expert), so the
+    backward writes one stacked gradient instead of E full-size ones.
+    """
+    expert_index, gates, keep = _validate(x, experts, expert_index, gates, keep)
+    act = _act(experts)
+    w_in, w_out = experts.w_in.unbind(0), experts.w_out.unbind(0)
+    b_in = experts.b_in.unbind(0) if experts.b_in is not None else None
+    b_out = experts.b_out.unbind(0) if experts.b_out is not None else None
+    chosen = expert_index if keep is None else torch.where(keep, expert_index, -1)  # (N, K), -1: dropped
+    y = torch.zeros_like(x)
+    for e in range(experts.num_experts):
+        token, choice = torch.where(chosen == e)  # (M_e,), (M_e,)
+        if token.numel() == 0:
+            continue
+        h = x[token] @ w_in[e]  # (M_e, F)
+        if b_in is not None:
+            h = h + b_in[e]
+        out = act(h) @ w_out[e]  # (M_e, D)
+        if b_out is not None:
+            out = out + b_out[e]
+        y = y.index_add(0, token, out * gates[token, choice, None].to(out.dtype))
+    return y
+
+
+def onehot_einsum(x, experts: Experts, expert_index, gates, keep=None, capacity: int | None = None) -> torch.Tensor:
+    """GShard's formulation (Lepikhin et al. 2020, arXiv:2006.16668): one-hot tensors and einsums.
+
+    dispatch (N, E, C) ∈ {0, 1} puts token n in slot c of expert e; combine
+    (N, E, C) holds its gate there. Then (letters as everywhere: n tokens)
+        xe = einsum("nec,nd->ecd", dispatch, x);  experts on (E, C, D);
+        y  = einsum("nec,ecd->nd", combine, out).
+    Slots are filled first choices first, earlier tokens first (as capacity_mask
+    drops). C = ``capacity`` or, if None, the fullest expert's load. Simple to
+    read, but memory and time grow with N·E·C.
+    """
+    expert_index, gates, keep = _validate(x, experts, expert_index, gates, keep)
+    num_tokens, k = expert_index.shape
+    num_experts = experts.num_experts
+    mask = F.one_hot(expert_index, num_experts).to(x.dtype)  # (N, K, E)
+    if keep is not None:
+        mask = mask * keep[..., None].to(x.dtype)
+    by_priority = mask.transpose(0, 1).reshape(k * num_tokens, num_experts)  # (K·N, E): first choices first
+    position = (torch.cumsum(by_priority, dim=0) - 1) * by_priority  # (K·N, E) slot of each assignment
+    slots = capacity if capacity is not None else max(1, int(by_priority.sum(0).max()))
+    by_priority = by_priority * (position < slots)  # over capacity: dropped here too
+    slot = F.one_hot(position.long().clamp(0, slots - 1), slots).to(x.dtype) * by_priority[..., None]  # (K·N, E, C)
+    slot = slot.reshape(k, num_tokens, num_experts, slots)  # (K, N, E, C)
+    dispatch_mask = slot.sum(0)  # (N, E, C)
+    combine = torch.einsum("knec,kn->nec", slot, gates.transpose(0, 1).to(x.dtype))  # (N, E, C)
+    xe = torch.einsum("nec,nd->ecd", dispatch_mask, x)  # (E, C, D)
+    h = torch.einsum("ecd,edf->ecf", xe, experts.w_in)  # (E, C, F)
+    if experts.b_in is not None:
+        h = h + experts.b_in[:, None, :]
+    out = torch.einsum("ecf,efd->ecd", _act(experts)(h), experts.w_out)  # (E, C, D)
+    if experts.b_out is not None:
+        out = out + experts.b_out[:, None, :]
+    return torch.einsum("nec,ecd->nd", combine, out)  # (N, D)
+
+
+def padded_bmm(x, experts: Experts, expert_index, gates, keep=None) -> torch.Tensor:
+    """Copy each expert's tokens into a padded (E, C, D) buffer, then batched matmuls.
+
+    C is the fullest expert's load, so padding costs (E·C − M) wasted rows: cheap
+    when the load is balanced, up to E× the work when one expert gets everything.
+    """
+    expert_index, gates, keep = _validate(x, experts, expert_index, gates, keep)
+    token, expert, gate = _kept_assignments(expert_index, gates, keep)  # (M,) each
+    num_experts = experts.num_experts
+    counts = torch.bincount(expert, minlength=num_experts)  # (E,)
+    slots = max(1, int(counts.max())) if token.numel() else 1
+    starts = torch.cumsum(counts, 0) - counts  # (E,) first sorted row of each expert
+    row = expert * slots + (torch.arange(token.numel(), device=x.device) - starts[expert])  # (M,) row in the (E·C) buffer
+    buffer = x.new_zeros(num_experts * slots, x.shape[1]).index_copy(0, row, x[token])  # (E·C, D)
+    buffer = buffer.view(num_experts, slots, -1)  # (E, C, D)
+    if experts.b_in is not None:
+        h = torch.baddbmm(experts.b_in[:, None, :], buffer, experts.w_in)  # (E, C, F)
+    else:
+        h = torch.bmm(buffer, experts.w_in)
+    h = _act(experts)(h)
+    if experts.b_out is not None:
+        out = torch.baddbmm(experts.b_out[:, None, :], h, experts.w_out)  # (E, C, D)
+    else:
+        out = torch.bmm(h, experts.w_out)
+    return _combine(x, token, out.reshape(num_experts * slots, -1)[row], gate)
+
+
+def sort_split(x, experts: Experts, expert_index, gates, keep=None) -> torch.Tensor:
+    """Sort assignments by expert, split into contiguous blocks, one matmul pair per block.
+
+    Like ``sort_dispatch`` but with ``unbind``-ed stacked weights (one stacked
+    gradient in the backward) and no per-expert module calls.
+    """
+    expert_index, gates, keep = _validate(x, experts, expert_index, gates, keep)
+    token, expert, gate = _kept_assignments(expert_index, gates, keep)  # (M,) each
+    counts = torch.bincount(expert, minlength=experts.num_experts).tolist()
+    act = _act(experts)
+    w_in, w_out = experts.w_in.unbind(0), experts.w_out.unbind(0)
+    b_in = experts.b_in.unbind(0) if experts.b_in is not None else None
+    b_out = experts.b_out.unbind(0) if experts.b_out is not None else None
+    outputs = []
+    for e, block in enumerate(torch.split(x[token], counts)):  # block (M_e, D)
+        if block.shape[0] == 0:
+            continue
+        h = torch.addmm(b_in[e], block, w_in[e]) if b_in is not None else block @ w_in[e]  # (M_e, F)
+        h = act(h)
+        outputs.append(torch.addmm(b_out[e], h, w_out[e]) if b_out is not None else h @ w_out[e])  # (M_e, D)
+    if not outputs:
+        return torch.zeros_like(x)
+    return _combine(x, token, torch.cat(outputs), gate)
+
+
+HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    grouped_mm's CPU backward rejects stride-0 gradients (e.g. from y.sum()).
+    """
+
+    @staticmethod
+    def forward(ctx, t):  # noqa: D102
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return grad.contiguous()
+
+
+def _grouped_mm_ok(x: torch.Tensor, experts: Experts) -> bool:
+    # grouped_mm needs 16-byte aligned strides: widths that are multiples of 16 bytes
+    row = 16 // x.element_size()
+    return HAS_GROUPED_MM and experts.d_model % row == 0 and experts.d_ff % row == 0 and x.dtype == experts.w_in.dtype
+
+
+def grouped_mm(x, experts: Experts, expert_index, gates, keep=None) -> torch.Tensor:
+    """Sort assignments by expert, then one grouped matmul per layer: the default.
+
+    ``torch.nn.functional.grouped_mm(a, b, offs=...)`` multiplies row block g of
+    a (rows offs[g-1]:offs[g]) by b[g], for all experts in one call, with the
+    stacked weights as they are. Falls back to ``sort_split`` where grouped_mm
+    is missing or the widths are not 16-byte aligned.
+    """
+    expert_index, gates, keep = _validate(x, experts, expert_index, gates, keep)
+    if not _grouped_mm_ok(x, experts):
+        return sort_split(x, experts, expert_index, gates, keep)
+    token, expert, gate = _kept_assignments(expert_index, gates, keep)  # (M,) each
+    if token.numel() == 0:
+        return torch.zeros_like(x)
+    offs = torch.cumsum(torch.bincount(expert, minlength=experts.num_experts), 0).to(torch.int32)  # (E,) row ends
+    h = F.grouped_mm(x[token], experts.w_in, offs=offs)  # (M, F)
+    if experts.b_in is not None:
+        h = h + experts.b_in[expert]
+    h = _ContiguousGrad.apply(_act(experts)(h))
+    out = F.grouped_mm(h, experts.w_out, offs=offs)  # (M, D)
+    if experts.b_out is not None:
+        out = out + experts.b_out[expert]
+    return _combine(x, token, _ContiguousGrad.apply(out), gate)
+
+
+METHODS: dict[str, Callable[..., torch.Tensor]] = {
+    "masks_loop": masks_loop,
+    "onehot_einsum": onehot_einsum,
+    "padded_bmm": padded_bmm,
+    "sort_split": sort_split,
+    "grouped_mm": grouped_mm,
+}
+DEFAULT_METHOD = "grouped_mm" if HAS_GROUPED_MM else "sort_split"
+
+
+def dispatch(x, experts: Experts, expert_index, gates, keep=None, *, method: str | None = None) -> torch.Tensor:
+    """Run the experts on their tokens with the chosen implementation (default: the fastest).
+
+    Experts that are not stacked ``Experts`` (any ``ExpertBank``, e.g. another
+    library's experts behind an adapter) go through ``sort_dispatch``.
+    """
+    name = method or DEFAULT_METHOD
+    if name not in METHODS:
+        raise ValueError(f"unknown dispatch method {name!r}; choose from {sorted(METHODS)}")
+    if not isinstance(experts, Experts):
+        return sort_dispatch(x, experts, expert_index, gates, keep)
+    return METHODS[name](x, experts, expert_index, gates, keep)

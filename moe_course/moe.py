@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dispatch import sort_dispatch
+from .dispatch import METHODS, dispatch
 from .experts import ACTIVATIONS, Experts
 from .losses import load_balancing_loss, router_z_loss
 from .routing import capacity_mask, expert_capacity, noisy_top_k_routing, switch_routing, top_k_routing
@@ -47,6 +47,7 @@ class MoEConfig:
     init_scale: float | None = 0.1  # Switch init std = sqrt(scale/fan_in) for experts and router; None: PyTorch default
     activation: str = "gelu"  # the experts' non-linearity
     bias: bool = True  # whether the experts have biases (T5/Switch/Mixtral experts have none)
+    dispatch: str | None = None  # how tokens reach experts (moe_course.dispatch.METHODS); None: the fastest
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "top_k", "min_capacity"):
@@ -69,6 +70,8 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.router_jitter must be in [0, 1), got {self.router_jitter!r}")
         if self.init_scale is not None and (not isinstance(self.init_scale, (int, float)) or not math.isfinite(self.init_scale) or self.init_scale <= 0):
             raise ValueError(f"MoEConfig.init_scale must be > 0 or None, got {self.init_scale!r}")
+        if self.dispatch is not None and self.dispatch not in METHODS:
+            raise ValueError(f"MoEConfig.dispatch: unknown dispatch method {self.dispatch!r}; choose from {sorted(METHODS)} or None")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"MoEConfig.activation: unknown activation {self.activation!r}; choose from {sorted(ACTIVATIONS)}")
 
@@ -178,7 +181,8 @@ class MoELayer(nn.Module):
             capacity = expert_capacity(num_tokens, cfg.num_experts, cfg.capacity_factor, top_k=cfg.top_k, min_capacity=cfg.min_capacity)
             keep = capacity_mask(routing.expert_index, cfg.num_experts, capacity).keep  # (N, K)
 
-        y = sort_dispatch(tokens, self.experts, routing.expert_index, routing.gates, keep)  # (N, D)
+        # The default (grouped matmuls on sorted tokens) never builds an (N, E, C) tensor.
+        y = dispatch(tokens, self.experts, routing.expert_index, routing.gates, keep, method=cfg.dispatch)  # (N, D)
         aux = load_balancing_loss(probs, routing.expert_index)
         z = router_z_loss(logits)
         return MoEOutput(

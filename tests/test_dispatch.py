@@ -81,3 +81,122 @@ def test_expert_choice_dispatch_equals_a_loop():
             want[t] += r.gates[e, c] * experts.expert_output(e, x[t : t + 1])[0]
     torch.testing.assert_close(y, want)
     assert torch.all(y[r.experts_per_token == 0] == 0)
+
+
+# --- the competing implementations (lesson 06, moe_course.bench) ----------------------
+
+from moe_course.dispatch import DEFAULT_METHOD, HAS_GROUPED_MM, METHODS, dispatch, onehot_einsum  # noqa: E402
+
+
+def _grads(method, x, experts, expert_index, gates, keep):
+    """Output and gradients for input, gates (the router's path) and every expert parameter."""
+    x = x.detach().clone().requires_grad_()
+    gates = gates.detach().clone().requires_grad_()
+    experts.zero_grad(set_to_none=True)
+    y = METHODS[method](x, experts, expert_index, gates, keep)
+    weights = torch.linspace(-1, 1, y.numel()).reshape(y.shape)  # a non-trivial upstream gradient
+    (y * weights).sum().backward()
+    grads = {"y": y.detach(), "x": x.grad, "gates": gates.grad}
+    for name, p in experts.named_parameters():
+        grads[name] = p.grad if p.grad is not None else torch.zeros_like(p)
+    return grads
+
+
+def _case(name: str, seed: int = 0):
+    """(x, experts, expert_index, gates, keep) for a named routing situation."""
+    g = torch.Generator().manual_seed(seed)
+    n, d, f, e = 24, 8, 16, 4
+    torch.manual_seed(seed)
+    experts = Experts(e, d, f)
+    x = torch.randn(n, d, generator=g)
+    k = 2 if "top2" in name else 1
+    logits = torch.randn(n, e, generator=g)
+    if "empty_expert" in name:
+        logits[:, 3] = -1e4  # expert 3 receives no tokens
+    if "one_expert" in name:
+        logits[:, 1] = 1e4  # every token's first choice is expert 1
+    routing = top_k_routing(logits, k)
+    keep = capacity_mask(routing.expert_index, e, capacity=4).keep if "capacity" in name else None
+    return x, experts, routing.expert_index, routing.gates, keep
+
+
+CASES = ["top1", "top2", "top1_capacity", "top2_capacity", "top1_empty_expert", "top2_empty_expert",
+         "top1_one_expert", "top1_one_expert_capacity", "top2_one_expert_capacity"]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_implementation_gives_the_same_outputs_and_gradients(method, case):
+    x, experts, expert_index, gates, keep = _case(case)
+    if keep is not None:
+        assert not keep.all(), "the capacity cases must drop something"
+    reference = _grads("masks_loop", x, experts, expert_index, gates, keep)
+    got = _grads(method, x, experts, expert_index, gates, keep)
+    assert reference["x"].abs().sum() > 0 and reference["w_in"].abs().sum() > 0
+    for key, want in reference.items():
+        torch.testing.assert_close(got[key], want, atol=1e-5, rtol=1e-4, msg=f"{method}, {case}: {key} differs")
+    # and all of it equals the readable reference built on expert_output
+    torch.testing.assert_close(got["y"], sort_dispatch(x, experts, expert_index, gates, keep), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_dropped_tokens_get_zero_and_empty_experts_get_no_gradient(method):
+    x, experts, expert_index, gates, keep = _case("top1_one_expert_capacity")
+    grads = _grads(method, x, experts, expert_index, gates, keep)
+    dropped = ~keep.any(-1)
+    assert dropped.sum() == 20 and torch.all(grads["y"][dropped] == 0)
+    unused = [e for e in range(4) if not ((expert_index == e) & keep).any()]
+    assert unused and all(grads["w_in"][e].abs().sum() == 0 for e in unused)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_nothing_kept_gives_zeros(method):
+    x, experts, expert_index, gates, _ = _case("top2")
+    y = METHODS[method](x, experts, expert_index, gates, torch.zeros_like(expert_index, dtype=torch.bool))
+    assert torch.equal(y, torch.zeros_like(x))
+
+
+def test_onehot_einsum_honours_an_explicit_capacity():
+    x, experts, expert_index, gates, _ = _case("top1_one_expert")
+    keep = capacity_mask(expert_index, 4, capacity=3).keep
+    torch.testing.assert_close(onehot_einsum(x, experts, expert_index, gates, capacity=3),
+                               sort_dispatch(x, experts, expert_index, gates, keep))
+
+
+def test_grouped_mm_survives_a_stride_zero_gradient():
+    """y.sum().backward() hands grouped_mm an expanded gradient, which its CPU backward rejects unless made contiguous."""
+    x, experts, expert_index, gates, _ = _case("top1")
+    experts16 = Experts(4, 16, 32)
+    x16 = torch.randn(24, 16, requires_grad=True)
+    METHODS["grouped_mm"](x16, experts16, expert_index, gates).sum().backward()
+    assert x16.grad is not None and experts16.w_in.grad.abs().sum() > 0
+
+
+def test_dispatch_picks_the_default_and_rejects_unknown_methods():
+    assert DEFAULT_METHOD == ("grouped_mm" if HAS_GROUPED_MM else "sort_split")
+    x, experts, expert_index, gates, _ = _case("top1")
+    torch.testing.assert_close(dispatch(x, experts, expert_index, gates), METHODS[DEFAULT_METHOD](x, experts, expert_index, gates))
+    with pytest.raises(ValueError, match="unknown dispatch method"):
+        dispatch(x, experts, expert_index, gates, method="magic")
+
+
+def test_stacked_implementations_need_stacked_experts_and_matching_shapes():
+    x, experts, expert_index, gates, _ = _case("top1")
+    with pytest.raises(TypeError, match="stacked"):
+        METHODS["sort_split"](x, object(), expert_index, gates)
+    with pytest.raises(ValueError, match="x must have shape"):
+        METHODS["sort_split"](x[:, :3], experts, expert_index, gates)
+    with pytest.raises(ValueError, match="keep must be a bool"):
+        METHODS["sort_split"](x, experts, expert_index, gates, keep=torch.ones_like(expert_index))
+
+
+def test_dispatch_runs_any_expert_bank_through_the_reference():
+    x, experts, expert_index, gates, _ = _case("top2")
+
+    class Bank:
+        num_experts = 4
+
+        def expert_output(self, e, t):
+            return experts.expert_output(e, t) * 2
+
+    torch.testing.assert_close(dispatch(x, Bank(), expert_index, gates), 2 * dispatch(x, experts, expert_index, gates))

@@ -251,3 +251,35 @@ def test_moelayer_forward_stashes_no_state():
     layer(_x(2, 5, 8))
     assert set(vars(layer)) == before_attrs and set(layer.state_dict()) == before_state
     assert {k: set(vars(m)) for k, m in layer.named_modules()} == before_modules
+
+
+def test_moe_layer_default_dispatch_never_builds_an_n_by_e_by_c_tensor():
+    """Record every tensor the forward and backward create: none is (N, E, C)-shaped (the GShard one-hot)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    shapes = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            shapes.extend(tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+            return out
+
+    torch.manual_seed(0)
+    n, e = 64, 8
+    for dispatch in (None, "onehot_einsum"):
+        shapes.clear()
+        layer = MoELayer(MoEConfig(d_model=16, d_ff=32, num_experts=e, capacity_factor=1.25, dispatch=dispatch))
+        with Record():
+            layer(torch.randn(n, 16, requires_grad=True)).y.sum().backward()
+        three_d = [s for s in shapes if len(s) == 3 and s[:2] == (n, e)]
+        if dispatch is None:
+            assert not three_d, three_d
+        else:
+            assert three_d  # the recorder does see it when it is there
+
+
+def test_moe_config_rejects_an_unknown_dispatch():
+    with pytest.raises(ValueError, match="unknown dispatch method"):
+        MoEConfig(d_model=4, d_ff=8, num_experts=2, dispatch="carrier pigeon")
