@@ -204,7 +204,7 @@ def gate_mass_heatmap(
         raise ValueError(f"mass must be (S, E) with S = {len(specialties)} specialties, got shape {m.shape}")
     ax = ax or plt.figure().gca()
     sns.heatmap(m, annot=True, fmt=fmt, cmap="viridis", vmin=0.0, vmax=1.0, ax=ax,
-                xticklabels=[f"expert {e}" for e in range(m.shape[1])], yticklabels=list(specialties),
+                xticklabels=[str(e) for e in range(m.shape[1])], yticklabels=list(specialties),
                 cbar_kws={"label": label})
     ax.set(title=title, xlabel="expert", ylabel="specialty of the patients")
     return ax
