@@ -7,6 +7,10 @@ specialist. Modules, in reading order:
     clinic     make_clinic(): patients from several specialties (lessons 01-05)
     experts    FeedForward: one doctor, the transformer's MLP block; Experts: E doctors, stacked weights
     flops      count_parameters(), ffn_param_count(), ffn_flops()
+    ensembles  train_ensemble(), average_probs(), brier_decomposition(): second opinions (lesson 02)
+    gating     softmax_gate(), SoftmaxGate: the GP weighs every doctor (lesson 03)
+    mixture    DenseMixture: every expert on every patient, weighed by the gate (lesson 03)
+    specialisation  gate_mass_by_specialty(), specialisation_score(): did the experts specialise?
     routing    the GP: top_k_routing(), switch_routing(), noisy_top_k_routing(), expert_choice_routing(), capacity_mask()
     losses     load_balancing_loss(), router_z_loss(), importance_loss(): keep every doctor busy
     dispatch   sort_dispatch(): send tokens to their experts, weigh and add up what comes back
@@ -14,6 +18,7 @@ specialist. Modules, in reading order:
     models     ClinicMoE: embed, one MoE layer, classify (the clinic lessons)
     metrics    accuracy_by_group()
     training   train(), TrainConfig, ClassificationTask
+    timing     time_per_batch(): models timed side by side, as ratios
     plots      figures the lessons share
     show       show_source(): read the package's code inside a lesson
     checks     check("N.M", answer): the hidden tests of the exercises
