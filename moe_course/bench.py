@@ -1,0 +1,235 @@
+"""Benchmark: MoE dispatch implementations against a dense FFN of the same active width.
+
+    python -m moe_course.bench                  # the three standard configurations
+    python -m moe_course.bench --quick          # small sizes, well under a minute
+    python -m moe_course.bench --json out.json  # also write the results as JSON ('-': stdout)
+
+For every configuration (N tokens, D, F, E experts, top-k) it times, forward
+(no grad) and forward+backward:
+
+- ``dense``: ``FeedForward(D, k·F)``, the same arithmetic per token as k experts
+  (the physical limit of a top-k MoE layer is 1.0× this);
+- ``MoELayer`` with each dispatch implementation of ``moe_course.dispatch``
+  (router, routing and balance losses included; no token limit);
+- ``hf_switch``: Hugging Face's ``SwitchTransformersSparseMLP`` as an outside
+  peer, when transformers is installed (top-1 only; same D, F, E; no token limit).
+
+Runs are interleaved (one run of each candidate per round, so a noisy
+neighbour slows everyone alike), after warm-up; the table gives medians and
+ratios to dense measured in this one run, and the peak extra memory of one
+forward+backward (``moe_course.memory.peak_bytes``). Timings belong here, never
+in unit tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import pandas as pd
+import torch
+
+from .dispatch import DEFAULT_METHOD, METHODS
+from .experts import FeedForward
+from .memory import peak_bytes
+from .moe import MoEConfig, MoELayer
+
+__all__ = ["BenchConfig", "STANDARD", "QUICK", "run_benchmark", "format_table", "main"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    num_tokens: int  # N
+    d_model: int  # D
+    d_ff: int  # F, per expert
+    num_experts: int  # E
+    top_k: int = 1  # K
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"BenchConfig.{name} must be a positive int, got {value!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"BenchConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}")
+
+    @property
+    def name(self) -> str:
+        return f"N={self.num_tokens} D={self.d_model} F={self.d_ff} E={self.num_experts} k={self.top_k}"
+
+
+STANDARD = (BenchConfig(4096, 256, 1024, 8), BenchConfig(16384, 128, 512, 64), BenchConfig(4096, 256, 1024, 8, 2))
+QUICK = (BenchConfig(2048, 128, 512, 8), BenchConfig(4096, 64, 256, 32), BenchConfig(2048, 128, 512, 8, 2))
+ONEHOT_LIMIT = 2**30  # skip the one-hot einsum when its (N, E, C) tensors would pass ~1 GiB
+
+
+@dataclass
+class _Candidate:
+    name: str
+    forward: Callable[[], torch.Tensor]
+    params: list[torch.nn.Parameter]
+    x: torch.Tensor
+
+
+def _onehot_bytes(cfg: BenchConfig) -> int:
+    capacity = 2 * cfg.top_k * cfg.num_tokens // cfg.num_experts  # a loose guess of the fullest expert (dropless)
+    return 3 * 4 * cfg.num_tokens * cfg.num_experts * capacity  # dispatch, combine, one-hot slots in float32
+
+
+def _candidates(cfg: BenchConfig, methods: list[str], peer: bool, notes: dict[str, str]) -> list[_Candidate]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(cfg.num_tokens, cfg.d_model, generator=g)
+    torch.manual_seed(0)
+    out = []
+    dense = FeedForward(cfg.d_model, cfg.top_k * cfg.d_ff)
+    out.append(_Candidate("dense", lambda m=dense: m(x_dense), list(dense.parameters()), x_dense := x.clone()))
+    for method in methods:
+        if method == "onehot_einsum" and _onehot_bytes(cfg) > ONEHOT_LIMIT:
+            notes[method] = f"skipped: its (N, E, C) tensors would need about {_onehot_bytes(cfg) / 2**30:.1f} GiB"
+            continue
+        layer = MoELayer(MoEConfig(cfg.d_model, cfg.d_ff, cfg.num_experts, top_k=cfg.top_k,
+                                   router="switch" if cfg.top_k == 1 else "top_k", dispatch=method))
+        xm = x.clone()
+        out.append(_Candidate(method, lambda m=layer, t=xm: m(t).y, list(layer.parameters()), xm))
+    if peer:
+        if cfg.top_k != 1:
+            notes["hf_switch"] = "skipped: the Switch peer is top-1 only"
+        else:
+            try:
+                import transformers
+                from transformers.models.switch_transformers import modeling_switch_transformers as hf
+            except ImportError:
+                notes["hf_switch"] = "skipped: transformers is not installed"
+            else:
+                config = transformers.SwitchTransformersConfig(
+                    d_model=cfg.d_model, d_ff=cfg.d_ff, num_experts=cfg.num_experts, expert_capacity=cfg.num_tokens,
+                    router_bias=False, router_jitter_noise=0.0, router_dtype="float32", dense_act_fn="relu", dropout_rate=0.0)
+                module = hf.SwitchTransformersSparseMLP(config)
+                with torch.no_grad():
+                    for p in module.parameters():
+                        p.normal_(0.0, 0.02, generator=g)
+                xh = x.clone()[None]  # (1, N, D): their capacity counts per sequence, so one sequence = no limit
+                out.append(_Candidate("hf_switch", lambda m=module, t=xh: m(t), list(module.parameters()), xh))
+    return out
+
+
+def _run(c: _Candidate, backward: bool, grad: torch.Tensor) -> None:
+    if not backward:
+        with torch.no_grad():
+            c.forward()
+        return
+    c.x.requires_grad_(True)
+    for p in c.params:
+        p.grad = None
+    y = c.forward()
+    y.backward(grad.view(y.shape))
+    c.x.grad = None
+
+
+def run_benchmark(
+    configs=STANDARD,
+    methods: list[str] | None = None,
+    *,
+    repeats: int = 7,
+    warmup: int = 2,
+    peer: bool = True,
+    memory: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> pd.DataFrame:
+    """Time every candidate on every configuration; one row per (config, implementation, mode)."""
+    methods = list(methods or METHODS)
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown dispatch methods {sorted(unknown)}; choose from {sorted(METHODS)}")
+    if repeats < 1 or warmup < 0:
+        raise ValueError("repeats must be >= 1 and warmup >= 0")
+    rows = []
+    for cfg in configs:
+        notes: dict[str, str] = {}
+        candidates = _candidates(cfg, methods, peer, notes)
+        grad = torch.randn(cfg.num_tokens, cfg.d_model, generator=torch.Generator().manual_seed(1))
+        if log:
+            log(f"{cfg.name}: {', '.join(c.name for c in candidates)}")
+        peaks = {c.name: peak_bytes(lambda c=c: _run(c, True, grad)) for c in candidates} if memory else {}
+        for mode, backward in (("forward", False), ("forward+backward", True)):
+            for _ in range(warmup):
+                for c in candidates:
+                    _run(c, backward, grad)
+            times: dict[str, list[float]] = {c.name: [] for c in candidates}
+            for r in range(repeats):
+                order = candidates[r % len(candidates):] + candidates[: r % len(candidates)]  # rotate who goes first
+                for c in order:
+                    start = time.perf_counter()
+                    _run(c, backward, grad)
+                    times[c.name].append(time.perf_counter() - start)
+            dense = statistics.median(times["dense"])
+            for c in candidates:
+                median = statistics.median(times[c.name])
+                rows.append({
+                    "config": cfg.name, "implementation": c.name, "mode": mode,
+                    "median_ms": 1000 * median, "ratio_to_dense": median / dense,
+                    "peak_MiB": peaks.get(c.name, float("nan")) / 2**20,
+                    "default": c.name == DEFAULT_METHOD, "note": "",
+                })
+        for name, note in notes.items():
+            rows.append({"config": cfg.name, "implementation": name, "mode": "", "median_ms": float("nan"),
+                         "ratio_to_dense": float("nan"), "peak_MiB": float("nan"), "default": False, "note": note})
+    return pd.DataFrame(rows)
+
+
+def format_table(results: pd.DataFrame) -> str:
+    """One block per configuration: implementations × (forward, forward+backward) ratios, ms and peak memory."""
+    lines = []
+    for config, part in results.groupby("config", sort=False):
+        lines.append(f"\n{config}")
+        lines.append(f"  {'implementation':<24}{'forward':>18}{'forward+backward':>22}{'peak MiB':>10}")
+        timed = part[part["mode"] != ""]
+        for name, rows in timed.groupby("implementation", sort=False):
+            by_mode = {r["mode"]: r for _, r in rows.iterrows()}
+            f, fb = by_mode["forward"], by_mode["forward+backward"]
+            tag = " (default)" if f["default"] else ""
+            lines.append(f"  {name + tag:<24}{f['ratio_to_dense']:>7.2f}x {f['median_ms']:>7.1f} ms"
+                         f"{fb['ratio_to_dense']:>11.2f}x {fb['median_ms']:>8.1f} ms{f['peak_MiB']:>10.1f}")
+        for _, r in part[part["mode"] == ""].iterrows():
+            lines.append(f"  {r['implementation']:<24}{r['note']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moe-bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small configurations (well under a minute)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per candidate and mode (default 7)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="dispatch implementations (default: all)")
+    parser.add_argument("--no-peer", action="store_true", help="leave out the Hugging Face Switch layer")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's choice)")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH ('-' for stdout)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configs = QUICK if args.quick else STANDARD
+    log = (lambda msg: print(msg, file=sys.stderr)) if args.json == "-" else print
+    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, default dispatch: {DEFAULT_METHOD}")
+    results = run_benchmark(configs, args.methods, repeats=args.repeats, warmup=args.warmup,
+                            peer=not args.no_peer, memory=not args.no_memory, log=log)
+    log(format_table(results))
+    if args.json:
+        payload = {"torch": torch.__version__, "threads": torch.get_num_threads(), "default": DEFAULT_METHOD,
+                   "configs": [asdict(c) | {"name": c.name} for c in configs],
+                   "results": json.loads(results.to_json(orient="records"))}
+        text = json.dumps(payload, indent=1)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as fh:
+                fh.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

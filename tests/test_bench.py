@@ -1,0 +1,76 @@
+"""The benchmark's mechanics (never its timings: those live in its own output)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from moe_course.bench import BenchConfig, format_table, run_benchmark
+from moe_course.dispatch import DEFAULT_METHOD, METHODS
+
+TINY = (BenchConfig(64, 16, 32, 4), BenchConfig(64, 16, 32, 4, 2))
+
+
+def test_run_benchmark_has_a_row_per_config_implementation_and_mode():
+    results = run_benchmark(TINY, repeats=2, warmup=1, log=None)
+    timed = results[results["mode"] != ""]
+    for cfg in TINY:
+        part = timed[timed["config"] == cfg.name]
+        assert set(part["implementation"]) >= {"dense", *METHODS}
+        assert set(part["mode"]) == {"forward", "forward+backward"}
+        dense = part[part["implementation"] == "dense"]
+        assert (dense["ratio_to_dense"] == 1.0).all()
+    assert (timed["median_ms"] > 0).all() and (timed["peak_MiB"] > 0).all()
+    assert timed[timed["default"]]["implementation"].unique().tolist() == [DEFAULT_METHOD]
+    notes = results[results["mode"] == ""]
+    assert "top-1 only" in " ".join(notes["note"])  # the Switch peer sits out the k=2 case
+
+
+def test_the_outside_peer_is_timed_when_transformers_is_installed():
+    pytest.importorskip("transformers")
+    results = run_benchmark(TINY[:1], methods=["grouped_mm"], repeats=1, warmup=0, memory=False, log=None)
+    assert "hf_switch" in set(results["implementation"])
+
+
+def test_one_hot_memory_grows_with_n_times_c_while_sorting_grows_with_n():
+    """The reason GShard-style dispatch loses on a CPU: its (N, E, C) tensors. Dropless, C ~ N/E, so N·E·C ~ N²."""
+    results = run_benchmark([BenchConfig(256, 16, 32, 4), BenchConfig(1024, 16, 32, 4)], methods=["onehot_einsum", "grouped_mm"],
+                            repeats=1, warmup=0, peer=False, log=None)
+    fb = results[results["mode"] == "forward+backward"].set_index(["config", "implementation"])["peak_MiB"]
+    small, large = (f"N={n} D=16 F=32 E=4 k=1" for n in (256, 1024))
+    assert fb[(small, "onehot_einsum")] > 3 * fb[(small, "grouped_mm")]
+    assert fb[(large, "onehot_einsum")] > 10 * fb[(small, "onehot_einsum")]  # ~16x for 4x the tokens
+    assert fb[(large, "grouped_mm")] < 5 * fb[(small, "grouped_mm")]  # ~4x
+
+
+def test_format_table_names_every_implementation():
+    text = format_table(run_benchmark(TINY[:1], methods=["masks_loop"], repeats=1, warmup=0, peer=False, log=None))
+    assert "N=64 D=16 F=32 E=4 k=1" in text and "masks_loop" in text and "dense" in text
+
+
+@pytest.mark.parametrize("kwargs,words", [({"methods": ["warp"]}, "unknown dispatch"), ({"repeats": 0}, "repeats")])
+def test_run_benchmark_rejects_bad_arguments(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        run_benchmark(TINY, log=None, **kwargs)
+
+
+def test_bench_config_validates():
+    with pytest.raises(ValueError, match="top_k"):
+        BenchConfig(8, 4, 4, 2, 3)
+    with pytest.raises(ValueError, match="num_tokens"):
+        BenchConfig(0, 4, 4, 2)
+
+
+def test_command_line_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "moe_course.bench", "--quick", "--repeats", "1", "--warmup", "0",
+                           "--methods", "grouped_mm", "--no-peer", "--no-memory", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(out.read_text())
+    assert payload["default"] == DEFAULT_METHOD and len(payload["configs"]) == 3
+    assert {r["implementation"] for r in payload["results"]} == {"dense", "grouped_mm"}
+    assert "ratio" not in proc.stderr and "grouped_mm" in proc.stdout
