@@ -90,7 +90,8 @@ def mixture_playground(model, patients, specialties, *, max_patients: int = 512)
 
     model: a ``moe_course.mixture.DenseMixture`` (anything returning ``gate_weights``
     (N, E) and ``expert_logits`` (N, E, classes)); patients: ``clinic.Patients``
-    (the first ``max_patients`` are offered); specialties: their names.
+    (the slider offers the first ``max_patients``; the specialty view uses them
+    all); specialties: their names.
 
     "one patient": left, the gate weight of each expert for that patient; right,
     each expert's probabilities for every diagnosis, and the mixture's, with the
@@ -104,22 +105,22 @@ def mixture_playground(model, patients, specialties, *, max_patients: int = 512)
     from .plots import expert_bars
     from .specialisation import expert_accuracy_by_specialty, gate_mass_by_specialty
 
-    n = min(len(patients), max_patients)
-    if n == 0:
+    if len(patients) == 0:
         raise ValueError("mixture_playground needs at least one patient")
-    x, diagnosis, specialty = patients.x[:n], patients.diagnosis[:n], patients.specialty[:n]
+    n = min(len(patients), max_patients)  # patients the slider offers
+    x, diagnosis, specialty = patients.x, patients.diagnosis, patients.specialty
     num_specialties = len(specialties)
     device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
         out = model(x.to(device))
-    gate = out.gate_weights.cpu()  # (n, E)
-    expert_probs = torch.softmax(out.expert_logits.cpu(), dim=-1)  # (n, E, classes)
-    mixture = torch.softmax(out.logits.cpu(), dim=-1)  # (n, classes)
+    gate = out.gate_weights.cpu()  # (N, E)
+    expert_probs = torch.softmax(out.expert_logits.cpu(), dim=-1)  # (N, E, classes)
+    mixture = torch.softmax(out.logits.cpu(), dim=-1)  # (N, classes)
     num_experts, num_classes = expert_probs.shape[1:]
     mass = gate_mass_by_specialty(gate, specialty, num_specialties)  # (S, E)
     expert_acc = expert_accuracy_by_specialty(out.expert_logits.cpu(), diagnosis, specialty, num_specialties)  # (S, E)
-    mixture_correct = (mixture.argmax(-1) == diagnosis).float()  # (n,)
+    mixture_correct = (mixture.argmax(-1) == diagnosis).float()  # (N,)
 
     mode = W.ToggleButtons(options=["one patient", "one specialty"], value="one patient", description="look at")
     patient = W.IntSlider(value=0, min=0, max=n - 1, description="patient", continuous_update=False)

@@ -32,6 +32,7 @@ def test_playground_shows_a_patient_then_a_specialty():
     mode.value = "one specialty"
     chosen.value = 2
     assert clinic.specialties[2] in summary.value and chart.value != first
+    assert f"{int((clinic.val.specialty == 2).sum())} patients" in summary.value  # all of them, not only the slider's 20
     assert patient.layout.display == "none" and chosen.layout.display is None
 
 
