@@ -44,6 +44,9 @@ __all__ = [
     "METHODS",
     "DEFAULT_METHOD",
     "HAS_GROUPED_MM",
+    "sort_by_expert",
+    "combine_rows",
+    "slot_positions",
 ]
 
 
@@ -129,6 +132,48 @@ def expert_choice_dispatch(
 
 
 # ---------------------------------------------------------------------------
+# The three small steps every sort-based dispatch is made of (lesson 06's exercises).
+# ---------------------------------------------------------------------------
+
+
+def sort_by_expert(expert_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order the tokens so each expert's tokens are contiguous: expert_index (N,) → order (N,), counts (E,).
+
+    ``x[order]`` lists expert 0's tokens first, then expert 1's, ...; the sort
+    is stable, so within an expert the tokens keep their original order.
+    ``counts[e]`` is expert e's number of tokens (0 for an idle expert).
+    """
+    if expert_index.ndim != 1:
+        raise ValueError(f"expert_index must have shape (N,), got {tuple(expert_index.shape)}")
+    order = torch.argsort(expert_index, stable=True)  # (N,)
+    return order, torch.bincount(expert_index, minlength=num_experts)  # (N,), (E,)
+
+
+def combine_rows(y_sorted: torch.Tensor, token: torch.Tensor, gates: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The inverse of dispatch: y_n = Σ_{i: token[i] = n} gates[i] · y_sorted[i] → (N, D).
+
+    y_sorted (M, D) are expert outputs in sorted order, token (M,) the token each
+    row belongs to and gates (M,) its gate. A token that appears twice (top-2)
+    gets the sum of both; a token that never appears (dropped) gets 0.
+    """
+    weighted = y_sorted * gates.to(y_sorted.dtype)[:, None]  # (M, D)
+    out = torch.zeros(num_tokens, y_sorted.shape[1], dtype=y_sorted.dtype, device=y_sorted.device)
+    return out.index_add(0, token, weighted)  # (N, D)
+
+
+def slot_positions(expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Each token's place in its expert's queue: expert_index (N,) → position (N,) int64.
+
+    position[n] = the number of earlier tokens sent to the same expert, so the
+    first token of each expert gets slot 0. With capacity C, exactly the tokens
+    with position >= C are dropped (first come, first served).
+    """
+    one_hot = torch.nn.functional.one_hot(expert_index, num_experts)  # (N, E)
+    earlier = torch.cumsum(one_hot, dim=0) - one_hot  # (N, E) tokens before n, per expert
+    return earlier.gather(1, expert_index[:, None]).squeeze(1)  # (N,)
+
+
+# ---------------------------------------------------------------------------
 # Competing implementations on stacked Experts.
 #
 # Every function: x (N, D), experts (Experts with w_in (E, D, F), w_out (E, F, D)),
@@ -174,8 +219,7 @@ def _kept_assignments(expert_index: torch.Tensor, gates: torch.Tensor, keep: tor
 
 def _combine(x: torch.Tensor, token: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """y = Σ gate · out, added back to each assignment's token: (M, D) → (N, D)."""
-    weighted = out * gate.to(out.dtype)[:, None]  # (M, D)
-    return torch.zeros(x.shape, dtype=out.dtype, device=x.device).index_add(0, token, weighted)  # (N, D)
+    return combine_rows(out, token, gate, x.shape[0])
 
 
 def masks_loop(x, experts: Experts, expert_index, gates, keep=None) -> torch.Tensor:

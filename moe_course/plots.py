@@ -14,7 +14,7 @@ import pandas as pd
 import seaborn as sns
 import torch
 
-__all__ = ["use_course_style", "grouped_bars", "learning_curves", "heatmap", "plot_clinic", "save",
+__all__ = ["use_course_style", "grouped_bars", "learning_curves", "heatmap", "plot_clinic", "dispatch_picture", "save",
            "bias_variance_bars", "expert_bars", "gate_mass_heatmap"]
 
 
@@ -208,3 +208,51 @@ def gate_mass_heatmap(
                 cbar_kws={"label": label})
     ax.set(title=title, xlabel="expert", ylabel="specialty of the patients")
     return ax
+
+
+def dispatch_picture(expert_index: torch.Tensor, num_experts: int) -> plt.Figure:
+    """Where tokens go, three ways: arriving, sorted by expert, in a padded (E, C) buffer, and GShard's one-hot tensor.
+
+    expert_index (N,): the top-1 expert of each token.
+    """
+    from .dispatch import slot_positions, sort_by_expert
+
+    n = len(expert_index)
+    order, counts = sort_by_expert(expert_index, num_experts)
+    slots = slot_positions(expert_index, num_experts)
+    capacity = int(counts.max())
+    colours = sns.color_palette("colorblind", num_experts)
+    fig, axes = plt.subplots(1, 4, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1, 1, 1.3, 2.2]})
+
+    def column(ax, items, title):
+        for row, (token, expert) in enumerate(items):
+            ax.add_patch(plt.Rectangle((0, n - 1 - row), 1, 0.9, color=colours[expert]))
+            ax.text(0.5, n - 0.55 - row, f"t{token}", ha="center", va="center", fontsize=8, color="white", weight="bold")
+        ax.set(xlim=(0, 1), ylim=(-0.2, n), title=title, xticks=[], yticks=[])
+
+    column(axes[0], [(t, int(expert_index[t])) for t in range(n)], "1. tokens as they arrive")
+    column(axes[1], [(int(t), int(expert_index[t])) for t in order], "2. sorted by expert\n(one block per expert)")
+    ends = torch.cumsum(counts, 0)
+    for end in ends[:-1].tolist():
+        axes[1].axhline(n - end - 0.05, color="black", lw=1.5)
+
+    ax = axes[2]
+    for e in range(num_experts):
+        for c in range(capacity):
+            ax.add_patch(plt.Rectangle((c, num_experts - 1 - e), 0.92, 0.9, color="#dddddd", hatch="//", fill=False))
+    for t in range(n):
+        e, c = int(expert_index[t]), int(slots[t])
+        ax.add_patch(plt.Rectangle((c, num_experts - 1 - e), 0.92, 0.9, color=colours[e]))
+        ax.text(c + 0.46, num_experts - 0.55 - e, f"t{t}", ha="center", va="center", fontsize=8, color="white", weight="bold")
+    ax.set(xlim=(0, capacity), ylim=(0, num_experts), title=f"3. padded buffer (E × C = {num_experts} × {capacity})\nhatched: wasted slots",
+           xticks=[c + 0.46 for c in range(capacity)], xticklabels=range(capacity),
+           yticks=[num_experts - 0.55 - e for e in range(num_experts)], yticklabels=[f"expert {e}" for e in range(num_experts)], xlabel="slot")
+
+    one_hot = torch.zeros(n, num_experts * capacity)
+    one_hot[torch.arange(n), expert_index * capacity + slots] = 1.0
+    sns.heatmap(one_hot.numpy(), cmap="Greys", cbar=False, ax=axes[3], linewidths=0.3, linecolor="#eeeeee",
+                xticklabels=[f"{e}·{c}" for e in range(num_experts) for c in range(capacity)], yticklabels=[f"t{t}" for t in range(n)])
+    axes[3].set(title=f"4. GShard's one-hot dispatch tensor (N, E·C)\n{n}×{num_experts * capacity} entries for {n} tokens", xlabel="expert·slot", ylabel="token")
+    axes[3].tick_params(axis="x", labelsize=7, rotation=90)
+    fig.tight_layout()
+    return fig

@@ -432,3 +432,82 @@ MUTANTS.update({
         ("multiply-adds, not FLOPs", mix_flops_macs, "multiply-add"),
     ],
 })
+
+
+# -- 6.1 sort_by_expert ------------------------------------------------------
+def sort_no_minlength(expert_index, num_experts):
+    return torch.argsort(expert_index, stable=True), torch.bincount(expert_index)
+
+
+def sort_descending(expert_index, num_experts):
+    return torch.argsort(expert_index, descending=True, stable=True), torch.bincount(expert_index, minlength=num_experts)
+
+
+def sort_unstable(expert_index, num_experts):
+    n = len(expert_index)
+    key = expert_index * n + (n - 1 - torch.arange(n))  # later tokens first within an expert
+    return torch.argsort(key), torch.bincount(expert_index, minlength=num_experts)
+
+
+def sort_values_not_indices(expert_index, num_experts):
+    return torch.sort(expert_index).values, torch.bincount(expert_index, minlength=num_experts)
+
+
+# -- 6.2 combine_rows ----------------------------------------------------------
+def combine_no_gate(y_sorted, token, gates, num_tokens):
+    return torch.zeros(num_tokens, y_sorted.shape[1]).index_add(0, token, y_sorted)
+
+
+def combine_assign(y_sorted, token, gates, num_tokens):
+    out = torch.zeros(num_tokens, y_sorted.shape[1])
+    out[token] = y_sorted * gates[:, None]
+    return out
+
+
+def combine_gather(y_sorted, token, gates, num_tokens):
+    return (y_sorted * gates[:, None])[token]
+
+
+def combine_keep_sorted(y_sorted, token, gates, num_tokens):
+    return y_sorted * gates[:, None]
+
+
+# -- 6.3 slot_positions ------------------------------------------------------
+def slots_from_one(expert_index, num_experts):
+    one_hot = F.one_hot(expert_index, num_experts)
+    return torch.cumsum(one_hot, 0).gather(1, expert_index[:, None]).squeeze(1)
+
+
+def slots_all_tokens(expert_index, num_experts):
+    return torch.arange(len(expert_index))
+
+
+def slots_total(expert_index, num_experts):
+    return torch.bincount(expert_index, minlength=num_experts)[expert_index]
+
+
+def slots_float(expert_index, num_experts):
+    one_hot = F.one_hot(expert_index, num_experts).float()
+    return (torch.cumsum(one_hot, 0) - one_hot).gather(1, expert_index[:, None]).squeeze(1)
+
+
+MUTANTS.update({
+    "6.1": [
+        ("counts without minlength", sort_no_minlength, "still needs its 0"),
+        ("descending", sort_descending, "descending"),
+        ("unstable within an expert", sort_unstable, "stable sort"),
+        ("sorted values, not the permutation", sort_values_not_indices, "sorted expert ids"),
+    ],
+    "6.2": [
+        ("forgot the gate", combine_no_gate, "gate weights are missing"),
+        ("assignment instead of add (top-2)", combine_assign, "sum of both"),
+        ("gather instead of scatter", combine_gather, "wrong permutation"),
+        ("left in sorted order / lost dropped tokens", combine_keep_sorted, "still in sorted order"),
+    ],
+    "6.3": [
+        ("starts at 1", slots_from_one, "off by one"),
+        ("counts every earlier token", slots_all_tokens, "all earlier tokens"),
+        ("expert totals", slots_total, "total number of tokens"),
+        ("float positions", slots_float, "integer tensor"),
+    ],
+})

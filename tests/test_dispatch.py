@@ -200,3 +200,24 @@ def test_dispatch_runs_any_expert_bank_through_the_reference():
             return experts.expert_output(e, t) * 2
 
     torch.testing.assert_close(dispatch(x, Bank(), expert_index, gates), 2 * dispatch(x, experts, expert_index, gates))
+
+
+def test_sort_by_expert_is_stable_and_counts_idle_experts():
+    order, counts = __import__("moe_course.dispatch", fromlist=["x"]).sort_by_expert(torch.tensor([2, 0, 2, 1, 0]), 4)
+    assert order.tolist() == [1, 4, 3, 0, 2] and counts.tolist() == [2, 1, 2, 0]
+
+
+def test_combine_rows_sums_top2_and_leaves_dropped_tokens_at_zero():
+    from moe_course.dispatch import combine_rows
+
+    y_sorted = torch.tensor([[1.0], [2.0], [4.0]])
+    out = combine_rows(y_sorted, torch.tensor([2, 0, 2]), torch.tensor([0.5, 1.0, 0.25]), num_tokens=4)
+    assert out.squeeze(1).tolist() == [2.0, 0.0, 1.5, 0.0]
+
+
+def test_slot_positions_count_earlier_tokens_of_the_same_expert():
+    from moe_course.dispatch import slot_positions
+
+    assert slot_positions(torch.tensor([1, 0, 1, 1, 0, 2]), 3).tolist() == [0, 0, 1, 2, 1, 0]
+    keep = capacity_mask(torch.tensor([[1], [0], [1], [1], [0], [2]]), 3, capacity=2).keep.squeeze(1)
+    assert torch.equal(keep, slot_positions(torch.tensor([1, 0, 1, 1, 0, 2]), 3) < 2)

@@ -1,0 +1,258 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 06 · Running the clinic efficiently: fast dispatch
+#
+# A top-1 MoE layer does exactly as much arithmetic per token as **one** dense
+# feed-forward block of an expert's width: each patient sees one doctor. So in principle
+# it can run as fast as that dense block. Everything it costs beyond that is
+# **dispatch overhead**: the GP's paperwork of sending patients to doctors and the answers
+# back. This lesson is about keeping the paperwork cheap.
+#
+# **In this lesson you will**
+#
+# - see four ways to move tokens to their experts and back, each with a picture of where
+#   the tokens go;
+# - check that all four give the same outputs and gradients;
+# - benchmark them against a dense FFN of the same active width, as ratios measured side
+#   by side in one run;
+# - measure why the one-hot formulation is a poor fit for a CPU: its memory grows with
+#   E × C.
+
+# %%
+import pandas as pd
+import torch
+
+from moe_course import get_device, seed_everything
+from moe_course.plots import use_course_style
+
+# ---- the one knob of this lesson -------------------------------------------
+# 1 benchmarks small layers in well under a minute. 4 uses the standard sizes of
+# `python -m moe_course.bench` (takes several minutes): the gaps between the
+# implementations widen as the layers grow.
+SCALE = 1
+# -----------------------------------------------------------------------------
+
+device = get_device()
+seed_everything(0)
+use_course_style()
+
+# %% [markdown]
+# ## Where the tokens go
+#
+# Eight patients, three doctors, each patient already assigned by the GP. Four ways to
+# organise the visits:
+#
+# 1. **Masks in a loop.** Each doctor walks through the whole waiting room asking "are you
+#    mine?" (a boolean mask), sees those patients, and writes the answers back. Easy to
+#    write; the loop and the masks cost extra for every doctor.
+# 2. **One-hot dispatch and combine** (GShard). A giant seating chart with a seat for every
+#    patient at every doctor's every chair: an (N, E, C) tensor that is almost all zeros.
+#    Two einsums move patients in and answers out. Elegant on TPUs; on a CPU the chart
+#    itself is the cost.
+# 3. **A padded buffer.** Every doctor gets the same number of chairs C (the busiest
+#    doctor's queue); the rest stay empty but are still "examined" by a batched matmul.
+# 4. **Sort by doctor.** Patients line up by doctor, so each doctor's patients form one
+#    contiguous block; one grouped matrix multiplication serves all blocks at once, then
+#    the answers are put back in the original order.
+
+# %%
+from moe_course.plots import dispatch_picture
+
+example = torch.tensor([2, 0, 1, 2, 2, 0, 1, 2])  # the expert of tokens t0 … t7
+dispatch_picture(example, num_experts=3);
+
+# %% [markdown]
+# Read the picture left to right. Sorting (2) keeps every token exactly once. The padded
+# buffer (3) wastes the hatched slots, because the busiest expert sets C for everyone. The
+# one-hot tensor (4) has N × E × C entries for N tokens: here 8 × 12, almost all zeros.
+#
+# The sort-based path is made of three small steps, the ones you write in the exercises:
+# `sort_by_expert` (the order and the block sizes), the grouped matmuls, and
+# `combine_rows` (answers back to their tokens, weighted by the gate).
+
+# %%
+from moe_course import dispatch as D
+from moe_course.show import show_source
+
+show_source(D.grouped_mm)
+
+# %% [markdown]
+# For comparison, the common loop-over-experts style:
+
+# %%
+show_source(D.masks_loop)
+
+# %% [markdown]
+# ## Same answers, every way
+#
+# All implementations must compute the same function, including its gradients: for the
+# input, for the router (through the gates) and for every expert weight. Here they are on
+# a top-2 routing with a capacity limit, so some assignments are dropped.
+
+# %%
+from moe_course.experts import Experts
+from moe_course.routing import capacity_mask, top_k_routing
+
+torch.manual_seed(0)
+experts = Experts(num_experts=4, d_model=16, d_ff=32)
+x = torch.randn(40, 16)
+routing = top_k_routing(torch.randn(40, 4), k=2)
+keep = capacity_mask(routing.expert_index, 4, capacity=12).keep  # (N, K)
+print(f"assignments dropped for lack of capacity: {int((~keep).sum())} of {keep.numel()}")
+
+
+def outputs_and_grads(method):
+    xs = x.clone().requires_grad_()
+    gates = routing.gates.clone().requires_grad_()
+    experts.zero_grad(set_to_none=True)
+    y = D.METHODS[method](xs, experts, routing.expert_index, gates, keep)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    return [y.detach(), xs.grad, gates.grad, experts.w_in.grad, experts.w_out.grad]
+
+
+reference = outputs_and_grads("masks_loop")
+rows = []
+for method in D.METHODS:
+    got = outputs_and_grads(method)
+    diff = max((a - b).abs().max().item() for a, b in zip(got, reference))
+    rows.append({"implementation": method, "largest difference to masks_loop (y and all gradients)": diff})
+pd.DataFrame(rows)
+
+# %% [markdown]
+# Differences at the level of float32 rounding (about 1e-7): the same function. The
+# package's tests check this for top-1 and top-2, with and without capacity, with an idle
+# expert and with every token on one expert.
+#
+# ## The race
+#
+# Now time them. The benchmark runs a dense `FeedForward` of the same active width (top-1:
+# one expert's width) and a full `MoELayer` (router, routing and balance losses included)
+# with each dispatch implementation, plus Hugging Face's Switch layer as an outside peer.
+# Runs are interleaved, after a warm-up, and we keep medians: a noisy machine slows
+# everyone alike, so the **ratios** are what to read.
+
+# %%
+from moe_course.bench import STANDARD, BenchConfig, format_table, run_benchmark
+
+configs = [BenchConfig(2048, 128, 512, 8), BenchConfig(2048, 64, 256, 32)] if SCALE == 1 else list(STANDARD)
+results = run_benchmark(configs, repeats=3 * SCALE, warmup=1, memory=False, log=None)
+print(format_table(results))
+
+# %%
+import matplotlib.pyplot as plt
+import seaborn as sns
+
+timed = results[results["mode"] == "forward+backward"]
+ax = plt.figure(figsize=(9, 4)).gca()
+sns.barplot(timed, y="implementation", x="ratio_to_dense", hue="config", ax=ax)
+ax.axvline(1.0, color="black", lw=1, ls="--")
+ax.set_xscale("log")
+ax.set(title="Forward + backward time, relative to a dense FFN of the same active width",
+       xlabel="time ÷ dense time, log scale (1.0 = the physical limit; lower is better)", ylabel="")
+ax.legend(title=None, fontsize=8);
+
+# %%
+fastest = timed[timed["implementation"] != "dense"].sort_values("ratio_to_dense").groupby("config").head(1)
+for _, row in fastest.iterrows():
+    print(f"{row['config']}: fastest is {row['implementation']} at {row['ratio_to_dense']:.2f}× the dense layer")
+print(f"MoELayer's default dispatch: {D.DEFAULT_METHOD}")
+
+# %% [markdown]
+# What to look for in your numbers: the sort-based paths stay close to the dense line; the
+# masks loop pays a little for every expert, so it falls behind as E grows; the one-hot
+# einsum is far behind and gets worse with more tokens, because its seating chart grows
+# with N × E × C. (Your exact ratios depend on your CPU; run
+# `python -m moe_course.bench` for the standard sizes.)
+#
+# ## Why the one-hot chart is expensive: memory
+#
+# `moe_course.memory.peak_bytes` records every tensor a piece of code creates and reports
+# the most that were alive at once. We run the forward and backward pass of one layer's
+# dispatch, one-hot versus sorted, first with more experts at a fixed number of slots C,
+# then with more slots at a fixed number of experts.
+
+# %%
+from moe_course.memory import peak_bytes
+from moe_course.routing import switch_routing
+
+
+def dispatch_memory(method, num_experts, capacity, n=1024, d=32, f=64):
+    torch.manual_seed(0)
+    bank = Experts(num_experts, d, f)
+    tokens = torch.randn(n, d, requires_grad=True)
+    route = switch_routing(torch.randn(n, num_experts))
+    keep = capacity_mask(route.expert_index, num_experts, capacity).keep
+
+    def run():
+        if method == "onehot_einsum":
+            y = D.onehot_einsum(tokens, bank, route.expert_index, route.gates, keep, capacity=capacity)
+        else:
+            y = D.METHODS[method](tokens, bank, route.expert_index, route.gates, keep)
+        y.sum().backward()
+
+    return peak_bytes(run) / 2**20
+
+
+rows = []
+for e in (2, 4, 8, 16, 32):
+    for method in ("onehot_einsum", "grouped_mm"):
+        rows.append({"sweep": "more experts (C = 64)", "x": e, "method": method, "MiB": dispatch_memory(method, e, 64)})
+for c in (16, 32, 64, 128, 256):
+    for method in ("onehot_einsum", "grouped_mm"):
+        rows.append({"sweep": "more slots (E = 8)", "x": c, "method": method, "MiB": dispatch_memory(method, 8, c)})
+memory = pd.DataFrame(rows)
+
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+for ax, (sweep, part) in zip(axes, memory.groupby("sweep", sort=False)):
+    sns.lineplot(part, x="x", y="MiB", hue="method", marker="o", ax=ax)
+    ax.set(title=sweep, xlabel="experts E" if "experts" in sweep else "capacity C (slots per expert)",
+           ylabel="peak extra memory, fwd + bwd (MiB)", xscale="log")
+    ax.set_xticks(sorted(part["x"].unique()), labels=[str(v) for v in sorted(part["x"].unique())])
+    ax.minorticks_off()
+    ax.legend(title=None)
+fig.suptitle("1024 tokens: the one-hot tensors grow with E × C; sorted dispatch barely grows", fontweight="bold")
+fig.tight_layout()
+
+# %%
+memory.pivot_table(index=["sweep", "x"], columns="method", values="MiB", sort=False).round(2)
+
+# %% [markdown]
+# The one-hot line climbs with both E and C, because its dispatch and combine tensors are
+# N × E × C. The sorted path holds each token once (plus its hidden activations) whatever C
+# is; it grows with E only through the experts' own weight gradients. On accelerators built for dense einsums this trade can still pay; on a CPU,
+# and at scale everywhere, sorting wins, which is why dropless MoE libraries such as
+# MegaBlocks sort tokens and use grouped (block-sparse) matrix multiplication.
+#
+# ## Recap
+#
+# - A top-1 MoE layer does the arithmetic of one dense FFN; everything else is dispatch
+#   overhead, and the implementation decides how much.
+# - Sorting tokens by expert and running grouped matmuls keeps the layer close to the
+#   dense speed; a loop with masks pays per expert; one-hot dispatch pays N × E × C in
+#   memory and time.
+# - All of them compute the same function, gradients included; `MoELayer` uses the
+#   fastest by default.
+#
+# **Next:** lesson 07 adds the other half of a transformer block, attention, and trains a
+# small GPT; lesson 08 swaps its feed-forward blocks for Switch layers.
+#
+# **Exercises:** `exercises/06_fast_dispatch.ipynb`: sort tokens by expert, combine the
+# answers back, and find each token's slot in its expert's queue.
+#
+# **Read more:** Lepikhin et al. 2020, *GShard*, arXiv:2006.16668 (the one-hot
+# formulation); Gale et al. 2022, *MegaBlocks: Efficient Sparse Training with
+# Mixture-of-Experts*, arXiv:2211.15841 (dropless MoE with block-sparse kernels); Fedus,
+# Zoph and Shazeer 2021, *Switch Transformers*, arXiv:2101.03961.
