@@ -58,7 +58,8 @@ def grouped_bars(
         ax.bar_label(container, labels=[fmt.format(v) if np.isfinite(v) else "–" for v in container.datavalues], fontsize=8, padding=2)
     if chance is not None:
         ax.axhline(chance, ls="--", color="gray", lw=1)
-        ax.annotate("chance", (ax.get_xlim()[0], chance), xytext=(3, 3), textcoords="offset points", ha="left", color="gray", fontsize=8)
+        ax.annotate("chance", (1.0, chance), xycoords=("axes fraction", "data"), xytext=(3, 0), textcoords="offset points",
+                    ha="left", va="center", color="gray", fontsize=8)  # just outside the axes: never behind a bar
     ax.set(title=title, ylabel=ylabel, xlabel=xlabel)
     # below the axes, so it never hides a bar
     ax.legend(title=None, loc="upper center", bbox_to_anchor=(0.5, -0.14 if not xlabel else -0.22), ncol=min(3, len(values)), frameon=False)
