@@ -511,3 +511,334 @@ MUTANTS.update({
         ("float positions", slots_float, "integer tensor"),
     ],
 })
+
+
+# == lessons 04-05 ==================================================================
+
+
+# -- 4.1 top_k_routing -----------------------------------------------------------
+def topk_no_renormalisation(router_logits, k):
+    probs = torch.softmax(router_logits, dim=-1)
+    gates, expert_index = torch.topk(probs, k, dim=-1)
+    return expert_index, gates
+
+
+def topk_softmax_over_tokens(router_logits, k):
+    probs = torch.softmax(router_logits, dim=0)
+    top, expert_index = torch.topk(probs, k, dim=-1)
+    return expert_index, top / top.sum(-1, keepdim=True)
+
+
+def topk_renormalised_logits(router_logits, k):
+    top, expert_index = torch.topk(router_logits, k, dim=-1)
+    return expert_index, top / top.sum(-1, keepdim=True)
+
+
+def topk_smallest(router_logits, k):
+    probs = torch.softmax(router_logits, dim=-1)
+    top, expert_index = torch.topk(probs, k, dim=-1, largest=False)
+    return expert_index, top / top.sum(-1, keepdim=True)
+
+
+def topk_swapped(router_logits, k):
+    probs = torch.softmax(router_logits, dim=-1)
+    top, expert_index = torch.topk(probs, k, dim=-1)
+    return top / top.sum(-1, keepdim=True), expert_index
+
+
+def topk_over_tokens(router_logits, k):
+    probs = torch.softmax(router_logits, dim=-1)
+    top, expert_index = torch.topk(probs, k, dim=0)
+    return expert_index, top / top.sum(0, keepdim=True)
+
+
+# -- 4.2 noisy_top_k -------------------------------------------------------------
+def _keep_top_k_softmax(h, k):
+    top, expert_index = torch.topk(h, k, dim=-1)
+    return expert_index, torch.softmax(top, dim=-1)
+
+
+def noisy_unscaled(clean_logits, noise_logits, noise, k):
+    return _keep_top_k_softmax(clean_logits + noise, k)
+
+
+def noisy_no_softplus(clean_logits, noise_logits, noise, k):
+    return _keep_top_k_softmax(clean_logits + noise * noise_logits, k)
+
+
+def noisy_choice_on_clean(clean_logits, noise_logits, noise, k):
+    h = clean_logits + noise * F.softplus(noise_logits)
+    _, expert_index = torch.topk(clean_logits, k, dim=-1)
+    return expert_index, torch.softmax(h.gather(-1, expert_index), dim=-1)
+
+
+def noisy_softmax_over_all(clean_logits, noise_logits, noise, k):
+    h = clean_logits + noise * F.softplus(noise_logits)
+    gates, expert_index = torch.topk(torch.softmax(h, dim=-1), k, dim=-1)
+    return expert_index, gates
+
+
+def noisy_gates_from_clean(clean_logits, noise_logits, noise, k):
+    h = clean_logits + noise * F.softplus(noise_logits)
+    _, expert_index = torch.topk(h, k, dim=-1)
+    return expert_index, torch.softmax(clean_logits.gather(-1, expert_index), dim=-1)
+
+
+# -- 4.3 switch_layer --------------------------------------------------------------
+def switch_no_gate(x, w_router, experts):
+    index = torch.softmax(x @ w_router, dim=-1).argmax(dim=-1)
+    y = torch.zeros_like(x)
+    for e, expert in enumerate(experts):
+        mask = index == e
+        y[mask] = expert(x[mask])
+    return y
+
+
+def switch_renormalised_gate(x, w_router, experts):
+    probs = torch.softmax(x @ w_router, dim=-1)
+    top, index = torch.topk(probs, 1, dim=-1)
+    gate = (top / top.sum(-1, keepdim=True))[:, 0]  # top-1 renormalised: always 1.0
+    y = torch.zeros_like(x)
+    for e, expert in enumerate(experts):
+        mask = index[:, 0] == e
+        y[mask] = gate[mask, None] * expert(x[mask])
+    return y
+
+
+def switch_logit_gate(x, w_router, experts):
+    logits = x @ w_router
+    gate, index = logits.max(dim=-1)
+    y = torch.zeros_like(x)
+    for e, expert in enumerate(experts):
+        mask = index == e
+        y[mask] = gate[mask, None] * expert(x[mask])
+    return y
+
+
+def switch_softmax_over_tokens(x, w_router, experts):
+    probs = torch.softmax(x @ w_router, dim=0)
+    gate, index = probs.max(dim=-1)
+    y = torch.zeros_like(x)
+    for e, expert in enumerate(experts):
+        mask = index == e
+        y[mask] = gate[mask, None] * expert(x[mask])
+    return y
+
+
+def switch_dense(x, w_router, experts):
+    probs = torch.softmax(x @ w_router, dim=-1)
+    return sum(probs[:, e, None] * expert(x) for e, expert in enumerate(experts))
+
+
+def switch_every_expert_then_pick(x, w_router, experts):
+    probs = torch.softmax(x @ w_router, dim=-1)
+    gate, index = probs.max(dim=-1)
+    outs = torch.stack([expert(x) for expert in experts], dim=1)  # (N, E, D): every expert on every token
+    return gate[:, None] * outs[torch.arange(len(x)), index]
+
+
+def switch_detached_gate(x, w_router, experts):
+    probs = torch.softmax(x @ w_router, dim=-1).detach()
+    gate, index = probs.max(dim=-1)
+    y = torch.zeros_like(x)
+    for e, expert in enumerate(experts):
+        mask = index == e
+        y[mask] = gate[mask, None] * expert(x[mask])
+    return y
+
+
+# -- 5.1 load_balancing_loss ---------------------------------------------------------
+def lb_f_from_probs(router_probs, expert_index):
+    num_experts = router_probs.shape[1]
+    p = router_probs.mean(dim=0)
+    return num_experts * torch.sum(p * p)
+
+
+def lb_no_factor_e(router_probs, expert_index):
+    num_tokens, num_experts = router_probs.shape
+    f = torch.bincount(expert_index, minlength=num_experts).float() / num_tokens
+    return torch.sum(f * router_probs.mean(dim=0))
+
+
+def lb_counts_not_fractions(router_probs, expert_index):
+    num_experts = router_probs.shape[1]
+    counts = torch.bincount(expert_index, minlength=num_experts).float()
+    return num_experts * torch.sum(counts * router_probs.mean(dim=0))
+
+
+def lb_no_minlength(router_probs, expert_index):
+    num_tokens, num_experts = router_probs.shape
+    f = torch.bincount(expert_index).float() / num_tokens
+    return num_experts * torch.sum(f * router_probs.mean(dim=0))
+
+
+def lb_item(router_probs, expert_index):
+    num_tokens, num_experts = router_probs.shape
+    f = torch.bincount(expert_index, minlength=num_experts).float() / num_tokens
+    return torch.tensor(num_experts * torch.sum(f * router_probs.mean(dim=0)).item())
+
+
+def lb_sum_of_probs(router_probs, expert_index):
+    num_tokens, num_experts = router_probs.shape
+    f = torch.bincount(expert_index, minlength=num_experts).float() / num_tokens
+    return num_experts * torch.sum(f * router_probs.sum(dim=0))
+
+
+def lb_both_from_counts(router_probs, expert_index):
+    num_tokens, num_experts = router_probs.shape
+    f = torch.bincount(expert_index, minlength=num_experts).float() / num_tokens
+    return num_experts * torch.sum(f * f) + 0 * router_probs.sum()
+
+
+# -- 5.2 router_z_loss -----------------------------------------------------------------
+def z_on_probabilities(router_logits):
+    return (torch.logsumexp(torch.softmax(router_logits, dim=-1), dim=-1) ** 2).mean()
+
+
+def z_not_squared(router_logits):
+    return torch.logsumexp(router_logits, dim=-1).mean()
+
+
+def z_sum_over_tokens(router_logits):
+    return (torch.logsumexp(router_logits, dim=-1) ** 2).sum()
+
+
+def z_over_tokens(router_logits):
+    return (torch.logsumexp(router_logits, dim=0) ** 2).mean()
+
+
+def z_naive(router_logits):
+    return (torch.log(torch.exp(router_logits).sum(dim=-1)) ** 2).mean()
+
+
+def z_squared_logits(router_logits):
+    return (router_logits**2).mean()
+
+
+# -- 5.3 capacity_keep -----------------------------------------------------------------
+def keep_last_tokens(expert_index, num_experts, capacity):
+    keep = torch.zeros(len(expert_index), dtype=torch.bool)
+    for e in range(num_experts):
+        rows = (expert_index == e).nonzero(as_tuple=True)[0]
+        keep[rows[len(rows) - capacity:] if len(rows) > capacity else rows] = True
+    return keep
+
+
+def keep_off_by_one(expert_index, num_experts, capacity):
+    keep = torch.zeros(len(expert_index), dtype=torch.bool)
+    for e in range(num_experts):
+        rows = (expert_index == e).nonzero(as_tuple=True)[0]
+        keep[rows[: capacity + 1]] = True
+    return keep
+
+
+def keep_global_capacity(expert_index, num_experts, capacity):
+    return torch.arange(len(expert_index)) < capacity
+
+
+def keep_everything(expert_index, num_experts, capacity):
+    return torch.ones(len(expert_index), dtype=torch.bool)
+
+
+def keep_inverted(expert_index, num_experts, capacity):
+    dropped = torch.zeros(len(expert_index), dtype=torch.bool)
+    for e in range(num_experts):
+        rows = (expert_index == e).nonzero(as_tuple=True)[0]
+        dropped[rows[capacity:]] = True
+    return dropped  # True where dropped: the mask the exercise asks for, upside down
+
+
+def keep_cumsum_from_one(expert_index, num_experts, capacity):
+    one_hot = F.one_hot(expert_index, num_experts)
+    position = torch.cumsum(one_hot, dim=0).gather(1, expert_index[:, None])[:, 0]  # 1-based
+    return position < capacity
+
+
+# -- 5.4 expert_choice -------------------------------------------------------------------
+def choice_softmax_over_tokens(router_logits, capacity):
+    scores = torch.softmax(router_logits, dim=0)
+    gates, token_index = torch.topk(scores.T, capacity, dim=-1)
+    return token_index, gates
+
+
+def choice_raw_logits(router_logits, capacity):
+    gates, token_index = torch.topk(router_logits.T, capacity, dim=-1)
+    return token_index, gates
+
+
+def choice_lowest(router_logits, capacity):
+    scores = torch.softmax(router_logits, dim=-1)
+    gates, token_index = torch.topk(scores.T, capacity, dim=-1, largest=False)
+    return token_index, gates
+
+
+def choice_transposed(router_logits, capacity):
+    scores = torch.softmax(router_logits, dim=-1)
+    gates, token_index = torch.topk(scores, capacity, dim=0)  # (C, E)
+    return token_index, gates
+
+
+def choice_ranked_by_logits(router_logits, capacity):
+    scores = torch.softmax(router_logits, dim=-1)
+    token_index = torch.topk(router_logits.T, capacity, dim=-1).indices
+    return token_index, scores.T.gather(-1, token_index)
+
+
+MUTANTS.update({
+    "4.1": [
+        ("no renormalisation after top-k", topk_no_renormalisation, "renormalise"),
+        ("softmax over tokens instead of experts", topk_softmax_over_tokens, "over the tokens (dim 0)"),
+        ("renormalised raw logits", topk_renormalised_logits, "renormalised the raw logits"),
+        ("the k least likely experts", topk_smallest, "least"),
+        ("results swapped", topk_swapped, "swapped"),
+        ("top-k over the tokens", topk_over_tokens, "over the tokens"),
+    ],
+    "4.2": [
+        ("noise not scaled", noisy_unscaled, "not scaled"),
+        ("scale without softplus", noisy_no_softplus, "softplus"),
+        ("choice on the clean logits", noisy_choice_on_clean, "picked on the clean logits"),
+        ("softmax over all experts (no KeepTopK)", noisy_softmax_over_all, "KeepTopK"),
+        ("gates from the clean logits", noisy_gates_from_clean, "gates come from the clean logits"),
+    ],
+    "4.3": [
+        ("no gate", switch_no_gate, "router gets no gradient"),
+        ("top-1 gate renormalised to 1", switch_renormalised_gate, "renormalised to 1.0"),
+        ("gate is the raw logit", switch_logit_gate, "raw router logit"),
+        ("softmax over tokens", switch_softmax_over_tokens, "over the tokens (dim 0)"),
+        ("dense mixture", switch_dense, "dense mixture"),
+        ("every expert on every token, then pick", switch_every_expert_then_pick, "E times the cost"),
+        ("detached gate", switch_detached_gate, "no gradient"),
+    ],
+    "5.1": [
+        ("f from probabilities instead of counts", lb_f_from_probs, "f is computed from the probabilities"),
+        ("no factor E", lb_no_factor_e, "factor E is missing"),
+        ("counts, not fractions", lb_counts_not_fractions, "N times too large"),
+        ("bincount without minlength", lb_no_minlength, "minlength"),
+        ("loss through .item()", lb_item, "no gradient"),
+        ("P summed, not averaged", lb_sum_of_probs, "N times too large"),
+        ("P from the counts as well", lb_both_from_counts, "both factors are computed from the counts"),
+    ],
+    "5.2": [
+        ("z-loss on probabilities instead of logits", z_on_probabilities, "on the probabilities"),
+        ("not squared", z_not_squared, "square is missing"),
+        ("sum over tokens", z_sum_over_tokens, "not the sum"),
+        ("logsumexp over tokens", z_over_tokens, "over the tokens (dim 0)"),
+        ("naive log-sum-exp overflows", z_naive, "overflows"),
+        ("mean squared logit", z_squared_logits, "mean squared logit"),
+    ],
+    "5.3": [
+        ("the wrong tokens dropped (keeps the last)", keep_last_tokens, "dropped the wrong tokens"),
+        ("off by one", keep_off_by_one, "C + 1"),
+        ("capacity for the whole batch", keep_global_capacity, "per expert"),
+        ("no dropping", keep_everything, "nothing is dropped"),
+        ("mask inverted", keep_inverted, "other way round"),
+        ("1-based positions", keep_cumsum_from_one, "C - 1"),
+    ],
+    "5.4": [
+        ("softmax over tokens", choice_softmax_over_tokens, "over the tokens (dim 0)"),
+        ("raw logits", choice_raw_logits, "raw logits"),
+        ("lowest scores", choice_lowest, "lowest"),
+        ("transposed", choice_transposed, "transposed"),
+        ("ranked by the logits", choice_ranked_by_logits, "picked each expert's tokens by their raw logits"),
+    ],
+})
