@@ -374,14 +374,16 @@ def grouped_mm(x, experts: Experts, expert_index, gates, keep=None) -> torch.Ten
     token, expert, gate = _kept_assignments(expert_index, gates, keep)  # (M,) each
     if token.numel() == 0:
         return torch.zeros_like(x)
-    offs = torch.cumsum(torch.bincount(expert, minlength=experts.num_experts), 0).to(torch.int32)  # (E,) row ends
+    counts = torch.bincount(expert, minlength=experts.num_experts)  # (E,)
+    offs = torch.cumsum(counts, 0).to(torch.int32)  # (E,) row ends
+    rows = token.numel()
     h = F.grouped_mm(x[token], experts.w_in, offs=offs)  # (M, F)
-    if experts.b_in is not None:
-        h = h + experts.b_in[expert]
+    if experts.b_in is not None:  # rows are sorted by expert: repeat each bias over its block
+        h = h + experts.b_in.repeat_interleave(counts, dim=0, output_size=rows)
     h = _ContiguousGrad.apply(_act(experts)(h))
     out = F.grouped_mm(h, experts.w_out, offs=offs)  # (M, D)
     if experts.b_out is not None:
-        out = out + experts.b_out[expert]
+        out = out + experts.b_out.repeat_interleave(counts, dim=0, output_size=rows)
     return _combine(x, token, _ContiguousGrad.apply(out), gate)
 
 
