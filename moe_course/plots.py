@@ -257,3 +257,134 @@ def dispatch_picture(expert_index: torch.Tensor, num_experts: int) -> plt.Figure
     axes[3].tick_params(axis="x", labelsize=7, rotation=90)
     fig.tight_layout()
     return fig
+
+
+# == lessons 04-05: the GP and its waiting rooms ===================================
+def accuracy_vs_flops(
+    table: pd.DataFrame,
+    *,
+    title: str,
+    ax: plt.Axes | None = None,
+    reference: str | None = None,
+    chance: float | None = None,
+) -> plt.Axes:
+    """Held-out accuracy against FLOPs per patient, one marker per approach, a bar over its seeds.
+
+    table: one row per (approach, seed) with columns ``approach``, ``FLOPs per
+    patient``, ``held-out accuracy`` and ``parameters`` (e.g.
+    ``moe_course.approaches.FourApproaches.table``). The marker sits at the mean
+    over seeds; the vertical bar spans the worst to the best seed.
+    ``reference``: an approach drawn as a hollow marker (e.g. the oracle).
+    """
+    for column in ("approach", "FLOPs per patient", "held-out accuracy", "parameters"):
+        if column not in table:
+            raise ValueError(f"accuracy_vs_flops needs a column {column!r}; got {list(table.columns)}")
+    ax = ax or plt.figure(figsize=(8, 4.6)).gca()
+    grouped = table.groupby("approach", sort=False)
+    colours = sns.color_palette("colorblind", len(grouped))
+    markers = "osD^vP*X"
+    for i, (name, rows) in enumerate(grouped):
+        x = float(rows["FLOPs per patient"].mean())
+        acc = rows["held-out accuracy"].to_numpy(float)
+        mean, low, high = acc.mean(), acc.min(), acc.max()
+        hollow = name == reference
+        ax.errorbar([x], [mean], yerr=[[mean - low], [high - mean]], fmt=markers[i % len(markers)], ms=9, capsize=4,
+                    color=colours[i], mfc="white" if hollow else colours[i], mew=2,
+                    label=f"{name}: {int(rows['parameters'].iloc[0]):,} parameters")
+    if chance is not None:
+        ax.axhline(chance, ls="--", color="gray", lw=1)
+        ax.annotate("chance", (ax.get_xlim()[1], chance), xytext=(-4, 3), textcoords="offset points", ha="right", color="gray", fontsize=8)
+    ax.set_xscale("log")
+    ax.set(title=title, xlabel="FLOPs per patient (matmuls, counted by PyTorch; log scale)", ylabel="held-out accuracy")
+    ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False, fontsize=9)
+    return ax
+
+
+def load_snapshots(
+    shares: Mapping[str, Sequence[torch.Tensor]],
+    steps: Sequence[int],
+    picks: Sequence[int],
+    *,
+    title: str,
+) -> plt.Figure:
+    """Per-expert load bars over training: one row of panels per run, one panel per picked snapshot.
+
+    shares: run name → a list of (E,) load vectors (e.g. ``LoadTracker.shares``),
+    recorded at ``steps``; ``picks`` are indices into those lists. A dashed
+    line marks the fair share 1/E.
+    """
+    runs = list(shares)
+    if not runs or not picks:
+        raise ValueError("load_snapshots needs at least one run and one snapshot")
+    fig, axes = plt.subplots(len(runs), len(picks), figsize=(3.1 * len(picks), 2.5 * len(runs)), sharey=True, squeeze=False)
+    top = max(float(torch.stack(list(shares[r])).max()) for r in runs)
+    colour = sns.color_palette("colorblind", 1)[0]
+    for row, run in enumerate(runs):
+        for col, i in enumerate(picks):
+            ax = axes[row, col]
+            s = _numpy(shares[run][i])
+            ax.bar(range(len(s)), s, color=colour)
+            ax.axhline(1 / len(s), ls="--", color="gray", lw=1)
+            ax.set(ylim=(0, min(1.0, top * 1.12)), xticks=range(len(s)))
+            ax.tick_params(axis="x", labelsize=8)
+            ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
+            if row == 0:
+                ax.set_title(f"after {steps[i]} steps", fontsize=10)
+            if row == len(runs) - 1:
+                ax.set_xlabel("expert")
+            if col == 0:
+                ax.set_ylabel(f"{run}\nshare of patients", fontsize=9)
+    fig.suptitle(title + "  (dashed: the fair share 1/E)", fontweight="bold")
+    fig.tight_layout()
+    return fig
+
+
+def clinic_day_picture(day, specialties: Sequence[str], *, axes: Sequence[plt.Axes] | None = None) -> plt.Figure:
+    """Left: who saw whom (patients in arrival order × experts, the gate; × marks a patient turned away).
+    Right: each expert's waiting room, patients seen and turned away, with the capacity C.
+
+    day: a ``moe_course.playground.ClinicDay``.
+    """
+    e = day.num_experts
+    n = len(day.specialty)
+    if axes is None:
+        fig, axes = plt.subplots(1, 2, figsize=(13, 3.9), gridspec_kw={"width_ratios": [2.6, 1]})
+    ax_map, ax_load = axes
+    fig = ax_map.figure
+    grid = np.full((e, n), np.nan)
+    for j in range(day.expert_index.shape[1]):
+        for t in range(n):
+            if day.keep[t, j]:
+                grid[int(day.expert_index[t, j]), t] = float(day.gates[t, j])
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#f2f2f2")
+    image = ax_map.imshow(grid, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest", extent=(-0.5, n - 0.5, e - 0.5, -0.5))
+    for t, j in (~day.keep).nonzero().tolist():
+        ax_map.plot(t, int(day.expert_index[t, j]), marker="x", color="black", ms=7, mew=2)
+    palette = sns.color_palette("colorblind", len(specialties))
+    for t in range(n):  # a strip of specialty colours above the map
+        ax_map.add_patch(plt.Rectangle((t - 0.5, -1.3), 1, 0.6, color=palette[int(day.specialty[t])], clip_on=False))
+    ax_map.set_ylim(e - 0.5, -1.4)
+    ax_map.set_yticks(range(e), [f"expert {i}" for i in range(e)], fontsize=8)
+    ax_map.set(xlabel="patient, in order of arrival", title="Who saw whom: the gate of every visit (× = turned away: room full)")
+    ax_map.grid(False)
+    cbar = fig.colorbar(image, ax=ax_map, pad=0.01)
+    cbar.set_label("gate")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=palette[s]) for s in range(len(specialties))]
+    ax_map.legend(handles, list(specialties), title="specialty (top strip)", loc="upper center", bbox_to_anchor=(0.5, -0.2),
+                  ncol=len(specialties), frameon=False, fontsize=8, title_fontsize=8)
+    colours = sns.color_palette("colorblind", 4)
+    seen = day.seen.numpy()
+    turned_away = (day.assigned - day.seen).numpy()
+    ax_load.bar(range(e), seen, color=colours[0], label="seen")
+    ax_load.bar(range(e), turned_away, bottom=seen, color="#b0b0b0", hatch="xx", edgecolor="black", lw=0.5, label="turned away")
+    if day.capacity is not None:
+        ax_load.axhline(day.capacity, color="black", ls="--", lw=1.2, label=f"capacity C = {day.capacity}")
+    ax_load.set(xlabel="expert", ylabel="patients in this batch", title="Each waiting room", xticks=range(e))
+    ax_load.yaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax_load.set_ylim(0, 1.35 * max(int(day.assigned.max()), day.capacity or 0, 1))
+    ax_load.legend(fontsize=8, loc="upper right")
+    return fig
+
+
+__all__ += ["accuracy_vs_flops", "load_snapshots", "clinic_day_picture"]

@@ -185,3 +185,59 @@ def mixture_playground(model, patients, specialties, *, max_patients: int = 512)
         control.observe(update, names="value")
     update()
     return W.VBox([mode, W.HBox([patient, chosen]), summary, chart])
+
+
+# == lesson 05: the waiting-room playground ========================================
+def waiting_room_playground(clinic, *, steps: int = 200, batch_size: int = 64, seed: int = 0) -> W.Widget:
+    """Sliders for the number of experts E, k, the capacity factor, router noise and the balance-loss weight α.
+
+    Changing E, k or α trains a small ClinicMoE on ``clinic`` (about a second;
+    each trained model is kept, so going back is instant). Changing the
+    capacity factor or the noise re-routes the held-out patients with the
+    trained router (``moe_course.playground.clinic_day``). Shows who saw whom,
+    every waiting room's load against its capacity, who was turned away, and
+    the held-out accuracy under the same settings.
+    """
+    from .playground import clinic_day, train_clinic_moe
+    from .plots import clinic_day_picture
+
+    style = {"description_width": "initial"}
+    experts = W.IntSlider(value=8, min=2, max=16, description="experts E", continuous_update=False, style=style)
+    top_k = W.IntSlider(value=1, min=1, max=4, description="doctors per patient k", continuous_update=False, style=style)
+    capacity = W.FloatSlider(value=1.0, min=0.25, max=3.0, step=0.25, description="capacity factor", continuous_update=False,
+                             readout_format=".2f", style=style)
+    noise = W.FloatSlider(value=0.0, min=0.0, max=3.0, step=0.25, description="router noise σ", continuous_update=False,
+                          readout_format=".2f", style=style)
+    balance = W.SelectionSlider(options=[0.0, 0.001, 0.01, 0.1, 1.0], value=0.01, description="balance-loss weight α",
+                                continuous_update=False, style=style)
+    summary = W.HTML()
+    chart = W.Image(format="png", layout=W.Layout(width="980px"))
+    models: dict[tuple[int, int, float], object] = {}
+
+    def update(*_):
+        top_k.max = min(4, experts.value)
+        k = min(top_k.value, experts.value)
+        key = (experts.value, k, float(balance.value))
+        if key not in models:
+            summary.value = f"<i>training a clinic with {experts.value} experts, k = {k}, α = {balance.value:g} …</i>"
+            models[key] = train_clinic_moe(clinic, num_experts=experts.value, top_k=k, balance_weight=float(balance.value),
+                                           steps=steps, seed=seed)
+        day = clinic_day(models[key], clinic, capacity_factor=capacity.value, noise=noise.value, batch_size=batch_size, seed=seed)
+        busiest = int(day.assigned.max())
+        summary.value = (
+            f"<b>{experts.value} experts, k = {k}, capacity factor {capacity.value:.2f}, noise σ = {noise.value:.2f}, α = {balance.value:g}</b>: "
+            f"each waiting room has <b>C = {day.capacity}</b> chairs for {batch_size} patients; the busiest doctor was sent {busiest}. "
+            f"Turned away in this batch: <b>{day.dropped} of {batch_size}</b>. Balance loss {day.balance_loss:.2f} (1.00 = even). "
+            f"All held-out patients: <b>{day.dropped_share:.1%}</b> turned away, accuracy <b>{day.accuracy:.1%}</b>."
+        )
+        fig = clinic_day_picture(day, clinic.specialties)
+        fig.tight_layout()
+        chart.value = figure_png(fig)
+
+    for control in (experts, top_k, capacity, noise, balance):
+        control.observe(update, names="value")
+    update()
+    return W.VBox([W.HBox([experts, top_k, balance]), W.HBox([capacity, noise]), summary, chart])
+
+
+__all__ += ["waiting_room_playground"]

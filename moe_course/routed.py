@@ -1,0 +1,207 @@
+"""The GP in front of the doctors: a sparsely routed mixture for the clinic (approach 4).
+
+Shape legend (used across the package): B batch, T time, D model width,
+F hidden width, E experts, K top-k, C capacity, N = B·T tokens. Here a token
+is a patient (N patients of width D = d_in) and the experts' outputs have one
+score per diagnosis (``classes``).
+
+``RoutedMixture`` has exactly the parameters of lesson 03's ``DenseMixture``:
+a softmax gate over E experts, each the clinic MLP ``FeedForward(d_in, F,
+d_out=classes)``. Only the visit changes. The gate scores every expert, the
+router keeps the top k, and only those k experts run on the patient::
+
+    p = softmax(x W_g + b_g)                      (N, E)  the GP's opinion of every doctor
+    expert_index, gates = route(gate logits)      (N, K)  whom to see, and how much to trust them
+    logits = Σ_j gates[:, j] · expert_{expert_index[:, j]}(x)      (N, classes)
+
+The chosen experts' outputs are added up, weighted by their gates, the way an
+MoE layer in a transformer combines its experts (``moe_course.moe``). Routers
+(``moe_course.routing``):
+
+    "switch"  top-1 with the raw gate p_i (Switch Transformer): the gate is how
+              the router learns, since a top-1 gate renormalised to 1 carries no gradient
+    "top_k"   top-k with the k gates renormalised to sum to 1 (GShard, Mixtral)
+
+Training adds ``aux_loss_coef`` × the Switch load-balancing loss (and
+optionally the router z-loss), returned in ``RoutedOutput.aux_loss``, which
+``moe_course.training`` adds to the cross-entropy.
+
+Cost: a patient pays for the gate and k experts, whatever E is
+(``routed_mixture_flops``); the dense mixture pays for all E.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .experts import FeedForward
+from .flops import matmul_flops
+from .gating import SoftmaxGate
+from .losses import load_balancing_loss, router_z_loss
+from .mixture import dense_mixture_param_count
+from .routing import Routing, switch_routing, top_k_routing
+
+__all__ = [
+    "ROUTED_ROUTERS",
+    "RoutedMixtureConfig",
+    "RoutedOutput",
+    "RoutedMixture",
+    "routed_mixture_flops",
+    "routed_mixture_param_count",
+    "moe_layer_param_count",
+    "moe_layer_flops",
+]
+
+ROUTED_ROUTERS = ("switch", "top_k")
+
+
+@dataclass(frozen=True)
+class RoutedMixtureConfig:
+    d_in: int  # width of a patient vector (D)
+    d_ff: int  # hidden width of each expert (F)
+    num_classes: int  # diagnoses: each expert outputs one score per class
+    num_experts: int  # E, the doctors on the staff
+    top_k: int = 1  # K, doctors each patient sees
+    router: str = "switch"  # "switch" (top-1, raw gate) or "top_k" (renormalised gates)
+    aux_loss_coef: float = 1e-2  # α, weight of the Switch load-balancing loss
+    z_loss_coef: float = 0.0  # weight of the router z-loss (ST-MoE used 1e-3)
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "d_ff", "num_classes", "num_experts", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"RoutedMixtureConfig.{name} must be a positive int, got {value!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"RoutedMixtureConfig.top_k={self.top_k} is more than num_experts={self.num_experts}: a patient cannot see more doctors than there are")
+        if self.router not in ROUTED_ROUTERS:
+            raise ValueError(f"RoutedMixtureConfig.router: unknown router type {self.router!r}; choose from {list(ROUTED_ROUTERS)}")
+        if self.router == "switch" and self.top_k != 1:
+            raise ValueError(f"RoutedMixtureConfig.router='switch' sends each patient to one doctor, but top_k={self.top_k}; use router='top_k'")
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"RoutedMixtureConfig.{name} must be a number >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RoutedOutput:
+    """Everything the routed mixture computed for N patients."""
+
+    logits: torch.Tensor  # (N, classes) Σ_j gates_j · expert_{e_j}(x): the diagnosis scores
+    aux_loss: torch.Tensor  # () aux_loss_coef·balance_loss + z_loss_coef·z_loss: training adds it
+    balance_loss: torch.Tensor  # () unweighted Switch load-balancing loss, 1.0 when perfectly balanced
+    z_loss: torch.Tensor  # () unweighted router z-loss
+    gate_logits: torch.Tensor  # (N, E) the gate's raw scores
+    gate_weights: torch.Tensor  # (N, E) float32 softmax over the experts: the GP's opinion of every doctor
+    expert_index: torch.Tensor  # (N, K) int64, the doctors each patient sees, best first
+    gates: torch.Tensor  # (N, K) float32, the weight of each chosen doctor's answer
+
+    def tokens_per_expert(self) -> torch.Tensor:
+        """(E,) int64: how many patients each doctor saw (all K choices counted)."""
+        return torch.bincount(self.expert_index.reshape(-1), minlength=self.gate_logits.shape[-1])
+
+
+class RoutedMixture(nn.Module):
+    """A gate and E ``FeedForward`` experts; each patient sees only its top-k experts.
+
+    x (N, d_in) → RoutedOutput. The parameters are those of
+    ``DenseMixture`` with the same config (same gate, same experts).
+    """
+
+    def __init__(self, config: RoutedMixtureConfig) -> None:
+        super().__init__()
+        if not isinstance(config, RoutedMixtureConfig):
+            raise TypeError(f"RoutedMixture expects a RoutedMixtureConfig, got {type(config).__name__}")
+        self.config = config
+        self.gate = SoftmaxGate(config.d_in, config.num_experts)
+        self.experts = nn.ModuleList(
+            FeedForward(config.d_in, config.d_ff, d_out=config.num_classes) for _ in range(config.num_experts)
+        )
+
+    def route(self, gate_logits: torch.Tensor) -> Routing:
+        """The GP's referral: gate logits (N, E) → Routing with expert_index and gates (N, K)."""
+        if self.config.router == "switch":
+            return switch_routing(gate_logits)
+        return top_k_routing(gate_logits, self.config.top_k)
+
+    def forward(self, x: torch.Tensor) -> RoutedOutput:
+        cfg = self.config
+        if x.ndim != 2 or x.shape[-1] != cfg.d_in:
+            raise ValueError(f"RoutedMixture expects patients of shape (N, {cfg.d_in}), got {tuple(x.shape)}")
+        gate_logits = self.gate(x).logits  # (N, E)
+        routing = self.route(gate_logits)
+        logits = x.new_zeros(x.shape[0], cfg.num_classes)  # (N, classes)
+        for e, expert in enumerate(self.experts):
+            token, choice = (routing.expert_index == e).nonzero(as_tuple=True)  # the patients who see doctor e
+            if token.numel() == 0:
+                continue  # an idle doctor costs nothing
+            gate = routing.gates[token, choice].to(x.dtype)[:, None]  # (M, 1)
+            logits = logits.index_add(0, token, gate * expert(x[token]))  # (N, classes)
+        balance = load_balancing_loss(routing.router_probs, routing.expert_index)
+        z = router_z_loss(gate_logits)
+        return RoutedOutput(
+            logits=logits,
+            aux_loss=cfg.aux_loss_coef * balance + cfg.z_loss_coef * z,
+            balance_loss=balance,
+            z_loss=z,
+            gate_logits=gate_logits,
+            gate_weights=routing.router_probs,
+            expert_index=routing.expert_index,
+            gates=routing.gates,
+        )
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"router={c.router!r}, num_experts={c.num_experts}, top_k={c.top_k}"
+
+
+def _positive_int(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def routed_mixture_param_count(d_in: int, d_ff: int, num_classes: int, num_experts: int) -> int:
+    """Parameters of RoutedMixture: the same as DenseMixture's (gate D·E + E, E experts)."""
+    return dense_mixture_param_count(d_in, d_ff, num_classes, num_experts)
+
+
+def routed_mixture_flops(num_tokens: int, d_in: int, d_ff: int, num_classes: int, num_experts: int, top_k: int = 1) -> int:
+    """Matmul FLOPs of RoutedMixture on N patients: the gate (2·N·D·E) plus k experts per patient.
+
+    Each patient pays for k experts, 2·D·F + 2·F·classes each, whatever E is.
+    """
+    _positive_int(num_experts=num_experts, top_k=top_k)
+    if top_k > num_experts:
+        raise ValueError(f"top_k={top_k} is more than num_experts={num_experts}")
+    gate = matmul_flops(num_tokens, d_in, num_experts)
+    expert = matmul_flops(num_tokens, d_in, d_ff) + matmul_flops(num_tokens, d_ff, num_classes)
+    return gate + top_k * expert
+
+
+def moe_layer_param_count(d_model: int, d_ff: int, num_experts: int, *, bias: bool = True, noisy: bool = False) -> int:
+    """Parameters of ``MoELayer``: the router W_r (D, E) plus E experts (D → F → D).
+
+    ``noisy``: the noisy top-k router also has W_noise (D, E).
+    """
+    _positive_int(d_model=d_model, d_ff=d_ff, num_experts=num_experts)
+    expert = 2 * d_model * d_ff + ((d_ff + d_model) if bias else 0)
+    router = d_model * num_experts * (2 if noisy else 1)
+    return router + num_experts * expert
+
+
+def moe_layer_flops(num_tokens: int, d_model: int, d_ff: int, num_experts: int, top_k: int = 1) -> int:
+    """Matmul FLOPs of ``MoELayer`` on N tokens: the router 2·N·D·E plus k experts of 4·D·F per token.
+
+    (Without dropping: with a capacity factor, dropped assignments cost nothing.)
+    """
+    _positive_int(d_model=d_model, d_ff=d_ff, num_experts=num_experts, top_k=top_k)
+    if top_k > num_experts:
+        raise ValueError(f"top_k={top_k} is more than num_experts={num_experts}")
+    router = matmul_flops(num_tokens, d_model, num_experts)
+    expert = matmul_flops(num_tokens, d_model, d_ff) + matmul_flops(num_tokens, d_ff, d_model)
+    return router + top_k * expert

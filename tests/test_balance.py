@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_course.balance import LoadTracker, capacity_sweep, evaluate_capacity, load_stats, routing_view
+from moe_course.clinic import make_clinic
+from moe_course.models import ClinicMoE
+from moe_course.moe import MoEConfig
+from moe_course.routed import RoutedMixture, RoutedMixtureConfig
+from moe_course.training import ClassificationTask, TrainConfig, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models train fastest on one thread (and several threads crawl on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def clinic():
+    return make_clinic(2, n_train=256, n_val=96, seed=0)
+
+
+def test_load_stats_of_even_and_collapsed_loads():
+    even = load_stats(torch.full((4,), 0.25))
+    assert even == {"busiest share": 0.25, "idle doctors": 0, "load CV": 0.0}
+    collapsed = load_stats(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    assert collapsed["busiest share"] == 1.0 and collapsed["idle doctors"] == 3
+    assert collapsed["load CV"] == pytest.approx(3**0.5)
+    assert load_stats(torch.tensor([0.5, 0.45, 0.05]))["idle doctors"] == 1  # below a quarter of 1/3
+    with pytest.raises(ValueError, match="non-empty vector"):
+        load_stats(torch.zeros(2, 2))
+
+
+def test_routing_view_reads_clinicmoe_and_routed_mixture(clinic):
+    torch.manual_seed(0)
+    moe = ClinicMoE(clinic.d_in, 4, MoEConfig(d_model=8, d_ff=8, num_experts=3, capacity_factor=0.5))
+    view = routing_view(moe(clinic.val.x))
+    assert view.router_logits.shape == (96, 3) and view.expert_index.shape == (96, 1)
+    assert not view.keep.all()  # capacity 0.5 must drop someone
+    routed = RoutedMixture(RoutedMixtureConfig(clinic.d_in, 8, 4, 3))
+    view = routing_view(routed(clinic.val.x))
+    assert view.keep.all()
+    torch.testing.assert_close(view.shares().sum(), torch.tensor(1.0))
+    with pytest.raises(TypeError, match="carries no routing"):
+        routing_view(torch.zeros(3))
+
+
+def test_load_tracker_records_every_evaluation(clinic):
+    torch.manual_seed(0)
+    model = ClinicMoE(clinic.d_in, 4, MoEConfig(d_model=8, d_ff=8, num_experts=3))
+    tracker = LoadTracker(clinic.val.x)
+    tracker(0, model)
+    train(model, ClassificationTask.from_clinic(clinic), TrainConfig(steps=20, batch_size=32, eval_every=10), device="cpu",
+          progress=False, callback=tracker)
+    history = tracker.history
+    assert list(history["step"]) == [0, 10, 20]
+    assert {"balance loss", "z-loss", "largest |logit|", "busiest share", "idle doctors", "load CV"} <= set(history.columns)
+    assert len(tracker.shares) == 3 and tracker.shares[0].shape == (3,)
+    assert history["balance loss"].between(0.0, 3.0).all()  # E·Σ f·P lies in [0, E]
+
+
+def test_evaluate_capacity_counts_dropped_patients_per_batch(clinic):
+    torch.manual_seed(0)
+    dropless = ClinicMoE(clinic.d_in, 4, MoEConfig(d_model=8, d_ff=8, num_experts=4))
+    assert evaluate_capacity(dropless, clinic.val, 32)["dropped share"] == 0.0
+    tight = ClinicMoE(clinic.d_in, 4, MoEConfig(d_model=8, d_ff=8, num_experts=4, capacity_factor=0.25))
+    tight.load_state_dict(dropless.state_dict())
+    result = evaluate_capacity(tight, clinic.val, 32)
+    assert result["dropped share"] >= 0.75 - 1e-9  # at most 4 experts × 2 chairs of every 32 patients get in
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        evaluate_capacity(tight, clinic.val, 0)
+
+
+def test_capacity_sweep_trains_one_model_per_factor(clinic):
+    base = MoEConfig(d_model=8, d_ff=8, num_experts=4)
+    table, models = capacity_sweep(clinic, base, TrainConfig(steps=10, batch_size=32, eval_every=10), [0.5, 2.0, None], progress=False)
+    assert list(table["slots per expert"].fillna(-1)) == [4, 16, -1]
+    assert table["dropped share"].iloc[0] > table["dropped share"].iloc[1] >= table["dropped share"].iloc[2] == 0.0
+    assert set(models) == {0.5, 2.0, None} and models[0.5].moe.config.capacity_factor == 0.5
