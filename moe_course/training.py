@@ -161,6 +161,10 @@ def _save_checkpoint(path: Path, model, optimizer, generator, step, rows, config
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "generator": generator.get_state(),
+            # The global generator drives dropout and router jitter: without it a
+            # resumed run would draw different noise than an uninterrupted one.
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "step": step,
             "history": rows,
             "config": asdict(config),
@@ -211,6 +215,10 @@ def train(
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             generator.set_state(state["generator"])
+            if state.get("torch_rng") is not None:
+                torch.set_rng_state(state["torch_rng"].cpu())
+            if state.get("cuda_rng") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
             start_step, rows = state["step"], list(state["history"])
     last = config.steps if stop_after is None else min(config.steps, stop_after)
     t0 = time.perf_counter()

@@ -1,0 +1,439 @@
+"""A small decoder-only transformer (GPT) whose feed-forward blocks may be Switch layers.
+
+Shape legend (used across the package): B batch, T time, D model width,
+F hidden width, E experts, K top-k, C capacity, N = B·T tokens; V vocabulary.
+
+    idx (B, T) → token embedding (+ position embedding)   (B, T, D)
+              → n_layers × Block:
+                    x = x + attn(ln_1(x))                  tokens talk to each other
+                    x = x + ffn(ln_2(x))                   each token thinks alone
+              → ln_f → head (tied to the token embedding)  (B, T, V) logits
+
+"Pre-norm" blocks (the layer norm sits inside the residual branch, GPT-2
+style) keep a clean residual path from the embedding to the head. In a
+Switch model (Fedus et al. 2021, arXiv:2101.03961) ``ffn`` is a ``MoELayer``
+with the Switch router (top-1, raw gate), a capacity factor and the balance
+and z-losses; every expert has the dense FFN's width F, so one token costs
+the same FLOPs in both models (plus the router's 2·D·E), while the Switch
+model holds E times the FFN parameters.
+
+``GPT.forward`` returns a ``GPTOutput``: the logits, ``aux_loss`` (the sum
+over MoE layers of their weighted ``MoEOutput.loss``, to add to the
+cross-entropy) and every layer's ``MoEOutput`` (None for dense layers) to
+look inside the routing. ``force_expert=e`` bypasses the router: every token
+goes to expert e with gate 1, no capacity limit, no auxiliary loss.
+
+``param_count(config)`` and ``flops_per_token(config)`` count what a model
+knows and what a token costs, by formula (checked against PyTorch's FLOP
+counter in the tests).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import CausalSelfAttention
+from .experts import FeedForward
+from .moe import MoEConfig, MoELayer, MoEOutput
+
+__all__ = [
+    "FFN_KINDS",
+    "GPTConfig",
+    "GPTOutput",
+    "BlockOutput",
+    "Block",
+    "GPT",
+    "ParamCount",
+    "FlopCount",
+    "param_count",
+    "flops_per_token",
+    "copy_dense_into_switch",
+]
+
+FFN_KINDS = ("dense", "switch")
+POSITIONS = ("rope", "learned", "both")
+
+
+def _positive_int(owner: str, name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{owner}.{name} must be a positive int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int  # V, the tokenizer's number of characters (Corpus.vocab_size)
+    block_size: int = 64  # T, the longest context the model reads (position embeddings)
+    d_model: int = 64  # D, the width of every token's vector
+    n_layers: int = 2  # transformer blocks
+    n_heads: int = 4  # attention heads per block; D must be divisible by it
+    d_ff: int = 256  # F, hidden width of the dense FFN and of each expert
+    ffn: str = "dense"  # "dense": a FeedForward in every block; "switch": MoELayers (top-1 Switch routing)
+    num_experts: int = 1  # E, experts per Switch layer (1 for a dense model)
+    moe_every: int = 1  # every moe_every-th block is a Switch block, the others dense (the Switch paper used 2)
+    capacity_factor: float | None = 1.25  # Switch: slots per expert = ceil(N/E · factor), N counted per forward call; None: dropless
+    aux_loss_coef: float = 1e-2  # α, weight of the load-balancing loss
+    z_loss_coef: float = 1e-3  # weight of the router z-loss
+    router_jitter: float = 0.0  # ε of the router's multiplicative input jitter (training only)
+    init_scale: float | None = 0.1  # FFN and expert weights ~ truncated normal, std sqrt(s / fan_in) (Switch init); None: PyTorch default
+    dropout: float = 0.0  # dropout on attention weights and residual branches
+    bias: bool = True  # biases in linear layers and FFNs
+    tie_embeddings: bool = True  # the head reuses the token embedding matrix (V, D)
+    position: str = "rope"  # "rope": rotary embeddings in attention (relative); "learned": a learned (T, D) table added to the input; "both"
+    fast_attention: bool = True  # F.scaled_dot_product_attention (same function as the explicit one)
+    dispatch: str | None = None  # MoE dispatch method (moe_course.dispatch.METHODS); None: the fastest
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "d_model", "n_layers", "n_heads", "d_ff", "num_experts", "moe_every"):
+            _positive_int("GPTConfig", name, getattr(self, name))
+        if self.d_model % self.n_heads:
+            raise ValueError(f"GPTConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.ffn not in FFN_KINDS:
+            raise ValueError(f"GPTConfig.ffn must be one of {list(FFN_KINDS)}, got {self.ffn!r}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"GPTConfig.position must be one of {list(POSITIONS)}, got {self.position!r}")
+        if self.position != "learned" and self.d_head % 2:
+            raise ValueError(f"GPTConfig: rotary position embeddings need an even head width; d_model / n_heads = {self.d_head}")
+        if self.ffn == "dense" and self.num_experts != 1:
+            raise ValueError(f"GPTConfig: a dense model has no experts, but num_experts={self.num_experts}; use ffn='switch' for experts")
+        if self.ffn == "switch" and self.moe_every > self.n_layers:
+            raise ValueError(f"GPTConfig.moe_every={self.moe_every} > n_layers={self.n_layers}: the model would have no Switch block")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init_scale is not None and (not isinstance(self.init_scale, (int, float)) or not math.isfinite(self.init_scale) or self.init_scale <= 0):
+            raise ValueError(f"GPTConfig.init_scale must be > 0 or None, got {self.init_scale!r}")
+        try:  # the MoE fields are checked by MoEConfig itself, with its own messages
+            MoEConfig(d_model=self.d_model, d_ff=self.d_ff, num_experts=self.num_experts, capacity_factor=self.capacity_factor,
+                      aux_loss_coef=self.aux_loss_coef, z_loss_coef=self.z_loss_coef, router_jitter=self.router_jitter,
+                      dispatch=self.dispatch)
+        except ValueError as err:
+            raise ValueError(f"GPTConfig: {err}") from None
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block ``layer`` (0-based) holds a Switch layer: the moe_every-th, 2·moe_every-th, ... blocks."""
+        return self.ffn == "switch" and (layer + 1) % self.moe_every == 0
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.n_layers) if self.is_moe_layer(i))
+
+    def moe_config(self) -> MoEConfig:
+        """The MoEConfig of every Switch block."""
+        return MoEConfig(
+            d_model=self.d_model, d_ff=self.d_ff, num_experts=self.num_experts, top_k=1,
+            capacity_factor=self.capacity_factor, router="switch",
+            aux_loss_coef=self.aux_loss_coef, z_loss_coef=self.z_loss_coef, router_jitter=self.router_jitter,
+            init_scale=self.init_scale, bias=self.bias, dispatch=self.dispatch,
+        )
+
+    def dense_twin(self) -> "GPTConfig":
+        """The same model with a dense FFN in every block: equal FLOPs per token (but the router's)."""
+        return replace(self, ffn="dense", num_experts=1)
+
+    def switch_twin(self, num_experts: int) -> "GPTConfig":
+        """The same model with Switch layers of ``num_experts`` experts of width d_ff."""
+        return replace(self, ffn="switch", num_experts=num_experts)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BlockOutput:
+    x: torch.Tensor  # (B, T, D) the residual stream after the block
+    moe: MoEOutput | None  # the Switch layer's result (None for a dense block or a forced expert)
+
+
+@dataclass(frozen=True)
+class GPTOutput:
+    logits: torch.Tensor  # (B, T, V) scores of the next character at every position
+    aux_loss: torch.Tensor  # () sum over Switch layers of MoEOutput.loss (weighted balance + z-loss); 0 for dense
+    moe: tuple[MoEOutput | None, ...]  # one entry per block: its MoEOutput, or None (dense block, forced expert)
+
+    @property
+    def moe_outputs(self) -> list[tuple[int, MoEOutput]]:
+        """(layer, MoEOutput) for every block that routed."""
+        return [(i, m) for i, m in enumerate(self.moe) if m is not None]
+
+
+def _switch_init_(linear: nn.Linear, scale: float) -> None:
+    std = math.sqrt(scale / linear.in_features)
+    nn.init.trunc_normal_(linear.weight, std=std, a=-2 * std, b=2 * std)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln_1(x)), then x + ffn(ln_2(x)); (B, T, D) → BlockOutput."""
+
+    def __init__(self, config: GPTConfig, layer: int) -> None:
+        super().__init__()
+        D = config.d_model
+        self.layer = layer
+        self.ln_1 = nn.LayerNorm(D)
+        self.attn = CausalSelfAttention(D, config.n_heads, bias=config.bias, dropout=config.dropout, fast=config.fast_attention,
+                                        rope=config.position != "learned")
+        self.ln_2 = nn.LayerNorm(D)
+        if config.is_moe_layer(layer):
+            self.ffn: nn.Module = MoELayer(config.moe_config())
+        else:
+            self.ffn = FeedForward(D, config.d_ff, bias=config.bias)
+            if config.init_scale is not None:
+                _switch_init_(self.ffn.fc_in, config.init_scale)
+                _switch_init_(self.ffn.fc_out, config.init_scale)
+        self.ffn_dropout = nn.Dropout(config.dropout)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, MoELayer)
+
+    def forward(self, x: torch.Tensor, *, force_expert: int | None = None) -> BlockOutput:
+        x = x + self.attn(self.ln_1(x))  # (B, T, D) communication
+        h = self.ln_2(x)  # (B, T, D)
+        moe = None
+        if not self.is_moe:
+            y = self.ffn(h)  # (B, T, D) computation, one token at a time
+        elif force_expert is not None:
+            y = self.ffn.expert_output(force_expert, h.reshape(-1, h.shape[-1])).reshape(h.shape)  # router bypassed, gate 1
+        else:
+            moe = self.ffn(h)
+            y = moe.y  # (B, T, D); a dropped token gets y = 0 and rides the residual
+        return BlockOutput(x + self.ffn_dropout(y), moe)
+
+
+class GPT(nn.Module):
+    """A character-level GPT, dense or Switch: idx (B, T) int64 → GPTOutput.
+
+    Initialisation: embeddings and attention weights ~ N(0, 0.02), the
+    attention output projection scaled by 1/sqrt(2·n_layers) (GPT-2), FFNs and
+    experts with the Switch initialisation (``init_scale``), router as in
+    ``MoELayer``, biases zero.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"GPT expects a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        V, T, D = config.vocab_size, config.block_size, config.d_model
+        self.tok_emb = nn.Embedding(V, D)  # (V, D)
+        self.pos_emb = nn.Embedding(T, D) if config.position != "rope" else None  # (T, D)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.ln_f = nn.LayerNorm(D)
+        self.head = nn.Linear(D, V, bias=False)  # (V, D) weight
+        for module in (self.tok_emb, self.pos_emb):
+            if module is not None:
+                nn.init.normal_(module.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=0.02)
+            nn.init.normal_(block.attn.proj.weight, std=0.02 / math.sqrt(2 * config.n_layers))
+            for lin in (block.attn.qkv, block.attn.proj):
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+        if config.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        else:
+            nn.init.normal_(self.head.weight, std=0.02)
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.blocks if b.is_moe]
+
+    def forward(self, idx: torch.Tensor, *, force_expert: int | None = None) -> GPTOutput:
+        cfg = self.config
+        if not isinstance(idx, torch.Tensor) or idx.ndim != 2 or idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"GPT expects token ids of shape (B, T) and integer dtype, got {getattr(idx, 'dtype', type(idx).__name__)} {tuple(getattr(idx, 'shape', ()))}")
+        B, T = idx.shape
+        if T > cfg.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size={cfg.block_size}; crop it to the last {cfg.block_size} tokens")
+        if T == 0:
+            raise ValueError("GPT needs at least one token per sequence")
+        if force_expert is not None:
+            if cfg.ffn != "switch":
+                raise ValueError("force_expert needs a Switch model (ffn='switch'); this one is dense")
+            if isinstance(force_expert, bool) or not isinstance(force_expert, int) or not 0 <= force_expert < cfg.num_experts:
+                raise ValueError(f"force_expert must be an int in [0, {cfg.num_experts}), got {force_expert!r}")
+        x = self.tok_emb(idx)  # (B, T, D)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(T, device=idx.device))  # (T, D) broadcast over B
+        x = self.drop(x)
+        moes: list[MoEOutput | None] = []
+        aux = x.new_zeros(())
+        for block in self.blocks:
+            out = block(x, force_expert=force_expert)
+            x = out.x
+            moes.append(out.moe)
+            if out.moe is not None:
+                aux = aux + out.moe.loss
+        logits = self.head(self.ln_f(x))  # (B, T, V)
+        return GPTOutput(logits=logits, aux_loss=aux, moe=tuple(moes))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        stop_token: int | None = None,
+    ) -> torch.Tensor:
+        """Sample ``max_new_tokens`` characters after ``idx`` (B, T0) → (B, T0 + n).
+
+        temperature 0 picks the most likely character (greedy); top_k keeps
+        only the k most likely. The context is cropped to the last block_size
+        tokens. With ``stop_token``, generation stops once every row has produced it.
+        """
+        if idx.ndim != 2:
+            raise ValueError(f"generate expects idx of shape (B, T0), got {tuple(idx.shape)}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        was_training = self.training
+        self.eval()
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size :]  # (B, <= T)
+            logits = self(context).logits[:, -1, :].float()  # (B, V)
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)  # (B, 1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits, dim=-1)  # (B, V)
+                nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(idx.device)  # (B, 1)
+            idx = torch.cat([idx, nxt], dim=1)
+            if stop_token is not None:
+                done |= nxt[:, 0] == stop_token
+                if bool(done.all()):
+                    break
+        self.train(was_training)
+        return idx
+
+
+@torch.no_grad()
+def copy_dense_into_switch(dense: GPT, switch: GPT) -> GPT:
+    """Copy a dense GPT's weights into a Switch GPT of the same shape; every expert gets the dense FFN.
+
+    Attention, norms, embeddings and head are copied as they are; each
+    Switch layer's experts all become copies of the dense block's FFN
+    (upcycling, Komatsuzaki et al. 2022, arXiv:2212.05055); routers keep
+    their own weights. With E = 1 the two models then compute the same
+    function: a softmax over one expert is exactly 1.
+    """
+    dc, sc = dense.config, switch.config
+    if dc.ffn != "dense" or sc.ffn != "switch":
+        raise ValueError("copy_dense_into_switch(dense, switch) needs a dense GPT and a Switch GPT, in that order")
+    shape = ("vocab_size", "block_size", "d_model", "n_layers", "n_heads", "d_ff", "bias", "tie_embeddings")
+    differ = [f"{k}: {getattr(dc, k)} vs {getattr(sc, k)}" for k in shape if getattr(dc, k) != getattr(sc, k)]
+    if differ:
+        raise ValueError(f"copy_dense_into_switch: the models differ in shape ({'; '.join(differ)})")
+    state = dense.state_dict()
+    own = switch.state_dict()
+    for name in own:
+        if name in state and own[name].shape == state[name].shape:
+            own[name].copy_(state[name])
+    for i, block in enumerate(switch.blocks):
+        if block.is_moe:
+            ffn = dense.blocks[i].ffn
+            ex = block.ffn.experts
+            ex.w_in.copy_(ffn.fc_in.weight.T.expand_as(ex.w_in))  # (E, D, F)
+            ex.w_out.copy_(ffn.fc_out.weight.T.expand_as(ex.w_out))  # (E, F, D)
+            if ex.b_in is not None:
+                ex.b_in.copy_(ffn.fc_in.bias.expand_as(ex.b_in))
+                ex.b_out.copy_(ffn.fc_out.bias.expand_as(ex.b_out))
+    return switch
+
+
+# --- what a model knows and what a token costs ------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Parameters of a GPT, by part. ``active``: those one token uses."""
+
+    embedding: int  # token V·D (+ position T·D when learned)
+    attention: int  # n_layers · (4·D² + 4·D biases)
+    norms: int  # (2 per block + the final one) · 2·D
+    ffn: int  # all FFN and expert parameters: dense blocks 2·D·F (+F+D), Switch blocks E times that
+    ffn_active: int  # the FFN parameters one token uses: one expert per Switch block (top-1)
+    router: int  # D·E per Switch block
+    head: int  # 0 when tied to the token embedding, else V·D
+
+    @property
+    def total(self) -> int:
+        return self.embedding + self.attention + self.norms + self.ffn + self.router + self.head
+
+    @property
+    def active(self) -> int:
+        return self.total - self.ffn + self.ffn_active
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """Forward FLOPs per token (one multiply-add = 2 FLOPs; matmuls only, as in ``moe_course.flops``)."""
+
+    attention_proj: int  # n_layers · 8·D²: q, k, v (2·D·3D) and the output projection (2·D·D)
+    attention_mix: int  # n_layers · 4·T·D: scores q·kᵀ (2·T·D) and the weighted sum of values (2·T·D)
+    ffn: int  # per block 4·D·F: the dense FFN, or the one expert a token visits (top-1)
+    router: int  # 2·D·E per Switch block
+    head: int  # 2·D·V, the logits
+
+    @property
+    def total(self) -> int:
+        return self.attention_proj + self.attention_mix + self.ffn + self.router + self.head
+
+    @property
+    def training(self) -> int:
+        """Forward + backward ≈ 3 × forward (the backward pass costs about twice the forward)."""
+        return 3 * self.total
+
+
+def param_count(config: GPTConfig) -> ParamCount:
+    """Count a GPT's parameters from its config (equals ``count_parameters(GPT(config))``)."""
+    V, T, D, F_, L, E = config.vocab_size, config.block_size, config.d_model, config.d_ff, config.n_layers, config.num_experts
+    b = int(config.bias)
+    ffn_one = 2 * D * F_ + b * (F_ + D)
+    n_moe = len(config.moe_layers)
+    n_dense = L - n_moe
+    return ParamCount(
+        embedding=V * D + (T * D if config.position != "rope" else 0),
+        attention=L * (4 * D * D + b * 4 * D),
+        norms=(2 * L + 1) * 2 * D,
+        ffn=n_dense * ffn_one + n_moe * E * ffn_one,
+        ffn_active=L * ffn_one,
+        router=n_moe * D * E,
+        head=0 if config.tie_embeddings else V * D,
+    )
+
+
+def flops_per_token(config: GPTConfig, context: int | None = None) -> FlopCount:
+    """Forward FLOPs per token, for sequences of ``context`` tokens (default block_size).
+
+    Attention scores are counted for all T keys, as the explicit masked
+    attention computes them (a causal kernel could skip the masked half).
+    Dropped tokens (over capacity) would cost less; this counts every token.
+    """
+    T = config.block_size if context is None else context
+    if not isinstance(T, int) or T <= 0:
+        raise ValueError(f"context must be a positive int, got {T!r}")
+    D, F_, L, E, V = config.d_model, config.d_ff, config.n_layers, config.num_experts, config.vocab_size
+    n_moe = len(config.moe_layers)
+    return FlopCount(
+        attention_proj=L * 8 * D * D,
+        attention_mix=L * 4 * T * D,
+        ffn=L * 4 * D * F_,
+        router=n_moe * 2 * D * E,
+        head=2 * D * V,
+    )
