@@ -291,6 +291,8 @@ def accuracy_vs_flops(
         ax.errorbar([x], [mean], yerr=[[mean - low], [high - mean]], fmt=markers[i % len(markers)], ms=9, capsize=4,
                     color=colours[i], mfc="white" if hollow else colours[i], mew=2,
                     label=f"{name}: {int(rows['parameters'].iloc[0]):,} parameters")
+        short = name.split(" · ")[0] if " · " in name else name.split(" (")[0]
+        ax.annotate(short, (x, mean), xytext=(9, -3), textcoords="offset points", fontsize=9, color=colours[i], weight="bold")
     if chance is not None:
         ax.axhline(chance, ls="--", color="gray", lw=1)
         ax.annotate("chance", (ax.get_xlim()[1], chance), xytext=(-4, 3), textcoords="offset points", ha="right", color="gray", fontsize=8)
