@@ -1,0 +1,131 @@
+"""Tests for moe_course.lm: the language-model task, per-domain bookkeeping, resume with a Switch LM."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_course.corpus import Corpus, CorpusConfig, LMBatch
+from moe_course.lm import LMTask, complete, evaluate_lm, exact_match_by_domain, loss_by_domain, token_losses
+from moe_course.training import TrainConfig, train
+from moe_course.transformer import GPT, GPTConfig
+
+
+@pytest.fixture(scope="module")
+def corpus() -> Corpus:
+    return Corpus(CorpusConfig(num_facts=40))
+
+
+def _model(corpus: Corpus, seed: int = 0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    base = dict(vocab_size=corpus.vocab_size, block_size=32, d_model=32, n_layers=2, n_heads=4, d_ff=64)
+    base.update(kw)
+    return GPT(GPTConfig(**base))
+
+
+def test_token_losses_and_loss_by_domain_by_hand():
+    logits = torch.zeros(1, 4, 3)
+    logits[0, 0, 2] = math.log(3.0)  # p(target 2) = 3/5 at position 0
+    targets = torch.tensor([[2, 0, 1, 1]])
+    tl = token_losses(logits, targets)
+    expected = torch.tensor([[-math.log(0.6), math.log(3.0), math.log(3.0), math.log(3.0)]])  # uniform elsewhere
+    assert torch.allclose(tl, expected, atol=1e-6)
+    domain = torch.tensor([[0, 0, 2, 2]])
+    sums, counts = loss_by_domain(tl, domain, 3)
+    assert counts.tolist() == [2, 0, 2]
+    assert sums[0].item() == pytest.approx(-math.log(0.6) + math.log(3.0))
+    assert sums[1].item() == 0.0 and sums[2].item() == pytest.approx(2 * math.log(3.0))
+    assert (sums.sum() / counts.sum()).item() == pytest.approx(tl.mean().item())
+    with pytest.raises(ValueError, match=r"domain ids must lie in \[0, 2\)"):
+        loss_by_domain(tl, domain, 2)
+
+
+def test_exact_match_counts_whole_answers_of_complete_samples():
+    # row: two complete samples (domains 0 and 1) and a truncated one (-1)
+    y = torch.zeros(1, 9, dtype=torch.int64)
+    batch = LMBatch(
+        x=y, y=y,
+        domain=torch.tensor([[0, 0, 0, 1, 1, 1, 0, 0, 0]]),
+        answer=torch.tensor([[False, True, True, False, True, True, False, True, True]]),
+        sample=torch.tensor([[0, 0, 0, 1, 1, 1, -1, -1, -1]]),
+    )
+    correct = torch.tensor([[False, True, True, True, True, False, True, True, True]])  # prompt errors do not count
+    right, total = exact_match_by_domain(correct, batch, 2)
+    assert total.tolist() == [1, 1] and right.tolist() == [1, 0]
+
+
+def test_task_loss_is_cross_entropy_plus_the_models_aux_loss(corpus: Corpus):
+    task = LMTask(corpus, 32, eval_rows=8)
+    batch = task.sample_batch(4, torch.Generator().manual_seed(0), torch.device("cpu"))
+    model = _model(corpus, ffn="switch", num_experts=4)
+    loss, metrics = task.loss(model, batch)
+    out = model(batch.x)
+    ce = F.cross_entropy(out.logits.reshape(-1, corpus.vocab_size), batch.y.reshape(-1))
+    assert torch.allclose(loss, ce + out.aux_loss)
+    assert metrics["train_loss"] == pytest.approx(ce.item(), abs=1e-5) and metrics["aux_loss"] > 0
+    dense_loss, dense_metrics = task.loss(_model(corpus), batch)
+    assert "aux_loss" in dense_metrics and dense_metrics["aux_loss"] == 0.0
+
+
+def test_evaluation_per_domain_adds_up_to_the_overall_loss(corpus: Corpus):
+    task = LMTask(corpus, 32, eval_rows=24, eval_chunk=8)
+    model = _model(corpus, ffn="switch", num_experts=4)
+    ev = task.evaluation(model)
+    metrics = ev.as_dict()
+    h = task.held_out
+    with torch.no_grad():
+        logits = torch.cat([model(h.x[i : i + 8]).logits for i in range(0, 24, 8)])
+    tl = token_losses(logits, h.y)
+    assert metrics["val_loss"] == pytest.approx(tl.mean().item(), rel=1e-5)
+    weighted = sum(metrics[f"val_loss_{d}"] * int((h.domain == i).sum()) for i, d in enumerate(corpus.domains))
+    assert weighted / h.y.numel() == pytest.approx(metrics["val_loss"], rel=1e-6)
+    for i, d in enumerate(corpus.domains):
+        assert metrics[f"val_loss_{d}"] == pytest.approx(tl[h.domain == i].mean().item(), rel=1e-5)
+    assert {f"val_exact_{d}" for d in ("facts", "arithmetic", "reversal", "sorting", "brackets")} <= set(metrics)
+    assert "val_exact_grammar" not in metrics
+    assert 0.0 <= metrics["val_dropped"] < 1.0 and metrics["val_balance"] >= 1.0 - 1e-6
+    assert len(ev.dropped) == len(ev.balance) == 2
+    assert "val_dropped" not in task.evaluate(_model(corpus), torch.device("cpu"))
+
+
+def test_training_on_the_corpus_lowers_the_held_out_loss(corpus: Corpus):
+    task = LMTask(corpus, 32, eval_rows=16)
+    model = _model(corpus)
+    before = task.evaluate(model, torch.device("cpu"))["val_loss"]
+    result = train(model, task, TrainConfig(steps=40, batch_size=16, eval_every=20), progress=False, device="cpu")
+    after = result.final["val_loss"]
+    assert after < before - 1.0, (before, after)
+    assert list(result.history["step"]) == [20, 40]
+    assert {"train_loss", "aux_loss", "val_loss", "val_loss_facts", "val_exact_facts"} <= set(result.history.columns)
+
+
+def test_resumed_switch_lm_ends_with_exactly_the_same_weights(corpus: Corpus, tmp_path):
+    # router jitter and dropout draw from the global RNG: the checkpoint must carry it
+    kw = dict(ffn="switch", num_experts=4, router_jitter=0.05, dropout=0.1)
+    task = LMTask(corpus, 32, eval_rows=8)
+    config = TrainConfig(steps=12, batch_size=8, eval_every=4, warmup_steps=2, lr_min_ratio=0.1)
+    whole = train(_model(corpus, **kw), task, config, progress=False, device="cpu")
+    ckpt = tmp_path / "lm.pt"
+    train(_model(corpus, **kw), task, config, progress=False, device="cpu", checkpoint_path=ckpt, stop_after=6)
+    resumed = train(_model(corpus, seed=5, **kw), task, config, progress=False, device="cpu", checkpoint_path=ckpt, resume=True)
+    for (name, p), q in zip(whole.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), name
+    assert resumed.history["val_loss"].tolist() == whole.history["val_loss"].tolist()
+
+
+def test_complete_returns_one_line(corpus: Corpus):
+    model = _model(corpus)
+    text = complete(model, corpus, "patient 1234: ", max_new_tokens=10)
+    assert len(text) <= 10 and text.count("\n") <= 1 and (text.endswith("\n") or len(text) == 10)
+    with pytest.raises(ValueError, match="not in the tokenizer"):
+        complete(model, corpus, "patiént")
+
+
+def test_task_rejects_bad_settings(corpus: Corpus):
+    with pytest.raises(ValueError, match="eval_rows"):
+        LMTask(corpus, 32, eval_rows=0)
+    with pytest.raises(TypeError, match="Corpus"):
+        LMTask("text", 32)

@@ -1,0 +1,288 @@
+"""Tests for moe_course.transformer: the pre-norm block, the dense and Switch GPT, their accounting."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from moe_course.flops import count_parameters, ffn_flops, ffn_param_count
+from moe_course.moe import MoELayer, MoEOutput
+from moe_course.transformer import (
+    GPT,
+    Block,
+    GPTConfig,
+    GPTOutput,
+    copy_dense_into_switch,
+    flops_per_token,
+    param_count,
+)
+
+V = 96
+
+
+def _cfg(**kw) -> GPTConfig:
+    base = dict(vocab_size=V, block_size=16, d_model=32, n_layers=2, n_heads=4, d_ff=64)
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+def _ids(b: int = 2, t: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(V, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+# --- configs --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [({"ffn": "moe"}, "ffn must be one of"), ({"num_experts": 4}, "dense model has no experts"),
+     ({"n_heads": 5}, "divisible by n_heads"), ({"ffn": "switch", "num_experts": 4, "moe_every": 3}, "no Switch block"),
+     ({"ffn": "switch", "num_experts": 4, "capacity_factor": 0.0}, "capacity_factor"),
+     ({"ffn": "switch", "num_experts": 4, "aux_loss_coef": -1.0}, "aux_loss_coef"), ({"d_model": 0}, "d_model"),
+     ({"position": "sinusoid"}, "position"), ({"d_model": 12, "n_heads": 4}, "even head width"), ({"dropout": 1.0}, "dropout")],
+)
+def test_config_rejects_bad_values_with_clear_messages(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        _cfg(**kwargs)
+
+
+def test_twins_and_moe_layer_placement():
+    sw = _cfg(ffn="switch", num_experts=4, n_layers=4, moe_every=2)
+    assert sw.moe_layers == (1, 3)
+    assert sw.dense_twin() == _cfg(n_layers=4, moe_every=2)
+    assert _cfg().switch_twin(8).num_experts == 8 and _cfg().switch_twin(8).moe_layers == (0, 1)
+    m = sw.moe_config()
+    assert (m.num_experts, m.top_k, m.router, m.capacity_factor, m.d_ff) == (4, 1, "switch", 1.25, 64)
+    blocks = GPT(sw).blocks
+    assert [b.is_moe for b in blocks] == [False, True, False, True]
+
+
+# --- the block and the model ----------------------------------------------------------------
+
+
+def test_block_is_pre_norm_with_two_residuals():
+    torch.manual_seed(0)
+    cfg = _cfg()
+    block = Block(cfg, 0).eval()
+    x = torch.randn(2, 16, 32)
+    h = x + block.attn(block.ln_1(x))
+    expected = h + block.ffn(block.ln_2(h))
+    out = block(x)
+    assert out.moe is None and torch.allclose(out.x, expected, atol=1e-6)
+    # with both branches zeroed the block is the identity: the residual path is clean
+    for lin in (block.attn.proj, block.ffn.fc_out):
+        torch.nn.init.zeros_(lin.weight)
+        torch.nn.init.zeros_(lin.bias)
+    assert torch.equal(block(x).x, x)
+
+
+def test_switch_block_adds_the_moe_output_and_reports_it():
+    torch.manual_seed(0)
+    block = Block(_cfg(ffn="switch", num_experts=4), 0).eval()
+    x = torch.randn(2, 16, 32)
+    out = block(x)
+    h = x + block.attn(block.ln_1(x))
+    moe = block.ffn(block.ln_2(h))
+    assert isinstance(out.moe, MoEOutput)
+    assert torch.allclose(out.x, h + moe.y, atol=1e-6)
+    assert out.moe.router_logits.shape == (32, 4)
+
+
+@pytest.mark.parametrize("ffn,experts", [("dense", 1), ("switch", 4)])
+def test_gpt_output_fields_and_shapes(ffn, experts):
+    torch.manual_seed(0)
+    model = GPT(_cfg(ffn=ffn, num_experts=experts))
+    out = model(_ids())
+    assert isinstance(out, GPTOutput) and out.logits.shape == (2, 16, V)
+    assert len(out.moe) == 2 and out.aux_loss.shape == ()
+    if ffn == "dense":
+        assert out.moe == (None, None) and out.aux_loss.item() == 0.0
+    else:
+        assert all(isinstance(m, MoEOutput) for m in out.moe)
+        assert torch.allclose(out.aux_loss, out.moe[0].loss + out.moe[1].loss)
+        assert [i for i, _ in out.moe_outputs] == [0, 1]
+        assert out.aux_loss.item() > 0
+
+
+@pytest.mark.parametrize("kw", [{}, {"position": "learned"}, {"fast_attention": False}, {"ffn": "switch", "num_experts": 4, "capacity_factor": None}])
+def test_gpt_is_causal(kw):
+    torch.manual_seed(0)
+    model = GPT(_cfg(**kw)).eval()
+    x = _ids()
+    x2 = x.clone()
+    x2[:, 9:] = (x2[:, 9:] + 1) % V
+    a, b = model(x).logits, model(x2).logits
+    assert torch.allclose(a[:, :9], b[:, :9], atol=1e-5), "logits before position 9 must not depend on later tokens"
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+def test_capacity_makes_routing_depend_on_the_whole_batch():
+    # A known property of Switch layers with a capacity: which tokens are dropped
+    # depends on every token of the forward call, later ones included.
+    torch.manual_seed(0)
+    model = GPT(_cfg(ffn="switch", num_experts=4, capacity_factor=0.5)).eval()
+    out = model(_ids(4))
+    assert all(m.num_dropped > 0 for m in out.moe)
+
+
+def test_gpt_rejects_bad_inputs():
+    model = GPT(_cfg())
+    with pytest.raises(ValueError, match="longer than block_size=16"):
+        model(_ids(t=17))
+    with pytest.raises(ValueError, match=r"\(B, T\)"):
+        model(torch.randn(2, 16))
+    with pytest.raises(ValueError, match="Switch model"):
+        model(_ids(), force_expert=0)
+    with pytest.raises(ValueError, match=r"force_expert must be an int in \[0, 4\)"):
+        GPT(_cfg(ffn="switch", num_experts=4))(_ids(), force_expert=4)
+    with pytest.raises(TypeError, match="GPTConfig"):
+        GPT({"vocab_size": V})
+
+
+def test_tied_head_shares_the_embedding_and_untied_does_not():
+    tied, untied = GPT(_cfg()), GPT(_cfg(tie_embeddings=False))
+    assert tied.head.weight is tied.tok_emb.weight
+    assert untied.head.weight is not untied.tok_emb.weight
+    assert count_parameters(untied) - count_parameters(tied) == V * 32
+
+
+# --- E = 1 Switch equals dense ---------------------------------------------------------------
+
+
+def _twins(num_experts: int = 1, **kw):
+    torch.manual_seed(0)
+    dense = GPT(_cfg(**kw))
+    torch.manual_seed(1)
+    switch = GPT(_cfg(ffn="switch", num_experts=num_experts, capacity_factor=None, **kw))
+    return dense, copy_dense_into_switch(dense, switch)
+
+
+def test_one_expert_switch_equals_its_dense_twin_with_the_router_bypassed():
+    dense, switch = _twins(1)
+    x = _ids(3)
+    ref = dense(x).logits
+    assert torch.allclose(switch(x, force_expert=0).logits, ref, atol=1e-5)
+    # through the router too: a softmax over one expert is exactly 1, so the gate changes nothing
+    out = switch(x)
+    assert all(torch.equal(m.gates, torch.ones_like(m.gates)) for m in out.moe)
+    assert torch.allclose(out.logits, ref, atol=1e-5)
+    # the only difference is the auxiliary loss: balance = 1 exactly, z-loss = mean of logit²
+    z = sum(m.router_logits.square().mean() for m in out.moe)
+    assert torch.allclose(out.aux_loss, 1e-2 * 2 + 1e-3 * z)
+
+
+def test_one_expert_switch_gets_the_dense_gradients_when_its_losses_are_off():
+    torch.manual_seed(0)
+    dense = GPT(_cfg())
+    torch.manual_seed(1)
+    switch = copy_dense_into_switch(dense, GPT(_cfg(ffn="switch", num_experts=1, capacity_factor=None, aux_loss_coef=0.0, z_loss_coef=0.0)))
+    x, y = _ids(2, seed=1), _ids(2, seed=2)
+    for m in (dense, switch):
+        out = m(x)
+        (torch.nn.functional.cross_entropy(out.logits.reshape(-1, V), y.reshape(-1)) + out.aux_loss).backward()
+    assert torch.allclose(dense.tok_emb.weight.grad, switch.tok_emb.weight.grad, atol=1e-6)
+    for db, sb in zip(dense.blocks, switch.blocks):
+        assert torch.allclose(db.attn.qkv.weight.grad, sb.attn.qkv.weight.grad, atol=1e-6)
+        assert torch.allclose(db.ffn.fc_in.weight.grad.T, sb.ffn.experts.w_in.grad[0], atol=1e-6)
+        assert torch.allclose(db.ffn.fc_out.weight.grad.T, sb.ffn.experts.w_out.grad[0], atol=1e-6)
+        assert sb.ffn.w_router.grad is None or sb.ffn.w_router.grad.abs().max() < 1e-8  # a gate of 1 teaches the router nothing
+
+
+def test_upcycled_experts_each_equal_the_dense_model():
+    dense, switch = _twins(4)
+    x = _ids()
+    ref = dense(x).logits
+    for e in range(4):
+        assert torch.allclose(switch(x, force_expert=e).logits, ref, atol=1e-5)
+    # routed, each token's output is the dense output times its gate (< 1): not equal any more
+    assert not torch.allclose(switch(x).logits, ref, atol=1e-3)
+
+
+def test_copy_refuses_models_of_different_shapes():
+    with pytest.raises(ValueError, match="d_ff: 64 vs 128"):
+        copy_dense_into_switch(GPT(_cfg()), GPT(_cfg(ffn="switch", num_experts=2, d_ff=128)))
+    with pytest.raises(ValueError, match="dense GPT and a Switch GPT"):
+        copy_dense_into_switch(GPT(_cfg(ffn="switch", num_experts=2)), GPT(_cfg()))
+
+
+# --- parameters and FLOPs ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"ffn": "switch", "num_experts": 4}, {"ffn": "switch", "num_experts": 3, "n_layers": 4, "moe_every": 2},
+     {"tie_embeddings": False, "position": "learned"}, {"bias": False, "ffn": "switch", "num_experts": 2}],
+)
+def test_param_count_matches_the_model(kw):
+    cfg = _cfg(**kw)
+    assert param_count(cfg).total == count_parameters(GPT(cfg))
+
+
+def test_param_count_by_hand():
+    # V=96, D=32, F=64, 2 layers, E=4, RoPE (no position table), tied head, biases
+    pc = param_count(_cfg(ffn="switch", num_experts=4))
+    assert pc.embedding == 96 * 32
+    assert pc.attention == 2 * (4 * 32 * 32 + 4 * 32)
+    assert pc.norms == 5 * 2 * 32
+    one_ffn = 2 * 32 * 64 + 64 + 32
+    assert one_ffn == ffn_param_count(32, 64)
+    assert pc.ffn == 2 * 4 * one_ffn and pc.ffn_active == 2 * one_ffn
+    assert pc.router == 2 * 32 * 4 and pc.head == 0
+    assert pc.total == 3072 + 8448 + 320 + 33536 + 256
+    assert pc.active == pc.total - 3 * 2 * one_ffn
+    dense = param_count(_cfg())
+    assert dense.active == dense.total == pc.active - pc.router
+
+
+def test_flops_per_token_by_hand():
+    # T=16, D=32, F=64, V=96, 2 layers, E=4
+    fc = flops_per_token(_cfg(ffn="switch", num_experts=4))
+    assert fc.attention_proj == 2 * (2 * 32 * 96 + 2 * 32 * 32)  # q,k,v and output projections
+    assert fc.attention_mix == 2 * (2 * 16 * 32 + 2 * 16 * 32)  # scores and weighted values over 16 keys
+    assert fc.ffn == 2 * ffn_flops(1, 32, 64) == 2 * 4 * 32 * 64
+    assert fc.router == 2 * 2 * 32 * 4 and fc.head == 2 * 32 * 96
+    assert fc.total == 16384 + 4096 + 16384 + 512 + 6144
+    assert fc.training == 3 * fc.total
+    dense = flops_per_token(_cfg())
+    assert fc.total - dense.total == fc.router  # equal FLOPs per token but for the router
+    assert flops_per_token(_cfg(), context=8).attention_mix == dense.attention_mix // 2
+
+
+@pytest.mark.parametrize("kw", [{}, {"ffn": "switch", "num_experts": 4}, {"ffn": "switch", "num_experts": 8, "n_layers": 4, "moe_every": 2}])
+def test_flops_per_token_match_pytorchs_flop_counter(kw):
+    # explicit attention and a per-expert dispatch, so that every matmul is seen by the counter
+    cfg = _cfg(fast_attention=False, dispatch="sort_split", capacity_factor=None, **kw) if kw else _cfg(fast_attention=False)
+    model = GPT(cfg)
+    x = _ids(3)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    assert counter.get_total_flops() == flops_per_token(cfg).total * x.numel()
+
+
+# --- generation ---------------------------------------------------------------------------
+
+
+def test_generate_extends_the_prompt_reproducibly_and_crops_long_contexts():
+    torch.manual_seed(0)
+    model = GPT(_cfg())
+    prompt = _ids(2, 4)
+    a = model.generate(prompt, 20, generator=torch.Generator().manual_seed(0))
+    b = model.generate(prompt, 20, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (2, 24) and torch.equal(a, b) and torch.equal(a[:, :4], prompt)
+    greedy = model.generate(prompt, 3, temperature=0.0)
+    assert torch.equal(greedy[:, 4], model(prompt).logits[:, -1].argmax(-1))
+    top1 = model.generate(prompt, 3, top_k=1, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(top1, greedy)  # top-1 sampling is greedy
+    assert model.training  # generate restores the mode it found
+
+
+def test_generate_stops_at_the_stop_token():
+    torch.manual_seed(0)
+    model = GPT(_cfg())
+    prompt = _ids(1, 3)
+    first = model.generate(prompt, 1, temperature=0.0)[0, -1].item()
+    out = model.generate(prompt, 10, temperature=0.0, stop_token=first)
+    assert out.shape == (1, 4)
