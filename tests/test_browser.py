@@ -115,3 +115,58 @@ def test_hospital_explorer_slider_updates_the_numbers(lab_url):
             raise
         finally:
             browser.close()
+
+
+def _run_in_own_workspace(page, base: str, token: str, notebook: str, ready: str, workspace: str) -> None:
+    """``run_notebook_in_browser`` in a named, freshly reset JupyterLab workspace.
+
+    Every JupyterLab on the machine shares ~/.jupyter/lab/workspaces: without
+    this, a lab that another session left with other notebooks open restores
+    them too, and "Run All Cells" may run in the wrong tab.
+    """
+    page.goto(f"{base}/lab/workspaces/{workspace}/tree/{notebook}?reset&token={token}", wait_until="domcontentloaded")
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
+    page.locator(".jp-Notebook").first.click()
+    page.locator(".lm-MenuBar-item", has_text="Run").first.click()
+    page.locator(".lm-Menu-item", has_text="Run All Cells").first.click()
+    page.wait_for_selector(ready, state="attached", timeout=300_000)
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=300_000)
+
+
+def test_waiting_room_playground_capacity_slider_updates_the_numbers(lab_url):
+    """Lesson 05's playground: lower the capacity factor with the keyboard; fewer chairs, more patients turned away."""
+    base, token = lab_url
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        try:
+            _run_in_own_workspace(page, base, token, "notebooks/05_balance_and_capacity.ipynb", ".widget-slider", "moe-course-05")
+            summary = page.locator(".widget-html-content").filter(has_text="chairs for").first
+            summary.wait_for(timeout=60_000)
+            summary.scroll_into_view_if_needed()
+            before = summary.text_content()
+            assert "capacity factor 1.00" in before, before
+            slider = page.locator(".widget-slider").filter(has_text="capacity factor").first
+            slider.locator(".noUi-handle, .slider-handle, [role=slider]").first.focus()
+            for _ in range(2):
+                page.keyboard.press("ArrowLeft")
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.widget-html-content')].some("
+                "e => e.textContent.includes('capacity factor 0.50'))", timeout=60_000)
+            page.wait_for_timeout(1500)  # let the chart image catch up before the screenshot
+            after = summary.text_content()
+
+            def turned_away(text: str) -> int:
+                return int(text.split("Turned away in this batch:")[1].split(" of ")[0])
+
+            assert "capacity factor 0.50" in after, after
+            assert turned_away(after) > turned_away(before), (before, after)
+            assert after.split("chairs")[0] != before.split("chairs")[0]  # C itself changed
+            page.locator(".widget-image").last.scroll_into_view_if_needed()
+            page.screenshot(path=str(SHOTS / "05_playground_widget.png"), full_page=False)
+        except BaseException:
+            page.screenshot(path=str(SHOTS / "05_playground_failure.png"))
+            (SHOTS / "05_playground_failure.html").write_text(page.content())
+            raise
+        finally:
+            browser.close()
