@@ -16,6 +16,10 @@ specialist. Modules, in reading order:
     dispatch   sort_dispatch(): send tokens to their experts, weigh and add up what comes back
     moe        MoEConfig, MoELayer: a router in front of E experts, returns MoEOutput
     models     ClinicMoE: embed, one MoE layer, classify (the clinic lessons)
+    routed     RoutedMixture: the dense mixture's gate and experts, each patient sees its top-k (lesson 04)
+    approaches four_approaches(): the essay's four approaches measured side by side (lesson 04)
+    balance    LoadTracker, evaluate_capacity(), capacity_sweep(): load, drops and capacity (lesson 05)
+    playground train_clinic_moe(), clinic_day(): lesson 05's playground, computed
     metrics    accuracy_by_group()
     training   train(), TrainConfig, ClassificationTask
     timing     time_per_batch(): models timed side by side, as ratios
