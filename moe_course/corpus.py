@@ -179,7 +179,8 @@ class CharTokenizer:
 @dataclass(frozen=True)
 class CorpusConfig:
     seed: int = 0  # fixes the fact table (and the held-out stream)
-    num_facts: int = 2000  # patients in the clinic's records (the knowledge to memorise)
+    num_facts: int = 90  # patients in the clinic's records (the knowledge to memorise)
+    id_digits: int = 2  # digits of a patient number: at most 9·10^(id_digits-1) patients
     num_wards: int = 16  # distinct answers of a fact (at most len(WARDS)): log2(num_wards) bits per fact
     mix: Mapping[str, float] | None = None  # sampling weight per domain; None: DEFAULT_MIX (+ text_weight)
     arithmetic_digits: int = 2  # operands have up to this many digits
@@ -194,12 +195,15 @@ class CorpusConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"CorpusConfig.{name} must be an int >= 0, got {value!r}")
-        for name in ("num_facts", "arithmetic_digits", "max_word", "text_window"):
+        for name in ("num_facts", "id_digits", "arithmetic_digits", "max_word", "text_window"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"CorpusConfig.{name} must be a positive int, got {value!r}")
-        if self.num_facts > 9000:
-            raise ValueError(f"CorpusConfig.num_facts={self.num_facts}: patient numbers have 4 digits, so at most 9000 facts")
+        if self.id_digits > 6:
+            raise ValueError(f"CorpusConfig.id_digits must be at most 6, got {self.id_digits}")
+        most = 9 * 10 ** (self.id_digits - 1)
+        if self.num_facts > most:
+            raise ValueError(f"CorpusConfig.num_facts={self.num_facts}: patient numbers have {self.id_digits} digits, so at most {most} facts; raise id_digits")
         if not isinstance(self.num_wards, int) or not 2 <= self.num_wards <= len(WARDS):
             raise ValueError(f"CorpusConfig.num_wards must be an int in [2, {len(WARDS)}], got {self.num_wards!r}")
         if self.arithmetic_digits > 6:
@@ -335,7 +339,8 @@ class Corpus:
 
     def _make_facts(self) -> dict[int, str]:
         rng = _rng(self.config.seed, _FACTS)
-        patients = rng.sample(range(1000, 10000), self.config.num_facts)
+        d = self.config.id_digits
+        patients = rng.sample(range(10 ** (d - 1) if d > 1 else 0, 10 ** d), self.config.num_facts)
         wards = WARDS[: self.config.num_wards]
         return {p: wards[rng.randrange(len(wards))] for p in patients}
 

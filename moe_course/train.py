@@ -26,12 +26,12 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from .corpus import ANSWER_DOMAINS, Corpus, CorpusConfig
+from .corpus import Corpus, CorpusConfig
 from .device import get_device, seed_everything
 from .flops import count_parameters
 from .lm import LMTask, complete
@@ -49,7 +49,7 @@ _MODEL_FLAGS = {
     "aux_coef": "aux_loss_coef", "z_coef": "z_loss_coef", "jitter": "router_jitter", "dropout": "dropout",
     "untied": "tie_embeddings", "init_scale": "init_scale",
 }
-_CORPUS_FLAGS = {"facts": "num_facts", "wards": "num_wards", "corpus_seed": "seed", "mix": "mix", "text_file": "text_file"}
+_CORPUS_FLAGS = {"facts": "num_facts", "id_digits": "id_digits", "wards": "num_wards", "corpus_seed": "seed", "mix": "mix", "text_file": "text_file"}
 _TRAIN_FLAGS = {
     "steps": "steps", "batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay", "warmup": "warmup_steps",
     "lr_min_ratio": "lr_min_ratio", "grad_clip": "grad_clip", "eval_every": "eval_every", "seed": "seed",
@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--untied", action="store_const", const=False, default=S, help="give the head its own weights (default: tied to the embedding)")
     c = p.add_argument_group("corpus (CorpusConfig)")
     c.add_argument("--facts", type=int, default=S, help="patients in the fact table (default %d)" % CorpusConfig().num_facts)
+    c.add_argument("--id-digits", type=int, default=S, help="digits of a patient number (default %d; 3 or 4 allow more facts)" % CorpusConfig().id_digits)
     c.add_argument("--wards", type=int, default=S, help="distinct answers of a fact (default %d)" % CorpusConfig().num_wards)
     c.add_argument("--corpus-seed", type=int, default=S, help="seed of the fact table and the held-out set (default 0)")
     c.add_argument("--mix", type=_mix, default=S, help="sampling weights, e.g. facts=0.5,arithmetic=0.1,... (default: the course's mix)")

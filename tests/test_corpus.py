@@ -25,7 +25,7 @@ _CLOSE = {"(": ")", "[": "]", "{": "}", "<": ">"}
 
 @pytest.fixture(scope="module")
 def corpus() -> Corpus:
-    return Corpus(CorpusConfig(num_facts=300))
+    return Corpus(CorpusConfig(num_facts=300, id_digits=3))
 
 
 def _is_valid(corpus: Corpus, text: str, domain: str) -> bool:
@@ -109,19 +109,21 @@ def test_every_sample_obeys_its_domains_rule(corpus: Corpus, domain: str):
 
 
 def test_fact_table_is_seeded_and_independent_of_the_mix():
-    a = Corpus(CorpusConfig(seed=3, num_facts=500))
-    b = Corpus(CorpusConfig(seed=3, num_facts=500, mix={"facts": 1.0}))
-    c = Corpus(CorpusConfig(seed=4, num_facts=500))
+    a = Corpus(CorpusConfig(seed=3, num_facts=500, id_digits=4))
+    b = Corpus(CorpusConfig(seed=3, num_facts=500, id_digits=4, mix={"facts": 1.0}))
+    c = Corpus(CorpusConfig(seed=4, num_facts=500, id_digits=4))
     assert a.facts == b.facts and a.facts != c.facts
     assert len(a.facts) == 500 and all(1000 <= p <= 9999 for p in a.facts)
     assert set(a.facts.values()) <= set(WARDS)
+    default = Corpus()
+    assert sorted(default.facts) == list(range(10, 100))  # every 2-digit patient
     # every ward is used about equally often (16 wards, 500 patients)
     counts = Counter(a.facts.values())
     assert len(counts) == 16 and max(counts.values()) < 3 * 500 / 16
 
 
 def test_num_wards_limits_the_answers():
-    corpus = Corpus(CorpusConfig(num_facts=200, num_wards=4))
+    corpus = Corpus(CorpusConfig(num_facts=80, num_wards=4))
     assert set(corpus.facts.values()) == set(WARDS[:4])
 
 
@@ -191,7 +193,7 @@ def test_held_out_set_is_fixed_fresh_and_uses_the_same_facts(corpus: Corpus):
     train = corpus.batch(16, 64, torch.Generator().manual_seed(0))
     assert not torch.equal(h1.x, train.x)
     text = "".join(corpus.decode(r) for r in h1.y)
-    patients = [int(line.split(":")[0].removeprefix("patient ")) for line in text.split("\n") if line.startswith("patient ") and ": " in line and len(line.split(": ")[0]) == 12]
+    patients = [int(line.split(":")[0].removeprefix("patient ")) for line in text.split("\n") if line.startswith("patient ") and ": " in line and len(line.split(": ")[0]) == 11]
     assert patients and all(p in corpus.facts for p in patients)
 
 
@@ -233,7 +235,7 @@ def test_text_file_errors_are_clear(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs,words",
-    [({"num_facts": 0}, "num_facts"), ({"num_facts": 9001}, "at most 9000"), ({"num_wards": 17}, "num_wards"),
+    [({"num_facts": 0}, "num_facts"), ({"num_facts": 91}, "at most 90 facts"), ({"num_facts": 901, "id_digits": 3}, "at most 900"), ({"num_wards": 17}, "num_wards"),
      ({"mix": {"gossip": 1.0}}, "unknown domain 'gossip'"), ({"mix": {"facts": -1.0}}, r"mix\['facts'\]"),
      ({"mix": {"facts": 0.0}}, "sum to 0"), ({"max_word": 2}, "max_word"), ({"seed": -1}, "seed")],
 )

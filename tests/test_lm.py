@@ -129,3 +129,43 @@ def test_task_rejects_bad_settings(corpus: Corpus):
         LMTask(corpus, 32, eval_rows=0)
     with pytest.raises(TypeError, match="Corpus"):
         LMTask("text", 32)
+
+
+# --- looking inside the routing (moe_course.lm_routing) -------------------------------------
+
+
+def test_routing_report_counts_every_token_once_per_layer(corpus: Corpus):
+    from moe_course.lm_routing import routing_report
+
+    model = _model(corpus, ffn="switch", num_experts=4, capacity_factor=1.0)
+    batch = corpus.held_out(12, 32)
+    reports = routing_report(model, batch, corpus.domains, chunk=4)
+    assert [r.layer for r in reports] == [0, 1]
+    with torch.no_grad():
+        outs = [model(batch.x[i : i + 4]) for i in range(0, 12, 4)]
+    for r in reports:
+        assert r.domain_expert.shape == (corpus.num_domains, 4) and r.char_expert.shape == (corpus.vocab_size, 4)
+        assert r.tokens == batch.x.numel() == int(r.domain_expert.sum()) == int(r.char_expert.sum())
+        # per-domain row totals are the number of target characters of each domain
+        assert torch.equal(r.domain_expert.sum(1), torch.bincount(batch.domain.reshape(-1), minlength=corpus.num_domains))
+        expected_load = sum(o.moe[r.layer].tokens_per_expert for o in outs)
+        assert torch.equal(r.tokens_per_expert, expected_load)
+        assert r.dropped == sum(int(o.moe[r.layer].num_dropped) for o in outs)
+        assert 0.0 <= r.specialisation <= 1.0
+        table = r.domain_table()
+        assert list(table.index) == list(corpus.domains) and torch.allclose(torch.tensor(table.sum(axis=1).values), torch.ones(6, dtype=torch.float64))
+        prefs = r.preferred_chars(corpus.tokenizer, k=3)
+        assert set(prefs.columns) == {"expert", "char", "count", "share", "lift"} and (prefs.groupby("expert").size() <= 3).all()
+
+
+def test_routing_tracker_records_shares_over_training(corpus: Corpus):
+    from moe_course.lm_routing import RoutingTracker
+
+    task = LMTask(corpus, 32, eval_rows=8)
+    tracker = RoutingTracker(task.held_out, corpus.domains, chunk=8)
+    train(_model(corpus, ffn="switch", num_experts=2), task, TrainConfig(steps=4, batch_size=8, eval_every=2),
+          progress=False, device="cpu", callback=tracker)
+    h = tracker.history
+    assert sorted(h["step"].unique()) == [2, 4] and len(h) == 2 * 2 * 2
+    assert torch.allclose(torch.tensor(h.groupby(["step", "layer"])["share"].sum().values), torch.ones(4, dtype=torch.float64))
+    assert list(tracker.summary.columns) == ["step", "layer", "dropped_rate", "specialisation"]
