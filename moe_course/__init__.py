@@ -20,6 +20,12 @@ specialist. Modules, in reading order:
     approaches four_approaches(): the essay's four approaches measured side by side (lesson 04)
     balance    LoadTracker, evaluate_capacity(), capacity_sweep(): load, drops and capacity (lesson 05)
     playground train_clinic_moe(), clinic_day(): lesson 05's playground, computed
+    corpus     Corpus, CharTokenizer: the multi-domain character corpus (lessons 07-08)
+    attention  CausalSelfAttention, causal_mask(), rotary_embedding(): tokens talk to each other
+    transformer  GPT, GPTConfig: a dense or Switch character GPT; param_count(), flops_per_token()
+    lm         LMTask: next-character loss, held-out loss per domain; complete()
+    lm_routing routing_report(), RoutingTracker: which expert gets which tokens, per layer
+    train      `moe-train`: train a language model from the shell, with checkpoints and metrics
     metrics    accuracy_by_group()
     training   train(), TrainConfig, ClassificationTask
     timing     time_per_batch(): models timed side by side, as ratios
