@@ -350,8 +350,8 @@ gate_mass_heatmap(sent / sent.sum(1, keepdim=True), clinic.specialties, ax=axes[
                   title=f"4 · the GP: where each specialty is sent\n(specialisation score "
                         f"{specialisation_score(routed_out.gate_weights, s_val, S):.2f})")
 fig.tight_layout()
-idle = (sent.sum(0) == 0).nonzero().flatten().tolist()
-print(f"doctors the GP sends no held-out patient to: {idle if idle else 'none'}")
+load = sent.sum(0) / sent.sum()  # (E,) share of all held-out patients per doctor
+print("share of the held-out patients the GP sends to each doctor:", [f"{v:.1%}" for v in load.tolist()])
 
 # %% [markdown]
 # Compare the two maps and their specialisation scores (lesson 03's normalised mutual
