@@ -27,9 +27,9 @@ Mixtral), so that q_i · k_j depends on the offset i − j rather than on the
 absolute positions. "Look at the character two places back" is then one
 fixed pattern for every position, which a small model learns in a few
 hundred steps; with learned absolute position embeddings alone it has to be
-learned separately at every position, which takes far longer (measured on
-the course corpus: 2-digit patient records, 300 steps, 20% against 100%
-memorised).
+learned separately at every position, which takes far longer (measured:
+90 records written "42:eye", records only, a 2-layer model of width 64,
+300 steps: 22% of the records recalled with learned positions, 100% with RoPE).
 
 ``CausalSelfAttention`` runs H heads side by side on D = H·d and mixes them
 with an output projection. With ``fast=True`` it calls PyTorch's fused
