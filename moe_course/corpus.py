@@ -7,9 +7,15 @@ An endless, seeded stream of short samples, each one line ending in ``"\\n"``
 and tagged with its *domain*. Two kinds of domain:
 
 * **knowledge**, ``facts``: the clinic's records, a table of ``num_facts``
-  random facts such as ``"patient 4821: eye\\n"``. Nothing about the patient
+  random facts such as ``"patient 48: eye\\n"``. Nothing about the patient
   number predicts the ward: the model has to memorise the table, and a small
-  model runs out of room for it. More parameters (experts) help here.
+  model runs out of room for it; more parameters (experts) should help here.
+  Patient numbers have ``id_digits`` digits (2 by default: every patient from
+  10 to 99). Longer numbers allow thousands of records, but a toy model then
+  needs far more steps, because it must first learn to combine all the digits
+  into one key (measured, records only, a 2-layer model of width 64, 300
+  steps: 250 records with 4-digit numbers, 17% recalled, chance being 6%;
+  90 records with 2-digit numbers written "42:eye", all recalled).
 * **skills**, rules that a small network can learn and more parameters help
   little: ``arithmetic`` (``"37+45=82"``, ``"61-8=53"``), ``reversal``
   (``"rev abcd=dcba"``), ``sorting`` (``"sort dbca=abcd"``), ``brackets``
