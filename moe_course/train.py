@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=S, help="rows of --context characters per step (default 32)")
     t.add_argument("--lr", type=float, default=S, help="peak learning rate (default 1e-3)")
     t.add_argument("--weight-decay", type=float, default=S, help="AdamW weight decay (default 0)")
-    t.add_argument("--warmup", type=int, default=S, help="warm-up steps (default 100)")
+    t.add_argument("--warmup", type=int, default=S, help="warm-up steps (default: 100, at most a tenth of --steps)")
     t.add_argument("--lr-min-ratio", type=float, default=S, help="cosine decay to this fraction of lr (default 0.1)")
     t.add_argument("--grad-clip", type=_optional_float, default=S, help="max gradient norm, or 'none' (default 1.0)")
     t.add_argument("--eval-every", type=int, default=S, help="steps between held-out evaluations (default 200)")
@@ -142,6 +142,8 @@ def configs_from_args(args: argparse.Namespace, saved: dict | None = None) -> tu
         for flag, name in flags.items():
             if flag in given:
                 kw[name] = given[flag]
+    if saved is None and "warmup" not in given:  # the default warm-up never exceeds a tenth of the run
+        train_kw["warmup_steps"] = min(train_kw["warmup_steps"], train_kw["steps"] // 10)
     if model_kw.get("ffn", "dense") == "dense" and "experts" not in given:
         model_kw["num_experts"] = 1
     corpus_cfg = CorpusConfig(**corpus_kw)
@@ -249,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         row = result.final
         shown = {k: round(v, 4) for k, v in row.items() if k == "val_loss" or k.startswith("val_loss_") or k.startswith("val_exact_")}
         print(f"step {int(row['step'])}: " + ", ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
-    if done >= train_cfg.steps:
+    if result is not None and done >= train_cfg.steps:
         model.to(device).eval()
         (out / SAMPLES_FILE).write_text(_samples(model, corpus))
     print(f"wrote {out}/ ({time.perf_counter() - t0:.1f} s)", flush=True)
