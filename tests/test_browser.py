@@ -50,7 +50,9 @@ def lab_url(tmp_path_factory):
     SHOTS.mkdir(parents=True, exist_ok=True)
     log = open(SHOTS / "lab.log", "w")
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}"]
+           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+           # its own workspaces and settings: never restore tabs another JupyterLab left open
+           f"--LabApp.workspaces_dir={root / '.workspaces'}", f"--LabApp.user_settings_dir={root / '.settings'}"]
     if os.geteuid() == 0:
         cmd.append("--allow-root")
     proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -74,14 +76,15 @@ def lab_url(tmp_path_factory):
 
 
 def run_notebook_in_browser(page, base: str, token: str, notebook: str, ready: str) -> None:
-    """Open a notebook in JupyterLab, wait for the kernel, run all cells, wait for ``ready`` to appear."""
-    page.goto(f"{base}/lab/tree/{notebook}?token={token}", wait_until="domcontentloaded")
+    """Open a notebook in a freshly reset JupyterLab workspace, wait for the kernel, run all cells,
+    then wait for ``ready`` to appear and the kernel to be idle again."""
+    page.goto(f"{base}/lab/tree/{notebook}?reset&token={token}", wait_until="domcontentloaded")
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
     page.locator(".jp-Notebook").first.click()
     page.locator(".lm-MenuBar-item", has_text="Run").first.click()
     page.locator(".lm-Menu-item", has_text="Run All Cells").first.click()
-    page.wait_for_selector(ready, state="attached", timeout=240_000)
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=240_000)
+    page.wait_for_selector(ready, state="attached", timeout=300_000)
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=300_000)
 
 
 def test_hospital_explorer_slider_updates_the_numbers(lab_url):
@@ -117,22 +120,6 @@ def test_hospital_explorer_slider_updates_the_numbers(lab_url):
             browser.close()
 
 
-def _run_in_own_workspace(page, base: str, token: str, notebook: str, ready: str, workspace: str) -> None:
-    """``run_notebook_in_browser`` in a named, freshly reset JupyterLab workspace.
-
-    Every JupyterLab on the machine shares ~/.jupyter/lab/workspaces: without
-    this, a lab that another session left with other notebooks open restores
-    them too, and "Run All Cells" may run in the wrong tab.
-    """
-    page.goto(f"{base}/lab/workspaces/{workspace}/tree/{notebook}?reset&token={token}", wait_until="domcontentloaded")
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
-    page.locator(".jp-Notebook").first.click()
-    page.locator(".lm-MenuBar-item", has_text="Run").first.click()
-    page.locator(".lm-Menu-item", has_text="Run All Cells").first.click()
-    page.wait_for_selector(ready, state="attached", timeout=300_000)
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=300_000)
-
-
 def test_waiting_room_playground_capacity_slider_updates_the_numbers(lab_url):
     """Lesson 05's playground: lower the capacity factor with the keyboard; fewer chairs, more patients turned away."""
     base, token = lab_url
@@ -140,7 +127,7 @@ def test_waiting_room_playground_capacity_slider_updates_the_numbers(lab_url):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         try:
-            _run_in_own_workspace(page, base, token, "notebooks/05_balance_and_capacity.ipynb", ".widget-slider", "moe-course-05")
+            run_notebook_in_browser(page, base, token, "notebooks/05_balance_and_capacity.ipynb", ".widget-slider")
             summary = page.locator(".widget-html-content").filter(has_text="chairs for").first
             summary.wait_for(timeout=60_000)
             summary.scroll_into_view_if_needed()
