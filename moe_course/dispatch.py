@@ -361,7 +361,7 @@ def _grouped_mm_ok(x: torch.Tensor, experts: Experts) -> bool:
 
 
 def grouped_mm(x, experts: Experts, expert_index, gates, keep=None) -> torch.Tensor:
-    """Sort assignments by expert, then one grouped matmul per layer: the default.
+    """Sort assignments by expert, then one grouped matmul per layer.
 
     ``torch.nn.functional.grouped_mm(a, b, offs=...)`` multiplies row block g of
     a (rows offs[g-1]:offs[g]) by b[g], for all experts in one call, with the
@@ -394,7 +394,10 @@ METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "sort_split": sort_split,
     "grouped_mm": grouped_mm,
 }
-DEFAULT_METHOD = "grouped_mm" if HAS_GROUPED_MM else "sort_split"
+# Measured with `python -m moe_course.bench` on a 2-core CPU (torch 2.13): sort_split
+# was fastest or tied in every standard configuration (the CPU grouped_mm runs its
+# groups one after another with small matmuls). Re-measure on new hardware.
+DEFAULT_METHOD = "sort_split"
 
 
 def dispatch(x, experts: Experts, expert_index, gates, keep=None, *, method: str | None = None) -> torch.Tensor:

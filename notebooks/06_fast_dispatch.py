@@ -80,8 +80,9 @@ dispatch_picture(example, num_experts=3);
 # one-hot tensor (4) has N × E × C entries for N tokens: here 8 × 12, almost all zeros.
 #
 # The sort-based path is made of three small steps, the ones you write in the exercises:
-# `sort_by_expert` (the order and the block sizes), the grouped matmuls, and
-# `combine_rows` (answers back to their tokens, weighted by the gate).
+# `sort_by_expert` (the order and the block sizes), the expert matmuls on each block (one
+# grouped matmul for all blocks, or one matmul pair per block), and `combine_rows`
+# (answers back to their tokens, weighted by the gate).
 
 # %%
 from moe_course import dispatch as D

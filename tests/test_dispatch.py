@@ -85,7 +85,7 @@ def test_expert_choice_dispatch_equals_a_loop():
 
 # --- the competing implementations (lesson 06, moe_course.bench) ----------------------
 
-from moe_course.dispatch import DEFAULT_METHOD, HAS_GROUPED_MM, METHODS, dispatch, onehot_einsum  # noqa: E402
+from moe_course.dispatch import DEFAULT_METHOD, METHODS, dispatch, onehot_einsum  # noqa: E402
 
 
 def _grads(method, x, experts, expert_index, gates, keep):
@@ -173,7 +173,7 @@ def test_grouped_mm_survives_a_stride_zero_gradient():
 
 
 def test_dispatch_picks_the_default_and_rejects_unknown_methods():
-    assert DEFAULT_METHOD == ("grouped_mm" if HAS_GROUPED_MM else "sort_split")
+    assert DEFAULT_METHOD in METHODS and DEFAULT_METHOD != "onehot_einsum"  # never the (N, E, C) path
     x, experts, expert_index, gates, _ = _case("top1")
     torch.testing.assert_close(dispatch(x, experts, expert_index, gates), METHODS[DEFAULT_METHOD](x, experts, expert_index, gates))
     with pytest.raises(ValueError, match="unknown dispatch method"):
