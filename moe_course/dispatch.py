@@ -82,33 +82,13 @@ def sort_dispatch(
     """
     if x.ndim != 2:
         raise ValueError(f"x must have shape (N, D), got {tuple(x.shape)}")
-    if expert_index.ndim == 1:
-        expert_index = expert_index[:, None]
-    if gates.ndim == 1:
-        gates = gates[:, None]
-    if expert_index.shape != gates.shape or expert_index.shape[0] != x.shape[0]:
-        raise ValueError(f"expert_index {tuple(expert_index.shape)} and gates {tuple(gates.shape)} must both be (N, K) with N={x.shape[0]}")
-    if keep is not None:
-        if keep.ndim == 1:
-            keep = keep[:, None]
-        if keep.shape != expert_index.shape or keep.dtype != torch.bool:
-            raise ValueError(f"keep must be a bool tensor of shape {tuple(expert_index.shape)}, got {keep.dtype} {tuple(keep.shape)}")
-    num_tokens, k = expert_index.shape
-    token = torch.arange(num_tokens, device=x.device).repeat_interleave(k)  # (N·K,) token of each assignment
-    expert = expert_index.reshape(-1)  # (N·K,)
-    gate = gates.reshape(-1)  # (N·K,)
-    if keep is not None:
-        kept = keep.reshape(-1)
-        token, expert, gate = token[kept], expert[kept], gate[kept]
-    order = torch.argsort(expert, stable=True)
-    token, expert, gate = token[order], expert[order], gate[order]
+    expert_index, gates, keep = _routing_shapes(x, expert_index, gates, keep)
+    token, expert, gate = _kept_assignments(expert_index, gates, keep)  # (M,) each, sorted by expert
     counts = torch.bincount(expert, minlength=experts.num_experts).tolist()  # rows per expert
     blocks = torch.split(x[token], counts)  # E blocks of (count_e, D)
     # Empty blocks run too (cheaply): that keeps the output dtype the experts' (e.g. bf16 under autocast).
     outputs = [experts.expert_output(e, block) for e, block in enumerate(blocks)]
-    y_sorted = torch.cat(outputs)  # (M, D), M = kept assignments
-    y_sorted = y_sorted * gate.to(y_sorted.dtype)[:, None]
-    return torch.zeros(x.shape, dtype=y_sorted.dtype, device=x.device).index_add(0, token, y_sorted)  # (N, D)
+    return combine_rows(torch.cat(outputs), token, gate, x.shape[0])  # (M, D) → (N, D)
 
 
 def expert_choice_dispatch(
@@ -182,11 +162,8 @@ def slot_positions(expert_index: torch.Tensor, num_experts: int) -> torch.Tensor
 # ---------------------------------------------------------------------------
 
 
-def _validate(x: torch.Tensor, experts: Experts, expert_index: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor | None):
-    if not isinstance(experts, Experts):
-        raise TypeError(f"these dispatch implementations need stacked moe_course.experts.Experts, got {type(experts).__name__}")
-    if x.ndim != 2 or x.shape[1] != experts.d_model:
-        raise ValueError(f"x must have shape (N, {experts.d_model}), got {tuple(x.shape)}")
+def _routing_shapes(x: torch.Tensor, expert_index: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor | None):
+    """Check (and lift (N,) to (N, 1)) expert_index, gates and keep against x (N, D)."""
     if expert_index.ndim == 1:
         expert_index = expert_index[:, None]
     if gates.ndim == 1:
@@ -199,6 +176,14 @@ def _validate(x: torch.Tensor, experts: Experts, expert_index: torch.Tensor, gat
         if keep.shape != expert_index.shape or keep.dtype != torch.bool:
             raise ValueError(f"keep must be a bool tensor of shape {tuple(expert_index.shape)}, got {keep.dtype} {tuple(keep.shape)}")
     return expert_index, gates, keep
+
+
+def _validate(x: torch.Tensor, experts: Experts, expert_index: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor | None):
+    if not isinstance(experts, Experts):
+        raise TypeError(f"these dispatch implementations need stacked moe_course.experts.Experts, got {type(experts).__name__}")
+    if x.ndim != 2 or x.shape[1] != experts.d_model:
+        raise ValueError(f"x must have shape (N, {experts.d_model}), got {tuple(x.shape)}")
+    return _routing_shapes(x, expert_index, gates, keep)
 
 
 def _act(experts: Experts) -> Callable[[torch.Tensor], torch.Tensor]:

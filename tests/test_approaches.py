@@ -12,15 +12,6 @@ from moe_course.routed import routed_mixture_flops
 from moe_course.training import TrainConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train fastest on one thread (and several threads crawl on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_measure_flops_per_example_counts_matmuls_per_row():
     model = FeedForward(6, 10, d_out=3)
     x = torch.randn(7, 6)

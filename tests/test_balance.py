@@ -11,15 +11,6 @@ from moe_course.routed import RoutedMixture, RoutedMixtureConfig
 from moe_course.training import ClassificationTask, TrainConfig, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train fastest on one thread (and several threads crawl on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def clinic():
     return make_clinic(2, n_train=256, n_val=96, seed=0)

@@ -18,15 +18,6 @@ from moe_course.routed import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train fastest on one thread (and several threads crawl on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _model(seed: int = 0, **overrides) -> RoutedMixture:
     torch.manual_seed(seed)
     return RoutedMixture(RoutedMixtureConfig(d_in=6, d_ff=8, num_classes=3, num_experts=4, **overrides))
