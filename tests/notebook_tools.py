@@ -107,3 +107,40 @@ def with_outputs(nb: nbformat.NotebookNode, outputs_by_index: dict[int, list]) -
                 cell.outputs = [nbformat.from_dict(o) for o in outputs_by_index[index]]
                 cell.execution_count = count
     return nb
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(cmd: list[str], cwd: Path, status_url: str, log_path: Path, timeout: float = 90.0):
+    """Start a server process (its own session), wait until ``status_url`` answers, stop it afterwards."""
+    import signal
+    import time
+    import urllib.request
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    urllib.request.urlopen(status_url, timeout=5)
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise AssertionError(f"server did not start: {log_path.read_text()[-2000:]}")
+                    time.sleep(0.5)
+            yield proc
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)

@@ -10,17 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from notebook_tools import ROOT
+from notebook_tools import ROOT, free_port, running_server
 
 REQUIRED = os.environ.get("MOE_COURSE_REQUIRE_BROWSER") == "1"  # set by .ci/run: CI must not skip these
 CHROMIUM = os.environ.get("MOE_COURSE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -35,44 +30,22 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 SHOTS = ROOT / "build" / "browser"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def lab_url(tmp_path_factory):
     """JupyterLab serving a *copy* of the lessons, so the browser can never save over the course."""
     root = tmp_path_factory.mktemp("lab")
     shutil.copytree(ROOT / "notebooks", root / "notebooks", ignore=shutil.ignore_patterns("*.py", ".ipynb_checkpoints"))
-    port, token = _free_port(), "browser-test"
+    port, token = free_port(), "browser-test"
     SHOTS.mkdir(parents=True, exist_ok=True)
-    log = open(SHOTS / "lab.log", "w")
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
            f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
            # its own workspaces and settings: never restore tabs another JupyterLab left open
            f"--LabApp.workspaces_dir={root / '.workspaces'}", f"--LabApp.user_settings_dir={root / '.settings'}"]
     if os.geteuid() == 0:
         cmd.append("--allow-root")
-    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=5)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError((SHOTS / "lab.log").read_text()[-2000:])
-            time.sleep(0.5)
-    yield base, token
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+    with running_server(cmd, root, f"{base}/api/status?token={token}", SHOTS / "lab.log"):
+        yield base, token
 
 
 def run_notebook_in_browser(page, base: str, token: str, notebook: str, ready: str) -> None:

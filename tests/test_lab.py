@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from notebook_tools import ROOT
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from notebook_tools import ROOT, free_port, running_server
 
 
 def _get(url: str):
@@ -30,34 +20,16 @@ def _get(url: str):
 
 @pytest.fixture(scope="module")
 def lab():
-    port, token = _free_port(), "moe-course-test"
+    port, token = free_port(), "moe-course-test"
     args = f"--no-browser --ServerApp.ip=127.0.0.1 --ServerApp.port={port} --IdentityProvider.token={token}"
     in_course_venv = Path(sys.executable).parent == ROOT / ".venv" / "bin" and (ROOT / ".venv" / ".installed").exists()
     if in_course_venv:  # the real README command
         cmd = ["make", "--no-print-directory", "lab", f"LAB_ARGS={args}"]
     else:  # another environment (e.g. conda): the same server from this interpreter
         cmd = [sys.executable, "-m", "jupyterlab", *args.split(), *(["--allow-root"] if os.geteuid() == 0 else [])]
-    log = open(ROOT / "build" / "lab-test.log", "w") if (ROOT / "build").mkdir(exist_ok=True) is None else None
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                _get(f"{base}/api/status?token={token}")
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"JupyterLab did not start: {(ROOT / 'build' / 'lab-test.log').read_text()[-2000:]}")
-                time.sleep(0.5)
+    with running_server(cmd, ROOT, f"{base}/api/status?token={token}", ROOT / "build" / "lab-test.log"):
         yield base, token
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def test_lab_serves_the_course_folder_with_every_lesson(lab):
