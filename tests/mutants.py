@@ -842,3 +842,152 @@ MUTANTS.update({
         ("ranked by the logits", choice_ranked_by_logits, "picked each expert's tokens by their raw logits"),
     ],
 })
+
+
+# == lesson 07 ======================================================================
+
+
+# -- 7.1 causal_attention ------------------------------------------------------------
+def _scores(q, k):
+    return q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+
+
+def _future(t, diagonal=1):
+    return torch.ones(t, t, dtype=torch.bool).triu(diagonal)  # True where masked
+
+
+def attn_correct_but(q, k, v, *, scores=None, masked=None, dim=-1, fill=float("-inf")):
+    t = q.shape[-2]
+    scores = _scores(q, k) if scores is None else scores
+    masked = _future(t) if masked is None else masked
+    return torch.softmax(scores.masked_fill(masked, fill), dim=dim) @ v
+
+
+def attn_no_mask(q, k, v):
+    return torch.softmax(_scores(q, k), dim=-1) @ v
+
+
+def attn_diagonal_masked(q, k, v):
+    return attn_correct_but(q, k, v, masked=_future(q.shape[-2], diagonal=0))
+
+
+def attn_one_future_key(q, k, v):
+    return attn_correct_but(q, k, v, masked=_future(q.shape[-2], diagonal=2))
+
+
+def attn_mask_wrong_way(q, k, v):
+    return attn_correct_but(q, k, v, masked=_future(q.shape[-2]).T)
+
+
+def attn_no_scale(q, k, v):
+    return attn_correct_but(q, k, v, scores=q @ k.transpose(-2, -1))
+
+
+def attn_scale_by_d(q, k, v):
+    return attn_correct_but(q, k, v, scores=q @ k.transpose(-2, -1) / q.shape[-1])
+
+
+def attn_softmax_over_queries(q, k, v):
+    return attn_correct_but(q, k, v, dim=-2)
+
+
+def attn_zero_fill(q, k, v):
+    return attn_correct_but(q, k, v, fill=0.0)
+
+
+def attn_mask_after_softmax(q, k, v):
+    w = torch.softmax(_scores(q, k), dim=-1)
+    return w.masked_fill(_future(q.shape[-2]), 0.0) @ v
+
+
+def attn_returns_weights(q, k, v):
+    return torch.softmax(_scores(q, k).masked_fill(_future(q.shape[-2]), float("-inf")), dim=-1)
+
+
+def attn_returns_both(q, k, v):
+    w = torch.softmax(_scores(q, k).masked_fill(_future(q.shape[-2]), float("-inf")), dim=-1)
+    return w @ v, w
+
+
+def attn_forgot_return(q, k, v):
+    torch.softmax(_scores(q, k).masked_fill(_future(q.shape[-2]), float("-inf")), dim=-1) @ v
+
+
+# -- 7.2 block_forward ---------------------------------------------------------------
+def block_no_attention_residual(block, x):
+    x = block.attn(block.ln_1(x))
+    return x + block.ffn(block.ln_2(x))
+
+
+def block_no_ffn_residual(block, x):
+    x = x + block.attn(block.ln_1(x))
+    return block.ffn(block.ln_2(x))
+
+
+def block_post_norm(block, x):
+    x = block.ln_1(x + block.attn(x))
+    return block.ln_2(x + block.ffn(x))
+
+
+def block_ln_1_twice(block, x):
+    x = x + block.attn(block.ln_1(x))
+    return x + block.ffn(block.ln_1(x))
+
+
+def block_norms_swapped(block, x):
+    x = x + block.attn(block.ln_2(x))
+    return x + block.ffn(block.ln_1(x))
+
+
+def block_parallel(block, x):
+    return x + block.attn(block.ln_1(x)) + block.ffn(block.ln_2(x))
+
+
+def block_no_norms(block, x):
+    x = x + block.attn(x)
+    return x + block.ffn(x)
+
+
+def block_calls_the_block(block, x):
+    return block(x).x
+
+
+def block_in_place(block, x):
+    x += block.attn(block.ln_1(x))
+    return x + block.ffn(block.ln_2(x))
+
+
+def block_flattened(block, x):
+    x = x + block.attn(block.ln_1(x))
+    x = x + block.ffn(block.ln_2(x))
+    return x.reshape(-1, x.shape[-1])
+
+
+MUTANTS.update({
+    "7.1": [
+        ("no causal mask", attn_no_mask, "causal mask is missing"),
+        ("diagonal masked too", attn_diagonal_masked, "mask off by one"),
+        ("one future key allowed", attn_one_future_key, "one future key"),
+        ("mask the wrong way round (triu)", attn_mask_wrong_way, "wrong way round"),
+        ("no 1/sqrt(d)", attn_no_scale, "1/sqrt(d) scale is missing"),
+        ("scaled by 1/d", attn_scale_by_d, "1/d"),
+        ("softmax over queries", attn_softmax_over_queries, "over the queries (dim=-2)"),
+        ("masked with 0, not -inf", attn_zero_fill, "not -inf"),
+        ("masked after the softmax", attn_mask_after_softmax, "after the softmax"),
+        ("returns the weights", attn_returns_weights, "returned the attention weights"),
+        ("returns output and weights", attn_returns_both, "return only the output"),
+        ("forgot return", attn_forgot_return, "forget a `return`"),
+    ],
+    "7.2": [
+        ("attention residual missing", block_no_attention_residual, "attention residual is missing"),
+        ("FFN residual missing", block_no_ffn_residual, "FFN residual is missing"),
+        ("post-norm", block_post_norm, "post-norm"),
+        ("ln_1 used twice", block_ln_1_twice, "ln_1 was used twice"),
+        ("norms swapped", block_norms_swapped, "norms are swapped"),
+        ("parallel block", block_parallel, "in parallel"),
+        ("no layer norms", block_no_norms, "layer norms are missing"),
+        ("calls the package's block", block_calls_the_block, "build the block from its parts"),
+        ("adds into the input in place", block_in_place, "in place"),
+        ("flattened output", block_flattened, "expected (2, 5, 8)"),
+    ],
+})
