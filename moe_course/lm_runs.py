@@ -1,0 +1,194 @@
+"""Train several language models side by side: dense vs Switch, over seeds and expert counts.
+
+Shape legend (used across the package): B batch, T time, D model width,
+F hidden width, E experts, K top-k, C capacity, N = B·T tokens.
+
+A fair comparison trains every model on the same stream of text, for the same
+number of steps, from a seeded start, and judges it on the same held-out set.
+``LMRun`` describes one such run (a label, a ``GPTConfig``, a ``TrainConfig``
+and a seed); ``run_lms(runs, corpus_config)`` trains them all and returns one
+``LMRunResult`` per run, in the order given.
+
+Small models use one CPU core badly and two cores hardly better, so
+``run_lms`` trains ``workers`` runs at once in separate processes, each on one
+thread (``workers=1`` trains them one after another in this process). A run's
+result does not depend on where it ran: the model is built after
+``seed_everything(run.seed)``, the batches come from a generator seeded by
+the run's seed, and every run trains on one thread (float sums over a
+different number of threads round differently).
+
+``results_table`` gives one row per run (held-out metrics, seconds per step);
+``summarise`` gives mean and spread over the seeds of each label.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
+
+import pandas as pd
+import torch
+
+from .corpus import Corpus, CorpusConfig
+from .device import seed_everything
+from .lm import LMTask
+from .lm_routing import LayerRouting, RoutingTracker
+from .training import TrainConfig, train
+from .transformer import GPT, GPTConfig
+
+__all__ = ["LMRun", "LMRunResult", "run_lm", "run_lms", "results_table", "summarise"]
+
+
+@dataclass(frozen=True)
+class LMRun:
+    """One training run: ``label`` names the model kind (runs of one label differ only in ``seed``)."""
+
+    label: str  # e.g. "dense" or "switch E=8"
+    model: GPTConfig
+    train: TrainConfig
+    seed: int = 0  # seeds the initialisation and the batch sampler (overrides train.seed)
+    track_routing: bool = False  # record routing statistics at every evaluation (Switch models)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.label, str) or not self.label:
+            raise ValueError(f"LMRun.label must be a non-empty string, got {self.label!r}")
+        if not isinstance(self.model, GPTConfig):
+            raise TypeError(f"LMRun.model must be a GPTConfig, got {type(self.model).__name__}")
+        if not isinstance(self.train, TrainConfig):
+            raise TypeError(f"LMRun.train must be a TrainConfig, got {type(self.train).__name__}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"LMRun.seed must be an int >= 0, got {self.seed!r}")
+        if self.track_routing and self.model.ffn != "switch":
+            raise ValueError(f"LMRun {self.label!r}: track_routing needs a Switch model; this one is dense")
+
+
+@dataclass
+class LMRunResult:
+    run: LMRun
+    history: pd.DataFrame  # one row per evaluation: step, lr, train_loss, val_loss, val_loss_<domain>, ...
+    seconds: float  # wall-clock time of the training (evaluations included)
+    state_dict: dict[str, torch.Tensor]  # the trained weights, to rebuild the model with ``model()``
+    routing: dict[int, list[LayerRouting]] = field(default_factory=dict)  # step → per-layer routing (track_routing)
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.history.iloc[-1].to_dict()
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / self.run.train.steps
+
+    def model(self) -> GPT:
+        """The trained model, rebuilt on the CPU in eval mode."""
+        model = GPT(self.run.model)
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+    def routing_tracker(self, task: LMTask) -> RoutingTracker:
+        """The routing records as a ``RoutingTracker`` (for its ``history`` and ``summary`` tables)."""
+        return RoutingTracker(task.held_out, task.domains, chunk=task.eval_chunk, reports=dict(self.routing))
+
+
+def _task(corpus_config: CorpusConfig, block_size: int, eval_rows: int, eval_chunk: int) -> LMTask:
+    return LMTask(Corpus(corpus_config), block_size=block_size, eval_rows=eval_rows, eval_chunk=eval_chunk)
+
+
+def run_lm(run: LMRun, corpus_config: CorpusConfig, *, eval_rows: int = 96, eval_chunk: int | None = None,
+           progress: bool = False, threads: int | None = 1) -> LMRunResult:
+    """Train one run on the CPU (in this process, on ``threads`` threads; None: leave as is) and return its result."""
+    if threads is not None:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return run_lm(run, corpus_config, eval_rows=eval_rows, eval_chunk=eval_chunk, progress=progress, threads=None)
+        finally:
+            torch.set_num_threads(previous)
+    chunk = eval_chunk or run.train.batch_size
+    task = _task(corpus_config, run.model.block_size, eval_rows, chunk)
+    seed_everything(run.seed)
+    model = GPT(run.model)
+    tracker = RoutingTracker(task.held_out, task.domains, chunk=chunk) if run.track_routing else None
+    start = time.perf_counter()
+    result = train(model, task, replace(run.train, seed=run.seed), device="cpu", progress=progress, callback=tracker)
+    seconds = time.perf_counter() - start
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return LMRunResult(run, result.history, seconds, state, dict(tracker.reports) if tracker else {})
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def _run_in_worker(args) -> LMRunResult:
+    run, corpus_config, eval_rows, eval_chunk = args
+    return run_lm(run, corpus_config, eval_rows=eval_rows, eval_chunk=eval_chunk)
+
+
+def run_lms(runs: list[LMRun], corpus_config: CorpusConfig = CorpusConfig(), *, workers: int = 2, eval_rows: int = 96,
+            eval_chunk: int | None = None, progress: bool = True) -> list[LMRunResult]:
+    """Train every run (``workers`` at a time, each in its own one-thread process) → results in the order of ``runs``.
+
+    Every run's model is trained on text of its own ``block_size`` from
+    ``Corpus(corpus_config)`` and evaluated on that corpus's held-out set of
+    ``eval_rows`` rows (the same rows for every run of the same block size).
+    """
+    runs = list(runs)
+    if not runs:
+        raise ValueError("run_lms needs at least one LMRun")
+    for r in runs:
+        if not isinstance(r, LMRun):
+            raise TypeError(f"run_lms expects LMRun objects, got {type(r).__name__}")
+    if not isinstance(corpus_config, CorpusConfig):
+        raise TypeError(f"run_lms expects a CorpusConfig, got {type(corpus_config).__name__}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(runs), desc="training runs", disable=not progress)
+    results: list[LMRunResult | None] = [None] * len(runs)
+    if workers == 1 or len(runs) == 1:
+        for i, r in enumerate(runs):
+            bar.set_postfix_str(f"{r.label}, seed {r.seed}")
+            results[i] = run_lm(r, corpus_config, eval_rows=eval_rows, eval_chunk=eval_chunk)
+            bar.update()
+    else:
+        # "spawn": a fresh interpreter per worker (forking a process that already runs
+        # PyTorch's thread pools can hang).
+        with ProcessPoolExecutor(max_workers=min(workers, len(runs)), mp_context=mp.get_context("spawn"),
+                                 initializer=_worker_init) as pool:
+            futures = {pool.submit(_run_in_worker, (r, corpus_config, eval_rows, eval_chunk)): i for i, r in enumerate(runs)}
+            for future in as_completed(futures):
+                i = futures[future]
+                results[i] = future.result()
+                bar.set_postfix_str(f"finished {runs[i].label}, seed {runs[i].seed}")
+                bar.update()
+    bar.close()
+    return results  # type: ignore[return-value]
+
+
+def results_table(results: list[LMRunResult]) -> pd.DataFrame:
+    """One row per run: label, experts, seed, the final held-out metrics, seconds and seconds per step."""
+    rows = []
+    for res in results:
+        final = {k: v for k, v in res.final.items() if k.startswith("val_")}
+        rows.append({"label": res.run.label, "experts": res.run.model.num_experts, "seed": res.run.seed, **final,
+                     "seconds": res.seconds, "seconds_per_step": res.seconds_per_step})
+    return pd.DataFrame(rows)
+
+
+def summarise(table: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFrame:
+    """Mean and standard deviation over seeds of each label: columns (metric, "mean"/"std"), one row per label.
+
+    Labels keep the order of their first appearance in ``table``.
+    """
+    if columns is None:
+        columns = [c for c in table.columns if c.startswith("val_")]
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ValueError(f"summarise: no column(s) {missing} in the table; it has {list(table.columns)}")
+    order = list(dict.fromkeys(table["label"]))
+    stats = table.groupby("label", sort=False)[columns].agg(["mean", "std"])
+    stats.insert(0, ("seeds", ""), table.groupby("label", sort=False)["seed"].count())
+    return stats.loc[order]

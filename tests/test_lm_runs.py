@@ -1,0 +1,106 @@
+"""Tests for moe_course.lm_runs: several LM runs, in this process or in worker processes, with the same results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_course.corpus import Corpus, CorpusConfig
+from moe_course.lm_runs import LMRun, results_table, run_lm, run_lms, summarise
+from moe_course.training import TrainConfig
+from moe_course.transformer import GPTConfig
+
+CORPUS = CorpusConfig(num_facts=20)
+TINY = TrainConfig(steps=4, batch_size=4, eval_every=2, lr=1e-2)
+
+
+def _config(**kw) -> GPTConfig:
+    base = dict(vocab_size=Corpus(CORPUS).vocab_size, block_size=16, d_model=16, n_layers=1, n_heads=2, d_ff=16)
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def runs() -> list[LMRun]:
+    dense = _config()
+    return [
+        LMRun("dense", dense, TINY, seed=0),
+        LMRun("dense", dense, TINY, seed=1),
+        LMRun("switch E=2", dense.switch_twin(2), TINY, seed=0, track_routing=True),
+    ]
+
+
+@pytest.fixture(scope="module")
+def in_process(runs):
+    return run_lms(runs, CORPUS, workers=1, eval_rows=8, progress=False)
+
+
+def test_in_process_and_worker_processes_give_identical_runs(runs, in_process):
+    in_workers = run_lms(runs, CORPUS, workers=2, eval_rows=8, progress=False)
+    assert [r.run for r in in_workers] == runs  # the order of the runs, not of their completion
+    for a, b in zip(in_process, in_workers):
+        cols = [c for c in a.history.columns if c != "seconds"]
+        assert a.history[cols].equals(b.history[cols])
+        assert a.state_dict.keys() == b.state_dict.keys()
+        assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+        assert a.routing.keys() == b.routing.keys()
+
+
+def test_seeds_differ_and_a_run_is_reproducible(runs, in_process):
+    a, b = in_process[0], in_process[1]
+    assert not torch.equal(a.state_dict["tok_emb.weight"], b.state_dict["tok_emb.weight"])
+    again = run_lm(runs[0], CORPUS, eval_rows=8)
+    assert all(torch.equal(again.state_dict[k], a.state_dict[k]) for k in a.state_dict)
+
+
+def test_run_lm_leaves_the_thread_count_as_it_found_it(runs):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_lm(runs[0], CORPUS, eval_rows=8)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_rebuilt_model_matches_the_final_evaluation(runs, in_process):
+    from moe_course.lm import LMTask
+
+    res = in_process[2]
+    model = res.model()
+    assert not model.training
+    task = LMTask(Corpus(CORPUS), block_size=16, eval_rows=8, eval_chunk=TINY.batch_size)
+    assert task.evaluation(model, "cpu").loss == pytest.approx(res.final["val_loss"], rel=1e-6)
+    assert sorted(res.routing) == [2, 4]  # one routing record per evaluation
+    tracker = res.routing_tracker(task)
+    assert set(tracker.summary["step"]) == {2, 4}
+    shares = tracker.history.groupby(["step", "layer"])["share"].sum()
+    assert torch.allclose(torch.tensor(shares.values), torch.ones(len(shares), dtype=torch.float64))
+
+
+def test_results_table_and_summary(in_process):
+    table = results_table(in_process)
+    assert list(table["label"]) == ["dense", "dense", "switch E=2"]
+    assert list(table["experts"]) == [1, 1, 2]
+    assert (table["seconds_per_step"] > 0).all()
+    assert table.loc[0, "val_loss"] == pytest.approx(in_process[0].final["val_loss"])
+    summary = summarise(table, ["val_loss"])
+    assert list(summary.index) == ["dense", "switch E=2"]
+    assert summary.loc["dense", ("seeds", "")] == 2
+    assert summary.loc["dense", ("val_loss", "mean")] == pytest.approx(table["val_loss"][:2].mean())
+    assert summary.loc["dense", ("val_loss", "std")] == pytest.approx(table["val_loss"][:2].std())
+    with pytest.raises(ValueError, match="no column"):
+        summarise(table, ["val_loss_nonsense"])
+
+
+def test_bad_runs_are_refused():
+    with pytest.raises(TypeError, match="GPTConfig"):
+        LMRun("x", "not a config", TINY)
+    with pytest.raises(ValueError, match="track_routing needs a Switch model"):
+        LMRun("dense", _config(), TINY, track_routing=True)
+    with pytest.raises(ValueError, match="seed"):
+        LMRun("dense", _config(), TINY, seed=-1)
+    with pytest.raises(ValueError, match="at least one"):
+        run_lms([], CORPUS)
+    with pytest.raises(ValueError, match="workers"):
+        run_lms([LMRun("dense", _config(), TINY)], CORPUS, workers=0)
