@@ -12,13 +12,15 @@ mode, in chunks) and returns, for every Switch layer, a ``LayerRouting``:
 * ``char_expert`` (V, E): the same by *input* character (what the router reads);
 * ``tokens_per_expert`` (E,), ``dropped`` and ``tokens``: the load and the
   tokens no expert processed for lack of capacity;
+* ``mean_gate``: the average router probability of the chosen expert, the
+  factor the expert's output is multiplied by (about 1/E while the router is unsure);
 * ``specialisation``: the normalised mutual information between domain and
   expert (``moe_course.specialisation.normalized_mutual_information``): 1 when
   every domain has its own expert(s), 0 when the expert says nothing about the domain.
 
 ``RoutingTracker`` is a ``train(..., callback=...)`` that records these
 numbers at every evaluation, to plot the share of tokens per expert, the
-dropped-token rate and the specialisation over training.
+dropped-token rate, the mean gate and the specialisation over training.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class LayerRouting:
     char_expert: torch.Tensor  # (V, E) int64 tokens of each input character per chosen expert
     dropped: int  # tokens no expert processed (capacity)
     tokens: int  # tokens routed in total (N over all chunks)
+    gate_sum: float = 0.0  # sum over tokens of the gate (router probability) of the chosen expert
 
     @property
     def tokens_per_expert(self) -> torch.Tensor:
@@ -52,6 +55,12 @@ class LayerRouting:
     @property
     def dropped_rate(self) -> float:
         return self.dropped / self.tokens if self.tokens else float("nan")
+
+    @property
+    def mean_gate(self) -> float:
+        """The average weight the router gives its chosen expert (1/E at a uniform start, 1 when sure):
+        the expert's output is multiplied by it."""
+        return self.gate_sum / self.tokens if self.tokens else float("nan")
 
     @property
     def specialisation(self) -> float:
@@ -105,13 +114,14 @@ def routing_report(model: nn.Module, batch: LMBatch, domains: tuple[str, ...], *
             E = moe.router_logits.shape[-1]
             first = moe.expert_index[:, 0].cpu()  # (N,) top-1 choice
             a = acc.setdefault(layer, {"de": torch.zeros(S * E, dtype=torch.int64), "ce": torch.zeros(V * E, dtype=torch.int64),
-                                       "dropped": 0, "tokens": 0, "E": E})
+                                       "dropped": 0, "tokens": 0, "gates": 0.0, "E": E})
             a["de"] += torch.bincount(dom * E + first, minlength=S * E)
             a["ce"] += torch.bincount(char * E + first, minlength=V * E)
             a["dropped"] += int(moe.num_dropped)
             a["tokens"] += first.numel()
+            a["gates"] += float(moe.gates[:, 0].double().sum())
     model.train(was_training)
-    return [LayerRouting(layer, tuple(domains), a["de"].reshape(S, a["E"]), a["ce"].reshape(V, a["E"]), a["dropped"], a["tokens"])
+    return [LayerRouting(layer, tuple(domains), a["de"].reshape(S, a["E"]), a["ce"].reshape(V, a["E"]), a["dropped"], a["tokens"], a["gates"])
             for layer, a in sorted(acc.items())]
 
 
@@ -144,6 +154,7 @@ class RoutingTracker:
 
     @property
     def summary(self) -> pd.DataFrame:
-        rows = [{"step": step, "layer": lr.layer, "dropped_rate": lr.dropped_rate, "specialisation": lr.specialisation}
+        rows = [{"step": step, "layer": lr.layer, "dropped_rate": lr.dropped_rate, "specialisation": lr.specialisation,
+                 "mean_gate": lr.mean_gate}
                 for step, layers in self.reports.items() for lr in layers]
-        return pd.DataFrame(rows, columns=["step", "layer", "dropped_rate", "specialisation"])
+        return pd.DataFrame(rows, columns=["step", "layer", "dropped_rate", "specialisation", "mean_gate"])

@@ -151,6 +151,9 @@ def test_routing_report_counts_every_token_once_per_layer(corpus: Corpus):
         expected_load = sum(o.moe[r.layer].tokens_per_expert for o in outs)
         assert torch.equal(r.tokens_per_expert, expected_load)
         assert r.dropped == sum(int(o.moe[r.layer].num_dropped) for o in outs)
+        gates = torch.cat([o.moe[r.layer].gates[:, 0] for o in outs])
+        assert r.mean_gate == pytest.approx(float(gates.mean()), rel=1e-6)
+        assert 1 / 4 <= r.mean_gate < 0.4  # the chosen expert has the largest probability; untrained, close to uniform 1/E
         assert 0.0 <= r.specialisation <= 1.0
         table = r.domain_table()
         assert list(table.index) == list(corpus.domains) and torch.allclose(torch.tensor(table.sum(axis=1).values), torch.ones(6, dtype=torch.float64))
@@ -168,4 +171,4 @@ def test_routing_tracker_records_shares_over_training(corpus: Corpus):
     h = tracker.history
     assert sorted(h["step"].unique()) == [2, 4] and len(h) == 2 * 2 * 2
     assert torch.allclose(torch.tensor(h.groupby(["step", "layer"])["share"].sum().values), torch.ones(4, dtype=torch.float64))
-    assert list(tracker.summary.columns) == ["step", "layer", "dropped_rate", "specialisation"]
+    assert list(tracker.summary.columns) == ["step", "layer", "dropped_rate", "specialisation", "mean_gate"]
