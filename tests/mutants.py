@@ -991,3 +991,99 @@ MUTANTS.update({
         ("flattened output", block_flattened, "expected (2, 5, 8)"),
     ],
 })
+
+
+# -- 8.1 switch_block_forward ---------------------------------------------------
+def switch_right(block, x):
+    x = x + block.attn(block.ln_1(x))
+    moe = block.ffn(block.ln_2(x))
+    return x + moe.y, moe.loss
+
+
+def switch_no_moe_residual(block, x):
+    x = x + block.attn(block.ln_1(x))
+    moe = block.ffn(block.ln_2(x))
+    return moe.y, moe.loss
+
+
+def switch_no_attention_residual(block, x):
+    x = block.attn(block.ln_1(x))
+    moe = block.ffn(block.ln_2(x))
+    return x + moe.y, moe.loss
+
+
+def switch_no_ln_2(block, x):
+    x = x + block.attn(block.ln_1(x))
+    moe = block.ffn(x)
+    return x + moe.y, moe.loss
+
+
+def switch_unweighted_balance(block, x):
+    x = x + block.attn(block.ln_1(x))
+    moe = block.ffn(block.ln_2(x))
+    return x + moe.y, moe.aux_loss
+
+
+def switch_forgets_aux(block, x):
+    x = x + block.attn(block.ln_1(x))
+    moe = block.ffn(block.ln_2(x))
+    return x + moe.y, 0.0
+
+
+def switch_detached_aux(block, x):
+    x = x + block.attn(block.ln_1(x))
+    moe = block.ffn(block.ln_2(x))
+    return x + moe.y, torch.tensor(moe.loss.item())
+
+
+def switch_returns_moe_output(block, x):
+    x = x + block.attn(block.ln_1(x))
+    moe = block.ffn(block.ln_2(x))
+    return moe, moe.loss
+
+
+def switch_calls_the_block(block, x):
+    out = block(x)
+    return out.x, out.moe.loss
+
+
+# -- 8.2 lm_accounting -------------------------------------------------------------
+def _accounting(c, *, all_experts_active=False, no_router=False, untied_head=False, no_mix=False, one_expert_total=False,
+                flops_all_experts=False, multiply_add_once=False):
+    V, T, D, F_, L, E = c.vocab_size, c.block_size, c.d_model, c.d_ff, c.n_layers, c.num_experts
+    n_moe = len(c.moe_layers)
+    ffn_one = 2 * D * F_ + F_ + D
+    shared = V * D + L * (4 * D * D + 4 * D) + (2 * L + 1) * 2 * D + (0 if no_router else n_moe * D * E)
+    if untied_head:
+        shared += V * D
+    total = shared + (L - n_moe) * ffn_one + n_moe * (1 if one_expert_total else E) * ffn_one
+    active = shared + L * ffn_one + (n_moe * (E - 1) * ffn_one if all_experts_active else 0)
+    per_layer = 8 * D * D + (0 if no_mix else 4 * T * D) + 4 * D * F_
+    flops = L * per_layer + (n_moe * (E - 1) * 4 * D * F_ if flops_all_experts else 0) + (0 if no_router else n_moe * 2 * D * E) + 2 * D * V
+    if multiply_add_once:
+        flops //= 2
+    return {"params_total": total, "params_active": active, "flops_per_token": flops}
+
+
+MUTANTS.update({
+    "8.1": [
+        ("Switch residual missing", switch_no_moe_residual, "residual around the Switch layer is missing"),
+        ("attention residual missing", switch_no_attention_residual, "residual around attention is missing"),
+        ("Switch layer reads the raw stream", switch_no_ln_2, "reads ln_2(x)"),
+        ("unweighted balance loss", switch_unweighted_balance, "unweighted balance loss"),
+        ("forgot the auxiliary loss", switch_forgets_aux, "auxiliary loss is missing"),
+        ("auxiliary loss detached", switch_detached_aux, "carries no gradient"),
+        ("returns the MoEOutput", switch_returns_moe_output, "MoEOutput itself"),
+        ("calls the package's block", switch_calls_the_block, "build the block from its parts"),
+    ],
+    "8.2": [
+        ("every expert counted as active", lambda c: _accounting(c, all_experts_active=True), "uses only the one expert"),
+        ("routers forgotten", lambda c: _accounting(c, no_router=True), "routers"),
+        ("head counted twice", lambda c: _accounting(c, untied_head=True), "tied to the token embedding"),
+        ("attention mix forgotten", lambda c: _accounting(c, no_mix=True), "4·T·D"),
+        ("one expert in the total", lambda c: _accounting(c, one_expert_total=True), "holds all E experts"),
+        ("FLOPs of every expert", lambda c: _accounting(c, flops_all_experts=True), "visits one expert"),
+        ("a multiply-add as one FLOP", lambda c: _accounting(c, multiply_add_once=True), "2 FLOPs"),
+        ("returns a tuple", lambda c: tuple(_accounting(c).values()), "return a dict"),
+    ],
+})

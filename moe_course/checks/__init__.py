@@ -8,5 +8,6 @@ short. A check prints one line when your answer is right and raises
 from ._core import REGISTRY, Exercise, ExerciseError, Mistake, check, exercise
 from . import lesson00, lesson01, lesson02, lesson03, lesson04, lesson05, lesson06  # noqa: F401  (registers the checkers)
 from . import lesson07  # noqa: F401  (attention and the transformer block)
+from . import lesson08  # noqa: F401  (the Switch Transformer)
 
 __all__ = ["check", "ExerciseError", "Exercise", "Mistake", "exercise", "REGISTRY"]
