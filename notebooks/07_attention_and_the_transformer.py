@@ -53,9 +53,9 @@ from moe_course.plots import use_course_style
 
 # ---- the one knob of this lesson -------------------------------------------
 # 1 trains a 2-block GPT of width 64 for 300 steps (about 20 s on one CPU thread).
-# 4 (for a GPU, or a patient CPU) trains a 4-block GPT of width 128 for 1200 steps:
-# the held-out loss drops further on every domain and more of the records are
-# recalled, and the attention heads become sharper.
+# 4 (for a GPU; about 10 minutes on one CPU thread) trains a 4-block GPT of width 128
+# for 1200 steps. Measured: held-out loss 0.64 instead of 0.88; every held-out record
+# recalled; reversal, sorting and brackets mostly right; arithmetic still wrong.
 SCALE = 1
 # -----------------------------------------------------------------------------
 
