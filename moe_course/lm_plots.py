@@ -63,22 +63,29 @@ def domain_bars(table: pd.DataFrame, domains: Sequence[str], *, title: str, metr
     return ax
 
 
-def experts_scaling(table: pd.DataFrame, metrics: dict[str, str], *, title: str,
+def experts_scaling(table: pd.DataFrame, metric: str, *, title: str, reference: pd.DataFrame | None = None,
                     ylabel: str = "held-out loss (nats per character)", ax: plt.Axes | None = None) -> plt.Axes:
-    """Held-out metrics against the number of experts (log-2 axis): ``metrics`` maps column → legend name."""
+    """A held-out ``metric`` against the number of experts (log-2 axis; the mean over the runs of each E).
+
+    reference: runs of the dense model over several seeds; their range is
+    drawn as a grey band, to compare differences with the seeds' own scatter.
+    """
+    if metric not in table.columns:
+        raise ValueError(f"experts_scaling: the table has no column {metric!r}")
     ax = ax or plt.figure().gca()
-    for col, name in metrics.items():
-        if col not in table.columns:
-            raise ValueError(f"experts_scaling: the table has no column {col!r}")
-        means = table.groupby("experts")[col].mean()
-        ax.plot(means.index, means.values, marker="o", label=name)
-        for e, v in means.items():
-            ax.annotate(f"{v:.3f}", (e, v), xytext=(0, 6), textcoords="offset points", ha="center", fontsize=8)
+    if reference is not None and len(reference) > 1:
+        ax.axhspan(reference[metric].min(), reference[metric].max(), color="gray", alpha=0.2, lw=0,
+                   label=f"dense, range over {len(reference)} seeds")
+    means = table.groupby("experts")[metric].mean()
+    ax.plot(means.index, means.values, marker="o", color="C0", label="mean over runs" if table.groupby("experts").size().max() > 1 else "one run each")
+    for e, v in means.items():
+        ax.annotate(f"{v:.3f}", (e, v), xytext=(0, 6), textcoords="offset points", ha="center", fontsize=8)
     ax.set_xscale("log", base=2)
     experts = sorted(table["experts"].unique())
     ax.set_xticks(experts, [str(e) for e in experts])
-    ax.set(title=title, xlabel="experts per Switch layer, E (1 = the dense model); FLOPs per token stay the same", ylabel=ylabel)
-    ax.legend()
+    ax.minorticks_off()
+    ax.set(title=title, xlabel="experts per Switch layer, E (1 = dense)", ylabel=ylabel)
+    ax.legend(fontsize=9)
     return ax
 
 
@@ -107,7 +114,6 @@ def expert_share_over_training(history: pd.DataFrame, *, title: str) -> plt.Figu
     for ax, layer in zip(axes[0], layers):
         wide = history[history["layer"] == layer].pivot(index="step", columns="expert", values="share").sort_index()
         ax.stackplot(wide.index, wide.values.T, labels=[f"expert {e}" for e in wide.columns], colors=palette, alpha=0.9)
-        ax.axhline(0.5, color="white", lw=0.5)
         ax.set(title=f"layer {layer}", xlabel="training step", ylabel="share of tokens", ylim=(0, 1), xlim=(wide.index.min(), wide.index.max()))
     axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
     fig.suptitle(title, fontweight="bold")
