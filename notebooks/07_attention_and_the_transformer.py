@@ -425,7 +425,8 @@ print(corpus.decode(written[0, 1:]))
 # - A pre-norm block adds both to the residual stream: x + attn(ln₁(x)), then
 #   x + ffn(ln₂(x)); the FFN holds two thirds of a block's parameters.
 # - A 2-block GPT trained for a few hundred steps learns the formats and the grammar
-#   but recalls few records: it runs out of memory before it runs out of skill.
+#   but recalls few of the records yet: learning to look a patient up takes more steps
+#   than learning how a record is written.
 #
 # **Next:** lesson 08 keeps the meeting (attention) and turns the examination room into a
 # hospital: every FFN becomes a Switch layer, a GP with a room of specialists, at the same

@@ -1,0 +1,118 @@
+"""Tests for moe_course.lm_plots: the language-model figures draw what their inputs say."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from moe_course.lm_plots import (  # noqa: E402
+    domain_bars,
+    expert_share_over_training,
+    experts_scaling,
+    loss_curves,
+    routing_heatmaps,
+    routing_over_training,
+)
+from moe_course.lm_routing import LayerRouting  # noqa: E402
+from moe_course.plots import use_course_style  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _close():
+    use_course_style()
+    yield
+    plt.close("all")
+
+
+@dataclass
+class _Run:
+    label: str
+    seed: int
+
+
+@dataclass
+class _Result:  # the two attributes loss_curves reads from an LMRunResult
+    run: _Run
+    history: pd.DataFrame
+
+
+def _result(label: str, seed: int, losses: list[float]) -> _Result:
+    steps = [10 * (i + 1) for i in range(len(losses))]
+    return _Result(_Run(label, seed), pd.DataFrame({"step": steps, "val_loss": losses}))
+
+
+def test_loss_curves_draw_the_mean_over_seeds_with_a_band_per_model():
+    results = [_result("dense", 0, [2.0, 1.0]), _result("dense", 1, [3.0, 2.0]), _result("switch", 0, [4.0, 3.0]), _result("switch", 1, [4.0, 3.0])]
+    ax = loss_curves(results, title="T")
+    lines = [l for l in ax.get_lines() if len(l.get_xdata()) == 2]
+    means = {tuple(np.round(l.get_ydata(), 6)) for l in lines}
+    assert means == {(2.5, 1.5), (4.0, 3.0)}
+    assert len(ax.collections) >= 2  # one band per model
+    assert ax.get_title() == "T" and ax.get_xlabel() == "training step" and "nats" in ax.get_ylabel()
+    assert "2 seeds" in ax.get_legend().get_title().get_text()
+    with pytest.raises(ValueError, match="no column 'val_loss_facts'"):
+        loss_curves(results, "val_loss_facts", title="T")
+
+
+def test_domain_bars_show_the_mean_per_domain_and_model():
+    table = pd.DataFrame({"label": ["dense", "dense", "switch"], "val_loss_a": [1.0, 3.0, 5.0], "val_loss_b": [0.5, 0.5, 0.25]})
+    ax = domain_bars(table, ["a", "b"], title="T")
+    heights = sorted(round(b.get_height(), 6) for c in ax.containers if hasattr(c, "datavalues") for b in c)
+    assert heights == [0.25, 0.5, 2.0, 5.0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
+    with pytest.raises(ValueError, match="val_loss_c"):
+        domain_bars(table, ["a", "c"], title="T")
+
+
+def test_experts_scaling_plots_means_on_a_log2_axis_with_the_dense_band():
+    table = pd.DataFrame({"experts": [1, 2, 4, 8], "val_loss": [1.0, 0.9, 0.8, 0.7]})
+    reference = pd.DataFrame({"val_loss": [0.95, 1.05, 1.0]})
+    ax = experts_scaling(table, "val_loss", reference=reference, title="T")
+    line = ax.get_lines()[0]
+    assert list(line.get_xdata()) == [1, 2, 4, 8] and list(line.get_ydata()) == pytest.approx([1.0, 0.9, 0.8, 0.7])
+    assert ax.get_xscale() == "log"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "4", "8"]
+    band = ax.patches[0]
+    assert band.get_y() == pytest.approx(0.95) and band.get_y() + band.get_height() == pytest.approx(1.05)
+    assert "3 seeds" in " ".join(t.get_text() for t in ax.get_legend().get_texts())
+    with pytest.raises(ValueError, match="val_loss_facts"):
+        experts_scaling(table, "val_loss_facts", title="T")
+
+
+def _layer(layer: int) -> LayerRouting:
+    de = torch.tensor([[9, 1, 0], [0, 5, 5]])  # 2 domains × 3 experts
+    return LayerRouting(layer, ("facts", "grammar"), de, torch.ones(4, 3, dtype=torch.int64), dropped=2, tokens=20, gate_sum=10.0)
+
+
+def test_routing_heatmaps_one_panel_per_layer_with_row_shares():
+    fig = routing_heatmaps([_layer(0), _layer(1)], title="T")
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    assert len(axes) == 2 and axes[1].get_title().startswith("layer 1")
+    assert [t.get_text() for t in axes[0].texts] == ["90%", "10%", "0%", "0%", "50%", "50%"]
+    assert f"{_layer(0).specialisation:.2f}" in axes[0].get_title()
+    with pytest.raises(ValueError, match="at least one"):
+        routing_heatmaps([], title="T")
+
+
+def test_expert_share_and_routing_over_training():
+    history = pd.DataFrame({"step": [1, 1, 2, 2], "layer": [0, 0, 0, 0], "expert": [0, 1, 0, 1], "share": [0.25, 0.75, 0.5, 0.5]})
+    fig = expert_share_over_training(history, title="T")
+    ax = fig.axes[0]
+    assert len(ax.collections) == 2  # one stacked band per expert
+    top = ax.collections[1].get_paths()[0].vertices[:, 1]
+    assert top.max() == pytest.approx(1.0)  # the shares are stacked up to 1
+    summary = pd.DataFrame({"step": [1, 2], "layer": [0, 0], "dropped_rate": [0.1, 0.02], "specialisation": [0.2, 0.3], "mean_gate": [0.2, 0.3]})
+    fig = routing_over_training(summary, title="T")
+    left, right = fig.axes
+    assert list(left.get_lines()[0].get_ydata()) == pytest.approx([10.0, 2.0])  # in percent
+    assert list(right.get_lines()[0].get_ydata()) == pytest.approx([0.2, 0.3])
+    with pytest.raises(ValueError, match="empty"):
+        expert_share_over_training(history.iloc[:0], title="T")
