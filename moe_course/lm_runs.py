@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from .corpus import Corpus, CorpusConfig
-from .device import seed_everything
+from .device import get_device, seed_everything
 from .lm import LMTask
 from .lm_routing import LayerRouting, RoutingTracker
 from .training import TrainConfig, train
@@ -96,9 +96,12 @@ def _task(corpus_config: CorpusConfig, block_size: int, eval_rows: int, eval_chu
 
 
 def run_lm(run: LMRun, corpus_config: CorpusConfig, *, eval_rows: int = 96, eval_chunk: int | None = None,
-           progress: bool = False, threads: int | None = 1) -> LMRunResult:
-    """Train one run on the CPU (in this process, on ``threads`` threads; None: leave as is) and return its result."""
-    if threads is not None:
+           progress: bool = False, threads: int | None = 1, device: torch.device | str = "cpu") -> LMRunResult:
+    """Train one run in this process and return its result (weights on the CPU).
+
+    On the CPU it trains on ``threads`` threads (None: leave the setting as it is).
+    """
+    if threads is not None and torch.device(device).type == "cpu":
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
@@ -111,9 +114,9 @@ def run_lm(run: LMRun, corpus_config: CorpusConfig, *, eval_rows: int = 96, eval
     model = GPT(run.model)
     tracker = RoutingTracker(task.held_out, task.domains, chunk=chunk) if run.track_routing else None
     start = time.perf_counter()
-    result = train(model, task, replace(run.train, seed=run.seed), device="cpu", progress=progress, callback=tracker)
+    result = train(model, task, replace(run.train, seed=run.seed), device=device, progress=progress, callback=tracker)
     seconds = time.perf_counter() - start
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return LMRunResult(run, result.history, seconds, state, dict(tracker.reports) if tracker else {})
 
 
@@ -127,12 +130,15 @@ def _run_in_worker(args) -> LMRunResult:
 
 
 def run_lms(runs: list[LMRun], corpus_config: CorpusConfig = CorpusConfig(), *, workers: int = 2, eval_rows: int = 96,
-            eval_chunk: int | None = None, progress: bool = True) -> list[LMRunResult]:
+            eval_chunk: int | None = None, progress: bool = True, device: torch.device | str | None = None) -> list[LMRunResult]:
     """Train every run (``workers`` at a time, each in its own one-thread process) → results in the order of ``runs``.
 
     Every run's model is trained on text of its own ``block_size`` from
     ``Corpus(corpus_config)`` and evaluated on that corpus's held-out set of
     ``eval_rows`` rows (the same rows for every run of the same block size).
+
+    device: None picks one (CUDA, then Apple MPS, then the CPU). On a GPU the
+    runs train one after another in this process (``workers`` is ignored).
     """
     runs = list(runs)
     if not runs:
@@ -146,12 +152,13 @@ def run_lms(runs: list[LMRun], corpus_config: CorpusConfig = CorpusConfig(), *, 
         raise ValueError(f"workers must be a positive int, got {workers!r}")
     from tqdm.auto import tqdm
 
+    device = torch.device(device) if device is not None else get_device()
     bar = tqdm(total=len(runs), desc="training runs", disable=not progress)
     results: list[LMRunResult | None] = [None] * len(runs)
-    if workers == 1 or len(runs) == 1:
+    if workers == 1 or len(runs) == 1 or device.type != "cpu":
         for i, r in enumerate(runs):
             bar.set_postfix_str(f"{r.label}, seed {r.seed}")
-            results[i] = run_lm(r, corpus_config, eval_rows=eval_rows, eval_chunk=eval_chunk)
+            results[i] = run_lm(r, corpus_config, eval_rows=eval_rows, eval_chunk=eval_chunk, device=device)
             bar.update()
     else:
         # "spawn": a fresh interpreter per worker (forking a process that already runs
