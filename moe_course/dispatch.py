@@ -85,7 +85,7 @@ def sort_dispatch(
     expert_index, gates, keep = _routing_shapes(x, expert_index, gates, keep)
     token, expert, gate = _kept_assignments(expert_index, gates, keep)  # (M,) each, sorted by expert
     counts = torch.bincount(expert, minlength=experts.num_experts).tolist()  # rows per expert
-    blocks = torch.split(x[token], counts)  # E blocks of (count_e, D)
+    blocks = torch.split(x.index_select(0, token), counts)  # E blocks of (count_e, D)
     # Empty blocks run too (cheaply): that keeps the output dtype the experts' (e.g. bf16 under autocast).
     outputs = [experts.expert_output(e, block) for e, block in enumerate(blocks)]
     return combine_rows(torch.cat(outputs), token, gate, x.shape[0])  # (M, D) → (N, D)
@@ -310,7 +310,9 @@ def sort_split(x, experts: Experts, expert_index, gates, keep=None) -> torch.Ten
     b_in = experts.b_in.unbind(0) if experts.b_in is not None else None
     b_out = experts.b_out.unbind(0) if experts.b_out is not None else None
     outputs = []
-    for e, block in enumerate(torch.split(x[token], counts)):  # block (M_e, D)
+    # index_select rather than x[token]: its backward is an index_add, cheaper on a CPU
+    # than the accumulating index_put behind x[token]'s (measured: about 5% of the layer at E=64)
+    for e, block in enumerate(torch.split(x.index_select(0, token), counts)):  # block (M_e, D)
         if block.shape[0] == 0:
             continue
         h = torch.addmm(b_in[e], block, w_in[e]) if b_in is not None else block @ w_in[e]  # (M_e, F)
@@ -362,7 +364,7 @@ def grouped_mm(x, experts: Experts, expert_index, gates, keep=None) -> torch.Ten
     counts = torch.bincount(expert, minlength=experts.num_experts)  # (E,)
     offs = torch.cumsum(counts, 0).to(torch.int32)  # (E,) row ends
     rows = token.numel()
-    h = F.grouped_mm(x[token], experts.w_in, offs=offs)  # (M, F)
+    h = F.grouped_mm(x.index_select(0, token), experts.w_in, offs=offs)  # (M, F)
     if experts.b_in is not None:  # rows are sorted by expert: repeat each bias over its block
         h = h + experts.b_in.repeat_interleave(counts, dim=0, output_size=rows)
     h = _ContiguousGrad.apply(_act(experts)(h))
