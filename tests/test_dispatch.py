@@ -221,3 +221,40 @@ def test_slot_positions_count_earlier_tokens_of_the_same_expert():
     assert slot_positions(torch.tensor([1, 0, 1, 1, 0, 2]), 3).tolist() == [0, 0, 1, 2, 1, 0]
     keep = capacity_mask(torch.tensor([[1], [0], [1], [1], [0], [2]]), 3, capacity=2).keep.squeeze(1)
     assert torch.equal(keep, slot_positions(torch.tensor([1, 0, 1, 1, 0, 2]), 3) < 2)
+
+
+@pytest.mark.parametrize("activation,bias", [("gelu", True), ("relu", False)])
+def test_sort_split_hand_written_backward_matches_finite_differences(activation, bias):
+    from moe_course.dispatch import sort_split
+
+    torch.manual_seed(0)
+    experts = Experts(4, 3, 5, activation=activation, bias=bias).double()
+    x = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
+    expert_index = torch.tensor([[0, 2], [2, 0], [0, 1], [1, 2], [2, 1], [0, 2], [1, 0], [2, 0], [0, 1]])  # expert 3 idle
+    gates = torch.rand(9, 2, dtype=torch.float64, requires_grad=True)
+    keep = torch.ones(9, 2, dtype=torch.bool)
+    keep[4, 0] = False  # a dropped assignment
+    keep[7, :] = False  # a token dropped entirely
+    params = [p for p in (experts.w_in, experts.b_in, experts.w_out, experts.b_out) if p is not None]
+
+    assert torch.autograd.gradcheck(lambda x, g: sort_split(x, experts, expert_index, g, keep), (x, gates))
+
+    def loss() -> torch.Tensor:
+        return sort_split(x, experts, expert_index, gates, keep).pow(2).sum()
+
+    grads = torch.autograd.grad(loss(), params)
+    eps = 1e-6
+    with torch.no_grad():
+        for p, grad in zip(params, grads):
+            numeric = torch.zeros_like(p).view(-1)
+            flat = p.view(-1)
+            for i in range(flat.numel()):
+                old = flat[i].item()
+                flat[i] = old + eps
+                up = loss()
+                flat[i] = old - eps
+                down = loss()
+                flat[i] = old
+                numeric[i] = (up - down) / (2 * eps)
+            assert torch.allclose(grad, numeric.view_as(p), atol=1e-6), f"the gradient of a {tuple(p.shape)} weight differs"
+    assert grads[0][3].abs().sum() == 0 and grads[0][:3].abs().sum() > 0  # the idle expert's gradient is zero
