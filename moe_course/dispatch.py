@@ -303,6 +303,23 @@ def _act_backward(activation: str, grad: torch.Tensor, pre: torch.Tensor) -> tor
     return torch.ops.aten.threshold_backward(grad, pre, 0)  # relu
 
 
+def _expert_blocks_forward(xs, counts: list[int], w_in, b_in, w_out, b_out, act):
+    """Expert e's FFN on its block of sorted rows xs (M, D), for every expert with rows.
+
+    → the outputs (M_e, D) and the (pre-activation, activation) pairs (M_e, F), both in expert order.
+    w_in[e], ... may index stacked weights or a tuple of unbound ones.
+    """
+    outputs, saved = [], []
+    for e, block in enumerate(torch.split(xs, counts)):  # block (M_e, D)
+        if block.shape[0] == 0:
+            continue
+        pre = torch.addmm(b_in[e], block, w_in[e]) if b_in is not None else block @ w_in[e]  # (M_e, F)
+        h = act(pre)
+        outputs.append(torch.addmm(b_out[e], h, w_out[e]) if b_out is not None else h @ w_out[e])  # (M_e, D)
+        saved.append((pre, h))
+    return outputs, saved
+
+
 class _ExpertBlocks(torch.autograd.Function):
     """Every expert's FFN on its block of sorted rows: xs (M, D) → ys (M, D), with a hand-written backward.
 
@@ -317,15 +334,7 @@ class _ExpertBlocks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xs, w_in, b_in, w_out, b_out, counts: list[int], activation: str):  # noqa: D102
-        act = ACTIVATIONS[activation]
-        outputs, saved = [], []
-        for e, block in enumerate(torch.split(xs, counts)):  # block (M_e, D)
-            if block.shape[0] == 0:
-                continue
-            pre = torch.addmm(b_in[e], block, w_in[e]) if b_in is not None else block @ w_in[e]  # (M_e, F)
-            h = act(pre)
-            outputs.append(torch.addmm(b_out[e], h, w_out[e]) if b_out is not None else h @ w_out[e])  # (M_e, D)
-            saved.append((pre, h))
+        outputs, saved = _expert_blocks_forward(xs, counts, w_in, b_in, w_out, b_out, ACTIVATIONS[activation])
         ctx.save_for_backward(xs, w_in, w_out)
         ctx.saved, ctx.counts, ctx.activation = saved, counts, activation
         return torch.cat(outputs) if outputs else xs.new_zeros(0, w_out.shape[2])
@@ -362,17 +371,10 @@ class _ExpertBlocks(torch.autograd.Function):
 
 def _expert_blocks_autograd(xs, experts: Experts, counts: list[int]) -> torch.Tensor:
     """The same as ``_ExpertBlocks`` under PyTorch's autograd (for autocast and mixed dtypes)."""
-    act = _act(experts)
-    w_in, w_out = experts.w_in.unbind(0), experts.w_out.unbind(0)
+    w_in, w_out = experts.w_in.unbind(0), experts.w_out.unbind(0)  # unbind once: one stacked gradient in the backward
     b_in = experts.b_in.unbind(0) if experts.b_in is not None else None
     b_out = experts.b_out.unbind(0) if experts.b_out is not None else None
-    outputs = []
-    for e, block in enumerate(torch.split(xs, counts)):  # block (M_e, D)
-        if block.shape[0] == 0:
-            continue
-        h = torch.addmm(b_in[e], block, w_in[e]) if b_in is not None else block @ w_in[e]  # (M_e, F)
-        h = act(h)
-        outputs.append(torch.addmm(b_out[e], h, w_out[e]) if b_out is not None else h @ w_out[e])  # (M_e, D)
+    outputs, _ = _expert_blocks_forward(xs, counts, w_in, b_in, w_out, b_out, _act(experts))
     return torch.cat(outputs)
 
 
