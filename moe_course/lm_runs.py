@@ -91,10 +91,6 @@ class LMRunResult:
         return RoutingTracker(task.held_out, task.domains, chunk=task.eval_chunk, reports=dict(self.routing))
 
 
-def _task(corpus_config: CorpusConfig, block_size: int, eval_rows: int, eval_chunk: int) -> LMTask:
-    return LMTask(Corpus(corpus_config), block_size=block_size, eval_rows=eval_rows, eval_chunk=eval_chunk)
-
-
 def run_lm(run: LMRun, corpus_config: CorpusConfig, *, eval_rows: int = 96, eval_chunk: int | None = None,
            progress: bool = False, threads: int | None = 1, device: torch.device | str = "cpu") -> LMRunResult:
     """Train one run in this process and return its result (weights on the CPU).
@@ -109,7 +105,7 @@ def run_lm(run: LMRun, corpus_config: CorpusConfig, *, eval_rows: int = 96, eval
         finally:
             torch.set_num_threads(previous)
     chunk = eval_chunk or run.train.batch_size
-    task = _task(corpus_config, run.model.block_size, eval_rows, chunk)
+    task = LMTask(Corpus(corpus_config), block_size=run.model.block_size, eval_rows=eval_rows, eval_chunk=chunk)
     seed_everything(run.seed)
     model = GPT(run.model)
     tracker = RoutingTracker(task.held_out, task.domains, chunk=chunk) if run.track_routing else None

@@ -213,8 +213,9 @@ domain_bars(main, domains, title="held-out loss per domain after training");
 # between seeds: a difference smaller than the seeds' own scatter is not a result.
 
 # %%
-means = main.groupby("label")[[f"val_loss_{d}" for d in domains] + ["val_loss"]].mean()
-sds = main.groupby("label")[[f"val_loss_{d}" for d in domains] + ["val_loss"]].std()
+losses = [f"val_loss_{d}" for d in domains] + ["val_loss"]
+means = summary.xs("mean", axis=1, level=1)[losses]  # the summary above, per label
+sds = summary.xs("std", axis=1, level=1)[losses]
 verdict = pd.DataFrame({
     "switch − dense": means.loc["switch E=8"] - means.loc["dense"],
     "larger seed sd": sds.max(),
