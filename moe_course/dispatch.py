@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .experts import ACTIVATIONS, Experts
+from .parallel import over_experts
 
 __all__ = [
     "ExpertBank",
@@ -190,16 +191,30 @@ def _act(experts: Experts) -> Callable[[torch.Tensor], torch.Tensor]:
     return ACTIVATIONS[experts.activation]
 
 
+def _sorted_assignments(expert_index: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor | None):
+    """The kept assignments sorted by expert (stable): token, expert, gate (M,) each, and ``inverse``.
+
+    When nothing is dropped, assignment (n, j) sits at sorted row inverse[n·K + j]
+    (so ``rows[inverse]`` undoes the sort); with drops ``inverse`` is None.
+    """
+    num_tokens, k = expert_index.shape
+    expert, gate = expert_index.reshape(-1), gates.reshape(-1)  # (N·K,)
+    if keep is None or bool(keep.all()):
+        order = torch.argsort(expert, stable=True)  # (N·K,) sorted row -> assignment n·K + j
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        token = order // k if k > 1 else order
+        return token, expert[order], gate[order], inverse
+    token = torch.arange(num_tokens, device=expert_index.device).repeat_interleave(k)  # (N·K,)
+    kept = keep.reshape(-1)
+    token, expert, gate = token[kept], expert[kept], gate[kept]
+    order = torch.argsort(expert, stable=True)
+    return token[order], expert[order], gate[order], None
+
+
 def _kept_assignments(expert_index: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor | None):
     """The kept (token, expert, gate) assignments, sorted by expert (stable): three (M,) tensors."""
-    num_tokens, k = expert_index.shape
-    token = torch.arange(num_tokens, device=expert_index.device).repeat_interleave(k)  # (N·K,)
-    expert, gate = expert_index.reshape(-1), gates.reshape(-1)  # (N·K,)
-    if keep is not None:
-        kept = keep.reshape(-1)
-        token, expert, gate = token[kept], expert[kept], gate[kept]
-    order = torch.argsort(expert, stable=True)
-    return token[order], expert[order], gate[order]  # (M,) each
+    return _sorted_assignments(expert_index, gates, keep)[:3]
 
 
 def _combine(x: torch.Tensor, token: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -304,101 +319,143 @@ def _act_backward(activation: str, grad: torch.Tensor, pre: torch.Tensor) -> tor
 
 
 def _expert_blocks_forward(xs, counts: list[int], w_in, b_in, w_out, b_out, act):
-    """Expert e's FFN on its block of sorted rows xs (M, D), for every expert with rows.
+    """Expert e's FFN on its block of sorted rows xs (M, D), for every expert with rows: the outputs (M_e, D) in order.
 
-    → the outputs (M_e, D) and the (pre-activation, activation) pairs (M_e, F), both in expert order.
     w_in[e], ... may index stacked weights or a tuple of unbound ones.
     """
-    outputs, saved = [], []
+    outputs = []
     for e, block in enumerate(torch.split(xs, counts)):  # block (M_e, D)
         if block.shape[0] == 0:
             continue
         pre = torch.addmm(b_in[e], block, w_in[e]) if b_in is not None else block @ w_in[e]  # (M_e, F)
         h = act(pre)
         outputs.append(torch.addmm(b_out[e], h, w_out[e]) if b_out is not None else h @ w_out[e])  # (M_e, D)
-        saved.append((pre, h))
-    return outputs, saved
+    return outputs
 
 
-class _ExpertBlocks(torch.autograd.Function):
-    """Every expert's FFN on its block of sorted rows: xs (M, D) → ys (M, D), with a hand-written backward.
+def _unsort(rows: torch.Tensor, token: torch.Tensor, inverse: torch.Tensor | None, num_tokens: int, k: int) -> torch.Tensor:
+    """Add each sorted row back to its token: rows (M, D) → (N, D), y_n = Σ_{i: token[i] = n} rows_i.
 
-    Expert e owns the next ``counts[e]`` rows: pre = xs_e W_in[e] + b_in[e],
-    h = act(pre), ys_e = h W_out[e] + b_out[e]. The forward is the plain loop
-    (small per-expert tensors, which stay in cache). The backward writes each
-    expert's weight gradients straight into the stacked (E, D, F) and (E, F, D)
-    gradients, where PyTorch's autograd would keep E separate gradients and
-    then copy them into one stack (``unbind``'s backward): that copy, and the
-    bookkeeping of some 10·E autograd nodes, is what this saves.
+    Without drops, a gather by the inverse permutation (and, for top-k, a sum
+    over each token's K rows) does it with no zero-filled buffer and no scatter.
+    """
+    if inverse is not None:
+        out = rows.index_select(0, inverse)  # (N·K, D) in assignment order
+        return out if k == 1 else out.view(num_tokens, k, -1).sum(1)
+    return rows.new_zeros(num_tokens, rows.shape[1]).index_add_(0, token, rows)
+
+
+class _SortedExperts(torch.autograd.Function):
+    """Gather, every expert's FFN on its block, gate and unsort in one step, with a hand-written backward.
+
+    x (N, D) → xs = x[token] (M, D), sorted by expert; expert e owns the next
+    counts[e] rows: pre = xs_e W_in[e] + b_in[e], h = act(pre),
+    out_e = h W_out[e] + b_out[e], ys_e = gate_e · out_e; then y_n sums the
+    rows of token n (``_unsort``). The per-expert work runs block by block,
+    where the small tensors stay in cache, and on several cores at once when
+    there are many small blocks (``moe_course.parallel.over_experts``).
+
+    The backward writes each expert's weight gradients straight into the
+    stacked (E, D, F) and (E, F, D) gradients: PyTorch's autograd would keep E
+    separate gradients and copy them into one stack, and keep some 10·E nodes
+    of bookkeeping.
     """
 
     @staticmethod
-    def forward(ctx, xs, w_in, b_in, w_out, b_out, counts: list[int], activation: str):  # noqa: D102
-        outputs, saved = _expert_blocks_forward(xs, counts, w_in, b_in, w_out, b_out, ACTIVATIONS[activation])
-        ctx.save_for_backward(xs, w_in, w_out)
-        ctx.saved, ctx.counts, ctx.activation = saved, counts, activation
-        return torch.cat(outputs) if outputs else xs.new_zeros(0, w_out.shape[2])
+    def forward(ctx, x, gate, w_in, b_in, w_out, b_out, token, inverse, counts: list[int], activation: str, k: int):  # noqa: D102
+        act = ACTIVATIONS[activation]
+        xs = x.index_select(0, token)  # (M, D)
+        ys = torch.empty(xs.shape[0], w_out.shape[2], dtype=x.dtype, device=x.device)  # (M, D)
+        saved: list = [None] * len(counts)
+        x_blocks, y_blocks, gate_blocks = torch.split(xs, counts), torch.split(ys, counts), torch.split(gate, counts)
+
+        def experts_forward(lo: int, hi: int) -> None:
+            for e in range(lo, hi):
+                x_e = x_blocks[e]
+                if x_e.shape[0] == 0:
+                    continue
+                pre = torch.addmm(b_in[e], x_e, w_in[e]) if b_in is not None else x_e @ w_in[e]  # (M_e, F)
+                h = act(pre)
+                out = torch.addmm(b_out[e], h, w_out[e]) if b_out is not None else h @ w_out[e]  # (M_e, D)
+                torch.mul(out, gate_blocks[e][:, None], out=y_blocks[e])
+                saved[e] = (pre, h, out)
+
+        over_experts(experts_forward, counts, 2 * w_in.shape[1] * w_in.shape[2])
+        ctx.save_for_backward(xs, gate, w_in, w_out, token, inverse)
+        ctx.saved, ctx.counts, ctx.activation, ctx.k, ctx.num_tokens = saved, counts, activation, k, x.shape[0]
+        return _unsort(ys, token, inverse, x.shape[0], k)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dys):  # noqa: D102
-        xs, w_in, w_out = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        dw_in = torch.zeros_like(w_in) if need[1] else None  # (E, D, F)
-        db_in = xs.new_zeros(w_in.shape[0], w_in.shape[2]) if need[2] else None  # (E, F)
-        dw_out = torch.zeros_like(w_out) if need[3] else None  # (E, F, D)
-        db_out = xs.new_zeros(w_out.shape[0], w_out.shape[2]) if need[4] else None  # (E, D)
-        dx_blocks = []
-        saved = iter(ctx.saved)
-        for e, (x_e, g) in enumerate(zip(torch.split(xs, ctx.counts), torch.split(dys, ctx.counts))):
-            if x_e.shape[0] == 0:
-                continue
-            pre, h = next(saved)
-            if dw_out is not None:
-                torch.mm(h.t(), g, out=dw_out[e])  # (F, D)
-            if db_out is not None:
-                torch.sum(g, 0, out=db_out[e])
-            dpre = _act_backward(ctx.activation, g @ w_out[e].t(), pre)  # (M_e, F)
-            if dw_in is not None:
-                torch.mm(x_e.t(), dpre, out=dw_in[e])  # (D, F)
-            if db_in is not None:
-                torch.sum(dpre, 0, out=db_in[e])
-            if need[0]:
-                dx_blocks.append(dpre @ w_in[e].t())  # (M_e, D)
-        dxs = (torch.cat(dx_blocks) if dx_blocks else torch.zeros_like(xs)) if need[0] else None
-        return dxs, dw_in, db_in, dw_out, db_out, None, None
+    def backward(ctx, dy):  # noqa: D102
+        xs, gate, w_in, w_out, token, inverse = ctx.saved_tensors
+        need, counts, saved = ctx.needs_input_grad, ctx.counts, ctx.saved
+        num_experts = w_in.shape[0]
+        dys = dy.index_select(0, token)  # (M, D): each row's upstream gradient
+        dxs = torch.empty_like(xs) if need[0] else None  # (M, D)
+        dgate = torch.empty_like(gate) if need[1] else None  # (M,)
+        dw_in = torch.empty_like(w_in) if need[2] else None  # (E, D, F)
+        db_in = xs.new_empty(num_experts, w_in.shape[2]) if need[3] else None  # (E, F)
+        dw_out = torch.empty_like(w_out) if need[4] else None  # (E, F, D)
+        db_out = xs.new_empty(num_experts, w_out.shape[2]) if need[5] else None  # (E, D)
+        w_in_t, w_out_t = w_in.transpose(1, 2), w_out.transpose(1, 2)
+        blocks = [torch.split(t, counts) if t is not None else [None] * num_experts for t in (xs, dys, gate, dxs, dgate)]
+
+        def experts_backward(lo: int, hi: int) -> None:
+            for e in range(lo, hi):
+                x_e, dy_e, gate_e, dx_e, dgate_e = (b[e] for b in blocks)
+                if x_e.shape[0] == 0:  # an idle expert: zero gradient
+                    for grad in (dw_in, db_in, dw_out, db_out):
+                        if grad is not None:
+                            grad[e].zero_()
+                    continue
+                pre, h, out = saved[e]
+                if dgate_e is not None:
+                    torch.sum(dy_e * out, 1, out=dgate_e)  # d gate_i = dy_i · out_i
+                g = dy_e * gate_e[:, None]  # (M_e, D) the gradient at out
+                if dw_out is not None:
+                    torch.mm(h.t(), g, out=dw_out[e])  # (F, D)
+                if db_out is not None:
+                    torch.sum(g, 0, out=db_out[e])
+                dpre = _act_backward(ctx.activation, g @ w_out_t[e], pre)  # (M_e, F)
+                if dw_in is not None:
+                    torch.mm(x_e.t(), dpre, out=dw_in[e])  # (D, F)
+                if db_in is not None:
+                    torch.sum(dpre, 0, out=db_in[e])
+                if dx_e is not None:
+                    torch.mm(dpre, w_in_t[e], out=dx_e)  # (M_e, D)
+
+        over_experts(experts_backward, counts, 2 * w_in.shape[1] * w_in.shape[2])
+        dx = _unsort(dxs, token, inverse, ctx.num_tokens, ctx.k) if dxs is not None else None
+        return dx, dgate, dw_in, db_in, dw_out, db_out, None, None, None, None, None
 
 
 def _expert_blocks_autograd(xs, experts: Experts, counts: list[int]) -> torch.Tensor:
-    """The same as ``_ExpertBlocks`` under PyTorch's autograd (for autocast and mixed dtypes)."""
+    """Every expert's FFN on its block of sorted rows under PyTorch's autograd (for autocast and mixed dtypes)."""
     w_in, w_out = experts.w_in.unbind(0), experts.w_out.unbind(0)  # unbind once: one stacked gradient in the backward
     b_in = experts.b_in.unbind(0) if experts.b_in is not None else None
     b_out = experts.b_out.unbind(0) if experts.b_out is not None else None
-    outputs, _ = _expert_blocks_forward(xs, counts, w_in, b_in, w_out, b_out, _act(experts))
-    return torch.cat(outputs)
+    return torch.cat(_expert_blocks_forward(xs, counts, w_in, b_in, w_out, b_out, _act(experts)))
 
 
 def sort_split(x, experts: Experts, expert_index, gates, keep=None) -> torch.Tensor:
     """Sort assignments by expert, split into contiguous blocks, one matmul pair per block.
 
-    Like ``sort_dispatch`` but on the stacked weights, with a hand-written
-    backward that fills the stacked weight gradients directly
-    (``_ExpertBlocks``); under autocast or with mixed dtypes the same loop
-    runs under PyTorch's autograd.
+    Like ``sort_dispatch`` but on the stacked weights, as one autograd step
+    with a hand-written backward (``_SortedExperts``); many small blocks run
+    on several cores at once (``moe_course.parallel``). Under autocast or with
+    mixed dtypes the same loop runs under PyTorch's autograd instead.
     """
     expert_index, gates, keep = _validate(x, experts, expert_index, gates, keep)
-    token, expert, gate = _kept_assignments(expert_index, gates, keep)  # (M,) each
+    token, expert, gate, inverse = _sorted_assignments(expert_index, gates, keep)  # (M,) each
     if token.numel() == 0:
         return torch.zeros_like(x)
     counts = torch.bincount(expert, minlength=experts.num_experts).tolist()
-    # index_select rather than x[token]: its backward is an index_add, cheaper on a CPU
-    # than the accumulating index_put behind x[token]'s (measured: about 5% of the layer at E=64)
-    xs = x.index_select(0, token)  # (M, D) rows sorted by expert
-    plain = xs.dtype == experts.w_in.dtype and not torch.is_autocast_enabled(xs.device.type)
-    if plain:
-        ys = _ExpertBlocks.apply(xs, experts.w_in, experts.b_in, experts.w_out, experts.b_out, counts, experts.activation)
-    else:
-        ys = _expert_blocks_autograd(xs, experts, counts)
+    if x.dtype == experts.w_in.dtype == gate.dtype and not torch.is_autocast_enabled(x.device.type):
+        return _SortedExperts.apply(x, gate, experts.w_in, experts.b_in, experts.w_out, experts.b_out,
+                                    token, inverse, counts, experts.activation, expert_index.shape[1])
+    # index_select rather than x[token]: its backward is an index_add, cheaper on a CPU than x[token]'s index_put
+    ys = _expert_blocks_autograd(x.index_select(0, token), experts, counts)  # (M, D)
     return _combine(x, token, ys, gate)
 
 
