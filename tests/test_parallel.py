@@ -1,0 +1,122 @@
+"""Expert parallelism on CPU threads: the grouping, when it is used, and that it changes no result."""
+
+import threading
+
+import pytest
+import torch
+
+import moe_course.parallel as parallel
+from moe_course.dispatch import METHODS, sort_split
+from moe_course.experts import Experts
+from moe_course.memory import MemoryRecorder
+from moe_course.parallel import expert_groups, over_experts, worth_threading
+from moe_course.routing import capacity_mask, top_k_routing
+
+
+@pytest.mark.parametrize(
+    "counts,parts,want",
+    [
+        ([5, 5, 5, 5], 2, [(0, 2), (2, 4)]),
+        ([10, 0, 0, 1, 1], 2, [(0, 1), (1, 5)]),
+        ([1, 1, 1, 1, 1, 1], 3, [(0, 2), (2, 4), (4, 6)]),
+        ([3, 4], 5, [(0, 1), (1, 2)]),
+        ([7], 2, [(0, 1)]),
+        ([2, 2, 2], 1, [(0, 3)]),
+    ],
+)
+def test_expert_groups_are_contiguous_balanced_and_cover_every_expert(counts, parts, want):
+    assert expert_groups(counts, parts) == want
+
+
+def test_expert_groups_rejects_zero_parts():
+    with pytest.raises(ValueError, match="parts must be >= 1"):
+        expert_groups([1, 2], 0)
+
+
+def test_worth_threading_only_for_many_small_blocks_on_several_threads():
+    many_small = [256] * 64
+    assert worth_threading(many_small, 2 * 128 * 512, threads=2)
+    assert not worth_threading(many_small, 2 * 128 * 512, threads=1)  # one thread: nothing to share
+    assert not worth_threading([256] * 8, 2 * 128 * 512, threads=2)  # too few experts per thread
+    assert not worth_threading([4096] * 64, 2 * 128 * 512, threads=2)  # big blocks split well inside the matmul
+    assert not worth_threading([256] * 15 + [0] * 49, 2 * 128 * 512, threads=2)  # idle experts do not count
+    with MemoryRecorder():  # dispatch modes see only their own thread
+        assert not worth_threading(many_small, 2 * 128 * 512, threads=2)
+
+
+@pytest.fixture
+def two_threads(monkeypatch):
+    """Two intra-op threads, and threads for any number of experts of any size."""
+    monkeypatch.setattr(parallel, "MIN_EXPERTS_PER_THREAD", 1)
+    monkeypatch.setattr(parallel, "MAX_BLOCK_FLOPS", float("inf"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_over_experts_uses_a_second_thread_and_restores_the_thread_count(two_threads):
+    seen: dict[tuple[int, int], tuple[str, int]] = {}
+
+    def fn(lo, hi):
+        seen[(lo, hi)] = (threading.current_thread().name, torch.get_num_threads())
+
+    over_experts(fn, [3, 3, 3, 3], flops_per_row=1)
+    assert sorted(seen) == [(0, 2), (2, 4)]
+    names = {name for name, _ in seen.values()}
+    assert len(names) == 2 and any(n.startswith("moe-experts") for n in names)
+    assert all(n == 1 for _, n in seen.values())  # one intra-op thread each while they share the cores
+    assert torch.get_num_threads() == 2
+
+
+def test_over_experts_passes_on_a_worker_error_and_still_restores_threads(two_threads):
+    def fn(lo, hi):
+        if lo > 0:
+            raise RuntimeError(f"expert {lo} failed")
+
+    with pytest.raises(RuntimeError, match="expert 2 failed"):
+        over_experts(fn, [1, 1, 1, 1], flops_per_row=1)
+    assert torch.get_num_threads() == 2
+
+
+def _routing(n=40, e=6, k=1, capacity=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    experts = Experts(e, 8, 16)
+    x = torch.randn(n, 8, generator=g)
+    logits = torch.randn(n, e, generator=g)
+    logits[:, 5] = -1e4  # an idle expert
+    routing = top_k_routing(logits, k)
+    keep = capacity_mask(routing.expert_index, e, capacity).keep if capacity else None
+    return x, experts, routing.expert_index, routing.gates, keep
+
+
+def _outputs_and_grads(fn, x, experts, expert_index, gates, keep):
+    x = x.detach().clone().requires_grad_()
+    gates = gates.detach().clone().requires_grad_()
+    experts.zero_grad(set_to_none=True)
+    y = fn(x, experts, expert_index, gates, keep)
+    (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+    return [y.detach(), x.grad, gates.grad] + [p.grad for p in experts.parameters()]
+
+
+@pytest.mark.parametrize("k,capacity", [(1, None), (2, None), (1, 5), (2, 9)])
+def test_threaded_sort_split_gives_the_same_outputs_and_gradients(two_threads, monkeypatch, k, capacity):
+    x, experts, expert_index, gates, keep = _routing(k=k, capacity=capacity)
+    calls = []
+    real = parallel.expert_groups
+    monkeypatch.setattr(parallel, "expert_groups", lambda c, p: calls.append(p) or real(c, p))
+    got = _outputs_and_grads(sort_split, x, experts, expert_index, gates, keep)
+    assert calls == [2, 2], "forward and backward should both have run on two threads"
+    want = _outputs_and_grads(METHODS["masks_loop"], x, experts, expert_index, gates, keep)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    assert got[3][5].abs().sum() == 0  # the idle expert's w_in gradient is zero, not left uninitialised
+
+
+def test_threaded_sort_split_works_under_inference_mode(two_threads):
+    x, experts, expert_index, gates, _ = _routing()
+    want = sort_split(x, experts, expert_index, gates)
+    with torch.inference_mode():
+        got = sort_split(x, experts, expert_index, gates)
+    torch.testing.assert_close(got, want)
