@@ -345,6 +345,16 @@ def _unsort(rows: torch.Tensor, token: torch.Tensor, inverse: torch.Tensor | Non
     return rows.new_zeros(num_tokens, rows.shape[1]).index_add_(0, token, rows)
 
 
+def _unbind(t: torch.Tensor | None, n: int):
+    """t.unbind(0), or n Nones for a missing tensor (e.g. no biases)."""
+    return t.unbind(0) if t is not None else [None] * n
+
+
+def _split(t: torch.Tensor | None, counts: list[int]):
+    """t split into blocks of counts rows, or Nones for a missing tensor."""
+    return torch.split(t, counts) if t is not None else [None] * len(counts)
+
+
 class _SortedExperts(torch.autograd.Function):
     """Gather, every expert's FFN on its block, gate and unsort in one step, with a hand-written backward.
 
@@ -367,17 +377,19 @@ class _SortedExperts(torch.autograd.Function):
         xs = x.index_select(0, token)  # (M, D)
         ys = torch.empty(xs.shape[0], w_out.shape[2], dtype=x.dtype, device=x.device)  # (M, D)
         saved: list = [None] * len(counts)
-        x_blocks, y_blocks, gate_blocks = torch.split(xs, counts), torch.split(ys, counts), torch.split(gate, counts)
+        # every expert's arguments, cut once (a C call per tensor, not a Python index per expert)
+        per_expert = list(zip(torch.split(xs, counts), torch.split(ys, counts), torch.split(gate[:, None], counts),
+                              w_in.unbind(0), _unbind(b_in, len(counts)), w_out.unbind(0), _unbind(b_out, len(counts))))
 
         def experts_forward(lo: int, hi: int) -> None:
             for e in range(lo, hi):
-                x_e = x_blocks[e]
+                x_e, y_e, gate_e, w1, b1, w2, b2 = per_expert[e]
                 if x_e.shape[0] == 0:
                     continue
-                pre = torch.addmm(b_in[e], x_e, w_in[e]) if b_in is not None else x_e @ w_in[e]  # (M_e, F)
+                pre = torch.addmm(b1, x_e, w1) if b1 is not None else x_e @ w1  # (M_e, F)
                 h = act(pre)
-                out = torch.addmm(b_out[e], h, w_out[e]) if b_out is not None else h @ w_out[e]  # (M_e, D)
-                torch.mul(out, gate_blocks[e][:, None], out=y_blocks[e])
+                out = torch.addmm(b2, h, w2) if b2 is not None else h @ w2  # (M_e, D)
+                torch.mul(out, gate_e, out=y_e)
                 saved[e] = (pre, h, out)
 
         over_experts(experts_forward, counts, 2 * w_in.shape[1] * w_in.shape[2])
@@ -398,32 +410,36 @@ class _SortedExperts(torch.autograd.Function):
         db_in = xs.new_empty(num_experts, w_in.shape[2]) if need[3] else None  # (E, F)
         dw_out = torch.empty_like(w_out) if need[4] else None  # (E, F, D)
         db_out = xs.new_empty(num_experts, w_out.shape[2]) if need[5] else None  # (E, D)
-        w_in_t, w_out_t = w_in.transpose(1, 2), w_out.transpose(1, 2)
-        blocks = [torch.split(t, counts) if t is not None else [None] * num_experts for t in (xs, dys, gate, dxs, dgate)]
+        num = len(counts)
+        per_expert = list(zip(
+            torch.split(xs, counts), torch.split(dys, counts), torch.split(gate[:, None], counts), saved,
+            w_in.transpose(1, 2).unbind(0), w_out.transpose(1, 2).unbind(0),
+            _split(dxs, counts), _split(dgate, counts), _unbind(dw_in, num), _unbind(db_in, num), _unbind(dw_out, num), _unbind(db_out, num)))
+        backward_act = _act_backward
 
         def experts_backward(lo: int, hi: int) -> None:
             for e in range(lo, hi):
-                x_e, dy_e, gate_e, dx_e, dgate_e = (b[e] for b in blocks)
-                if x_e.shape[0] == 0:  # an idle expert: zero gradient
-                    for grad in (dw_in, db_in, dw_out, db_out):
+                x_e, dy_e, gate_e, kept, w1_t, w2_t, dx_e, dgate_e, dw1, db1, dw2, db2 = per_expert[e]
+                if kept is None:  # an idle expert: zero gradient
+                    for grad in (dw1, db1, dw2, db2):
                         if grad is not None:
-                            grad[e].zero_()
+                            grad.zero_()
                     continue
-                pre, h, out = saved[e]
+                pre, h, out = kept
                 if dgate_e is not None:
                     torch.sum(dy_e * out, 1, out=dgate_e)  # d gate_i = dy_i · out_i
-                g = dy_e * gate_e[:, None]  # (M_e, D) the gradient at out
-                if dw_out is not None:
-                    torch.mm(h.t(), g, out=dw_out[e])  # (F, D)
-                if db_out is not None:
-                    torch.sum(g, 0, out=db_out[e])
-                dpre = _act_backward(ctx.activation, g @ w_out_t[e], pre)  # (M_e, F)
-                if dw_in is not None:
-                    torch.mm(x_e.t(), dpre, out=dw_in[e])  # (D, F)
-                if db_in is not None:
-                    torch.sum(dpre, 0, out=db_in[e])
+                g = dy_e * gate_e  # (M_e, D) the gradient at out
+                if dw2 is not None:
+                    torch.mm(h.t(), g, out=dw2)  # (F, D)
+                if db2 is not None:
+                    torch.sum(g, 0, out=db2)
+                dpre = backward_act(ctx.activation, g @ w2_t, pre)  # (M_e, F)
+                if dw1 is not None:
+                    torch.mm(x_e.t(), dpre, out=dw1)  # (D, F)
+                if db1 is not None:
+                    torch.sum(dpre, 0, out=db1)
                 if dx_e is not None:
-                    torch.mm(dpre, w_in_t[e], out=dx_e)  # (M_e, D)
+                    torch.mm(dpre, w1_t, out=dx_e)  # (M_e, D)
 
         over_experts(experts_backward, counts, 2 * w_in.shape[1] * w_in.shape[2])
         dx = _unsort(dxs, token, inverse, ctx.num_tokens, ctx.k) if dxs is not None else None
