@@ -14,9 +14,10 @@ For every configuration (N tokens, D, F, E experts, top-k) it times, forward
 - ``hf_switch``: Hugging Face's ``SwitchTransformersSparseMLP`` as an outside
   peer, when transformers is installed (top-1 only; same D, F, E; no token limit).
 
-Runs are interleaved (one run of each candidate per round, so a noisy
-neighbour slows everyone alike), after warm-up; the table gives medians and
-ratios to dense measured in this one run, and the peak extra memory of one
+Runs are paired, after warm-up: in every round each candidate runs next to
+a fresh run of the dense layer, so a noisy neighbour slows both halves of a
+pair alike; the table gives the median of those paired ratios (and, in the
+JSON, their quartiles), median times, and the peak extra memory of one
 forward+backward (``moe_course.memory.peak_bytes``). Timings belong here, never
 in unit tests.
 
@@ -157,6 +158,14 @@ def _run(c: _Candidate, backward: bool, grad: torch.Tensor) -> None:
     c.x.grad = None
 
 
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(lower quartile, median, upper quartile); all three the one value when there is one."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, statistics.median(values), q3
+
+
 def run_benchmark(
     configs=STANDARD,
     methods: list[str] | None = None,
@@ -167,7 +176,14 @@ def run_benchmark(
     memory: bool = True,
     log: Callable[[str], None] | None = print,
 ) -> pd.DataFrame:
-    """Time every candidate on every configuration; one row per (config, implementation, mode)."""
+    """Time every candidate on every configuration; one row per (config, implementation, mode).
+
+    Each repeat times every implementation next to a fresh run of the dense
+    layer (dense first in even repeats, second in odd ones), so that a noisy
+    neighbour slowing the machine for a second slows both halves of a pair.
+    ``ratio_to_dense`` is the median of those paired ratios, ``ratio_q1`` and
+    ``ratio_q3`` its quartiles; ``median_ms`` is the median time.
+    """
     methods = list(methods or METHODS)
     unknown = set(methods) - set(METHODS)
     if unknown:
@@ -182,47 +198,62 @@ def run_benchmark(
         if log:
             log(f"{cfg.name}: {', '.join(c.name for c in candidates)}")
         peaks = {c.name: peak_bytes(lambda c=c: _run(c, True, grad)) for c in candidates} if memory else {}
+        dense, others = candidates[0], candidates[1:]
         for mode, backward in (("forward", False), ("forward+backward", True)):
             for _ in range(warmup):
                 for c in candidates:
                     _run(c, backward, grad)
             times: dict[str, list[float]] = {c.name: [] for c in candidates}
+            ratios: dict[str, list[float]] = {c.name: [] for c in others}
             for r in range(repeats):
-                order = candidates[r % len(candidates):] + candidates[: r % len(candidates)]  # rotate who goes first
-                for c in order:
+                if not others:  # only the dense layer: time it alone
                     start = time.perf_counter()
-                    _run(c, backward, grad)
-                    times[c.name].append(time.perf_counter() - start)
-            dense = statistics.median(times["dense"])
+                    _run(dense, backward, grad)
+                    times[dense.name].append(time.perf_counter() - start)
+                for c in others[r % len(others):] + others[: r % len(others)]:  # rotate who goes first
+                    took = {}
+                    for member in ((dense, c) if r % 2 == 0 else (c, dense)):  # and which half of the pair
+                        start = time.perf_counter()
+                        _run(member, backward, grad)
+                        took[member.name] = time.perf_counter() - start
+                    times[c.name].append(took[c.name])
+                    times[dense.name].append(took[dense.name])
+                    ratios[c.name].append(took[c.name] / took[dense.name])
             for c in candidates:
-                median = statistics.median(times[c.name])
+                spread = _quartiles(ratios[c.name]) if c is not dense else (1.0, 1.0, 1.0)
                 rows.append({
                     "config": cfg.name, "implementation": c.name, "mode": mode,
-                    "median_ms": 1000 * median, "ratio_to_dense": median / dense,
+                    "median_ms": 1000 * statistics.median(times[c.name]), "ratio_to_dense": spread[1],
+                    "ratio_q1": spread[0], "ratio_q3": spread[2],
                     "peak_MiB": peaks.get(c.name, float("nan")) / 2**20,
                     "default": c.name == DEFAULT_METHOD, "note": "",
                 })
         for name, note in notes.items():
             rows.append({"config": cfg.name, "implementation": name, "mode": "", "median_ms": float("nan"),
-                         "ratio_to_dense": float("nan"), "peak_MiB": float("nan"), "default": False, "note": note})
+                         "ratio_to_dense": float("nan"), "ratio_q1": float("nan"), "ratio_q3": float("nan"), "peak_MiB": float("nan"), "default": False, "note": note})
     return pd.DataFrame(rows)
 
 
 def format_table(results: pd.DataFrame) -> str:
-    """One block per configuration: implementations × (forward, forward+backward) ratios, ms and peak memory."""
+    """One block per configuration: implementations × (forward, forward+backward) ratios, ms and peak memory.
+
+    Each ratio is the median of the paired ratios to dense; in brackets, the
+    middle half of them (lower to upper quartile).
+    """
     lines = []
     for config, part in results.groupby("config", sort=False):
         lines.append(f"\n{config}")
-        lines.append(f"  {'implementation':<24}{'forward':>18}{'forward+backward':>22}{'peak MiB':>10}")
+        lines.append(f"  {'implementation':<22}{'forward':>30}{'forward+backward':>32}{'peak MiB':>10}")
         timed = part[part["mode"] != ""]
         for name, rows in timed.groupby("implementation", sort=False):
             by_mode = {r["mode"]: r for _, r in rows.iterrows()}
-            f, fb = by_mode["forward"], by_mode["forward+backward"]
-            tag = " (default)" if f["default"] else ""
-            lines.append(f"  {name + tag:<24}{f['ratio_to_dense']:>7.2f}x {f['median_ms']:>7.1f} ms"
-                         f"{fb['ratio_to_dense']:>11.2f}x {fb['median_ms']:>8.1f} ms{f['peak_MiB']:>10.1f}")
+            tag = " (default)" if by_mode["forward"]["default"] else ""
+            cells = [f"{r['ratio_to_dense']:5.2f}x ({r['ratio_q1']:4.2f}-{r['ratio_q3']:4.2f}) {r['median_ms']:7.1f} ms"
+                     for r in (by_mode["forward"], by_mode["forward+backward"])]
+            lines.append(f"  {name + tag:<22}{cells[0]:>30}{cells[1]:>32}{by_mode['forward']['peak_MiB']:>10.1f}")
         for _, r in part[part["mode"] == ""].iterrows():
-            lines.append(f"  {r['implementation']:<24}{r['note']}")
+            lines.append(f"  {r['implementation']:<22}{r['note']}")
+    lines.append("\nratio: median of paired runs against dense (middle half in brackets); ms: median time")
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ def test_run_benchmark_has_a_row_per_config_implementation_and_mode():
         dense = part[part["implementation"] == "dense"]
         assert (dense["ratio_to_dense"] == 1.0).all()
     assert (timed["median_ms"] > 0).all() and (timed["peak_MiB"] > 0).all()
+    assert (timed["ratio_q1"] <= timed["ratio_to_dense"]).all() and (timed["ratio_to_dense"] <= timed["ratio_q3"]).all()
     assert timed[timed["default"]]["implementation"].unique().tolist() == [DEFAULT_METHOD]
     notes = results[results["mode"] == ""]
     assert "top-1 only" in " ".join(notes["note"])  # the Switch peer sits out the k=2 case
