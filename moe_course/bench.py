@@ -45,7 +45,7 @@ from .experts import FeedForward
 from .memory import peak_bytes
 from .moe import MoEConfig, MoELayer
 
-__all__ = ["BenchConfig", "STANDARD", "QUICK", "steady_allocator", "run_benchmark", "format_table", "main"]
+__all__ = ["BenchConfig", "STANDARD", "QUICK", "steady_allocator", "PairedTiming", "paired_times", "run_benchmark", "format_table", "main"]
 
 
 @dataclass(frozen=True)
@@ -158,12 +158,66 @@ def _run(c: _Candidate, backward: bool, grad: torch.Tensor) -> None:
     c.x.grad = None
 
 
-def _quartiles(values: list[float]) -> tuple[float, float, float]:
-    """(lower quartile, median, upper quartile); all three the one value when there is one."""
-    if len(values) == 1:
-        return values[0], values[0], values[0]
-    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, statistics.median(values), q3
+@dataclass
+class PairedTiming:
+    """One candidate's times (seconds) and its paired ratios to the baseline (median and quartiles)."""
+
+    seconds: list[float]
+    ratios: list[float]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+    @property
+    def ratio_q1(self) -> float:
+        return self._quartiles()[0]
+
+    @property
+    def ratio_q3(self) -> float:
+        return self._quartiles()[2]
+
+    def _quartiles(self) -> tuple[float, float, float]:
+        if len(self.ratios) == 1:
+            return self.ratios[0], self.ratios[0], self.ratios[0]
+        return tuple(statistics.quantiles(self.ratios, n=4, method="inclusive"))
+
+
+def paired_times(candidates: dict[str, Callable[[], object]], baseline: str, *, repeats: int = 7, warmup: int = 2) -> dict[str, PairedTiming]:
+    """Time each candidate next to a fresh run of the baseline: name → PairedTiming (the baseline's ratios are all 1).
+
+    Every repeat runs each candidate once, paired with a baseline run right
+    before it (even repeats) or right after it (odd repeats), and the order of
+    the candidates rotates; so a noisy neighbour slowing the machine for a
+    second slows both halves of a pair alike, and the ratio of the pair cancels it.
+    """
+    if baseline not in candidates:
+        raise ValueError(f"the baseline {baseline!r} is not among the candidates {sorted(candidates)}")
+    if repeats < 1 or warmup < 0:
+        raise ValueError("repeats must be >= 1 and warmup >= 0")
+
+    def timed(name: str) -> float:
+        start = time.perf_counter()
+        candidates[name]()
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        for fn in candidates.values():
+            fn()
+    others = [name for name in candidates if name != baseline]
+    out = {name: PairedTiming([], []) for name in candidates}
+    for r in range(repeats):
+        if not others:
+            out[baseline].seconds.append(timed(baseline))
+            out[baseline].ratios.append(1.0)
+        for name in others[r % len(others):] + others[: r % len(others)]:
+            pair = (baseline, name) if r % 2 == 0 else (name, baseline)
+            took = {member: timed(member) for member in pair}
+            out[name].seconds.append(took[name])
+            out[name].ratios.append(took[name] / took[baseline])
+            out[baseline].seconds.append(took[baseline])
+            out[baseline].ratios.append(1.0)
+    return out
 
 
 def run_benchmark(
@@ -198,35 +252,16 @@ def run_benchmark(
         if log:
             log(f"{cfg.name}: {', '.join(c.name for c in candidates)}")
         peaks = {c.name: peak_bytes(lambda c=c: _run(c, True, grad)) for c in candidates} if memory else {}
-        dense, others = candidates[0], candidates[1:]
         for mode, backward in (("forward", False), ("forward+backward", True)):
-            for _ in range(warmup):
-                for c in candidates:
-                    _run(c, backward, grad)
-            times: dict[str, list[float]] = {c.name: [] for c in candidates}
-            ratios: dict[str, list[float]] = {c.name: [] for c in others}
-            for r in range(repeats):
-                if not others:  # only the dense layer: time it alone
-                    start = time.perf_counter()
-                    _run(dense, backward, grad)
-                    times[dense.name].append(time.perf_counter() - start)
-                for c in others[r % len(others):] + others[: r % len(others)]:  # rotate who goes first
-                    took = {}
-                    for member in ((dense, c) if r % 2 == 0 else (c, dense)):  # and which half of the pair
-                        start = time.perf_counter()
-                        _run(member, backward, grad)
-                        took[member.name] = time.perf_counter() - start
-                    times[c.name].append(took[c.name])
-                    times[dense.name].append(took[dense.name])
-                    ratios[c.name].append(took[c.name] / took[dense.name])
-            for c in candidates:
-                spread = _quartiles(ratios[c.name]) if c is not dense else (1.0, 1.0, 1.0)
+            timed = paired_times({c.name: (lambda c=c: _run(c, backward, grad)) for c in candidates},
+                                 baseline="dense", repeats=repeats, warmup=warmup)
+            for name, t in timed.items():
                 rows.append({
-                    "config": cfg.name, "implementation": c.name, "mode": mode,
-                    "median_ms": 1000 * statistics.median(times[c.name]), "ratio_to_dense": spread[1],
-                    "ratio_q1": spread[0], "ratio_q3": spread[2],
-                    "peak_MiB": peaks.get(c.name, float("nan")) / 2**20,
-                    "default": c.name == DEFAULT_METHOD, "note": "",
+                    "config": cfg.name, "implementation": name, "mode": mode,
+                    "median_ms": 1000 * statistics.median(t.seconds), "ratio_to_dense": t.ratio,
+                    "ratio_q1": t.ratio_q1, "ratio_q3": t.ratio_q3,
+                    "peak_MiB": peaks.get(name, float("nan")) / 2**20,
+                    "default": name == DEFAULT_METHOD, "note": "",
                 })
         for name, note in notes.items():
             rows.append({"config": cfg.name, "implementation": name, "mode": "", "median_ms": float("nan"),

@@ -75,3 +75,32 @@ def test_command_line_writes_json(tmp_path):
     assert payload["default"] == DEFAULT_METHOD and len(payload["configs"]) == 3
     assert {r["implementation"] for r in payload["results"]} == {"dense", "grouped_mm"}
     assert "ratio" not in proc.stderr and "grouped_mm" in proc.stdout
+
+
+def test_paired_times_cancels_a_slow_spell_that_hits_both_halves_of_a_pair(monkeypatch):
+    """A fake clock: the candidate costs 2 units, the baseline 1, and every other pair runs 5x slower."""
+    import moe_course.bench as bench
+
+    clock = {"now": 0.0, "slow": 1.0}
+    calls = []
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["now"])
+
+    def runner(name, cost):
+        def run():
+            calls.append(name)
+            clock["now"] += cost * clock["slow"]
+            if len(calls) % 2 == 0:  # a pair is over: the next one runs in a slow spell, or not
+                clock["slow"] = 5.0 if clock["slow"] == 1.0 else 1.0
+        return run
+
+    out = bench.paired_times({"base": runner("base", 1.0), "cand": runner("cand", 2.0)}, baseline="base", repeats=6, warmup=0)
+    assert calls == ["base", "cand", "cand", "base"] * 3  # paired, and which half goes first alternates
+    assert out["cand"].ratios == [2.0] * 6 and out["cand"].ratio == 2.0  # the slow spells cancel
+    assert sorted(set(out["cand"].seconds)) == [2.0, 10.0] and out["base"].ratio == 1.0
+
+
+def test_paired_times_rejects_a_missing_baseline():
+    import moe_course.bench as bench
+
+    with pytest.raises(ValueError, match="baseline 'dense' is not among"):
+        bench.paired_times({"a": lambda: None}, baseline="dense")
