@@ -24,7 +24,7 @@ from torch import nn
 
 from .dispatch import METHODS, dispatch
 from .experts import ACTIVATIONS, Experts
-from .losses import load_balancing_loss, router_z_loss
+from .losses import load_balancing_loss, router_z_loss, router_z_loss_from_softmax
 from .routing import capacity_mask, expert_capacity, noisy_top_k_routing, switch_routing, top_k_routing
 
 __all__ = ["MoEConfig", "MoEOutput", "MoELayer", "ROUTERS"]
@@ -184,7 +184,10 @@ class MoELayer(nn.Module):
         # The default (grouped matmuls on sorted tokens) never builds an (N, E, C) tensor.
         y = dispatch(tokens, self.experts, routing.expert_index, routing.gates, keep, method=cfg.dispatch)  # (N, D)
         aux = load_balancing_loss(probs, routing.expert_index)
-        z = router_z_loss(logits)
+        if routing.router_logits is logits:  # probs = softmax(logits), and the first choice is the most likely expert
+            z = router_z_loss_from_softmax(logits, probs, routing.expert_index[:, 0])
+        else:  # noisy routing chose on noisy logits: the z-loss is of the clean ones
+            z = router_z_loss(logits)
         return MoEOutput(
             y=y.reshape(x.shape),
             loss=cfg.aux_loss_coef * aux + cfg.z_loss_coef * z,

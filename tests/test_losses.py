@@ -97,3 +97,31 @@ def test_importance_loss_is_differentiable():
     logits = torch.randn(6, 3, generator=torch.Generator().manual_seed(0)).requires_grad_()
     importance_loss(F.softmax(logits, -1)).backward()
     assert logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_router_z_loss_from_softmax_equals_the_logsumexp_form_in_value_and_gradient(scale):
+    from moe_course.losses import router_z_loss_from_softmax
+
+    torch.manual_seed(0)
+    logits = (scale * torch.randn(50, 8)).requires_grad_()
+    want = router_z_loss(logits)
+    (want_grad,) = torch.autograd.grad(want, logits)
+    probs = torch.softmax(logits, dim=-1)
+    got = router_z_loss_from_softmax(logits, probs, probs.argmax(-1))
+    (got_grad,) = torch.autograd.grad(got, logits)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_moe_layer_z_loss_is_the_logsumexp_form_for_every_router():
+    from moe_course.moe import MoEConfig, MoELayer
+
+    torch.manual_seed(0)
+    x = torch.randn(30, 8)
+    for router, k in (("switch", 1), ("top_k", 2), ("noisy_top_k", 2)):
+        layer = MoELayer(MoEConfig(8, 16, 4, top_k=k, router=router))
+        for training in (True, False):
+            layer.train(training)
+            out = layer(x)
+            torch.testing.assert_close(out.z_loss, router_z_loss(out.router_logits), rtol=1e-5, atol=1e-6)
