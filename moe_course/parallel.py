@@ -20,19 +20,34 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["expert_groups", "worth_threading", "over_experts", "MIN_EXPERTS_PER_THREAD", "MAX_BLOCK_FLOPS"]
+__all__ = ["expert_groups", "worth_threading", "over_experts", "expert_threads", "MIN_EXPERTS_PER_THREAD", "MAX_BLOCK_FLOPS", "MIN_BLOCK_FLOPS"]
 
-# Measured with moe_course.bench on 2 cores (torch 2.13): threads won at 256-row blocks of
-# D=128, F=512 (E=64) and lost at 1024-row ones (E=16). Re-measure on new hardware.
+# Measured on 2 cores (torch 2.13), forward+backward: threads won with blocks of 64 and 256
+# rows at D=128, F=512 (8.4M and 34M FLOPs per matmul), lost with 1024-row blocks there
+# (134M) and with 64-row blocks at D=64, F=256 (2.1M). Re-measure on new hardware.
 MIN_EXPERTS_PER_THREAD = 8  # fewer busy experts per thread: one block at a time, all cores on it
 MAX_BLOCK_FLOPS = 1e8  # mean FLOPs of one expert matmul (2·M_e·D·F) above which a block splits well by itself
+MIN_BLOCK_FLOPS = 4e6  # ... and below which handing blocks to threads costs more than it saves
 
 _pools: dict[int, ThreadPoolExecutor] = {}
+_enabled = True
+
+
+@contextmanager
+def expert_threads(enabled: bool) -> Iterator[None]:
+    """``with expert_threads(False):`` runs every expert block on the calling thread (to compare, or to debug)."""
+    global _enabled
+    before, _enabled = _enabled, bool(enabled)
+    try:
+        yield
+    finally:
+        _enabled = before
 
 
 def _forget_pools() -> None:  # a forked child has none of its parent's threads
@@ -64,7 +79,8 @@ def worth_threading(counts: list[int], flops_per_row: int, threads: int | None =
     """Whether to run the experts on separate threads: many busy experts with small blocks, and no dispatch mode.
 
     counts (E,) rows per expert; flops_per_row = 2·D·F, one row's share of one
-    expert matmul. Small means a mean block below ``MAX_BLOCK_FLOPS``.
+    expert matmul. Small means a mean block between ``MIN_BLOCK_FLOPS`` and
+    ``MAX_BLOCK_FLOPS``: tinier blocks cost more to hand over than they take.
 
     A ``TorchDispatchMode`` (``moe_course.memory.peak_bytes``, FLOP counters)
     sees only its own thread's operations, so under one everything stays on
@@ -73,9 +89,10 @@ def worth_threading(counts: list[int], flops_per_row: int, threads: int | None =
     threads = torch.get_num_threads() if threads is None else threads
     busy = [c for c in counts if c > 0]
     return (
-        threads > 1
+        _enabled
+        and threads > 1
         and len(busy) >= MIN_EXPERTS_PER_THREAD * threads
-        and sum(busy) * flops_per_row <= MAX_BLOCK_FLOPS * len(busy)
+        and MIN_BLOCK_FLOPS * len(busy) <= sum(busy) * flops_per_row <= MAX_BLOCK_FLOPS * len(busy)
         and _get_current_dispatch_mode() is None
     )
 

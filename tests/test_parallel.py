@@ -39,6 +39,7 @@ def test_worth_threading_only_for_many_small_blocks_on_several_threads():
     assert not worth_threading(many_small, 2 * 128 * 512, threads=1)  # one thread: nothing to share
     assert not worth_threading([256] * 8, 2 * 128 * 512, threads=2)  # too few experts per thread
     assert not worth_threading([4096] * 64, 2 * 128 * 512, threads=2)  # big blocks split well inside the matmul
+    assert not worth_threading([8] * 64, 2 * 128 * 512, threads=2)  # tiny blocks cost more to hand over
     assert not worth_threading([256] * 15 + [0] * 49, 2 * 128 * 512, threads=2)  # idle experts do not count
     with MemoryRecorder():  # dispatch modes see only their own thread
         assert not worth_threading(many_small, 2 * 128 * 512, threads=2)
@@ -49,6 +50,7 @@ def two_threads(monkeypatch):
     """Two intra-op threads, and threads for any number of experts of any size."""
     monkeypatch.setattr(parallel, "MIN_EXPERTS_PER_THREAD", 1)
     monkeypatch.setattr(parallel, "MAX_BLOCK_FLOPS", float("inf"))
+    monkeypatch.setattr(parallel, "MIN_BLOCK_FLOPS", 0)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
@@ -120,3 +122,15 @@ def test_threaded_sort_split_works_under_inference_mode(two_threads):
     with torch.inference_mode():
         got = sort_split(x, experts, expert_index, gates)
     torch.testing.assert_close(got, want)
+
+
+def test_expert_threads_off_keeps_everything_on_the_calling_thread():
+    from moe_course.parallel import expert_threads
+
+    assert worth_threading([256] * 64, 2 * 128 * 512, threads=2)
+    with expert_threads(False):
+        assert not worth_threading([256] * 64, 2 * 128 * 512, threads=2)
+        with expert_threads(True):
+            assert worth_threading([256] * 64, 2 * 128 * 512, threads=2)
+        assert not worth_threading([256] * 64, 2 * 128 * 512, threads=2)
+    assert worth_threading([256] * 64, 2 * 128 * 512, threads=2)
