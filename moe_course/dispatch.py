@@ -381,18 +381,17 @@ class _SortedExperts(torch.autograd.Function):
         per_expert = list(zip(torch.split(xs, counts), torch.split(ys, counts), torch.split(gate[:, None], counts),
                               w_in.unbind(0), _unbind(b_in, len(counts)), w_out.unbind(0), _unbind(b_out, len(counts))))
 
-        def experts_forward(lo: int, hi: int) -> None:
-            for e in range(lo, hi):
-                x_e, y_e, gate_e, w1, b1, w2, b2 = per_expert[e]
-                if x_e.shape[0] == 0:
-                    continue
-                pre = torch.addmm(b1, x_e, w1) if b1 is not None else x_e @ w1  # (M_e, F)
-                h = act(pre)
-                out = torch.addmm(b2, h, w2) if b2 is not None else h @ w2  # (M_e, D)
-                torch.mul(out, gate_e, out=y_e)
-                saved[e] = (pre, h, out)
+        def expert_forward(e: int) -> None:
+            x_e, y_e, gate_e, w1, b1, w2, b2 = per_expert[e]
+            if x_e.shape[0] == 0:
+                return
+            pre = torch.addmm(b1, x_e, w1) if b1 is not None else x_e @ w1  # (M_e, F)
+            h = act(pre)
+            out = torch.addmm(b2, h, w2) if b2 is not None else h @ w2  # (M_e, D)
+            torch.mul(out, gate_e, out=y_e)
+            saved[e] = (pre, h, out)
 
-        over_experts(experts_forward, counts, 2 * w_in.shape[1] * w_in.shape[2])
+        over_experts(expert_forward, counts, 2 * w_in.shape[1] * w_in.shape[2])
         ctx.save_for_backward(xs, gate, w_in, w_out, token, inverse)
         ctx.saved, ctx.counts, ctx.activation, ctx.k, ctx.num_tokens = saved, counts, activation, k, x.shape[0]
         return _unsort(ys, token, inverse, x.shape[0], k)
@@ -417,31 +416,30 @@ class _SortedExperts(torch.autograd.Function):
             _split(dxs, counts), _split(dgate, counts), _unbind(dw_in, num), _unbind(db_in, num), _unbind(dw_out, num), _unbind(db_out, num)))
         backward_act = _act_backward
 
-        def experts_backward(lo: int, hi: int) -> None:
-            for e in range(lo, hi):
-                x_e, dy_e, gate_e, kept, w1_t, w2_t, dx_e, dgate_e, dw1, db1, dw2, db2 = per_expert[e]
-                if kept is None:  # an idle expert: zero gradient
-                    for grad in (dw1, db1, dw2, db2):
-                        if grad is not None:
-                            grad.zero_()
-                    continue
-                pre, h, out = kept
-                if dgate_e is not None:
-                    torch.sum(dy_e * out, 1, out=dgate_e)  # d gate_i = dy_i · out_i
-                g = dy_e * gate_e  # (M_e, D) the gradient at out
-                if dw2 is not None:
-                    torch.mm(h.t(), g, out=dw2)  # (F, D)
-                if db2 is not None:
-                    torch.sum(g, 0, out=db2)
-                dpre = backward_act(ctx.activation, g @ w2_t, pre)  # (M_e, F)
-                if dw1 is not None:
-                    torch.mm(x_e.t(), dpre, out=dw1)  # (D, F)
-                if db1 is not None:
-                    torch.sum(dpre, 0, out=db1)
-                if dx_e is not None:
-                    torch.mm(dpre, w1_t, out=dx_e)  # (M_e, D)
+        def expert_backward(e: int) -> None:
+            x_e, dy_e, gate_e, kept, w1_t, w2_t, dx_e, dgate_e, dw1, db1, dw2, db2 = per_expert[e]
+            if kept is None:  # an idle expert: zero gradient
+                for grad in (dw1, db1, dw2, db2):
+                    if grad is not None:
+                        grad.zero_()
+                return
+            pre, h, out = kept
+            if dgate_e is not None:
+                torch.sum(dy_e * out, 1, out=dgate_e)  # d gate_i = dy_i · out_i
+            g = dy_e * gate_e  # (M_e, D) the gradient at out
+            if dw2 is not None:
+                torch.mm(h.t(), g, out=dw2)  # (F, D)
+            if db2 is not None:
+                torch.sum(g, 0, out=db2)
+            dpre = backward_act(ctx.activation, g @ w2_t, pre)  # (M_e, F)
+            if dw1 is not None:
+                torch.mm(x_e.t(), dpre, out=dw1)  # (D, F)
+            if db1 is not None:
+                torch.sum(dpre, 0, out=db1)
+            if dx_e is not None:
+                torch.mm(dpre, w1_t, out=dx_e)  # (M_e, D)
 
-        over_experts(experts_backward, counts, 2 * w_in.shape[1] * w_in.shape[2])
+        over_experts(expert_backward, counts, 2 * w_in.shape[1] * w_in.shape[2])
         dx = _unsort(dxs, token, inverse, ctx.num_tokens, ctx.k) if dxs is not None else None
         return dx, dgate, dw_in, db_in, dw_out, db_out, None, None, None, None, None
 

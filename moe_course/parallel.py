@@ -7,10 +7,11 @@ On a cluster, expert parallelism puts different experts on different devices
 al. 2021, arXiv:2101.03961). The same idea pays on a laptop: one matmul on a
 block of a few hundred tokens splits badly over cores (the cores wait for
 each other after every small operation), but E independent blocks split
-perfectly. So with T intra-op threads, ``over_experts`` cuts the experts into
-T contiguous groups with about the same number of tokens, and runs each group
-on its own thread, one core each. The clinic analogy: rather than two nurses
-sharing every patient, each nurse takes her own doctors' patients.
+perfectly. So with T intra-op threads, ``over_experts`` runs T threads of one
+core each, and each thread takes the next expert off a shared queue whenever
+it is free, busiest experts first (so the last blocks to start are small ones
+and the threads finish together). The clinic analogy: rather than two nurses
+sharing every patient, each nurse takes the next doctor's queue of patients.
 
 Only worth it for many small blocks (``worth_threading``); a few big blocks
 are as fast one at a time with all cores on each, and split without imbalance.
@@ -19,14 +20,15 @@ are as fast one at a time with all cores on each, and split without imbalance.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["expert_groups", "worth_threading", "over_experts", "expert_threads", "MIN_EXPERTS_PER_THREAD", "MAX_BLOCK_FLOPS", "MIN_BLOCK_FLOPS"]
+__all__ = ["expert_order", "worth_threading", "over_experts", "expert_threads", "MIN_EXPERTS_PER_THREAD", "MAX_BLOCK_FLOPS", "MIN_BLOCK_FLOPS"]
 
 # Measured on 2 cores (torch 2.13), forward+backward: threads won with blocks of 64 and 256
 # rows at D=128, F=512 (8.4M and 34M FLOPs per matmul), lost with 1024-row blocks there
@@ -58,21 +60,13 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pools)
 
 
-def expert_groups(counts: list[int], parts: int) -> list[tuple[int, int]]:
-    """Cut experts 0..E-1 into at most ``parts`` contiguous ranges [lo, hi) with about equal rows.
+def expert_order(counts: list[int]) -> list[int]:
+    """Experts busiest first (ties: lower index first), idle ones last: the order the threads take them in.
 
-    counts (E,) rows per expert. A range ends once it holds its share of
-    sum(counts); ranges never come out empty.
+    Taking the big blocks first leaves small ones for the end, so the threads
+    finish at about the same time (the "longest job first" rule of scheduling).
     """
-    if parts < 1:
-        raise ValueError(f"parts must be >= 1, got {parts}")
-    total, acc, bounds = sum(counts), 0, [0]
-    for e, c in enumerate(counts[:-1]):
-        acc += c
-        if len(bounds) < parts and acc * parts >= total * len(bounds):
-            bounds.append(e + 1)
-    bounds.append(len(counts))
-    return [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    return sorted(range(len(counts)), key=lambda e: -counts[e])
 
 
 def worth_threading(counts: list[int], flops_per_row: int, threads: int | None = None) -> bool:
@@ -103,30 +97,43 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return _pools[workers]
 
 
-def _run_alone(fn: Callable[[int, int], None], lo: int, hi: int, inference: bool) -> None:
+def _run_alone(fn: Callable[[], None], inference: bool) -> None:
     # grad mode and inference mode are per thread: a worker starts with neither
     with torch.inference_mode(inference), torch.no_grad():
-        fn(lo, hi)
+        fn()
 
 
-def over_experts(fn: Callable[[int, int], None], counts: list[int], flops_per_row: int) -> None:
-    """Call ``fn(lo, hi)`` for ranges of experts covering 0..E-1: on one thread per range when worth it.
+def over_experts(fn: Callable[[int], None], counts: list[int], flops_per_row: int) -> None:
+    """Call ``fn(e)`` for every expert e: on several threads when worth it, busiest experts first.
 
-    ``fn`` must only write to places no other range writes to (e.g. its own
-    experts' rows and gradient slices), and runs without autograd recording.
-    With threads, every thread (the caller's too) runs one intra-op thread;
-    the caller's thread count is restored afterwards.
+    ``fn`` must only write to places no other expert writes to (its own rows
+    and gradient slices), and runs without autograd recording. With threads,
+    every thread (the caller's too) runs one intra-op thread and takes the next
+    expert from a shared queue; the caller's thread count is restored afterwards.
     """
     threads = torch.get_num_threads()
     if not worth_threading(counts, flops_per_row, threads):
-        fn(0, len(counts))
+        for e in range(len(counts)):
+            fn(e)
         return
-    first, *rest = expert_groups(counts, threads)
+    queue, lock = iter(expert_order(counts)), threading.Lock()
+
+    def take_until_empty() -> None:
+        while True:
+            with lock:
+                e = next(queue, None)
+            if e is None:
+                return
+            fn(e)
+
     inference = torch.is_inference_mode_enabled()
     torch.set_num_threads(1)
     try:
-        futures = [_pool(threads - 1).submit(_run_alone, fn, lo, hi, inference) for lo, hi in rest]
-        fn(*first)
+        futures = [_pool(threads - 1).submit(_run_alone, take_until_empty, inference) for _ in range(threads - 1)]
+        try:
+            take_until_empty()
+        finally:
+            wait(futures)  # never return while a worker still writes
         for future in futures:
             future.result()
     finally:

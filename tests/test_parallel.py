@@ -9,28 +9,13 @@ import moe_course.parallel as parallel
 from moe_course.dispatch import METHODS, sort_split
 from moe_course.experts import Experts
 from moe_course.memory import MemoryRecorder
-from moe_course.parallel import expert_groups, over_experts, worth_threading
+from moe_course.parallel import expert_order, over_experts, worth_threading
 from moe_course.routing import capacity_mask, top_k_routing
 
 
-@pytest.mark.parametrize(
-    "counts,parts,want",
-    [
-        ([5, 5, 5, 5], 2, [(0, 2), (2, 4)]),
-        ([10, 0, 0, 1, 1], 2, [(0, 1), (1, 5)]),
-        ([1, 1, 1, 1, 1, 1], 3, [(0, 2), (2, 4), (4, 6)]),
-        ([3, 4], 5, [(0, 1), (1, 2)]),
-        ([7], 2, [(0, 1)]),
-        ([2, 2, 2], 1, [(0, 3)]),
-    ],
-)
-def test_expert_groups_are_contiguous_balanced_and_cover_every_expert(counts, parts, want):
-    assert expert_groups(counts, parts) == want
-
-
-def test_expert_groups_rejects_zero_parts():
-    with pytest.raises(ValueError, match="parts must be >= 1"):
-        expert_groups([1, 2], 0)
+def test_expert_order_takes_the_busiest_experts_first_and_idle_ones_last():
+    assert expert_order([5, 0, 9, 5, 1]) == [2, 0, 3, 4, 1]
+    assert expert_order([]) == []
 
 
 def test_worth_threading_only_for_many_small_blocks_on_several_threads():
@@ -57,24 +42,33 @@ def two_threads(monkeypatch):
     torch.set_num_threads(before)
 
 
-def test_over_experts_uses_a_second_thread_and_restores_the_thread_count(two_threads):
-    seen: dict[tuple[int, int], tuple[str, int]] = {}
+def test_over_experts_runs_every_expert_once_on_two_threads_and_restores_the_thread_count(two_threads):
+    seen: dict[int, tuple[str, int]] = {}
+    both_started = threading.Barrier(2, timeout=30)  # fails unless a second thread takes an expert
 
-    def fn(lo, hi):
-        seen[(lo, hi)] = (threading.current_thread().name, torch.get_num_threads())
+    def fn(e):
+        if e in (0, 1):  # the two busiest experts go first, one to each thread
+            both_started.wait()
+        seen[e] = (threading.current_thread().name, torch.get_num_threads())
 
-    over_experts(fn, [3, 3, 3, 3], flops_per_row=1)
-    assert sorted(seen) == [(0, 2), (2, 4)]
+    over_experts(fn, [9, 8, 3, 3, 0, 1], flops_per_row=1)
+    assert sorted(seen) == [0, 1, 2, 3, 4, 5]  # every expert once, the idle one too
     names = {name for name, _ in seen.values()}
     assert len(names) == 2 and any(n.startswith("moe-experts") for n in names)
     assert all(n == 1 for _, n in seen.values())  # one intra-op thread each while they share the cores
     assert torch.get_num_threads() == 2
 
 
+def test_over_experts_runs_in_order_on_the_calling_thread_when_not_worth_it():
+    order = []
+    over_experts(lambda e: order.append((e, threading.current_thread().name)), [1, 2, 3], flops_per_row=1)
+    assert [e for e, _ in order] == [0, 1, 2] and {n for _, n in order} == {threading.current_thread().name}
+
+
 def test_over_experts_passes_on_a_worker_error_and_still_restores_threads(two_threads):
-    def fn(lo, hi):
-        if lo > 0:
-            raise RuntimeError(f"expert {lo} failed")
+    def fn(e):
+        if e == 2:
+            raise RuntimeError(f"expert {e} failed")
 
     with pytest.raises(RuntimeError, match="expert 2 failed"):
         over_experts(fn, [1, 1, 1, 1], flops_per_row=1)
@@ -106,10 +100,10 @@ def _outputs_and_grads(fn, x, experts, expert_index, gates, keep):
 def test_threaded_sort_split_gives_the_same_outputs_and_gradients(two_threads, monkeypatch, k, capacity):
     x, experts, expert_index, gates, keep = _routing(k=k, capacity=capacity)
     calls = []
-    real = parallel.expert_groups
-    monkeypatch.setattr(parallel, "expert_groups", lambda c, p: calls.append(p) or real(c, p))
+    real = parallel.worth_threading
+    monkeypatch.setattr(parallel, "worth_threading", lambda *a: calls.append(real(*a)) or calls[-1])
     got = _outputs_and_grads(sort_split, x, experts, expert_index, gates, keep)
-    assert calls == [2, 2], "forward and backward should both have run on two threads"
+    assert calls == [True, True], "forward and backward should both have run on two threads"
     want = _outputs_and_grads(METHODS["masks_loop"], x, experts, expert_index, gates, keep)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
