@@ -232,11 +232,9 @@ def run_benchmark(
 ) -> pd.DataFrame:
     """Time every candidate on every configuration; one row per (config, implementation, mode).
 
-    Each repeat times every implementation next to a fresh run of the dense
-    layer (dense first in even repeats, second in odd ones), so that a noisy
-    neighbour slowing the machine for a second slows both halves of a pair.
-    ``ratio_to_dense`` is the median of those paired ratios, ``ratio_q1`` and
-    ``ratio_q3`` its quartiles; ``median_ms`` is the median time.
+    Timed in pairs with the dense layer (``paired_times``): ``ratio_to_dense``
+    is the median of the paired ratios, ``ratio_q1`` and ``ratio_q3`` its
+    quartiles; ``median_ms`` is the median time.
     """
     methods = list(methods or METHODS)
     unknown = set(methods) - set(METHODS)

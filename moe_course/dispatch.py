@@ -191,18 +191,21 @@ def _act(experts: Experts) -> Callable[[torch.Tensor], torch.Tensor]:
     return ACTIVATIONS[experts.activation]
 
 
-def _sorted_assignments(expert_index: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor | None):
+def _sorted_assignments(expert_index: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor | None, *, with_inverse: bool = True):
     """The kept assignments sorted by expert (stable): token, expert, gate (M,) each, and ``inverse``.
 
     When nothing is dropped, assignment (n, j) sits at sorted row inverse[n·K + j]
-    (so ``rows[inverse]`` undoes the sort); with drops ``inverse`` is None.
+    (so ``rows[inverse]`` undoes the sort); with drops, or ``with_inverse=False``,
+    ``inverse`` is None.
     """
     num_tokens, k = expert_index.shape
     expert, gate = expert_index.reshape(-1), gates.reshape(-1)  # (N·K,)
     if keep is None or bool(keep.all()):
         order = torch.argsort(expert, stable=True)  # (N·K,) sorted row -> assignment n·K + j
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
+        inverse = None
+        if with_inverse:
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(order.numel(), device=order.device)
         token = order // k if k > 1 else order
         return token, expert[order], gate[order], inverse
     token = torch.arange(num_tokens, device=expert_index.device).repeat_interleave(k)  # (N·K,)
@@ -214,7 +217,7 @@ def _sorted_assignments(expert_index: torch.Tensor, gates: torch.Tensor, keep: t
 
 def _kept_assignments(expert_index: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor | None):
     """The kept (token, expert, gate) assignments, sorted by expert (stable): three (M,) tensors."""
-    return _sorted_assignments(expert_index, gates, keep)[:3]
+    return _sorted_assignments(expert_index, gates, keep, with_inverse=False)[:3]
 
 
 def _combine(x: torch.Tensor, token: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -409,12 +412,10 @@ class _SortedExperts(torch.autograd.Function):
         db_in = xs.new_empty(num_experts, w_in.shape[2]) if need[3] else None  # (E, F)
         dw_out = torch.empty_like(w_out) if need[4] else None  # (E, F, D)
         db_out = xs.new_empty(num_experts, w_out.shape[2]) if need[5] else None  # (E, D)
-        num = len(counts)
         per_expert = list(zip(
             torch.split(xs, counts), torch.split(dys, counts), torch.split(gate[:, None], counts), saved,
-            w_in.transpose(1, 2).unbind(0), w_out.transpose(1, 2).unbind(0),
-            _split(dxs, counts), _split(dgate, counts), _unbind(dw_in, num), _unbind(db_in, num), _unbind(dw_out, num), _unbind(db_out, num)))
-        backward_act = _act_backward
+            w_in.transpose(1, 2).unbind(0), w_out.transpose(1, 2).unbind(0), _split(dxs, counts), _split(dgate, counts),
+            _unbind(dw_in, num_experts), _unbind(db_in, num_experts), _unbind(dw_out, num_experts), _unbind(db_out, num_experts)))
 
         def expert_backward(e: int) -> None:
             x_e, dy_e, gate_e, kept, w1_t, w2_t, dx_e, dgate_e, dw1, db1, dw2, db2 = per_expert[e]
@@ -431,7 +432,7 @@ class _SortedExperts(torch.autograd.Function):
                 torch.mm(h.t(), g, out=dw2)  # (F, D)
             if db2 is not None:
                 torch.sum(g, 0, out=db2)
-            dpre = backward_act(ctx.activation, g @ w2_t, pre)  # (M_e, F)
+            dpre = _act_backward(ctx.activation, g @ w2_t, pre)  # (M_e, F)
             if dw1 is not None:
                 torch.mm(x_e.t(), dpre, out=dw1)  # (D, F)
             if db1 is not None:
