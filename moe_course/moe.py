@@ -27,9 +27,52 @@ from .experts import ACTIVATIONS, Experts
 from .losses import load_balancing_loss, router_z_loss, router_z_loss_from_softmax
 from .routing import capacity_mask, expert_capacity, noisy_top_k_routing, switch_routing, top_k_routing
 
-__all__ = ["MoEConfig", "MoEOutput", "MoELayer", "ROUTERS"]
+__all__ = ["MoEConfig", "MoEOutput", "MoELayer", "ROUTERS", "router_matmul"]
 
 ROUTERS = ("switch", "top_k", "noisy_top_k")
+
+
+# Below this many experts, the router's matmul takes the shapes in which the
+# CPU matmul does well (see _RouterMatmul).
+_FEW_EXPERTS = 16
+_SMALL_INPUT = 1 << 21  # N·D elements: x of at most 8 MiB in float32
+
+
+class _RouterMatmul(torch.autograd.Function):
+    """x (N, D) @ w (D, E) → logits (N, E), for a router with few experts.
+
+    The same product and gradients as ``x @ w``, taken in other shapes: with
+    E < 16 columns the CPU matmul (MKL) is slow at x^T·dlogits, the weight
+    gradient autograd computes, and fast at (dlogits^T·x)^T; for x up to 8 MiB
+    the same holds for the forward, x·w against (w^T·x^T)^T. Measured on 2
+    cores at N=4096, D=256, E=8: weight gradient 1.9 → 0.3 ms, forward
+    1.15 → 0.45 ms, against 150 ms for the whole layer's forward+backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w):  # noqa: D102
+        ctx.save_for_backward(x, w)
+        if x.numel() <= _SMALL_INPUT:
+            return (w.t() @ x.t()).t().contiguous()  # (N, E)
+        return x @ w
+
+    @staticmethod
+    def backward(ctx, dlogits):  # noqa: D102
+        x, w = ctx.saved_tensors
+        dx = dlogits @ w.t() if ctx.needs_input_grad[0] else None  # (N, D)
+        dw = (dlogits.t() @ x).t() if ctx.needs_input_grad[1] else None  # (D, E)
+        return dx, dw
+
+
+def router_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Router logits x (N, D) @ w (D, E) → (N, E); the same value and gradients as ``x @ w``.
+
+    With fewer than 16 experts the product runs in the shapes a CPU matmul is
+    fast at (``_RouterMatmul``); otherwise it is plain ``x @ w``.
+    """
+    if w.shape[-1] < _FEW_EXPERTS and x.ndim == 2 and w.ndim == 2 and x.dtype == w.dtype:
+        return _RouterMatmul.apply(x, w)
+    return x @ w
 
 
 @dataclass(frozen=True)
@@ -143,7 +186,7 @@ class MoELayer(nn.Module):
 
     def _float32_matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return x.float() @ w.float()  # (N, E)
+            return router_matmul(x.float(), w.float())  # (N, E)
 
     def router(self, x: torch.Tensor) -> torch.Tensor:
         """Router logits in float32: x (N, D) → (N, E). No jitter, no noise."""
