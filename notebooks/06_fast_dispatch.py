@@ -178,14 +178,55 @@ print(f"MoELayer's default dispatch: {D.DEFAULT_METHOD}")
 # falls behind as E grows; the one-hot einsum is far behind and gets worse with more
 # tokens, because its seating chart grows with N × E × C. The sort-based paths come
 # closest to the dense line, but at these small sizes even they sit well above it. The
-# dense layer takes only a few milliseconds here, and every expert adds a fixed cost of
-# its own: Python hands each of its small matmuls to PyTorch separately, a few
-# microseconds each time. With 32 experts of about 64 tokens, that fixed cost outweighs
-# the arithmetic, which is why `grouped_mm`, whose loop over the experts runs in C++, can
-# lead at this size. At the standard sizes (`SCALE = 4`, or `python -m moe_course.bench`)
+# dense layer takes only a few milliseconds here, and every expert adds a cost of its
+# own: Python hands each of its small matmuls to PyTorch separately, a few microseconds
+# each time, and a small matmul runs further from the machine's top speed than a big
+# one. With 32 experts of about 64 tokens, those costs outweigh the arithmetic, which is
+# why `grouped_mm` or `padded_bmm`, whose loops over the experts run in C++, can lead at
+# this size. At the standard sizes (`SCALE = 4`, or `python -m moe_course.bench`)
 # the arithmetic dominates again: on the 2-core machine this course was written on, the
 # default took 1.0–1.1× the dense layer's time with 8 experts and about 1.2× with 64,
 # where Hugging Face's Switch layer took about 2.4×.
+#
+# ### The GP's own paperwork: one product, two shapes
+#
+# With 8 experts, what is left above the dense line is small items: sorting, gathering
+# the tokens and putting the answers back, and the GP itself. The router is a matmul with
+# only E = 8 columns, and its weight gradient x^T · (∂L/∂logits) can be written two ways
+# that give the same numbers: as written, or as (∂L/∂logits^T · x)^T, transposed twice.
+# The arithmetic is identical; the CPU matmul library handles one arrangement of these
+# skinny matrices far better than the other.
+
+# %%
+from moe_course.bench import paired_times
+
+x_router = torch.randn(4096, 256)  # (N, D) tokens
+dlogits = torch.randn(4096, 8)  # (N, E) gradient at the router logits
+as_written = x_router.t() @ dlogits  # (D, E)
+transposed_twice = (dlogits.t() @ x_router).t()  # (D, E)
+print(f"largest difference {(as_written - transposed_twice).abs().max():.1e}, on values up to "
+      f"{as_written.abs().max():.0f}: float32 rounding, the same numbers")
+
+
+def ten_times(product):
+    def run():
+        for _ in range(10):
+            product()
+    return run
+
+
+shapes = paired_times({"x.T @ dlogits": ten_times(lambda: x_router.t() @ dlogits),
+                       "(dlogits.T @ x).T": ten_times(lambda: (dlogits.t() @ x_router).t())},
+                      baseline="x.T @ dlogits", repeats=9, warmup=1)
+print(f"(dlogits.T @ x).T takes {shapes['(dlogits.T @ x).T'].ratio:.2f}x the time of x.T @ dlogits")
+
+# %% [markdown]
+# On the machine this course was written on, the second shape took about a fifth of the
+# time. That is why `MoELayer`'s router computes its weight gradient that way when it has
+# fewer than 16 experts (`moe_course.moe.router_matmul`; with more columns the two shapes
+# are about even). It saves a millisecond or two in a layer that takes 150: small, but the
+# gap to the dense layer is made of such pieces. A matmul's speed depends on its shapes and
+# memory layout, not only on its FLOPs: when a product is slow, try it the other way round.
 #
 # ## Two nurses, one clinic: experts on separate cores
 #
@@ -206,7 +247,6 @@ print(f"MoELayer's default dispatch: {D.DEFAULT_METHOD}")
 # as fast.
 
 # %%
-from moe_course.bench import paired_times
 from moe_course.moe import MoEConfig, MoELayer
 from moe_course.parallel import expert_order, expert_threads, worth_threading
 
