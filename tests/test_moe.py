@@ -123,7 +123,7 @@ def test_router_matmul_has_the_value_and_gradients_of_x_at_w(n, d, e):
     assert torch.autograd.gradcheck(router_matmul, (x[:6, :4].detach().clone().requires_grad_(), w[:4].detach().clone().requires_grad_()))
 
 
-def test_router_matmul_skips_gradients_nobody_asked_for_and_leaves_a_contiguous_weight_grad():
+def test_router_matmul_with_a_frozen_weight_still_gives_x_its_gradient_and_leaves_a_contiguous_weight_grad():
     layer = _layer(num_experts=8)
     x = _x(20, 8)
     layer(x).y.sum().backward()  # x needs no gradient here
