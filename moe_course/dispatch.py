@@ -321,19 +321,15 @@ def _act_backward(activation: str, grad: torch.Tensor, pre: torch.Tensor) -> tor
     return torch.ops.aten.threshold_backward(grad, pre, 0)  # relu
 
 
-def _expert_blocks_forward(xs, counts: list[int], w_in, b_in, w_out, b_out, act):
-    """Expert e's FFN on its block of sorted rows xs (M, D), for every expert with rows: the outputs (M_e, D) in order.
+def _ffn_block(x_e, w1, b1, w2, b2, act):
+    """Expert FFN on one block of rows, keeping what the backward needs: x_e (M_e, D) → pre, h (M_e, F) and out (M_e, D).
 
-    w_in[e], ... may index stacked weights or a tuple of unbound ones.
+    ``experts.feed_forward`` with each bias folded into its matmul (addmm).
     """
-    outputs = []
-    for e, block in enumerate(torch.split(xs, counts)):  # block (M_e, D)
-        if block.shape[0] == 0:
-            continue
-        pre = torch.addmm(b_in[e], block, w_in[e]) if b_in is not None else block @ w_in[e]  # (M_e, F)
-        h = act(pre)
-        outputs.append(torch.addmm(b_out[e], h, w_out[e]) if b_out is not None else h @ w_out[e])  # (M_e, D)
-    return outputs
+    pre = torch.addmm(b1, x_e, w1) if b1 is not None else x_e @ w1  # (M_e, F)
+    h = act(pre)
+    out = torch.addmm(b2, h, w2) if b2 is not None else h @ w2  # (M_e, D)
+    return pre, h, out
 
 
 def _unsort(rows: torch.Tensor, token: torch.Tensor, inverse: torch.Tensor | None, num_tokens: int, k: int) -> torch.Tensor:
@@ -388,11 +384,8 @@ class _SortedExperts(torch.autograd.Function):
             x_e, y_e, gate_e, w1, b1, w2, b2 = per_expert[e]
             if x_e.shape[0] == 0:
                 return
-            pre = torch.addmm(b1, x_e, w1) if b1 is not None else x_e @ w1  # (M_e, F)
-            h = act(pre)
-            out = torch.addmm(b2, h, w2) if b2 is not None else h @ w2  # (M_e, D)
+            saved[e] = pre, h, out = _ffn_block(x_e, w1, b1, w2, b2, act)
             torch.mul(out, gate_e, out=y_e)
-            saved[e] = (pre, h, out)
 
         over_experts(expert_forward, counts, 2 * w_in.shape[1] * w_in.shape[2])
         ctx.save_for_backward(xs, gate, w_in, w_out, token, inverse)
@@ -447,10 +440,10 @@ class _SortedExperts(torch.autograd.Function):
 
 def _expert_blocks_autograd(xs, experts: Experts, counts: list[int]) -> torch.Tensor:
     """Every expert's FFN on its block of sorted rows under PyTorch's autograd (for autocast and mixed dtypes)."""
-    w_in, w_out = experts.w_in.unbind(0), experts.w_out.unbind(0)  # unbind once: one stacked gradient in the backward
-    b_in = experts.b_in.unbind(0) if experts.b_in is not None else None
-    b_out = experts.b_out.unbind(0) if experts.b_out is not None else None
-    return torch.cat(_expert_blocks_forward(xs, counts, w_in, b_in, w_out, b_out, _act(experts)))
+    # unbind once: one stacked gradient in the backward
+    weights = zip(experts.w_in.unbind(0), _unbind(experts.b_in, len(counts)), experts.w_out.unbind(0), _unbind(experts.b_out, len(counts)))
+    act = _act(experts)
+    return torch.cat([_ffn_block(block, *w, act)[2] for block, w in zip(torch.split(xs, counts), weights) if block.shape[0] > 0])
 
 
 def sort_split(x, experts: Experts, expert_index, gates, keep=None) -> torch.Tensor:
