@@ -223,7 +223,8 @@ class MoELayer(nn.Module):
             keep = capacity_mask(routing.expert_index, cfg.num_experts, capacity).keep  # (N, K)
 
         # The default (grouped matmuls on sorted tokens) never builds an (N, E, C) tensor.
-        y = dispatch(tokens, self.experts, routing.expert_index, routing.gates, keep, method=cfg.dispatch)  # (N, D)
+        # keep=None when nothing can be dropped: the dispatch then skips checking every assignment
+        y = dispatch(tokens, self.experts, routing.expert_index, routing.gates, keep if capacity is not None else None, method=cfg.dispatch)  # (N, D)
         aux = load_balancing_loss(probs, routing.expert_index)
         if routing.router_logits is logits:  # probs = softmax(logits), and the first choice is the most likely expert
             z = router_z_loss_from_softmax(logits, probs, routing.expert_index[:, 0])
