@@ -526,7 +526,7 @@ METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "grouped_mm": grouped_mm,
 }
 # Measured with `python -m moe_course.bench` on a 2-core CPU (torch 2.13): sort_split was
-# fastest at E=64 (1.1-1.2x dense against grouped_mm's 1.3-1.4x), even with grouped_mm at
+# fastest at E=64 (1.1-1.25x dense against grouped_mm's 1.3-1.4x), even with grouped_mm at
 # E=8 (a paired A/B of the two gave 1.00-1.01) and within a few percent of it at top-2,
 # either side; the CPU grouped_mm runs its groups one after another. At tiny sizes (a few
 # ms per layer) the C++ loops of grouped_mm and padded_bmm win. Re-measure on new hardware.

@@ -185,8 +185,8 @@ print(f"MoELayer's default dispatch: {D.DEFAULT_METHOD}")
 # why `grouped_mm` or `padded_bmm`, whose loops over the experts run in C++, can lead at
 # this size. At the standard sizes (`SCALE = 4`, or `python -m moe_course.bench`)
 # the arithmetic dominates again: on the 2-core machine this course was written on, the
-# default took 1.0–1.1× the dense layer's time with 8 experts and 1.1–1.2× with 64,
-# where Hugging Face's Switch layer took 2.2–2.6× (the spread is between runs of the same
+# default took 1.0–1.15× the dense layer's time with 8 experts and 1.1–1.25× with 64,
+# where Hugging Face's Switch layer took 2.1–2.6× (the spread is between runs of the same
 # code: the machine, not the layer, moves that much).
 #
 # ### The GP's own paperwork: one product, two shapes
