@@ -32,8 +32,8 @@ __all__ = ["MoEConfig", "MoEOutput", "MoELayer", "ROUTERS", "router_matmul"]
 ROUTERS = ("switch", "top_k", "noisy_top_k")
 
 
-# Below this many experts, the router's weight gradient takes the shape in
-# which the CPU matmul does well (see _RouterMatmul).
+# Below this many experts, the router's product and its weight gradient take the
+# shapes in which the CPU matmul does well (see _RouterMatmul).
 _FEW_EXPERTS = 16
 
 
@@ -65,8 +65,9 @@ class _RouterMatmul(torch.autograd.Function):
 def router_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Router logits x (N, D) @ w (D, E) → (N, E); the same value and gradients as ``x @ w``.
 
-    With fewer than 16 experts the weight gradient is taken in the shape a CPU
-    matmul is fast at (``_RouterMatmul``); otherwise this is plain ``x @ w``.
+    With fewer than 16 experts the product and its weight gradient are taken in
+    the shapes a CPU matmul is fast at (``_RouterMatmul``); otherwise this is
+    plain ``x @ w``.
     """
     if w.shape[-1] < _FEW_EXPERTS and x.ndim == 2 and w.ndim == 2 and x.dtype == w.dtype:
         return _RouterMatmul.apply(x, w)
