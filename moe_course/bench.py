@@ -8,7 +8,8 @@ For every configuration (N tokens, D, F, E experts, top-k) it times, forward
 (no grad) and forward+backward:
 
 - ``dense``: ``FeedForward(D, k·F)``, the same arithmetic per token as k experts
-  (the physical limit of a top-k MoE layer is 1.0× this);
+  (the experts' share of a top-k MoE layer can at best match it; the router's
+  product adds E/(2·k·F) of that arithmetic on top, 6% at E=64, F=512);
 - ``MoELayer`` with each dispatch implementation of ``moe_course.dispatch``
   (router, routing and balance losses included; no token limit);
 - ``hf_switch``: Hugging Face's ``SwitchTransformersSparseMLP`` as an outside

@@ -164,7 +164,7 @@ sns.barplot(timed, y="implementation", x="ratio_to_dense", hue="config", ax=ax)
 ax.axvline(1.0, color="black", lw=1, ls="--")
 ax.set_xscale("log")
 ax.set(title="Forward + backward time, relative to a dense FFN of the same active width",
-       xlabel="time ÷ dense time, log scale (1.0 = the physical limit; lower is better)", ylabel="")
+       xlabel="time ÷ dense time, log scale (1.0 = as fast as the dense layer; lower is better)", ylabel="")
 ax.legend(title=None, fontsize=8);
 
 # %%
@@ -230,6 +230,30 @@ print(f"(dlogits.T @ x).T takes {shapes['(dlogits.T @ x).T'].ratio:.2f}x the tim
 # Together they save a millisecond or two in a layer that takes 150: small, but the
 # gap to the dense layer is made of such pieces. A matmul's speed depends on its shapes and
 # memory layout, not only on its FLOPs: when a product is slow, try it the other way round.
+#
+# ### How close can a layer get? The GP's consult is not free
+#
+# The experts do exactly the dense layer's arithmetic per token, but the layer also runs
+# the GP: the router's product x · W_r costs 2·D·E FLOPs per token, against 4·D·F for one
+# doctor's visit, so the arithmetic floor of a top-1 layer sits E/(2F) above the dense
+# line (its backward pass keeps the same proportion).
+
+# %%
+from moe_course.flops import ffn_flops, matmul_flops
+
+for cfg in STANDARD[:2]:
+    gp = matmul_flops(cfg.num_tokens, cfg.d_model, cfg.num_experts)  # router logits, (N, D) @ (D, E)
+    doctors = ffn_flops(cfg.num_tokens, cfg.d_model, cfg.d_ff)  # each token sees one expert
+    print(f"{cfg.name}: the GP's product adds {gp / doctors:.1%} to the doctors' arithmetic")
+
+# %% [markdown]
+# With 8 wide experts the consult is a rounding error. With 64 narrow ones it is 6% of the
+# arithmetic, and more of the time: its matrices have only 64 columns, and on the machine
+# this course was written on the router's three products (logits, and the two gradients)
+# ran at half to two-thirds of the experts' speed per FLOP, about 12–15 ms of a layer whose
+# dense twin takes 160–190 ms. So with many experts, a layer at 1.1× the dense time is
+# already close to what the arithmetic allows. Keep this in mind when you read the
+# benchmark: the distance to the dense line is not all dispatch overhead.
 #
 # ## Two nurses, one clinic: experts on separate cores
 #
