@@ -8,6 +8,7 @@ Screenshots go to build/browser/ for a human to look at.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -35,6 +36,7 @@ def lab_url(tmp_path_factory):
     """JupyterLab serving a *copy* of the lessons, so the browser can never save over the course."""
     root = tmp_path_factory.mktemp("lab")
     shutil.copytree(ROOT / "notebooks", root / "notebooks", ignore=shutil.ignore_patterns("*.py", ".ipynb_checkpoints"))
+    write_playground_only(root / "notebooks")
     port, token = free_port(), "browser-test"
     SHOTS.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
@@ -46,6 +48,25 @@ def lab_url(tmp_path_factory):
     base = f"http://127.0.0.1:{port}"
     with running_server(cmd, root, f"{base}/api/status?token={token}", SHOTS / "lab.log"):
         yield base, token
+
+
+PLAYGROUND_05 = "notebooks/05_playground_only.ipynb"
+
+
+def write_playground_only(notebooks: Path) -> None:
+    """Lesson 05 cut down to the cells its playground needs: setup, the clinic's data, the playground.
+
+    The lesson's own code, cell for cell; nbval runs the whole lesson elsewhere,
+    so the browser need not repeat its minute of training.
+    """
+    nb = json.loads((notebooks / "05_balance_and_capacity.ipynb").read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    wanted = [code[0]]  # imports and settings
+    for marker in ("clinic = make_clinic(", "waiting_room_playground(clinic)"):
+        found = [c for c in code if marker in "".join(c["source"])]
+        assert len(found) == 1, f"lesson 05 should have exactly one code cell with {marker!r}, found {len(found)}"
+        wanted += found
+    (notebooks / Path(PLAYGROUND_05).name).write_text(json.dumps(nb | {"cells": wanted}))
 
 
 def run_notebook_in_browser(page, base: str, token: str, notebook: str, ready: str) -> None:
@@ -94,13 +115,14 @@ def test_hospital_explorer_slider_updates_the_numbers(lab_url):
 
 
 def test_waiting_room_playground_capacity_slider_updates_the_numbers(lab_url):
-    """Lesson 05's playground: lower the capacity factor with the keyboard; fewer chairs, more patients turned away."""
+    """Lesson 05's playground (its cells alone, ``write_playground_only``): lower the capacity factor
+    with the keyboard; fewer chairs, more patients turned away."""
     base, token = lab_url
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         try:
-            run_notebook_in_browser(page, base, token, "notebooks/05_balance_and_capacity.ipynb", ".widget-slider")
+            run_notebook_in_browser(page, base, token, PLAYGROUND_05, ".widget-slider")
             summary = page.locator(".widget-html-content").filter(has_text="chairs for").first
             summary.wait_for(timeout=60_000)
             summary.scroll_into_view_if_needed()
