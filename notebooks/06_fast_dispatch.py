@@ -250,8 +250,8 @@ for cfg in STANDARD[:2]:
 # With 8 wide experts the consult is a rounding error. With 64 narrow ones it is 6% of the
 # arithmetic, and more of the time: its matrices have only 64 columns, and on the machine
 # this course was written on the router's three products (logits, and the two gradients)
-# ran at half to two-thirds of the experts' speed per FLOP, about 12–15 ms of a layer whose
-# dense twin takes 160–190 ms. So with many experts, a layer at 1.1× the dense time is
+# ran at 45–70 GFLOP/s, against about 80 for the experts' matmuls: some 11–15 ms of a layer
+# whose dense twin takes 160–190 ms. So with many experts, a layer at 1.1× the dense time is
 # already close to what the arithmetic allows. Keep this in mind when you read the
 # benchmark: the distance to the dense line is not all dispatch overhead.
 #
