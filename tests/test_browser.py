@@ -8,15 +8,15 @@ Screenshots go to build/browser/ for a human to look at.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
+import nbformat
 import pytest
 
-from notebook_tools import ROOT, free_port, running_server
+from notebook_tools import ROOT, free_port, running_server, write_notebook
 
 REQUIRED = os.environ.get("MOE_COURSE_REQUIRE_BROWSER") == "1"  # set by .ci/run: CI must not skip these
 CHROMIUM = os.environ.get("MOE_COURSE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -59,14 +59,15 @@ def write_playground_only(notebooks: Path) -> None:
     The lesson's own code, cell for cell; nbval runs the whole lesson elsewhere,
     so the browser need not repeat its minute of training.
     """
-    nb = json.loads((notebooks / "05_balance_and_capacity.ipynb").read_text())
-    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    nb = nbformat.read(notebooks / "05_balance_and_capacity.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
     wanted = [code[0]]  # imports and settings
     for marker in ("clinic = make_clinic(", "waiting_room_playground(clinic)"):
-        found = [c for c in code if marker in "".join(c["source"])]
+        found = [c for c in code if marker in c.source]
         assert len(found) == 1, f"lesson 05 should have exactly one code cell with {marker!r}, found {len(found)}"
         wanted += found
-    (notebooks / Path(PLAYGROUND_05).name).write_text(json.dumps(nb | {"cells": wanted}))
+    nb.cells = wanted
+    write_notebook(nb, notebooks / Path(PLAYGROUND_05).name)
 
 
 def run_notebook_in_browser(page, base: str, token: str, notebook: str, ready: str) -> None:
