@@ -21,9 +21,8 @@ runs on the held-out patients (2 FLOPs per multiply-add, the course's
 convention), divided by the number of patients.
 
 Every approach is judged on every held-out patient, overall and per
-specialty: the cardiologists are excellent at home and blind elsewhere. For
-the three gated models a ``SpecialisationTracker`` records, every
-``track_every`` steps, the specialisation score (does each specialty get its
+specialty, so a doctor's blind spot shows. For the three gated models a
+``SpecialisationTracker`` records, at the start and every ``track_every`` steps, the specialisation score (does each specialty get its
 own expert?), the top-expert counts and the share of the GP's decision that
 comes from the department's cue (``context_share``). That is what shows a
 router that locks in early.
@@ -53,13 +52,14 @@ from .flops import count_parameters
 from .metrics import accuracy_by_group
 from .mixture import DenseMixture, DenseMixtureConfig
 from .routed import RoutedMixture, RoutedMixtureConfig
-from .specialisation import SpecialisationTracker, context_share, specialisation_score
+from .specialisation import SpecialisationTracker, context_share, effective_experts, specialisation_score
 from .specialists import train_specialists
 from .training import ClassificationTask, TrainConfig, train
 from .workers import run_in_workers
 
 __all__ = ["APPROACHES", "CARDIOLOGISTS", "GENERALIST", "DENSE", "TOP_1", "TOP_2", "ORACLE", "GATED",
-           "measure_flops_per_example", "FourApproaches", "four_approaches", "median_seed"]
+           "measure_flops_per_example", "FourApproaches", "four_approaches", "median_seed", "Comparison",
+           "paired_difference"]
 
 CARDIOLOGISTS = "1 · second cardiologists (ensemble)"
 GENERALIST = "2 · one generalist"
@@ -159,6 +159,7 @@ def _run_job(job: _Job) -> _Outcome:
         if job.approach in GATED:
             tracker = SpecialisationTracker(x, specialty, clinic.num_specialties, d_context=clinic.d_context)
             cfg = replace(cfg, eval_every=job.track_every)
+            tracker(0, model)  # where the GP sends patients before it has learned anything
         train(model, task, cfg, device="cpu", progress=False, callback=tracker)
         model = model.cpu().eval()
         params = count_parameters(model)
@@ -213,6 +214,60 @@ class FourApproaches:
                                    "worst": "accuracy (worst seed)", "best": "accuracy (best seed)",
                                    "specialisation": "specialisation (mean)", "specialisation_std": "specialisation (std)"})
 
+    def report(self) -> pd.DataFrame:
+        """``summary`` written for reading: mean ± std over seeds, worst and best seed, as text."""
+        summary = self.summary()
+
+        def pm(mean: float, std: float, fmt: str) -> str:
+            if mean != mean:  # NaN: no gate to measure
+                return "–"
+            return f"{fmt.format(mean)} ± {fmt.format(std)}" if std == std else fmt.format(mean)
+
+        return pd.DataFrame({
+            "seeds": summary["seeds"],
+            "parameters": summary["parameters"].map("{:,}".format),
+            "FLOPs per patient": summary["FLOPs per patient"].map("{:,.0f}".format),
+            "held-out accuracy (mean ± std)": [pm(m, s, "{:.1%}") for m, s in zip(summary["accuracy (mean)"], summary["accuracy (std)"])],
+            "worst seed": summary["accuracy (worst seed)"].map("{:.1%}".format),
+            "best seed": summary["accuracy (best seed)"].map("{:.1%}".format),
+            "specialisation (mean ± std)": [pm(m, s, "{:.2f}") for m, s in zip(summary["specialisation (mean)"], summary["specialisation (std)"])],
+        }, index=summary.index)
+
+    def seed_report(self, approach: str, early_step: int = 25) -> pd.DataFrame:
+        """For one gated approach, one row per seed: what the GP did early, and where it ended.
+
+        Columns: doctors in use (``effective_experts`` of the first-choice load)
+        at the start and at ``early_step``; specialisation at ``early_step``,
+        half-way and at the end, and its change over the second half of
+        training; the context share (what the GP listens to) at the start and at
+        the end; the held-out accuracy.
+        """
+        if approach not in GATED:
+            raise ValueError(f"seed_report needs a gated approach {list(GATED)}, got {approach!r}")
+        rows = []
+        for seed, hist in self.histories[self.histories["approach"] == approach].groupby("seed"):
+            steps = hist["step"].tolist()
+            if early_step not in steps:
+                raise ValueError(f"step {early_step} was not recorded; the recorded steps are {steps}")
+            half = min(steps, key=lambda t: abs(t - steps[-1] / 2))  # the recorded step nearest the middle
+            score = hist.set_index("step")["score"]
+            share = hist.set_index("step")["context_share"]
+            load = self.counts[(approach, seed)].sum(1)  # (evaluations, E): first choices per expert
+            final = self.table[(self.table["approach"] == approach) & (self.table["seed"] == seed)].iloc[0]
+            rows.append({
+                "seed": seed,
+                "doctors in use: start": effective_experts(load[0]).item(),
+                f"doctors in use: step {early_step}": effective_experts(load[steps.index(early_step)]).item(),
+                f"specialisation: step {early_step}": score[early_step],
+                f"specialisation: step {half}": score[half],
+                "specialisation: end": score.iloc[-1],
+                "change in the second half": score.iloc[-1] - score[half],
+                "context share: start": share.iloc[0],
+                "context share: end": share.iloc[-1],
+                "held-out accuracy": final["held-out accuracy"],
+            })
+        return pd.DataFrame(rows).set_index("seed")
+
     def by_specialty(self) -> pd.DataFrame:
         """Mean accuracy over seeds, one row per approach, one column per specialty."""
         columns = [c for c in self.table.columns if c.startswith("accuracy: ")]
@@ -224,6 +279,44 @@ class FourApproaches:
         if column not in self.table:
             raise ValueError(f"no column {column!r}; the table has {list(self.table.columns)}")
         return self.table.pivot(index="seed", columns="approach", values=column)[list(dict.fromkeys(self.table["approach"]))]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Approach a against approach b, seed by seed (the same seeds, so the difference is paired)."""
+
+    a: str
+    b: str
+    column: str  # what was compared, e.g. "held-out accuracy"
+    mean: float  # mean over seeds of a - b
+    std: float  # standard deviation over seeds of a - b (ddof=1)
+    ahead: int  # seeds where a is above b
+    seeds: int
+
+    @property
+    def clear(self) -> bool:
+        """True when the mean difference is more than two standard errors (2·std/√seeds) away from 0."""
+        return self.seeds > 1 and abs(self.mean) > 2 * self.std / self.seeds**0.5
+
+    def __str__(self) -> str:
+        scale, unit = (100, " points") if "accuracy" in self.column else (1, "")
+        verdict = ("beyond the spread of the seeds" if self.clear else "within the spread of the seeds")
+        return (f"{self.a} minus {self.b}: {scale * self.mean:+.{1 if scale == 100 else 2}f}{unit} of {self.column} "
+                f"(std over seeds {scale * self.std:.{1 if scale == 100 else 2}f}{unit}), ahead in {self.ahead} of "
+                f"{self.seeds} seeds: {verdict}")
+
+
+def paired_difference(table: pd.DataFrame, a: str, b: str, column: str = "held-out accuracy") -> Comparison:
+    """Compare approaches a and b on ``column``, seed by seed, over the seeds both were trained with."""
+    pivot = table.pivot(index="seed", columns="approach", values=column)
+    for name in (a, b):
+        if name not in pivot:
+            raise ValueError(f"no approach {name!r} in the table; it has {list(pivot.columns)}")
+    diff = (pivot[a] - pivot[b]).dropna()  # (seeds,)
+    if diff.empty:
+        raise ValueError(f"{a!r} and {b!r} have no seed with a {column!r} in common")
+    std = float(diff.std()) if len(diff) > 1 else float("nan")
+    return Comparison(a, b, column, float(diff.mean()), std, int((diff > 0).sum()), len(diff))
 
 
 def median_seed(values: pd.Series) -> int:
@@ -262,7 +355,7 @@ def four_approaches(
     cardiology). The GPs are ``RoutedMixture``: top-1 with Switch's raw gate,
     and top-2 with renormalised gates, both with the load-balancing loss
     weighted by ``aux_loss_coef``. Accuracy and FLOPs are measured on
-    ``clinic.val``; the gated models are watched every ``track_every`` steps.
+    ``clinic.val``; the gated models are watched at step 0 and every ``track_every`` steps.
     ``workers`` jobs (one per approach and seed) train at once, each in a
     one-thread process; ``workers=1`` trains them here, one after another.
     """

@@ -42,6 +42,7 @@ __all__ = [
     "specialisation_score",
     "expert_accuracy_by_specialty",
     "context_share",
+    "effective_experts",
     "SpecialisationTracker",
 ]
 
@@ -152,6 +153,27 @@ def context_share(gate_weight: torch.Tensor, x: torch.Tensor, d_context: int) ->
     context = spread(v[:, cut:] @ w[:, cut:].T)  # (N, E) from the context
     total = measured + context
     return context / total if total > 0 else float("nan")
+
+
+def effective_experts(counts: torch.Tensor) -> torch.Tensor:
+    """How many doctors the GP really uses: exp(entropy) of the share of patients per expert, (..., E) → (...).
+
+    counts (..., E) are non-negative patient counts (or shares) per expert, e.g.
+    ``top_expert_counts(...).sum(0)``. The result is E when every expert gets
+    the same share, 1 when one expert takes everyone, and e.g. 2 when two
+    experts share all patients equally (the "perplexity" of the load).
+    """
+    if counts.ndim < 1 or counts.shape[-1] == 0:
+        raise ValueError(f"counts must have an expert axis (..., E) with E >= 1, got shape {tuple(counts.shape)}")
+    if (counts < 0).any():
+        raise ValueError("counts must be non-negative")
+    c = counts.double()
+    total = c.sum(-1, keepdim=True)
+    if (total == 0).any():
+        raise ValueError("every row of counts needs at least one patient")
+    p = c / total  # (..., E)
+    entropy = -torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum(-1)  # 0·log 0 = 0
+    return entropy.exp()
 
 
 @dataclass

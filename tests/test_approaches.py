@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moe_course.approaches import (APPROACHES, CARDIOLOGISTS, DENSE, GATED, GENERALIST, ORACLE, TOP_1, TOP_2,
-                                   four_approaches, measure_flops_per_example, median_seed)
+                                   four_approaches, measure_flops_per_example, median_seed, paired_difference)
 from moe_course.clinic import make_clinic
 from moe_course.experts import FeedForward
 from moe_course.flops import matmul_flops
@@ -87,11 +87,11 @@ def test_gated_models_are_watched_while_they_train(tiny):
     hist = result.histories
     assert set(hist["approach"]) == set(GATED)
     for (approach, seed), rows in hist.groupby(["approach", "seed"]):
-        assert rows["step"].tolist() == [10, 20]
+        assert rows["step"].tolist() == [0, 10, 20]
         final = result.table.set_index(["approach", "seed"]).loc[(approach, seed)]
         assert rows["score"].iloc[-1] == pytest.approx(final["specialisation"])
         assert rows["context_share"].iloc[-1] == pytest.approx(final["context share"])
-        assert result.counts[(approach, seed)].shape == (2, 2, 2)  # (evaluations, S, E)
+        assert result.counts[(approach, seed)].shape == (3, 2, 2)  # (evaluations, S, E)
 
 
 def test_the_numbers_do_not_depend_on_the_number_of_workers(tiny):
@@ -136,3 +136,40 @@ def test_four_approaches_rejects_bad_settings():
         four_approaches(clinic, TrainConfig(steps=1), num_experts=1)
     with pytest.raises(ValueError, match="home_specialty"):
         four_approaches(clinic, TrainConfig(steps=1), home_specialty=2)
+
+
+def test_report_writes_mean_and_spread_as_text(tiny):
+    _, result = tiny
+    report = result.report()
+    summary = result.summary()
+    row = report.loc[TOP_1, "held-out accuracy (mean ± std)"]
+    assert row == f"{summary.loc[TOP_1, 'accuracy (mean)']:.1%} ± {summary.loc[TOP_1, 'accuracy (std)']:.1%}"
+    assert report.loc[GENERALIST, "specialisation (mean ± std)"] == "–"
+
+
+def test_seed_report_reads_the_histories_of_one_gated_approach(tiny):
+    _, result = tiny
+    report = result.seed_report(TOP_1, early_step=10)
+    assert list(report.index) == [0, 1]
+    hist = result.histories[(result.histories["approach"] == TOP_1) & (result.histories["seed"] == 1)].set_index("step")
+    assert report.loc[1, "specialisation: end"] == pytest.approx(hist["score"].iloc[-1])
+    assert report.loc[1, "change in the second half"] == pytest.approx(hist.loc[20, "score"] - hist.loc[10, "score"])
+    assert report.loc[1, "context share: start"] == pytest.approx(hist.loc[0, "context_share"])
+    assert report["doctors in use: step 10"].between(1, 2).all()  # two experts: between one and two in use
+    with pytest.raises(ValueError, match="gated"):
+        result.seed_report(GENERALIST)
+    with pytest.raises(ValueError, match="not recorded"):
+        result.seed_report(TOP_1, early_step=7)
+
+
+def test_paired_difference_compares_seed_by_seed():
+    table = pd.DataFrame({"approach": ["a"] * 4 + ["b"] * 4, "seed": [0, 1, 2, 3] * 2,
+                          "held-out accuracy": [0.80, 0.82, 0.84, 0.86, 0.70, 0.73, 0.73, 0.76]})
+    c = paired_difference(table, "a", "b")
+    assert c.mean == pytest.approx(0.10) and c.ahead == 4 and c.seeds == 4
+    assert c.std == pytest.approx(pd.Series([0.10, 0.09, 0.11, 0.10]).std())
+    assert c.clear and "beyond the spread" in str(c) and "+10.0 points" in str(c)
+    noisy = paired_difference(table.assign(**{"held-out accuracy": [0.8, 0.7, 0.9, 0.6, 0.7, 0.8, 0.6, 0.9]}), "a", "b")
+    assert not noisy.clear and "within the spread" in str(noisy) and noisy.ahead == 2
+    with pytest.raises(ValueError, match="no approach"):
+        paired_difference(table, "a", "c")

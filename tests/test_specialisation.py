@@ -12,6 +12,7 @@ from moe_course.mixture import DenseMixture, DenseMixtureConfig
 from moe_course.specialisation import (
     SpecialisationTracker,
     context_share,
+    effective_experts,
     expert_accuracy_by_specialty,
     gate_mass_by_specialty,
     normalized_mutual_information,
@@ -149,3 +150,16 @@ def test_tracker_records_counts_and_the_context_share_when_asked():
     assert [c.sum().item() for c in tracker.counts] == [100, 100]
     with torch.no_grad():
         assert torch.equal(tracker.counts[-1], top_expert_counts(model(clinic.val.x).gate_weights, clinic.val.specialty, 2))
+
+
+def test_effective_experts_counts_the_doctors_in_use():
+    assert effective_experts(torch.tensor([5, 5, 5, 5])).item() == pytest.approx(4.0)
+    assert effective_experts(torch.tensor([0, 9, 0, 0])).item() == pytest.approx(1.0)
+    assert effective_experts(torch.tensor([3.0, 3.0, 0.0])).item() == pytest.approx(2.0)
+    rows = effective_experts(torch.tensor([[1, 1], [2, 0]]))  # one answer per row
+    assert rows.tolist() == pytest.approx([2.0, 1.0])
+    skewed = effective_experts(torch.tensor([8, 1, 1])).item()
+    assert 1.0 < skewed < 2.0
+    for bad in (torch.tensor([-1, 2]), torch.tensor([0, 0]), torch.zeros(0)):
+        with pytest.raises(ValueError):
+            effective_experts(bad)
