@@ -228,8 +228,10 @@ from moe_course.plots import bias_variance_bars
 fig, axes = plt.subplots(1, 3, figsize=(17, 4.4))
 bias_variance_bars(at_home, title="The cardiology patients:\nbias and variance of the ensembles", ax=axes[0])
 bias_variance_bars(elsewhere, title="The other specialties' patients:\nbias and variance of the ensembles", ax=axes[1])
-axes[1].get_legend().remove()  # one legend for both panels
-axes[0].legend(loc="upper center", bbox_to_anchor=(1.1, -0.18), ncol=2, frameon=False)
+handles, labels = axes[0].get_legend_handles_labels()
+for ax in axes[:2]:
+    ax.get_legend().remove()
+fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.35, 0.0), ncol=2, frameon=False)  # one for both panels
 for frame, label in ((at_home, "cardiology patients"), (elsewhere, "patients of the other specialties")):
     axes[2].plot(frame["size"], frame["accuracy"], "o-", label=label)
 axes[2].axhline(1 / clinic.num_diagnoses, ls="--", color="gray", lw=1)
@@ -241,7 +243,7 @@ axes[2].set(title="Held-out accuracy of the ensembles", xlabel="ensemble size M 
 axes[2].xaxis.set_minor_locator(plt.NullLocator())
 axes[2].yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
 axes[2].legend(loc="center right")
-fig.tight_layout()
+fig.tight_layout(rect=(0, 0.07, 1, 1))
 
 # %%
 print(f"cardiology patients: variance falls from {at_home['variance'].iloc[0]:.4f} (M = 1) to "
