@@ -38,6 +38,7 @@ import torch
 __all__ = [
     "gate_mass_by_specialty",
     "top_expert_counts",
+    "seen_by_specialty",
     "normalized_mutual_information",
     "specialisation_score",
     "expert_accuracy_by_specialty",
@@ -77,6 +78,22 @@ def top_expert_counts(gate_weights: torch.Tensor, specialty: torch.Tensor, num_s
     e = gate_weights.shape[1]
     top = gate_weights.detach().argmax(dim=-1).cpu()  # (N,) the expert with the largest weight
     return torch.bincount(specialty.cpu() * e + top, minlength=num_specialties * e).reshape(num_specialties, e)
+
+
+def seen_by_specialty(expert_index: torch.Tensor, specialty: torch.Tensor, num_specialties: int, num_experts: int) -> torch.Tensor:
+    """Share of each specialty's patients who see each expert: expert_index (N, K), specialty (N,) → (S, E).
+
+    With top-k routing a patient sees K experts, so row s sums to K (each
+    entry is at most 1); NaN for a specialty without patients.
+    """
+    if expert_index.ndim != 2 or specialty.shape != expert_index.shape[:1]:
+        raise ValueError(f"expected expert_index (N, K) and specialty (N,); got {tuple(expert_index.shape)} and {tuple(specialty.shape)}")
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    if expert_index.numel() and (expert_index.min() < 0 or expert_index.max() >= num_experts):
+        raise ValueError(f"expert ids must lie in [0, {num_experts}), got values in [{int(expert_index.min())}, {int(expert_index.max())}]")
+    sees = torch.zeros(expert_index.shape[0], num_experts).scatter_(1, expert_index.cpu(), 1.0)  # (N, E): 1 where seen
+    return gate_mass_by_specialty(sees, specialty, num_specialties)
 
 
 def normalized_mutual_information(counts: torch.Tensor) -> float:

@@ -426,7 +426,7 @@ print(f"in {twin}, {home}'s contradicting twin, the four cardiologists are right
 # %%
 from moe_course.approaches import median_seed
 from moe_course.plots import gate_mass_heatmap
-from moe_course.specialisation import gate_mass_by_specialty, specialisation_score
+from moe_course.specialisation import gate_mass_by_specialty, seen_by_specialty
 
 spec = results.pivot("specialisation")[[DENSE, TOP_1, TOP_2]]
 shown = median_seed(spec[TOP_1])
@@ -435,19 +435,14 @@ print(spec.round(2).to_string())
 print(f"\nthe median seed of the top-1 GP: seed {shown}")
 
 
-def seen_by(model, x, specialty):  # (S, E): share of each specialty's patients who see each doctor
-    out = model(x)
-    sees = torch.zeros(len(x), E).scatter_(1, out.expert_index, 1.0)  # (N, E): 1 where the patient sees the doctor
-    return gate_mass_by_specialty(sees, specialty, S)
-
-
 fig, axes = plt.subplots(1, 3, figsize=(18.5, 4.3))
 with torch.no_grad():
     dense_weights = results.models[(DENSE, shown)](x_val).gate_weights  # (N, E)
     gate_mass_heatmap(gate_mass_by_specialty(dense_weights, s_val, S), clinic.specialties, ax=axes[0],
                       title=f"3 · dense mixture, seed {shown}: mean gate weight\n(specialisation {spec.loc[shown, DENSE]:.2f})")
     for ax, name, k in [(axes[1], TOP_1, 1), (axes[2], TOP_2, 2)]:
-        gate_mass_heatmap(seen_by(results.models[(name, shown)], x_val, s_val), clinic.specialties, ax=ax,
+        routed = results.models[(name, shown)](x_val)
+        gate_mass_heatmap(seen_by_specialty(routed.expert_index, s_val, S, E), clinic.specialties, ax=ax,
                           label=f"share of the specialty's patients\n(each sees {k} doctor{'s' if k > 1 else ''})",
                           title=f"{name.split(' (')[0]}, seed {shown}: who sees whom\n(specialisation {spec.loc[shown, name]:.2f})")
 fig.tight_layout()

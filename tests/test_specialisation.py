@@ -16,6 +16,7 @@ from moe_course.specialisation import (
     expert_accuracy_by_specialty,
     gate_mass_by_specialty,
     normalized_mutual_information,
+    seen_by_specialty,
     specialisation_score,
     top_expert_counts,
 )
@@ -163,3 +164,16 @@ def test_effective_experts_counts_the_doctors_in_use():
     for bad in (torch.tensor([-1, 2]), torch.tensor([0, 0]), torch.zeros(0)):
         with pytest.raises(ValueError):
             effective_experts(bad)
+
+
+def test_seen_by_specialty_counts_every_choice_of_a_patient():
+    expert_index = torch.tensor([[0, 1], [0, 2], [1, 2], [2, 0]])  # (N, K): four patients, two doctors each
+    specialty = torch.tensor([0, 0, 1, 1])
+    seen = seen_by_specialty(expert_index, specialty, 3, 3)
+    assert seen[:2].tolist() == [[1.0, 0.5, 0.5], [0.5, 0.5, 1.0]]
+    assert seen[:2].sum(1).tolist() == [2.0, 2.0]  # each patient sees K = 2 doctors
+    assert torch.isnan(seen[2]).all()  # a specialty without patients
+    with pytest.raises(ValueError, match="expert ids"):
+        seen_by_specialty(expert_index, specialty, 2, 2)
+    with pytest.raises(ValueError, match="expected expert_index"):
+        seen_by_specialty(expert_index[:, 0], specialty, 2, 3)
