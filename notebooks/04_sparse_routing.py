@@ -295,8 +295,7 @@ show_source(RoutedMixture.forward)
 # them side by side (`moe_course.workers`), one CPU thread each.
 
 # %%
-from moe_course.approaches import (APPROACHES, CARDIOLOGISTS, DENSE, GENERALIST, ORACLE, TOP_1, TOP_2,
-                                   four_approaches)
+from moe_course.approaches import CARDIOLOGISTS, DENSE, GENERALIST, ORACLE, TOP_1, TOP_2, four_approaches
 from moe_course.training import TrainConfig
 
 SEEDS = list(range(6 * SCALE))
