@@ -516,8 +516,25 @@ ax.set(title="The first 25 steps, and where each GP ends",
 ax.legend(title="one marker per seed (number: the seed)", fontsize=9);
 
 # %% [markdown]
-# Here is a story of lock-in; the printout above says how well this run's seeds fit it. If
-# the GP sends most patients to two or three doctors in its first steps, those doctors see
+# What does a stuck GP do? The same "who sees whom" map as above, for two seeds picked by a
+# rule, the **lowest and the highest final specialisation** of the top-1 GP (the two ends of
+# the range), after 25 steps and at the end of training:
+
+# %%
+ends = [int(final.idxmin()), int(final.idxmax())]
+steps = hist[(hist["approach"] == TOP_1) & (hist["seed"] == ends[0])]["step"].tolist()
+fig, axes = plt.subplots(2, 2, figsize=(12.5, 8))
+for row, seed in zip(axes, ends):
+    counts = results.counts[(TOP_1, seed)].float()  # (evaluations, S, E): first choices
+    for ax, step in zip(row, (25, steps[-1])):
+        table = counts[steps.index(step)]
+        gate_mass_heatmap(table / table.sum(1, keepdim=True), clinic.specialties, ax=ax, label="share of the specialty's patients",
+                          title=f"top-1 GP, seed {seed}, step {step}\n(specialisation {report.loc[seed, 'specialisation: end' if step == steps[-1] else 'specialisation: step 25']:.2f})")
+fig.tight_layout()
+
+# %% [markdown]
+# Here is a story of lock-in; the printouts and maps above say how well this run's seeds fit
+# it. If the GP sends most patients to two or three doctors in its first steps, those doctors see
 # every specialty, learn a little of every rule, and soon give the best answers to everyone.
 # The idle doctors get no practice, so a patient sent to them gets a poor answer, and the raw
 # gate turns that poor answer into a gradient that sends even fewer patients their way. A
@@ -526,7 +543,8 @@ ax.legend(title="one marker per seed (number: the seed)", fontsize=9);
 # start, mostly the loud measurements, and ignores the department. If that is what happened
 # here, the first rank correlation is positive (fewer doctors in use early, less
 # specialisation at the end), the second one too (the GPs that learned to listen to the
-# department are the ones that specialised), and the context share starts low for every seed.
+# department are the ones that specialised), the context share starts low for every seed,
+# and the stuck seed's maps send every specialty to the same few doctors from step 25 on.
 #
 # The top-2 GP hears back from two doctors for every patient. The renormalised gates
 # $g_1 / (g_1 + g_2)$ then carry a comparison: whichever of the two answered better gets the
