@@ -17,7 +17,8 @@ specialist. Modules, in reading order:
     moe        MoEConfig, MoELayer: a router in front of E experts, returns MoEOutput
     models     ClinicMoE: embed, one MoE layer, classify (the clinic lessons)
     routed     RoutedMixture: the dense mixture's gate and experts, each patient sees its top-k (lesson 04)
-    approaches four_approaches(): the essay's four approaches measured side by side (lesson 04)
+    approaches four_approaches(): the essay's four approaches measured side by side over seeds (lesson 04)
+    workers    run_in_workers(): independent jobs (seeds, models) in one-thread worker processes
     balance    LoadTracker, evaluate_capacity(), capacity_sweep(): load, drops and capacity (lesson 05)
     playground train_clinic_moe(), clinic_day(): lesson 05's playground, computed
     corpus     Corpus, CharTokenizer: the multi-domain character corpus (lessons 07-08)

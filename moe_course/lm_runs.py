@@ -23,9 +23,7 @@ different number of threads round differently).
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 
 import pandas as pd
@@ -37,6 +35,7 @@ from .lm import LMTask
 from .lm_routing import LayerRouting, RoutingTracker
 from .training import TrainConfig, train
 from .transformer import GPT, GPTConfig
+from .workers import run_in_workers
 
 __all__ = ["LMRun", "LMRunResult", "run_lm", "run_lms", "results_table", "summarise"]
 
@@ -116,10 +115,6 @@ def run_lm(run: LMRun, corpus_config: CorpusConfig, *, eval_rows: int = 96, eval
     return LMRunResult(run, result.history, seconds, state, dict(tracker.reports) if tracker else {})
 
 
-def _worker_init() -> None:
-    torch.set_num_threads(1)
-
-
 def _run_in_worker(args) -> LMRunResult:
     run, corpus_config, eval_rows, eval_chunk = args
     return run_lm(run, corpus_config, eval_rows=eval_rows, eval_chunk=eval_chunk)
@@ -157,16 +152,13 @@ def run_lms(runs: list[LMRun], corpus_config: CorpusConfig = CorpusConfig(), *, 
             results[i] = run_lm(r, corpus_config, eval_rows=eval_rows, eval_chunk=eval_chunk, device=device)
             bar.update()
     else:
-        # "spawn": a fresh interpreter per worker (forking a process that already runs
-        # PyTorch's thread pools can hang).
-        with ProcessPoolExecutor(max_workers=min(workers, len(runs)), mp_context=mp.get_context("spawn"),
-                                 initializer=_worker_init) as pool:
-            futures = {pool.submit(_run_in_worker, (r, corpus_config, eval_rows, eval_chunk)): i for i, r in enumerate(runs)}
-            for future in as_completed(futures):
-                i = futures[future]
-                results[i] = future.result()
-                bar.set_postfix_str(f"finished {runs[i].label}, seed {runs[i].seed}")
-                bar.update()
+        def finished(i: int, result: LMRunResult) -> None:
+            results[i] = result
+            bar.set_postfix_str(f"finished {runs[i].label}, seed {runs[i].seed}")
+            bar.update()
+
+        run_in_workers(_run_in_worker, [(r, corpus_config, eval_rows, eval_chunk) for r in runs], workers=workers,
+                       on_done=finished)
     bar.close()
     return results  # type: ignore[return-value]
 

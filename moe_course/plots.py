@@ -273,7 +273,8 @@ def accuracy_vs_flops(
     table: one row per (approach, seed) with columns ``approach``, ``FLOPs per
     patient``, ``held-out accuracy`` and ``parameters`` (e.g.
     ``moe_course.approaches.FourApproaches.table``). The marker sits at the mean
-    over seeds; the vertical bar spans the worst to the best seed.
+    over seeds, a small dot marks each seed, and the vertical bar spans the
+    worst to the best seed.
     ``reference``: an approach drawn as a hollow marker (e.g. the oracle).
     """
     for column in ("approach", "FLOPs per patient", "held-out accuracy", "parameters"):
@@ -288,6 +289,7 @@ def accuracy_vs_flops(
         acc = rows["held-out accuracy"].to_numpy(float)
         mean, low, high = acc.mean(), acc.min(), acc.max()
         hollow = name == reference
+        ax.scatter(np.full(len(acc), x), acc, s=10, color=colours[i], alpha=0.6, zorder=3, linewidths=0)  # the seeds
         ax.errorbar([x], [mean], yerr=[[mean - low], [high - mean]], fmt=markers[i % len(markers)], ms=9, capsize=4,
                     color=colours[i], mfc="white" if hollow else colours[i], mew=2,
                     label=f"{name}: {int(rows['parameters'].iloc[0]):,} parameters")

@@ -16,21 +16,23 @@
 # # 02 · A second cardiologist, or a generalist?
 #
 # Lesson 01 ended with one doctor who had to serve every specialty and did it badly. Before
-# we build a GP, let us try the two cheap fixes from the story of lesson 00:
+# we build a GP, let us try the two cheap fixes from the story of lesson 00. You feel unwell,
+# and your friend the cardiologist gave you advice. Should you
 #
-# 1. **A second opinion.** Ask more doctors *trained exactly like the first* and average
-#    what they say.
-# 2. **A generalist.** One doctor who has seen patients of every specialty.
+# 1. **get a second opinion** from another cardiologist, and a third, and average what they
+#    say? They were trained exactly like your friend.
+# 2. **see a generalist**, one doctor who has seen patients of every specialty?
 #
 # **In this lesson you will**
 #
-# - train 16 identical doctors that differ only in their random seed, and average their
+# - train 16 cardiologists that differ only in their random seed and average their
 #   probabilities (an *ensemble*);
+# - see them excellent in cardiology and blind outside it, and averaging leave the blind spot
+#   exactly where it was;
 # - split their error exactly into **bias** (all doctors wrong the same way) and
 #   **variance** (doctors disagreeing), and watch averaging shrink the variance and leave
 #   the bias alone;
-# - see a generalist the size of one specialist underfit the clinic, and a specialist fail
-#   outside its own specialty;
+# - see a generalist the size of one specialist underfit the clinic;
 # - see how an ensemble turns into a mixture of experts once the weights may depend on
 #   the patient.
 #
@@ -46,8 +48,7 @@ from moe_course.plots import use_course_style
 
 # ---- the one knob of this lesson -------------------------------------------
 # 1 runs in well under a minute on a laptop CPU. Larger values train every doctor
-# longer (SCALE × the steps): every doctor gets a little better, the generalists
-# stay well behind the specialists.
+# longer (SCALE × the steps).
 SCALE = 1
 # -----------------------------------------------------------------------------
 
@@ -61,7 +62,8 @@ torch.set_num_threads(1)
 # %% [markdown]
 # The clinic of lessons 00–01: four specialties, each with its own diagnosis rule, and
 # every odd specialty a "contradicting twin" of the one before it (same measurements,
-# every diagnosis renamed). All doctors in this lesson are the clinic MLP of lesson 01,
+# every diagnosis renamed). Cardiology is specialty 0, and ophthalmology, specialty 1, is its
+# twin. All doctors in this lesson are the clinic MLP of lesson 01,
 # `FeedForward(d_in, F, d_out=diagnoses)`, with **F = 16 hidden units: the size of one
 # specialist**, and all train with the same recipe.
 
@@ -70,18 +72,19 @@ from moe_course.clinic import make_clinic
 from moe_course.training import ClassificationTask, TrainConfig
 
 clinic = make_clinic(num_specialties=4, seed=0)
-task = ClassificationTask.from_clinic(clinic)
 S, H = clinic.num_specialties, 16  # specialties; hidden units of one doctor
-R = 16  # doctors in the ensemble
+R = 16  # doctors in an ensemble
 CONFIG = TrainConfig(steps=600 * SCALE, batch_size=128, lr=1e-2, eval_every=50)
-x_val, y_val = clinic.val.x, clinic.val.diagnosis
-print(f"{len(clinic.train)} training patients, {len(clinic.val)} held-out; chance accuracy {1 / clinic.num_diagnoses:.0%}")
+x_val, y_val, s_val = clinic.val.x, clinic.val.diagnosis, clinic.val.specialty
+CARDIOLOGY = 0
+print(f"{len(clinic.train)} training patients, {len(clinic.val)} held-out; specialty {CARDIOLOGY} is "
+      f"{clinic.specialties[CARDIOLOGY]}; chance accuracy {1 / clinic.num_diagnoses:.0%}")
 
 # %% [markdown]
-# ## Approach 1: a second opinion from a doctor trained the same way
+# ## Approach 1: a second cardiologist
 #
-# Two doctors with the same education still disagree on some patients: they started
-# with different first impressions and saw cases in a different order. For a network,
+# Two cardiologists with the same education still disagree on some patients: they started
+# with different first impressions and saw their cases in a different order. For a network,
 # both come from the **seed**: the random initial weights and the random order of the
 # training batches. `train_ensemble` trains R models that differ in nothing else:
 
@@ -91,25 +94,31 @@ from moe_course.show import show_source
 
 show_source(train_ensemble)
 
+# %% [markdown]
+# Our cardiologists learn from the cardiology patients only, as a cardiologist does.
+
 # %%
 from moe_course.experts import FeedForward
 
-ensemble = train_ensemble(lambda: FeedForward(clinic.d_in, H, d_out=clinic.num_diagnoses), task, CONFIG,
-                          num_members=R, device=device)
-member_logits = ensemble(x_val)  # (R, N, diagnoses)
-member_acc = (member_logits.argmax(-1) == y_val).float().mean(dim=1)  # (R,)
-print(f"{R} doctors trained; held-out accuracy of one doctor: from {member_acc.min():.1%} to {member_acc.max():.1%} "
-      f"(mean {member_acc.mean():.1%})")
+cardio_train, cardio_val = clinic.train.of_specialty(CARDIOLOGY), clinic.val.of_specialty(CARDIOLOGY)
+cardio_task = ClassificationTask(cardio_train.x, cardio_train.diagnosis, cardio_val.x, cardio_val.diagnosis)
+cardiologists = train_ensemble(lambda: FeedForward(clinic.d_in, H, d_out=clinic.num_diagnoses), cardio_task, CONFIG,
+                               num_members=R, device=device)
+member_logits = cardiologists(x_val)  # (R, N, diagnoses): every cardiologist on every held-out patient
+home = s_val == CARDIOLOGY  # (N,) the held-out cardiology patients
+member_acc = (member_logits[:, home].argmax(-1) == y_val[home]).float().mean(dim=1)  # (R,)
+print(f"{R} cardiologists trained on {len(cardio_train)} cardiology patients; on held-out cardiology patients "
+      f"one of them is right on {member_acc.min():.1%} to {member_acc.max():.1%} (mean {member_acc.mean():.1%})")
 
 # %% [markdown]
-# How often do they disagree? For each patient, compare every doctor's top diagnosis with
-# the majority's.
+# How often do they disagree? For each cardiology patient, compare every doctor's top
+# diagnosis with the majority's.
 
 # %%
-votes = member_logits.argmax(-1)  # (R, N): each doctor's diagnosis
-majority = votes.mode(dim=0).values  # (N,)
+votes = member_logits[:, home].argmax(-1)  # (R, N_home): each doctor's diagnosis
+majority = votes.mode(dim=0).values  # (N_home,)
 unanimous = (votes == majority).all(dim=0).float().mean()
-print(f"all {R} doctors give the same diagnosis for {unanimous:.1%} of the patients; "
+print(f"all {R} cardiologists give the same diagnosis for {unanimous:.1%} of the cardiology patients; "
       f"on the other {1 - unanimous:.1%} at least one of them disagrees")
 
 # %% [markdown]
@@ -124,14 +133,35 @@ from moe_course.ensembles import average_probs
 
 show_source(average_probs)
 
+# %% [markdown]
+# Now every held-out patient walks in, whatever their specialty, and we compare one
+# cardiologist (the mean over the 16) with all 16 averaged, specialty by specialty.
+
 # %%
+from moe_course.metrics import accuracy_by_group
+
 ensemble_probs = average_probs(member_logits)  # (N, diagnoses)
-ensemble_acc = (ensemble_probs.argmax(-1) == y_val).float().mean()
-print(f"one doctor: {member_acc.mean():.1%} on average; all {R} averaged: {ensemble_acc:.1%}")
+one = torch.stack([accuracy_by_group(logits, y_val, s_val, S) for logits in member_logits]).mean(0)  # (S,)
+averaged = accuracy_by_group(ensemble_probs, y_val, s_val, S)  # (S,)
+pd.DataFrame({"one cardiologist (mean of 16)": one.numpy(), f"{R} cardiologists averaged": averaged.numpy(),
+              "gain from averaging": (averaged - one).numpy()},
+             index=clinic.specialties).style.format("{:.1%}").format("{:+.1%}", subset=["gain from averaging"])
+
+# %%
+away = [s for s in range(S) if s != CARDIOLOGY]
+twin = clinic.specialties[1]
+print(f"averaging {R} cardiologists: {100 * (averaged[CARDIOLOGY] - one[CARDIOLOGY]):+.1f} points in cardiology, "
+      f"at most {100 * (averaged[away] - one[away]).abs().max():.1f} points (up or down) in any other specialty")
+print(f"in {twin}, cardiology's contradicting twin, the averaged cardiologists are right on {averaged[1]:.1%} of the "
+      f"patients (chance: {1 / clinic.num_diagnoses:.0%})" + (": worse than guessing" if averaged[1] < 1 / clinic.num_diagnoses else ""))
 
 # %% [markdown]
-# Sixteen times the compute for a few points of accuracy. Why so little? Because of *what
-# kind* of error averaging can remove.
+# Sixteen times the compute, and outside cardiology the second, third and sixteenth opinions
+# change what the first one said by the amount printed above. A cardiologist knows the
+# cardiology rule and nothing else; so do the other fifteen. In ophthalmology, whose rule
+# renames every cardiology diagnosis, a doctor who applies the cardiology rule gives an answer
+# that is, by construction, never the right one there. Why can averaging not do more? Because
+# of *what kind* of error averaging can remove.
 #
 # ## Bias and variance, exactly
 #
@@ -154,33 +184,39 @@ show_source(brier_decomposition)
 
 # %%
 member_probs = torch.softmax(member_logits, dim=-1)  # (R, N, diagnoses)
-parts = brier_decomposition(member_probs, y_val)
+parts = brier_decomposition(member_probs, y_val)  # per patient (N,)
 gap = (parts.error - parts.bias - parts.variance).abs().max()
-summary = parts.summary()
-print("mean over patients: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
 print(f"largest |error - bias - variance| over the {len(y_val)} patients: {gap:.1e} (float rounding)")
-print(f"share of the error that is bias: {summary['bias'] / summary['error']:.0%}")
+per_specialty = pd.DataFrame({name: torch.zeros(S).index_add_(0, s_val, getattr(parts, name)).numpy()
+                              / torch.bincount(s_val, minlength=S).numpy() for name in ("error", "bias", "variance")},
+                             index=clinic.specialties)
+per_specialty["share of the error that is bias"] = per_specialty["bias"] / per_specialty["error"]
+per_specialty.style.format("{:.4f}").format("{:.1%}", subset=["share of the error that is bias"])
 
 # %% [markdown]
-# Most of a typical doctor's error is bias: the doctors mostly agree with each other and
-# are wrong *together*.
+# Read the table row by row. In cardiology the error is small, and the variance column says
+# how much of it comes from the doctors disagreeing. Elsewhere the error is large, and the
+# share of bias says how much of it the doctors share: where that share is close to 100%,
+# they all give the same wrong answer. *All the cardiologists are wrong the same way.*
 #
 # ## What averaging M doctors buys
 #
 # Split the 16 doctors into ensembles of M = 1, 2, 4 and 8 (16 ensembles of one, 8 of two,
-# ...; no doctor in two ensembles) and decompose the error of those ensembles the same way.
-# Averaging is linear, so the ensembles' average prediction is the same $\bar p$ for every
-# M: the bias cannot move. Only the variance can shrink.
+# ...; no doctor in two ensembles) and decompose the error of those ensembles the same way,
+# once on the cardiology patients and once on everyone else. Averaging is linear, so the
+# ensembles' average prediction is the same $\bar p$ for every M: the bias cannot move. Only
+# the variance can shrink.
 
 # %%
 from moe_course.ensembles import bias_variance_by_size
 
 sizes = [1, 2, 4, 8]
-by_size = bias_variance_by_size(member_probs, y_val, sizes)
-by_size["variance / variance of one doctor"] = by_size["variance"] / by_size["variance"].iloc[0]
-by_size["1 / M"] = 1 / by_size["size"]
-by_size[f"1 / M, for {R} doctors in all"] = (1 / by_size["size"] - 1 / R) / (1 - 1 / R)
-by_size.style.format({"error": "{:.4f}", "bias": "{:.4f}", "variance": "{:.4f}", "accuracy": "{:.1%}",
+at_home = bias_variance_by_size(member_probs[:, home], y_val[home], sizes)
+elsewhere = bias_variance_by_size(member_probs[:, ~home], y_val[~home], sizes)
+at_home["variance / variance of one doctor"] = at_home["variance"] / at_home["variance"].iloc[0]
+at_home["1 / M"] = 1 / at_home["size"]
+at_home[f"1 / M, for {R} doctors in all"] = (1 / at_home["size"] - 1 / R) / (1 - 1 / R)
+at_home.style.format({"error": "{:.4f}", "bias": "{:.4f}", "variance": "{:.4f}", "accuracy": "{:.1%}",
                       "variance / variance of one doctor": "{:.3f}", "1 / M": "{:.3f}",
                       f"1 / M, for {R} doctors in all": "{:.3f}"}).hide(axis="index")
 
@@ -189,66 +225,83 @@ import matplotlib.pyplot as plt
 
 from moe_course.plots import bias_variance_bars
 
-fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-bias_variance_bars(by_size, title="Averaging shrinks the variance, not the bias", ax=axes[0])
-axes[1].plot(by_size["size"], by_size["accuracy"], "o-", label="ensembles of M doctors (mean)")
-axes[1].axhline(member_acc.max().item(), ls=":", color="gray", lw=1)
-axes[1].annotate("best single doctor", (by_size["size"].iloc[0], member_acc.max().item()), xytext=(0, 4),
-                 textcoords="offset points", color="gray", fontsize=8)
-axes[1].set_xscale("log", base=2)
-axes[1].set(title="Held-out accuracy of the ensembles", xlabel="ensemble size M (doctors averaged, log scale)",
-            ylabel="held-out accuracy", xticks=sizes, xticklabels=[str(m) for m in sizes])
-axes[1].xaxis.set_minor_locator(plt.NullLocator())
-axes[1].set_ylim(0.7, 1.0)  # a 30-point window, so that small gains look small
-axes[1].yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
-axes[1].legend(loc="lower right")
-fig.tight_layout()
+fig, axes = plt.subplots(1, 3, figsize=(17, 4.4))
+bias_variance_bars(at_home, title="The cardiology patients:\nbias and variance of the ensembles", ax=axes[0])
+bias_variance_bars(elsewhere, title="The other specialties' patients:\nbias and variance of the ensembles", ax=axes[1])
+handles, labels = axes[0].get_legend_handles_labels()
+for ax in axes[:2]:
+    ax.get_legend().remove()
+fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.35, 0.0), ncol=2, frameon=False)  # one for both panels
+for frame, label in ((at_home, "cardiology patients"), (elsewhere, "patients of the other specialties")):
+    axes[2].plot(frame["size"], frame["accuracy"], "o-", label=label)
+axes[2].axhline(1 / clinic.num_diagnoses, ls="--", color="gray", lw=1)
+axes[2].annotate("chance", (sizes[-1], 1 / clinic.num_diagnoses), xytext=(0, 4), textcoords="offset points",
+                 ha="right", color="gray", fontsize=8)
+axes[2].set_xscale("log", base=2)
+axes[2].set(title="Held-out accuracy of the ensembles", xlabel="ensemble size M (doctors averaged, log scale)",
+            ylabel="held-out accuracy", xticks=sizes, xticklabels=[str(m) for m in sizes], ylim=(0, 1.02))
+axes[2].xaxis.set_minor_locator(plt.NullLocator())
+axes[2].yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
+axes[2].legend(loc="center right")
+fig.tight_layout(rect=(0, 0.07, 1, 1))
+
+# %%
+print(f"cardiology patients: variance falls from {at_home['variance'].iloc[0]:.4f} (M = 1) to "
+      f"{at_home['variance'].iloc[-1]:.4f} (M = {sizes[-1]}), the bias stays at {at_home['bias'].iloc[0]:.4f}")
+print(f"everyone else: the error is {elsewhere['error'].iloc[0]:.4f} for one doctor and {elsewhere['error'].iloc[-1]:.4f} "
+      f"for ensembles of {sizes[-1]}; of it, {elsewhere['bias'].iloc[0]:.4f} is bias")
 
 # %% [markdown]
 # Read the left panel from left to right: the blue part (bias) is the same height in every
-# bar; the orange part (variance) falls, and it was small to begin with. The table puts the
-# measured fall next to the 1/M law for independent doctors. With only 16 doctors in all,
-# the ensembles of 8 are compared with an average made of just two of them, so their spread
-# looks smaller still; the last column is the 1/M law corrected for that,
-# $(1/M - 1/R)/(1 - 1/R)$, and the measured ratios follow it closely.
+# bar; the orange part (variance) falls. The table puts the measured fall next to the 1/M law
+# for independent doctors. With only 16 doctors in all, the ensembles of 8 are compared with an
+# average made of just two of them, so their spread looks smaller still; the last column is
+# the 1/M law corrected for that, $(1/M - 1/R)/(1 - 1/R)$. Compare it with the measured ratios.
+# The middle panel is the blind spot: a tall blue bar that no number of cardiologists shortens.
 #
 # Averaging more doctors quickly runs out of error to remove: what is left is the bias, the
-# part that identical training makes every doctor share. *All the cardiologists are wrong
-# the same way.*
+# part that identical training makes every doctor share.
 #
 # The same holds for the cross-entropy the doctors were trained on: the loss of the
 # averaged probabilities is never above the doctors' average loss (Jensen's inequality),
-# and the gap is what disagreement buys. Exercise 2.3 computes the ensemble's loss:
+# and the gap is what disagreement buys. Exercise 2.3 computes the ensemble's loss; here on
+# the cardiology patients:
 
 # %%
 from moe_course.ensembles import log_loss_gap
 
-losses = pd.DataFrame([{"ensemble size M": m, **log_loss_gap(member_logits[:m], y_val)} for m in sizes])
+losses = pd.DataFrame([{"ensemble size M": m, **log_loss_gap(member_logits[:m, home], y_val[home])} for m in sizes])
 losses.columns = ["ensemble size M", "doctors' mean cross-entropy", "ensemble's cross-entropy", "gap (what averaging buys)"]
 losses.style.format(precision=3).hide(axis="index")
 
 # %% [markdown]
 # ## Approach 2: a generalist the size of one specialist
 #
-# Each doctor above *is* a generalist: 16 hidden units, trained on patients of every
-# specialty. For comparison we train a team of specialists of the same size, each on its
-# own specialty's patients only, with the same recipe. The first of them is our
-# **cardiologist**. The team, with a perfect GP that reads the specialty label (the oracle
-# of lesson 01), is the upper bound.
+# The other cheap fix: a doctor who has seen patients of every specialty. We train 16 of them
+# the same way (16 hidden units each, all patients, different seeds), so we can look at one
+# generalist and at 16 averaged. For comparison we also train a team of specialists of the
+# same size, each on its own specialty's patients only, with the same recipe: the team, with
+# a perfect GP that reads the specialty label (the oracle of lesson 01), is the upper bound.
+# (Its cardiologist is our first cardiologist: same seed, same patients.)
 
 # %%
-from moe_course.metrics import accuracy_by_group
 from moe_course.specialists import train_specialists
 
+task = ClassificationTask.from_clinic(clinic)
+generalists = train_ensemble(lambda: FeedForward(clinic.d_in, H, d_out=clinic.num_diagnoses), task, CONFIG,
+                             num_members=R, device=device)
 team = train_specialists(clinic, d_ff=H, config=CONFIG, device=device)
-cardiologist, generalist = team.specialists[0], ensemble.members[0]
+same = all(torch.equal(a, b) for a, b in zip(team.specialists[CARDIOLOGY].state_dict().values(),
+                                              cardiologists.members[0].state_dict().values()))
+print("the team's cardiologist has exactly the weights of our first cardiologist:", same)
+generalist = generalists.members[0]
 with torch.no_grad():
     accuracy = {
-        "one cardiologist (F = 16)": accuracy_by_group(cardiologist(x_val), y_val, clinic.val.specialty, S),
-        "one generalist (F = 16)": accuracy_by_group(generalist(x_val), y_val, clinic.val.specialty, S),
-        f"{R} generalists averaged": accuracy_by_group(ensemble_probs, y_val, clinic.val.specialty, S),
-        f"{S} specialists (F = 16 each), perfect GP": accuracy_by_group(team(x_val, clinic.val.specialty), y_val,
-                                                                         clinic.val.specialty, S),
+        "one cardiologist": accuracy_by_group(cardiologists.members[0](x_val), y_val, s_val, S),
+        f"{R} cardiologists averaged": averaged,
+        "one generalist": accuracy_by_group(generalist(x_val), y_val, s_val, S),
+        f"{R} generalists averaged": accuracy_by_group(generalists.probs(x_val), y_val, s_val, S),
+        f"{S} specialists, perfect GP": accuracy_by_group(team(x_val, s_val), y_val, s_val, S),
     }
 pd.DataFrame({k: v.numpy() for k, v in accuracy.items()}, index=clinic.specialties).T.style.format("{:.1%}")
 
@@ -257,19 +310,27 @@ from moe_course.plots import grouped_bars
 
 ax = grouped_bars(accuracy, clinic.specialties, title="Who gets which specialty right?",
                   ylabel="held-out accuracy", chance=1 / clinic.num_diagnoses)
-ax.figure.set_size_inches(10, 4.4)
-ax.set_ylim(0, 1.12);
+ax.figure.set_size_inches(12, 4.6)
+ax.set_ylim(0, 1.12)
+ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"));
+
+# %%
+overall = {k: (v * torch.bincount(s_val, minlength=S) / len(s_val)).sum().item() for k, v in accuracy.items()}
+for name, acc in overall.items():
+    print(f"{acc:6.1%}  {name} (all held-out patients)")
+print(f"averaging {R} generalists: {100 * (overall[f'{R} generalists averaged'] - overall['one generalist']):+.1f} points "
+      f"over one generalist; the perfect GP's team is {100 * (overall[f'{S} specialists, perfect GP'] - overall[f'{R} generalists averaged']):+.1f} "
+      f"points above the averaged generalists")
 
 # %% [markdown]
-# Three different failures in one picture:
+# Three different failures in one picture, with the numbers printed above:
 #
-# - **The cardiologist** is excellent on cardiology and useless everywhere else. On
-#   ophthalmology, cardiology's contradicting twin, it is worse than chance: it confidently
-#   applies the cardiology rule, and the twin renamed every diagnosis. Asking a second
-#   cardiologist would not help: they share the blind spot (that is bias).
-# - **The generalist** has seen every specialty and is mediocre in all of them.
-# - **Averaging 16 generalists** lifts every specialty a little and fixes none of them. The
-#   specialists with a GP stay far ahead, in every specialty.
+# - **The cardiologists** are specialists without a GP: good at home, blind elsewhere, and
+#   their average shares the blind spot (that is bias).
+# - **The generalist** has seen every specialty and has to share 16 hidden units among four
+#   contradicting rules.
+# - **Averaging 16 generalists** removes their disagreement and nothing else; compare its
+#   bars with the specialists' in every specialty.
 #
 # ## Underfitting, not overfitting
 #
@@ -280,27 +341,36 @@ ax.set_ylim(0, 1.12);
 # %%
 with torch.no_grad():
     train_acc = (generalist(clinic.train.x).argmax(-1) == clinic.train.diagnosis).float().mean()
-    card = clinic.train.of_specialty(0)
-    card_train_acc = (cardiologist(card.x).argmax(-1) == card.diagnosis).float().mean()
-print(f"generalist:   training patients {train_acc:.1%}, held-out patients {member_acc[0]:.1%}")
-print(f"cardiologist: training patients {card_train_acc:.1%} (cardiology only), "
-      f"held-out cardiology {accuracy['one cardiologist (F = 16)'][0]:.1%}")
+    held_out_acc = (generalist(x_val).argmax(-1) == y_val).float().mean()
+print(f"generalist: training patients {train_acc:.1%}, held-out patients {held_out_acc:.1%}")
 
 # %%
 from moe_course.plots import learning_curves
 
-curves = {"generalist, all specialties": ensemble.histories[0]}
+curves = {"generalist, all specialties": generalists.histories[0]}
 curves.update({f"specialist, {h['specialty'].iloc[0]} only": h for h in team.histories})
-ax = learning_curves(curves, "train_loss", title="The generalist's training loss stays high",
+ax = learning_curves(curves, "train_loss", title="Training loss: one generalist and the four specialists",
                      ylabel="training cross-entropy (nats)")
 ax.set_ylim(bottom=0);
 
+# %%
+history = generalists.histories[0]
+last = history["train_loss"].iloc[-1]
+third = history[history["step"] <= 2 * history["step"].iloc[-1] // 3]["train_loss"].iloc[-1]
+specialists_last = [h["train_loss"].iloc[-1] for h in team.histories]
+print(f"the generalist's training loss: {third:.3f} two thirds of the way, {last:.3f} at the end "
+      f"({100 * (last - third) / third:+.0f}% over the last third)")
+print(f"the specialists' final training losses: {min(specialists_last):.3f} to {max(specialists_last):.3f}")
+print("the generalist ends " + ("above every specialist" if last > max(specialists_last) else "below some specialist"))
+
 # %% [markdown]
-# The generalist does about as well on the patients it trained on as on new ones: it is
-# not memorising, it simply cannot fit four conflicting rules with 16 hidden units. Its
-# training loss flattens out well above every specialist's. That is **underfitting**, a
-# bias problem, and no amount of averaging identical generalists removes it. Lesson 01
-# showed that even a generalist as wide as the whole team of four stays behind it.
+# If the generalist does about as well on the patients it trained on as on new ones, it is
+# not memorising: it cannot fit four conflicting rules with 16 hidden units. Its training
+# loss need not be flat at the end (the printout gives its change over the last third of
+# training); what matters is where it ends. If that is above every specialist's, each of whom
+# learns one rule with the same 16 units, the generalist is **underfitting**: a bias problem,
+# which no amount of averaging identical generalists removes. Lesson 01 showed that even a
+# generalist as wide as the whole team of four stays behind it.
 #
 # ## From an ensemble to a mixture
 #
@@ -311,19 +381,18 @@ ax.set_ylim(bottom=0);
 # Every doctor gets the same weight, $1/R$, for every patient. Now let the weight
 # depend on the patient, $g_r(x)$, chosen by someone who looks at the patient first: that
 # is a **GP**, and the sum becomes a **mixture of experts**. With a GP in front, the doctors
-# no longer need to be identical generalists; each can become a specialist, because the GP
-# will send it only the patients it knows. That is lesson 03.
+# no longer need to be identical; each can become a specialist, because the GP will send it
+# only the patients it knows. That is lesson 03.
 #
 # ## Recap
 #
 # - An ensemble of identically trained doctors averages their probabilities. Its error
 #   splits exactly into bias² (shared mistakes) and variance (disagreement); averaging M
 #   doctors shrinks the variance about as 1/M and leaves the bias untouched.
-# - On the clinic most of the error is bias, so 16 doctors buy only a few points of
-#   accuracy for 16 times the compute.
-# - A generalist the size of one specialist underfits the conflicting specialties; a
-#   specialist is excellent at home and blind elsewhere. What is missing is someone who
-#   knows which specialist to ask.
+# - A second cardiologist shares the first one's blind spot: outside cardiology their error
+#   is bias, and averaging any number of them cannot remove it.
+# - A generalist the size of one specialist underfits the conflicting specialties. What is
+#   missing is someone who knows which specialist to ask.
 #
 # **Next:** lesson 03 adds a gate (the GP) that weighs every specialist's answer for each
 # patient, trains it together with the experts, and watches them specialise.

@@ -32,7 +32,9 @@
 # - watch compute come apart from parameters: at fixed k the FLOPs per token stay flat
 #   while the parameters grow with the number of experts;
 # - run the course's headline experiment: the essay's **four approaches** side by side on
-#   the clinic, accuracy and FLOPs per patient, at matched parameter budgets.
+#   the clinic, accuracy and FLOPs per patient, at matched parameter budgets, over six seeds;
+# - see a second opinion from the same kind of doctor share the first one's blind spot, and
+#   watch a GP **lock in** to a bad referral pattern in its first steps.
 #
 # Shape letters: **N** tokens (here: patients), **D** token width, **F** an expert's hidden
 # width, **E** experts, **K** the k of top-k.
@@ -42,21 +44,22 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from moe_course import get_device, seed_everything
+from moe_course import seed_everything
 from moe_course.plots import use_course_style
 from moe_course.show import show_source
 
 # ---- the one knob of this lesson -------------------------------------------
 # 1 runs in well under a minute on a laptop CPU. Larger values train every model
 # of the four-approach experiment longer (SCALE × the steps) and repeat it over
-# more seeds (2 × SCALE), so the comparison rests on more runs.
+# more seeds (6 × SCALE), so the comparison rests on more runs and the lock-in
+# section can show whether a stuck GP frees itself with more training.
 SCALE = 1
 # -----------------------------------------------------------------------------
 
-device = get_device()
 seed_everything(0)
 use_course_style()
-# The clinic's models are tiny: on a CPU one thread runs them fastest.
+# The clinic's models are tiny: on a CPU one thread runs them fastest (and the experiment
+# below trains them in worker processes on the CPU, one thread each, whatever the machine).
 torch.set_num_threads(1)
 
 # %% [markdown]
@@ -175,7 +178,7 @@ show_source(noisy_top_k_routing)
 # Three patients with made-up scores: a close call between two doctors, a clear case, and
 # a patient with no strong preference. We route each one 2000 times with $k = 1$ and count
 # how often each doctor is picked. $W_{noise}$ starts at zero, as Shazeer et al. initialise
-# it, so the noise has the scale softplus(0) ≈ 0.69 everywhere.
+# it, so the noise has the scale $\mathrm{softplus}(0) = \ln 2 \approx 0.69$ everywhere.
 
 # %%
 clean = torch.tensor([[2.0, 1.8, -1.0, -1.0],   # a close call between doctors 0 and 1
@@ -255,21 +258,26 @@ print(f"from E = 1 to E = {experts_list[-1]}: parameters ×{cost['parameters'].i
 # ## The four approaches, side by side
 #
 # Now the course's headline experiment. On the clinic of lessons 01–03 (four specialties
-# whose diagnosis rules contradict each other), we train the essay's four approaches with the
-# same recipe, each with **E · F = 64 hidden units** in all, so that the parameter budgets
-# match (the gate and the number of output layers make the small differences):
+# whose diagnosis rules contradict each other) we train the essay's four approaches with one
+# recipe. Every approach gets the same budget, **E · F = 64 hidden units** in all, so the
+# parameter counts match (a gate, and four output layers instead of one, make the small
+# differences):
 #
-# 1. **a second cardiologist**: an ensemble of 4 identical MLPs of 16 hidden units each,
-#    trained with different seeds and averaged (lesson 02);
-# 2. **a generalist**: one MLP of 64 hidden units (lessons 01–02);
+# 1. **second cardiologists.** You went to your friend the cardiologist, and you ask three
+#    more: four doctors of 16 hidden units, each trained from its own seed on the
+#    **cardiology patients only**, their probabilities averaged (lesson 02's ensemble). Four
+#    doctors of 16 units are the budget of the others; what they all share is their training.
+# 2. **a generalist**: one MLP of 64 hidden units, trained on everyone (lessons 01–02).
 # 3. **every specialist**: the dense mixture, a gate and 4 experts of 16 units, every
-#    expert on every patient (lesson 03);
-# 4. **the GP**: the *same* gate and experts, but each patient sees only its top-1 expert,
-#    with Switch's raw gate and the Switch load-balancing loss (weight 0.01; lesson 05 takes
-#    that loss apart).
+#    expert on every patient (lesson 03).
+# 4. **the GP**: the *same* gate and experts, but each patient sees only its top experts, with
+#    the Switch load-balancing loss ($\alpha = 0.01$; lesson 05 takes that loss apart). Two
+#    versions: **4a, top-1** with Switch's raw gate, and **4b, top-2** with the two gates
+#    renormalised to sum to 1 (the router of exercise 4.1, as in GShard and Mixtral).
 #
-# For reference, the specialists with a **perfect GP** (the oracle of lesson 01, who peeks at
-# the specialty) show how far a router could take us.
+# Everyone is judged on every held-out patient, whatever their specialty: a clinic does not
+# choose who walks in. For reference, the specialists with a **perfect GP** (the oracle of
+# lesson 01, who peeks at the specialty) show how far a router could take us.
 #
 # The GP's model is `RoutedMixture`: the dense mixture's parameters, with a sparse visit.
 
@@ -277,20 +285,30 @@ print(f"from E = 1 to E = {experts_list[-1]}: parameters ×{cost['parameters'].i
 show_source(RoutedMixture.forward)
 
 # %% [markdown]
-# `four_approaches` trains all of them for every seed and measures each trained model on the
-# held-out patients. The FLOPs are **measured**, not taken from a formula: PyTorch's FLOP
-# counter records every matrix multiplication a model runs on the 2048 held-out patients
+# `four_approaches` trains every approach for every seed and measures each trained model on
+# the held-out patients. The FLOPs are **measured**, not taken from a formula: PyTorch's FLOP
+# counter records every matrix multiplication a model runs on the held-out patients
 # (lesson 01's convention, 2 FLOPs per multiply-add), divided by the number of patients.
+# Each model trains in seconds, so we repeat everything over six seeds: one seed decides a
+# model's first weights and the order of its training batches, and a comparison is only as
+# good as its spread over seeds. The runs are independent, so two worker processes train
+# them side by side (`moe_course.workers`), one CPU thread each.
 
 # %%
-from moe_course.approaches import APPROACHES, ORACLE, four_approaches
+from moe_course.approaches import CARDIOLOGISTS, DENSE, GENERALIST, ORACLE, TOP_1, TOP_2, four_approaches
 from moe_course.training import TrainConfig
 
+SEEDS = list(range(6 * SCALE))
 CONFIG = TrainConfig(steps=600 * SCALE, batch_size=128, lr=1e-2, eval_every=600 * SCALE)
-results = four_approaches(clinic, CONFIG, num_experts=E, d_ff=H, seeds=list(range(2 * SCALE)), device=device)
-summary = results.summary()
-summary.style.format({"parameters": "{:,}", "FLOPs per patient": "{:,.0f}", "accuracy (mean)": "{:.1%}",
-                      "accuracy (worst seed)": "{:.1%}", "accuracy (best seed)": "{:.1%}"})
+results = four_approaches(clinic, CONFIG, num_experts=E, d_ff=H, seeds=SEEDS, aux_loss_coef=0.01,
+                          track_every=25, workers=2)
+results.report()
+
+# %% [markdown]
+# One row per approach: the mean over the seeds, ± their standard deviation, and the worst
+# and best seed. The specialisation score (lesson 03: 1 when every specialty has a doctor of
+# its own, 0 when the specialty says nothing about the doctor) exists only for the approaches
+# with a gate. The picture puts accuracy against what a patient costs:
 
 # %%
 from moe_course.plots import accuracy_vs_flops
@@ -298,68 +316,241 @@ from moe_course.plots import accuracy_vs_flops
 accuracy_vs_flops(results.table, title="Four ways to see a doctor: accuracy against effort", reference=ORACLE,
                   chance=1 / clinic.num_diagnoses);
 
+# %% [markdown]
+# Read it from left to right: the further left, the less a patient pays. Each marker is the
+# mean over the seeds, the small dots are the seeds, the bar spans the worst to the best. The
+# next cell prints the comparisons that matter, seed by seed (every seed trains every
+# approach, so we can subtract within a seed). A difference counts as **beyond the spread of
+# the seeds** when its mean is more than two standard errors from zero.
+
 # %%
-mean = summary["accuracy (mean)"]
-flops = summary["FLOPs per patient"]
-params = summary["parameters"]
-print(f"parameters: from {params.min():,} to {params.max():,} across the approaches "
-      f"(the largest is {params.max() / params.min() - 1:.0%} above the smallest)")
-print(f"FLOPs per patient: the GP {flops[APPROACHES[3]]:,.0f}, the dense mixture {flops[APPROACHES[2]]:,.0f} "
-      f"({flops[APPROACHES[2]] / flops[APPROACHES[3]]:.1f}× the GP), the generalist and the ensemble {flops[APPROACHES[1]]:,.0f}")
-print("mean held-out accuracy, best first:")
-for name, acc in mean.sort_values(ascending=False).items():
-    print(f"  {acc:.1%}  {name}")
-print(f"the GP minus the generalist: {100 * (mean[APPROACHES[3]] - mean[APPROACHES[1]]):+.1f} points; "
-      f"the GP minus the dense mixture: {100 * (mean[APPROACHES[3]] - mean[APPROACHES[2]]):+.1f} points")
+from moe_course.approaches import paired_difference
+
+flops = results.summary()["FLOPs per patient"]
+print(f"FLOPs per patient: top-1 GP {flops[TOP_1]:,.0f}, top-2 GP {flops[TOP_2]:,.0f}, dense mixture {flops[DENSE]:,.0f}, "
+      f"generalist and second cardiologists {flops[GENERALIST]:,.0f}")
+print(f"the top-1 GP pays {flops[TOP_1] / flops[GENERALIST]:.0%} of the generalist's FLOPs, "
+      f"the top-2 GP {flops[TOP_2] / flops[DENSE]:.0%} of the dense mixture's\n")
+for a, b in [(TOP_1, GENERALIST), (TOP_2, GENERALIST), (TOP_2, DENSE), (TOP_2, TOP_1), (DENSE, GENERALIST),
+             (GENERALIST, CARDIOLOGISTS), (ORACLE, TOP_2)]:
+    print(paired_difference(results.table, a, b))
 
 # %% [markdown]
-# Read the plot from left to right. The GP (approach 4) sits far to the left: each patient
-# pays for the gate and one doctor, a fraction of what the other three approaches spend
-# (the FLOP ratio is printed above). The second cardiologist (approach 1) buys the least for
-# its compute, as lesson 02 found: averaging identical doctors shrinks variance, not bias.
+# These lines are the experiment's verdicts; the prose can only add why. Things to look for:
 #
-# In accuracy the ordering printed above is what this experiment measured; with two seeds
-# per approach, differences of a point or two are within the spread between seeds (the
-# bars). In our runs the dense mixture, which consults every doctor, is the most accurate of
-# the four, and the GP does not reach it: sparse routing is not free. A top-1 GP only ever
-# hears back from the doctor it chose, so it learns whom to send where more slowly than a
-# gate that sees every doctor's answer on every patient (lesson 03's competitive learning).
-# What the GP buys is effort: it reaches about the generalist's accuracy with a fraction of
-# the compute per patient, and it leaves the door open to hiring more doctors at no extra
-# cost per visit, which the dense approaches cannot do. And none of the four reaches the
-# specialists with a perfect GP: there is room for a better router.
+# - **Effort.** A GP's patient pays for the gate and one or two doctors, a fixed cost however
+#   many doctors the hospital hires; the dense mixture and the generalist pay for all
+#   64 hidden units. The FLOP shares are printed above.
+# - **Top-2 against everyone.** With two doctors per patient, the GP hears two answers and
+#   can compare them. Whether that buys the dense mixture's accuracy (or more) at a fraction
+#   of its FLOPs is the third verdict line.
+# - **Top-1 against the generalist.** The top-1 GP is the cheapest model in the table. If it
+#   is within the spread of the generalist, it matches a dense model at a fraction of the
+#   effort; its spread over seeds is the subject of the last section.
+# - **The perfect GP** shows how much a better router could still add.
 #
-# Where does the GP send each specialty? The same maps as in lesson 03, for the two trained
-# mixtures of the first seed: for the dense mixture the mean gate weight, for the GP the
-# share of each specialty's patients sent to each doctor (its only doctor).
+# ## Approach 1 up close: a blind spot that averaging cannot fix
+#
+# The second cardiologists have the generalist's budget and cost; the sixth verdict line
+# compares them. Where do they succeed, and where do they fail? Accuracy per specialty,
+# averaged over the seeds:
 
 # %%
+from moe_course.plots import grouped_bars
+
+by_specialty = results.by_specialty()
+ax = grouped_bars({name: by_specialty.loc[name].to_numpy() for name in by_specialty.index}, clinic.specialties,
+                  title="Who gets which specialty right? (mean over the seeds)", ylabel="held-out accuracy",
+                  chance=1 / clinic.num_diagnoses)
+ax.figure.set_size_inches(13, 4.8)
+ax.set_ylim(0, 1.12)
+ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"));
+
+# %% [markdown]
+# Did averaging four cardiologists help at all? Compare one cardiologist (the mean over the
+# four members and the seeds) with the four averaged, specialty by specialty, and split their
+# error into bias and variance as lesson 02 did (the Brier decomposition: bias is the error of
+# the average doctor, variance is how much the doctors disagree).
+
+# %%
+from moe_course.ensembles import brier_decomposition
+from moe_course.metrics import accuracy_by_group
+
+x_val, y_val, s_val = clinic.val.x, clinic.val.diagnosis, clinic.val.specialty
+one, four, bias, error = [], [], [], []
+for seed in SEEDS:
+    team = results.models[(CARDIOLOGISTS, seed)]
+    member_logits = team(x_val)  # (R, N, diagnoses): every cardiologist on every patient
+    one.append(torch.stack([accuracy_by_group(logits, y_val, s_val, S) for logits in member_logits]).mean(0))  # (S,)
+    four.append(accuracy_by_group(team.probs(x_val), y_val, s_val, S))  # (S,)
+    parts = brier_decomposition(torch.softmax(member_logits, -1), y_val)  # per patient (N,)
+    bias.append(torch.zeros(S).index_add_(0, s_val, parts.bias))
+    error.append(torch.zeros(S).index_add_(0, s_val, parts.error))
+one, four = torch.stack(one).mean(0), torch.stack(four).mean(0)
+bias_share = torch.stack(bias).sum(0) / torch.stack(error).sum(0)  # (S,)
+pd.DataFrame({"one cardiologist": one.numpy(), "four averaged": four.numpy(), "gain from averaging": (four - one).numpy(),
+              "share of the error that is bias": bias_share.numpy()},
+             index=clinic.specialties).style.format("{:.1%}").format("{:+.1%}", subset=["gain from averaging"])
+
+# %%
+home = clinic.specialties[0]
+away = [s for s in range(1, S)]
+print(f"in {home}, averaging four cardiologists moved the accuracy by {100 * (four[0] - one[0]):+.1f} points "
+      f"(to {four[0]:.1%}; the perfect GP's cardiologist: {by_specialty.loc[ORACLE, home]:.1%}); "
+      f"in the other specialties by {100 * (four[away] - one[away]).abs().max():.1f} points at most")
+print(f"share of the cardiologists' error that is bias: {bias_share[0]:.0%} in {home}, "
+      f"{bias_share[away].min():.0%} to {bias_share[away].max():.0%} in the other specialties")
+twin = clinic.specialties[1]
+print(f"in {twin}, {home}'s contradicting twin, the four cardiologists are right on {four[1]:.1%} of the patients "
+      f"(chance: {1 / clinic.num_diagnoses:.0%})" + (": worse than guessing" if four[1] < 1 / clinic.num_diagnoses else ""))
+
+# %% [markdown]
+# This is the essay's first approach, measured. Bias is the error of the *average*
+# cardiologist: the part they all share. Variance is the part they disagree about, the only
+# part averaging can remove. Where the printed bias share is close to 100%, the cardiologists
+# agree with each other and are wrong together, and asking a fifth one would change nothing.
+# Ophthalmology is the sharpest case: its rule renames every cardiology diagnosis, so a
+# cardiologist who confidently applies the cardiology rule is wrong on every patient whose
+# measurements it reads correctly. A second opinion from a doctor with the same training
+# shares the first doctor's blind spot.
+#
+# ## Where does the GP send each specialty?
+#
+# The maps of lesson 03, now for the three models with a gate: for the dense mixture the mean
+# gate weight, for the GPs the share of each specialty's patients who see each doctor. Every
+# seed trained its own models, so which seed do we show? **We show the median seed of the
+# top-1 GP's specialisation score** (the lower of the two middle seeds when the number of
+# seeds is even), so the picture is typical for this run, neither its best nor its worst seed.
+
+# %%
+from moe_course.approaches import median_seed
 from moe_course.plots import gate_mass_heatmap
-from moe_course.specialisation import gate_mass_by_specialty, specialisation_score, top_expert_counts
+from moe_course.specialisation import gate_mass_by_specialty, seen_by_specialty
 
-x_val, s_val = clinic.val.x, clinic.val.specialty
+spec = results.pivot("specialisation")[[DENSE, TOP_1, TOP_2]]
+shown = median_seed(spec[TOP_1])
+print("specialisation score of each seed's models:")
+print(spec.round(2).to_string())
+print(f"\nthe median seed of the top-1 GP: seed {shown}")
+
+
+fig, axes = plt.subplots(1, 3, figsize=(18.5, 4.3))
 with torch.no_grad():
-    dense_out = results.models[APPROACHES[2]](x_val)
-    routed_out = results.models[APPROACHES[3]](x_val)
-sent = top_expert_counts(routed_out.gate_weights, s_val, S).float()  # (S, E): patients per specialty and expert
-fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
-gate_mass_heatmap(gate_mass_by_specialty(dense_out.gate_weights, s_val, S), clinic.specialties, ax=axes[0],
-                  title=f"3 · dense mixture: mean gate weight\n(specialisation score "
-                        f"{specialisation_score(dense_out.gate_weights, s_val, S):.2f})")
-gate_mass_heatmap(sent / sent.sum(1, keepdim=True), clinic.specialties, ax=axes[1], label="share of the specialty's patients",
-                  title=f"4 · the GP: where each specialty is sent\n(specialisation score "
-                        f"{specialisation_score(routed_out.gate_weights, s_val, S):.2f})")
+    dense_weights = results.models[(DENSE, shown)](x_val).gate_weights  # (N, E)
+    gate_mass_heatmap(gate_mass_by_specialty(dense_weights, s_val, S), clinic.specialties, ax=axes[0],
+                      title=f"3 · dense mixture, seed {shown}: mean gate weight\n(specialisation {spec.loc[shown, DENSE]:.2f})")
+    for ax, name, k in [(axes[1], TOP_1, 1), (axes[2], TOP_2, 2)]:
+        routed = results.models[(name, shown)](x_val)
+        gate_mass_heatmap(seen_by_specialty(routed.expert_index, s_val, S, E), clinic.specialties, ax=ax,
+                          label=f"share of the specialty's patients\n(each sees {k} doctor{'s' if k > 1 else ''})",
+                          title=f"{name.split(' (')[0]}, seed {shown}: who sees whom\n(specialisation {spec.loc[shown, name]:.2f})")
 fig.tight_layout()
-load = sent.sum(0) / sent.sum()  # (E,) share of all held-out patients per doctor
-print("share of the held-out patients the GP sends to each doctor:", [f"{v:.1%}" for v in load.tolist()])
 
 # %% [markdown]
-# Compare the two maps and their specialisation scores (lesson 03's normalised mutual
-# information, 1 when every specialty has its own doctor). Where the GP splits a specialty
-# between doctors, or sends two specialties to one, some patients meet a doctor who never
-# learned their rule, and a doctor nobody is sent to (if the printout above names one) is
-# parameters that buy nothing. Helping the GP spread its patients well is the subject of
-# lesson 05.
+# A bright cell alone in its row and column is a specialty with a doctor of its own. A row
+# spread over several doctors is a specialty whose patients meet doctors who never learned
+# their rule; a column bright in several rows is a doctor who must know several rules at once.
+# (The specialisation score reads the GP's *first* choice; the top-2 map shows both.)
+#
+# ## Why some GPs never learn to route: lock-in
+#
+# Look at the spread of the GPs' specialisation scores over the seeds in the table above: same
+# data, same recipe, only a different seed. Is a GP with a low score just slow, or stuck? The
+# trainer recorded the specialisation score every 25 steps:
+
+# %%
+hist = results.histories
+fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), sharey=True)
+for ax, name in zip(axes, (TOP_1, TOP_2)):
+    for seed, rows in hist[hist["approach"] == name].groupby("seed"):
+        ax.plot(rows["step"], rows["score"], marker="o", ms=2.5, label=f"seed {seed}")
+    ax.set(title=f"{name.split(' (')[0]}: specialisation while training", xlabel="training step",
+           ylabel="specialisation score (0 to 1)", ylim=(0, 1.02))
+axes[1].legend(ncol=1, fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="one line per seed")
+fig.tight_layout()
+
+# %% [markdown]
+# Each line is one seed. Where a line flattens out early, more training would not change it:
+# the GP has settled. Where it flattens low, the GP has **locked in** to a referral pattern
+# that ignores the specialty. What decides which seeds lock in? Look at the first steps. For
+# every seed, `seed_report` counts how many doctors the top-1 GP really uses (the "effective
+# number", $e^{H}$ of the share of patients each doctor gets, 4 when they share equally, 1 when
+# one doctor gets everyone), at the start and after 25 steps; how far its specialisation
+# still moved in the second half of training; and the **context share**: how much of the GP's
+# decision comes from the department the patient walked into rather than from the
+# measurements (in the clinic the measurements are loud and mean the same in every specialty;
+# the department's cue is faint, but it is the one that says whose rule applies).
+
+# %%
+report = results.seed_report(TOP_1, early_step=25)
+report.style.format("{:.2f}").format("{:.1%}", subset=["held-out accuracy"])
+
+# %%
+early = report["doctors in use: step 25"]
+final = report["specialisation: end"]
+print(f"rank correlation between the doctors in use after 25 steps and the final specialisation: "
+      f"{early.rank().corr(final.rank()):+.2f} over {len(report)} seeds")
+print(f"rank correlation between the final context share and the final specialisation: "
+      f"{report['context share: end'].rank().corr(final.rank()):+.2f}")
+print(f"context share at the start: {report['context share: start'].min():.2f} to {report['context share: start'].max():.2f}; "
+      f"at the end: {report['context share: end'].min():.2f} to {report['context share: end'].max():.2f}")
+moved = report["change in the second half"].abs().max()
+print(f"the most any seed's specialisation moved in the second half of training: {moved:.2f}; "
+      f"the seeds' final scores span {final.min():.2f} to {final.max():.2f}")
+settled = moved < (final.max() - final.min()) / 4  # no seed moved by a quarter of the spread between seeds
+print("so the seeds' differences were " + ("settled in the first half: lock-in, not slow learning" if settled
+                                           else "still changing in the second half: longer training may help"))
+print(paired_difference(results.table, TOP_2, TOP_1, column="specialisation"))
+
+# %%
+fig, ax = plt.subplots(figsize=(7.5, 4.6))
+for name, marker in ((TOP_1, "o"), (TOP_2, "^")):
+    r = results.seed_report(name, early_step=25)
+    ax.scatter(r["doctors in use: step 25"], r["specialisation: end"], marker=marker, s=60, label=name.split(" (")[0])
+    for seed, row in r.iterrows():
+        ax.annotate(f"{seed}", (row["doctors in use: step 25"], row["specialisation: end"]), xytext=(5, 3),
+                    textcoords="offset points", fontsize=8)
+ax.set(title="The first 25 steps, and where each GP ends",
+       xlabel="doctors in use after 25 steps (effective number, out of 4)", ylabel="final specialisation score",
+       xlim=(1, E), ylim=(0, 1.02))
+ax.legend(title="one marker per seed (number: the seed)", fontsize=9);
+
+# %% [markdown]
+# What does a stuck GP do? The same "who sees whom" map as above, for two seeds picked by a
+# rule, the **lowest and the highest final specialisation** of the top-1 GP (the two ends of
+# the range), after 25 steps and at the end of training:
+
+# %%
+ends = [int(final.idxmin()), int(final.idxmax())]
+steps = hist[(hist["approach"] == TOP_1) & (hist["seed"] == ends[0])]["step"].tolist()
+fig, axes = plt.subplots(2, 2, figsize=(12.5, 8))
+for row, seed in zip(axes, ends):
+    counts = results.counts[(TOP_1, seed)].float()  # (evaluations, S, E): first choices
+    for ax, step in zip(row, (25, steps[-1])):
+        table = counts[steps.index(step)]
+        gate_mass_heatmap(table / table.sum(1, keepdim=True), clinic.specialties, ax=ax, label="share of the specialty's patients",
+                          title=f"top-1 GP, seed {seed}, step {step}\n(specialisation {report.loc[seed, 'specialisation: end' if step == steps[-1] else 'specialisation: step 25']:.2f})")
+fig.tight_layout()
+
+# %% [markdown]
+# Here is a story of lock-in; the printouts and maps above say how well this run's seeds fit
+# it. If the GP sends most patients to two or three doctors in its first steps, those doctors see
+# every specialty, learn a little of every rule, and soon give the best answers to everyone.
+# The idle doctors get no practice, so a patient sent to them gets a poor answer, and the raw
+# gate turns that poor answer into a gradient that sends even fewer patients their way. A
+# top-1 GP only hears back from the doctor it chose, so nothing tells it that a doctor of the
+# patient's own specialty would have done better: it keeps routing by what it read at the
+# start, mostly the loud measurements, and ignores the department. If that is what happened
+# here, the first rank correlation is positive (fewer doctors in use early, less
+# specialisation at the end), the second one too (the GPs that learned to listen to the
+# department are the ones that specialised), the context share starts low for every seed,
+# and the stuck seed's maps send every specialty to the same few doctors from step 25 on.
+#
+# The top-2 GP hears back from two doctors for every patient. The renormalised gates
+# $g_1 / (g_1 + g_2)$ then carry a comparison: whichever of the two answered better gets the
+# larger share next time. The last line of the printout says whether that helped it
+# specialise, seed for seed. Lesson 05 looks at the other remedies: a load-balancing loss
+# that keeps every doctor busy, and capacity limits.
 #
 # ## Recap
 #
@@ -368,9 +559,11 @@ print("share of the held-out patients the GP sends to each doctor:", [f"{v:.1%}"
 #   router's only source of gradient. Noise before the choice lets the router explore.
 # - At fixed k, a sparse layer's parameters grow with the number of experts while its FLOPs
 #   per token stay flat: knowledge and effort come apart.
-# - On the clinic, at matched parameter budgets, the GP needs a fraction of the other
-#   approaches' FLOPs per patient; what it gives up in accuracy, and how much, is in the
-#   table above.
+# - On the clinic, at matched parameter budgets and over six seeds, the GPs pay a fraction of
+#   the dense models' FLOPs per patient; the printed verdicts say what that costs or buys in
+#   accuracy. Averaging doctors with the same training removes only their disagreement
+#   (variance), never their shared blind spot (bias). A GP's first steps can lock it into a
+#   referral pattern that ignores the specialty; a top-2 GP compares two answers per patient.
 #
 # **Next:** lesson 05 keeps the clinic running: what happens when the GP sends everyone to a
 # few doctors (collapse), how a balance loss and the router z-loss fix it, and what a full

@@ -11,9 +11,12 @@ from moe_course.experts import FeedForward
 from moe_course.mixture import DenseMixture, DenseMixtureConfig
 from moe_course.specialisation import (
     SpecialisationTracker,
+    context_share,
+    effective_experts,
     expert_accuracy_by_specialty,
     gate_mass_by_specialty,
     normalized_mutual_information,
+    seen_by_specialty,
     specialisation_score,
     top_expert_counts,
 )
@@ -98,3 +101,79 @@ def test_tracker_records_the_score_at_every_evaluation():
     assert tracker.history["score"].iloc[-1] == pytest.approx(final)
     with pytest.raises(TypeError, match="gate_weights"):
         tracker(0, FeedForward(clinic.d_in, 4, d_out=2))
+
+
+def test_context_share_is_zero_or_one_when_the_gate_reads_one_part_only():
+    torch.manual_seed(0)
+    x = torch.randn(200, 6)  # 4 measurements, 2 context features
+    w = torch.randn(3, 6)
+    reads_measurements, reads_context = w.clone(), w.clone()
+    reads_measurements[:, 4:] = 0
+    reads_context[:, :4] = 0
+    assert context_share(reads_measurements, x, 2) == 0.0
+    assert context_share(reads_context, x, 2) == 1.0
+    assert 0.0 < context_share(w, x, 2) < 1.0
+
+
+def test_context_share_ignores_what_every_expert_or_every_patient_shares():
+    torch.manual_seed(1)
+    x = torch.randn(300, 5)
+    w = torch.randn(4, 5)
+    same_for_every_expert = w.clone()
+    same_for_every_expert[:, 3:] = torch.randn(1, 2)  # the context adds one score to every expert alike
+    assert context_share(same_for_every_expert, x, 2) == pytest.approx(0.0, abs=1e-12)
+    x_shifted = x.clone()
+    x_shifted[:, 3:] += 7.0  # a constant context: every patient shifted alike, no routing information
+    assert context_share(w, x_shifted, 2) == pytest.approx(context_share(w, x, 2))
+    assert math.isnan(context_share(torch.zeros(4, 5), x, 2))
+
+
+@pytest.mark.parametrize("w, x, d_context", [
+    (torch.zeros(3, 6), torch.zeros(10, 5), 2),  # widths disagree
+    (torch.zeros(3, 6), torch.zeros(10, 6), 0),
+    (torch.zeros(3, 6), torch.zeros(10, 6), 6),
+    (torch.zeros(6), torch.zeros(10, 6), 2),
+])
+def test_context_share_rejects_bad_input(w, x, d_context):
+    with pytest.raises(ValueError):
+        context_share(w, x, d_context)
+
+
+def test_tracker_records_counts_and_the_context_share_when_asked():
+    clinic = make_clinic(num_specialties=2, n_train=300, n_val=100, seed=0)
+    torch.manual_seed(0)
+    model = DenseMixture(DenseMixtureConfig(clinic.d_in, 8, clinic.num_diagnoses, 3))
+    tracker = SpecialisationTracker(clinic.val.x, clinic.val.specialty, 2, d_context=clinic.d_context)
+    train(model, ClassificationTask.from_clinic(clinic), TrainConfig(steps=40, eval_every=20), device="cpu",
+          progress=False, callback=tracker)
+    assert list(tracker.history.columns) == ["step", "score", "context_share"]
+    assert tracker.history["context_share"].iloc[-1] == pytest.approx(context_share(model.gate.proj.weight, clinic.val.x, clinic.d_context))
+    assert [c.sum().item() for c in tracker.counts] == [100, 100]
+    with torch.no_grad():
+        assert torch.equal(tracker.counts[-1], top_expert_counts(model(clinic.val.x).gate_weights, clinic.val.specialty, 2))
+
+
+def test_effective_experts_counts_the_doctors_in_use():
+    assert effective_experts(torch.tensor([5, 5, 5, 5])).item() == pytest.approx(4.0)
+    assert effective_experts(torch.tensor([0, 9, 0, 0])).item() == pytest.approx(1.0)
+    assert effective_experts(torch.tensor([3.0, 3.0, 0.0])).item() == pytest.approx(2.0)
+    rows = effective_experts(torch.tensor([[1, 1], [2, 0]]))  # one answer per row
+    assert rows.tolist() == pytest.approx([2.0, 1.0])
+    skewed = effective_experts(torch.tensor([8, 1, 1])).item()
+    assert 1.0 < skewed < 2.0
+    for bad in (torch.tensor([-1, 2]), torch.tensor([0, 0]), torch.zeros(0)):
+        with pytest.raises(ValueError):
+            effective_experts(bad)
+
+
+def test_seen_by_specialty_counts_every_choice_of_a_patient():
+    expert_index = torch.tensor([[0, 1], [0, 2], [1, 2], [2, 0]])  # (N, K): four patients, two doctors each
+    specialty = torch.tensor([0, 0, 1, 1])
+    seen = seen_by_specialty(expert_index, specialty, 3, 3)
+    assert seen[:2].tolist() == [[1.0, 0.5, 0.5], [0.5, 0.5, 1.0]]
+    assert seen[:2].sum(1).tolist() == [2.0, 2.0]  # each patient sees K = 2 doctors
+    assert torch.isnan(seen[2]).all()  # a specialty without patients
+    with pytest.raises(ValueError, match="expert ids"):
+        seen_by_specialty(expert_index, specialty, 2, 2)
+    with pytest.raises(ValueError, match="expected expert_index"):
+        seen_by_specialty(expert_index[:, 0], specialty, 2, 3)

@@ -1,0 +1,42 @@
+"""Tests for moe_course.workers: jobs in worker processes give what they give in this process, in job order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_course.workers import run_in_workers
+
+
+def _seeded_sum(seed: int) -> tuple[int, float, int]:
+    """A job that draws from its own seed and reports the thread count it ran with."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(64, 64, generator=g)
+    return seed, float((a @ a).sum()), torch.get_num_threads()
+
+
+def _fail(job: int) -> int:
+    if job == 2:
+        raise RuntimeError("job 2 went wrong")
+    return job
+
+
+def test_workers_return_results_in_job_order_equal_to_this_process():
+    jobs = [3, 1, 4, 1, 5]
+    here = run_in_workers(_seeded_sum, jobs, workers=1)
+    done = []
+    there = run_in_workers(_seeded_sum, jobs, workers=2, on_done=lambda i, r: done.append(i))
+    assert [r[0] for r in there] == jobs
+    assert [r[1] for r in there] == [r[1] for r in here]  # bit for bit
+    assert {r[2] for r in there} == {1}  # every worker runs on one thread
+    assert sorted(done) == list(range(len(jobs)))
+
+
+def test_a_failing_job_raises_here_and_bad_settings_are_refused():
+    with pytest.raises(RuntimeError, match="job 2 went wrong"):
+        run_in_workers(_fail, [1, 2, 3], workers=2)
+    with pytest.raises(ValueError, match="workers must be a positive int"):
+        run_in_workers(_fail, [1], workers=0)
+    with pytest.raises(TypeError, match="fn must be a function"):
+        run_in_workers("not a function", [1])
+    assert run_in_workers(_fail, [], workers=2) == []
