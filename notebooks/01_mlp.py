@@ -241,9 +241,10 @@ print("specialties where every team beats every generalist:",
       ", ".join(name for name, a in zip(clinic.specialties, ahead) if a) or "none")
 
 # %% [markdown]
-# Same number of parameters, same number of training steps. Where the team's worst seed
-# beats the generalist's best seed (the specialties listed above), the difference is not
-# luck: the generalist is a *jack of all trades*, and the rules interfere.
+# Nearly the same number of parameters (printed above), the same number of training steps.
+# Where the team's worst seed beats the generalist's best seed (the specialties listed
+# above), the difference is not luck. Is the generalist a *jack of all trades* whose rules
+# get in each other's way? Its gradients can tell.
 #
 # ## Why: the specialties pull the weights in opposite directions
 #
