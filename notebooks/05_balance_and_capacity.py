@@ -298,7 +298,8 @@ for name in names:
 
 # %% [markdown]
 # The largest |logit| is taken per patient, then averaged. Why care about the size of the
-# logits, if the accuracy barely moves? Because large models train in low precision.
+# logits, if the accuracy hardly differs between the recipes (compare the table's accuracy
+# columns)? Because large models train in low precision.
 # **bfloat16** keeps only 8 significant bits, so the gap between neighbouring numbers, and
 # with it the rounding error, grows with the size of the number. After the softmax's
 # exponential, an error of δ in a logit multiplies a probability by about $e^{\delta}$.
@@ -496,9 +497,9 @@ print(f"the uneven average load alone accounts for {min(explained):.0%} to {max(
 # doctor's *average* load is above 16, that doctor overflows on most batches, however the
 # patients happen to arrive; the dotted curves count only that part. The rest comes from
 # swings between batches: a batch of 128 holds a few more cardiology patients one time and a
-# few fewer the next. Here the balance loss, at α = 0.01, pulls the load towards even but
-# does not make it even (the verdict of the collapse section said how far it got), so a
-# factor of 1.0 has no slack for it. The right panel reads off how much slack this routing
+# few fewer the next. If the balance loss, at α = 0.01, pulls the load towards even without
+# making it even (the verdict of the collapse section says how far it got), a factor of 1.0
+# has no slack for what is left. The right panel reads off how much slack this routing
 # needs: the capacity factor where its curve reaches zero.
 #
 # The Switch Transformer reports that with balanced routing and much larger batches fewer
@@ -519,8 +520,9 @@ from moe_course.routing import expert_choice_routing, switch_routing
 show_source(expert_choice_routing)
 
 # %% [markdown]
-# The router of the trained model (balance loss and z-loss, the median seed of the collapse section), on a batch of 64
-# held-out patients, with capacity factor 1 (C = 64 / 8 = 8 patients per doctor):
+# The router of a trained model (balance loss and z-loss, the median seed of the collapse
+# section), on a batch of 64 held-out patients, with capacity factor 1 (C = 64 / 8 = 8
+# patients per doctor):
 
 # %%
 model = runs["balance loss + z-loss", typical].model
