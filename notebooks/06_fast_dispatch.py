@@ -427,9 +427,10 @@ memory.pivot_table(index=["sweep", "x"], columns="method", values="MiB", sort=Fa
 # %% [markdown]
 # The one-hot line climbs with both E and C, because its dispatch and combine tensors are
 # N × E × C. The sorted path holds each token once (plus its hidden activations) whatever C
-# is; it grows with E only through the experts' own weight gradients. On accelerators built for dense einsums this trade can still pay; on a CPU,
-# and at scale everywhere, sorting wins, which is why dropless MoE libraries such as
-# MegaBlocks sort tokens and use grouped (block-sparse) matrix multiplication.
+# is; it grows with E only through the experts' own weight gradients. On accelerators built
+# for dense einsums the one-hot trade can still pay in time, but its memory grows the same
+# way everywhere, which is why dropless MoE libraries such as MegaBlocks sort tokens and
+# use grouped (block-sparse) matrix multiplication.
 #
 # ## Recap
 #
