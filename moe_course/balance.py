@@ -8,7 +8,11 @@ Lesson 05's experiments, as tested helpers:
 
     load_stats          one expert-load vector (E,) → idle doctors, the busiest doctor's share, ...
     LoadTracker         a ``train(..., callback=)`` that records the load and the router's logits over training
+    ClinicRun, run_clinic_moes
+                        train many ClinicMoEs (recipes × seeds), two at a time in worker processes
     evaluate_capacity   held-out accuracy and the share of dropped patients, in batches as in training
+    batch_loads         how many patients each expert is sent in every batch, before any is turned away
+    overflow_share      the share of assignments beyond C chairs, for loads like those
     capacity_sweep      train one ClinicMoE per capacity factor and measure both (Switch Transformer, Table 1, in small)
 
 They work with any model whose output carries the routing: ``ClinicMoE``
@@ -18,6 +22,10 @@ They work with any model whose output carries the routing: ``ClinicMoE``
 from __future__ import annotations
 
 import dataclasses
+import math
+import multiprocessing as mp
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -26,13 +34,15 @@ import torch
 from torch import nn
 
 from .clinic import Clinic, Patients
+from .device import seed_everything
 from .losses import load_balancing_loss, router_z_loss
 from .models import ClinicMoE
 from .moe import MoEConfig
 from .routing import expert_capacity
 from .training import ClassificationTask, TrainConfig, model_logits, train
 
-__all__ = ["RoutingView", "routing_view", "load_stats", "LoadTracker", "evaluate_capacity", "capacity_sweep"]
+__all__ = ["RoutingView", "routing_view", "load_stats", "LoadTracker", "ClinicRun", "ClinicRunResult", "run_clinic_moes",
+           "evaluate_capacity", "batch_loads", "overflow_share", "capacity_sweep"]
 
 
 @dataclass(frozen=True)
@@ -125,6 +135,98 @@ class LoadTracker:
         return pd.DataFrame(self.rows)
 
 
+@dataclass(frozen=True)
+class ClinicRun:
+    """One ``ClinicMoE`` to train: ``label`` names the recipe (runs of one label differ only in ``seed``)."""
+
+    label: str  # e.g. "no balance loss"
+    moe: MoEConfig
+    seed: int = 0  # seeds the initialisation and the batch sampler (overrides the TrainConfig's seed)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.label, str) or not self.label:
+            raise ValueError(f"ClinicRun.label must be a non-empty string, got {self.label!r}")
+        if not isinstance(self.moe, MoEConfig):
+            raise TypeError(f"ClinicRun.moe must be an MoEConfig, got {type(self.moe).__name__}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"ClinicRun.seed must be an int >= 0, got {self.seed!r}")
+
+
+@dataclass
+class ClinicRunResult:
+    """A trained ``ClinicMoE``, its load over training and its final held-out accuracy."""
+
+    run: ClinicRun
+    model: ClinicMoE
+    tracker: LoadTracker  # the load every ``eval_every`` steps, from step 0
+    accuracy: float  # held-out accuracy at the end
+    seconds: float  # wall-clock time of the training
+
+
+def _train_one(clinic: Clinic, run: ClinicRun, config: TrainConfig) -> tuple[dict, LoadTracker, float, float]:
+    seed_everything(run.seed)
+    model = ClinicMoE(clinic.d_in, clinic.num_diagnoses, run.moe)
+    tracker = LoadTracker(clinic.val.x)
+    tracker(0, model)  # the load at initialisation
+    start = time.perf_counter()
+    result = train(model, ClassificationTask.from_clinic(clinic), dataclasses.replace(config, seed=run.seed), device="cpu",
+                   progress=False, callback=tracker)
+    return model.state_dict(), tracker, float(result.final["val_acc"]), time.perf_counter() - start
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # each worker owns one core; two threads per tiny model only wait for each other
+
+
+def run_clinic_moes(clinic: Clinic, runs: Sequence[ClinicRun], config: TrainConfig, *, workers: int = 2,
+                    progress: bool = True) -> list[ClinicRunResult]:
+    """Train every run on ``clinic`` with the recipe ``config`` → results in the order of ``runs``.
+
+    ``workers`` runs train at once, each in its own one-thread process
+    (``workers=1``: one after another in this process). A result does not
+    depend on where it ran: the model is built after ``seed_everything(run.seed)``,
+    the batches come from a generator seeded by the run's seed, and every run
+    trains on one thread. Models train on the CPU (they are tiny).
+    """
+    runs = list(runs)
+    if not runs:
+        raise ValueError("run_clinic_moes needs at least one ClinicRun")
+    for r in runs:
+        if not isinstance(r, ClinicRun):
+            raise TypeError(f"run_clinic_moes expects ClinicRun objects, got {type(r).__name__}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(runs), desc="training runs", disable=not progress)
+    raw: list[Any] = [None] * len(runs)
+    if workers == 1 or len(runs) == 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for i, r in enumerate(runs):
+                raw[i] = _train_one(clinic, r, config)
+                bar.update()
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        # "spawn": a fresh interpreter per worker (forking a process that already runs
+        # PyTorch's thread pools can hang).
+        with ProcessPoolExecutor(max_workers=min(workers, len(runs)), mp_context=mp.get_context("spawn"),
+                                 initializer=_worker_init) as pool:
+            futures = {pool.submit(_train_one, clinic, r, config): i for i, r in enumerate(runs)}
+            for future in as_completed(futures):
+                raw[futures[future]] = future.result()
+                bar.update()
+    bar.close()
+    results = []
+    for r, (state, tracker, accuracy, seconds) in zip(runs, raw):
+        model = ClinicMoE(clinic.d_in, clinic.num_diagnoses, r.moe)
+        model.load_state_dict(state)
+        results.append(ClinicRunResult(r, model.eval(), tracker, accuracy, seconds))
+    return results
+
+
 def evaluate_capacity(model: nn.Module, patients: Patients, batch_size: int) -> dict[str, float]:
     """Held-out accuracy and the share of dropped patients, in batches of ``batch_size``.
 
@@ -150,6 +252,45 @@ def evaluate_capacity(model: nn.Module, patients: Patients, batch_size: int) -> 
             dropped += int((~routing_view(out).keep.any(dim=-1)).sum())
     n = len(patients)
     return {"held-out accuracy": correct / n, "dropped share": dropped / n}
+
+
+def batch_loads(model: nn.Module, patients: Patients, batch_size: int) -> torch.Tensor:
+    """How many assignments each expert gets in every batch, before anyone is turned away → (batches, E).
+
+    The patients are cut into consecutive batches of ``batch_size`` (a last,
+    shorter batch is left out, so every row counts the same number of
+    patients). A row sums to batch_size · k.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if len(patients) < batch_size:
+        raise ValueError(f"need at least one full batch: {len(patients)} patients, batch_size {batch_size}")
+    device = next(model.parameters()).device
+    model.eval()
+    rows = []
+    with torch.no_grad():
+        for start in range(0, len(patients) - batch_size + 1, batch_size):
+            view = routing_view(model(patients.x[start : start + batch_size].to(device)))
+            rows.append(torch.bincount(view.expert_index.reshape(-1).cpu(), minlength=view.num_experts))
+    return torch.stack(rows)  # (batches, E)
+
+
+def overflow_share(loads: torch.Tensor, capacity: int | float) -> float:
+    """The share of all assignments beyond ``capacity`` chairs per expert: loads (batches, E) or (E,).
+
+    With top-1 routing and first come, first served, these are exactly the
+    patients a capacity of ``capacity`` turns away: Σ max(0, load − C) / Σ load.
+    ``capacity`` may be fractional (e.g. a mean load), then it is rounded up as a capacity would be.
+    """
+    if loads.ndim not in (1, 2) or loads.numel() == 0:
+        raise ValueError(f"loads must be (E,) or (batches, E), got shape {tuple(loads.shape)}")
+    if not capacity >= 0:
+        raise ValueError(f"capacity must be >= 0, got {capacity!r}")
+    loads = loads.double()
+    total = float(loads.sum())
+    if total == 0:
+        return 0.0
+    return float((loads - math.ceil(capacity)).clamp_min(0).sum()) / total
 
 
 def capacity_sweep(

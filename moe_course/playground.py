@@ -34,7 +34,7 @@ from .losses import load_balancing_loss
 from .models import ClinicMoE
 from .moe import MoEConfig
 from .routing import capacity_mask, expert_capacity, switch_routing, top_k_routing
-from .training import ClassificationTask, TrainConfig, train
+from .training import CLINIC_LR, ClassificationTask, TrainConfig, train
 
 __all__ = ["train_clinic_moe", "routed_forward", "RoutedDay", "ClinicDay", "clinic_day"]
 
@@ -48,7 +48,7 @@ def train_clinic_moe(
     steps: int = 200,
     d_model: int = 16,
     d_ff: int = 16,
-    lr: float = 1e-2,
+    lr: float = CLINIC_LR,
     batch_size: int = 128,
     seed: int = 0,
 ) -> ClinicMoE:

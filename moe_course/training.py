@@ -26,7 +26,11 @@ from torch import nn
 
 from .device import get_device
 
-__all__ = ["TrainConfig", "TrainResult", "Task", "ClassificationTask", "train", "model_logits"]
+__all__ = ["CLINIC_LR", "TrainConfig", "TrainResult", "Task", "ClassificationTask", "train", "model_logits"]
+
+# The learning rate of every clinic model in lessons 01-05. One constant, so that the same
+# model trained in two lessons gives the same result and the lessons' numbers can be compared.
+CLINIC_LR = 1e-2
 
 
 @dataclass(frozen=True)

@@ -136,8 +136,8 @@ print(a, b, "identical:", torch.equal(a, b))
 #   read.
 #
 # Each specialty has its *own diagnosis rule* over the same measurements, and the rules
-# contradict each other. That is the situation where one doctor for everything struggles
-# and a team of specialists shines, as lesson 01 will measure.
+# contradict each other. That is the situation where one doctor for everything should
+# struggle and a team of specialists should shine; lesson 01 measures whether they do.
 
 # %%
 from moe_course.clinic import make_clinic

@@ -24,11 +24,13 @@
 #
 # **In this lesson you will**
 #
-# - watch **expert collapse**: without help, a few doctors take most patients (per-doctor
-#   load over training), and the Switch **load-balancing loss** spreads them out;
-# - see the router's logits grow during training, and the **router z-loss** hold them down;
-# - give every doctor a fixed number of chairs (**expert capacity**) and measure the share of
-#   patients turned away and the accuracy against the capacity factor;
+# - measure **expert collapse**: how unevenly the GP spreads the patients over the doctors
+#   while it trains, with and without the Switch **load-balancing loss**, over five seeds;
+# - see the router's logits grow during training, the **router z-loss** hold them down, and
+#   what bfloat16 does to the trained router's logits;
+# - give every doctor a fixed number of chairs (**expert capacity**), measure the share of
+#   patients turned away and the accuracy against the capacity factor, and find out who is
+#   turned away and why;
 # - meet **expert choice** routing, balanced by construction, and see why it cannot be used
 #   as it stands to generate text one token at a time;
 # - play with all of it: experts, k, capacity, noise and the balance weight, on sliders.
@@ -49,8 +51,8 @@ from moe_course.show import show_source
 
 # ---- the one knob of this lesson -------------------------------------------
 # 1 runs in about a minute on a laptop CPU. Larger values train every model
-# longer (SCALE × the steps) and repeat the collapse and z-loss runs over more
-# seeds (2 × SCALE).
+# longer (SCALE × the steps); the printed verdicts then say whether the load,
+# the logits and the dropped share change with the longer training.
 SCALE = 1
 # -----------------------------------------------------------------------------
 
@@ -76,20 +78,19 @@ show_source(ClinicMoE.forward)
 
 # %% [markdown]
 # We hire **8 doctors for the 4 specialties**, so there is room to share the work, and train
-# with lesson 04's recipe. `MoEConfig` holds the knobs of this lesson: the weight α of the
-# balance loss, the weight of the z-loss and the capacity factor (None: no limit).
+# with the clinic lessons' recipe. `MoEConfig` holds the knobs of this lesson: the weight α
+# of the balance loss, the weight of the z-loss and the capacity factor (None: no limit).
 
 # %%
 from moe_course.clinic import make_clinic
 from moe_course.moe import MoEConfig
-from moe_course.training import ClassificationTask, TrainConfig, train
+from moe_course.training import CLINIC_LR, TrainConfig
 
 clinic = make_clinic(num_specialties=4, seed=0)
-task = ClassificationTask.from_clinic(clinic)
 E = 8
 BASE = MoEConfig(d_model=16, d_ff=16, num_experts=E, aux_loss_coef=0.0, z_loss_coef=0.0)
-CONFIG = TrainConfig(steps=600 * SCALE, batch_size=128, lr=1e-2, eval_every=25 * SCALE)
-SEEDS = list(range(2 * SCALE))
+CONFIG = TrainConfig(steps=600 * SCALE, batch_size=128, lr=CLINIC_LR, eval_every=50 * SCALE)
+SEEDS = range(5)
 BASE
 
 # %% [markdown]
@@ -97,74 +98,125 @@ BASE
 #
 # Early in training the router's scores are small and nearly random, yet each patient still
 # goes to exactly one doctor. Whichever doctors happen to get many patients learn fastest;
-# the better they get, the more the router trusts them, and the more patients they get.
-# Doctors who got few patients at the start learn little and stay unpopular. Nothing in the
-# diagnosis loss pushes back: the rich get richer.
+# the better they get, the more the router may trust them, and the more patients they may
+# get. Doctors who got few patients at the start learn little and can stay unpopular.
+# Nothing in the diagnosis loss pushes back. Does it happen here? We measure it.
 #
-# A `LoadTracker` records, every 25 steps, the share of the held-out patients the router
-# sends to each doctor. We train twice per seed: without any balancing (α = 0), and with the
-# Switch Transformer's load-balancing loss at its paper's weight, α = 0.01.
+# A `LoadTracker` records, every 50 steps, the share of the held-out patients the router
+# sends to each doctor, and one number for the whole spread: the Switch balance measure
+# $E \sum_i f_i P_i$ (explained below), which is 1.0 when the load is even and grows as it
+# gets more uneven. We train three recipes, each from five seeds: without any balancing
+# (α = 0), with the Switch Transformer's load-balancing loss at its paper's weight
+# (α = 0.01), and the same plus the router z-loss (we need that one in the next section).
+# `run_clinic_moes` trains two models at a time, each in its own process on one core.
 
 # %%
-from moe_course.balance import LoadTracker
+from moe_course.balance import ClinicRun, run_clinic_moes
 
-
-def run(moe_config, seed):
-    """Train one ClinicMoE with moe_config; record the load over training."""
-    seed_everything(seed)
-    model = ClinicMoE(clinic.d_in, clinic.num_diagnoses, moe_config)
-    tracker = LoadTracker(clinic.val.x)
-    tracker(0, model)  # the load at initialisation
-    result = train(model, task, dataclasses.replace(CONFIG, seed=seed), device=device, callback=tracker)
-    return {"model": model.cpu(), "tracker": tracker, "accuracy": result.final["val_acc"]}
-
-
-runs = {}
-for seed in SEEDS:
-    runs["no balance loss", seed] = run(BASE, seed)
-    runs["balance loss α = 0.01", seed] = run(dataclasses.replace(BASE, aux_loss_coef=1e-2), seed)
+RECIPES = {
+    "no balance loss": BASE,
+    "balance loss α = 0.01": dataclasses.replace(BASE, aux_loss_coef=1e-2),
+    "balance loss + z-loss": dataclasses.replace(BASE, aux_loss_coef=1e-2, z_loss_coef=1e-3),
+}
+results = run_clinic_moes(clinic, [ClinicRun(name, moe, seed) for name, moe in RECIPES.items() for seed in SEEDS], CONFIG)
+runs = {(r.run.label, r.run.seed): r for r in results}
 
 # %% [markdown]
-# The load of every doctor at a few moments of training, for the first seed. The dashed line
-# is the fair share, 1/E of the patients each.
+# First the whole picture: the balance measure and the number of **idle doctors** (those who
+# get less than a quarter of their fair share) over training, for every seed of the first two
+# recipes.
+
+# %%
+collapse = ["no balance loss", "balance loss α = 0.01"]
+fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+for i, name in enumerate(collapse):
+    histories = [runs[name, seed].tracker.history for seed in SEEDS]
+    steps = histories[0]["step"]
+    for ax, column in zip(axes, ("balance loss", "idle doctors")):
+        values = pd.concat([h[column] for h in histories], axis=1)  # (measurements, seeds)
+        ax.plot(steps, values.mean(axis=1), lw=2, color=f"C{i}", label=f"{name}: mean")
+        ax.fill_between(steps, values.min(axis=1), values.max(axis=1), color=f"C{i}", alpha=0.2,
+                        label=f"{name}: lowest to highest seed")
+axes[0].axhline(1.0, ls="--", color="gray", lw=1)
+axes[0].set(title="How uneven is the load?", xlabel="training step", ylabel="balance measure E·Σ f·P (1 = even)")
+axes[1].set(title="Doctors left idle", xlabel="training step", ylabel="idle doctors (of 8)")
+axes[1].yaxis.set_major_locator(plt.MaxNLocator(integer=True))
+fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=9, frameon=False)
+fig.suptitle(f"Load over training, {len(SEEDS)} seeds per recipe", fontweight="bold")
+fig.tight_layout(rect=(0, 0.07, 1, 1))
+
+# %% [markdown]
+# And the numbers, at the start and at the end of training, for every seed: the balance
+# measure, the share of the busiest doctor (the fair share is 1/8) and the idle doctors, with
+# the held-out accuracy at the end.
+
+# %%
+rows = []
+for (name, seed), r in runs.items():
+    first, last = r.tracker.rows[0], r.tracker.rows[-1]
+    rows.append({"run": name, "seed": seed, "balance at start": first["balance loss"], "balance at end": last["balance loss"],
+                 "busiest at start": first["busiest share"], "busiest at end": last["busiest share"],
+                 "idle at start": first["idle doctors"], "idle at end": last["idle doctors"], "held-out accuracy": r.accuracy})
+final = pd.DataFrame(rows)
+final[final["run"].isin(collapse)].style.format(
+    {"balance at start": "{:.2f}", "balance at end": "{:.2f}", "busiest at start": "{:.0%}", "busiest at end": "{:.0%}",
+     "held-out accuracy": "{:.1%}"}).hide(axis="index")
+
+# %% [markdown]
+# What the run says (this cell reads the table and writes the verdict):
+
+# %%
+def summary(name, column):
+    v = final.loc[final["run"] == name, column]
+    return v.mean(), v.min(), v.max()
+
+
+for name in collapse:
+    part = final[final["run"] == name]
+    worse = int((part["balance at end"] > part["balance at start"]).sum())
+    b0, b1 = summary(name, "balance at start"), summary(name, "balance at end")
+    idle = summary(name, "idle at end")
+    acc = summary(name, "held-out accuracy")
+    print(f"{name}: balance measure {b0[0]:.2f} at the start → {b1[0]:.2f} at the end (seeds {b1[1]:.2f}–{b1[2]:.2f}); "
+          f"more uneven at the end than at the start in {worse} of {len(part)} seeds; "
+          f"{idle[0]:.1f} idle doctors at the end (seeds {idle[1]:.0f}–{idle[2]:.0f}); accuracy {acc[0]:.1%} "
+          f"(seeds {acc[1]:.1%}–{acc[2]:.1%})")
+no, yes = (final[final["run"] == name] for name in collapse)
+if (no["balance at end"].values > yes["balance at end"].values).all():
+    print("For every seed, the run without the balance loss ends more unevenly loaded than its twin with it.")
+else:
+    print("Not for every seed does the balance loss leave the load more even: the recipes overlap.")
+fell = no[no["busiest at end"] < no["busiest at start"]]
+if len(fell):
+    print(f"Without the balance loss, the busiest doctor's share still fell during training in {len(fell)} of {len(no)} "
+          f"seeds (e.g. seed {int(fell['seed'].iloc[0])}: {fell['busiest at start'].iloc[0]:.0%} → "
+          f"{fell['busiest at end'].iloc[0]:.0%}): the busiest doctor is only one of eight; the balance measure "
+          "counts them all.")
+
+# %% [markdown]
+# Read the verdict with the curves. If the balance measure of the unbalanced runs climbs while
+# their busiest doctor's share falls, the collapse here is not one doctor taking everybody:
+# the four specialties pull the patients apart, so no single doctor can keep them all, but
+# some doctors drop out (idle) while the others share the work unevenly. The balance loss
+# pushes back on exactly that. The accuracy columns say whether the diagnosis pays for it;
+# the win of balancing is the doctors themselves: an idle doctor's parameters cost memory
+# and buy nothing.
+#
+# The load of every doctor at a few moments of training, for one seed: the seed whose
+# unbalanced run ends with the median balance measure (a typical seed, not a picked one).
+# The dashed line is the fair share, 1/E of the patients each.
 
 # %%
 from moe_course.plots import load_snapshots
 
-steps = runs["no balance loss", 0]["tracker"].history["step"].tolist()
+ranked = no.sort_values("balance at end")
+typical = int(ranked["seed"].iloc[len(ranked) // 2])  # the median seed
+steps = runs["no balance loss", typical].tracker.history["step"].tolist()
 picks = sorted({min(range(len(steps)), key=lambda i: abs(steps[i] - s)) for s in (0, 25, 100, 300, steps[-1])})
-load_snapshots({name: runs[name, 0]["tracker"].shares for name in ("no balance loss", "balance loss α = 0.01")},
-               steps, picks, title="How the GP spreads the patients over 8 doctors");
+load_snapshots({name: runs[name, typical].tracker.shares for name in collapse},
+               steps, picks, title=f"How the GP spreads the patients over 8 doctors (seed {typical}, the median seed)");
 
 # %% [markdown]
-# And in numbers, at the end of training, for every seed: the balance loss (1.0 when every
-# doctor gets the same share; lower is more even), the share of the busiest doctor (the fair
-# share is 1/8), the **idle doctors** (those who get less than a quarter of their fair share)
-# and the held-out accuracy.
-
-# %%
-final = pd.DataFrame([
-    {"run": name, "seed": seed, **{k: v for k, v in r["tracker"].rows[-1].items() if k in ("balance loss", "busiest share", "idle doctors")},
-     "held-out accuracy": r["accuracy"]}
-    for (name, seed), r in runs.items()
-])
-final.style.format({"balance loss": "{:.2f}", "busiest share": "{:.0%}", "held-out accuracy": "{:.1%}"}).hide(axis="index")
-
-# %%
-means = final.groupby("run", sort=False)[["balance loss", "busiest share", "idle doctors", "held-out accuracy"]].mean()
-for name, row in means.iterrows():
-    print(f"{name:>22}: balance loss {row['balance loss']:.2f}, busiest doctor {row['busiest share']:.0%} of the patients, "
-          f"{row['idle doctors']:.1f} idle doctors, accuracy {row['held-out accuracy']:.1%} (means over {len(SEEDS)} seeds)")
-
-# %% [markdown]
-# Without the balance loss the GP leans on a few doctors: the load is uneven from the very
-# start (a random router is not an even one), and training does not fix it: some doctors
-# keep a large share while others idle. With the balance loss the load evens out within
-# the first few dozen steps and stays closer to fair. The mean numbers above say how much
-# for this clinic. The accuracy shows that balancing does not cost the diagnosis anything
-# here. The win is the doctors themselves: an idle doctor's parameters cost memory and buy
-# nothing.
-#
 # ### The load-balancing loss
 #
 # The Switch Transformer's auxiliary loss (exercise 5.1) is
@@ -201,60 +253,107 @@ from moe_course.losses import router_z_loss
 show_source(router_z_loss)
 
 # %%
-for seed in SEEDS:
-    runs["balance loss + z-loss", seed] = run(dataclasses.replace(BASE, aux_loss_coef=1e-2, z_loss_coef=1e-3), seed)
-
-# %%
-names = ["no balance loss", "balance loss α = 0.01", "balance loss + z-loss"]
+names = list(RECIPES)
 fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
-for name in names:
-    h = runs[name, 0]["tracker"].history
-    axes[0].plot(h["step"], h["z-loss"], "o-", ms=3, label=name)
-axes[0].set(title="The router's logits grow unless held down", xlabel="training step",
-            ylabel="router z-loss: mean logsumexp(logits)²")
+for i, name in enumerate(names):
+    histories = [runs[name, seed].tracker.history for seed in SEEDS]
+    z = pd.concat([h["z-loss"] for h in histories], axis=1)  # (measurements, seeds)
+    axes[0].plot(histories[0]["step"], z.mean(axis=1), lw=2, color=f"C{i}", label=name)
+    axes[0].fill_between(histories[0]["step"], z.min(axis=1), z.max(axis=1), color=f"C{i}", alpha=0.2)
+axes[0].set(title=f"The router's logits over training ({len(SEEDS)} seeds; band: lowest to highest)",
+            xlabel="training step", ylabel="router z-loss: mean logsumexp(logits)²")
 axes[0].legend()
 with torch.no_grad():
-    for name in names[1:]:
-        m = runs[name, 0]["model"]
+    for i, name in enumerate(names[1:], start=1):
+        m = runs[name, typical].model
         logits = m.moe.router(m.embed(clinic.val.x)).flatten()
-        axes[1].hist(logits.numpy(), bins=60, alpha=0.6, density=True, label=name)
-axes[1].set(title="Router logits after training (held-out patients)", xlabel="router logit", ylabel="density")
+        axes[1].hist(logits.numpy(), bins=60, alpha=0.6, density=True, color=f"C{i}", label=name)
+axes[1].set(title=f"Router logits after training (held-out patients, seed {typical})", xlabel="router logit",
+            ylabel="density")
 axes[1].legend()
 fig.tight_layout()
 
-z_table = pd.DataFrame([
-    {"run": name, "seed": seed, "z-loss": runs[name, seed]["tracker"].rows[-1]["z-loss"],
-     "largest |logit|": runs[name, seed]["tracker"].rows[-1]["largest |logit|"], "held-out accuracy": runs[name, seed]["accuracy"]}
+z_rows = pd.DataFrame([
+    {"run": name, "seed": seed, "z-loss": runs[name, seed].tracker.rows[-1]["z-loss"],
+     "largest |logit|": runs[name, seed].tracker.rows[-1]["largest |logit|"], "held-out accuracy": runs[name, seed].accuracy}
     for name in names for seed in SEEDS
-]).groupby("run", sort=False).mean().drop(columns="seed")
-z_table.style.format({"z-loss": "{:.1f}", "largest |logit|": "{:.2f}", "held-out accuracy": "{:.1%}"})
-
-# %% [markdown]
-# Without the z-loss the logits keep growing as the router becomes sure of itself; with it
-# they grow more slowly and end up smaller (means over the seeds in the table; the largest
-# |logit| is taken per patient, then averaged). Why care, if the accuracy barely moves?
-# Because large models train in low precision. **bfloat16** keeps only 8 significant bits,
-# so the gap between neighbouring numbers, and with it the rounding error, grows with the
-# size of the number. After the softmax's exponential, an error of δ in a logit multiplies
-# a probability by about $e^{\delta}$. Here are the rounding errors of logits stored in
-# bfloat16, and the resulting errors of the routing probabilities (the softmax itself in
-# float32), at three sizes of logits:
+])
+z_table = z_rows.groupby("run", sort=False)[["z-loss", "largest |logit|", "held-out accuracy"]].agg(["mean", "min", "max"])
+z_table.style.format("{:.2f}").format("{:.1%}", subset=["held-out accuracy"])
 
 # %%
-g = torch.Generator().manual_seed(0)
-rows = []
-for scale in (1.0, 10.0, 100.0):
-    logits = scale * torch.randn(10_000, E, generator=g)
-    rounded = logits.bfloat16().float()
-    rows.append({"typical |logit|": scale, "largest rounding error of a logit": (rounded - logits).abs().max().item(),
-                 "largest error of a probability": (torch.softmax(rounded, -1) - torch.softmax(logits, -1)).abs().max().item()})
-pd.DataFrame(rows).style.format({"typical |logit|": "{:g}", "largest rounding error of a logit": "{:.3f}",
-                                 "largest error of a probability": "{:.4f}"}).hide(axis="index")
+def at(name, column):
+    return z_rows.loc[z_rows["run"] == name, column].to_numpy()
+
+
+smaller = int((at("balance loss + z-loss", "largest |logit|") < at("balance loss α = 0.01", "largest |logit|")).sum())
+print(f"with the z-loss the largest |logit| per patient is smaller than without it in {smaller} of {len(SEEDS)} seeds "
+      f"(means {at('balance loss + z-loss', 'largest |logit|').mean():.2f} vs {at('balance loss α = 0.01', 'largest |logit|').mean():.2f})")
+for name in names:
+    z = pd.concat([runs[name, seed].tracker.history["z-loss"] for seed in SEEDS], axis=1).mean(axis=1)
+    late = z.iloc[3 * len(z) // 4]
+    growing = z.iloc[-1] > 1.05 * late  # more than 5% up in the last quarter
+    print(f"{name}: z-loss {late:.1f} at three quarters of training, {z.iloc[-1]:.1f} at the end "
+          + ("(still growing)" if growing else "(about level)"))
 
 # %% [markdown]
-# Small logits survive bfloat16; large ones do not: the probabilities, which become the
-# gates that weigh the experts' answers and the P of the balance loss, come out wrong by
-# more and more. This is why the Switch Transformer computes its router in float32
+# The largest |logit| is taken per patient, then averaged. Why care about the size of the
+# logits, if the accuracy hardly differs between the recipes (compare the table's accuracy
+# columns)? Because large models train in low precision.
+# **bfloat16** keeps only 8 significant bits, so the gap between neighbouring numbers, and
+# with it the rounding error, grows with the size of the number. After the softmax's
+# exponential, an error of δ in a logit multiplies a probability by about $e^{\delta}$.
+#
+# Let us store the trained routers' own logits in bfloat16 (the softmax itself stays in
+# float32) and measure what changes: the rounding error of the logits, the error of the
+# routing probabilities, and how many held-out patients would be sent to a different doctor.
+
+# %%
+bf16_rows, typical_logits = [], {}
+for name in names:
+    for seed in SEEDS:
+        m = runs[name, seed].model
+        with torch.no_grad():
+            logits = m.moe.router(m.embed(clinic.val.x))  # (N, E), float32
+        rounded = logits.bfloat16().float()
+        if seed == typical:
+            typical_logits[name] = logits
+        bf16_rows.append({
+            "run": name, "seed": seed, "largest |logit|": logits.abs().max().item(),
+            "largest rounding error of a logit": (rounded - logits).abs().max().item(),
+            "largest error of a probability": (torch.softmax(rounded, -1) - torch.softmax(logits, -1)).abs().max().item(),
+            "patients sent elsewhere": int((rounded.argmax(-1) != logits.argmax(-1)).sum()),
+        })
+bf16 = pd.DataFrame(bf16_rows)
+print(f"{len(clinic.val)} held-out patients; mean over {len(SEEDS)} seeds, with the lowest and highest seed:")
+formats = {"largest |logit|": "{:.1f}", "largest rounding error of a logit": "{:.3f}",
+           "largest error of a probability": "{:.4f}", "patients sent elsewhere": "{:.1f}"}
+bf16_table = bf16.groupby("run", sort=False).agg(["mean", "min", "max"]).drop(columns="seed")
+bf16_table.style.format({(col, stat): f for col, f in formats.items() for stat in ("mean", "min", "max")})
+
+# %% [markdown]
+# Each dot below is one logit of the median seed's trained routers: its size against its
+# bfloat16 rounding error. The error grows in steps with the size of the logit: every time
+# |logit| passes a power of two, the spacing of bfloat16 numbers doubles.
+
+# %%
+ax = plt.figure(figsize=(7, 4)).gca()
+for i, (name, logits) in enumerate(typical_logits.items()):
+    err = (logits.bfloat16().float() - logits).abs().flatten()
+    size = logits.abs().flatten()
+    keep = err > 0
+    ax.scatter(size[keep], err[keep], s=3, alpha=0.3, color=f"C{i}", label=name)
+ax.set(xscale="log", yscale="log", title=f"bfloat16 rounding of the trained routers' logits (seed {typical})",
+       xlabel="|logit|", ylabel="|rounding error|")
+ax.legend(markerscale=4, fontsize=9);
+
+# %% [markdown]
+# The table says how many patients would change doctor at the size these logits have. The
+# scatter shows the rule behind it: the error is proportional to the size of the logit. If
+# the logits keep growing (the printout above says which recipe's still were at the end of
+# training), the probabilities, which become the gates that weigh the experts' answers and the P
+# of the balance loss, come out wrong by more and more, and more patients change doctor on
+# a rounding error. This is why the Switch Transformer computes its router in float32
 # ("selective precision"; `MoELayer.router` does too, even under autocast) and why ST-MoE
 # adds the z-loss on top: it keeps the numbers in the range where they are safe.
 #
@@ -295,9 +394,8 @@ pd.DataFrame({"doctor": expert_index.tolist(), "arrival at that doctor": assignm
 # was. On one batch of held-out patients, with a tight capacity:
 
 # %%
-seed_everything(0)
-tight = ClinicMoE(clinic.d_in, clinic.num_diagnoses, dataclasses.replace(BASE, capacity_factor=0.5))
-tight.load_state_dict(runs["balance loss + z-loss", 0]["model"].state_dict())  # the trained weights, fewer chairs
+tight = ClinicMoE(clinic.d_in, clinic.num_diagnoses, dataclasses.replace(RECIPES["balance loss + z-loss"], capacity_factor=0.5))
+tight.load_state_dict(runs["balance loss + z-loss", typical].model.state_dict())  # the trained weights, fewer chairs
 with torch.no_grad():
     out = tight(clinic.val.x[:128])
 dropped = ~out.moe.keep.any(dim=-1)
@@ -307,44 +405,106 @@ print(f"capacity {out.moe.capacity} chairs per doctor for 128 patients: {int(dro
 # %% [markdown]
 # How much does capacity matter? A small version of the Switch Transformer's capacity-factor
 # comparison (its Table 1): one model per capacity factor, trained *and* evaluated with that
-# many chairs, in batches of 128 patients, with the balance loss and the z-loss on. The
-# model without any limit is the z-loss run above (same recipe, no capacity).
+# many chairs, in batches of 128 patients, with the balance loss and the z-loss on, from
+# three seeds each. The models without any limit are the z-loss runs above (same recipe, no
+# capacity), of the same seeds.
 
 # %%
-from moe_course.balance import capacity_sweep, evaluate_capacity
+from moe_course.balance import evaluate_capacity
 
 factors = [0.5, 1.0, 1.5, 2.0]
-capacity_table, capacity_models = capacity_sweep(clinic, dataclasses.replace(BASE, aux_loss_coef=1e-2, z_loss_coef=1e-3),
-                                                 dataclasses.replace(CONFIG, eval_every=CONFIG.steps), factors, device=device)
-no_limit = evaluate_capacity(runs["balance loss + z-loss", 0]["model"], clinic.val, CONFIG.batch_size)
-capacity_table.style.format({"capacity factor": "{:.2f}", "slots per expert": "{:.0f}", "held-out accuracy": "{:.1%}",
-                             "dropped share": "{:.1%}"}).hide(axis="index")
+CAPACITY_SEEDS = range(3)
+limited = run_clinic_moes(clinic, [ClinicRun(f"capacity factor {f}", dataclasses.replace(RECIPES["balance loss + z-loss"], capacity_factor=f), seed)
+                                   for f in factors for seed in CAPACITY_SEEDS], dataclasses.replace(CONFIG, eval_every=CONFIG.steps))
+capacity_runs = {(r.run.moe.capacity_factor, r.run.seed): r for r in limited}
+for seed in CAPACITY_SEEDS:
+    capacity_runs[None, seed] = runs["balance loss + z-loss", seed]
+capacity = pd.DataFrame([
+    {"capacity factor": f, "seed": seed, **evaluate_capacity(capacity_runs[f, seed].model, clinic.val, CONFIG.batch_size)}
+    for f in factors + [None] for seed in CAPACITY_SEEDS
+])
+labels = capacity["capacity factor"].map(lambda f: "no limit" if pd.isna(f) else f"{f:g}")
+capacity_table = capacity.groupby(labels.rename("capacity factor"), sort=False)[["dropped share", "held-out accuracy"]].agg(
+    ["mean", "min", "max"])
+capacity_table.style.format("{:.1%}")
 
 # %%
+limit = capacity[capacity["capacity factor"].notna()]
+no_limit = capacity[capacity["capacity factor"].isna()]
 fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-axes[0].plot(capacity_table["capacity factor"], capacity_table["dropped share"], "o-")
-axes[0].set(title="Patients turned away", xlabel="capacity factor", ylabel="share of held-out patients dropped",
-            xticks=factors)
-axes[1].plot(capacity_table["capacity factor"], capacity_table["held-out accuracy"], "o-", label="with a capacity limit")
-axes[1].axhline(no_limit["held-out accuracy"], ls="--", color="gray", lw=1.2, label="no limit (nobody dropped)")
-axes[1].set(title="Diagnosis quality", xlabel="capacity factor", ylabel="held-out accuracy", xticks=factors)
-for ax in axes:
+for ax, column, title in ((axes[0], "dropped share", "Patients turned away"), (axes[1], "held-out accuracy", "Diagnosis quality")):
+    ax.scatter(limit["capacity factor"], limit[column], color="C0", alpha=0.5, label="one seed")
+    ax.plot(factors, limit.groupby("capacity factor")[column].mean(), "o-", color="C0", label="mean of the seeds")
+    ax.set(title=title, xlabel="capacity factor", ylabel=f"{column} (held-out patients)", xticks=factors)
     ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
-axes[1].legend()
+axes[1].axhspan(no_limit["held-out accuracy"].min(), no_limit["held-out accuracy"].max(), color="gray", alpha=0.25,
+                label="no limit: lowest to highest seed")
+axes[1].legend(fontsize=9)
 fig.tight_layout()
-print(f"no limit: accuracy {no_limit['held-out accuracy']:.1%}, dropped {no_limit['dropped share']:.1%}")
 
 # %% [markdown]
-# With a capacity factor below 1 some patients are turned away on every batch, even if the
-# routing were perfectly even, and accuracy suffers with them: a dropped patient gets only
-# the shared head's generic guess. A factor of 1 still drops a noticeable share here: our
-# batches are small (128 patients, 16 per doctor on average) and the routing is not exactly
-# even, so on every batch some doctor is over-booked. With more slack, the drops fall
-# towards zero and the accuracy is back at the level of the model without a limit (with
-# one seed per factor, a point or two either way means little). The Switch
-# Transformer reports that with balanced routing and much larger batches fewer than 1% of
-# tokens are dropped; the price of slack is padding: every chair costs compute whether or
-# not it is filled.
+# Below a capacity factor of 1 some patients must be turned away on every batch, even if
+# the routing were perfectly even, and a dropped patient gets only the shared head's generic
+# guess. But look at a factor of 1.0: with perfectly even routing it would turn nobody away,
+# since every doctor has exactly its fair share of chairs. The table says how many it turns
+# away here. Where do they come from? Take the models trained with a factor of 1.0 and count,
+# in every held-out batch of 128, how many patients the GP sends to each doctor *before*
+# anyone is turned away (`batch_loads`). Each doctor has 16 chairs; everyone beyond the 16th
+# is dropped.
+
+# %%
+from moe_course.balance import batch_loads, overflow_share
+from moe_course.routing import expert_capacity
+
+C = expert_capacity(CONFIG.batch_size, E, 1.0)
+loads = {seed: batch_loads(capacity_runs[1.0, seed].model, clinic.val, CONFIG.batch_size) for seed in CAPACITY_SEEDS}  # (batches, E)
+shown = sorted(CAPACITY_SEEDS, key=lambda s: overflow_share(loads[s], C))[len(CAPACITY_SEEDS) // 2]  # the median seed
+
+fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+per_doctor = loads[shown].float()
+order = per_doctor.mean(0).argsort(descending=True)
+axes[0].boxplot(per_doctor[:, order].numpy(), positions=range(E), widths=0.6)
+axes[0].axhline(C, color="C3", ls="--", lw=1.5, label=f"capacity: {C} chairs")
+axes[0].set(title=f"Patients sent to each doctor per batch of {CONFIG.batch_size} (factor 1.0, seed {shown})",
+            xlabel="doctor, busiest on average first", ylabel="patients in the batch",
+            xticks=range(E), xticklabels=[str(int(e)) for e in order])
+axes[0].legend()
+grid = [0.5 + 0.125 * i for i in range(21)]
+for i, seed in enumerate(CAPACITY_SEEDS):
+    axes[1].plot(grid, [overflow_share(loads[seed], expert_capacity(CONFIG.batch_size, E, g)) for g in grid],
+                 color=f"C{i}", label=f"seed {seed}: as routed")
+    axes[1].plot(grid, [overflow_share(loads[seed].float().mean(0), expert_capacity(CONFIG.batch_size, E, g)) for g in grid],
+                 color=f"C{i}", ls=":", label=f"seed {seed}: its average load in every batch")
+axes[1].set(title="Who would be turned away at other capacities (same routing)", xlabel="capacity factor",
+            ylabel="share of patients over capacity")
+axes[1].yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
+axes[1].legend(fontsize=8)
+fig.tight_layout()
+
+for seed in CAPACITY_SEEDS:
+    average = loads[seed].float().mean(0)  # (E,)
+    measured = capacity.loc[(capacity["capacity factor"] == 1.0) & (capacity["seed"] == seed), "dropped share"].item()
+    print(f"seed {seed}: a doctor gets on average {average.min():.1f} to {average.max():.1f} patients a batch for {C} chairs; "
+          f"over capacity: {overflow_share(loads[seed], C):.1%} (the dropped share above: {measured:.1%}); "
+          f"with every batch at the average load: {overflow_share(average, C):.1%}")
+explained = [overflow_share(loads[s].float().mean(0), C) / max(overflow_share(loads[s], C), 1e-9) for s in CAPACITY_SEEDS]
+print(f"the uneven average load alone accounts for {min(explained):.0%} to {max(explained):.0%} of the drops; "
+      "the rest comes from batch-to-batch swings")
+
+# %% [markdown]
+# The printout reads the boxes. The dropped patients are exactly the patients beyond a
+# doctor's 16th chair, so the drops at a factor of 1.0 measure how uneven the load is. If a
+# doctor's *average* load is above 16, that doctor overflows on most batches, however the
+# patients happen to arrive; the dotted curves count only that part. The rest comes from
+# swings between batches: a batch of 128 holds a few more cardiology patients one time and a
+# few fewer the next. If the balance loss, at α = 0.01, pulls the load towards even without
+# making it even (the verdict of the collapse section says how far it got), a factor of 1.0
+# has no slack for what is left. The right panel reads off how much slack this routing
+# needs: the capacity factor where its curve reaches zero.
+#
+# The Switch Transformer reports that with balanced routing and much larger batches fewer
+# than 1% of tokens are dropped; the price of slack is padding: every chair costs compute
+# whether or not it is filled.
 #
 # ## Expert choice: the doctors choose
 #
@@ -360,11 +520,12 @@ from moe_course.routing import expert_choice_routing, switch_routing
 show_source(expert_choice_routing)
 
 # %% [markdown]
-# The router of the trained model (balance loss and z-loss, first seed), on a batch of 64
-# held-out patients, with capacity factor 1 (C = 64 / 8 = 8 patients per doctor):
+# The router of a trained model (balance loss and z-loss, the median seed of the collapse
+# section), on a batch of 64 held-out patients, with capacity factor 1 (C = 64 / 8 = 8
+# patients per doctor):
 
 # %%
-model = runs["balance loss + z-loss", 0]["model"]
+model = runs["balance loss + z-loss", typical].model
 x = clinic.val.x[:64]
 with torch.no_grad():
     logits = model.moe.router(model.embed(x))  # (N, E)

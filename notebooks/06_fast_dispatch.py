@@ -130,12 +130,15 @@ for method in D.METHODS:
     got = outputs_and_grads(method)
     diff = max((a - b).abs().max().item() for a, b in zip(got, reference))
     rows.append({"implementation": method, "largest difference to masks_loop (y and all gradients)": diff})
+print(f"float32 keeps about 7 significant digits: the gap between 1.0 and the next float32 is "
+      f"{torch.finfo(torch.float32).eps:.1e}")
 pd.DataFrame(rows)
 
 # %% [markdown]
-# Differences at the level of float32 rounding (about 1e-7): the same function. The
-# package's tests check this for top-1 and top-2, with and without capacity, with an idle
-# expert and with every token on one expert.
+# If the differences are of the order of float32's gap times the size of the values (a few
+# of the last digits), the implementations compute the same function and only add up in a
+# different order. The package's tests check this for top-1 and top-2, with and without
+# capacity, with an idle expert and with every token on one expert.
 #
 # ## The race
 #
@@ -167,27 +170,55 @@ ax.set(title="Forward + backward time, relative to a dense FFN of the same activ
        xlabel="time ÷ dense time, log scale (1.0 = as fast as the dense layer; lower is better)", ylabel="")
 ax.legend(title=None, fontsize=8);
 
+# %% [markdown]
+# The ranking of this run, read from the table, and a verdict on `MoELayer`'s default
+# dispatch. Two implementations are told apart only when the middle halves of their paired
+# ratios do not overlap; otherwise the difference is within this run's noise.
+
 # %%
-fastest = timed[timed["implementation"] != "dense"].sort_values("ratio_to_dense").groupby("config").head(1)
-for _, row in fastest.iterrows():
-    print(f"{row['config']}: fastest is {row['implementation']} at {row['ratio_to_dense']:.2f}× the dense layer")
-print(f"MoELayer's default dispatch: {D.DEFAULT_METHOD}")
+for config, part in timed.groupby("config", sort=False):
+    ranked = part[part["implementation"] != "dense"].sort_values("ratio_to_dense").reset_index(drop=True)
+    print(f"{config}, fastest first (time ÷ dense time; middle half of the pairs in brackets):")
+    for place, row in ranked.iterrows():
+        tag = "   <- MoELayer's default" if row["implementation"] == D.DEFAULT_METHOD else ""
+        print(f"  {place + 1}. {row['implementation']:<14}{row['ratio_to_dense']:6.2f}x "
+              f"({row['ratio_q1']:.2f}-{row['ratio_q3']:.2f}){tag}")
+    best, default = ranked.iloc[0], ranked[ranked["implementation"] == D.DEFAULT_METHOD].iloc[0]
+    if best["implementation"] == D.DEFAULT_METHOD:
+        verdict = "the default is the fastest"
+    elif default["ratio_q1"] <= best["ratio_q3"]:
+        verdict = f"the default is within this run's noise of the fastest ({best['implementation']})"
+    else:
+        verdict = f"the default is clearly behind {best['implementation']} in this run"
+    masks = ranked[ranked["implementation"] == "masks_loop"].iloc[0]
+    if default["ratio_q3"] < masks["ratio_q1"]:
+        verdict += ", and clearly faster than the masks loop"
+    elif default["ratio_q1"] > masks["ratio_q3"]:
+        verdict += ", and clearly SLOWER than the masks loop (a busy machine, or a size where its bookkeeping dominates)"
+    else:
+        verdict += ", and not clearly faster than the masks loop"
+    print(f"  verdict: {verdict}.\n")
 
 # %% [markdown]
-# What to look for in your numbers: the masks loop pays a little for every expert, so it
-# falls behind as E grows; the one-hot einsum is far behind and gets worse with more
-# tokens, because its seating chart grows with N × E × C. The sort-based paths come
-# closest to the dense line, but at these small sizes even they sit well above it. The
-# dense layer takes only a few milliseconds here, and every expert adds a cost of its
-# own: Python hands each of its small matmuls to PyTorch separately, a few microseconds
-# each time, and a small matmul runs further from the machine's top speed than a big
-# one. With 32 experts of about 64 tokens, those costs outweigh the arithmetic, which is
-# why `grouped_mm` or `padded_bmm`, whose loops over the experts run in C++, can lead at
-# this size. At the standard sizes (`SCALE = 4`, or `python -m moe_course.bench`)
-# the arithmetic dominates again: on the 2-core machine this course was written on, the
-# default took 1.0–1.15× the dense layer's time with 8 experts and 1.1–1.25× with 64,
-# where Hugging Face's Switch layer took 2.1–2.6× (the spread is between runs of the same
-# code: the machine, not the layer, moves that much).
+# How to read your numbers. The reasons below are conditions, not results: check each
+# against the ranking above.
+#
+# - The masks loop pays a little for every expert (a mask over all N tokens, a gather and a
+#   scatter), so if it falls behind, it should fall further behind as E grows.
+# - The one-hot einsum's seating chart grows with N × E × C, so wherever it is far behind,
+#   more tokens or more experts make it worse.
+# - Every expert adds a cost of its own on top of its arithmetic: Python hands each of its
+#   small matmuls to PyTorch separately, a few microseconds each time, and a small matmul
+#   runs further from the machine's top speed than a big one. When the dense layer itself
+#   takes only a few milliseconds, as here, these costs can outweigh the arithmetic, and
+#   then `grouped_mm` or `padded_bmm`, whose loops over the experts run in C++, can lead.
+# - A busy machine moves everything: if another program takes a core halfway through a
+#   pair, even a paired ratio shifts, and the middle halves widen. Rerun the cell when the
+#   verdicts surprise you.
+#
+# At the standard sizes (`SCALE = 4`, or `python -m moe_course.bench`) the layers are
+# bigger, so the arithmetic weighs more against the per-expert costs and the sort-based
+# paths should move towards the dense line; run it and read its table the same way.
 #
 # ### The GP's own paperwork: one product, two shapes
 #
@@ -222,14 +253,13 @@ shapes = paired_times({"x.T @ dlogits": ten_times(lambda: x_router.t() @ dlogits
 print(f"(dlogits.T @ x).T takes {shapes['(dlogits.T @ x).T'].ratio:.2f}x the time of x.T @ dlogits")
 
 # %% [markdown]
-# On the machine this course was written on, the second shape took about a fifth of the
-# time. That is why `MoELayer`'s router computes its weight gradient that way when it has
-# fewer than 16 experts (`moe_course.moe.router_matmul`; with more columns the two shapes
-# are about even). Its forward product gets the same treatment: x @ w reads the weight as
-# the transpose of a contiguous (E, D) copy, which about halves its time inside the layer.
-# Together they save a millisecond or two in a layer that takes 150: small, but the
-# gap to the dense layer is made of such pieces. A matmul's speed depends on its shapes and
-# memory layout, not only on its FLOPs: when a product is slow, try it the other way round.
+# If the ratio printed above is well below 1, the CPU's matmul library handles the second
+# arrangement better on your machine. `MoELayer`'s router computes its weight gradient that
+# way when it has fewer than 16 experts (`moe_course.moe.router_matmul`), and its forward
+# product gets the same treatment: x @ w reads the weight as the transpose of a contiguous
+# (E, D) copy. Such savings are small next to the whole layer, but the gap to the dense
+# layer is made of such pieces. A matmul's speed depends on its shapes and memory layout,
+# not only on its FLOPs: when a product is slow, try it the other way round.
 #
 # ### How close can a layer get? The GP's consult is not free
 #
@@ -247,13 +277,33 @@ for cfg in STANDARD[:2]:
     print(f"{cfg.name}: the GP's product adds {gp / doctors:.1%} to the doctors' arithmetic")
 
 # %% [markdown]
-# With 8 wide experts the consult is a rounding error. With 64 narrow ones it is 6% of the
-# arithmetic, and more of the time: its matrices have only 64 columns, and on the machine
-# this course was written on the router's three products (logits, and the two gradients)
-# ran at 45–70 GFLOP/s, against about 80 for the experts' matmuls: some 11–15 ms of a layer
-# whose dense twin takes 160–190 ms. So with many experts, a layer at 1.1× the dense time is
-# already close to what the arithmetic allows. Keep this in mind when you read the
-# benchmark: the distance to the dense line is not all dispatch overhead.
+# With 8 wide experts the consult is a sliver of the arithmetic; with 64 narrow ones it is a
+# visible share. It can take an even larger share of the *time*: with only E columns, the
+# router's matrices are skinny, and a skinny matmul runs further from the machine's top
+# speed. Let us measure the rate of the router's product and of an expert's first matmul
+# at the 64-expert standard sizes, side by side:
+
+# %%
+cfg = STANDARD[1]
+x_big = torch.randn(cfg.num_tokens, cfg.d_model)  # (N, D)
+w_router = torch.randn(cfg.d_model, cfg.num_experts)  # (D, E)
+w_expert = torch.randn(cfg.d_model, cfg.d_ff)  # (D, F): as if every token saw one expert
+products = paired_times({"expert (N, D) @ (D, F)": lambda: x_big @ w_expert,
+                         "router (N, D) @ (D, E)": lambda: x_big @ w_router},
+                        baseline="expert (N, D) @ (D, F)", repeats=7, warmup=1)
+rates = {}
+for name, t, cols in (("expert (N, D) @ (D, F)", products["expert (N, D) @ (D, F)"], cfg.d_ff),
+                      ("router (N, D) @ (D, E)", products["router (N, D) @ (D, E)"], cfg.num_experts)):
+    rates[name] = matmul_flops(cfg.num_tokens, cfg.d_model, cols) / min(t.seconds) / 1e9
+    print(f"{name}: {rates[name]:.0f} GFLOP/s (its fastest of {len(t.seconds)} runs)")
+slower = rates["router (N, D) @ (D, E)"] < rates["expert (N, D) @ (D, F)"]
+print("the router's product runs " + ("slower" if slower else "no slower") + " per FLOP than the expert's")
+
+# %% [markdown]
+# If the router runs slower per FLOP, its share of the layer's time is larger than its share
+# of the arithmetic, and a layer with many experts cannot get as close to the dense line as
+# the FLOPs alone suggest. Keep this in mind when you read the benchmark: the distance to
+# the dense line is not all dispatch overhead.
 #
 # ## Two nurses, one clinic: experts on separate cores
 #
@@ -270,8 +320,8 @@ for cfg in STANDARD[:2]:
 # start are small ones and the threads finish at about the same time.
 # Python threads are enough here, because PyTorch lets go of Python's global lock while
 # it multiplies. It only does this when it pays: many busy experts with small blocks
-# (`worth_threading`). With eight big blocks, one block at a time on all cores is just
-# as fast.
+# (`worth_threading`). With eight big blocks, one block at a time already keeps every core
+# busy.
 
 # %%
 from moe_course.moe import MoEConfig, MoELayer
@@ -303,11 +353,20 @@ ratio = timed["experts on separate cores"]
 print(f"experts on separate cores take {ratio.ratio:.2f}x the time of one block at a time "
       f"(middle half of the pairs: {ratio.ratio_q1:.2f}-{ratio.ratio_q3:.2f})")
 
+# %%
+if threads == 1:
+    print("one intra-op thread: both ways are the same thing, so the ratio can only be noise around 1")
+elif ratio.ratio_q3 < 1:
+    print("for most pairs the separate cores were faster: expert parallelism pays at this size on this machine")
+elif ratio.ratio_q1 > 1:
+    print("for most pairs the separate cores were SLOWER here: the machine may be busy, or the blocks too big to gain")
+else:
+    print("the pairs go both ways: no clear difference at this size on this machine right now")
+
 # %% [markdown]
-# On the 2-core machine this course was written on, the separate cores took about 0.9×
-# the time at this size. In the standard benchmark's 64-expert layer (16,384 tokens) they
-# brought the whole layer from 1.3–1.4× the dense layer's time to 1.1–1.2×. With one
-# core, both ways are the same thing and the ratio is 1.
+# The gain, where there is one, grows with the number of small blocks: the standard
+# benchmark's 64-expert layer (`python -m moe_course.bench`) measures it on the whole layer
+# against the dense one.
 #
 # The results do not change: each thread writes only its own experts' rows and gradient
 # slices, each expert's arithmetic is the same whichever thread does it, and the tests
@@ -368,21 +427,23 @@ memory.pivot_table(index=["sweep", "x"], columns="method", values="MiB", sort=Fa
 # %% [markdown]
 # The one-hot line climbs with both E and C, because its dispatch and combine tensors are
 # N × E × C. The sorted path holds each token once (plus its hidden activations) whatever C
-# is; it grows with E only through the experts' own weight gradients. On accelerators built for dense einsums this trade can still pay; on a CPU,
-# and at scale everywhere, sorting wins, which is why dropless MoE libraries such as
-# MegaBlocks sort tokens and use grouped (block-sparse) matrix multiplication.
+# is; it grows with E only through the experts' own weight gradients. On accelerators built
+# for dense einsums the one-hot trade can still pay in time, but its memory grows the same
+# way everywhere, which is why dropless MoE libraries such as MegaBlocks sort tokens and
+# use grouped (block-sparse) matrix multiplication.
 #
 # ## Recap
 #
-# - A top-1 MoE layer does the arithmetic of one dense FFN; everything else is dispatch
-#   overhead, and the implementation decides how much.
-# - Sorting tokens by expert and running grouped matmuls keeps the layer close to the
-#   dense speed; a loop with masks pays per expert; one-hot dispatch pays N × E × C in
-#   memory and time.
-# - All of them compute the same function, gradients included; `MoELayer` uses the
-#   fastest by default.
-# - Many small expert blocks run faster one core each (expert parallelism) than with
-#   every core squeezed into each small matmul.
+# - A top-1 MoE layer does the arithmetic of one dense FFN (plus the router's small
+#   product); everything else is dispatch overhead, and the implementation decides how much.
+# - Sorting tokens by expert lets each expert work on one contiguous block, with no masks
+#   and no empty slots; a loop with masks pays per expert; one-hot dispatch pays N × E × C
+#   in memory, and in time wherever that chart is large. Which one wins depends on the sizes
+#   and the machine: the ranking of your run says it, not a table from someone else's.
+# - All of them compute the same function, gradients included; `MoELayer` uses one of them
+#   by default (`DEFAULT_METHOD`), and the verdict above says how it fared in your run.
+# - Many small expert blocks can run faster one core each (expert parallelism) than with
+#   every core squeezed into each small matmul; the last verdict says whether they did.
 #
 # **Next:** lesson 07 adds the other half of a transformer block, attention, and trains a
 # small GPT; lesson 08 swaps its feed-forward blocks for Switch layers.

@@ -52,10 +52,11 @@ from moe_course import seed_everything
 from moe_course.plots import use_course_style
 
 # ---- the one knob of this lesson -------------------------------------------
-# 1 trains a 2-block GPT of width 64 for 300 steps (about 20 s on one CPU thread).
-# 4 (for a GPU; about 10 minutes on one CPU thread) trains a 4-block GPT of width 128
-# for 1200 steps. Measured: held-out loss 0.64 instead of 0.88; every held-out record
-# recalled; reversal, sorting and brackets mostly right; arithmetic still wrong.
+# 1 trains a 2-block GPT of width 64 on 48 characters of context for 300 steps, in
+# well under a minute on a laptop CPU. 4 (meant for a GPU; on a CPU it takes many
+# minutes) trains a 4-block GPT of width 128 on 64 characters for 1200 steps at a
+# lower learning rate; the loss curves, the table per domain and the samples then
+# show what the bigger, longer-trained model learns.
 SCALE = 1
 # -----------------------------------------------------------------------------
 
@@ -106,7 +107,7 @@ print("largest weight on a future position:", weights.triu(1).max().item())
 # %% [markdown]
 # Look at the right panel: everything above the diagonal is exactly 0 (the future is
 # invisible), every row sums to 1, and the first position can only read itself, so its
-# weight is 1.00. An untrained head spreads its weight almost at random; training will
+# weight is exactly 1. An untrained head spreads its weight almost at random; training will
 # shape these rows into "look two characters back" or "look at the digits".
 #
 # Here is the package's code. `attention_weights` is the formula above, line by line;
@@ -161,7 +162,7 @@ moved.pivot(index="block", columns="position", values="change").round(3)
 # The feed-forward block moves **only** position 5: each token is examined alone, and no
 # other token can ever learn what happened there. Attention moves position 5 **and every
 # later position**, because they all may read token 5; the earlier positions stay exactly
-# unchanged (0.000), because the mask forbids them to look ahead. Communication happens in
+# unchanged (a change of zero), because the mask forbids them to look ahead. Communication happens in
 # attention and nowhere else; computation per token happens in the FFN.
 #
 # ## The block: a meeting, then an examination, both added to the notes
@@ -244,10 +245,12 @@ pd.DataFrame([{"domain": dom, "sample": corpus.sample(dom, rng=rng).text.strip()
 # %% [markdown]
 # We train with the course's training loop on fresh batches from the stream, and every 50
 # steps measure the loss on a fixed **held-out** set (fresh samples, the same records), per
-# domain. Loss is the cross-entropy of the next character in nats: ln 96 ≈ 4.56 means
-# guessing uniformly among the 96 characters, 0 means always certain and right.
+# domain. Loss is the cross-entropy of the next character in nats: $\ln V$ means guessing
+# uniformly among the V characters of the vocabulary, 0 means always certain and right.
 
 # %%
+import math
+
 from moe_course.lm import LMTask, complete
 from moe_course.training import TrainConfig, train
 
@@ -257,6 +260,8 @@ run = train(model, task, TrainConfig(steps=STEPS, batch_size=32, lr=1e-2 if SCAL
                                      warmup_steps=STEPS // 10, lr_min_ratio=0.1, eval_every=50 * SCALE),
             device="cpu", progress=False)
 history = pd.concat([pd.DataFrame([untrained]), run.history], ignore_index=True)
+print(f"a uniform guess over the {corpus.vocab_size} characters: ln {corpus.vocab_size} = "
+      f"{math.log(corpus.vocab_size):.2f} nats; the untrained model: {untrained['val_loss']:.2f} nats")
 print(f"trained {STEPS} steps in {run.seconds:.0f} s")
 
 # %%
@@ -279,20 +284,23 @@ per_domain = pd.DataFrame({
     "answers fully right": [final.get(f"val_exact_{dom}", float("nan")) for dom in domains],
 }, index=domains)
 print(f"held-out loss, all domains: {final['val_loss']:.3f} nats per character")
+print("domains from the lowest to the highest loss per character:",
+      ", ".join(per_domain["held-out loss (nats/char)"].sort_values().index))
 per_domain["answers fully right"] = per_domain["answers fully right"].map(lambda v: "no answers" if pd.isna(v) else f"{v:.0%}")
 per_domain.round(3)
 
 # %% [markdown]
-# What to look at. At step 0 the untrained model is close to a uniform guess (ln 96 ≈ 4.6
-# nats); the loss falls fast as it learns which characters occur at all and then the
-# formats (`patient `, `rev `, the shape of a sentence), and slowly after that. The domains
-# are far from equal. Per character, the records and the grammar come out cheapest: most
-# of a record (`patient `, the colon) is the same every time, and a sentence follows a few
-# rules. Per *answer* the records are hard: the ward itself is pure memory, 16 wards are
-# 4 bits per patient to store, and the table shows what share of held-out records the
-# model names completely right. Reversal and sorting stay near the top: they need a head
-# that reads exactly the right earlier character, which this small model has barely begun
-# to learn in a few hundred steps.
+# What to look at. At step 0 the untrained model sits near a uniform guess (the printout
+# compares the two); the loss then falls fast while the model learns which characters occur
+# at all and then the formats (`patient `, `rev `, the shape of a sentence), and more slowly
+# after that. Then compare the domains, with two things in mind. Per character, a domain
+# whose text is mostly fixed comes out cheap: most of a record (`patient `, the colon) is
+# the same every time, and a sentence follows a few rules. Per *answer*, the records are
+# another matter: the ward itself is pure memory (16 wards are 4 bits per patient to store),
+# and the table shows what share of held-out records the model names completely right.
+# Reversal and sorting need a head that reads exactly the right earlier character, so if
+# they sit near the top of the ranking, that skill is what this small model has not learned
+# yet in a few hundred steps.
 #
 # ## What the heads read
 #
@@ -370,15 +378,21 @@ print(f"the head that reads the patient number most: layer {best[0] + 1}, head {
       f"(spread evenly over the {reader + 1} visible positions it would be {len(digits) / (reader + 1):.0%})")
 first, second = all_maps[:, best[0], best[1], reader, digits].mean(0).tolist()
 print(f"  of which on the first digit: {first:.0%}, on the second: {second:.0%}")
+second_reads_first = all_maps[:, 0, :, digits[1], digits[0]].mean(0)  # (H,) layer 1, second digit → first
 print(f"layer 1, weight of the second digit on the first digit, per head: "
-      f"{[round(v, 2) for v in all_maps[:, 0, :, digits[1], digits[0]].mean(0).tolist()]}")
+      f"{[round(v, 2) for v in second_reads_first.tolist()]} (an even share would be {1 / (digits[1] + 1):.2f})")
+if second > first and second_reads_first.max() > 1 / (digits[1] + 1):
+    print("this run: the head reads mostly the SECOND digit, and in layer 1 the second digit had already read the "
+          "first more than an even share: one position can carry the whole number")
+else:
+    print("this run: the number is not passed along through the second digit (see the weights above)")
 
 # %% [markdown]
-# A head well above the even share is looking the patient number up. Read the last two
-# lines together: in our run the head mostly reads the *second* digit, and in layer 1 the
-# second digit had already read the first, so that one position carries the whole number.
-# Two meetings in a row pass the number along: attention brings it to the position that
-# must answer, and the FFNs, working on that one position alone, have to turn number into
+# A head well above the even share is looking the patient number up. Read the last lines
+# together. If the head mostly reads the *second* digit while, in layer 1, the second digit
+# had already read the first, then that one position carries the whole number: two
+# meetings in a row pass the number along. Attention brings it to the position that must
+# answer, and the FFNs, working on that one position alone, have to turn number into
 # ward. That last step is pure memory, 90 records of 4 bits each, and memory is what
 # lesson 08 gives more room. (With another seed or at a larger SCALE, other heads may do
 # the job; the measurement above finds them.)
@@ -411,11 +425,11 @@ written = model.generate(start, 300, temperature=0.8, generator=torch.Generator(
 print(corpus.decode(written[0, 1:]))
 
 # %% [markdown]
-# Compare form and content. The form is mostly there: records look like
-# `patient NN: ward`, sums like `a+b=c`, and sentences have a subject, a verb and an
-# object. The content is another matter: check a few wards against the table above (the
-# "right?" column), and the sums. This model knows *how* the clinic's notes are written
-# far better than *what* is in them.
+# Compare form and content. For the form, look at the shapes: do records look like
+# `patient NN: ward`, sums like `a+b=c`, and do sentences have a subject, a verb and an
+# object? For the content, check a few wards against the table above (the "right?" column),
+# and the sums. If the form is right far more often than the content, the model knows *how*
+# the clinic's notes are written better than *what* is in them.
 #
 # ## Recap
 #
@@ -424,9 +438,9 @@ print(corpus.decode(written[0, 1:]))
 #   each token alone.
 # - A pre-norm block adds both to the residual stream: x + attn(ln₁(x)), then
 #   x + ffn(ln₂(x)); the FFN holds two thirds of a block's parameters.
-# - A 2-block GPT trained for a few hundred steps learns the formats and the grammar
-#   but recalls few of the records yet: learning to look a patient up takes more steps
-#   than learning how a record is written.
+# - A 2-block GPT trained for a few hundred steps: its loss per domain, the share of
+#   records it names right and its samples show what it has learned of the formats and
+#   what of the records.
 #
 # **Next:** lesson 08 keeps the meeting (attention) and turns the examination room into a
 # hospital: every FFN becomes a Switch layer, a GP with a room of specialists, at the same

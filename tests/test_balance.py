@@ -3,7 +3,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_course.balance import LoadTracker, capacity_sweep, evaluate_capacity, load_stats, routing_view
+from moe_course.balance import (
+    ClinicRun,
+    LoadTracker,
+    batch_loads,
+    capacity_sweep,
+    evaluate_capacity,
+    load_stats,
+    overflow_share,
+    routing_view,
+    run_clinic_moes,
+)
 from moe_course.clinic import make_clinic
 from moe_course.models import ClinicMoE
 from moe_course.moe import MoEConfig
@@ -73,3 +83,47 @@ def test_capacity_sweep_trains_one_model_per_factor(clinic):
     assert list(table["slots per expert"].fillna(-1)) == [4, 16, -1]
     assert table["dropped share"].iloc[0] > table["dropped share"].iloc[1] >= table["dropped share"].iloc[2] == 0.0
     assert set(models) == {0.5, 2.0, None} and models[0.5].moe.config.capacity_factor == 0.5
+
+
+def test_run_clinic_moes_gives_the_same_models_in_workers_as_in_process(clinic):
+    runs = [ClinicRun("plain", MoEConfig(d_model=8, d_ff=8, num_experts=3), seed=s) for s in (0, 1)]
+    config = TrainConfig(steps=12, batch_size=32, eval_every=6)
+    here = run_clinic_moes(clinic, runs, config, workers=1, progress=False)
+    there = run_clinic_moes(clinic, runs, config, workers=2, progress=False)
+    for a, b in zip(here, there):
+        assert a.run == b.run and a.accuracy == b.accuracy
+        for (name, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+            assert torch.equal(p, q), f"{name} differs between a worker process and this process"
+        assert [row["step"] for row in a.tracker.rows] == [0, 6, 12]
+    assert not torch.equal(here[0].model.embed.weight, here[1].model.embed.weight)  # the seed matters
+
+
+def test_run_clinic_moes_rejects_bad_input(clinic):
+    with pytest.raises(ValueError, match="at least one"):
+        run_clinic_moes(clinic, [], TrainConfig())
+    with pytest.raises(TypeError, match="ClinicRun"):
+        run_clinic_moes(clinic, [MoEConfig(d_model=8, d_ff=8, num_experts=3)], TrainConfig())
+    with pytest.raises(ValueError, match="seed"):
+        ClinicRun("x", MoEConfig(d_model=8, d_ff=8, num_experts=3), seed=-1)
+
+
+def test_overflow_share_counts_the_assignments_beyond_capacity():
+    loads = torch.tensor([[6, 2, 0], [3, 3, 2]])  # two batches of 8, three experts
+    assert overflow_share(loads, 3) == pytest.approx((3 + 0) / 16)
+    assert overflow_share(loads, 6) == 0.0
+    assert overflow_share(torch.tensor([4.5, 3.5, 0.0]), 2.5) == pytest.approx((1.5 + 0.5) / 8)  # capacity rounds up to 3
+    with pytest.raises(ValueError, match="loads must be"):
+        overflow_share(torch.zeros(2, 2, 2), 1)
+
+
+def test_batch_loads_explain_the_dropped_share_exactly():
+    clinic = make_clinic(2, n_train=256, n_val=128, seed=0)
+    torch.manual_seed(0)
+    moe = ClinicMoE(clinic.d_in, 4, MoEConfig(d_model=8, d_ff=8, num_experts=4, capacity_factor=1.0))
+    loads = batch_loads(moe, clinic.val, 32)
+    assert loads.shape == (4, 4) and (loads.sum(-1) == 32).all()
+    dropped = evaluate_capacity(moe, clinic.val, 32)["dropped share"]
+    assert dropped > 0  # an untrained router is uneven: the test needs someone turned away
+    assert overflow_share(loads, 8) == pytest.approx(dropped)  # C = 32 / 4 · 1.0
+    with pytest.raises(ValueError, match="full batch"):
+        batch_loads(moe, clinic.val, 1000)
