@@ -22,10 +22,9 @@ They work with any model whose output carries the routing: ``ClinicMoE``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-import multiprocessing as mp
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -40,6 +39,7 @@ from .models import ClinicMoE
 from .moe import MoEConfig
 from .routing import expert_capacity
 from .training import ClassificationTask, TrainConfig, model_logits, train
+from .workers import run_in_workers
 
 __all__ = ["RoutingView", "routing_view", "load_stats", "LoadTracker", "ClinicRun", "ClinicRunResult", "run_clinic_moes",
            "evaluate_capacity", "batch_loads", "overflow_share", "capacity_sweep"]
@@ -163,7 +163,7 @@ class ClinicRunResult:
     seconds: float  # wall-clock time of the training
 
 
-def _train_one(clinic: Clinic, run: ClinicRun, config: TrainConfig) -> tuple[dict, LoadTracker, float, float]:
+def _train_one(clinic: Clinic, run: ClinicRun, *, config: TrainConfig) -> tuple[dict, LoadTracker, float, float]:
     seed_everything(run.seed)
     model = ClinicMoE(clinic.d_in, clinic.num_diagnoses, run.moe)
     tracker = LoadTracker(clinic.val.x)
@@ -174,19 +174,16 @@ def _train_one(clinic: Clinic, run: ClinicRun, config: TrainConfig) -> tuple[dic
     return model.state_dict(), tracker, float(result.final["val_acc"]), time.perf_counter() - start
 
 
-def _worker_init() -> None:
-    torch.set_num_threads(1)  # each worker owns one core; two threads per tiny model only wait for each other
-
-
 def run_clinic_moes(clinic: Clinic, runs: Sequence[ClinicRun], config: TrainConfig, *, workers: int = 2,
                     progress: bool = True) -> list[ClinicRunResult]:
     """Train every run on ``clinic`` with the recipe ``config`` → results in the order of ``runs``.
 
     ``workers`` runs train at once, each in its own one-thread process
-    (``workers=1``: one after another in this process). A result does not
-    depend on where it ran: the model is built after ``seed_everything(run.seed)``,
-    the batches come from a generator seeded by the run's seed, and every run
-    trains on one thread. Models train on the CPU (they are tiny).
+    (``moe_course.workers``; ``workers=1``: one after another in this process,
+    also on one thread). A result does not depend on where it ran: the model is
+    built after ``seed_everything(run.seed)``, the batches come from a generator
+    seeded by the run's seed, and every run trains on one thread. Models train
+    on the CPU (they are tiny).
     """
     runs = list(runs)
     if not runs:
@@ -194,31 +191,17 @@ def run_clinic_moes(clinic: Clinic, runs: Sequence[ClinicRun], config: TrainConf
     for r in runs:
         if not isinstance(r, ClinicRun):
             raise TypeError(f"run_clinic_moes expects ClinicRun objects, got {type(r).__name__}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive int, got {workers!r}")
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(runs), desc="training runs", disable=not progress)
-    raw: list[Any] = [None] * len(runs)
-    if workers == 1 or len(runs) == 1:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            for i, r in enumerate(runs):
-                raw[i] = _train_one(clinic, r, config)
-                bar.update()
-        finally:
-            torch.set_num_threads(threads)
-    else:
-        # "spawn": a fresh interpreter per worker (forking a process that already runs
-        # PyTorch's thread pools can hang).
-        with ProcessPoolExecutor(max_workers=min(workers, len(runs)), mp_context=mp.get_context("spawn"),
-                                 initializer=_worker_init) as pool:
-            futures = {pool.submit(_train_one, clinic, r, config): i for i, r in enumerate(runs)}
-            for future in as_completed(futures):
-                raw[futures[future]] = future.result()
-                bar.update()
-    bar.close()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # in this process too, so that workers=1 gives the workers' numbers
+    try:
+        raw = run_in_workers(functools.partial(_train_one, clinic, config=config), runs, workers=workers,
+                             on_done=lambda i, result: bar.update())
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
     results = []
     for r, (state, tracker, accuracy, seconds) in zip(runs, raw):
         model = ClinicMoE(clinic.d_in, clinic.num_diagnoses, r.moe)

@@ -69,12 +69,12 @@ torch.set_num_threads(1)
 
 # %%
 from moe_course.clinic import make_clinic
-from moe_course.training import ClassificationTask, TrainConfig
+from moe_course.training import CLINIC_LR, ClassificationTask, TrainConfig
 
 clinic = make_clinic(num_specialties=4, seed=0)
 S, H = clinic.num_specialties, 16  # specialties; hidden units of one doctor
 R = 16  # doctors in an ensemble
-CONFIG = TrainConfig(steps=600 * SCALE, batch_size=128, lr=1e-2, eval_every=50)
+CONFIG = TrainConfig(steps=600 * SCALE, batch_size=128, lr=CLINIC_LR, eval_every=50)
 x_val, y_val, s_val = clinic.val.x, clinic.val.diagnosis, clinic.val.specialty
 CARDIOLOGY = 0
 print(f"{len(clinic.train)} training patients, {len(clinic.val)} held-out; specialty {CARDIOLOGY} is "

@@ -296,10 +296,10 @@ show_source(RoutedMixture.forward)
 
 # %%
 from moe_course.approaches import CARDIOLOGISTS, DENSE, GENERALIST, ORACLE, TOP_1, TOP_2, four_approaches
-from moe_course.training import TrainConfig
+from moe_course.training import CLINIC_LR, TrainConfig
 
 SEEDS = list(range(6 * SCALE))
-CONFIG = TrainConfig(steps=600 * SCALE, batch_size=128, lr=1e-2, eval_every=600 * SCALE)
+CONFIG = TrainConfig(steps=600 * SCALE, batch_size=128, lr=CLINIC_LR, eval_every=600 * SCALE)
 results = four_approaches(clinic, CONFIG, num_experts=E, d_ff=H, seeds=SEEDS, aux_loss_coef=0.01,
                           track_every=25, workers=2)
 results.report()
