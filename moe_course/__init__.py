@@ -14,6 +14,7 @@ specialist. Modules, in reading order:
     routing    the GP: top_k_routing(), switch_routing(), noisy_top_k_routing(), expert_choice_routing(), capacity_mask()
     losses     load_balancing_loss(), router_z_loss(), importance_loss(): keep every doctor busy
     dispatch   sort_dispatch(): send tokens to their experts, weigh and add up what comes back
+    fast/      the same computations arranged for speed (hand-written backward, threads, grouped matmuls)
     moe        MoEConfig, MoELayer: a router in front of E experts, returns MoEOutput
     models     ClinicMoE: embed, one MoE layer, classify (the clinic lessons)
     routed     RoutedMixture: the dense mixture's gate and experts, each patient sees its top-k (lesson 04)

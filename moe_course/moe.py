@@ -24,54 +24,13 @@ from torch import nn
 
 from .dispatch import METHODS, dispatch
 from .experts import ACTIVATIONS, Experts
-from .losses import load_balancing_loss, router_z_loss, router_z_loss_from_softmax
+from .fast import router_matmul
+from .losses import load_balancing_loss, router_z_loss
 from .routing import capacity_mask, expert_capacity, noisy_top_k_routing, switch_routing, top_k_routing
 
-__all__ = ["MoEConfig", "MoEOutput", "MoELayer", "ROUTERS", "router_matmul"]
+__all__ = ["MoEConfig", "MoEOutput", "MoELayer", "ROUTERS"]
 
 ROUTERS = ("switch", "top_k", "noisy_top_k")
-
-
-# Below this many experts, the router's product and its weight gradient take the
-# shapes in which the CPU matmul does well (see _RouterMatmul).
-_FEW_EXPERTS = 16
-
-
-class _RouterMatmul(torch.autograd.Function):
-    """x (N, D) @ w (D, E) → logits (N, E), for a router with few experts.
-
-    The same product and gradients as ``x @ w``, but the weight gradient is
-    taken as (dlogits^T·x)^T rather than autograd's x^T·dlogits: with E < 16
-    columns the CPU matmul (MKL) is several times slower at the second shape.
-    Measured on 2 cores at N=4096, D=256, E=8: 1.9 → 0.3 ms alone, about 3 → 1 ms
-    inside a whole layer's forward+backward of about 150 ms. The forward reads
-    w as the transpose of a contiguous (E, D) copy, x @ (w^T)^T, for the same
-    reason: about 1.2 → 0.7 ms inside the layer.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w):  # noqa: D102
-        ctx.save_for_backward(x, w)
-        return x @ w.t().contiguous().t()  # (N, E), the same product as x @ w
-
-    @staticmethod
-    def backward(ctx, dlogits):  # noqa: D102
-        x, w = ctx.saved_tensors
-        dx = dlogits @ w.t() if ctx.needs_input_grad[0] else None  # (N, D)
-        dw = (dlogits.t() @ x).t() if ctx.needs_input_grad[1] else None  # (D, E)
-        return dx, dw
-
-
-def router_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Router logits x (N, D) @ w (D, E) → (N, E); the same value and gradients as ``x @ w``.
-
-    With fewer than 16 experts the product and its weight gradient are taken in
-    the shapes a CPU matmul is fast at (``_RouterMatmul``); otherwise this is
-    plain ``x @ w``.
-    """
-    if w.shape[-1] < _FEW_EXPERTS and x.ndim == 2 and w.ndim == 2 and x.dtype == w.dtype:
-        return _RouterMatmul.apply(x, w)
-    return x @ w
 
 
 @dataclass(frozen=True)
@@ -185,7 +144,7 @@ class MoELayer(nn.Module):
 
     def _float32_matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return router_matmul(x.float(), w.float())  # (N, E)
+            return router_matmul(x.float(), w.float())  # x @ w (N, E), in the shape a CPU is quickest at (moe_course.fast)
 
     def router(self, x: torch.Tensor) -> torch.Tensor:
         """Router logits in float32: x (N, D) → (N, E). No jitter, no noise."""
@@ -227,10 +186,7 @@ class MoELayer(nn.Module):
         # keep=None when nothing can be dropped: the dispatch then skips checking every assignment
         y = dispatch(tokens, self.experts, routing.expert_index, routing.gates, keep if capacity is not None else None, method=cfg.dispatch)  # (N, D)
         aux = load_balancing_loss(probs, routing.expert_index)
-        if routing.router_logits is logits:  # probs = softmax(logits), and the first choice is the most likely expert
-            z = router_z_loss_from_softmax(logits, probs, routing.expert_index[:, 0])
-        else:  # noisy routing chose on noisy logits: the z-loss is of the clean ones
-            z = router_z_loss(logits)
+        z = router_z_loss(logits)  # of the clean logits, also when noisy routing chose on noisy ones
         return MoEOutput(
             y=y.reshape(x.shape),
             loss=cfg.aux_loss_coef * aux + cfg.z_loss_coef * z,

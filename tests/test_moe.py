@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_course.experts import Experts, FeedForward
-from moe_course.moe import MoEConfig, MoELayer, MoEOutput, router_matmul
+from moe_course.moe import MoEConfig, MoELayer, MoEOutput
 
 
 def _layer(seed: int = 0, **overrides) -> MoELayer:
@@ -103,42 +103,6 @@ def test_moelayer_router_and_expert_output_methods():
         layer.router(_x(2, 3, 8))
     with pytest.raises(ValueError, match=r"MoELayer expects x of shape \(B, T, 8\) or \(N, 8\)"):
         layer(_x(7, 5))
-
-
-@pytest.mark.parametrize("n,d,e", [(37, 8, 4), (40, 16, 8), (33, 8, 16), (5, 3, 1)])
-def test_router_matmul_has_the_value_and_gradients_of_x_at_w(n, d, e):
-    """The few-experts product (and plain x @ w from 16 experts on) agrees with autograd's x @ w."""
-    x = _x(n, d, seed=2).double().requires_grad_()
-    w = _x(d, e, seed=3).double().requires_grad_()
-    dlogits = _x(n, e, seed=4).double()
-    logits = router_matmul(x, w)
-    assert logits.shape == (n, e) and logits.is_contiguous()
-    dx, dw = torch.autograd.grad(logits, (x, w), dlogits)
-    ref_x, ref_w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    ref = ref_x @ ref_w
-    ref.backward(dlogits)
-    torch.testing.assert_close(logits, ref)
-    torch.testing.assert_close(dx, ref_x.grad)
-    torch.testing.assert_close(dw, ref_w.grad)
-    assert torch.autograd.gradcheck(router_matmul, (x[:6, :4].detach().clone().requires_grad_(), w[:4].detach().clone().requires_grad_()))
-
-
-def test_router_matmul_with_a_frozen_weight_still_gives_x_its_gradient_and_leaves_a_contiguous_weight_grad():
-    layer = _layer(num_experts=8)
-    x = _x(20, 8)
-    layer(x).y.sum().backward()  # x needs no gradient here
-    assert layer.w_router.grad.is_contiguous() and layer.w_router.grad.abs().sum() > 0
-    x = _x(20, 8).requires_grad_()
-    with torch.no_grad():
-        layer.w_router.requires_grad_(False)
-    try:
-        router_matmul(x, layer.w_router).sum().backward()
-    finally:
-        layer.w_router.requires_grad_(True)
-    torch.testing.assert_close(x.grad, layer.w_router.sum(1).expand(20, 8))
-
-
-# -- equivalences ------------------------------------------------------------------
 
 
 def test_moelayer_with_one_expert_is_the_dense_ffn():

@@ -5,11 +5,11 @@ import threading
 import pytest
 import torch
 
-import moe_course.parallel as parallel
+import moe_course.fast.threads as parallel
 from moe_course.dispatch import METHODS, sort_split
 from moe_course.experts import Experts
 from moe_course.memory import MemoryRecorder
-from moe_course.parallel import expert_order, over_experts, worth_threading
+from moe_course.fast.threads import expert_order, over_experts, worth_threading
 from moe_course.routing import capacity_mask, top_k_routing
 
 
@@ -119,7 +119,7 @@ def test_threaded_sort_split_works_under_inference_mode(two_threads):
 
 
 def test_expert_threads_off_keeps_everything_on_the_calling_thread():
-    from moe_course.parallel import expert_threads
+    from moe_course.fast import expert_threads
 
     assert worth_threading([256] * 64, 2 * 128 * 512, threads=2)
     with expert_threads(False):
