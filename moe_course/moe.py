@@ -26,7 +26,7 @@ from .dispatch import METHODS, dispatch
 from .experts import ACTIVATIONS, Experts
 from .fast import router_matmul
 from .losses import load_balancing_loss, router_z_loss
-from .routing import capacity_mask, expert_capacity, noisy_top_k_routing, switch_routing, top_k_routing
+from .routing import Routing, capacity_mask, expert_capacity, noisy_top_k_routing, switch_routing, top_k_routing
 
 __all__ = ["MoEConfig", "MoEOutput", "MoELayer", "ROUTERS"]
 
@@ -142,6 +142,11 @@ class MoELayer(nn.Module):
         if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[-1] != self.config.d_model:
             raise ValueError(f"{what} expects tokens of shape (N, {self.config.d_model}), got {tuple(getattr(x, 'shape', ()))}")
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        D = self.config.d_model
+        if not isinstance(x, torch.Tensor) or x.ndim not in (2, 3) or x.shape[-1] != D:
+            raise ValueError(f"MoELayer expects x of shape (B, T, {D}) or (N, {D}), got {tuple(getattr(x, 'shape', ()))}")
+
     def _float32_matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
             return router_matmul(x.float(), w.float())  # x @ w (N, E), in the shape a CPU is quickest at (moe_course.fast)
@@ -155,38 +160,54 @@ class MoELayer(nn.Module):
         """Expert e alone on x (N, D) → (N, D), ungated."""
         return self.experts.expert_output(e, x)
 
+    def jitter(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What the router reads: in training with ``router_jitter`` ε > 0, tokens (N, D) times U[1-ε, 1+ε]."""
+        eps = self.config.router_jitter
+        if not (self.training and eps > 0):
+            return tokens
+        return tokens.float() * torch.empty_like(tokens, dtype=torch.float32).uniform_(1.0 - eps, 1.0 + eps)  # (N, D)
+
+    def route(self, logits: torch.Tensor, router_in: torch.Tensor) -> Routing:
+        """The config's routing function on the router logits (N, E) → Routing with expert_index, gates (N, K)."""
+        cfg = self.config
+        if cfg.router == "switch":
+            return switch_routing(logits)
+        if cfg.router == "top_k":
+            return top_k_routing(logits, cfg.top_k)
+        noise_logits = self._float32_matmul(router_in, self.w_noise)  # (N, E), the learned noise scale
+        return noisy_top_k_routing(logits, noise_logits, cfg.top_k, training=self.training)
+
+    def capacity(self, expert_index: torch.Tensor) -> tuple[int | None, torch.Tensor | None]:
+        """Slots per expert C for this call and which assignments (N, K) fit; (None, None) when dropless."""
+        cfg = self.config
+        if cfg.capacity_factor is None:
+            return None, None
+        capacity = expert_capacity(expert_index.shape[0], cfg.num_experts, cfg.capacity_factor, top_k=cfg.top_k, min_capacity=cfg.min_capacity)
+        return capacity, capacity_mask(expert_index, cfg.num_experts, capacity).keep  # C, (N, K)
+
     def forward(self, x: torch.Tensor) -> MoEOutput:
         cfg = self.config
-        if not isinstance(x, torch.Tensor) or x.ndim not in (2, 3) or x.shape[-1] != cfg.d_model:
-            raise ValueError(f"MoELayer expects x of shape (B, T, {cfg.d_model}) or (N, {cfg.d_model}), got {tuple(getattr(x, 'shape', ()))}")
+        self._check_input(x)
         tokens = x.reshape(-1, cfg.d_model)  # (N, D)
-        num_tokens = tokens.shape[0]
-        router_in = tokens
-        if self.training and cfg.router_jitter > 0:
-            noise = torch.empty_like(tokens, dtype=torch.float32).uniform_(1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)
-            router_in = tokens.float() * noise  # (N, D), the experts still see the clean tokens
-        logits = self.router(router_in)  # (N, E) float32
-        if cfg.router == "switch":
-            routing = switch_routing(logits)
-        elif cfg.router == "top_k":
-            routing = top_k_routing(logits, cfg.top_k)
-        else:
-            noise_logits = self._float32_matmul(router_in, self.w_noise)  # (N, E)
-            routing = noisy_top_k_routing(logits, noise_logits, cfg.top_k, training=self.training)
-        probs = routing.router_probs if routing.router_logits is logits else F.softmax(logits, dim=-1)  # (N, E)
 
-        if cfg.capacity_factor is None:
-            capacity = None
-            keep = torch.ones_like(routing.expert_index, dtype=torch.bool)  # (N, K)
-        else:
-            capacity = expert_capacity(num_tokens, cfg.num_experts, cfg.capacity_factor, top_k=cfg.top_k, min_capacity=cfg.min_capacity)
-            keep = capacity_mask(routing.expert_index, cfg.num_experts, capacity).keep  # (N, K)
+        # 1. The router (the GP) scores every expert for every token, in float32.
+        router_in = self.jitter(tokens)  # (N, D); the experts still see the clean tokens
+        logits = self.router(router_in)  # (N, E)
+        probs = F.softmax(logits, dim=-1)  # (N, E)
 
-        # The default (grouped matmuls on sorted tokens) never builds an (N, E, C) tensor.
-        # keep=None when nothing can be dropped: the dispatch then skips checking every assignment
-        y = dispatch(tokens, self.experts, routing.expert_index, routing.gates, keep if capacity is not None else None, method=cfg.dispatch)  # (N, D)
+        # 2. Routing: each token's K experts, best first, and the weight of each one's answer.
+        routing = self.route(logits, router_in)  # expert_index, gates (N, K)
+
+        # 3. Capacity: with a capacity factor, assignments beyond an expert's C slots are dropped.
+        capacity, keep = self.capacity(routing.expert_index)  # keep (N, K), None when dropless
+
+        # 4. Dispatch: every expert on its tokens, outputs weighted by the gates and summed per token.
+        y = dispatch(tokens, self.experts, routing.expert_index, routing.gates, keep, method=cfg.dispatch)  # (N, D)
+
+        # 5. The router's losses, from the clean logits; f counts what the router chose, before dropping.
         aux = load_balancing_loss(probs, routing.expert_index)
-        z = router_z_loss(logits)  # of the clean logits, also when noisy routing chose on noisy ones
+        z = router_z_loss(logits)
+        keep = torch.ones_like(routing.expert_index, dtype=torch.bool) if keep is None else keep  # (N, K)
         return MoEOutput(
             y=y.reshape(x.shape),
             loss=cfg.aux_loss_coef * aux + cfg.z_loss_coef * z,

@@ -20,8 +20,7 @@ model holds E times the FFN parameters.
 ``GPT.forward`` returns a ``GPTOutput``: the logits, ``aux_loss`` (the sum
 over MoE layers of their weighted ``MoEOutput.loss``, to add to the
 cross-entropy) and every layer's ``MoEOutput`` (None for dense layers) to
-look inside the routing. ``force_expert=e`` bypasses the router: every token
-goes to expert e with gate 1, no capacity limit, no auxiliary loss.
+look inside the routing.
 
 ``param_count(config)`` and ``flops_per_token(config)`` count what a model
 knows and what a token costs, by formula (checked against PyTorch's FLOP
@@ -149,14 +148,14 @@ class GPTConfig:
 @dataclass(frozen=True)
 class BlockOutput:
     x: torch.Tensor  # (B, T, D) the residual stream after the block
-    moe: MoEOutput | None  # the Switch layer's result (None for a dense block or a forced expert)
+    moe: MoEOutput | None  # the Switch layer's result (None for a dense block)
 
 
 @dataclass(frozen=True)
 class GPTOutput:
     logits: torch.Tensor  # (B, T, V) scores of the next character at every position
     aux_loss: torch.Tensor  # () sum over Switch layers of MoEOutput.loss (weighted balance + z-loss); 0 for dense
-    moe: tuple[MoEOutput | None, ...]  # one entry per block: its MoEOutput, or None (dense block, forced expert)
+    moe: tuple[MoEOutput | None, ...]  # one entry per block: its MoEOutput, or None (dense block)
 
     @property
     def moe_outputs(self) -> list[tuple[int, MoEOutput]]:
@@ -195,18 +194,13 @@ class Block(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.ffn, MoELayer)
 
-    def forward(self, x: torch.Tensor, *, force_expert: int | None = None) -> BlockOutput:
-        x = x + self.attn(self.ln_1(x))  # (B, T, D) communication
+    def forward(self, x: torch.Tensor) -> BlockOutput:
+        x = x + self.attn(self.ln_1(x))  # (B, T, D) communication: tokens talk to each other
         h = self.ln_2(x)  # (B, T, D)
-        moe = None
-        if not self.is_moe:
-            y = self.ffn(h)  # (B, T, D) computation, one token at a time
-        elif force_expert is not None:
-            y = self.ffn.expert_output(force_expert, h.reshape(-1, h.shape[-1])).reshape(h.shape)  # router bypassed, gate 1
-        else:
-            moe = self.ffn(h)
-            y = moe.y  # (B, T, D); a dropped token gets y = 0 and rides the residual
-        return BlockOutput(x + self.ffn_dropout(y), moe)
+        if self.is_moe:
+            moe = self.ffn(h)  # computation, routed: a dropped token gets y = 0 and rides the residual
+            return BlockOutput(x + self.ffn_dropout(moe.y), moe)
+        return BlockOutput(x + self.ffn_dropout(self.ffn(h)), None)  # computation, one token at a time
 
 
 class GPT(nn.Module):
@@ -248,33 +242,28 @@ class GPT(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if b.is_moe]
 
-    def forward(self, idx: torch.Tensor, *, force_expert: int | None = None) -> GPTOutput:
-        cfg = self.config
+    def _check_ids(self, idx: torch.Tensor) -> None:
         if not isinstance(idx, torch.Tensor) or idx.ndim != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"GPT expects token ids of shape (B, T) and integer dtype, got {getattr(idx, 'dtype', type(idx).__name__)} {tuple(getattr(idx, 'shape', ()))}")
-        B, T = idx.shape
-        if T > cfg.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size={cfg.block_size}; crop it to the last {cfg.block_size} tokens")
+        T = idx.shape[1]
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size={self.config.block_size}; crop it to the last {self.config.block_size} tokens")
         if T == 0:
             raise ValueError("GPT needs at least one token per sequence")
-        if force_expert is not None:
-            if cfg.ffn != "switch":
-                raise ValueError("force_expert needs a Switch model (ffn='switch'); this one is dense")
-            if isinstance(force_expert, bool) or not isinstance(force_expert, int) or not 0 <= force_expert < cfg.num_experts:
-                raise ValueError(f"force_expert must be an int in [0, {cfg.num_experts}), got {force_expert!r}")
+
+    def forward(self, idx: torch.Tensor) -> GPTOutput:
+        self._check_ids(idx)
         x = self.tok_emb(idx)  # (B, T, D)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(T, device=idx.device))  # (T, D) broadcast over B
+            x = x + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))  # (T, D) broadcast over B
         x = self.drop(x)
         moes: list[MoEOutput | None] = []
-        aux = x.new_zeros(())
         for block in self.blocks:
-            out = block(x, force_expert=force_expert)
+            out = block(x)
             x = out.x
             moes.append(out.moe)
-            if out.moe is not None:
-                aux = aux + out.moe.loss
         logits = self.head(self.ln_f(x))  # (B, T, V)
+        aux = sum((m.loss for m in moes if m is not None), x.new_zeros(()))
         return GPTOutput(logits=logits, aux_loss=aux, moe=tuple(moes))
 
     @torch.no_grad()

@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import loop_reference
+
 from moe_course.experts import Experts, FeedForward
 from moe_course.moe import MoEConfig, MoELayer, MoEOutput
 
@@ -22,14 +24,9 @@ def _x(*shape: int, seed: int = 1) -> torch.Tensor:
 
 
 def _loop_reference(layer: MoELayer, x: torch.Tensor, out: MoEOutput) -> torch.Tensor:
-    """Token by token: y_n = Σ_j keep · gate · expert(x_n), from the layer's own routing."""
+    """Token by token, from the layer's own routing: x (B, T, D) or (N, D) → the same shape."""
     tokens = x.reshape(-1, layer.config.d_model)
-    y = torch.zeros_like(tokens)
-    for n in range(tokens.shape[0]):
-        for j in range(out.expert_index.shape[1]):
-            if out.keep[n, j]:
-                y[n] += out.gates[n, j] * layer.expert_output(int(out.expert_index[n, j]), tokens[n : n + 1])[0]
-    return y.reshape(x.shape)
+    return loop_reference(tokens, layer, out.expert_index, out.gates, out.keep).reshape(x.shape)
 
 
 # -- config ----------------------------------------------------------------------

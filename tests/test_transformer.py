@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from helpers import forced_expert
+
 from moe_course.flops import count_parameters, ffn_flops, ffn_param_count
 from moe_course.moe import MoELayer, MoEOutput
 from moe_course.transformer import (
@@ -134,10 +136,6 @@ def test_gpt_rejects_bad_inputs():
         model(_ids(t=17))
     with pytest.raises(ValueError, match=r"\(B, T\)"):
         model(torch.randn(2, 16))
-    with pytest.raises(ValueError, match="Switch model"):
-        model(_ids(), force_expert=0)
-    with pytest.raises(ValueError, match=r"force_expert must be an int in \[0, 4\)"):
-        GPT(_cfg(ffn="switch", num_experts=4))(_ids(), force_expert=4)
     with pytest.raises(TypeError, match="GPTConfig"):
         GPT({"vocab_size": V})
 
@@ -164,7 +162,8 @@ def test_one_expert_switch_equals_its_dense_twin_with_the_router_bypassed():
     dense, switch = _twins(1)
     x = _ids(3)
     ref = dense(x).logits
-    assert torch.allclose(switch(x, force_expert=0).logits, ref, atol=1e-5)
+    with forced_expert(switch, 0):
+        assert torch.allclose(switch(x).logits, ref, atol=1e-5)
     # through the router too: a softmax over one expert is exactly 1, so the gate changes nothing
     out = switch(x)
     assert all(torch.equal(m.gates, torch.ones_like(m.gates)) for m in out.moe)
@@ -196,7 +195,8 @@ def test_upcycled_experts_each_equal_the_dense_model():
     x = _ids()
     ref = dense(x).logits
     for e in range(4):
-        assert torch.allclose(switch(x, force_expert=e).logits, ref, atol=1e-5)
+        with forced_expert(switch, e):
+            assert torch.allclose(switch(x).logits, ref, atol=1e-5)
     # routed, each token's output is the dense output times its gate (< 1): not equal any more
     assert not torch.allclose(switch(x).logits, ref, atol=1e-3)
 
@@ -286,3 +286,18 @@ def test_generate_stops_at_the_stop_token():
     first = model.generate(prompt, 1, temperature=0.0)[0, -1].item()
     out = model.generate(prompt, 10, temperature=0.0, stop_token=first)
     assert out.shape == (1, 4)
+
+
+def test_forced_expert_helper_bypasses_every_router_and_restores_the_layers():
+    dense, switch = _twins(4)
+    layers = [b.ffn for b in switch.blocks]
+    with forced_expert(switch, 2):
+        out = switch(_ids())
+        assert out.moe == (None, None) and out.aux_loss.item() == 0.0
+    assert [b.ffn for b in switch.blocks] == layers and all(b.is_moe for b in switch.blocks)
+    with pytest.raises(ValueError, match=r"expert must be in \[0, 4\)"):
+        with forced_expert(switch, 4):
+            pass
+    with pytest.raises(ValueError, match="Switch blocks"):
+        with forced_expert(dense, 0):
+            pass
