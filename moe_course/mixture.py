@@ -108,8 +108,8 @@ class MixtureOutput:
     """Everything the dense mixture computed for N patients."""
 
     logits: torch.Tensor  # (N, classes) log p(y | x), the mixture's log-probabilities (rows already normalised)
-    gate_logits: torch.Tensor  # (N, E) the gate's raw scores
-    gate_weights: torch.Tensor  # (N, E) softmax of gate_logits: the weight of every expert
+    router_logits: torch.Tensor  # (N, E) the gate's raw scores
+    router_probs: torch.Tensor  # (N, E) softmax of router_logits: the weight of every expert
     expert_logits: torch.Tensor  # (N, E, classes) every expert's own scores
 
     @property
@@ -147,8 +147,8 @@ class DenseMixture(nn.Module):
             raise ValueError(f"DenseMixture expects patients of shape (N, {self.config.d_in}), got {tuple(x.shape)}")
         gate = self.gate(x)  # weights (N, E)
         expert_logits = torch.stack([expert(x) for expert in self.experts], dim=1)  # (N, E, classes): every doctor, every patient
-        logits = mixture_log_probs(expert_logits, gate.logits)  # (N, classes): log Σ_e g_e p_e
-        return MixtureOutput(logits, gate.logits, gate.weights, expert_logits)
+        logits = mixture_log_probs(expert_logits, gate.router_logits)  # (N, classes): log Σ_e g_e p_e
+        return MixtureOutput(logits, gate.router_logits, gate.router_probs, expert_logits)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.config.num_experts}"

@@ -42,8 +42,8 @@ class MoEConfig:
     capacity_factor: float | None = None  # slots per expert = ceil(K·N/E · factor); None: dropless
     min_capacity: int = 1  # at least this many slots per expert when capacity_factor is set
     router: str = "switch"  # "switch" (top-1, raw gate), "top_k" (renormalised), "noisy_top_k" (Shazeer 2017)
-    aux_loss_coef: float = 1e-2  # α, weight of the load-balancing loss in MoEOutput.loss
-    z_loss_coef: float = 1e-3  # weight of the router z-loss in MoEOutput.loss
+    aux_loss_coef: float = 1e-2  # α, weight of the load-balancing loss in MoEOutput.router_loss
+    z_loss_coef: float = 1e-3  # weight of the router z-loss in MoEOutput.router_loss
     router_jitter: float = 0.0  # ε: router input times U[1-ε, 1+ε] in training (Switch used 1e-2)
     init_scale: float | None = 0.1  # Switch init std = sqrt(scale/fan_in) for experts and router; None: PyTorch default
     activation: str = "gelu"  # the experts' non-linearity
@@ -80,7 +80,7 @@ class MoEConfig:
 @dataclass(frozen=True)
 class MoEOutput:
     y: torch.Tensor  # (B, T, D) or (N, D) like the input: the layer's output (add the residual outside)
-    loss: torch.Tensor  # () aux_loss_coef·aux_loss + z_loss_coef·z_loss: add this to the training loss
+    router_loss: torch.Tensor  # () aux_loss_coef·aux_loss + z_loss_coef·z_loss: add this to the task loss
     aux_loss: torch.Tensor  # () unweighted load-balancing loss, 1.0 when perfectly balanced
     z_loss: torch.Tensor  # () unweighted router z-loss
     router_logits: torch.Tensor  # (N, E) float32, the clean router logits, router(x)
@@ -109,7 +109,8 @@ class MoELayer(nn.Module):
 
     Losses: aux_loss = load_balancing_loss(router_probs, expert_index) (f counts
     what the router chose, before dropping); z_loss = router_z_loss(router_logits),
-    both from the clean logits. ``loss`` weights them by the config's coefficients.
+    both from the clean logits, unweighted; ``router_loss`` weights them by the
+config's coefficients and is what a training loop adds to the task loss.
     """
 
     def __init__(self, config: MoEConfig) -> None:
@@ -210,7 +211,7 @@ class MoELayer(nn.Module):
         keep = torch.ones_like(routing.expert_index, dtype=torch.bool) if keep is None else keep  # (N, K)
         return MoEOutput(
             y=y.reshape(x.shape),
-            loss=cfg.aux_loss_coef * aux + cfg.z_loss_coef * z,
+            router_loss=cfg.aux_loss_coef * aux + cfg.z_loss_coef * z,
             aux_loss=aux,
             z_loss=z,
             router_logits=logits,

@@ -121,7 +121,7 @@ class ClinicDay:
     keep: torch.Tensor  # (B, K) bool
     capacity: int | None  # C, chairs per expert for this batch (None: no limit)
     num_experts: int
-    balance_loss: float  # Switch balance loss of the batch, 1.0 when even
+    aux_loss: float  # unweighted Switch balance loss of the batch, 1.0 when even
     accuracy: float  # held-out accuracy, all patients routed in batches of B under the same settings
     dropped_share: float  # share of held-out patients turned away (no expert at all)
 
@@ -173,7 +173,7 @@ def clinic_day(
         keep=shown.keep,
         capacity=shown.capacity,
         num_experts=model.moe.config.num_experts,
-        balance_loss=float(load_balancing_loss(probs, shown.expert_index)),
+        aux_loss=float(load_balancing_loss(probs, shown.expert_index)),
         accuracy=correct / len(val),
         dropped_share=dropped / len(val),
     )

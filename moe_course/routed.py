@@ -23,8 +23,8 @@ MoE layer in a transformer combines its experts (``moe_course.moe``). Routers
     "top_k"   top-k with the k gates renormalised to sum to 1 (GShard, Mixtral)
 
 Training adds ``aux_loss_coef`` × the Switch load-balancing loss (and
-optionally the router z-loss), returned in ``RoutedOutput.aux_loss``, which
-``moe_course.training`` adds to the cross-entropy.
+optionally ``z_loss_coef`` × the router z-loss), returned in
+``RoutedOutput.router_loss``, which ``moe_course.training`` adds to the cross-entropy.
 
 Cost: a patient pays for the gate and k experts, whatever E is
 (``routed_mixture_flops``); the dense mixture pays for all E.
@@ -92,17 +92,17 @@ class RoutedOutput:
     """Everything the routed mixture computed for N patients."""
 
     logits: torch.Tensor  # (N, classes) Σ_j gates_j · expert_{e_j}(x): the diagnosis scores
-    aux_loss: torch.Tensor  # () aux_loss_coef·balance_loss + z_loss_coef·z_loss: training adds it
-    balance_loss: torch.Tensor  # () unweighted Switch load-balancing loss, 1.0 when perfectly balanced
+    router_loss: torch.Tensor  # () aux_loss_coef·aux_loss + z_loss_coef·z_loss: add this to the task loss
+    aux_loss: torch.Tensor  # () unweighted Switch load-balancing loss, 1.0 when perfectly balanced
     z_loss: torch.Tensor  # () unweighted router z-loss
-    gate_logits: torch.Tensor  # (N, E) the gate's raw scores
-    gate_weights: torch.Tensor  # (N, E) float32 softmax over the experts: the GP's opinion of every doctor
+    router_logits: torch.Tensor  # (N, E) the gate's raw scores
+    router_probs: torch.Tensor  # (N, E) float32 softmax over the experts: the GP's opinion of every doctor
     expert_index: torch.Tensor  # (N, K) int64, the doctors each patient sees, best first
     gates: torch.Tensor  # (N, K) float32, the weight of each chosen doctor's answer
 
     def tokens_per_expert(self) -> torch.Tensor:
         """(E,) int64: how many patients each doctor saw (all K choices counted)."""
-        return torch.bincount(self.expert_index.reshape(-1), minlength=self.gate_logits.shape[-1])
+        return torch.bincount(self.expert_index.reshape(-1), minlength=self.router_logits.shape[-1])
 
 
 class RoutedMixture(nn.Module):
@@ -122,18 +122,18 @@ class RoutedMixture(nn.Module):
             FeedForward(config.d_in, config.d_ff, d_out=config.num_classes) for _ in range(config.num_experts)
         )
 
-    def route(self, gate_logits: torch.Tensor) -> Routing:
-        """The GP's referral: gate logits (N, E) → Routing with expert_index and gates (N, K)."""
+    def route(self, router_logits: torch.Tensor) -> Routing:
+        """The GP's referral: the gate's logits (N, E) → Routing with expert_index and gates (N, K)."""
         if self.config.router == "switch":
-            return switch_routing(gate_logits)
-        return top_k_routing(gate_logits, self.config.top_k)
+            return switch_routing(router_logits)
+        return top_k_routing(router_logits, self.config.top_k)
 
     def forward(self, x: torch.Tensor) -> RoutedOutput:
         cfg = self.config
         if x.ndim != 2 or x.shape[-1] != cfg.d_in:
             raise ValueError(f"RoutedMixture expects patients of shape (N, {cfg.d_in}), got {tuple(x.shape)}")
-        gate_logits = self.gate(x).logits  # (N, E)
-        routing = self.route(gate_logits)
+        router_logits = self.gate(x).router_logits  # (N, E)
+        routing = self.route(router_logits)
         logits = x.new_zeros(x.shape[0], cfg.num_classes)  # (N, classes)
         for e, expert in enumerate(self.experts):
             token, choice = (routing.expert_index == e).nonzero(as_tuple=True)  # the patients who see doctor e
@@ -141,15 +141,15 @@ class RoutedMixture(nn.Module):
                 continue  # an idle doctor costs nothing
             gate = routing.gates[token, choice].to(x.dtype)[:, None]  # (M, 1)
             logits = logits.index_add(0, token, gate * expert(x[token]))  # (N, classes)
-        balance = load_balancing_loss(routing.router_probs, routing.expert_index)
-        z = router_z_loss(gate_logits)
+        aux = load_balancing_loss(routing.router_probs, routing.expert_index)
+        z = router_z_loss(router_logits)
         return RoutedOutput(
             logits=logits,
-            aux_loss=cfg.aux_loss_coef * balance + cfg.z_loss_coef * z,
-            balance_loss=balance,
+            router_loss=cfg.aux_loss_coef * aux + cfg.z_loss_coef * z,
+            aux_loss=aux,
             z_loss=z,
-            gate_logits=gate_logits,
-            gate_weights=routing.router_probs,
+            router_logits=router_logits,
+            router_probs=routing.router_probs,
             expert_index=routing.expert_index,
             gates=routing.gates,
         )

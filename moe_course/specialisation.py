@@ -124,7 +124,7 @@ class SpecialisationTracker:
     """A ``train(..., callback=tracker)`` callback that records specialisation during training.
 
     At every evaluation it runs the model on ``x`` (the model must return a
-    result with ``gate_weights`` (N, E)) and appends the step, the
+    result with ``router_probs`` (N, E)) and appends the step, the
     specialisation score and the gate-mass table.
     """
 
@@ -138,9 +138,9 @@ class SpecialisationTracker:
         device = next(model.parameters()).device
         with torch.no_grad():
             out = model(self.x.to(device))
-        weights = getattr(out, "gate_weights", None)
+        weights = getattr(out, "router_probs", None)
         if weights is None:
-            raise TypeError(f"SpecialisationTracker needs a model whose output has gate_weights; got {type(out).__name__}")
+            raise TypeError(f"SpecialisationTracker needs a model whose output has router_probs; got {type(out).__name__}")
         self.rows.append({"step": step, "score": specialisation_score(weights, self.specialty, self.num_specialties)})
         self.gate_mass.append(gate_mass_by_specialty(weights, self.specialty, self.num_specialties))
 

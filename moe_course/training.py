@@ -79,10 +79,12 @@ class Task(Protocol):
 
 
 def model_logits(output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Split a model's output into (logits, auxiliary loss or None).
+    """Split a model's output into (logits, router_loss or None): what to score, and what to add to the task loss.
 
     Models may return a tensor, or a typed result with ``logits`` (or ``y``)
-    and optionally ``aux_loss`` (already weighted by its coefficient).
+    and optionally ``router_loss``: its router losses, already weighted by
+    their coefficients (``aux_loss`` and ``z_loss`` are the unweighted ones,
+    for watching, never added here).
     """
     if isinstance(output, torch.Tensor):
         return output, None
@@ -91,7 +93,7 @@ def model_logits(output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = getattr(output, "y", None)
     if logits is None:
         raise TypeError(f"model returned {type(output).__name__}; expected a tensor or a result with .logits")
-    return logits, getattr(output, "aux_loss", None)
+    return logits, getattr(output, "router_loss", None)
 
 
 @dataclass
@@ -124,9 +126,9 @@ class ClassificationTask:
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
         x, y = batch
-        logits, aux = model_logits(model(x))
+        logits, router_loss = model_logits(model(x))
         ce = F.cross_entropy(logits, y)
-        total = ce if aux is None else ce + aux
+        total = ce if router_loss is None else ce + router_loss
         return total, {"train_loss": ce.item()}
 
     @torch.no_grad()

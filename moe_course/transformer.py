@@ -17,10 +17,11 @@ and z-losses; every expert has the dense FFN's width F, so one token costs
 the same FLOPs in both models (plus the router's 2·D·E), while the Switch
 model holds E times the FFN parameters.
 
-``GPT.forward`` returns a ``GPTOutput``: the logits, ``aux_loss`` (the sum
-over MoE layers of their weighted ``MoEOutput.loss``, to add to the
-cross-entropy) and every layer's ``MoEOutput`` (None for dense layers) to
-look inside the routing.
+``GPT.forward`` returns a ``GPTOutput``: the logits, ``router_loss`` (the sum
+over Switch layers of their weighted ``MoEOutput.router_loss``, to add to the
+cross-entropy), the unweighted ``aux_loss`` and ``z_loss`` summed over Switch
+layers, and every layer's ``MoEOutput`` (None for dense layers) to look inside
+the routing.
 
 ``param_count(config)`` and ``flops_per_token(config)`` count what a model
 knows and what a token costs, by formula (checked against PyTorch's FLOP
@@ -154,7 +155,9 @@ class BlockOutput:
 @dataclass(frozen=True)
 class GPTOutput:
     logits: torch.Tensor  # (B, T, V) scores of the next character at every position
-    aux_loss: torch.Tensor  # () sum over Switch layers of MoEOutput.loss (weighted balance + z-loss); 0 for dense
+    router_loss: torch.Tensor  # () sum over Switch layers of MoEOutput.router_loss (weighted): add this to the task loss; 0 for dense
+    aux_loss: torch.Tensor  # () sum over Switch layers of the unweighted load-balancing losses; 0 for dense
+    z_loss: torch.Tensor  # () sum over Switch layers of the unweighted router z-losses; 0 for dense
     moe: tuple[MoEOutput | None, ...]  # one entry per block: its MoEOutput, or None (dense block)
 
     @property
@@ -263,8 +266,10 @@ class GPT(nn.Module):
             x = out.x
             moes.append(out.moe)
         logits = self.head(self.ln_f(x))  # (B, T, V)
-        aux = sum((m.loss for m in moes if m is not None), x.new_zeros(()))
-        return GPTOutput(logits=logits, aux_loss=aux, moe=tuple(moes))
+        routed = [m for m in moes if m is not None]
+        zero = x.new_zeros(())
+        return GPTOutput(logits=logits, router_loss=sum((m.router_loss for m in routed), zero), aux_loss=sum((m.aux_loss for m in routed), zero),
+                         z_loss=sum((m.z_loss for m in routed), zero), moe=tuple(moes))
 
     @torch.no_grad()
     def generate(

@@ -341,14 +341,14 @@ x_val, s_val = clinic.val.x, clinic.val.specialty
 with torch.no_grad():
     dense_out = results.models[APPROACHES[2]](x_val)
     routed_out = results.models[APPROACHES[3]](x_val)
-sent = top_expert_counts(routed_out.gate_weights, s_val, S).float()  # (S, E): patients per specialty and expert
+sent = top_expert_counts(routed_out.router_probs, s_val, S).float()  # (S, E): patients per specialty and expert
 fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
-gate_mass_heatmap(gate_mass_by_specialty(dense_out.gate_weights, s_val, S), clinic.specialties, ax=axes[0],
+gate_mass_heatmap(gate_mass_by_specialty(dense_out.router_probs, s_val, S), clinic.specialties, ax=axes[0],
                   title=f"3 · dense mixture: mean gate weight\n(specialisation score "
-                        f"{specialisation_score(dense_out.gate_weights, s_val, S):.2f})")
+                        f"{specialisation_score(dense_out.router_probs, s_val, S):.2f})")
 gate_mass_heatmap(sent / sent.sum(1, keepdim=True), clinic.specialties, ax=axes[1], label="share of the specialty's patients",
                   title=f"4 · the GP: where each specialty is sent\n(specialisation score "
-                        f"{specialisation_score(routed_out.gate_weights, s_val, S):.2f})")
+                        f"{specialisation_score(routed_out.router_probs, s_val, S):.2f})")
 fig.tight_layout()
 load = sent.sum(0) / sent.sum()  # (E,) share of all held-out patients per doctor
 print("share of the held-out patients the GP sends to each doctor:", [f"{v:.1%}" for v in load.tolist()])

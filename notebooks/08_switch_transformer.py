@@ -67,8 +67,8 @@ use_course_style()
 #
 # In the package a `Block` holds either a `FeedForward` (dense) or a `MoELayer` (Switch).
 # Here is its forward pass; the only Switch-specific part is the `MoEOutput` it returns,
-# whose `loss` (the weighted load-balancing and z-losses of lesson 05) the model adds up
-# over blocks into `GPTOutput.aux_loss`, and the training loss adds to the cross-entropy.
+# whose `router_loss` (the weighted load-balancing and z-losses of lesson 05) the model adds
+# up over blocks into `GPTOutput.router_loss`, and the training loss adds to the cross-entropy.
 
 # %%
 from moe_course.show import show_source

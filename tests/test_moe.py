@@ -75,7 +75,7 @@ def test_moelayer_shapes_and_dtypes(router, k):
     assert out.router_probs.shape == (10, 4) and out.router_probs.dtype == torch.float32
     assert out.expert_index.shape == (10, k) and out.expert_index.dtype == torch.int64
     assert out.gates.shape == (10, k) and out.keep.shape == (10, k) and out.keep.dtype == torch.bool
-    assert out.aux_loss.ndim == out.z_loss.ndim == out.loss.ndim == out.num_dropped.ndim == 0
+    assert out.aux_loss.ndim == out.z_loss.ndim == out.router_loss.ndim == out.num_dropped.ndim == 0
     assert out.tokens_per_expert.shape == (4,) and int(out.tokens_per_expert.sum()) == 10 * k
     assert out.capacity is None and int(out.num_dropped) == 0 and out.keep.all()
     torch.testing.assert_close(out.router_probs, F.softmax(out.router_logits, -1))
@@ -85,7 +85,7 @@ def test_moelayer_shapes_and_dtypes(router, k):
 def test_moelayer_loss_is_the_weighted_sum_of_aux_and_z():
     layer = _layer(aux_loss_coef=0.5, z_loss_coef=0.25)
     out = layer(_x(12, 8))
-    torch.testing.assert_close(out.loss, 0.5 * out.aux_loss + 0.25 * out.z_loss)
+    torch.testing.assert_close(out.router_loss, 0.5 * out.aux_loss + 0.25 * out.z_loss)
     assert out.aux_loss.item() >= 1.0 - 1e-6  # at least 1 in practice, 1.0 when perfectly balanced
 
 

@@ -94,7 +94,7 @@ def test_tracker_records_the_score_at_every_evaluation():
     assert tracker.history["step"].tolist() == [20, 40]
     assert len(tracker.gate_mass) == 2 and tracker.gate_mass[0].shape == (2, 3)
     with torch.no_grad():
-        final = specialisation_score(model(clinic.val.x).gate_weights, clinic.val.specialty, 2)
+        final = specialisation_score(model(clinic.val.x).router_probs, clinic.val.specialty, 2)
     assert tracker.history["score"].iloc[-1] == pytest.approx(final)
-    with pytest.raises(TypeError, match="gate_weights"):
+    with pytest.raises(TypeError, match="router_probs"):
         tracker(0, FeedForward(clinic.d_in, 4, d_out=2))

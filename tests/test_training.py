@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moe_course.experts import FeedForward
@@ -87,16 +88,17 @@ def test_callback_sees_every_evaluation():
 def test_model_logits_reads_typed_results():
     class Out:
         logits = torch.zeros(2, 3)
-        aux_loss = torch.tensor(0.5)
+        router_loss = torch.tensor(0.5)
+        aux_loss = torch.tensor(50.0)  # unweighted: for watching, never added
 
-    logits, aux = model_logits(Out())
-    assert logits.shape == (2, 3) and aux.item() == 0.5
+    logits, router_loss = model_logits(Out())
+    assert logits.shape == (2, 3) and router_loss.item() == 0.5
     assert model_logits(torch.ones(1))[1] is None
     with pytest.raises(TypeError, match="expected a tensor"):
         model_logits(object())
 
 
-def test_aux_loss_is_added_to_the_training_loss():
+def test_router_loss_is_added_to_the_training_loss():
     class WithAux(nn.Module):
         def __init__(self):
             super().__init__()
@@ -108,7 +110,7 @@ def test_aux_loss_is_added_to_the_training_loss():
 
             out = Out()
             out.logits = self.lin(x)
-            out.aux_loss = 10.0 * self.lin.weight.pow(2).sum()
+            out.router_loss = 10.0 * self.lin.weight.pow(2).sum()
             return out
 
     task = _task()
@@ -116,6 +118,25 @@ def test_aux_loss_is_added_to_the_training_loss():
     model = WithAux()
     total, metrics = task.loss(model, batch)
     assert total.item() == pytest.approx(metrics["train_loss"] + 10.0 * model.lin.weight.pow(2).sum().item(), rel=1e-5)
+
+
+def test_a_bare_moe_layer_trains_with_its_weighted_router_loss():
+    """train(MoELayer(...), task): the task loss adds α·aux + β·z, not the unweighted aux_loss."""
+    from moe_course.moe import MoEConfig, MoELayer
+
+    torch.manual_seed(0)
+    config = MoEConfig(d_model=5, d_ff=8, num_experts=4, aux_loss_coef=0.01, z_loss_coef=0.001)
+    layer = MoELayer(config)
+    task = _task()  # x (N, 5); the layer's y (N, 5) serves as five class scores
+    batch = (task.x_train[:16], task.y_train[:16])
+    total, metrics = task.loss(layer, batch)
+    out = layer(batch[0])
+    ce = F.cross_entropy(out.y, batch[1])
+    want = ce + config.aux_loss_coef * out.aux_loss + config.z_loss_coef * out.z_loss
+    assert total.item() == pytest.approx(want.item(), rel=1e-6)
+    assert out.aux_loss.item() >= 1.0 - 1e-6 and abs(total.item() - (ce + out.aux_loss).item()) > 0.5  # not the unweighted 100x α
+    result = train(layer, task, TrainConfig(steps=5, eval_every=5), progress=False, device="cpu")
+    assert len(result.history) == 1 and result.history["train_loss"].notna().all()
 
 
 def test_classification_task_checks_shapes():

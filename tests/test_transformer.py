@@ -99,14 +99,17 @@ def test_gpt_output_fields_and_shapes(ffn, experts):
     model = GPT(_cfg(ffn=ffn, num_experts=experts))
     out = model(_ids())
     assert isinstance(out, GPTOutput) and out.logits.shape == (2, 16, V)
-    assert len(out.moe) == 2 and out.aux_loss.shape == ()
+    assert len(out.moe) == 2 and out.router_loss.shape == out.aux_loss.shape == out.z_loss.shape == ()
     if ffn == "dense":
-        assert out.moe == (None, None) and out.aux_loss.item() == 0.0
+        assert out.moe == (None, None) and out.router_loss.item() == out.aux_loss.item() == out.z_loss.item() == 0.0
     else:
         assert all(isinstance(m, MoEOutput) for m in out.moe)
-        assert torch.allclose(out.aux_loss, out.moe[0].loss + out.moe[1].loss)
+        assert torch.allclose(out.router_loss, out.moe[0].router_loss + out.moe[1].router_loss)
+        assert torch.allclose(out.aux_loss, out.moe[0].aux_loss + out.moe[1].aux_loss)
+        assert torch.allclose(out.z_loss, out.moe[0].z_loss + out.moe[1].z_loss)
+        assert torch.allclose(out.router_loss, 1e-2 * out.aux_loss + 1e-3 * out.z_loss)
         assert [i for i, _ in out.moe_outputs] == [0, 1]
-        assert out.aux_loss.item() > 0
+        assert out.router_loss.item() > 0
 
 
 @pytest.mark.parametrize("kw", [{}, {"position": "learned"}, {"fast_attention": False}, {"ffn": "switch", "num_experts": 4, "capacity_factor": None}])
@@ -168,9 +171,9 @@ def test_one_expert_switch_equals_its_dense_twin_with_the_router_bypassed():
     out = switch(x)
     assert all(torch.equal(m.gates, torch.ones_like(m.gates)) for m in out.moe)
     assert torch.allclose(out.logits, ref, atol=1e-5)
-    # the only difference is the auxiliary loss: balance = 1 exactly, z-loss = mean of logit²
+    # the only difference is the router loss: balance = 1 exactly, z-loss = mean of logit²
     z = sum(m.router_logits.square().mean() for m in out.moe)
-    assert torch.allclose(out.aux_loss, 1e-2 * 2 + 1e-3 * z)
+    assert torch.allclose(out.router_loss, 1e-2 * 2 + 1e-3 * z)
 
 
 def test_one_expert_switch_gets_the_dense_gradients_when_its_losses_are_off():
@@ -181,7 +184,7 @@ def test_one_expert_switch_gets_the_dense_gradients_when_its_losses_are_off():
     x, y = _ids(2, seed=1), _ids(2, seed=2)
     for m in (dense, switch):
         out = m(x)
-        (torch.nn.functional.cross_entropy(out.logits.reshape(-1, V), y.reshape(-1)) + out.aux_loss).backward()
+        (torch.nn.functional.cross_entropy(out.logits.reshape(-1, V), y.reshape(-1)) + out.router_loss).backward()
     assert torch.allclose(dense.tok_emb.weight.grad, switch.tok_emb.weight.grad, atol=1e-6)
     for db, sb in zip(dense.blocks, switch.blocks):
         assert torch.allclose(db.attn.qkv.weight.grad, sb.attn.qkv.weight.grad, atol=1e-6)
@@ -293,7 +296,7 @@ def test_forced_expert_helper_bypasses_every_router_and_restores_the_layers():
     layers = [b.ffn for b in switch.blocks]
     with forced_expert(switch, 2):
         out = switch(_ids())
-        assert out.moe == (None, None) and out.aux_loss.item() == 0.0
+        assert out.moe == (None, None) and out.router_loss.item() == 0.0
     assert [b.ffn for b in switch.blocks] == layers and all(b.is_moe for b in switch.blocks)
     with pytest.raises(ValueError, match=r"expert must be in \[0, 4\)"):
         with forced_expert(switch, 4):
