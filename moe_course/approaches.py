@@ -29,12 +29,11 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from .clinic import Clinic
 from .ensembles import train_ensemble
 from .experts import FeedForward
-from .flops import count_parameters
+from .flops import count_parameters, measure_flops_per_example
 from .mixture import DenseMixture, DenseMixtureConfig
 from .routed import RoutedMixture, RoutedMixtureConfig
 from .specialists import train_specialists
@@ -49,20 +48,6 @@ APPROACHES = (
     "4 · the GP (top-1 routing)",
 )
 ORACLE = "specialists with a perfect GP (oracle)"
-
-
-def measure_flops_per_example(forward: Callable[[torch.Tensor], Any], x: torch.Tensor) -> float:
-    """Matmul FLOPs that ``forward(x)`` runs, per row of x (N, D), counted by PyTorch's FLOP counter.
-
-    Runs under ``torch.no_grad()``; only matrix multiplications are counted
-    (2 FLOPs per multiply-add), as everywhere in the course.
-    """
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"x must be a non-empty batch (N, D), got shape {tuple(x.shape)}")
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        forward(x)
-    return counter.get_total_flops() / x.shape[0]
 
 
 def _own_specialist(specialists: Sequence[nn.Module], specialty: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

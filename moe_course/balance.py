@@ -31,7 +31,7 @@ from .losses import expert_fraction, load_balancing_loss, router_z_loss
 from .models import ClinicMoE
 from .moe import MoEConfig
 from .routing import expert_capacity
-from .training import ClassificationTask, TrainConfig, model_logits, train
+from .training import ClassificationTask, TrainConfig, evaluating, model_logits, train
 
 __all__ = ["load_stats", "LoadTracker", "evaluate_capacity", "capacity_sweep"]
 
@@ -66,7 +66,7 @@ def load_stats(shares: torch.Tensor, *, idle_below: float = 0.25) -> dict[str, f
 class LoadTracker:
     """A ``train(..., callback=tracker)`` callback: the experts' load and the router's logits over training.
 
-    At each call it runs the model on ``x`` in evaluation mode and appends one
+    At each call it runs the model on ``x`` (``training.evaluating``: eval mode, no gradients) and appends one
     row: the step, the Switch balance loss (1.0 when even), the router z-loss
     (mean logsumexp² of the logits), the mean largest |logit|, and ``load_stats``.
     Call ``tracker(0, model)`` before training to record the start.
@@ -78,11 +78,8 @@ class LoadTracker:
 
     def __call__(self, step: int, model: nn.Module) -> None:
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model):
             routing = _routing(model(self.x.to(device)))
-        model.train(was_training)
         logits = routing.router_logits.detach().float().cpu()  # (N, E)
         expert_index = routing.expert_index.cpu()  # (N, K)
         shares = expert_fraction(expert_index, logits.shape[-1])  # (E,) before dropping

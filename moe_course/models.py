@@ -21,25 +21,11 @@ class ClinicMoEOutput:
     router_loss: torch.Tensor  # () the MoE layer's weighted losses (MoEOutput.router_loss): add this to the task loss
     moe: MoEOutput  # the MoE layer's full result, for inspecting the routing
 
-    @property
-    def router_logits(self) -> torch.Tensor:
-        """(N, E) the MoE layer's router logits."""
-        return self.moe.router_logits
-
-    @property
-    def router_probs(self) -> torch.Tensor:
-        """(N, E) their softmax."""
-        return self.moe.router_probs
-
-    @property
-    def aux_loss(self) -> torch.Tensor:
-        """() the unweighted load-balancing loss."""
-        return self.moe.aux_loss
-
-    @property
-    def z_loss(self) -> torch.Tensor:
-        """() the unweighted router z-loss."""
-        return self.moe.z_loss
+    # the routing vocabulary of every result type, read from the MoE layer's result
+    router_logits = property(lambda self: self.moe.router_logits, doc="(N, E) the MoE layer's router logits")
+    router_probs = property(lambda self: self.moe.router_probs, doc="(N, E) their softmax")
+    aux_loss = property(lambda self: self.moe.aux_loss, doc="() the unweighted load-balancing loss")
+    z_loss = property(lambda self: self.moe.z_loss, doc="() the unweighted router z-loss")
 
 
 class ClinicMoE(nn.Module):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dispatch import METHODS, dispatch
-from .experts import ACTIVATIONS, Experts
+from .experts import ACTIVATIONS, Experts, init_linear_
 from .fast import router_matmul
 from .losses import load_balancing_loss, router_z_loss
 from .routing import Routing, capacity_mask, expert_capacity, noisy_top_k_routing, switch_routing, top_k_routing
@@ -129,13 +129,7 @@ config's coefficients and is what a training loop adds to the task loss.
 
     @torch.no_grad()
     def reset_router(self) -> None:
-        fan_in = self.config.d_model
-        if self.config.init_scale is None:
-            bound = 1.0 / math.sqrt(fan_in)
-            self.w_router.uniform_(-bound, bound)
-        else:
-            std = math.sqrt(self.config.init_scale / fan_in)
-            nn.init.trunc_normal_(self.w_router, std=std, a=-2 * std, b=2 * std)
+        init_linear_(self.w_router, None, self.config.d_model, self.config.init_scale)
         if self.w_noise is not None:
             self.w_noise.zero_()
 

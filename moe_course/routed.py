@@ -38,11 +38,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .experts import FeedForward
-from .flops import matmul_flops
-from .gating import SoftmaxGate
+from .flops import moe_layer_flops, moe_layer_param_count, routed_mixture_flops  # counted in the accounting module
 from .losses import load_balancing_loss, router_z_loss
-from .mixture import dense_mixture_param_count
+from .mixture import gate_and_experts
 from .routing import Routing, switch_routing, top_k_routing
 
 __all__ = [
@@ -51,7 +49,6 @@ __all__ = [
     "RoutedOutput",
     "RoutedMixture",
     "routed_mixture_flops",
-    "routed_mixture_param_count",
     "moe_layer_param_count",
     "moe_layer_flops",
 ]
@@ -117,10 +114,7 @@ class RoutedMixture(nn.Module):
         if not isinstance(config, RoutedMixtureConfig):
             raise TypeError(f"RoutedMixture expects a RoutedMixtureConfig, got {type(config).__name__}")
         self.config = config
-        self.gate = SoftmaxGate(config.d_in, config.num_experts)
-        self.experts = nn.ModuleList(
-            FeedForward(config.d_in, config.d_ff, d_out=config.num_classes) for _ in range(config.num_experts)
-        )
+        self.gate, self.experts = gate_and_experts(config.d_in, config.d_ff, config.num_classes, config.num_experts)  # DenseMixture's staff
 
     def route(self, router_logits: torch.Tensor) -> Routing:
         """The GP's referral: the gate's logits (N, E) → Routing with expert_index and gates (N, K)."""
@@ -159,49 +153,3 @@ class RoutedMixture(nn.Module):
         return f"router={c.router!r}, num_experts={c.num_experts}, top_k={c.top_k}"
 
 
-def _positive_int(**values: int) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def routed_mixture_param_count(d_in: int, d_ff: int, num_classes: int, num_experts: int) -> int:
-    """Parameters of RoutedMixture: the same as DenseMixture's (gate D·E + E, E experts)."""
-    return dense_mixture_param_count(d_in, d_ff, num_classes, num_experts)
-
-
-def routed_mixture_flops(num_tokens: int, d_in: int, d_ff: int, num_classes: int, num_experts: int, top_k: int = 1) -> int:
-    """Matmul FLOPs of RoutedMixture on N patients: the gate (2·N·D·E) plus k experts per patient.
-
-    Each patient pays for k experts, 2·D·F + 2·F·classes each, whatever E is.
-    """
-    _positive_int(num_experts=num_experts, top_k=top_k)
-    if top_k > num_experts:
-        raise ValueError(f"top_k={top_k} is more than num_experts={num_experts}")
-    gate = matmul_flops(num_tokens, d_in, num_experts)
-    expert = matmul_flops(num_tokens, d_in, d_ff) + matmul_flops(num_tokens, d_ff, num_classes)
-    return gate + top_k * expert
-
-
-def moe_layer_param_count(d_model: int, d_ff: int, num_experts: int, *, bias: bool = True, noisy: bool = False) -> int:
-    """Parameters of ``MoELayer``: the router W_r (D, E) plus E experts (D → F → D).
-
-    ``noisy``: the noisy top-k router also has W_noise (D, E).
-    """
-    _positive_int(d_model=d_model, d_ff=d_ff, num_experts=num_experts)
-    expert = 2 * d_model * d_ff + ((d_ff + d_model) if bias else 0)
-    router = d_model * num_experts * (2 if noisy else 1)
-    return router + num_experts * expert
-
-
-def moe_layer_flops(num_tokens: int, d_model: int, d_ff: int, num_experts: int, top_k: int = 1) -> int:
-    """Matmul FLOPs of ``MoELayer`` on N tokens: the router 2·N·D·E plus k experts of 4·D·F per token.
-
-    (Without dropping: with a capacity factor, dropped assignments cost nothing.)
-    """
-    _positive_int(d_model=d_model, d_ff=d_ff, num_experts=num_experts, top_k=top_k)
-    if top_k > num_experts:
-        raise ValueError(f"top_k={top_k} is more than num_experts={num_experts}")
-    router = matmul_flops(num_tokens, d_model, num_experts)
-    expert = matmul_flops(num_tokens, d_model, d_ff) + matmul_flops(num_tokens, d_ff, d_model)
-    return router + top_k * expert

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
+from .training import evaluating
+
 __all__ = [
     "gate_mass_by_specialty",
     "top_expert_counts",
@@ -123,7 +125,8 @@ def expert_accuracy_by_specialty(expert_logits: torch.Tensor, targets: torch.Ten
 class SpecialisationTracker:
     """A ``train(..., callback=tracker)`` callback that records specialisation during training.
 
-    At every evaluation it runs the model on ``x`` (the model must return a
+    At every evaluation it runs the model on ``x`` (``training.evaluating``: eval
+    mode, no gradients; the model must return a
     result with ``router_probs`` (N, E)) and appends the step, the
     specialisation score and the gate-mass table.
     """
@@ -136,7 +139,7 @@ class SpecialisationTracker:
 
     def __call__(self, step: int, model: torch.nn.Module) -> None:
         device = next(model.parameters()).device
-        with torch.no_grad():
+        with evaluating(model):
             out = model(self.x.to(device))
         weights = getattr(out, "router_probs", None)
         if weights is None:

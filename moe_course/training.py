@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import pandas as pd
 import torch
@@ -26,7 +27,7 @@ from torch import nn
 
 from .device import get_device
 
-__all__ = ["TrainConfig", "TrainResult", "Task", "ClassificationTask", "train", "model_logits"]
+__all__ = ["TrainConfig", "TrainResult", "Task", "ClassificationTask", "train", "model_logits", "evaluating"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,22 @@ class Task(Protocol):
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         """Held-out metrics, computed under ``torch.no_grad()`` in eval mode."""
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``with evaluating(model):`` eval mode and no gradients inside, the model's own mode restored after.
+
+    The one rule by which every tracker and every held-out measurement looks at a
+    model: no dropout, no router jitter or noise, nothing learned.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def model_logits(output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -147,7 +164,6 @@ class TrainResult:
     history: pd.DataFrame  # one row per evaluation: step, lr, train_loss, held-out metrics, seconds
     config: TrainConfig
     seconds: float = 0.0  # wall-clock time of this call
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def final(self) -> dict[str, float]:

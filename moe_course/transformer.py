@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import CausalSelfAttention
-from .experts import FeedForward
+from .experts import FeedForward, init_linear_
+from .flops import FlopCount, ParamCount, flops_per_token, param_count  # counted in the accounting module
 from .moe import MoEConfig, MoELayer, MoEOutput
 
 __all__ = [
@@ -166,13 +167,6 @@ class GPTOutput:
         return [(i, m) for i, m in enumerate(self.moe) if m is not None]
 
 
-def _switch_init_(linear: nn.Linear, scale: float) -> None:
-    std = math.sqrt(scale / linear.in_features)
-    nn.init.trunc_normal_(linear.weight, std=std, a=-2 * std, b=2 * std)
-    if linear.bias is not None:
-        nn.init.zeros_(linear.bias)
-
-
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln_1(x)), then x + ffn(ln_2(x)); (B, T, D) → BlockOutput."""
 
@@ -188,9 +182,9 @@ class Block(nn.Module):
             self.ffn: nn.Module = MoELayer(config.moe_config())
         else:
             self.ffn = FeedForward(D, config.d_ff, bias=config.bias)
-            if config.init_scale is not None:
-                _switch_init_(self.ffn.fc_in, config.init_scale)
-                _switch_init_(self.ffn.fc_out, config.init_scale)
+            if config.init_scale is not None:  # the Switch initialisation, as the experts have it
+                for linear in (self.ffn.fc_in, self.ffn.fc_out):
+                    init_linear_(linear.weight, linear.bias, linear.in_features, config.init_scale)
         self.ffn_dropout = nn.Dropout(config.dropout)
 
     @property
@@ -338,96 +332,9 @@ def copy_dense_into_switch(dense: GPT, switch: GPT) -> GPT:
     for name in own:
         if name in state and own[name].shape == state[name].shape:
             own[name].copy_(state[name])
-    for i, block in enumerate(switch.blocks):
+    for block, dense_block in zip(switch.blocks, dense.blocks):
         if block.is_moe:
-            ffn = dense.blocks[i].ffn
-            ex = block.ffn.experts
-            ex.w_in.copy_(ffn.fc_in.weight.T.expand_as(ex.w_in))  # (E, D, F)
-            ex.w_out.copy_(ffn.fc_out.weight.T.expand_as(ex.w_out))  # (E, F, D)
-            if ex.b_in is not None:
-                ex.b_in.copy_(ffn.fc_in.bias.expand_as(ex.b_in))
-                ex.b_out.copy_(ffn.fc_out.bias.expand_as(ex.b_out))
+            block.ffn.experts.copy_feed_forward_(dense_block.ffn)
     return switch
 
 
-# --- what a model knows and what a token costs ------------------------------------
-
-
-@dataclass(frozen=True)
-class ParamCount:
-    """Parameters of a GPT, by part. ``active``: those one token uses."""
-
-    embedding: int  # token V·D (+ position T·D when learned)
-    attention: int  # n_layers · (4·D² + 4·D biases)
-    norms: int  # (2 per block + the final one) · 2·D
-    ffn: int  # all FFN and expert parameters: dense blocks 2·D·F (+F+D), Switch blocks E times that
-    ffn_active: int  # the FFN parameters one token uses: one expert per Switch block (top-1)
-    router: int  # D·E per Switch block
-    head: int  # 0 when tied to the token embedding, else V·D
-
-    @property
-    def total(self) -> int:
-        return self.embedding + self.attention + self.norms + self.ffn + self.router + self.head
-
-    @property
-    def active(self) -> int:
-        return self.total - self.ffn + self.ffn_active
-
-
-@dataclass(frozen=True)
-class FlopCount:
-    """Forward FLOPs per token (one multiply-add = 2 FLOPs; matmuls only, as in ``moe_course.flops``)."""
-
-    attention_proj: int  # n_layers · 8·D²: q, k, v (2·D·3D) and the output projection (2·D·D)
-    attention_mix: int  # n_layers · 4·T·D: scores q·kᵀ (2·T·D) and the weighted sum of values (2·T·D)
-    ffn: int  # per block 4·D·F: the dense FFN, or the one expert a token visits (top-1)
-    router: int  # 2·D·E per Switch block
-    head: int  # 2·D·V, the logits
-
-    @property
-    def total(self) -> int:
-        return self.attention_proj + self.attention_mix + self.ffn + self.router + self.head
-
-    @property
-    def training(self) -> int:
-        """Forward + backward ≈ 3 × forward (the backward pass costs about twice the forward)."""
-        return 3 * self.total
-
-
-def param_count(config: GPTConfig) -> ParamCount:
-    """Count a GPT's parameters from its config (equals ``count_parameters(GPT(config))``)."""
-    V, T, D, F_, L, E = config.vocab_size, config.block_size, config.d_model, config.d_ff, config.n_layers, config.num_experts
-    b = int(config.bias)
-    ffn_one = 2 * D * F_ + b * (F_ + D)
-    n_moe = len(config.moe_layers)
-    n_dense = L - n_moe
-    return ParamCount(
-        embedding=V * D + (T * D if config.position != "rope" else 0),
-        attention=L * (4 * D * D + b * 4 * D),
-        norms=(2 * L + 1) * 2 * D,
-        ffn=n_dense * ffn_one + n_moe * E * ffn_one,
-        ffn_active=L * ffn_one,
-        router=n_moe * D * E,
-        head=0 if config.tie_embeddings else V * D,
-    )
-
-
-def flops_per_token(config: GPTConfig, context: int | None = None) -> FlopCount:
-    """Forward FLOPs per token, for sequences of ``context`` tokens (default block_size).
-
-    Attention scores are counted for all T keys, as the explicit masked
-    attention computes them (a causal kernel could skip the masked half).
-    Dropped tokens (over capacity) would cost less; this counts every token.
-    """
-    T = config.block_size if context is None else context
-    if not isinstance(T, int) or T <= 0:
-        raise ValueError(f"context must be a positive int, got {T!r}")
-    D, F_, L, E, V = config.d_model, config.d_ff, config.n_layers, config.num_experts, config.vocab_size
-    n_moe = len(config.moe_layers)
-    return FlopCount(
-        attention_proj=L * 8 * D * D,
-        attention_mix=L * 4 * T * D,
-        ffn=L * 4 * D * F_,
-        router=n_moe * 2 * D * E,
-        head=2 * D * V,
-    )

@@ -11,7 +11,7 @@ import io
 import ipywidgets as W
 import matplotlib.pyplot as plt
 
-from .flops import ffn_flops, ffn_param_count, matmul_flops
+from .flops import ffn_flops, ffn_param_count, moe_layer_flops, moe_layer_param_count
 
 __all__ = ["hospital_numbers", "hospital_explorer", "mixture_playground"]
 
@@ -35,12 +35,11 @@ def hospital_numbers(num_experts: int, top_k: int, d_model: int, d_ff: int) -> d
     """
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be between 1 and num_experts={num_experts}, got {top_k}")
-    expert = ffn_param_count(d_model, d_ff)
     return {
-        "dense parameters": expert,
+        "dense parameters": ffn_param_count(d_model, d_ff),
         "dense FLOPs per token": ffn_flops(1, d_model, d_ff),
-        "MoE parameters": num_experts * expert + d_model * num_experts,
-        "MoE FLOPs per token": top_k * ffn_flops(1, d_model, d_ff) + matmul_flops(1, d_model, num_experts),
+        "MoE parameters": moe_layer_param_count(d_model, d_ff, num_experts),
+        "MoE FLOPs per token": moe_layer_flops(1, d_model, d_ff, num_experts, top_k),
     }
 
 

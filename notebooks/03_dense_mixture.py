@@ -309,9 +309,9 @@ cost.style.format({"parameters": "{:,}", "FLOPs per patient": "{:,}", "FLOPs / F
 # Knowledge (parameters) and effort (FLOPs per patient) grow together, in step with E:
 # doubling the number of specialists doubles what each visit costs. Does the clock agree?
 # We time one training step (forward and backward) on a batch of 4096 patients for
-# mixtures with 1 to 16 experts. The repetitions of all models are interleaved in one run,
-# so a busy moment on the machine slows them all alike, and we report each model's median
-# time as a ratio to the one-expert mixture.
+# mixtures with 1 to 16 experts. Every step runs right next to a step of the one-expert
+# mixture, so a busy moment on the machine slows both alike, and we report the median of
+# these paired ratios.
 
 # %%
 from moe_course.timing import time_per_batch

@@ -9,6 +9,31 @@ import torch
 from torch import nn
 
 
+def randn(*shape: int, seed: int = 1) -> torch.Tensor:
+    """A seeded standard-normal tensor that leaves the global generator alone."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def small_layer(seed: int = 0, **overrides):
+    """A seeded ``MoELayer`` with D=8, F=16, E=4 unless overridden."""
+    from moe_course.moe import MoEConfig, MoELayer
+
+    torch.manual_seed(seed)
+    kwargs = dict(d_model=8, d_ff=16, num_experts=4)
+    kwargs.update(overrides)
+    return MoELayer(MoEConfig(**kwargs))
+
+
+def outputs_and_grads(method, x, experts, expert_index, gates, keep) -> list:
+    """A dispatch method's y and the gradients of a fixed weighting of y for x, the gates and every expert parameter."""
+    x = x.detach().clone().requires_grad_()
+    gates = gates.detach().clone().requires_grad_()
+    experts.zero_grad(set_to_none=True)
+    y = method(x, experts, expert_index, gates, keep)
+    (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+    return [y.detach(), x.grad, gates.grad] + [p.grad for p in experts.parameters()]
+
+
 def loop_reference(x: torch.Tensor, experts, expert_index: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Token by token: y_n = Σ_j keep[n, j] · gates[n, j] · expert_{expert_index[n, j]}(x_n); x (N, D) → (N, D).
 

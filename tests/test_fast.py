@@ -4,24 +4,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import outputs_and_grads, randn, small_layer
+
 from moe_course import fast
 from moe_course.dispatch import METHODS, sort_dispatch, sort_split
 from moe_course.experts import ACTIVATIONS, Experts
 from moe_course.fast import router_matmul
 from moe_course.fast.activations import ACTIVATION_GRADS
-from moe_course.moe import MoEConfig, MoELayer
 from moe_course.routing import capacity_mask, top_k_routing
 
 
-def _layer(seed: int = 0, **overrides) -> MoELayer:
-    torch.manual_seed(seed)
-    kwargs = dict(d_model=8, d_ff=16, num_experts=4)
-    kwargs.update(overrides)
-    return MoELayer(MoEConfig(**kwargs))
-
-
-def _x(*shape: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+_layer, _x = small_layer, randn
 
 
 @pytest.mark.parametrize("n,d,e", [(37, 8, 4), (40, 16, 8), (33, 8, 16), (5, 3, 1)])
@@ -79,15 +72,6 @@ def _routing(n=30, e=4, k=2, capacity=9, seed=0):
     return routing.expert_index, routing.gates, keep
 
 
-def _outputs_and_grads(fn, x, experts, expert_index, gates, keep):
-    x = x.detach().clone().requires_grad_()
-    gates = gates.detach().clone().requires_grad_()
-    experts.zero_grad(set_to_none=True)
-    y = fn(x, experts, expert_index, gates, keep)
-    (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
-    return [y.detach(), x.grad, gates.grad] + [p.grad for p in experts.parameters()]
-
-
 def test_an_activation_without_a_derivative_runs_the_readable_dispatch(monkeypatch):
     """Add "silu" to ACTIVATIONS only: the fast methods must not give it another activation's gradient."""
     monkeypatch.setitem(ACTIVATIONS, "silu", F.silu)
@@ -96,9 +80,9 @@ def test_an_activation_without_a_derivative_runs_the_readable_dispatch(monkeypat
     x = _x(30, 8)
     expert_index, gates, keep = _routing()
     assert not fast.applies(x, experts.w_in, gates, activation="silu")
-    want = _outputs_and_grads(METHODS["masks_loop"], x, experts, expert_index, gates, keep)
+    want = outputs_and_grads(METHODS["masks_loop"], x, experts, expert_index, gates, keep)
     for name in ("sort_split", "grouped_mm"):
-        got = _outputs_and_grads(METHODS[name], x, experts, expert_index, gates, keep)
+        got = outputs_and_grads(METHODS[name], x, experts, expert_index, gates, keep)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
 
@@ -108,11 +92,11 @@ def test_switching_the_fast_path_off_changes_no_output_or_gradient():
     experts = Experts(4, 8, 16)
     x = _x(30, 8)
     expert_index, gates, keep = _routing()
-    want = _outputs_and_grads(sort_split, x, experts, expert_index, gates, keep)
+    want = outputs_and_grads(sort_split, x, experts, expert_index, gates, keep)
     calls = []
     with fast.enabled(False):
         assert not fast.applies(x)
-        got = _outputs_and_grads(lambda *a: calls.append(1) or sort_split(*a), x, experts, expert_index, gates, keep)
+        got = outputs_and_grads(lambda *a: calls.append(1) or sort_split(*a), x, experts, expert_index, gates, keep)
         torch.testing.assert_close(router_matmul(x, experts.w_in[0]), x @ experts.w_in[0])
     assert fast.applies(x) and calls
     for g, w in zip(got, want):

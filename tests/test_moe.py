@@ -6,21 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import loop_reference
+from helpers import loop_reference, randn, small_layer
 
 from moe_course.experts import Experts, FeedForward
 from moe_course.moe import MoEConfig, MoELayer, MoEOutput
 
 
-def _layer(seed: int = 0, **overrides) -> MoELayer:
-    torch.manual_seed(seed)
-    kwargs = dict(d_model=8, d_ff=16, num_experts=4)
-    kwargs.update(overrides)
-    return MoELayer(MoEConfig(**kwargs))
-
-
-def _x(*shape: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+_layer, _x = small_layer, randn
 
 
 def _loop_reference(layer: MoELayer, x: torch.Tensor, out: MoEOutput) -> torch.Tensor:

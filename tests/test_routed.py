@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from moe_course.flops import count_parameters
-from moe_course.mixture import DenseMixture, DenseMixtureConfig, dense_mixture_flops
+from moe_course.mixture import DenseMixture, DenseMixtureConfig, dense_mixture_flops, dense_mixture_param_count
 from moe_course.moe import MoEConfig, MoELayer
 from moe_course.routed import (
     RoutedMixture,
@@ -14,7 +14,6 @@ from moe_course.routed import (
     moe_layer_flops,
     moe_layer_param_count,
     routed_mixture_flops,
-    routed_mixture_param_count,
 )
 
 
@@ -85,7 +84,7 @@ def test_idle_expert_gets_no_tokens_and_no_work():
 def test_routed_mixture_has_the_dense_mixtures_parameters():
     routed = _model()
     dense = DenseMixture(DenseMixtureConfig(6, 8, 3, 4))
-    assert count_parameters(routed) == count_parameters(dense) == routed_mixture_param_count(6, 8, 3, 4)
+    assert count_parameters(routed) == count_parameters(dense) == dense_mixture_param_count(6, 8, 3, 4)
     assert [p.shape for p in routed.parameters()] == [p.shape for p in dense.parameters()]
 
 

@@ -142,3 +142,32 @@ def test_a_bare_moe_layer_trains_with_its_weighted_router_loss():
 def test_classification_task_checks_shapes():
     with pytest.raises(ValueError, match="train split"):
         ClassificationTask(torch.zeros(3, 2), torch.zeros(4, dtype=torch.long), torch.zeros(2, 2), torch.zeros(2, dtype=torch.long))
+
+
+def test_every_tracker_looks_at_the_model_in_eval_mode_without_gradients_and_restores_its_mode():
+    """LoadTracker, SpecialisationTracker and RoutingTracker share one rule: training.evaluating."""
+    from moe_course.balance import LoadTracker
+    from moe_course.corpus import Corpus, CorpusConfig
+    from moe_course.lm_routing import RoutingTracker
+    from moe_course.mixture import DenseMixture, DenseMixtureConfig
+    from moe_course.models import ClinicMoE
+    from moe_course.moe import MoEConfig
+    from moe_course.specialisation import SpecialisationTracker
+    from moe_course.transformer import GPT, GPTConfig
+
+    corpus = Corpus(CorpusConfig(num_facts=20))
+    torch.manual_seed(0)
+    cases = [
+        (ClinicMoE(5, 2, MoEConfig(d_model=8, d_ff=8, num_experts=3)), LoadTracker(torch.randn(12, 5))),
+        (DenseMixture(DenseMixtureConfig(5, 8, 2, 3)), SpecialisationTracker(torch.randn(12, 5), torch.randint(0, 2, (12,)), 2)),
+        (GPT(GPTConfig(vocab_size=corpus.vocab_size, block_size=16, d_model=16, n_layers=1, n_heads=2, d_ff=16, ffn="switch", num_experts=2)),
+         RoutingTracker(corpus.held_out(4, 16), corpus.domains, chunk=2)),
+    ]
+    for model, tracker in cases:
+        seen = []
+        model.register_forward_pre_hook(lambda m, args: seen.append((m.training, torch.is_grad_enabled())))
+        for mode in (True, False):
+            model.train(mode)
+            tracker(0, model)
+            assert model.training is mode, type(tracker).__name__
+        assert seen and set(seen) == {(False, False)}, type(tracker).__name__

@@ -93,6 +93,15 @@ def describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"[:120]
 
 
+def expect_pair(ex: "Exercise", out: Any, names: tuple[str, str], shape: str) -> tuple[Any, Any]:
+    """The learner's two results, when ``out`` is a pair: else a clear failure naming ``names`` and their ``shape``."""
+    if out is None:
+        ex.fail("the result is None. Did you forget a `return` statement?")
+    if isinstance(out, torch.Tensor) or not isinstance(out, (tuple, list)) or len(out) != 2:
+        ex.fail(f"return two tensors, ({names[0]}, {names[1]}), each of shape {shape}; got {describe(out)}.")
+    return out[0], out[1]
+
+
 def _snapshot(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
@@ -134,9 +143,9 @@ class Exercise:
         __tracebackhide__ = True
         raise ExerciseError(f"Exercise {self.ex_id} ({self.title}): {message}")
 
-    def generator(self, salt: int = 0) -> torch.Generator:
+    def generator(self) -> torch.Generator:
         """A fixed random stream, so a learner sees the same inputs every run."""
-        return torch.Generator().manual_seed(1000 * _id_key(self.ex_id)[0] + 10 * _id_key(self.ex_id)[-1] + salt)
+        return torch.Generator().manual_seed(1000 * _id_key(self.ex_id)[0] + 10 * _id_key(self.ex_id)[-1])
 
     # -- calling the learner's code -----------------------------------------
     def expect_callable(self, obj: Any, what: str = "a function") -> None:

@@ -22,13 +22,13 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import flag
+from .flag import expert_threads  # noqa: F401  (the switch lives with the fast path's other one)
 
 __all__ = ["expert_order", "worth_threading", "over_experts", "expert_threads", "MIN_EXPERTS_PER_THREAD", "MAX_BLOCK_FLOPS", "MIN_BLOCK_FLOPS"]
 
@@ -40,18 +40,6 @@ MAX_BLOCK_FLOPS = 1e8  # mean FLOPs of one expert matmul (2·M_e·D·F) above wh
 MIN_BLOCK_FLOPS = 4e6  # ... and below which handing blocks to threads costs more than it saves
 
 _pools: dict[int, ThreadPoolExecutor] = {}
-_enabled = True
-
-
-@contextmanager
-def expert_threads(enabled: bool) -> Iterator[None]:
-    """``with expert_threads(False):`` runs every expert block on the calling thread (to compare, or to debug)."""
-    global _enabled
-    before, _enabled = _enabled, bool(enabled)
-    try:
-        yield
-    finally:
-        _enabled = before
 
 
 def _forget_pools() -> None:  # a forked child has none of its parent's threads
@@ -85,7 +73,7 @@ def worth_threading(counts: list[int], flops_per_row: int, threads: int | None =
     threads = torch.get_num_threads() if threads is None else threads
     busy = [c for c in counts if c > 0]
     return (
-        _enabled
+        flag.THREADS
         and flag.ENABLED
         and threads > 1
         and len(busy) >= MIN_EXPERTS_PER_THREAD * threads
