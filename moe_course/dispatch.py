@@ -28,7 +28,8 @@ picks one, and ``DEFAULT_METHOD`` is the fastest available.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F

@@ -168,7 +168,7 @@ class Experts(nn.Module):
         init_linear_(self.w_out, self.b_out, self.d_ff, self.init_scale)
 
     @classmethod
-    def from_feed_forward(cls, ffn: FeedForward, num_experts: int) -> "Experts":
+    def from_feed_forward(cls, ffn: FeedForward, num_experts: int) -> Experts:
         """E copies of one dense FFN ("upcycling": Komatsuzaki et al. 2022, arXiv:2212.05055).
 
         Every expert starts equal to ``ffn``; training makes them diverge.
@@ -181,7 +181,7 @@ class Experts(nn.Module):
         return experts.copy_feed_forward_(ffn)
 
     @torch.no_grad()
-    def copy_feed_forward_(self, ffn: FeedForward) -> "Experts":
+    def copy_feed_forward_(self, ffn: FeedForward) -> Experts:
         """Make every expert a copy of the dense ``ffn`` (same widths and biases), in place; returns self."""
         if (ffn.d_model, ffn.d_ff, ffn.d_out) != (self.d_model, self.d_ff, self.d_model) or (ffn.fc_in.bias is not None) != self.bias:
             raise ValueError(f"a FeedForward {ffn.d_model} → {ffn.d_ff} → {ffn.d_out} (bias={ffn.fc_in.bias is not None}) does not fit "

@@ -10,7 +10,7 @@ median of the paired ratios is reported.
 from __future__ import annotations
 
 import statistics
-from typing import Mapping
+from collections.abc import Mapping
 
 import pandas as pd
 import torch

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import pandas as pd
 import torch
@@ -134,7 +135,7 @@ class ClassificationTask:
                 raise ValueError(f"{split} split is empty")
 
     @classmethod
-    def from_clinic(cls, clinic: Any) -> "ClassificationTask":
+    def from_clinic(cls, clinic: Any) -> ClassificationTask:
         return cls(clinic.train.x, clinic.train.diagnosis, clinic.val.x, clinic.val.diagnosis)
 
     def sample_batch(self, batch_size: int, generator: torch.Generator, device: torch.device):

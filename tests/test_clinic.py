@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -124,7 +123,7 @@ def _best_renaming_agreement(guess: torch.Tensor, truth: torch.Tensor, num_diagn
     return agree[0], max(agree[1:])
 
 
-def test_make_clinic_twins_disagree_on_every_patient(clinic: Clinic) -> None:
+def test_make_clinic_twins_are_renamings_of_one_rule_unlike_independent_specialties(clinic: Clinic) -> None:
     # Specialty 1 is specialty 0's contradicting twin: the same measurements get
     # another diagnosis (a renaming), so learning from the twin is worse than guessing...
     guess = _nearest_neighbour_guess(clinic.train.of_specialty(0), clinic.val.of_specialty(1), clinic.d_measure)

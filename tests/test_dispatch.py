@@ -3,11 +3,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import loop_reference
-
 from moe_course.dispatch import expert_choice_dispatch, sort_dispatch
 from moe_course.experts import Experts
 from moe_course.routing import capacity_mask, expert_choice_routing, top_k_routing
+
+from helpers import loop_reference
 
 
 def _setup(n=10, d=4, e=3, k=2, seed=0):

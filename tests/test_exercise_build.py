@@ -15,6 +15,7 @@ import pytest
 
 from moe_course.exercises.__main__ import main as cli
 from moe_course.exercises.build import BuildError, build, exercise_notebook, fingerprint, status, stub_source
+
 from notebook_tools import ROOT
 
 SOLUTION = '''# %% [markdown]

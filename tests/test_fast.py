@@ -4,8 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import outputs_and_grads, randn, small_layer
-
 from moe_course import fast
 from moe_course.dispatch import METHODS, sort_dispatch, sort_split
 from moe_course.experts import ACTIVATIONS, Experts
@@ -13,6 +11,7 @@ from moe_course.fast import router_matmul
 from moe_course.fast.activations import ACTIVATION_GRADS
 from moe_course.routing import capacity_mask, top_k_routing
 
+from helpers import outputs_and_grads, randn, small_layer
 
 _layer, _x = small_layer, randn
 

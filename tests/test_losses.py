@@ -20,7 +20,8 @@ def test_load_balancing_loss_is_one_under_uniform_routing():
 def test_load_balancing_loss_is_one_under_uniform_top_k_routing():
     e, n, k = 4, 8, 2
     probs = torch.full((n, e), 1 / e)
-    index = torch.stack([torch.arange(n) % e, (torch.arange(n) + 1) % e], dim=-1)  # (N, 2), balanced
+    index = torch.stack([torch.arange(n) % e, (torch.arange(n) + 1) % e], dim=-1)  # (N, K), balanced
+    assert index.shape == (n, k)
     assert load_balancing_loss(probs, index).item() == pytest.approx(1.0, abs=1e-6)
     assert expert_fraction(index, e).sum().item() == pytest.approx(1.0)  # f counts N·K assignments
 

@@ -6,11 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import loop_reference, randn, small_layer
-
 from moe_course.experts import Experts, FeedForward
 from moe_course.moe import MoEConfig, MoELayer, MoEOutput
 
+from helpers import loop_reference, randn, small_layer
 
 _layer, _x = small_layer, randn
 

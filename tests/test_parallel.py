@@ -5,14 +5,14 @@ import threading
 import pytest
 import torch
 
-from helpers import outputs_and_grads
-
 import moe_course.fast.threads as parallel
 from moe_course.dispatch import METHODS, sort_split
 from moe_course.experts import Experts
-from moe_course.memory import MemoryRecorder
 from moe_course.fast.threads import expert_order, over_experts, worth_threading
+from moe_course.memory import MemoryRecorder
 from moe_course.routing import capacity_mask, top_k_routing
+
+from helpers import outputs_and_grads
 
 
 def test_expert_order_takes_the_busiest_experts_first_and_idle_ones_last():

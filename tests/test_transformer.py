@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import forced_expert
-
 from moe_course.flops import count_parameters, ffn_flops, ffn_param_count
-from moe_course.moe import MoELayer, MoEOutput
+from moe_course.moe import MoEOutput
 from moe_course.transformer import (
     GPT,
     Block,
@@ -21,6 +17,8 @@ from moe_course.transformer import (
     flops_per_token,
     param_count,
 )
+
+from helpers import forced_expert
 
 V = 96
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -41,7 +42,7 @@ class Mistake:
 class _Entry:
     ex_id: str
     title: str  # e.g. "feed_forward"
-    run: Callable[["Exercise", Any], str]
+    run: Callable[[Exercise, Any], str]
 
 
 REGISTRY: dict[str, _Entry] = {}
@@ -50,7 +51,7 @@ REGISTRY: dict[str, _Entry] = {}
 def exercise(ex_id: str, title: str) -> Callable:
     """Register ``fn(ex, obj) -> summary`` as the checker of exercise ``ex_id``."""
 
-    def register(fn: Callable[["Exercise", Any], str]):
+    def register(fn: Callable[[Exercise, Any], str]):
         if ex_id in REGISTRY:
             raise ValueError(f"exercise {ex_id} registered twice")
         REGISTRY[ex_id] = _Entry(ex_id, title, fn)
@@ -93,7 +94,7 @@ def describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"[:120]
 
 
-def expect_pair(ex: "Exercise", out: Any, names: tuple[str, str], shape: str) -> tuple[Any, Any]:
+def expect_pair(ex: Exercise, out: Any, names: tuple[str, str], shape: str) -> tuple[Any, Any]:
     """The learner's two results, when ``out`` is a pair: else a clear failure naming ``names`` and their ``shape``."""
     if out is None:
         ex.fail("the result is None. Did you forget a `return` statement?")

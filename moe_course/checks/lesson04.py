@@ -10,7 +10,7 @@ from torch import nn
 
 from ..experts import FeedForward
 from ..routing import noisy_top_k_routing, switch_routing, top_k_routing
-from ._core import Exercise, Mistake, describe, exercise, expect_pair
+from ._core import Exercise, Mistake, exercise, expect_pair
 
 
 def _pair(ex: Exercise, out: Any, n: int, e: int, k: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:

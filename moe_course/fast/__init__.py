@@ -17,13 +17,12 @@ The dispatch methods register themselves in ``METHODS`` (``registry.method``);
 way: the core imports this package, this package imports nothing of the core.
 """
 
+from . import grouped_mm, sorted_experts  # noqa: E402,F401  (they register their dispatch methods)
 from .activations import ACTIVATION_GRADS
 from .flag import applies, enabled
 from .registry import METHODS
 from .router_matmul import router_matmul
 from .threads import expert_order, expert_threads, over_experts, worth_threading
-
-from . import grouped_mm, sorted_experts  # noqa: E402,F401  (they register their dispatch methods)
 
 __all__ = ["ACTIVATION_GRADS", "applies", "enabled", "METHODS", "router_matmul",
            "expert_order", "expert_threads", "over_experts", "worth_threading"]

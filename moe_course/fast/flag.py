@@ -8,8 +8,8 @@ dispatch methods run the readable ``sort_dispatch``, the router is a plain
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
