@@ -241,6 +241,7 @@ def _generalist_vs_specialists(c: Clinic, hidden: int, config: TrainConfig) -> t
     return generalist_acc, team_acc
 
 
+@pytest.mark.slow  # trains a generalist and the specialists: seconds each
 @pytest.mark.parametrize("num_specialties, seed, min_gap", [(4, 0, 0.08), (4, 1, 0.08), (8, 0, 0.15)])
 def test_clinic_generalist_is_worse_than_specialists(num_specialties: int, seed: int, min_gap: float) -> None:
     # Measured over clinic seeds 0-7 (S=4): gap 0.11-0.17, specialists 0.91-0.93,
