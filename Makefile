@@ -14,11 +14,13 @@ LAB_ARGS   ?=
 ROOT_FLAG  := $(if $(filter 0,$(shell id -u)),--allow-root,)
 PYTEST_ARGS ?=
 
-.PHONY: lab test env sync exercises check figures bench clean help
+.PHONY: lab test test-fast lint env sync exercises check figures bench clean help
 
 help:
 	@echo "make lab        open the course in JupyterLab (creates $(VENV) first if needed)"
 	@echo "make test       run the whole test suite (package, lessons, solutions, exercise checks)"
+	@echo "make test-fast  run the unit tests only (no notebooks, servers or subprocesses), under a minute"
+	@echo "make lint       check the code with ruff (rules in pyproject.toml)"
 	@echo "make exercises  regenerate exercises/ from solutions/ (keeps your edits)"
 	@echo "make sync       pair every notebook .ipynb with its .py (jupytext), then regenerate exercises/"
 	@echo "make check NB=01  check your exercise notebook exercises/01_*.ipynb with nbval"
@@ -50,3 +52,12 @@ check: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build runs
+
+# The unit tier: every test but the slow ones (notebooks, nbval subprocesses, JupyterLab,
+# the browser, worker processes); under a minute on two cores.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+# Lint with the rules in pyproject.toml ([tool.ruff]); ruff comes with the dev extras.
+lint: $(STAMP)
+	$(BIN)/ruff check .

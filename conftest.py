@@ -11,6 +11,15 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 _notebook_seconds: dict[str, float] = defaultdict(float)
 
 
+def pytest_collection_modifyitems(items):
+    """Every notebook cell nbval runs is slow: `make test-fast` (pytest -m "not slow") leaves them out."""
+    import pytest
+
+    for item in items:
+        if str(item.fspath).endswith(".ipynb"):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_runtest_logreport(report):
     path = report.nodeid.split("::")[0]
     if path.endswith(".ipynb"):

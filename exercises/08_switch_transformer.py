@@ -33,23 +33,23 @@ from moe_course.transformer import Block, GPTConfig
 # (B, T, D) tensor returns a `MoEOutput` with, among others:
 #
 # - `y` (B, T, D): the experts' answers, each weighted by its gate (0 for a dropped token);
-# - `loss` (a 0-dim tensor): the weighted load-balancing loss plus the weighted router
+# - `router_loss` (a 0-dim tensor): the weighted load-balancing loss plus the weighted router
 #   z-loss, ready to add to the training loss.
 #
-# Write `switch_block_forward(block, x)` for x (B, T, D), returning `(x_out, aux_loss)`:
+# Write `switch_block_forward(block, x)` for x (B, T, D), returning `(x_out, router_loss)`:
 #
 # 1. the ward meeting: x = x + attention of the *normalised* stream (`ln_1`);
 # 2. the examination: run the MoE layer on `ln_2` of that updated stream, add its `y` to
 #    the stream;
-# 3. return the new stream and the layer's auxiliary loss.
+# 3. return the new stream and the layer's router loss.
 #
 # Build it from the parts; calling `block(x)` itself is not allowed (that is the
 # package's answer).
 
 # %%
 def switch_block_forward(block: Block, x: torch.Tensor):
-    """x (B, T, D) → (x_out (B, T, D), aux_loss ())."""
-    raise NotImplementedError("Exercise 8.1: attention with its residual, then the MoE layer on ln_2 of the stream with its residual; return the stream and moe.loss")
+    """x (B, T, D) → (x_out (B, T, D), router_loss ())."""
+    raise NotImplementedError("Exercise 8.1: attention with its residual, then the MoE layer on ln_2 of the stream with its residual; return the stream and moe.router_loss")
 
 
 # %% tags=["check"] jupyter={"source_hidden": true}

@@ -6,7 +6,7 @@ specialist. Modules, in reading order:
     device     get_device(), seed_everything()
     clinic     make_clinic(): patients from several specialties (lessons 01-05)
     experts    FeedForward: one doctor, the transformer's MLP block; Experts: E doctors, stacked weights
-    flops      count_parameters(), ffn_param_count(), ffn_flops()
+    flops      count_parameters(), ffn_flops(), moe_layer_flops(), param_count(): every count of parameters and FLOPs
     ensembles  train_ensemble(), average_probs(), brier_decomposition(): second opinions (lesson 02)
     gating     softmax_gate(), SoftmaxGate: the GP weighs every doctor (lesson 03)
     mixture    DenseMixture: every expert on every patient, weighed by the gate (lesson 03)
@@ -14,6 +14,7 @@ specialist. Modules, in reading order:
     routing    the GP: top_k_routing(), switch_routing(), noisy_top_k_routing(), expert_choice_routing(), capacity_mask()
     losses     load_balancing_loss(), router_z_loss(), importance_loss(): keep every doctor busy
     dispatch   sort_dispatch(): send tokens to their experts, weigh and add up what comes back
+    fast/      the same computations arranged for speed (hand-written backward, threads, grouped matmuls)
     moe        MoEConfig, MoELayer: a router in front of E experts, returns MoEOutput
     models     ClinicMoE: embed, one MoE layer, classify (the clinic lessons)
     routed     RoutedMixture: the dense mixture's gate and experts, each patient sees its top-k (lesson 04)
@@ -29,7 +30,7 @@ specialist. Modules, in reading order:
     train      `moe-train`: train a language model from the shell, with checkpoints and metrics
     metrics    accuracy_by_group()
     training   train(), TrainConfig, ClassificationTask
-    timing     time_per_batch(): models timed side by side, as ratios
+    timing     time_per_batch(): models timed side by side, as paired ratios (bench.paired_times)
     plots      figures the lessons share
     show       show_source(): read the package's code inside a lesson
     checks     check("N.M", answer): the hidden tests of the exercises

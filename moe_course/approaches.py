@@ -43,12 +43,11 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from .clinic import Clinic
 from .ensembles import train_ensemble
 from .experts import FeedForward
-from .flops import count_parameters
+from .flops import count_parameters, measure_flops_per_example
 from .metrics import accuracy_by_group
 from .mixture import DenseMixture, DenseMixtureConfig
 from .routed import RoutedMixture, RoutedMixtureConfig
@@ -69,20 +68,6 @@ TOP_2 = "4b · the GP, top-2"
 APPROACHES = (CARDIOLOGISTS, GENERALIST, DENSE, TOP_1, TOP_2)
 ORACLE = "specialists with a perfect GP (oracle)"
 GATED = (DENSE, TOP_1, TOP_2)  # the approaches with a gate: specialisation is measured for these
-
-
-def measure_flops_per_example(forward: Callable[[torch.Tensor], Any], x: torch.Tensor) -> float:
-    """Matmul FLOPs that ``forward(x)`` runs, per row of x (N, D), counted by PyTorch's FLOP counter.
-
-    Runs under ``torch.no_grad()``; only matrix multiplications are counted
-    (2 FLOPs per multiply-add), as everywhere in the course.
-    """
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"x must be a non-empty batch (N, D), got shape {tuple(x.shape)}")
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        forward(x)
-    return counter.get_total_flops() / x.shape[0]
 
 
 def _own_specialist(specialists: Sequence[nn.Module], specialty: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -176,7 +161,7 @@ def _run_job(job: _Job) -> _Outcome:
     if tracker is None:
         return _Outcome(row, model)
     with torch.no_grad():
-        weights = model(x).gate_weights  # (N, E)
+        weights = model(x).router_probs  # (N, E)
     row["specialisation"] = specialisation_score(weights, specialty, clinic.num_specialties)
     row["context share"] = context_share(model.gate.proj.weight, x, clinic.d_context)
     return _Outcome(row, model, tracker.history, torch.stack(tracker.counts))

@@ -16,7 +16,8 @@ Lesson 05's experiments, as tested helpers:
     capacity_sweep      train one ClinicMoE per capacity factor and measure both (Switch Transformer, Table 1, in small)
 
 They work with any model whose output carries the routing: ``ClinicMoE``
-(``out.moe`` is an ``MoEOutput``) or ``RoutedMixture`` (``RoutedOutput``).
+(``out.moe`` is an ``MoEOutput``) or ``RoutedMixture`` (``RoutedOutput``);
+``_routing`` picks the result that holds ``expert_index``.
 """
 
 from __future__ import annotations
@@ -34,52 +35,27 @@ from torch import nn
 
 from .clinic import Clinic, Patients
 from .device import seed_everything
-from .losses import load_balancing_loss, router_z_loss
+from .losses import expert_fraction, load_balancing_loss, router_z_loss
 from .models import ClinicMoE
 from .moe import MoEConfig
 from .routing import expert_capacity
-from .training import ClassificationTask, TrainConfig, model_logits, train
+from .training import ClassificationTask, TrainConfig, evaluating, model_logits, train
 from .workers import run_in_workers
 
-__all__ = ["RoutingView", "routing_view", "load_stats", "LoadTracker", "ClinicRun", "ClinicRunResult", "run_clinic_moes",
+__all__ = ["load_stats", "LoadTracker", "ClinicRun", "ClinicRunResult", "run_clinic_moes",
            "evaluate_capacity", "batch_loads", "overflow_share", "capacity_sweep"]
 
 
-@dataclass(frozen=True)
-class RoutingView:
-    """The routing inside one model output, whatever the model."""
-
-    router_logits: torch.Tensor  # (N, E) the router's raw scores
-    expert_index: torch.Tensor  # (N, K) the chosen experts
-    keep: torch.Tensor  # (N, K) bool, False where an assignment was dropped for lack of room
-
-    @property
-    def num_experts(self) -> int:
-        return self.router_logits.shape[-1]
-
-    def shares(self) -> torch.Tensor:
-        """(E,) the share of all (patient, choice) assignments each expert received, before dropping."""
-        counts = torch.bincount(self.expert_index.reshape(-1).cpu(), minlength=self.num_experts).float()
-        return counts / counts.sum().clamp_min(1.0)
-
-
-def routing_view(output: Any) -> RoutingView:
-    """The routing of a ``ClinicMoE`` output (``.moe``), an ``MoEOutput`` or a ``RoutedOutput``."""
+def _routing(output: Any) -> Any:
+    """The result that holds the routing: ``ClinicMoEOutput.moe`` (an ``MoEOutput``), or a ``RoutedOutput`` itself."""
     inner = getattr(output, "moe", output)
-    index = getattr(inner, "expert_index", None)
-    logits = getattr(inner, "router_logits", None)
-    if logits is None:
-        logits = getattr(inner, "gate_logits", None)
-    if index is None or logits is None:
-        raise TypeError(f"{type(output).__name__} carries no routing (expected expert_index and router_logits or gate_logits)")
-    keep = getattr(inner, "keep", None)
-    if keep is None:
-        keep = torch.ones_like(index, dtype=torch.bool)
-    return RoutingView(logits.detach(), index.detach(), keep.detach())
+    if not hasattr(inner, "expert_index") or not hasattr(inner, "router_logits"):
+        raise TypeError(f"{type(output).__name__} carries no routing (expected expert_index and router_logits)")
+    return inner
 
 
 def load_stats(shares: torch.Tensor, *, idle_below: float = 0.25) -> dict[str, float]:
-    """Summaries of one load vector: shares (E,) that sum to 1 (e.g. ``RoutingView.shares()``).
+    """Summaries of one load vector: shares (E,) that sum to 1 (e.g. ``losses.expert_fraction``).
 
     - ``busiest share``: the largest share (1/E when perfectly balanced, 1 when one doctor takes everyone);
     - ``idle doctors``: experts receiving less than ``idle_below`` × their fair share 1/E;
@@ -100,7 +76,7 @@ def load_stats(shares: torch.Tensor, *, idle_below: float = 0.25) -> dict[str, f
 class LoadTracker:
     """A ``train(..., callback=tracker)`` callback: the experts' load and the router's logits over training.
 
-    At each call it runs the model on ``x`` in evaluation mode and appends one
+    At each call it runs the model on ``x`` (``training.evaluating``: eval mode, no gradients) and appends one
     row: the step, the Switch balance loss (1.0 when even), the router z-loss
     (mean logsumexp² of the logits), the mean largest |logit|, and ``load_stats``.
     Call ``tracker(0, model)`` before training to record the start.
@@ -112,18 +88,16 @@ class LoadTracker:
 
     def __call__(self, step: int, model: nn.Module) -> None:
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            view = routing_view(model(self.x.to(device)))
-        model.train(was_training)
-        logits = view.router_logits.float().cpu()  # (N, E)
-        shares = view.shares()  # (E,)
+        with evaluating(model):
+            routing = _routing(model(self.x.to(device)))
+        logits = routing.router_logits.detach().float().cpu()  # (N, E)
+        expert_index = routing.expert_index.cpu()  # (N, K)
+        shares = expert_fraction(expert_index, logits.shape[-1])  # (E,) before dropping
         probs = torch.softmax(logits, dim=-1)
         self.shares.append(shares)
         self.rows.append({
             "step": step,
-            "balance loss": float(load_balancing_loss(probs, view.expert_index.cpu())),
+            "balance loss": float(load_balancing_loss(probs, expert_index)),
             "z-loss": float(router_z_loss(logits)),
             "largest |logit|": float(logits.abs().amax(dim=-1).mean()),
             **load_stats(shares),
@@ -232,7 +206,7 @@ def evaluate_capacity(model: nn.Module, patients: Patients, batch_size: int) -> 
             out = model(x)
             logits, _ = model_logits(out)
             correct += int((logits.argmax(-1).cpu() == patients.diagnosis[start : start + batch_size]).sum())
-            dropped += int((~routing_view(out).keep.any(dim=-1)).sum())
+            dropped += int(getattr(_routing(out), "num_dropped", 0))  # a RoutedOutput drops no one
     n = len(patients)
     return {"held-out accuracy": correct / n, "dropped share": dropped / n}
 
@@ -249,12 +223,12 @@ def batch_loads(model: nn.Module, patients: Patients, batch_size: int) -> torch.
     if len(patients) < batch_size:
         raise ValueError(f"need at least one full batch: {len(patients)} patients, batch_size {batch_size}")
     device = next(model.parameters()).device
-    model.eval()
     rows = []
-    with torch.no_grad():
+    with evaluating(model):
         for start in range(0, len(patients) - batch_size + 1, batch_size):
-            view = routing_view(model(patients.x[start : start + batch_size].to(device)))
-            rows.append(torch.bincount(view.expert_index.reshape(-1).cpu(), minlength=view.num_experts))
+            routing = _routing(model(patients.x[start : start + batch_size].to(device)))
+            num_experts = routing.router_logits.shape[-1]
+            rows.append(torch.bincount(routing.expert_index.reshape(-1).cpu(), minlength=num_experts))
     return torch.stack(rows)  # (batches, E)
 
 

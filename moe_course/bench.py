@@ -208,9 +208,10 @@ def paired_times(candidates: dict[str, Callable[[], object]], baseline: str, *, 
     others = [name for name in candidates if name != baseline]
     out = {name: PairedTiming([], []) for name in candidates}
     for r in range(repeats):
-        if not others:
+        if not others:  # the baseline alone
             out[baseline].seconds.append(timed(baseline))
             out[baseline].ratios.append(1.0)
+            continue
         for name in others[r % len(others):] + others[: r % len(others)]:
             pair = (baseline, name) if r % 2 == 0 else (name, baseline)
             took = {member: timed(member) for member in pair}

@@ -111,7 +111,7 @@ class Patients:
     def __len__(self) -> int:
         return self.x.shape[0]
 
-    def of_specialty(self, s: int) -> "Patients":
+    def of_specialty(self, s: int) -> Patients:
         """The patients of specialty ``s`` only, in their original order."""
         keep = self.specialty == s  # (N,)
         return Patients(self.x[keep], self.diagnosis[keep], self.specialty[keep])

@@ -15,8 +15,11 @@ Competing implementations of the same token-choice computation on stacked
     masks_loop      a Python loop over experts, a boolean mask picks each one's tokens (the common style)
     onehot_einsum   GShard: one-hot dispatch and combine tensors (N, E, C) and einsums
     padded_bmm      tokens copied into a padded (E, C, D) buffer, one batched matmul per layer
-    sort_split      sort by expert, split into blocks, one matmul pair per expert
-    grouped_mm      sort by expert, one grouped matmul per layer (torch.nn.functional.grouped_mm)
+    sort_split      sort by expert, split into blocks, one matmul pair per expert (moe_course.fast)
+    grouped_mm      sort by expert, one grouped matmul per layer (moe_course.fast)
+
+The last two live in ``moe_course.fast``: the readable ``sort_dispatch`` is what
+they compute, arranged for speed (a hand-written backward, threads, grouped matmuls).
 
 All return the same y (N, D) and the same gradients; ``dispatch(..., method=)``
 picks one, and ``DEFAULT_METHOD`` is the fastest available.
@@ -24,13 +27,15 @@ picks one, and ``DEFAULT_METHOD`` is the fastest available.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+import functools
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
+from . import fast
 from .experts import ACTIVATIONS, Experts
-from .parallel import over_experts
 
 __all__ = [
     "ExpertBank",
@@ -44,7 +49,6 @@ __all__ = [
     "dispatch",
     "METHODS",
     "DEFAULT_METHOD",
-    "HAS_GROUPED_MM",
     "sort_by_expert",
     "combine_rows",
     "slot_positions",
@@ -191,38 +195,16 @@ def _act(experts: Experts) -> Callable[[torch.Tensor], torch.Tensor]:
     return ACTIVATIONS[experts.activation]
 
 
-def _sorted_assignments(expert_index: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor | None, *, with_inverse: bool = True):
-    """The kept assignments sorted by expert (stable): token, expert, gate (M,) each, and ``inverse``.
-
-    When nothing is dropped, assignment (n, j) sits at sorted row inverse[n·K + j]
-    (so ``rows[inverse]`` undoes the sort); with drops, or ``with_inverse=False``,
-    ``inverse`` is None.
-    """
-    num_tokens, k = expert_index.shape
-    expert, gate = expert_index.reshape(-1), gates.reshape(-1)  # (N·K,)
-    if keep is None or bool(keep.all()):
-        order = torch.argsort(expert, stable=True)  # (N·K,) sorted row -> assignment n·K + j
-        inverse = None
-        if with_inverse:
-            inverse = torch.empty_like(order)
-            inverse[order] = torch.arange(order.numel(), device=order.device)
-        token = order // k if k > 1 else order
-        return token, expert[order], gate[order], inverse
-    token = torch.arange(num_tokens, device=expert_index.device).repeat_interleave(k)  # (N·K,)
-    kept = keep.reshape(-1)
-    token, expert, gate = token[kept], expert[kept], gate[kept]
-    order = torch.argsort(expert, stable=True)
-    return token[order], expert[order], gate[order], None
-
-
 def _kept_assignments(expert_index: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor | None):
     """The kept (token, expert, gate) assignments, sorted by expert (stable): three (M,) tensors."""
-    return _sorted_assignments(expert_index, gates, keep, with_inverse=False)[:3]
-
-
-def _combine(x: torch.Tensor, token: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """y = Σ gate · out, added back to each assignment's token: (M, D) → (N, D)."""
-    return combine_rows(out, token, gate, x.shape[0])
+    num_tokens, k = expert_index.shape
+    token = torch.arange(num_tokens, device=expert_index.device).repeat_interleave(k)  # (N·K,) token of assignment n·K + j
+    expert, gate = expert_index.reshape(-1), gates.reshape(-1)  # (N·K,)
+    if keep is not None:
+        kept = keep.reshape(-1)
+        token, expert, gate = token[kept], expert[kept], gate[kept]
+    order = torch.argsort(expert, stable=True)
+    return token[order], expert[order], gate[order]
 
 
 def masks_loop(x, experts: Experts, expert_index, gates, keep=None) -> torch.Tensor:
@@ -311,212 +293,27 @@ def padded_bmm(x, experts: Experts, expert_index, gates, keep=None) -> torch.Ten
         out = torch.baddbmm(experts.b_out[:, None, :], h, experts.w_out)  # (E, C, D)
     else:
         out = torch.bmm(h, experts.w_out)
-    return _combine(x, token, out.reshape(num_experts * slots, -1)[row], gate)
+    return combine_rows(out.reshape(num_experts * slots, -1)[row], token, gate, x.shape[0])
 
 
-def _act_backward(activation: str, grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    """The gradient through act at pre: grad · act'(pre), (M, F) → (M, F)."""
-    if activation == "gelu":
-        return torch.ops.aten.gelu_backward(grad, pre)
-    return torch.ops.aten.threshold_backward(grad, pre, 0)  # relu
+def _fast_method(name: str) -> Callable[..., torch.Tensor]:
+    """The fast method ``name`` of ``moe_course.fast``, with the readable methods' checks; where it
+    cannot run (``fast.applies``: the fast path switched off, autocast, mixed dtypes, an activation
+    without a hand-written derivative), ``sort_dispatch`` computes the same y."""
+    fast_method = fast.METHODS[name]
+
+    @functools.wraps(fast_method)
+    def run(x, experts: Experts, expert_index, gates, keep=None) -> torch.Tensor:
+        expert_index, gates, keep = _validate(x, experts, expert_index, gates, keep)
+        if fast.applies(x, experts.w_in, gates, activation=experts.activation):
+            return fast_method(x, experts, expert_index, gates, keep)
+        return sort_dispatch(x, experts, expert_index, gates, keep)
+
+    return run
 
 
-def _ffn_block(x_e, w1, b1, w2, b2, act):
-    """Expert FFN on one block of rows, keeping what the backward needs: x_e (M_e, D) → pre, h (M_e, F) and out (M_e, D).
-
-    ``experts.feed_forward`` with each bias folded into its matmul (addmm).
-    """
-    pre = torch.addmm(b1, x_e, w1) if b1 is not None else x_e @ w1  # (M_e, F)
-    h = act(pre)
-    out = torch.addmm(b2, h, w2) if b2 is not None else h @ w2  # (M_e, D)
-    return pre, h, out
-
-
-def _unsort(rows: torch.Tensor, token: torch.Tensor, inverse: torch.Tensor | None, num_tokens: int, k: int) -> torch.Tensor:
-    """Add each sorted row back to its token: rows (M, D) → (N, D), y_n = Σ_{i: token[i] = n} rows_i.
-
-    Without drops, a gather by the inverse permutation (and, for top-k, a sum
-    over each token's K rows) does it with no zero-filled buffer and no scatter.
-    """
-    if inverse is not None:
-        out = rows.index_select(0, inverse)  # (N·K, D) in assignment order
-        return out if k == 1 else out.view(num_tokens, k, -1).sum(1)
-    return rows.new_zeros(num_tokens, rows.shape[1]).index_add_(0, token, rows)
-
-
-def _unbind(t: torch.Tensor | None, n: int):
-    """t.unbind(0), or n Nones for a missing tensor (e.g. no biases)."""
-    return t.unbind(0) if t is not None else [None] * n
-
-
-def _split(t: torch.Tensor | None, counts: list[int]):
-    """t split into blocks of counts rows, or Nones for a missing tensor."""
-    return torch.split(t, counts) if t is not None else [None] * len(counts)
-
-
-class _SortedExperts(torch.autograd.Function):
-    """Gather, every expert's FFN on its block, gate and unsort in one step, with a hand-written backward.
-
-    x (N, D) → xs = x[token] (M, D), sorted by expert; expert e owns the next
-    counts[e] rows: pre = xs_e W_in[e] + b_in[e], h = act(pre),
-    out_e = h W_out[e] + b_out[e], ys_e = gate_e · out_e; then y_n sums the
-    rows of token n (``_unsort``). The per-expert work runs block by block,
-    where the small tensors stay in cache, and on several cores at once when
-    there are many small blocks (``moe_course.parallel.over_experts``).
-
-    The backward writes each expert's weight gradients straight into the
-    stacked (E, D, F) and (E, F, D) gradients: PyTorch's autograd would keep E
-    separate gradients and copy them into one stack, and keep some 10·E nodes
-    of bookkeeping.
-    """
-
-    @staticmethod
-    def forward(ctx, x, gate, w_in, b_in, w_out, b_out, token, inverse, counts: list[int], activation: str, k: int):  # noqa: D102
-        act = ACTIVATIONS[activation]
-        xs = x.index_select(0, token)  # (M, D)
-        ys = torch.empty(xs.shape[0], w_out.shape[2], dtype=x.dtype, device=x.device)  # (M, D)
-        saved: list = [None] * len(counts)
-        # every expert's arguments, cut once (a C call per tensor, not a Python index per expert)
-        per_expert = list(zip(torch.split(xs, counts), torch.split(ys, counts), torch.split(gate[:, None], counts),
-                              w_in.unbind(0), _unbind(b_in, len(counts)), w_out.unbind(0), _unbind(b_out, len(counts))))
-
-        def expert_forward(e: int) -> None:
-            x_e, y_e, gate_e, w1, b1, w2, b2 = per_expert[e]
-            if x_e.shape[0] == 0:
-                return
-            saved[e] = pre, h, out = _ffn_block(x_e, w1, b1, w2, b2, act)
-            torch.mul(out, gate_e, out=y_e)
-
-        over_experts(expert_forward, counts, 2 * w_in.shape[1] * w_in.shape[2])
-        ctx.save_for_backward(xs, gate, w_in, w_out, token, inverse)
-        ctx.saved, ctx.counts, ctx.activation, ctx.k, ctx.num_tokens = saved, counts, activation, k, x.shape[0]
-        return _unsort(ys, token, inverse, x.shape[0], k)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):  # noqa: D102
-        xs, gate, w_in, w_out, token, inverse = ctx.saved_tensors
-        need, counts, saved = ctx.needs_input_grad, ctx.counts, ctx.saved
-        num_experts = w_in.shape[0]
-        dys = dy.index_select(0, token)  # (M, D): each row's upstream gradient
-        dxs = torch.empty_like(xs) if need[0] else None  # (M, D)
-        dgate = torch.empty_like(gate) if need[1] else None  # (M,)
-        dw_in = torch.empty_like(w_in) if need[2] else None  # (E, D, F)
-        db_in = xs.new_empty(num_experts, w_in.shape[2]) if need[3] else None  # (E, F)
-        dw_out = torch.empty_like(w_out) if need[4] else None  # (E, F, D)
-        db_out = xs.new_empty(num_experts, w_out.shape[2]) if need[5] else None  # (E, D)
-        per_expert = list(zip(
-            torch.split(xs, counts), torch.split(dys, counts), torch.split(gate[:, None], counts), saved,
-            w_in.transpose(1, 2).unbind(0), w_out.transpose(1, 2).unbind(0), _split(dxs, counts), _split(dgate, counts),
-            _unbind(dw_in, num_experts), _unbind(db_in, num_experts), _unbind(dw_out, num_experts), _unbind(db_out, num_experts)))
-
-        def expert_backward(e: int) -> None:
-            x_e, dy_e, gate_e, kept, w1_t, w2_t, dx_e, dgate_e, dw1, db1, dw2, db2 = per_expert[e]
-            if kept is None:  # an idle expert: zero gradient
-                for grad in (dw1, db1, dw2, db2):
-                    if grad is not None:
-                        grad.zero_()
-                return
-            pre, h, out = kept
-            if dgate_e is not None:
-                torch.sum(dy_e * out, 1, out=dgate_e)  # d gate_i = dy_i · out_i
-            g = dy_e * gate_e  # (M_e, D) the gradient at out
-            if dw2 is not None:
-                torch.mm(h.t(), g, out=dw2)  # (F, D)
-            if db2 is not None:
-                torch.sum(g, 0, out=db2)
-            dpre = _act_backward(ctx.activation, g @ w2_t, pre)  # (M_e, F)
-            if dw1 is not None:
-                torch.mm(x_e.t(), dpre, out=dw1)  # (D, F)
-            if db1 is not None:
-                torch.sum(dpre, 0, out=db1)
-            if dx_e is not None:
-                torch.mm(dpre, w1_t, out=dx_e)  # (M_e, D)
-
-        over_experts(expert_backward, counts, 2 * w_in.shape[1] * w_in.shape[2])
-        dx = _unsort(dxs, token, inverse, ctx.num_tokens, ctx.k) if dxs is not None else None
-        return dx, dgate, dw_in, db_in, dw_out, db_out, None, None, None, None, None
-
-
-def _expert_blocks_autograd(xs, experts: Experts, counts: list[int]) -> torch.Tensor:
-    """Every expert's FFN on its block of sorted rows under PyTorch's autograd (for autocast and mixed dtypes)."""
-    # unbind once: one stacked gradient in the backward
-    weights = zip(experts.w_in.unbind(0), _unbind(experts.b_in, len(counts)), experts.w_out.unbind(0), _unbind(experts.b_out, len(counts)))
-    act = _act(experts)
-    return torch.cat([_ffn_block(block, *w, act)[2] for block, w in zip(torch.split(xs, counts), weights) if block.shape[0] > 0])
-
-
-def sort_split(x, experts: Experts, expert_index, gates, keep=None) -> torch.Tensor:
-    """Sort assignments by expert, split into contiguous blocks, one matmul pair per block.
-
-    Like ``sort_dispatch`` but on the stacked weights, as one autograd step
-    with a hand-written backward (``_SortedExperts``); many small blocks run
-    on several cores at once (``moe_course.parallel``). Under autocast or with
-    mixed dtypes the same loop runs under PyTorch's autograd instead.
-    """
-    expert_index, gates, keep = _validate(x, experts, expert_index, gates, keep)
-    token, expert, gate, inverse = _sorted_assignments(expert_index, gates, keep)  # (M,) each
-    if token.numel() == 0:
-        return torch.zeros_like(x)
-    counts = torch.bincount(expert, minlength=experts.num_experts).tolist()
-    if x.dtype == experts.w_in.dtype == gate.dtype and not torch.is_autocast_enabled(x.device.type):
-        return _SortedExperts.apply(x, gate, experts.w_in, experts.b_in, experts.w_out, experts.b_out,
-                                    token, inverse, counts, experts.activation, expert_index.shape[1])
-    # index_select rather than x[token]: its backward is an index_add, cheaper on a CPU than x[token]'s index_put
-    ys = _expert_blocks_autograd(x.index_select(0, token), experts, counts)  # (M, D)
-    return _combine(x, token, ys, gate)
-
-
-HAS_GROUPED_MM = hasattr(F, "grouped_mm")
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous.
-
-    grouped_mm's CPU backward rejects stride-0 gradients (e.g. from y.sum()).
-    """
-
-    @staticmethod
-    def forward(ctx, t):  # noqa: D102
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        return grad.contiguous()
-
-
-def _grouped_mm_ok(x: torch.Tensor, experts: Experts) -> bool:
-    # grouped_mm needs 16-byte aligned strides: widths that are multiples of 16 bytes
-    row = 16 // x.element_size()
-    return HAS_GROUPED_MM and experts.d_model % row == 0 and experts.d_ff % row == 0 and x.dtype == experts.w_in.dtype
-
-
-def grouped_mm(x, experts: Experts, expert_index, gates, keep=None) -> torch.Tensor:
-    """Sort assignments by expert, then one grouped matmul per layer.
-
-    ``torch.nn.functional.grouped_mm(a, b, offs=...)`` multiplies row block g of
-    a (rows offs[g-1]:offs[g]) by b[g], for all experts in one call, with the
-    stacked weights as they are. Falls back to ``sort_split`` where grouped_mm
-    is missing or the widths are not 16-byte aligned.
-    """
-    expert_index, gates, keep = _validate(x, experts, expert_index, gates, keep)
-    if not _grouped_mm_ok(x, experts):
-        return sort_split(x, experts, expert_index, gates, keep)
-    token, expert, gate = _kept_assignments(expert_index, gates, keep)  # (M,) each
-    if token.numel() == 0:
-        return torch.zeros_like(x)
-    counts = torch.bincount(expert, minlength=experts.num_experts)  # (E,)
-    offs = torch.cumsum(counts, 0).to(torch.int32)  # (E,) row ends
-    rows = token.numel()
-    h = F.grouped_mm(x.index_select(0, token), experts.w_in, offs=offs)  # (M, F)
-    if experts.b_in is not None:  # rows are sorted by expert: repeat each bias over its block
-        h = h + experts.b_in.repeat_interleave(counts, dim=0, output_size=rows)
-    h = _ContiguousGrad.apply(_act(experts)(h))
-    out = F.grouped_mm(h, experts.w_out, offs=offs)  # (M, D)
-    if experts.b_out is not None:
-        out = out + experts.b_out.repeat_interleave(counts, dim=0, output_size=rows)
-    return _combine(x, token, _ContiguousGrad.apply(out), gate)
-
+sort_split = _fast_method("sort_split")
+grouped_mm = _fast_method("grouped_mm")
 
 METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "masks_loop": masks_loop,
@@ -525,11 +322,7 @@ METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "sort_split": sort_split,
     "grouped_mm": grouped_mm,
 }
-# Measured with `python -m moe_course.bench` on a 2-core CPU (torch 2.13): sort_split was
-# fastest at E=64 (1.1-1.25x dense against grouped_mm's 1.3-1.4x), even with grouped_mm at
-# E=8 (a paired A/B of the two gave 1.00-1.01) and within a few percent of it at top-2,
-# either side; the CPU grouped_mm runs its groups one after another. At tiny sizes (a few
-# ms per layer) the C++ loops of grouped_mm and padded_bmm win. Re-measure on new hardware.
+# The fastest on this course's 2-core CPU machines (``python -m moe_course.bench`` measures all of them).
 DEFAULT_METHOD = "sort_split"
 
 

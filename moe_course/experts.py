@@ -22,9 +22,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FeedForward", "feed_forward", "Experts", "ACTIVATIONS"]
+__all__ = ["FeedForward", "feed_forward", "Experts", "ACTIVATIONS", "init_linear_"]
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
+
+
+@torch.no_grad()
+def init_linear_(weight: torch.Tensor, bias: torch.Tensor | None, fan_in: int, init_scale: float | None) -> None:
+    """Initialise one linear map's weight (and bias) in place; the course's one initialisation rule.
+
+    init_scale None: PyTorch's ``nn.Linear`` default, U(±1/sqrt(fan_in)) for the
+    weight and the bias. A number s: the Switch Transformer initialisation
+    (Fedus et al. 2021, arXiv:2101.03961, sec. 2.3), the weight from a normal
+    with std = sqrt(s / fan_in) truncated at two standard deviations, the bias zero.
+    """
+    if init_scale is None:
+        bound = 1.0 / math.sqrt(fan_in)
+        weight.uniform_(-bound, bound)
+        if bias is not None:
+            bias.uniform_(-bound, bound)
+        return
+    std = math.sqrt(init_scale / fan_in)
+    nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+    if bias is not None:
+        bias.zero_()
 
 
 def feed_forward(
@@ -142,22 +163,12 @@ class Experts(nn.Module):
             self.register_parameter("b_out", None)
         self.reset_parameters()
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        for w, b, fan_in in ((self.w_in, self.b_in, self.d_model), (self.w_out, self.b_out, self.d_ff)):
-            if self.init_scale is None:
-                bound = 1.0 / math.sqrt(fan_in)
-                w.uniform_(-bound, bound)
-                if b is not None:
-                    b.uniform_(-bound, bound)
-            else:
-                std = math.sqrt(self.init_scale / fan_in)
-                nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
-                if b is not None:
-                    b.zero_()
+        init_linear_(self.w_in, self.b_in, self.d_model, self.init_scale)
+        init_linear_(self.w_out, self.b_out, self.d_ff, self.init_scale)
 
     @classmethod
-    def from_feed_forward(cls, ffn: FeedForward, num_experts: int) -> "Experts":
+    def from_feed_forward(cls, ffn: FeedForward, num_experts: int) -> Experts:
         """E copies of one dense FFN ("upcycling": Komatsuzaki et al. 2022, arXiv:2212.05055).
 
         Every expert starts equal to ``ffn``; training makes them diverge.
@@ -166,15 +177,21 @@ class Experts(nn.Module):
             raise TypeError(f"from_feed_forward expects a FeedForward, got {type(ffn).__name__}")
         if ffn.d_out != ffn.d_model:
             raise ValueError(f"experts map D → D; this FeedForward maps {ffn.d_model} → {ffn.d_out}")
-        has_bias = ffn.fc_in.bias is not None
-        experts = cls(num_experts, ffn.d_model, ffn.d_ff, activation=ffn.activation, bias=has_bias)
-        with torch.no_grad():
-            experts.w_in.copy_(ffn.fc_in.weight.T.expand(num_experts, -1, -1))  # (E, D, F)
-            experts.w_out.copy_(ffn.fc_out.weight.T.expand(num_experts, -1, -1))  # (E, F, D)
-            if has_bias:
-                experts.b_in.copy_(ffn.fc_in.bias.expand(num_experts, -1))
-                experts.b_out.copy_(ffn.fc_out.bias.expand(num_experts, -1))
-        return experts
+        experts = cls(num_experts, ffn.d_model, ffn.d_ff, activation=ffn.activation, bias=ffn.fc_in.bias is not None)
+        return experts.copy_feed_forward_(ffn)
+
+    @torch.no_grad()
+    def copy_feed_forward_(self, ffn: FeedForward) -> Experts:
+        """Make every expert a copy of the dense ``ffn`` (same widths and biases), in place; returns self."""
+        if (ffn.d_model, ffn.d_ff, ffn.d_out) != (self.d_model, self.d_ff, self.d_model) or (ffn.fc_in.bias is not None) != self.bias:
+            raise ValueError(f"a FeedForward {ffn.d_model} → {ffn.d_ff} → {ffn.d_out} (bias={ffn.fc_in.bias is not None}) does not fit "
+                             f"experts {self.d_model} → {self.d_ff} → {self.d_model} (bias={self.bias})")
+        self.w_in.copy_(ffn.fc_in.weight.T.expand_as(self.w_in))  # (E, D, F)
+        self.w_out.copy_(ffn.fc_out.weight.T.expand_as(self.w_out))  # (E, F, D)
+        if self.bias:
+            self.b_in.copy_(ffn.fc_in.bias.expand_as(self.b_in))  # (E, F)
+            self.b_out.copy_(ffn.fc_out.bias.expand_as(self.b_out))  # (E, D)
+        return self
 
     def expert_output(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` alone on tokens x (N, D) → (N, D)."""

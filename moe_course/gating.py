@@ -49,12 +49,12 @@ def softmax_gate(x: torch.Tensor, w_gate: torch.Tensor, b_gate: torch.Tensor | N
 class GateOutput:
     """What the gate says about N patients."""
 
-    logits: torch.Tensor  # (N, E) raw scores x W_g + b_g
-    weights: torch.Tensor  # (N, E) softmax over experts: each row sums to 1
+    router_logits: torch.Tensor  # (N, E) raw scores x W_g + b_g
+    router_probs: torch.Tensor  # (N, E) softmax over experts: each row sums to 1, the weight of every expert
 
 
 class SoftmaxGate(nn.Module):
-    """A linear gate over ``num_experts`` experts: x (N, D) → GateOutput with (N, E) weights."""
+    """A linear gate over ``num_experts`` experts: x (N, D) → GateOutput with (N, E) logits and probabilities."""
 
     def __init__(self, d_in: int, num_experts: int) -> None:
         super().__init__()

@@ -8,7 +8,7 @@ S domains.
 
 * ``sample_batch``: B fresh rows of T characters from the corpus stream;
 * ``loss``: the mean cross-entropy of the next character plus the model's
-  ``aux_loss`` (the Switch layers' weighted balance and z-losses; 0 for dense);
+  ``router_loss`` (the Switch layers' weighted balance and z-losses; 0 for dense);
 * ``evaluate``: on a fixed held-out set (fresh samples, same fact table)
   ``val_loss`` overall and ``val_loss_<domain>`` for every domain (mean over
   the domain's target characters), ``val_exact_<domain>`` for domains with
@@ -186,13 +186,13 @@ class LMTask:
         return self.corpus.batch(batch_size, self.block_size, generator).to(device)
 
     def loss(self, model: nn.Module, batch: LMBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        logits, aux = model_logits(model(batch.x))
+        logits, router_loss = model_logits(model(batch.x))
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch.y.reshape(-1))
         metrics = {"train_loss": ce.item()}
-        if aux is None:
+        if router_loss is None:
             return ce, metrics
-        metrics["aux_loss"] = aux.detach().item() if isinstance(aux, torch.Tensor) else float(aux)
-        return ce + aux, metrics
+        metrics["router_loss"] = router_loss.detach().item() if isinstance(router_loss, torch.Tensor) else float(router_loss)
+        return ce + router_loss, metrics
 
     def evaluation(self, model: nn.Module, device: torch.device | str | None = None) -> LMEvaluation:
         """The full held-out result (per-domain sums and counts, per-layer routing numbers)."""

@@ -33,6 +33,7 @@ from torch import nn
 
 from .corpus import CharTokenizer, LMBatch
 from .specialisation import normalized_mutual_information
+from .training import evaluating
 
 __all__ = ["LayerRouting", "routing_report", "RoutingTracker"]
 
@@ -97,17 +98,15 @@ class LayerRouting:
         return pd.DataFrame(rows, columns=["expert", "char", "count", "share", "lift"])
 
 
-@torch.no_grad()
 def routing_report(model: nn.Module, batch: LMBatch, domains: tuple[str, ...], *, chunk: int = 32) -> list[LayerRouting]:
-    """Routing statistics of every Switch layer of ``model`` on ``batch`` (eval mode, ``chunk`` rows per call)."""
+    """Routing statistics of every Switch layer of ``model`` on ``batch`` (``training.evaluating``, ``chunk`` rows per call)."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     S, V = len(domains), model.config.vocab_size
     acc: dict[int, dict] = {}
     for start in range(0, len(batch), chunk):
         part = batch.rows(start, start + chunk).to(device)
-        out = model(part.x)
+        with evaluating(model):
+            out = model(part.x)
         dom = part.domain.reshape(-1).cpu()  # (N,)
         char = part.x.reshape(-1).cpu()  # (N,)
         for layer, moe in out.moe_outputs:
@@ -120,7 +119,6 @@ def routing_report(model: nn.Module, batch: LMBatch, domains: tuple[str, ...], *
             a["dropped"] += int(moe.num_dropped)
             a["tokens"] += first.numel()
             a["gates"] += float(moe.gates[:, 0].double().sum())
-    model.train(was_training)
     return [LayerRouting(layer, tuple(domains), a["de"].reshape(S, a["E"]), a["ce"].reshape(V, a["E"]), a["dropped"], a["tokens"], a["gates"])
             for layer, a in sorted(acc.items())]
 

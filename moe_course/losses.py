@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["load_balancing_loss", "router_z_loss", "router_z_loss_from_softmax", "importance_loss", "expert_fraction"]
+__all__ = ["load_balancing_loss", "router_z_loss", "importance_loss", "expert_fraction"]
 
 
 def expert_fraction(expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -72,19 +72,6 @@ def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
     if not isinstance(router_logits, torch.Tensor) or router_logits.ndim < 2:
         raise ValueError(f"router_logits must have shape (N, E), got {getattr(router_logits, 'shape', router_logits)!r}")
     log_z = torch.logsumexp(router_logits.float(), dim=-1)  # (N,)
-    return (log_z**2).mean()
-
-
-def router_z_loss_from_softmax(router_logits: torch.Tensor, router_probs: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-    """``router_z_loss`` again, from a softmax already computed: one pass over (N, E) fewer.
-
-    For any expert i, p_i = exp(x_i) / Σ_j exp(x_j), so log Σ_j exp(x_j) = x_i − log p_i.
-    With i = top (N,) or (N, 1), each token's most likely expert, p_i ≥ 1/E and
-    the log is safe. router_probs must be softmax(router_logits). Same value
-    and same gradient (p, through the softmax) as ``router_z_loss``.
-    """
-    top = top.reshape(-1, 1)
-    log_z = router_logits.float().gather(1, top) - torch.log(router_probs.float().gather(1, top))  # (N, 1)
     return (log_z**2).mean()
 
 

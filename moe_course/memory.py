@@ -10,7 +10,8 @@ needs, e.g. the (N, E, C) one-hot tensors of GShard-style dispatch.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

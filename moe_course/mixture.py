@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .experts import FeedForward
-from .flops import matmul_flops
+from .flops import dense_mixture_flops, dense_mixture_param_count  # counted in the accounting module
 from .gating import SoftmaxGate
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "DenseMixture",
     "dense_mixture_flops",
     "dense_mixture_param_count",
+    "gate_and_experts",
 ]
 
 def _check_pair(expert_logits: torch.Tensor, gate: torch.Tensor, gate_name: str) -> None:
@@ -108,8 +109,8 @@ class MixtureOutput:
     """Everything the dense mixture computed for N patients."""
 
     logits: torch.Tensor  # (N, classes) log p(y | x), the mixture's log-probabilities (rows already normalised)
-    gate_logits: torch.Tensor  # (N, E) the gate's raw scores
-    gate_weights: torch.Tensor  # (N, E) softmax of gate_logits: the weight of every expert
+    router_logits: torch.Tensor  # (N, E) the gate's raw scores
+    router_probs: torch.Tensor  # (N, E) softmax of router_logits: the weight of every expert
     expert_logits: torch.Tensor  # (N, E, classes) every expert's own scores
 
     @property
@@ -121,6 +122,12 @@ class MixtureOutput:
     def expert_probs(self) -> torch.Tensor:
         """Each expert's own probabilities: (N, E, classes)."""
         return torch.softmax(self.expert_logits, dim=-1)
+
+
+def gate_and_experts(d_in: int, d_ff: int, num_classes: int, num_experts: int) -> tuple[SoftmaxGate, nn.ModuleList]:
+    """The staff of both clinic mixtures: a softmax gate over E experts, each the clinic MLP ``FeedForward(d_in, d_ff, d_out=classes)``."""
+    experts = nn.ModuleList(FeedForward(d_in, d_ff, d_out=num_classes) for _ in range(num_experts))
+    return SoftmaxGate(d_in, num_experts), experts
 
 
 class DenseMixture(nn.Module):
@@ -137,39 +144,17 @@ class DenseMixture(nn.Module):
         if not isinstance(config, DenseMixtureConfig):
             raise TypeError(f"DenseMixture expects a DenseMixtureConfig, got {type(config).__name__}")
         self.config = config
-        self.gate = SoftmaxGate(config.d_in, config.num_experts)
-        self.experts = nn.ModuleList(
-            FeedForward(config.d_in, config.d_ff, d_out=config.num_classes) for _ in range(config.num_experts)
-        )
+        self.gate, self.experts = gate_and_experts(config.d_in, config.d_ff, config.num_classes, config.num_experts)
 
     def forward(self, x: torch.Tensor) -> MixtureOutput:
         if x.ndim != 2 or x.shape[-1] != self.config.d_in:
             raise ValueError(f"DenseMixture expects patients of shape (N, {self.config.d_in}), got {tuple(x.shape)}")
         gate = self.gate(x)  # weights (N, E)
         expert_logits = torch.stack([expert(x) for expert in self.experts], dim=1)  # (N, E, classes): every doctor, every patient
-        logits = mixture_log_probs(expert_logits, gate.logits)  # (N, classes): log Σ_e g_e p_e
-        return MixtureOutput(logits, gate.logits, gate.weights, expert_logits)
+        logits = mixture_log_probs(expert_logits, gate.router_logits)  # (N, classes): log Σ_e g_e p_e
+        return MixtureOutput(logits, gate.router_logits, gate.router_probs, expert_logits)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.config.num_experts}"
 
 
-def dense_mixture_flops(num_tokens: int, d_in: int, d_ff: int, num_classes: int, num_experts: int) -> int:
-    """Matmul FLOPs of DenseMixture on N patients: the gate plus all E experts.
-
-    gate 2·N·D·E, each expert 2·N·D·F + 2·N·F·classes, so the total grows
-    linearly with E: every patient sees every doctor.
-    """
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
-        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-    gate = matmul_flops(num_tokens, d_in, num_experts)
-    expert = matmul_flops(num_tokens, d_in, d_ff) + matmul_flops(num_tokens, d_ff, num_classes)
-    return gate + num_experts * expert
-
-
-def dense_mixture_param_count(d_in: int, d_ff: int, num_classes: int, num_experts: int) -> int:
-    """Parameters of DenseMixture: the gate (D·E + E) plus E experts (D·F + F + F·classes + classes each)."""
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
-        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-    expert = d_in * d_ff + d_ff + d_ff * num_classes + num_classes
-    return (d_in * num_experts + num_experts) + num_experts * expert

@@ -18,8 +18,14 @@ __all__ = ["ClinicMoE", "ClinicMoEOutput"]
 @dataclass(frozen=True)
 class ClinicMoEOutput:
     logits: torch.Tensor  # (N, num_classes)
-    aux_loss: torch.Tensor  # () the weighted auxiliary loss (MoEOutput.loss); training adds it to the cross-entropy
+    router_loss: torch.Tensor  # () the MoE layer's weighted losses (MoEOutput.router_loss): add this to the task loss
     moe: MoEOutput  # the MoE layer's full result, for inspecting the routing
+
+    # the routing vocabulary of every result type, read from the MoE layer's result
+    router_logits = property(lambda self: self.moe.router_logits, doc="(N, E) the MoE layer's router logits")
+    router_probs = property(lambda self: self.moe.router_probs, doc="(N, E) their softmax")
+    aux_loss = property(lambda self: self.moe.aux_loss, doc="() the unweighted load-balancing loss")
+    z_loss = property(lambda self: self.moe.z_loss, doc="() the unweighted router z-loss")
 
 
 class ClinicMoE(nn.Module):
@@ -28,7 +34,7 @@ class ClinicMoE(nn.Module):
     With ``residual=True`` (the default) the MoE layer sits in a residual
     connection, h + moe(h), as in a transformer: a patient every expert
     dropped keeps its embedding. ``moe_course.training.ClassificationTask``
-    adds ``aux_loss`` to the cross-entropy.
+    adds ``router_loss`` to the cross-entropy.
     """
 
     def __init__(self, d_in: int, num_classes: int, config: MoEConfig, *, residual: bool = True) -> None:
@@ -47,4 +53,4 @@ class ClinicMoE(nn.Module):
         h = self.embed(x)  # (N, D)
         out = self.moe(h)
         h = h + out.y if self.residual else out.y  # (N, D)
-        return ClinicMoEOutput(self.head(h), out.loss, out)
+        return ClinicMoEOutput(self.head(h), out.router_loss, out)

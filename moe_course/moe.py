@@ -23,55 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dispatch import METHODS, dispatch
-from .experts import ACTIVATIONS, Experts
-from .losses import load_balancing_loss, router_z_loss, router_z_loss_from_softmax
-from .routing import capacity_mask, expert_capacity, noisy_top_k_routing, switch_routing, top_k_routing
+from .experts import ACTIVATIONS, Experts, init_linear_
+from .fast import router_matmul
+from .losses import load_balancing_loss, router_z_loss
+from .routing import Routing, capacity_mask, expert_capacity, noisy_top_k_routing, switch_routing, top_k_routing
 
-__all__ = ["MoEConfig", "MoEOutput", "MoELayer", "ROUTERS", "router_matmul"]
+__all__ = ["MoEConfig", "MoEOutput", "MoELayer", "ROUTERS"]
 
 ROUTERS = ("switch", "top_k", "noisy_top_k")
-
-
-# Below this many experts, the router's product and its weight gradient take the
-# shapes in which the CPU matmul does well (see _RouterMatmul).
-_FEW_EXPERTS = 16
-
-
-class _RouterMatmul(torch.autograd.Function):
-    """x (N, D) @ w (D, E) → logits (N, E), for a router with few experts.
-
-    The same product and gradients as ``x @ w``, but the weight gradient is
-    taken as (dlogits^T·x)^T rather than autograd's x^T·dlogits: with E < 16
-    columns the CPU matmul (MKL) is several times slower at the second shape.
-    Measured on 2 cores at N=4096, D=256, E=8: 1.9 → 0.3 ms alone, about 3 → 1 ms
-    inside a whole layer's forward+backward of about 150 ms. The forward reads
-    w as the transpose of a contiguous (E, D) copy, x @ (w^T)^T, for the same
-    reason: about 1.2 → 0.7 ms inside the layer.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w):  # noqa: D102
-        ctx.save_for_backward(x, w)
-        return x @ w.t().contiguous().t()  # (N, E), the same product as x @ w
-
-    @staticmethod
-    def backward(ctx, dlogits):  # noqa: D102
-        x, w = ctx.saved_tensors
-        dx = dlogits @ w.t() if ctx.needs_input_grad[0] else None  # (N, D)
-        dw = (dlogits.t() @ x).t() if ctx.needs_input_grad[1] else None  # (D, E)
-        return dx, dw
-
-
-def router_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Router logits x (N, D) @ w (D, E) → (N, E); the same value and gradients as ``x @ w``.
-
-    With fewer than 16 experts the product and its weight gradient are taken in
-    the shapes a CPU matmul is fast at (``_RouterMatmul``); otherwise this is
-    plain ``x @ w``.
-    """
-    if w.shape[-1] < _FEW_EXPERTS and x.ndim == 2 and w.ndim == 2 and x.dtype == w.dtype:
-        return _RouterMatmul.apply(x, w)
-    return x @ w
 
 
 @dataclass(frozen=True)
@@ -83,8 +42,8 @@ class MoEConfig:
     capacity_factor: float | None = None  # slots per expert = ceil(K·N/E · factor); None: dropless
     min_capacity: int = 1  # at least this many slots per expert when capacity_factor is set
     router: str = "switch"  # "switch" (top-1, raw gate), "top_k" (renormalised), "noisy_top_k" (Shazeer 2017)
-    aux_loss_coef: float = 1e-2  # α, weight of the load-balancing loss in MoEOutput.loss
-    z_loss_coef: float = 1e-3  # weight of the router z-loss in MoEOutput.loss
+    aux_loss_coef: float = 1e-2  # α, weight of the load-balancing loss in MoEOutput.router_loss
+    z_loss_coef: float = 1e-3  # weight of the router z-loss in MoEOutput.router_loss
     router_jitter: float = 0.0  # ε: router input times U[1-ε, 1+ε] in training (Switch used 1e-2)
     init_scale: float | None = 0.1  # Switch init std = sqrt(scale/fan_in) for experts and router; None: PyTorch default
     activation: str = "gelu"  # the experts' non-linearity
@@ -121,7 +80,7 @@ class MoEConfig:
 @dataclass(frozen=True)
 class MoEOutput:
     y: torch.Tensor  # (B, T, D) or (N, D) like the input: the layer's output (add the residual outside)
-    loss: torch.Tensor  # () aux_loss_coef·aux_loss + z_loss_coef·z_loss: add this to the training loss
+    router_loss: torch.Tensor  # () aux_loss_coef·aux_loss + z_loss_coef·z_loss: add this to the task loss
     aux_loss: torch.Tensor  # () unweighted load-balancing loss, 1.0 when perfectly balanced
     z_loss: torch.Tensor  # () unweighted router z-loss
     router_logits: torch.Tensor  # (N, E) float32, the clean router logits, router(x)
@@ -150,7 +109,8 @@ class MoELayer(nn.Module):
 
     Losses: aux_loss = load_balancing_loss(router_probs, expert_index) (f counts
     what the router chose, before dropping); z_loss = router_z_loss(router_logits),
-    both from the clean logits. ``loss`` weights them by the config's coefficients.
+    both from the clean logits, unweighted; ``router_loss`` weights them by the
+config's coefficients and is what a training loop adds to the task loss.
     """
 
     def __init__(self, config: MoEConfig) -> None:
@@ -169,13 +129,7 @@ class MoELayer(nn.Module):
 
     @torch.no_grad()
     def reset_router(self) -> None:
-        fan_in = self.config.d_model
-        if self.config.init_scale is None:
-            bound = 1.0 / math.sqrt(fan_in)
-            self.w_router.uniform_(-bound, bound)
-        else:
-            std = math.sqrt(self.config.init_scale / fan_in)
-            nn.init.trunc_normal_(self.w_router, std=std, a=-2 * std, b=2 * std)
+        init_linear_(self.w_router, None, self.config.d_model, self.config.init_scale)
         if self.w_noise is not None:
             self.w_noise.zero_()
 
@@ -183,9 +137,14 @@ class MoELayer(nn.Module):
         if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[-1] != self.config.d_model:
             raise ValueError(f"{what} expects tokens of shape (N, {self.config.d_model}), got {tuple(getattr(x, 'shape', ()))}")
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        D = self.config.d_model
+        if not isinstance(x, torch.Tensor) or x.ndim not in (2, 3) or x.shape[-1] != D:
+            raise ValueError(f"MoELayer expects x of shape (B, T, {D}) or (N, {D}), got {tuple(getattr(x, 'shape', ()))}")
+
     def _float32_matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return router_matmul(x.float(), w.float())  # (N, E)
+            return router_matmul(x.float(), w.float())  # x @ w (N, E), in the shape a CPU is quickest at (moe_course.fast)
 
     def router(self, x: torch.Tensor) -> torch.Tensor:
         """Router logits in float32: x (N, D) → (N, E). No jitter, no noise."""
@@ -196,44 +155,57 @@ class MoELayer(nn.Module):
         """Expert e alone on x (N, D) → (N, D), ungated."""
         return self.experts.expert_output(e, x)
 
+    def jitter(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What the router reads: in training with ``router_jitter`` ε > 0, tokens (N, D) times U[1-ε, 1+ε]."""
+        eps = self.config.router_jitter
+        if not (self.training and eps > 0):
+            return tokens
+        return tokens.float() * torch.empty_like(tokens, dtype=torch.float32).uniform_(1.0 - eps, 1.0 + eps)  # (N, D)
+
+    def route(self, logits: torch.Tensor, router_in: torch.Tensor) -> Routing:
+        """The config's routing function on the router logits (N, E) → Routing with expert_index, gates (N, K)."""
+        cfg = self.config
+        if cfg.router == "switch":
+            return switch_routing(logits)
+        if cfg.router == "top_k":
+            return top_k_routing(logits, cfg.top_k)
+        noise_logits = self._float32_matmul(router_in, self.w_noise)  # (N, E), the learned noise scale
+        return noisy_top_k_routing(logits, noise_logits, cfg.top_k, training=self.training)
+
+    def capacity(self, expert_index: torch.Tensor) -> tuple[int | None, torch.Tensor | None]:
+        """Slots per expert C for this call and which assignments (N, K) fit; (None, None) when dropless."""
+        cfg = self.config
+        if cfg.capacity_factor is None:
+            return None, None
+        capacity = expert_capacity(expert_index.shape[0], cfg.num_experts, cfg.capacity_factor, top_k=cfg.top_k, min_capacity=cfg.min_capacity)
+        return capacity, capacity_mask(expert_index, cfg.num_experts, capacity).keep  # C, (N, K)
+
     def forward(self, x: torch.Tensor) -> MoEOutput:
         cfg = self.config
-        if not isinstance(x, torch.Tensor) or x.ndim not in (2, 3) or x.shape[-1] != cfg.d_model:
-            raise ValueError(f"MoELayer expects x of shape (B, T, {cfg.d_model}) or (N, {cfg.d_model}), got {tuple(getattr(x, 'shape', ()))}")
+        self._check_input(x)
         tokens = x.reshape(-1, cfg.d_model)  # (N, D)
-        num_tokens = tokens.shape[0]
-        router_in = tokens
-        if self.training and cfg.router_jitter > 0:
-            noise = torch.empty_like(tokens, dtype=torch.float32).uniform_(1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)
-            router_in = tokens.float() * noise  # (N, D), the experts still see the clean tokens
-        logits = self.router(router_in)  # (N, E) float32
-        if cfg.router == "switch":
-            routing = switch_routing(logits)
-        elif cfg.router == "top_k":
-            routing = top_k_routing(logits, cfg.top_k)
-        else:
-            noise_logits = self._float32_matmul(router_in, self.w_noise)  # (N, E)
-            routing = noisy_top_k_routing(logits, noise_logits, cfg.top_k, training=self.training)
-        probs = routing.router_probs if routing.router_logits is logits else F.softmax(logits, dim=-1)  # (N, E)
 
-        if cfg.capacity_factor is None:
-            capacity = None
-            keep = torch.ones_like(routing.expert_index, dtype=torch.bool)  # (N, K)
-        else:
-            capacity = expert_capacity(num_tokens, cfg.num_experts, cfg.capacity_factor, top_k=cfg.top_k, min_capacity=cfg.min_capacity)
-            keep = capacity_mask(routing.expert_index, cfg.num_experts, capacity).keep  # (N, K)
+        # 1. The router (the GP) scores every expert for every token, in float32.
+        router_in = self.jitter(tokens)  # (N, D); the experts still see the clean tokens
+        logits = self.router(router_in)  # (N, E)
+        probs = F.softmax(logits, dim=-1)  # (N, E)
 
-        # The default (grouped matmuls on sorted tokens) never builds an (N, E, C) tensor.
-        # keep=None when nothing can be dropped: the dispatch then skips checking every assignment
-        y = dispatch(tokens, self.experts, routing.expert_index, routing.gates, keep if capacity is not None else None, method=cfg.dispatch)  # (N, D)
+        # 2. Routing: each token's K experts, best first, and the weight of each one's answer.
+        routing = self.route(logits, router_in)  # expert_index, gates (N, K)
+
+        # 3. Capacity: with a capacity factor, assignments beyond an expert's C slots are dropped.
+        capacity, keep = self.capacity(routing.expert_index)  # keep (N, K), None when dropless
+
+        # 4. Dispatch: every expert on its tokens, outputs weighted by the gates and summed per token.
+        y = dispatch(tokens, self.experts, routing.expert_index, routing.gates, keep, method=cfg.dispatch)  # (N, D)
+
+        # 5. The router's losses, from the clean logits; f counts what the router chose, before dropping.
         aux = load_balancing_loss(probs, routing.expert_index)
-        if routing.router_logits is logits:  # probs = softmax(logits), and the first choice is the most likely expert
-            z = router_z_loss_from_softmax(logits, probs, routing.expert_index[:, 0])
-        else:  # noisy routing chose on noisy logits: the z-loss is of the clean ones
-            z = router_z_loss(logits)
+        z = router_z_loss(logits)
+        keep = torch.ones_like(routing.expert_index, dtype=torch.bool) if keep is None else keep  # (N, K)
         return MoEOutput(
             y=y.reshape(x.shape),
-            loss=cfg.aux_loss_coef * aux + cfg.z_loss_coef * z,
+            router_loss=cfg.aux_loss_coef * aux + cfg.z_loss_coef * z,
             aux_loss=aux,
             z_loss=z,
             router_logits=logits,

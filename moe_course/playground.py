@@ -22,18 +22,19 @@ slider does not reshuffle it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .clinic import Clinic
-from .dispatch import dispatch
 from .losses import load_balancing_loss
 from .models import ClinicMoE
-from .moe import MoEConfig
-from .routing import capacity_mask, expert_capacity, switch_routing, top_k_routing
+from .moe import MoEConfig, MoELayer
 from .training import CLINIC_LR, ClassificationTask, TrainConfig, train
 
 __all__ = ["train_clinic_moe", "routed_forward", "RoutedDay", "ClinicDay", "clinic_day"]
@@ -74,6 +75,19 @@ class RoutedDay:
     capacity: int | None  # C, chairs per expert in this batch (None: no limit)
 
 
+@contextmanager
+def _routed_as(layer: MoELayer, logits: torch.Tensor, capacity_factor: float | None) -> Iterator[None]:
+    """Inside the block the layer routes on ``logits`` (N, E) and has ``capacity_factor``; both are restored after."""
+    config = layer.config
+    layer.config = dataclasses.replace(config, capacity_factor=capacity_factor)
+    layer.router = lambda tokens: logits  # an instance attribute hides MoELayer.router for this call only
+    try:
+        yield
+    finally:
+        del layer.router
+        layer.config = config
+
+
 def routed_forward(
     model: ClinicMoE,
     x: torch.Tensor,
@@ -82,33 +96,25 @@ def routed_forward(
     noise: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> RoutedDay:
-    """``model``'s forward pass with a capacity factor and router noise chosen now, not at training.
+    """``model(x)`` with a capacity factor and router noise chosen now, not at training.
 
-    The same computation as ``ClinicMoE.forward`` (embed, router, routing,
-    capacity, experts, residual, head), with noise σ·ε (ε ~ N(0, 1) from
-    ``generator``) added to the router logits before the choice, and
-    capacity C = ceil(K·N/E · capacity_factor) for the N patients of x.
-    With noise 0 and the model's own capacity factor it equals ``model(x)``.
+    The model's own forward pass (embed, MoE layer, residual, head), with noise
+    σ·ε (ε ~ N(0, 1) from ``generator``) added to the router logits before the
+    choice, and capacity C = ceil(K·N/E · capacity_factor) for the N patients of x.
+    With noise 0 and the model's own capacity factor it is ``model(x)``.
     """
     if not isinstance(model, ClinicMoE):
         raise TypeError(f"routed_forward expects a ClinicMoE, got {type(model).__name__}")
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
         raise ValueError(f"noise must be a number >= 0, got {noise!r}")
-    layer, cfg = model.moe, model.moe.config
+    layer = model.moe
     with torch.no_grad():
-        h = model.embed(x)  # (N, D)
-        clean = layer.router(h)  # (N, E)
+        clean = layer.router(model.embed(x))  # (N, E)
         logits = clean + noise * torch.randn(clean.shape, generator=generator) if noise > 0 else clean
-        routing = switch_routing(logits) if cfg.router == "switch" else top_k_routing(logits, cfg.top_k)
-        if capacity_factor is None:
-            capacity = None
-            keep = torch.ones_like(routing.expert_index, dtype=torch.bool)
-        else:
-            capacity = expert_capacity(len(x), cfg.num_experts, capacity_factor, top_k=cfg.top_k, min_capacity=cfg.min_capacity)
-            keep = capacity_mask(routing.expert_index, cfg.num_experts, capacity).keep  # (N, K)
-        y = dispatch(h, layer.experts, routing.expert_index, routing.gates, keep)  # (N, D)
-        out = model.head(h + y if model.residual else y)  # (N, classes)
-    return RoutedDay(out, clean, routing.expert_index, routing.gates, keep, capacity)
+        with _routed_as(layer, logits, capacity_factor):
+            out = model(x)
+    moe = out.moe
+    return RoutedDay(out.logits, clean, moe.expert_index, moe.gates, moe.keep, moe.capacity)
 
 
 @dataclass(frozen=True)
@@ -121,7 +127,7 @@ class ClinicDay:
     keep: torch.Tensor  # (B, K) bool
     capacity: int | None  # C, chairs per expert for this batch (None: no limit)
     num_experts: int
-    balance_loss: float  # Switch balance loss of the batch, 1.0 when even
+    aux_loss: float  # unweighted Switch balance loss of the batch, 1.0 when even
     accuracy: float  # held-out accuracy, all patients routed in batches of B under the same settings
     dropped_share: float  # share of held-out patients turned away (no expert at all)
 
@@ -173,7 +179,7 @@ def clinic_day(
         keep=shown.keep,
         capacity=shown.capacity,
         num_experts=model.moe.config.num_experts,
-        balance_loss=float(load_balancing_loss(probs, shown.expert_index)),
+        aux_loss=float(load_balancing_loss(probs, shown.expert_index)),
         accuracy=correct / len(val),
         dropped_share=dropped / len(val),
     )

@@ -23,8 +23,8 @@ MoE layer in a transformer combines its experts (``moe_course.moe``). Routers
     "top_k"   top-k with the k gates renormalised to sum to 1 (GShard, Mixtral)
 
 Training adds ``aux_loss_coef`` × the Switch load-balancing loss (and
-optionally the router z-loss), returned in ``RoutedOutput.aux_loss``, which
-``moe_course.training`` adds to the cross-entropy.
+optionally ``z_loss_coef`` × the router z-loss), returned in
+``RoutedOutput.router_loss``, which ``moe_course.training`` adds to the cross-entropy.
 
 Cost: a patient pays for the gate and k experts, whatever E is
 (``routed_mixture_flops``); the dense mixture pays for all E.
@@ -38,11 +38,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .experts import FeedForward
-from .flops import matmul_flops
-from .gating import SoftmaxGate
+from .flops import moe_layer_flops, moe_layer_param_count, routed_mixture_flops  # counted in the accounting module
 from .losses import load_balancing_loss, router_z_loss
-from .mixture import dense_mixture_param_count
+from .mixture import gate_and_experts
 from .routing import Routing, switch_routing, top_k_routing
 
 __all__ = [
@@ -51,7 +49,6 @@ __all__ = [
     "RoutedOutput",
     "RoutedMixture",
     "routed_mixture_flops",
-    "routed_mixture_param_count",
     "moe_layer_param_count",
     "moe_layer_flops",
 ]
@@ -92,17 +89,17 @@ class RoutedOutput:
     """Everything the routed mixture computed for N patients."""
 
     logits: torch.Tensor  # (N, classes) Σ_j gates_j · expert_{e_j}(x): the diagnosis scores
-    aux_loss: torch.Tensor  # () aux_loss_coef·balance_loss + z_loss_coef·z_loss: training adds it
-    balance_loss: torch.Tensor  # () unweighted Switch load-balancing loss, 1.0 when perfectly balanced
+    router_loss: torch.Tensor  # () aux_loss_coef·aux_loss + z_loss_coef·z_loss: add this to the task loss
+    aux_loss: torch.Tensor  # () unweighted Switch load-balancing loss, 1.0 when perfectly balanced
     z_loss: torch.Tensor  # () unweighted router z-loss
-    gate_logits: torch.Tensor  # (N, E) the gate's raw scores
-    gate_weights: torch.Tensor  # (N, E) float32 softmax over the experts: the GP's opinion of every doctor
+    router_logits: torch.Tensor  # (N, E) the gate's raw scores
+    router_probs: torch.Tensor  # (N, E) float32 softmax over the experts: the GP's opinion of every doctor
     expert_index: torch.Tensor  # (N, K) int64, the doctors each patient sees, best first
     gates: torch.Tensor  # (N, K) float32, the weight of each chosen doctor's answer
 
     def tokens_per_expert(self) -> torch.Tensor:
         """(E,) int64: how many patients each doctor saw (all K choices counted)."""
-        return torch.bincount(self.expert_index.reshape(-1), minlength=self.gate_logits.shape[-1])
+        return torch.bincount(self.expert_index.reshape(-1), minlength=self.router_logits.shape[-1])
 
 
 class RoutedMixture(nn.Module):
@@ -117,23 +114,20 @@ class RoutedMixture(nn.Module):
         if not isinstance(config, RoutedMixtureConfig):
             raise TypeError(f"RoutedMixture expects a RoutedMixtureConfig, got {type(config).__name__}")
         self.config = config
-        self.gate = SoftmaxGate(config.d_in, config.num_experts)
-        self.experts = nn.ModuleList(
-            FeedForward(config.d_in, config.d_ff, d_out=config.num_classes) for _ in range(config.num_experts)
-        )
+        self.gate, self.experts = gate_and_experts(config.d_in, config.d_ff, config.num_classes, config.num_experts)  # DenseMixture's staff
 
-    def route(self, gate_logits: torch.Tensor) -> Routing:
-        """The GP's referral: gate logits (N, E) → Routing with expert_index and gates (N, K)."""
+    def route(self, router_logits: torch.Tensor) -> Routing:
+        """The GP's referral: the gate's logits (N, E) → Routing with expert_index and gates (N, K)."""
         if self.config.router == "switch":
-            return switch_routing(gate_logits)
-        return top_k_routing(gate_logits, self.config.top_k)
+            return switch_routing(router_logits)
+        return top_k_routing(router_logits, self.config.top_k)
 
     def forward(self, x: torch.Tensor) -> RoutedOutput:
         cfg = self.config
         if x.ndim != 2 or x.shape[-1] != cfg.d_in:
             raise ValueError(f"RoutedMixture expects patients of shape (N, {cfg.d_in}), got {tuple(x.shape)}")
-        gate_logits = self.gate(x).logits  # (N, E)
-        routing = self.route(gate_logits)
+        router_logits = self.gate(x).router_logits  # (N, E)
+        routing = self.route(router_logits)
         logits = x.new_zeros(x.shape[0], cfg.num_classes)  # (N, classes)
         for e, expert in enumerate(self.experts):
             token, choice = (routing.expert_index == e).nonzero(as_tuple=True)  # the patients who see doctor e
@@ -141,15 +135,15 @@ class RoutedMixture(nn.Module):
                 continue  # an idle doctor costs nothing
             gate = routing.gates[token, choice].to(x.dtype)[:, None]  # (M, 1)
             logits = logits.index_add(0, token, gate * expert(x[token]))  # (N, classes)
-        balance = load_balancing_loss(routing.router_probs, routing.expert_index)
-        z = router_z_loss(gate_logits)
+        aux = load_balancing_loss(routing.router_probs, routing.expert_index)
+        z = router_z_loss(router_logits)
         return RoutedOutput(
             logits=logits,
-            aux_loss=cfg.aux_loss_coef * balance + cfg.z_loss_coef * z,
-            balance_loss=balance,
+            router_loss=cfg.aux_loss_coef * aux + cfg.z_loss_coef * z,
+            aux_loss=aux,
             z_loss=z,
-            gate_logits=gate_logits,
-            gate_weights=routing.router_probs,
+            router_logits=router_logits,
+            router_probs=routing.router_probs,
             expert_index=routing.expert_index,
             gates=routing.gates,
         )
@@ -159,49 +153,3 @@ class RoutedMixture(nn.Module):
         return f"router={c.router!r}, num_experts={c.num_experts}, top_k={c.top_k}"
 
 
-def _positive_int(**values: int) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def routed_mixture_param_count(d_in: int, d_ff: int, num_classes: int, num_experts: int) -> int:
-    """Parameters of RoutedMixture: the same as DenseMixture's (gate D·E + E, E experts)."""
-    return dense_mixture_param_count(d_in, d_ff, num_classes, num_experts)
-
-
-def routed_mixture_flops(num_tokens: int, d_in: int, d_ff: int, num_classes: int, num_experts: int, top_k: int = 1) -> int:
-    """Matmul FLOPs of RoutedMixture on N patients: the gate (2·N·D·E) plus k experts per patient.
-
-    Each patient pays for k experts, 2·D·F + 2·F·classes each, whatever E is.
-    """
-    _positive_int(num_experts=num_experts, top_k=top_k)
-    if top_k > num_experts:
-        raise ValueError(f"top_k={top_k} is more than num_experts={num_experts}")
-    gate = matmul_flops(num_tokens, d_in, num_experts)
-    expert = matmul_flops(num_tokens, d_in, d_ff) + matmul_flops(num_tokens, d_ff, num_classes)
-    return gate + top_k * expert
-
-
-def moe_layer_param_count(d_model: int, d_ff: int, num_experts: int, *, bias: bool = True, noisy: bool = False) -> int:
-    """Parameters of ``MoELayer``: the router W_r (D, E) plus E experts (D → F → D).
-
-    ``noisy``: the noisy top-k router also has W_noise (D, E).
-    """
-    _positive_int(d_model=d_model, d_ff=d_ff, num_experts=num_experts)
-    expert = 2 * d_model * d_ff + ((d_ff + d_model) if bias else 0)
-    router = d_model * num_experts * (2 if noisy else 1)
-    return router + num_experts * expert
-
-
-def moe_layer_flops(num_tokens: int, d_model: int, d_ff: int, num_experts: int, top_k: int = 1) -> int:
-    """Matmul FLOPs of ``MoELayer`` on N tokens: the router 2·N·D·E plus k experts of 4·D·F per token.
-
-    (Without dropping: with a capacity factor, dropped assignments cost nothing.)
-    """
-    _positive_int(d_model=d_model, d_ff=d_ff, num_experts=num_experts, top_k=top_k)
-    if top_k > num_experts:
-        raise ValueError(f"top_k={top_k} is more than num_experts={num_experts}")
-    router = matmul_flops(num_tokens, d_model, num_experts)
-    expert = matmul_flops(num_tokens, d_model, d_ff) + matmul_flops(num_tokens, d_ff, d_model)
-    return router + top_k * expert

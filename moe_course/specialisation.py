@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
+from .training import evaluating
+
 __all__ = [
     "gate_mass_by_specialty",
     "top_expert_counts",
@@ -197,11 +199,12 @@ def effective_experts(counts: torch.Tensor) -> torch.Tensor:
 class SpecialisationTracker:
     """A ``train(..., callback=tracker)`` callback that records specialisation during training.
 
-    At every evaluation it runs the model on ``x`` (the model must return a
-    result with ``gate_weights`` (N, E)) and appends the step, the
-    specialisation score, the gate-mass table and the top-expert counts. With
-    ``d_context`` set (and the model's gate at ``model.gate.proj``, as in
-    ``DenseMixture`` and ``RoutedMixture``) it also records ``context_share``.
+    At every evaluation it runs the model on ``x`` (``training.evaluating``: eval
+    mode, no gradients; the model must return a result with ``router_probs``
+    (N, E)) and appends the step, the specialisation score, the gate-mass table
+    and the top-expert counts. With ``d_context`` set (and the model's gate at
+    ``model.gate.proj``, as in ``DenseMixture`` and ``RoutedMixture``) it also
+    records ``context_share``.
     """
 
     x: torch.Tensor  # (N, D) patients to watch, e.g. the held-out set
@@ -214,11 +217,11 @@ class SpecialisationTracker:
 
     def __call__(self, step: int, model: torch.nn.Module) -> None:
         device = next(model.parameters()).device
-        with torch.no_grad():
+        with evaluating(model):
             out = model(self.x.to(device))
-        weights = getattr(out, "gate_weights", None)
+        weights = getattr(out, "router_probs", None)
         if weights is None:
-            raise TypeError(f"SpecialisationTracker needs a model whose output has gate_weights; got {type(out).__name__}")
+            raise TypeError(f"SpecialisationTracker needs a model whose output has router_probs; got {type(out).__name__}")
         row = {"step": step, "score": specialisation_score(weights, self.specialty, self.num_specialties)}
         if self.d_context is not None:
             row["context_share"] = context_share(model.gate.proj.weight, self.x, self.d_context)

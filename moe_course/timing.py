@@ -1,21 +1,23 @@
-"""Wall-clock cost, measured fairly: several models timed side by side in one run.
+"""Wall-clock cost, measured fairly: models timed side by side in one run, as paired ratios.
 
 Absolute times depend on the machine and on whatever else it is doing, so
-the course reports *ratios* measured in the same run: the repetitions of all
-models are interleaved (model A, B, C, A, B, C, ...) so that a busy moment
-slows them all alike, and the median of the repetitions is kept.
+the course reports *ratios* measured in the same run. Every model runs right
+next to a fresh run of the first one (``moe_course.bench.paired_times``), so a
+busy moment slows both halves of a pair alike and their ratio cancels it; the
+median of the paired ratios is reported.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Mapping
+import statistics
+from collections.abc import Mapping
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bench import paired_times
 from .training import model_logits
 
 __all__ = ["time_per_batch"]
@@ -23,10 +25,10 @@ __all__ = ["time_per_batch"]
 
 def _step(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, backward: bool) -> None:
     if backward:
-        logits, aux = model_logits(model(x))
+        logits, router_loss = model_logits(model(x))
         loss = F.cross_entropy(logits, targets)
-        if aux is not None:
-            loss = loss + aux
+        if router_loss is not None:
+            loss = loss + router_loss
         model.zero_grad(set_to_none=True)
         loss.backward()
     else:
@@ -43,10 +45,10 @@ def time_per_batch(
     warmup: int = 2,
     backward: bool = True,
 ) -> pd.DataFrame:
-    """Median seconds per batch (forward, plus backward if ``backward``) of each model on x (N, D).
+    """Seconds per batch (forward, plus backward if ``backward``) of each model on x (N, D), as ratios to the first.
 
-    Returns one row per model, in the given order: name, seconds (median over
-    ``repeats``), and ratio (seconds divided by the first model's seconds).
+    Returns one row per model, in the given order: name, seconds (the median
+    time) and ratio (the median of its paired ratios to the first model; 1.0 for the first).
     """
     if not models:
         raise ValueError("time_per_batch needs at least one model")
@@ -55,15 +57,6 @@ def time_per_batch(
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
     names = list(models)
-    for _ in range(warmup):  # first calls allocate memory and pick kernels
-        for name in names:
-            _step(models[name], x, targets, backward)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(repeats):
-        for name in names:
-            start = time.perf_counter()
-            _step(models[name], x, targets, backward)
-            times[name].append(time.perf_counter() - start)
-    medians = {name: float(torch.tensor(t).median()) for name, t in times.items()}
-    first = medians[names[0]]
-    return pd.DataFrame([{"name": n, "seconds": s, "ratio": s / first} for n, s in medians.items()])
+    steps = {name: (lambda m=models[name]: _step(m, x, targets, backward)) for name in names}
+    timed = paired_times(steps, baseline=names[0], repeats=repeats, warmup=warmup)
+    return pd.DataFrame([{"name": n, "seconds": statistics.median(timed[n].seconds), "ratio": timed[n].ratio} for n in names])

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,7 +28,7 @@ from torch import nn
 
 from .device import get_device
 
-__all__ = ["CLINIC_LR", "TrainConfig", "TrainResult", "Task", "ClassificationTask", "train", "model_logits"]
+__all__ = ["CLINIC_LR", "TrainConfig", "TrainResult", "Task", "ClassificationTask", "train", "model_logits", "evaluating"]
 
 # The learning rate of every clinic model in lessons 01-05. One constant, so that the same
 # model trained in two lessons gives the same result and the lessons' numbers can be compared.
@@ -82,11 +84,29 @@ class Task(Protocol):
         """Held-out metrics, computed under ``torch.no_grad()`` in eval mode."""
 
 
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``with evaluating(model):`` eval mode and no gradients inside, the model's own mode restored after.
+
+    The one rule by which every tracker and every held-out measurement looks at a
+    model: no dropout, no router jitter or noise, nothing learned.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
 def model_logits(output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Split a model's output into (logits, auxiliary loss or None).
+    """Split a model's output into (logits, router_loss or None): what to score, and what to add to the task loss.
 
     Models may return a tensor, or a typed result with ``logits`` (or ``y``)
-    and optionally ``aux_loss`` (already weighted by its coefficient).
+    and optionally ``router_loss``: its router losses, already weighted by
+    their coefficients (``aux_loss`` and ``z_loss`` are the unweighted ones,
+    for watching, never added here).
     """
     if isinstance(output, torch.Tensor):
         return output, None
@@ -95,7 +115,7 @@ def model_logits(output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = getattr(output, "y", None)
     if logits is None:
         raise TypeError(f"model returned {type(output).__name__}; expected a tensor or a result with .logits")
-    return logits, getattr(output, "aux_loss", None)
+    return logits, getattr(output, "router_loss", None)
 
 
 @dataclass
@@ -119,7 +139,7 @@ class ClassificationTask:
                 raise ValueError(f"{split} split is empty")
 
     @classmethod
-    def from_clinic(cls, clinic: Any) -> "ClassificationTask":
+    def from_clinic(cls, clinic: Any) -> ClassificationTask:
         return cls(clinic.train.x, clinic.train.diagnosis, clinic.val.x, clinic.val.diagnosis)
 
     def sample_batch(self, batch_size: int, generator: torch.Generator, device: torch.device):
@@ -128,9 +148,9 @@ class ClassificationTask:
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
         x, y = batch
-        logits, aux = model_logits(model(x))
+        logits, router_loss = model_logits(model(x))
         ce = F.cross_entropy(logits, y)
-        total = ce if aux is None else ce + aux
+        total = ce if router_loss is None else ce + router_loss
         return total, {"train_loss": ce.item()}
 
     @torch.no_grad()
@@ -149,7 +169,6 @@ class TrainResult:
     history: pd.DataFrame  # one row per evaluation: step, lr, train_loss, held-out metrics, seconds
     config: TrainConfig
     seconds: float = 0.0  # wall-clock time of this call
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def final(self) -> dict[str, float]:

@@ -17,11 +17,11 @@ and z-losses; every expert has the dense FFN's width F, so one token costs
 the same FLOPs in both models (plus the router's 2·D·E), while the Switch
 model holds E times the FFN parameters.
 
-``GPT.forward`` returns a ``GPTOutput``: the logits, ``aux_loss`` (the sum
-over MoE layers of their weighted ``MoEOutput.loss``, to add to the
-cross-entropy) and every layer's ``MoEOutput`` (None for dense layers) to
-look inside the routing. ``force_expert=e`` bypasses the router: every token
-goes to expert e with gate 1, no capacity limit, no auxiliary loss.
+``GPT.forward`` returns a ``GPTOutput``: the logits, ``router_loss`` (the sum
+over Switch layers of their weighted ``MoEOutput.router_loss``, to add to the
+cross-entropy), the unweighted ``aux_loss`` and ``z_loss`` summed over Switch
+layers, and every layer's ``MoEOutput`` (None for dense layers) to look inside
+the routing.
 
 ``param_count(config)`` and ``flops_per_token(config)`` count what a model
 knows and what a token costs, by formula (checked against PyTorch's FLOP
@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import CausalSelfAttention
-from .experts import FeedForward
+from .experts import FeedForward, init_linear_
+from .flops import FlopCount, ParamCount, flops_per_token, param_count  # counted in the accounting module
 from .moe import MoEConfig, MoELayer, MoEOutput
 
 __all__ = [
@@ -149,26 +150,21 @@ class GPTConfig:
 @dataclass(frozen=True)
 class BlockOutput:
     x: torch.Tensor  # (B, T, D) the residual stream after the block
-    moe: MoEOutput | None  # the Switch layer's result (None for a dense block or a forced expert)
+    moe: MoEOutput | None  # the Switch layer's result (None for a dense block)
 
 
 @dataclass(frozen=True)
 class GPTOutput:
     logits: torch.Tensor  # (B, T, V) scores of the next character at every position
-    aux_loss: torch.Tensor  # () sum over Switch layers of MoEOutput.loss (weighted balance + z-loss); 0 for dense
-    moe: tuple[MoEOutput | None, ...]  # one entry per block: its MoEOutput, or None (dense block, forced expert)
+    router_loss: torch.Tensor  # () sum over Switch layers of MoEOutput.router_loss (weighted): add this to the task loss; 0 for dense
+    aux_loss: torch.Tensor  # () sum over Switch layers of the unweighted load-balancing losses; 0 for dense
+    z_loss: torch.Tensor  # () sum over Switch layers of the unweighted router z-losses; 0 for dense
+    moe: tuple[MoEOutput | None, ...]  # one entry per block: its MoEOutput, or None (dense block)
 
     @property
     def moe_outputs(self) -> list[tuple[int, MoEOutput]]:
         """(layer, MoEOutput) for every block that routed."""
         return [(i, m) for i, m in enumerate(self.moe) if m is not None]
-
-
-def _switch_init_(linear: nn.Linear, scale: float) -> None:
-    std = math.sqrt(scale / linear.in_features)
-    nn.init.trunc_normal_(linear.weight, std=std, a=-2 * std, b=2 * std)
-    if linear.bias is not None:
-        nn.init.zeros_(linear.bias)
 
 
 class Block(nn.Module):
@@ -186,27 +182,22 @@ class Block(nn.Module):
             self.ffn: nn.Module = MoELayer(config.moe_config())
         else:
             self.ffn = FeedForward(D, config.d_ff, bias=config.bias)
-            if config.init_scale is not None:
-                _switch_init_(self.ffn.fc_in, config.init_scale)
-                _switch_init_(self.ffn.fc_out, config.init_scale)
+            if config.init_scale is not None:  # the Switch initialisation, as the experts have it
+                for linear in (self.ffn.fc_in, self.ffn.fc_out):
+                    init_linear_(linear.weight, linear.bias, linear.in_features, config.init_scale)
         self.ffn_dropout = nn.Dropout(config.dropout)
 
     @property
     def is_moe(self) -> bool:
         return isinstance(self.ffn, MoELayer)
 
-    def forward(self, x: torch.Tensor, *, force_expert: int | None = None) -> BlockOutput:
-        x = x + self.attn(self.ln_1(x))  # (B, T, D) communication
+    def forward(self, x: torch.Tensor) -> BlockOutput:
+        x = x + self.attn(self.ln_1(x))  # (B, T, D) communication: tokens talk to each other
         h = self.ln_2(x)  # (B, T, D)
-        moe = None
-        if not self.is_moe:
-            y = self.ffn(h)  # (B, T, D) computation, one token at a time
-        elif force_expert is not None:
-            y = self.ffn.expert_output(force_expert, h.reshape(-1, h.shape[-1])).reshape(h.shape)  # router bypassed, gate 1
-        else:
-            moe = self.ffn(h)
-            y = moe.y  # (B, T, D); a dropped token gets y = 0 and rides the residual
-        return BlockOutput(x + self.ffn_dropout(y), moe)
+        if self.is_moe:
+            moe = self.ffn(h)  # computation, routed: a dropped token gets y = 0 and rides the residual
+            return BlockOutput(x + self.ffn_dropout(moe.y), moe)
+        return BlockOutput(x + self.ffn_dropout(self.ffn(h)), None)  # computation, one token at a time
 
 
 class GPT(nn.Module):
@@ -248,34 +239,31 @@ class GPT(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if b.is_moe]
 
-    def forward(self, idx: torch.Tensor, *, force_expert: int | None = None) -> GPTOutput:
-        cfg = self.config
+    def _check_ids(self, idx: torch.Tensor) -> None:
         if not isinstance(idx, torch.Tensor) or idx.ndim != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"GPT expects token ids of shape (B, T) and integer dtype, got {getattr(idx, 'dtype', type(idx).__name__)} {tuple(getattr(idx, 'shape', ()))}")
-        B, T = idx.shape
-        if T > cfg.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size={cfg.block_size}; crop it to the last {cfg.block_size} tokens")
+        T = idx.shape[1]
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size={self.config.block_size}; crop it to the last {self.config.block_size} tokens")
         if T == 0:
             raise ValueError("GPT needs at least one token per sequence")
-        if force_expert is not None:
-            if cfg.ffn != "switch":
-                raise ValueError("force_expert needs a Switch model (ffn='switch'); this one is dense")
-            if isinstance(force_expert, bool) or not isinstance(force_expert, int) or not 0 <= force_expert < cfg.num_experts:
-                raise ValueError(f"force_expert must be an int in [0, {cfg.num_experts}), got {force_expert!r}")
+
+    def forward(self, idx: torch.Tensor) -> GPTOutput:
+        self._check_ids(idx)
         x = self.tok_emb(idx)  # (B, T, D)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(T, device=idx.device))  # (T, D) broadcast over B
+            x = x + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))  # (T, D) broadcast over B
         x = self.drop(x)
         moes: list[MoEOutput | None] = []
-        aux = x.new_zeros(())
         for block in self.blocks:
-            out = block(x, force_expert=force_expert)
+            out = block(x)
             x = out.x
             moes.append(out.moe)
-            if out.moe is not None:
-                aux = aux + out.moe.loss
         logits = self.head(self.ln_f(x))  # (B, T, V)
-        return GPTOutput(logits=logits, aux_loss=aux, moe=tuple(moes))
+        routed = [m for m in moes if m is not None]
+        zero = x.new_zeros(())
+        return GPTOutput(logits=logits, router_loss=sum((m.router_loss for m in routed), zero), aux_loss=sum((m.aux_loss for m in routed), zero),
+                         z_loss=sum((m.z_loss for m in routed), zero), moe=tuple(moes))
 
     @torch.no_grad()
     def generate(
@@ -344,96 +332,9 @@ def copy_dense_into_switch(dense: GPT, switch: GPT) -> GPT:
     for name in own:
         if name in state and own[name].shape == state[name].shape:
             own[name].copy_(state[name])
-    for i, block in enumerate(switch.blocks):
+    for block, dense_block in zip(switch.blocks, dense.blocks):
         if block.is_moe:
-            ffn = dense.blocks[i].ffn
-            ex = block.ffn.experts
-            ex.w_in.copy_(ffn.fc_in.weight.T.expand_as(ex.w_in))  # (E, D, F)
-            ex.w_out.copy_(ffn.fc_out.weight.T.expand_as(ex.w_out))  # (E, F, D)
-            if ex.b_in is not None:
-                ex.b_in.copy_(ffn.fc_in.bias.expand_as(ex.b_in))
-                ex.b_out.copy_(ffn.fc_out.bias.expand_as(ex.b_out))
+            block.ffn.experts.copy_feed_forward_(dense_block.ffn)
     return switch
 
 
-# --- what a model knows and what a token costs ------------------------------------
-
-
-@dataclass(frozen=True)
-class ParamCount:
-    """Parameters of a GPT, by part. ``active``: those one token uses."""
-
-    embedding: int  # token V·D (+ position T·D when learned)
-    attention: int  # n_layers · (4·D² + 4·D biases)
-    norms: int  # (2 per block + the final one) · 2·D
-    ffn: int  # all FFN and expert parameters: dense blocks 2·D·F (+F+D), Switch blocks E times that
-    ffn_active: int  # the FFN parameters one token uses: one expert per Switch block (top-1)
-    router: int  # D·E per Switch block
-    head: int  # 0 when tied to the token embedding, else V·D
-
-    @property
-    def total(self) -> int:
-        return self.embedding + self.attention + self.norms + self.ffn + self.router + self.head
-
-    @property
-    def active(self) -> int:
-        return self.total - self.ffn + self.ffn_active
-
-
-@dataclass(frozen=True)
-class FlopCount:
-    """Forward FLOPs per token (one multiply-add = 2 FLOPs; matmuls only, as in ``moe_course.flops``)."""
-
-    attention_proj: int  # n_layers · 8·D²: q, k, v (2·D·3D) and the output projection (2·D·D)
-    attention_mix: int  # n_layers · 4·T·D: scores q·kᵀ (2·T·D) and the weighted sum of values (2·T·D)
-    ffn: int  # per block 4·D·F: the dense FFN, or the one expert a token visits (top-1)
-    router: int  # 2·D·E per Switch block
-    head: int  # 2·D·V, the logits
-
-    @property
-    def total(self) -> int:
-        return self.attention_proj + self.attention_mix + self.ffn + self.router + self.head
-
-    @property
-    def training(self) -> int:
-        """Forward + backward ≈ 3 × forward (the backward pass costs about twice the forward)."""
-        return 3 * self.total
-
-
-def param_count(config: GPTConfig) -> ParamCount:
-    """Count a GPT's parameters from its config (equals ``count_parameters(GPT(config))``)."""
-    V, T, D, F_, L, E = config.vocab_size, config.block_size, config.d_model, config.d_ff, config.n_layers, config.num_experts
-    b = int(config.bias)
-    ffn_one = 2 * D * F_ + b * (F_ + D)
-    n_moe = len(config.moe_layers)
-    n_dense = L - n_moe
-    return ParamCount(
-        embedding=V * D + (T * D if config.position != "rope" else 0),
-        attention=L * (4 * D * D + b * 4 * D),
-        norms=(2 * L + 1) * 2 * D,
-        ffn=n_dense * ffn_one + n_moe * E * ffn_one,
-        ffn_active=L * ffn_one,
-        router=n_moe * D * E,
-        head=0 if config.tie_embeddings else V * D,
-    )
-
-
-def flops_per_token(config: GPTConfig, context: int | None = None) -> FlopCount:
-    """Forward FLOPs per token, for sequences of ``context`` tokens (default block_size).
-
-    Attention scores are counted for all T keys, as the explicit masked
-    attention computes them (a causal kernel could skip the masked half).
-    Dropped tokens (over capacity) would cost less; this counts every token.
-    """
-    T = config.block_size if context is None else context
-    if not isinstance(T, int) or T <= 0:
-        raise ValueError(f"context must be a positive int, got {T!r}")
-    D, F_, L, E, V = config.d_model, config.d_ff, config.n_layers, config.num_experts, config.vocab_size
-    n_moe = len(config.moe_layers)
-    return FlopCount(
-        attention_proj=L * 8 * D * D,
-        attention_mix=L * 4 * T * D,
-        ffn=L * 4 * D * F_,
-        router=n_moe * 2 * D * E,
-        head=2 * D * V,
-    )

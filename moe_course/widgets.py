@@ -11,7 +11,7 @@ import io
 import ipywidgets as W
 import matplotlib.pyplot as plt
 
-from .flops import ffn_flops, ffn_param_count, matmul_flops
+from .flops import ffn_flops, ffn_param_count, moe_layer_flops, moe_layer_param_count
 
 __all__ = ["hospital_numbers", "hospital_explorer", "mixture_playground"]
 
@@ -35,12 +35,11 @@ def hospital_numbers(num_experts: int, top_k: int, d_model: int, d_ff: int) -> d
     """
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be between 1 and num_experts={num_experts}, got {top_k}")
-    expert = ffn_param_count(d_model, d_ff)
     return {
-        "dense parameters": expert,
+        "dense parameters": ffn_param_count(d_model, d_ff),
         "dense FLOPs per token": ffn_flops(1, d_model, d_ff),
-        "MoE parameters": num_experts * expert + d_model * num_experts,
-        "MoE FLOPs per token": top_k * ffn_flops(1, d_model, d_ff) + matmul_flops(1, d_model, num_experts),
+        "MoE parameters": moe_layer_param_count(d_model, d_ff, num_experts),
+        "MoE FLOPs per token": moe_layer_flops(1, d_model, d_ff, num_experts, top_k),
     }
 
 
@@ -88,7 +87,7 @@ def hospital_explorer(d_model: int = 512, d_ff: int = 2048) -> W.Widget:
 def mixture_playground(model, patients, specialties, *, max_patients: int = 512) -> W.Widget:
     """Look inside a trained dense mixture: the GP's weight on every doctor, and every doctor's answer.
 
-    model: a ``moe_course.mixture.DenseMixture`` (anything returning ``gate_weights``
+    model: a ``moe_course.mixture.DenseMixture`` (anything returning ``router_probs``
     (N, E) and ``expert_logits`` (N, E, classes)); patients: ``clinic.Patients``
     (the slider offers the first ``max_patients``; the specialty view uses them
     all); specialties: their names.
@@ -114,7 +113,7 @@ def mixture_playground(model, patients, specialties, *, max_patients: int = 512)
     model.eval()
     with torch.no_grad():
         out = model(x.to(device))
-    gate = out.gate_weights.cpu()  # (N, E)
+    gate = out.router_probs.cpu()  # (N, E)
     expert_probs = torch.softmax(out.expert_logits.cpu(), dim=-1)  # (N, E, classes)
     mixture = torch.softmax(out.logits.cpu(), dim=-1)  # (N, classes)
     num_experts, num_classes = expert_probs.shape[1:]
@@ -227,7 +226,7 @@ def waiting_room_playground(clinic, *, steps: int = 200, batch_size: int = 64, s
         summary.value = (
             f"<b>{experts.value} experts, k = {k}, capacity factor {capacity.value:.2f}, noise σ = {noise.value:.2f}, α = {balance.value:g}</b>: "
             f"each waiting room has <b>C = {day.capacity}</b> chairs for {batch_size} patients; the busiest doctor was sent {busiest}. "
-            f"Turned away in this batch: <b>{day.dropped} of {batch_size}</b>. Balance loss {day.balance_loss:.2f} (1.00 = even). "
+            f"Turned away in this batch: <b>{day.dropped} of {batch_size}</b>. Balance loss {day.aux_loss:.2f} (1.00 = even). "
             f"All held-out patients: <b>{day.dropped_share:.1%}</b> turned away, accuracy <b>{day.accuracy:.1%}</b>."
         )
         fig = clinic_day_picture(day, clinic.specialties)

@@ -126,7 +126,7 @@ with torch.no_grad():
     torch.nn.init.zeros_(mixture.gate.proj.bias)
     out = mixture(clinic.val.x)
     as_ensemble = average_probs(out.expert_logits.transpose(0, 1))  # experts as ensemble members: (E, N, classes)
-print("gate weights of patient 0:", out.gate_weights[0].numpy())
+print("gate weights of patient 0:", out.router_probs[0].numpy())
 print(f"largest difference between the mixture and the ensemble average: {(out.probs - as_ensemble).abs().max():.1e}")
 
 # %% [markdown]
@@ -220,7 +220,7 @@ import matplotlib.pyplot as plt
 from moe_course.plots import gate_mass_heatmap, heatmap
 from moe_course.specialisation import expert_accuracy_by_specialty, gate_mass_by_specialty
 
-mass = gate_mass_by_specialty(out.gate_weights, s_val, S)  # (S, E)
+mass = gate_mass_by_specialty(out.router_probs, s_val, S)  # (S, E)
 alone = expert_accuracy_by_specialty(out.expert_logits, y_val, s_val, S)  # (S, E)
 fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
 gate_mass_heatmap(mass, clinic.specialties, title="Where the GP sends each specialty", ax=axes[0])
@@ -257,7 +257,7 @@ show_source(normalized_mutual_information)
 history = tracker.history.merge(mixture_run.history[["step", "val_acc"]], on="step")
 print(f"specialisation score after {history['step'].iloc[0]} steps: {history['score'].iloc[0]:.2f}; "
       f"after {history['step'].iloc[-1]} steps: {history['score'].iloc[-1]:.2f}")
-print(f"(check: the score of the final gate, recomputed: {specialisation_score(out.gate_weights, s_val, S):.2f})")
+print(f"(check: the score of the final gate, recomputed: {specialisation_score(out.router_probs, s_val, S):.2f})")
 
 fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
 axes[0].plot(history["step"], history["score"], "o-", ms=3, label="specialisation score")
@@ -313,9 +313,9 @@ cost.style.format({"parameters": "{:,}", "FLOPs per patient": "{:,}", "FLOPs / F
 # Knowledge (parameters) and effort (FLOPs per patient) grow together, in step with E:
 # doubling the number of specialists doubles what each visit costs. Does the clock agree?
 # We time one training step (forward and backward) on a batch of 4096 patients for
-# mixtures with 1 to 16 experts. The repetitions of all models are interleaved in one run,
-# so a busy moment on the machine slows them all alike, and we report each model's median
-# time as a ratio to the one-expert mixture.
+# mixtures with 1 to 16 experts. Every step runs right next to a step of the one-expert
+# mixture, so a busy moment on the machine slows both alike, and we report the median of
+# these paired ratios.
 
 # %%
 from moe_course.timing import time_per_batch

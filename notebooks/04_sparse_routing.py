@@ -436,7 +436,7 @@ print(f"\nthe median seed of the top-1 GP: seed {shown}")
 
 fig, axes = plt.subplots(1, 3, figsize=(18.5, 4.3))
 with torch.no_grad():
-    dense_weights = results.models[(DENSE, shown)](x_val).gate_weights  # (N, E)
+    dense_weights = results.models[(DENSE, shown)](x_val).router_probs  # (N, E)
     gate_mass_heatmap(gate_mass_by_specialty(dense_weights, s_val, S), clinic.specialties, ax=axes[0],
                       title=f"3 · dense mixture, seed {shown}: mean gate weight\n(specialisation {spec.loc[shown, DENSE]:.2f})")
     for ax, name, k in [(axes[1], TOP_1, 1), (axes[2], TOP_2, 2)]:

@@ -67,8 +67,8 @@ use_course_style()
 #
 # In the package a `Block` holds either a `FeedForward` (dense) or a `MoELayer` (Switch).
 # Here is its forward pass; the only Switch-specific part is the `MoEOutput` it returns,
-# whose `loss` (the weighted load-balancing and z-losses of lesson 05) the model adds up
-# over blocks into `GPTOutput.aux_loss`, and the training loss adds to the cross-entropy.
+# whose `router_loss` (the weighted load-balancing and z-losses of lesson 05) the model adds
+# up over blocks into `GPTOutput.router_loss`, and the training loss adds to the cross-entropy.
 
 # %%
 from moe_course.show import show_source
@@ -82,8 +82,8 @@ show_source(Block.forward)
 # - the Switch layer reads `ln_2(x)`, like the FFN it replaces, and its output is added
 #   to the residual stream. A token dropped for lack of capacity gets `y = 0` and rides
 #   the residual unchanged to the next floor;
-# - `force_expert` sends every token to one expert with gate 1: with E = 1 that is
-#   exactly the dense model (a test in the package checks it);
+# - with E = 1 the router's softmax over one expert is exactly 1, so a Switch block is
+#   exactly the dense block (a test in the package checks it);
 # - the router is a D × E matrix computed in float32, initialised small (the Switch
 #   paper's "scale 0.1"), so at the start the GP is nearly indifferent: every expert gets
 #   probability close to 1/E.

@@ -13,3 +13,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def course_style():
+    """The course's figure style for one test, and every figure closed after it."""
+    import matplotlib.pyplot as plt
+
+    from moe_course.plots import use_course_style
+
+    use_course_style()
+    yield
+    plt.close("all")

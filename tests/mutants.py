@@ -997,25 +997,25 @@ MUTANTS.update({
 def switch_right(block, x):
     x = x + block.attn(block.ln_1(x))
     moe = block.ffn(block.ln_2(x))
-    return x + moe.y, moe.loss
+    return x + moe.y, moe.router_loss
 
 
 def switch_no_moe_residual(block, x):
     x = x + block.attn(block.ln_1(x))
     moe = block.ffn(block.ln_2(x))
-    return moe.y, moe.loss
+    return moe.y, moe.router_loss
 
 
 def switch_no_attention_residual(block, x):
     x = block.attn(block.ln_1(x))
     moe = block.ffn(block.ln_2(x))
-    return x + moe.y, moe.loss
+    return x + moe.y, moe.router_loss
 
 
 def switch_no_ln_2(block, x):
     x = x + block.attn(block.ln_1(x))
     moe = block.ffn(x)
-    return x + moe.y, moe.loss
+    return x + moe.y, moe.router_loss
 
 
 def switch_unweighted_balance(block, x):
@@ -1033,18 +1033,18 @@ def switch_forgets_aux(block, x):
 def switch_detached_aux(block, x):
     x = x + block.attn(block.ln_1(x))
     moe = block.ffn(block.ln_2(x))
-    return x + moe.y, torch.tensor(moe.loss.item())
+    return x + moe.y, torch.tensor(moe.router_loss.item())
 
 
 def switch_returns_moe_output(block, x):
     x = x + block.attn(block.ln_1(x))
     moe = block.ffn(block.ln_2(x))
-    return moe, moe.loss
+    return moe, moe.router_loss
 
 
 def switch_calls_the_block(block, x):
     out = block(x)
-    return out.x, out.moe.loss
+    return out.x, out.moe.router_loss
 
 
 # -- 8.2 lm_accounting -------------------------------------------------------------
@@ -1071,8 +1071,8 @@ MUTANTS.update({
         ("attention residual missing", switch_no_attention_residual, "residual around attention is missing"),
         ("Switch layer reads the raw stream", switch_no_ln_2, "reads ln_2(x)"),
         ("unweighted balance loss", switch_unweighted_balance, "unweighted balance loss"),
-        ("forgot the auxiliary loss", switch_forgets_aux, "auxiliary loss is missing"),
-        ("auxiliary loss detached", switch_detached_aux, "carries no gradient"),
+        ("forgot the router loss", switch_forgets_aux, "router loss is missing"),
+        ("router loss detached", switch_detached_aux, "carries no gradient"),
         ("returns the MoEOutput", switch_returns_moe_output, "MoEOutput itself"),
         ("calls the package's block", switch_calls_the_block, "build the block from its parts"),
     ],

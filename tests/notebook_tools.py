@@ -135,7 +135,7 @@ def running_server(cmd: list[str], cwd: Path, status_url: str, log_path: Path, t
                     break
                 except OSError:
                     if proc.poll() is not None or time.monotonic() > deadline:
-                        raise AssertionError(f"server did not start: {log_path.read_text()[-2000:]}")
+                        raise AssertionError(f"server did not start: {log_path.read_text()[-2000:]}") from None
                     time.sleep(0.5)
             yield proc
         finally:

@@ -11,7 +11,6 @@ from moe_course.balance import (
     evaluate_capacity,
     load_stats,
     overflow_share,
-    routing_view,
     run_clinic_moes,
 )
 from moe_course.clinic import make_clinic
@@ -37,18 +36,19 @@ def test_load_stats_of_even_and_collapsed_loads():
         load_stats(torch.zeros(2, 2))
 
 
-def test_routing_view_reads_clinicmoe_and_routed_mixture(clinic):
+def test_load_tracker_and_evaluate_capacity_read_clinicmoe_and_routed_mixture(clinic):
     torch.manual_seed(0)
     moe = ClinicMoE(clinic.d_in, 4, MoEConfig(d_model=8, d_ff=8, num_experts=3, capacity_factor=0.5))
-    view = routing_view(moe(clinic.val.x))
-    assert view.router_logits.shape == (96, 3) and view.expert_index.shape == (96, 1)
-    assert not view.keep.all()  # capacity 0.5 must drop someone
+    assert evaluate_capacity(moe, clinic.val, 96)["dropped share"] > 0  # capacity 0.5 must drop someone
     routed = RoutedMixture(RoutedMixtureConfig(clinic.d_in, 8, 4, 3))
-    view = routing_view(routed(clinic.val.x))
-    assert view.keep.all()
-    torch.testing.assert_close(view.shares().sum(), torch.tensor(1.0))
+    assert evaluate_capacity(routed, clinic.val, 96)["dropped share"] == 0.0
+    for model in (moe, routed):
+        tracker = LoadTracker(clinic.val.x)
+        tracker(0, model)
+        torch.testing.assert_close(tracker.shares[0].sum(), torch.tensor(1.0))
+        assert tracker.shares[0].shape == (3,)
     with pytest.raises(TypeError, match="carries no routing"):
-        routing_view(torch.zeros(3))
+        LoadTracker(clinic.val.x)(0, torch.nn.Linear(clinic.d_in, 4))
 
 
 def test_load_tracker_records_every_evaluation(clinic):

@@ -65,6 +65,7 @@ def test_bench_config_validates():
         BenchConfig(0, 4, 4, 2)
 
 
+@pytest.mark.slow  # the benchmark in a subprocess
 def test_command_line_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "moe_course.bench", "--quick", "--repeats", "1", "--warmup", "0",

@@ -18,6 +18,8 @@ import pytest
 
 from notebook_tools import ROOT, free_port, running_server, write_notebook
 
+pytestmark = pytest.mark.slow  # a real JupyterLab server (and browser): see `make test-fast`
+
 REQUIRED = os.environ.get("MOE_COURSE_REQUIRE_BROWSER") == "1"  # set by .ci/run: CI must not skip these
 CHROMIUM = os.environ.get("MOE_COURSE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 if not Path(CHROMIUM).exists():

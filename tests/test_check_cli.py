@@ -10,6 +10,7 @@ import pytest
 
 from moe_course.check import main, notebooks
 from moe_course.exercises.build import BuildError
+
 from notebook_tools import ROOT
 
 
@@ -30,6 +31,7 @@ def test_unknown_lesson_exits_2(capsys):
     assert "no exercise notebook" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # nbval in a subprocess
 def test_a_fresh_exercise_notebook_fails_and_a_solved_one_passes(tmp_path):
     fresh = _run(ROOT, "00")
     assert fresh.returncode != 0 and "Some cells failed" in fresh.stdout and "not done yet" in fresh.stdout

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -124,7 +123,7 @@ def _best_renaming_agreement(guess: torch.Tensor, truth: torch.Tensor, num_diagn
     return agree[0], max(agree[1:])
 
 
-def test_make_clinic_twins_disagree_on_every_patient(clinic: Clinic) -> None:
+def test_make_clinic_twins_are_renamings_of_one_rule_unlike_independent_specialties(clinic: Clinic) -> None:
     # Specialty 1 is specialty 0's contradicting twin: the same measurements get
     # another diagnosis (a renaming), so learning from the twin is worse than guessing...
     guess = _nearest_neighbour_guess(clinic.train.of_specialty(0), clinic.val.of_specialty(1), clinic.d_measure)
@@ -242,6 +241,7 @@ def _generalist_vs_specialists(c: Clinic, hidden: int, config: TrainConfig) -> t
     return generalist_acc, team_acc
 
 
+@pytest.mark.slow  # trains a generalist and the specialists: seconds each
 @pytest.mark.parametrize("num_specialties, seed, min_gap", [(4, 0, 0.08), (4, 1, 0.08), (8, 0, 0.15)])
 def test_clinic_generalist_is_worse_than_specialists(num_specialties: int, seed: int, min_gap: float) -> None:
     # Measured over clinic seeds 0-7 (S=4): gap 0.11-0.17, specialists 0.91-0.93,

@@ -7,6 +7,8 @@ from moe_course.dispatch import expert_choice_dispatch, sort_dispatch
 from moe_course.experts import Experts
 from moe_course.routing import capacity_mask, expert_choice_routing, top_k_routing
 
+from helpers import loop_reference
+
 
 def _setup(n=10, d=4, e=3, k=2, seed=0):
     torch.manual_seed(seed)
@@ -16,22 +18,12 @@ def _setup(n=10, d=4, e=3, k=2, seed=0):
     return x, experts, routing
 
 
-def _loop_reference(x, experts, expert_index, gates, keep=None):
-    y = torch.zeros_like(x)
-    for n in range(x.shape[0]):
-        for j in range(expert_index.shape[1]):
-            if keep is None or keep[n, j]:
-                e = int(expert_index[n, j])
-                y[n] += gates[n, j] * experts.expert_output(e, x[n : n + 1])[0]
-    return y
-
-
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_sort_dispatch_equals_a_per_token_loop(k):
     x, experts, r = _setup(k=k)
     y = sort_dispatch(x, experts, r.expert_index, r.gates)
     assert y.shape == x.shape
-    torch.testing.assert_close(y, _loop_reference(x, experts, r.expert_index, r.gates))
+    torch.testing.assert_close(y, loop_reference(x, experts, r.expert_index, r.gates))
 
 
 def test_sort_dispatch_dropped_assignments_contribute_nothing():
@@ -39,7 +31,7 @@ def test_sort_dispatch_dropped_assignments_contribute_nothing():
     keep = capacity_mask(r.expert_index, 3, capacity=3).keep
     assert not keep.all() and keep.any()
     y = sort_dispatch(x, experts, r.expert_index, r.gates, keep)
-    torch.testing.assert_close(y, _loop_reference(x, experts, r.expert_index, r.gates, keep))
+    torch.testing.assert_close(y, loop_reference(x, experts, r.expert_index, r.gates, keep))
     fully_dropped = ~keep.any(-1)
     assert fully_dropped.any()
     assert torch.all(y[fully_dropped] == 0)

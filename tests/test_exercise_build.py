@@ -15,6 +15,7 @@ import pytest
 
 from moe_course.exercises.__main__ import main as cli
 from moe_course.exercises.build import BuildError, build, exercise_notebook, fingerprint, status, stub_source
+
 from notebook_tools import ROOT
 
 SOLUTION = '''# %% [markdown]
@@ -183,6 +184,7 @@ def test_fingerprint_ignores_outputs_but_not_code():
     assert fingerprint(a) != fingerprint(b)
 
 
+@pytest.mark.slow  # a fresh interpreter in a subprocess
 def test_command_line_status_on_the_course_itself():
     proc = subprocess.run([sys.executable, "-m", "moe_course.exercises", "status"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

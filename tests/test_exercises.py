@@ -8,6 +8,7 @@ import pytest
 
 from moe_course.checks import REGISTRY, ExerciseError
 from moe_course.exercises.build import CHECK_CALL, exercise_notebook
+
 from notebook_tools import (
     ROOT,
     code_cell_number,
@@ -65,6 +66,7 @@ def test_stub_fails_exactly_its_own_check(stem, ex_id):
     assert f"Exercise {ex_id}" in str(error) and "not done yet" in str(error)
 
 
+@pytest.mark.slow  # nbval in a subprocess
 @pytest.mark.parametrize("stem", STEMS)
 def test_nbval_fails_exactly_at_the_check_cells_of_the_generated_exercises(stem, tmp_path):
     nb = read_solution(stem)
@@ -76,6 +78,7 @@ def test_nbval_fails_exactly_at_the_check_cells_of_the_generated_exercises(stem,
     assert failed == expected, results["_output"][-3000:]
 
 
+@pytest.mark.slow  # nbval in a subprocess
 @pytest.mark.parametrize("stem", STEMS)
 def test_saved_outputs_never_decide_a_check(stem, tmp_path):
     """A learner's saved notebook with a stale failure still passes once the answer is right,

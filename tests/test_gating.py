@@ -45,9 +45,9 @@ def test_gate_module_matches_the_function_and_returns_typed_output():
     gate = SoftmaxGate(6, 4)
     x = torch.randn(5, 6)
     out = gate(x)
-    assert isinstance(out, GateOutput) and out.logits.shape == out.weights.shape == (5, 4)
-    torch.testing.assert_close(out.weights, softmax_gate(x, gate.proj.weight.T, gate.proj.bias))
-    torch.testing.assert_close(out.weights, torch.softmax(out.logits, -1))
+    assert isinstance(out, GateOutput) and out.router_logits.shape == out.router_probs.shape == (5, 4)
+    torch.testing.assert_close(out.router_probs, softmax_gate(x, gate.proj.weight.T, gate.proj.bias))
+    torch.testing.assert_close(out.router_probs, torch.softmax(out.router_logits, -1))
 
 
 @pytest.mark.parametrize("d_in,num_experts", [(0, 3), (4, 0), (4, -1), (True, 2), (4, 2.0)])

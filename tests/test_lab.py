@@ -12,6 +12,8 @@ import pytest
 
 from notebook_tools import ROOT, free_port, running_server
 
+pytestmark = pytest.mark.slow  # a real JupyterLab server (and browser): see `make test-fast`
+
 
 def _get(url: str):
     with urllib.request.urlopen(url, timeout=5) as response:

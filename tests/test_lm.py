@@ -57,17 +57,17 @@ def test_exact_match_counts_whole_answers_of_complete_samples():
     assert total.tolist() == [1, 1] and right.tolist() == [1, 0]
 
 
-def test_task_loss_is_cross_entropy_plus_the_models_aux_loss(corpus: Corpus):
+def test_task_loss_is_cross_entropy_plus_the_models_router_loss(corpus: Corpus):
     task = LMTask(corpus, 32, eval_rows=8)
     batch = task.sample_batch(4, torch.Generator().manual_seed(0), torch.device("cpu"))
     model = _model(corpus, ffn="switch", num_experts=4)
     loss, metrics = task.loss(model, batch)
     out = model(batch.x)
     ce = F.cross_entropy(out.logits.reshape(-1, corpus.vocab_size), batch.y.reshape(-1))
-    assert torch.allclose(loss, ce + out.aux_loss)
-    assert metrics["train_loss"] == pytest.approx(ce.item(), abs=1e-5) and metrics["aux_loss"] > 0
+    assert torch.allclose(loss, ce + out.router_loss)
+    assert metrics["train_loss"] == pytest.approx(ce.item(), abs=1e-5) and metrics["router_loss"] > 0
     dense_loss, dense_metrics = task.loss(_model(corpus), batch)
-    assert "aux_loss" in dense_metrics and dense_metrics["aux_loss"] == 0.0
+    assert "router_loss" in dense_metrics and dense_metrics["router_loss"] == 0.0
 
 
 def test_evaluation_per_domain_adds_up_to_the_overall_loss(corpus: Corpus):
@@ -99,7 +99,7 @@ def test_training_on_the_corpus_lowers_the_held_out_loss(corpus: Corpus):
     after = result.final["val_loss"]
     assert after < before - 1.0, (before, after)
     assert list(result.history["step"]) == [20, 40]
-    assert {"train_loss", "aux_loss", "val_loss", "val_loss_facts", "val_exact_facts"} <= set(result.history.columns)
+    assert {"train_loss", "router_loss", "val_loss", "val_loss_facts", "val_exact_facts"} <= set(result.history.columns)
 
 
 def test_resumed_switch_lm_ends_with_exactly_the_same_weights(corpus: Corpus, tmp_path):

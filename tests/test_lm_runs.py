@@ -35,6 +35,7 @@ def in_process(runs):
     return run_lms(runs, CORPUS, workers=1, eval_rows=8, progress=False)
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_in_process_and_worker_processes_give_identical_runs(runs, in_process):
     in_workers = run_lms(runs, CORPUS, workers=2, eval_rows=8, progress=False)
     assert [r.run for r in in_workers] == runs  # the order of the runs, not of their completion

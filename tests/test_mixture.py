@@ -78,9 +78,9 @@ def test_dense_mixture_returns_typed_normalised_output_consistent_with_its_parts
     x = torch.randn(9, 5)
     out = model(x)
     assert isinstance(out, MixtureOutput)
-    assert out.logits.shape == (9, 3) and out.gate_weights.shape == (9, 4) and out.expert_logits.shape == (9, 4, 3)
+    assert out.logits.shape == (9, 3) and out.router_probs.shape == (9, 4) and out.expert_logits.shape == (9, 4, 3)
     torch.testing.assert_close(out.logits.logsumexp(-1), torch.zeros(9), atol=1e-5, rtol=0)  # log-probabilities
-    torch.testing.assert_close(out.probs, mixture_probs(out.expert_logits, out.gate_weights))
+    torch.testing.assert_close(out.probs, mixture_probs(out.expert_logits, out.router_probs))
     torch.testing.assert_close(out.expert_logits[:, 2], model.experts[2](x))
     torch.testing.assert_close(out.expert_probs.sum(-1), torch.ones(9, 4))
     y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])

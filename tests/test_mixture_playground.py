@@ -25,7 +25,7 @@ def test_playground_shows_a_patient_then_a_specialty():
     mode, (patient, chosen), summary, chart = widget.children[0], widget.children[1].children, widget.children[2], widget.children[3]
     assert patient.max == 19 and "Patient 0" in summary.value and chart.value[:4] == b"\x89PNG"
     with torch.no_grad():
-        top = int(model(clinic.val.x[5:6]).gate_weights.argmax())
+        top = int(model(clinic.val.x[5:6]).router_probs.argmax())
     patient.value = 5
     assert "Patient 5" in summary.value and f"expert {top}" in summary.value
     first = chart.value

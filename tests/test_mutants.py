@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moe_course.checks import REGISTRY, ExerciseError, check
+
 from mutants import MUTANTS
 
 CASES = [(ex_id, name, fn, words) for ex_id, items in MUTANTS.items() for name, fn, words in items]

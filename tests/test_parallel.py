@@ -5,12 +5,14 @@ import threading
 import pytest
 import torch
 
-import moe_course.parallel as parallel
+import moe_course.fast.threads as parallel
 from moe_course.dispatch import METHODS, sort_split
 from moe_course.experts import Experts
+from moe_course.fast.threads import expert_order, over_experts, worth_threading
 from moe_course.memory import MemoryRecorder
-from moe_course.parallel import expert_order, over_experts, worth_threading
 from moe_course.routing import capacity_mask, top_k_routing
+
+from helpers import outputs_and_grads
 
 
 def test_expert_order_takes_the_busiest_experts_first_and_idle_ones_last():
@@ -87,24 +89,15 @@ def _routing(n=40, e=6, k=1, capacity=None, seed=0):
     return x, experts, routing.expert_index, routing.gates, keep
 
 
-def _outputs_and_grads(fn, x, experts, expert_index, gates, keep):
-    x = x.detach().clone().requires_grad_()
-    gates = gates.detach().clone().requires_grad_()
-    experts.zero_grad(set_to_none=True)
-    y = fn(x, experts, expert_index, gates, keep)
-    (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
-    return [y.detach(), x.grad, gates.grad] + [p.grad for p in experts.parameters()]
-
-
 @pytest.mark.parametrize("k,capacity", [(1, None), (2, None), (1, 5), (2, 9)])
 def test_threaded_sort_split_gives_the_same_outputs_and_gradients(two_threads, monkeypatch, k, capacity):
     x, experts, expert_index, gates, keep = _routing(k=k, capacity=capacity)
     calls = []
     real = parallel.worth_threading
     monkeypatch.setattr(parallel, "worth_threading", lambda *a: calls.append(real(*a)) or calls[-1])
-    got = _outputs_and_grads(sort_split, x, experts, expert_index, gates, keep)
+    got = outputs_and_grads(sort_split, x, experts, expert_index, gates, keep)
     assert calls == [True, True], "forward and backward should both have run on two threads"
-    want = _outputs_and_grads(METHODS["masks_loop"], x, experts, expert_index, gates, keep)
+    want = outputs_and_grads(METHODS["masks_loop"], x, experts, expert_index, gates, keep)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
     assert got[3][5].abs().sum() == 0  # the idle expert's w_in gradient is zero, not left uninitialised
@@ -119,7 +112,7 @@ def test_threaded_sort_split_works_under_inference_mode(two_threads):
 
 
 def test_expert_threads_off_keeps_everything_on_the_calling_thread():
-    from moe_course.parallel import expert_threads
+    from moe_course.fast import expert_threads
 
     assert worth_threading([256] * 64, 2 * 128 * 512, threads=2)
     with expert_threads(False):

@@ -1,22 +1,13 @@
 from __future__ import annotations
 
-import matplotlib
+import pandas as pd
+import pytest
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from moe_course.clinic import make_clinic
+from moe_course.plots import grouped_bars, heatmap, learning_curves, plot_clinic, save
 
-from moe_course.clinic import make_clinic  # noqa: E402
-from moe_course.plots import grouped_bars, heatmap, learning_curves, plot_clinic, save, use_course_style  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _close():
-    use_course_style()
-    yield
-    plt.close("all")
+pytestmark = pytest.mark.usefixtures("course_style")  # the course's style; every figure closed after each test
 
 
 def test_grouped_bars_draws_one_bar_per_group_and_series():

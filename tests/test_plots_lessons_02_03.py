@@ -1,21 +1,12 @@
 from __future__ import annotations
 
-import matplotlib
+import pandas as pd
+import pytest
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from moe_course.plots import bias_variance_bars, expert_bars, gate_mass_heatmap
 
-from moe_course.plots import bias_variance_bars, expert_bars, gate_mass_heatmap, use_course_style  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _close():
-    use_course_style()
-    yield
-    plt.close("all")
+pytestmark = pytest.mark.usefixtures("course_style")  # the course's style; every figure closed after each test
 
 
 def test_bias_variance_bars_stack_variance_on_bias_and_label_the_total():

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from moe_course.flops import count_parameters
-from moe_course.mixture import DenseMixture, DenseMixtureConfig, dense_mixture_flops
+from moe_course.mixture import DenseMixture, DenseMixtureConfig, dense_mixture_flops, dense_mixture_param_count
 from moe_course.moe import MoEConfig, MoELayer
 from moe_course.routed import (
     RoutedMixture,
@@ -14,7 +14,6 @@ from moe_course.routed import (
     moe_layer_flops,
     moe_layer_param_count,
     routed_mixture_flops,
-    routed_mixture_param_count,
 )
 
 
@@ -26,17 +25,17 @@ def _model(seed: int = 0, **overrides) -> RoutedMixture:
 def test_routed_mixture_returns_typed_result_with_shapes():
     out = _model()(torch.randn(10, 6))
     assert out.logits.shape == (10, 3)
-    assert out.gate_logits.shape == out.gate_weights.shape == (10, 4)
+    assert out.router_logits.shape == out.router_probs.shape == (10, 4)
     assert out.expert_index.shape == out.gates.shape == (10, 1)
     assert out.tokens_per_expert().sum() == 10
-    torch.testing.assert_close(out.gate_weights.sum(-1), torch.ones(10))
+    torch.testing.assert_close(out.router_probs.sum(-1), torch.ones(10))
 
 
 def test_routed_mixture_switch_output_is_the_raw_gate_times_the_chosen_expert():
     model = _model()
     x = torch.randn(12, 6)
     out = model(x)
-    probs = torch.softmax(model.gate(x).logits, dim=-1)
+    probs = torch.softmax(model.gate(x).router_logits, dim=-1)
     gate, index = probs.max(-1)
     want = torch.stack([gate[n] * model.experts[int(index[n])](x[n : n + 1])[0] for n in range(12)])
     torch.testing.assert_close(out.logits, want)
@@ -68,7 +67,7 @@ def test_router_learns_through_the_raw_gate_but_not_through_a_renormalised_top1_
 def test_aux_loss_is_the_weighted_balance_and_z_losses():
     model = _model(aux_loss_coef=0.5, z_loss_coef=0.25)
     out = model(torch.randn(20, 6))
-    torch.testing.assert_close(out.aux_loss, 0.5 * out.balance_loss + 0.25 * out.z_loss)
+    torch.testing.assert_close(out.router_loss, 0.5 * out.aux_loss + 0.25 * out.z_loss)
 
 
 def test_idle_expert_gets_no_tokens_and_no_work():
@@ -85,7 +84,7 @@ def test_idle_expert_gets_no_tokens_and_no_work():
 def test_routed_mixture_has_the_dense_mixtures_parameters():
     routed = _model()
     dense = DenseMixture(DenseMixtureConfig(6, 8, 3, 4))
-    assert count_parameters(routed) == count_parameters(dense) == routed_mixture_param_count(6, 8, 3, 4)
+    assert count_parameters(routed) == count_parameters(dense) == dense_mixture_param_count(6, 8, 3, 4)
     assert [p.shape for p in routed.parameters()] == [p.shape for p in dense.parameters()]
 
 

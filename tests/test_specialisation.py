@@ -97,9 +97,9 @@ def test_tracker_records_the_score_at_every_evaluation():
     assert tracker.history["step"].tolist() == [20, 40]
     assert len(tracker.gate_mass) == 2 and tracker.gate_mass[0].shape == (2, 3)
     with torch.no_grad():
-        final = specialisation_score(model(clinic.val.x).gate_weights, clinic.val.specialty, 2)
+        final = specialisation_score(model(clinic.val.x).router_probs, clinic.val.specialty, 2)
     assert tracker.history["score"].iloc[-1] == pytest.approx(final)
-    with pytest.raises(TypeError, match="gate_weights"):
+    with pytest.raises(TypeError, match="router_probs"):
         tracker(0, FeedForward(clinic.d_in, 4, d_out=2))
 
 
@@ -150,7 +150,7 @@ def test_tracker_records_counts_and_the_context_share_when_asked():
     assert tracker.history["context_share"].iloc[-1] == pytest.approx(context_share(model.gate.proj.weight, clinic.val.x, clinic.d_context))
     assert [c.sum().item() for c in tracker.counts] == [100, 100]
     with torch.no_grad():
-        assert torch.equal(tracker.counts[-1], top_expert_counts(model(clinic.val.x).gate_weights, clinic.val.specialty, 2))
+        assert torch.equal(tracker.counts[-1], top_expert_counts(model(clinic.val.x).router_probs, clinic.val.specialty, 2))
 
 
 def test_effective_experts_counts_the_doctors_in_use():

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import re
 import tomllib
-from pathlib import Path
 
 import jupytext
 import nbformat
 import pytest
 
 from moe_course.exercises import status
+
 from notebook_tools import ROOT
 
 FOLDERS = ("notebooks", "solutions", "exercises")
@@ -69,7 +68,7 @@ def test_exercises_are_in_sync_with_solutions():
     assert not problems, "exercises/ is out of date, run `moe-exercises build`:\n" + "\n".join(problems)
 
 
-def test_notebooks_never_contain_model_code():
+def test_notebooks_define_no_nn_module():
     """The package is the only home of model code: lessons import it, never define modules."""
     for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py")):
         source = path.read_text()
@@ -82,6 +81,16 @@ CONDA_NAMES = {"pytorch": "torch"}  # conda-forge name → PyPI name
 def _normalise(requirement: str) -> str:
     name = re.split(r"[<>=!~\[ ;]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
     return CONDA_NAMES.get(name, name)
+
+
+def test_python_version_is_the_same_everywhere():
+    """pyproject.toml, environment.yml and the README ask for the same lowest Python (3.11: the tests read TOML with tomllib)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lowest = re.fullmatch(r">=\s*(3\.\d+)", project["requires-python"]).group(1)
+    env = re.search(r"^\s*-\s*python\s*>=\s*(3\.\d+)", (ROOT / "environment.yml").read_text(), re.MULTILINE)
+    assert env and env.group(1) == lowest, f"environment.yml asks for python>={env and env.group(1)}, pyproject.toml for >={lowest}"
+    assert f"Python ≥ {lowest}" in (ROOT / "README.md").read_text(), f"the README should say Python ≥ {lowest}"
+    assert tuple(map(int, lowest.split("."))) >= (3, 11), "the tests import tomllib (Python 3.11+)"
 
 
 def test_environment_yml_lists_the_same_dependencies_as_pyproject():

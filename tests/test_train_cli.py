@@ -30,7 +30,7 @@ def test_cli_trains_and_writes_config_checkpoint_metrics_and_samples(tmp_path, c
     assert saved["corpus"]["num_facts"] == 20 and saved["train"]["steps"] == 6 and saved["task"]["eval_rows"] == 4
     metrics = pd.read_csv(out / "metrics.csv")
     assert metrics["step"].tolist() == [3, 6]
-    assert {"train_loss", "aux_loss", "val_loss", "val_loss_facts", "val_loss_grammar", "val_dropped"} <= set(metrics.columns)
+    assert {"train_loss", "router_loss", "val_loss", "val_loss_facts", "val_loss_grammar", "val_dropped"} <= set(metrics.columns)
     assert "parameters" in capsys.readouterr().out
     model, corpus, _ = load_run(out)
     assert model.config.num_experts == 4 and corpus.config.num_facts == 20

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moe_course.experts import FeedForward
@@ -87,16 +88,17 @@ def test_callback_sees_every_evaluation():
 def test_model_logits_reads_typed_results():
     class Out:
         logits = torch.zeros(2, 3)
-        aux_loss = torch.tensor(0.5)
+        router_loss = torch.tensor(0.5)
+        aux_loss = torch.tensor(50.0)  # unweighted: for watching, never added
 
-    logits, aux = model_logits(Out())
-    assert logits.shape == (2, 3) and aux.item() == 0.5
+    logits, router_loss = model_logits(Out())
+    assert logits.shape == (2, 3) and router_loss.item() == 0.5
     assert model_logits(torch.ones(1))[1] is None
     with pytest.raises(TypeError, match="expected a tensor"):
         model_logits(object())
 
 
-def test_aux_loss_is_added_to_the_training_loss():
+def test_router_loss_is_added_to_the_training_loss():
     class WithAux(nn.Module):
         def __init__(self):
             super().__init__()
@@ -108,7 +110,7 @@ def test_aux_loss_is_added_to_the_training_loss():
 
             out = Out()
             out.logits = self.lin(x)
-            out.aux_loss = 10.0 * self.lin.weight.pow(2).sum()
+            out.router_loss = 10.0 * self.lin.weight.pow(2).sum()
             return out
 
     task = _task()
@@ -118,6 +120,54 @@ def test_aux_loss_is_added_to_the_training_loss():
     assert total.item() == pytest.approx(metrics["train_loss"] + 10.0 * model.lin.weight.pow(2).sum().item(), rel=1e-5)
 
 
+def test_a_bare_moe_layer_trains_with_its_weighted_router_loss():
+    """train(MoELayer(...), task): the task loss adds α·aux + β·z, not the unweighted aux_loss."""
+    from moe_course.moe import MoEConfig, MoELayer
+
+    torch.manual_seed(0)
+    config = MoEConfig(d_model=5, d_ff=8, num_experts=4, aux_loss_coef=0.01, z_loss_coef=0.001)
+    layer = MoELayer(config)
+    task = _task()  # x (N, 5); the layer's y (N, 5) serves as five class scores
+    batch = (task.x_train[:16], task.y_train[:16])
+    total, metrics = task.loss(layer, batch)
+    out = layer(batch[0])
+    ce = F.cross_entropy(out.y, batch[1])
+    want = ce + config.aux_loss_coef * out.aux_loss + config.z_loss_coef * out.z_loss
+    assert total.item() == pytest.approx(want.item(), rel=1e-6)
+    assert out.aux_loss.item() >= 1.0 - 1e-6 and abs(total.item() - (ce + out.aux_loss).item()) > 0.5  # not the unweighted 100x α
+    result = train(layer, task, TrainConfig(steps=5, eval_every=5), progress=False, device="cpu")
+    assert len(result.history) == 1 and result.history["train_loss"].notna().all()
+
+
 def test_classification_task_checks_shapes():
     with pytest.raises(ValueError, match="train split"):
         ClassificationTask(torch.zeros(3, 2), torch.zeros(4, dtype=torch.long), torch.zeros(2, 2), torch.zeros(2, dtype=torch.long))
+
+
+def test_every_tracker_looks_at_the_model_in_eval_mode_without_gradients_and_restores_its_mode():
+    """LoadTracker, SpecialisationTracker and RoutingTracker share one rule: training.evaluating."""
+    from moe_course.balance import LoadTracker
+    from moe_course.corpus import Corpus, CorpusConfig
+    from moe_course.lm_routing import RoutingTracker
+    from moe_course.mixture import DenseMixture, DenseMixtureConfig
+    from moe_course.models import ClinicMoE
+    from moe_course.moe import MoEConfig
+    from moe_course.specialisation import SpecialisationTracker
+    from moe_course.transformer import GPT, GPTConfig
+
+    corpus = Corpus(CorpusConfig(num_facts=20))
+    torch.manual_seed(0)
+    cases = [
+        (ClinicMoE(5, 2, MoEConfig(d_model=8, d_ff=8, num_experts=3)), LoadTracker(torch.randn(12, 5))),
+        (DenseMixture(DenseMixtureConfig(5, 8, 2, 3)), SpecialisationTracker(torch.randn(12, 5), torch.randint(0, 2, (12,)), 2)),
+        (GPT(GPTConfig(vocab_size=corpus.vocab_size, block_size=16, d_model=16, n_layers=1, n_heads=2, d_ff=16, ffn="switch", num_experts=2)),
+         RoutingTracker(corpus.held_out(4, 16), corpus.domains, chunk=2)),
+    ]
+    for model, tracker in cases:
+        seen = []
+        model.register_forward_pre_hook(lambda m, args: seen.append((m.training, torch.is_grad_enabled())))
+        for mode in (True, False):
+            model.train(mode)
+            tracker(0, model)
+            assert model.training is mode, type(tracker).__name__
+        assert seen and set(seen) == {(False, False)}, type(tracker).__name__

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from moe_course.flops import count_parameters, ffn_flops, ffn_param_count
-from moe_course.moe import MoELayer, MoEOutput
+from moe_course.moe import MoEOutput
 from moe_course.transformer import (
     GPT,
     Block,
@@ -19,6 +17,8 @@ from moe_course.transformer import (
     flops_per_token,
     param_count,
 )
+
+from helpers import forced_expert
 
 V = 96
 
@@ -97,14 +97,17 @@ def test_gpt_output_fields_and_shapes(ffn, experts):
     model = GPT(_cfg(ffn=ffn, num_experts=experts))
     out = model(_ids())
     assert isinstance(out, GPTOutput) and out.logits.shape == (2, 16, V)
-    assert len(out.moe) == 2 and out.aux_loss.shape == ()
+    assert len(out.moe) == 2 and out.router_loss.shape == out.aux_loss.shape == out.z_loss.shape == ()
     if ffn == "dense":
-        assert out.moe == (None, None) and out.aux_loss.item() == 0.0
+        assert out.moe == (None, None) and out.router_loss.item() == out.aux_loss.item() == out.z_loss.item() == 0.0
     else:
         assert all(isinstance(m, MoEOutput) for m in out.moe)
-        assert torch.allclose(out.aux_loss, out.moe[0].loss + out.moe[1].loss)
+        assert torch.allclose(out.router_loss, out.moe[0].router_loss + out.moe[1].router_loss)
+        assert torch.allclose(out.aux_loss, out.moe[0].aux_loss + out.moe[1].aux_loss)
+        assert torch.allclose(out.z_loss, out.moe[0].z_loss + out.moe[1].z_loss)
+        assert torch.allclose(out.router_loss, 1e-2 * out.aux_loss + 1e-3 * out.z_loss)
         assert [i for i, _ in out.moe_outputs] == [0, 1]
-        assert out.aux_loss.item() > 0
+        assert out.router_loss.item() > 0
 
 
 @pytest.mark.parametrize("kw", [{}, {"position": "learned"}, {"fast_attention": False}, {"ffn": "switch", "num_experts": 4, "capacity_factor": None}])
@@ -134,10 +137,6 @@ def test_gpt_rejects_bad_inputs():
         model(_ids(t=17))
     with pytest.raises(ValueError, match=r"\(B, T\)"):
         model(torch.randn(2, 16))
-    with pytest.raises(ValueError, match="Switch model"):
-        model(_ids(), force_expert=0)
-    with pytest.raises(ValueError, match=r"force_expert must be an int in \[0, 4\)"):
-        GPT(_cfg(ffn="switch", num_experts=4))(_ids(), force_expert=4)
     with pytest.raises(TypeError, match="GPTConfig"):
         GPT({"vocab_size": V})
 
@@ -164,14 +163,15 @@ def test_one_expert_switch_equals_its_dense_twin_with_the_router_bypassed():
     dense, switch = _twins(1)
     x = _ids(3)
     ref = dense(x).logits
-    assert torch.allclose(switch(x, force_expert=0).logits, ref, atol=1e-5)
+    with forced_expert(switch, 0):
+        assert torch.allclose(switch(x).logits, ref, atol=1e-5)
     # through the router too: a softmax over one expert is exactly 1, so the gate changes nothing
     out = switch(x)
     assert all(torch.equal(m.gates, torch.ones_like(m.gates)) for m in out.moe)
     assert torch.allclose(out.logits, ref, atol=1e-5)
-    # the only difference is the auxiliary loss: balance = 1 exactly, z-loss = mean of logit²
+    # the only difference is the router loss: balance = 1 exactly, z-loss = mean of logit²
     z = sum(m.router_logits.square().mean() for m in out.moe)
-    assert torch.allclose(out.aux_loss, 1e-2 * 2 + 1e-3 * z)
+    assert torch.allclose(out.router_loss, 1e-2 * 2 + 1e-3 * z)
 
 
 def test_one_expert_switch_gets_the_dense_gradients_when_its_losses_are_off():
@@ -182,7 +182,7 @@ def test_one_expert_switch_gets_the_dense_gradients_when_its_losses_are_off():
     x, y = _ids(2, seed=1), _ids(2, seed=2)
     for m in (dense, switch):
         out = m(x)
-        (torch.nn.functional.cross_entropy(out.logits.reshape(-1, V), y.reshape(-1)) + out.aux_loss).backward()
+        (torch.nn.functional.cross_entropy(out.logits.reshape(-1, V), y.reshape(-1)) + out.router_loss).backward()
     assert torch.allclose(dense.tok_emb.weight.grad, switch.tok_emb.weight.grad, atol=1e-6)
     for db, sb in zip(dense.blocks, switch.blocks):
         assert torch.allclose(db.attn.qkv.weight.grad, sb.attn.qkv.weight.grad, atol=1e-6)
@@ -196,7 +196,8 @@ def test_upcycled_experts_each_equal_the_dense_model():
     x = _ids()
     ref = dense(x).logits
     for e in range(4):
-        assert torch.allclose(switch(x, force_expert=e).logits, ref, atol=1e-5)
+        with forced_expert(switch, e):
+            assert torch.allclose(switch(x).logits, ref, atol=1e-5)
     # routed, each token's output is the dense output times its gate (< 1): not equal any more
     assert not torch.allclose(switch(x).logits, ref, atol=1e-3)
 
@@ -286,3 +287,18 @@ def test_generate_stops_at_the_stop_token():
     first = model.generate(prompt, 1, temperature=0.0)[0, -1].item()
     out = model.generate(prompt, 10, temperature=0.0, stop_token=first)
     assert out.shape == (1, 4)
+
+
+def test_forced_expert_helper_bypasses_every_router_and_restores_the_layers():
+    dense, switch = _twins(4)
+    layers = [b.ffn for b in switch.blocks]
+    with forced_expert(switch, 2):
+        out = switch(_ids())
+        assert out.moe == (None, None) and out.router_loss.item() == 0.0
+    assert [b.ffn for b in switch.blocks] == layers and all(b.is_moe for b in switch.blocks)
+    with pytest.raises(ValueError, match=r"expert must be in \[0, 4\)"):
+        with forced_expert(switch, 4):
+            pass
+    with pytest.raises(ValueError, match="Switch blocks"):
+        with forced_expert(dense, 0):
+            pass

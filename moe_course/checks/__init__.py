@@ -5,9 +5,17 @@ short. A check prints one line when your answer is right and raises
 ``ExerciseError`` with a specific message when it is not.
 """
 
+from . import (  # noqa: F401  (registers the checkers)
+    lesson00,
+    lesson01,
+    lesson02,
+    lesson03,
+    lesson04,
+    lesson05,
+    lesson06,
+    lesson07,  # noqa: F401  (attention and the transformer block)
+    lesson08,  # noqa: F401  (the Switch Transformer)
+)
 from ._core import REGISTRY, Exercise, ExerciseError, Mistake, check, exercise
-from . import lesson00, lesson01, lesson02, lesson03, lesson04, lesson05, lesson06  # noqa: F401  (registers the checkers)
-from . import lesson07  # noqa: F401  (attention and the transformer block)
-from . import lesson08  # noqa: F401  (the Switch Transformer)
 
 __all__ = ["check", "ExerciseError", "Exercise", "Mistake", "exercise", "REGISTRY"]

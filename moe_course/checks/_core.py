@@ -17,8 +17,9 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -41,7 +42,7 @@ class Mistake:
 class _Entry:
     ex_id: str
     title: str  # e.g. "feed_forward"
-    run: Callable[["Exercise", Any], str]
+    run: Callable[[Exercise, Any], str]
 
 
 REGISTRY: dict[str, _Entry] = {}
@@ -50,7 +51,7 @@ REGISTRY: dict[str, _Entry] = {}
 def exercise(ex_id: str, title: str) -> Callable:
     """Register ``fn(ex, obj) -> summary`` as the checker of exercise ``ex_id``."""
 
-    def register(fn: Callable[["Exercise", Any], str]):
+    def register(fn: Callable[[Exercise, Any], str]):
         if ex_id in REGISTRY:
             raise ValueError(f"exercise {ex_id} registered twice")
         REGISTRY[ex_id] = _Entry(ex_id, title, fn)
@@ -91,6 +92,15 @@ def describe(value: Any) -> str:
         inner = ", ".join(describe(v) for v in value[:4])
         return f"{type(value).__name__} of {len(value)} ({inner}{', …' if len(value) > 4 else ''})"
     return f"{type(value).__name__} {value!r}"[:120]
+
+
+def expect_pair(ex: Exercise, out: Any, names: tuple[str, str], shape: str) -> tuple[Any, Any]:
+    """The learner's two results, when ``out`` is a pair: else a clear failure naming ``names`` and their ``shape``."""
+    if out is None:
+        ex.fail("the result is None. Did you forget a `return` statement?")
+    if isinstance(out, torch.Tensor) or not isinstance(out, (tuple, list)) or len(out) != 2:
+        ex.fail(f"return two tensors, ({names[0]}, {names[1]}), each of shape {shape}; got {describe(out)}.")
+    return out[0], out[1]
 
 
 def _snapshot(value: Any) -> Any:
@@ -134,9 +144,9 @@ class Exercise:
         __tracebackhide__ = True
         raise ExerciseError(f"Exercise {self.ex_id} ({self.title}): {message}")
 
-    def generator(self, salt: int = 0) -> torch.Generator:
+    def generator(self) -> torch.Generator:
         """A fixed random stream, so a learner sees the same inputs every run."""
-        return torch.Generator().manual_seed(1000 * _id_key(self.ex_id)[0] + 10 * _id_key(self.ex_id)[-1] + salt)
+        return torch.Generator().manual_seed(1000 * _id_key(self.ex_id)[0] + 10 * _id_key(self.ex_id)[-1])
 
     # -- calling the learner's code -----------------------------------------
     def expect_callable(self, obj: Any, what: str = "a function") -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..experts import FeedForward, feed_forward
+from ..experts import FeedForward
 from ..flops import count_parameters, ffn_flops, ffn_param_count
 from ..metrics import accuracy_by_group
 from ._core import Exercise, Mistake, exercise

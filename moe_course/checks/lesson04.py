@@ -10,16 +10,12 @@ from torch import nn
 
 from ..experts import FeedForward
 from ..routing import noisy_top_k_routing, switch_routing, top_k_routing
-from ._core import Exercise, Mistake, describe, exercise
+from ._core import Exercise, Mistake, exercise, expect_pair
 
 
 def _pair(ex: Exercise, out: Any, n: int, e: int, k: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The learner's (expert_index, gates), checked for types, shapes and dtypes."""
-    if out is None:
-        ex.fail("the result is None. Did you forget a `return` statement?")
-    if isinstance(out, torch.Tensor) or not isinstance(out, (tuple, list)) or len(out) != 2:
-        ex.fail(f"return two tensors, (expert_index, gates), each of shape (N, k) = ({n}, {k}); got {describe(out)}.")
-    index, gates = out
+    index, gates = expect_pair(ex, out, ("expert_index", "gates"), f"(N, k) = ({n}, {k})")
     ex.expect_tensor(index, name="expert_index")
     ex.expect_tensor(gates, name="gates", allow_nan=True)
     if index.is_floating_point() and gates.dtype in (torch.int64, torch.int32):

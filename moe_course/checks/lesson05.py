@@ -8,7 +8,7 @@ import torch
 
 from ..losses import load_balancing_loss, router_z_loss
 from ..routing import capacity_mask, expert_choice_routing
-from ._core import Exercise, ExerciseError, Mistake, describe, exercise
+from ._core import Exercise, ExerciseError, Mistake, describe, exercise, expect_pair
 
 
 def _scalar(ex: Exercise, out: Any, name: str) -> torch.Tensor:
@@ -165,11 +165,7 @@ def check_capacity_keep(ex: Exercise, fn) -> str:
 
 
 def _choice_pair(ex: Exercise, out: Any, e: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if out is None:
-        ex.fail("the result is None. Did you forget a `return` statement?")
-    if isinstance(out, torch.Tensor) or not isinstance(out, (tuple, list)) or len(out) != 2:
-        ex.fail(f"return two tensors, (token_index, gates), each of shape (E, C) = ({e}, {c}); got {describe(out)}.")
-    index, gates = out
+    index, gates = expect_pair(ex, out, ("token_index", "gates"), f"(E, C) = ({e}, {c})")
     ex.expect_tensor(index, name="token_index")
     ex.expect_tensor(gates, name="gates")
     if index.is_floating_point() or index.dtype == torch.bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 import torch
 
@@ -56,33 +55,33 @@ def check_switch_block_forward(ex: Exercise, fn) -> str:
         if out is None:
             ex.fail("the result is None. Did you forget a `return` statement?")
         if isinstance(out, torch.Tensor) or not isinstance(out, (tuple, list)) or len(out) != 2:
-            ex.fail(f"return two things, `(x, aux_loss)`: the stream after the block (B, T, D) and the Switch layer's auxiliary loss; got {describe(out)}.")
+            ex.fail(f"return two things, `(x, router_loss)`: the stream after the block (B, T, D) and the Switch layer's weighted router loss; got {describe(out)}.")
         y, aux = out
-        if hasattr(y, "y") and hasattr(y, "loss"):
+        if hasattr(y, "y") and hasattr(y, "router_loss"):
             ex.fail("the first result is the MoEOutput itself; return the updated stream x + moe.y, a tensor of shape (B, T, D).")
         ex.expect_tensor(y, shape=(B, T, D), name="the stream after the block")
         ex.match(y.detach(), ref.x, mistakes, context=f"x of shape {(B, T, D)}, {block.ffn.config.num_experts} experts, capacity factor 1.0", name="the stream after the block")
         if aux is None or (isinstance(aux, (int, float)) and not isinstance(aux, bool) and aux == 0):
-            ex.fail("the auxiliary loss is missing: return moe.loss, the weighted balance and z-losses the training loss needs, so the GP learns to spread the patients.")
-        ex.expect_tensor(aux, name="aux_loss")
+            ex.fail("the router loss is missing: return moe.router_loss, the weighted balance and z-losses the training loss needs, so the GP learns to spread the patients.")
+        ex.expect_tensor(aux, name="router_loss")
         if aux.numel() != 1:
-            ex.fail(f"aux_loss should be one number (a 0-dim tensor), got shape {tuple(aux.shape)}.")
+            ex.fail(f"router_loss should be one number (a 0-dim tensor), got shape {tuple(aux.shape)}.")
         aux = aux.reshape(())
         m = ref.moe
         mistakes = [
-            Mistake(m.aux_loss, "you returned moe.aux_loss, the unweighted balance loss; return moe.loss, which weights it by α and adds the weighted z-loss."),
-            Mistake(m.z_loss, "you returned moe.z_loss alone; return moe.loss, the weighted balance loss plus the weighted z-loss."),
-            Mistake(m.aux_loss + m.z_loss, "you added the unweighted losses; moe.loss already weights them by their coefficients (α for balance, 1e-3 for z)."),
-            Mistake(block.ffn.config.aux_loss_coef * m.aux_loss, "the z-loss is missing from the auxiliary loss; moe.loss holds both weighted terms."),
+            Mistake(m.aux_loss, "you returned moe.aux_loss, the unweighted balance loss; return moe.router_loss, which weights it by α and adds the weighted z-loss."),
+            Mistake(m.z_loss, "you returned moe.z_loss alone; return moe.router_loss, the weighted balance loss plus the weighted z-loss."),
+            Mistake(m.aux_loss + m.z_loss, "you added the unweighted losses; moe.router_loss already weights them by their coefficients (α for balance, 1e-3 for z)."),
+            Mistake(block.ffn.config.aux_loss_coef * m.aux_loss, "the z-loss is missing from the router loss; moe.router_loss holds both weighted terms."),
         ]
-        ex.match(aux.detach(), m.loss, mistakes, name="aux_loss", atol=1e-7, rtol=1e-5)
+        ex.match(aux.detach(), m.router_loss, mistakes, name="router_loss", atol=1e-7, rtol=1e-5)
     block = _switch_block(5)
     block.forward = _no_shortcut(ex)
     x = torch.randn(2, 6, block.ln_1.normalized_shape[0], generator=g, requires_grad=True)
     y, aux = ex.call(fn, block, x)
     if not (isinstance(aux, torch.Tensor) and aux.requires_grad):
-        ex.fail("aux_loss carries no gradient (did you call .item() or .detach()?); the router learns to balance only through it.")
-    return "attention, then the Switch layer on ln_2 of the stream, both with residuals; the auxiliary loss is moe.loss"
+        ex.fail("router_loss carries no gradient (did you call .item() or .detach()?); the router learns to balance only through it.")
+    return "attention, then the Switch layer on ln_2 of the stream, both with residuals; the router loss is moe.router_loss"
 
 
 # --- 8.2: what a language model knows and what a token costs ------------------------

@@ -27,9 +27,9 @@ import hashlib
 import json
 import re
 import shutil
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Container
 
 import jupytext
 import nbformat

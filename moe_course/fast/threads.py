@@ -1,0 +1,131 @@
+"""Expert parallelism on CPU cores: each core takes a share of the doctors.
+
+Legend: E experts, M_e rows (tokens) of expert e.
+
+On a cluster, expert parallelism puts different experts on different devices
+(GShard, Lepikhin et al. 2020, arXiv:2006.16668; Switch Transformer, Fedus et
+al. 2021, arXiv:2101.03961). The same idea pays on a laptop: one matmul on a
+block of a few hundred tokens splits badly over cores (the cores wait for
+each other after every small operation), but E independent blocks split
+perfectly. So with T intra-op threads, ``over_experts`` runs T threads of one
+core each, and each thread takes the next expert off a shared queue whenever
+it is free, busiest experts first (so the last blocks to start are small ones
+and the threads finish together). The clinic analogy: rather than two nurses
+sharing every patient, each nurse takes the next doctor's queue of patients.
+
+Only worth it for many small blocks (``worth_threading``); a few big blocks
+are as fast one at a time with all cores on each, and split without imbalance.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from . import flag
+from .flag import expert_threads  # noqa: F401  (the switch lives with the fast path's other one)
+
+__all__ = ["expert_order", "worth_threading", "over_experts", "expert_threads", "MIN_EXPERTS_PER_THREAD", "MAX_BLOCK_FLOPS", "MIN_BLOCK_FLOPS"]
+
+# Measured on 2 cores (torch 2.13), forward+backward: threads won with blocks of 64 and 256
+# rows at D=128, F=512 (8.4M and 34M FLOPs per matmul), lost with 1024-row blocks there
+# (134M) and with 64-row blocks at D=64, F=256 (2.1M). Re-measure on new hardware.
+MIN_EXPERTS_PER_THREAD = 8  # fewer busy experts per thread: one block at a time, all cores on it
+MAX_BLOCK_FLOPS = 1e8  # mean FLOPs of one expert matmul (2·M_e·D·F) above which a block splits well by itself
+MIN_BLOCK_FLOPS = 4e6  # ... and below which handing blocks to threads costs more than it saves
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _forget_pools() -> None:  # a forked child has none of its parent's threads
+    _pools.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
+
+
+def expert_order(counts: list[int]) -> list[int]:
+    """Experts busiest first (ties: lower index first), idle ones last: the order the threads take them in.
+
+    Taking the big blocks first leaves small ones for the end, so the threads
+    finish at about the same time (the "longest job first" rule of scheduling).
+    """
+    return sorted(range(len(counts)), key=lambda e: -counts[e])
+
+
+def worth_threading(counts: list[int], flops_per_row: int, threads: int | None = None) -> bool:
+    """Whether to run the experts on separate threads: many busy experts with small blocks, and no dispatch mode.
+
+    counts (E,) rows per expert; flops_per_row = 2·D·F, one row's share of one
+    expert matmul. Small means a mean block between ``MIN_BLOCK_FLOPS`` and
+    ``MAX_BLOCK_FLOPS``: tinier blocks cost more to hand over than they take.
+
+    A ``TorchDispatchMode`` (``moe_course.memory.peak_bytes``, FLOP counters)
+    sees only its own thread's operations, so under one everything stays on
+    the calling thread.
+    """
+    threads = torch.get_num_threads() if threads is None else threads
+    busy = [c for c in counts if c > 0]
+    return (
+        flag.THREADS
+        and flag.ENABLED
+        and threads > 1
+        and len(busy) >= MIN_EXPERTS_PER_THREAD * threads
+        and MIN_BLOCK_FLOPS * len(busy) <= sum(busy) * flops_per_row <= MAX_BLOCK_FLOPS * len(busy)
+        and _get_current_dispatch_mode() is None
+    )
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    if workers not in _pools:
+        _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="moe-experts", initializer=torch.set_num_threads, initargs=(1,))
+    return _pools[workers]
+
+
+def _run_alone(fn: Callable[[], None], inference: bool) -> None:
+    # grad mode and inference mode are per thread: a worker starts with neither
+    with torch.inference_mode(inference), torch.no_grad():
+        fn()
+
+
+def over_experts(fn: Callable[[int], None], counts: list[int], flops_per_row: int) -> None:
+    """Call ``fn(e)`` for every expert e: on several threads when worth it, busiest experts first.
+
+    ``fn`` must only write to places no other expert writes to (its own rows
+    and gradient slices), and runs without autograd recording. With threads,
+    every thread (the caller's too) runs one intra-op thread and takes the next
+    expert from a shared queue; the caller's thread count is restored afterwards.
+    """
+    threads = torch.get_num_threads()
+    if not worth_threading(counts, flops_per_row, threads):
+        for e in range(len(counts)):
+            fn(e)
+        return
+    queue, lock = iter(expert_order(counts)), threading.Lock()
+
+    def take_until_empty() -> None:
+        while True:
+            with lock:
+                e = next(queue, None)
+            if e is None:
+                return
+            fn(e)
+
+    inference = torch.is_inference_mode_enabled()
+    torch.set_num_threads(1)
+    try:
+        futures = [_pool(threads - 1).submit(_run_alone, take_until_empty, inference) for _ in range(threads - 1)]
+        try:
+            take_until_empty()
+        finally:
+            wait(futures)  # never return while a worker still writes
+        for future in futures:
+            future.result()
+    finally:
+        torch.set_num_threads(threads)
