@@ -58,7 +58,7 @@ from ..routing import capacity_mask, expert_capacity, noisy_top_k_routing, switc
 from .exchange import all_to_all, exchange_counts
 from .group import explain_collective_errors, group_rank_zero, require_process_group, same_on_every_rank
 
-__all__ = ["ExpertParallelMoE", "ExpertParallelOutput", "shard_moe_layers", "expert_parallel_layers"]
+__all__ = ["ExpertParallelMoE", "ExpertParallelOutput", "shard_moe_layers", "expert_parallel_layers", "gather_full_state_dict"]
 
 # MoEOutput's weighted-loss field is being renamed (loss → router_loss); follow whichever it has.
 _LOSS_FIELD = "router_loss" if "router_loss" in {f.name for f in fields(MoEOutput)} else "loss"
@@ -310,3 +310,21 @@ def shard_moe_layers(model: nn.Module, *, group: Any = None) -> nn.Module:
 def expert_parallel_layers(model: nn.Module) -> list[ExpertParallelMoE]:
     """Every ``ExpertParallelMoE`` inside ``model``, in module order."""
     return [m for m in model.modules() if isinstance(m, ExpertParallelMoE)]
+
+
+def gather_full_state_dict(model: nn.Module, *, group: Any = None) -> dict[str, torch.Tensor]:
+    """The state dict of the whole model, every expert included, as one process would hold it (a collective).
+
+    Each ``ExpertParallelMoE``'s expert tensors are gathered from all ranks and
+    concatenated in rank order (rank q holds experts q·E_l …), so the result
+    loads into the single-process model the sharded one was made from.
+    """
+    _, world = require_process_group(group, "gather_full_state_dict")
+    state = model.state_dict()
+    for prefix, layer in ((n, m) for n, m in model.named_modules() if isinstance(m, ExpertParallelMoE)):
+        for name, p in layer.experts.named_parameters():
+            parts = [torch.empty_like(p) for _ in range(world)]
+            with explain_collective_errors("gathering the experts (all_gather)", group):
+                dist.all_gather(parts, p.detach().contiguous(), group=group)
+            state[f"{prefix}.experts.{name}" if prefix else f"experts.{name}"] = torch.cat(parts)
+    return state
