@@ -44,10 +44,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..corpus import Corpus
+from ..corpus import Corpus, LMBatch
 from ..device import seed_everything
 from ..lm import LMEvaluation, LMTask, evaluate_lm
-from ..training import TrainConfig, TrainResult
+from ..training import TrainConfig, TrainResult, model_logits
 from ..transformer import GPT, flops_per_token, param_count
 from .grads import all_reduce_replicated_grads, check_replicas_in_sync, clip_grad_norm_
 from .group import DEFAULT_TIMEOUT_SECONDS, explain_collective_errors, init_process_group, require_process_group
@@ -96,9 +96,18 @@ def evaluate_expert_parallel(model: nn.Module, task: LMTask, *, group: Any = Non
                         per_layer[0].tolist(), per_layer[1].tolist())
 
 
+def _local_rows(batch: Any, rows: slice) -> tuple[Any, torch.Tensor, int]:
+    """This rank's rows of a global batch: → (model input, targets, number of targets in the global batch)."""
+    if isinstance(batch, LMBatch):
+        local = batch.rows(rows.start, rows.stop)
+        return local.x, local.y, batch.y.numel()
+    x, y = batch  # ClassificationTask: (x (B, d_in), y (B,))
+    return x[rows], y[rows], y.numel()
+
+
 def train_expert_parallel(
     model: nn.Module,
-    task: LMTask,
+    task: Any,
     config: TrainConfig = TrainConfig(),
     *,
     group: Any = None,
@@ -107,11 +116,14 @@ def train_expert_parallel(
 ) -> TrainResult:
     """``moe_course.training.train`` for a model whose MoE layers are ``ExpertParallelMoE`` (a collective).
 
-    Every rank calls it with the same model (sharded from the same seed), task
-    and config. The history (one row per evaluation, the same columns as
-    ``train``) holds global numbers and is the same on every rank.
-    ``on_step(step, output)`` sees each step's model output (e.g. to record the
-    exchanges). No checkpoints or resuming.
+    task: an ``LMTask`` (held-out rows shared out, ``evaluate_expert_parallel``)
+    or a ``ClassificationTask`` (every rank evaluates the whole validation set,
+    which is right for models that treat each patient alone). Every rank calls
+    this with the same model (sharded from the same seed), task and config.
+    The history (one row per evaluation, the same columns as ``train``) holds
+    global numbers and is the same on every rank. ``on_step(step, output)``
+    sees each step's model output (e.g. to record the exchanges). No
+    checkpoints or resuming.
     """
     from tqdm.auto import tqdm
 
@@ -131,23 +143,24 @@ def train_expert_parallel(
         for g in optimizer.param_groups:
             g["lr"] = lr
         batch = task.sample_batch(config.batch_size, generator, device)  # the global batch: the same draw on every rank
-        local = batch.rows(mine.start, mine.stop)
-        out = model(local.x)
-        logits = out.logits
-        ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), local.y.reshape(-1), reduction="sum")
-        loss = ce_sum / batch.y.numel() + out.aux_loss  # my part of the global loss
+        x, y, num_targets = _local_rows(batch, mine)
+        out = model(x)
+        logits, aux = model_logits(out)
+        aux = torch.zeros((), device=device) if aux is None else aux  # my part of the router losses
+        ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum")
+        loss = ce_sum / num_targets + aux  # my part of the global loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         all_reduce_replicated_grads(model, group=group)
         if config.grad_clip is not None:
             clip_grad_norm_(model, config.grad_clip, group=group)
         optimizer.step()
-        parts = torch.stack([ce_sum.detach(), out.aux_loss.detach().float()]).double()
+        parts = torch.stack([ce_sum.detach().double(), aux.detach().double()])
         with explain_collective_errors("summing the step's losses (all_reduce)", group):
             dist.all_reduce(parts, group=group)
-        metrics = {"train_loss": parts[0].item() / batch.y.numel(), "aux_loss": parts[1].item()}
-        for key, value in metrics.items():
-            running[key] = running.get(key, 0.0) + value
+        running["train_loss"] = running.get("train_loss", 0.0) + parts[0].item() / num_targets
+        if isinstance(task, LMTask):  # the metrics LMTask.loss logs
+            running["aux_loss"] = running.get("aux_loss", 0.0) + parts[1].item()
         running["_n"] = running.get("_n", 0.0) + 1
         if on_step is not None:
             on_step(step + 1, out)
@@ -155,7 +168,11 @@ def train_expert_parallel(
         if done % config.eval_every == 0 or done == config.steps:
             n = running.pop("_n")
             row = {"step": done, "lr": lr, **{k: v / n for k, v in running.items()}}
-            row.update(evaluate_expert_parallel(model, task, group=group).as_dict())
+            if isinstance(task, LMTask):
+                row.update(evaluate_expert_parallel(model, task, group=group).as_dict())
+            else:
+                model.eval()
+                row.update(task.evaluate(model, device))
             row["seconds"] = time.perf_counter() - t0
             rows.append(row)
             running = {}
