@@ -33,8 +33,10 @@ __all__ = ["run_on_processes"]
 def _context():
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
-        # imported once in the server; every rank forks from it (only takes effect before the server starts)
-        ctx.set_forkserver_preload(["torch", "torch.distributed", "moe_course.distributed.launch"])
+        # Imported once in the server, and every rank forks from it (takes effect before the server starts).
+        # torch._dynamo: the first optimizer a process builds imports it, which alone takes seconds.
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "pandas",
+                                    "moe_course.distributed.traffic", "moe_course.distributed.verify"])
         return ctx
     return mp.get_context("spawn")  # Windows
 
