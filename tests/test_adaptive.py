@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moe_course.clinic import make_clinic
-from moe_course.distributed.adaptive import (AdaptiveMoE, AdaptiveMoEConfig, ClinicAdaptiveMoE, adaptive_balance_loss,
+from moe_course.distributed.adaptive import (AdaptiveMoE, AdaptiveMoEConfig, ClinicAdaptiveMoE, adaptive_balance_loss, blur_referrals,
                                              compute_by_group, null_expert_routing, router_entropy, top_p_routing)
 from moe_course.training import ClassificationTask, TrainConfig, train
 
@@ -104,3 +104,18 @@ def test_clinic_adaptive_moe_trains_and_reports_compute_per_specialty():
 def test_adaptive_config_rejects_bad_values_by_name(bad, name):
     with pytest.raises(ValueError, match=name):
         AdaptiveMoEConfig(**{**dict(d_model=8, d_ff=16, num_experts=4), **bad})
+
+
+def test_blur_referrals_moves_only_the_context_toward_the_next_specialty():
+    clinic = make_clinic(4, n_train=64, n_val=256, seed=0)
+    val = clinic.val
+    assert torch.equal(blur_referrals(clinic, val, 0.0), val.x)
+    half = blur_referrals(clinic, val, 0.5)
+    assert torch.equal(clinic.measurements(half), clinic.measurements(val.x))  # the diagnosis is untouched
+    full = blur_referrals(clinic, val, 1.0)
+    ctx = clinic.context(full)
+    for s in range(4):  # every letter now reads like the next department's average letter
+        mean_next = clinic.context(val.x)[val.specialty == (s + 1) % 4].mean(0)
+        torch.testing.assert_close(ctx[val.specialty == s], mean_next.expand_as(ctx[val.specialty == s]))
+    with pytest.raises(ValueError, match="amount"):
+        blur_referrals(clinic, val, 1.5)
