@@ -9,6 +9,9 @@ so a function defined in a notebook cell cannot travel) and is called as
 ``fn(rank, world_size, *args)``; each rank's return value comes back through a
 file (``torch.save``), in rank order.
 
+In a script, call it under ``if __name__ == "__main__":``: each new process
+imports the script that started it (a notebook has no such file; nothing to do).
+
 Nothing can hang: every collective times out after ``collective_timeout``
 seconds, and the whole run is killed after ``timeout`` seconds. Processes
 start from a "forkserver" that imported torch once, so after the first call
