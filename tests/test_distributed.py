@@ -166,3 +166,16 @@ def test_torchrun_trains_the_switch_lm_with_the_loss_curve_of_one_process(tmp_pa
     b, _, saved = load_run(tmp_path / "ep")  # every expert gathered into one checkpoint
     assert saved["distributed"]["world_size"] == 2
     assert max((a.state_dict()[k] - v).abs().max().item() for k, v in b.state_dict().items()) < 1e-4
+
+
+@pytest.mark.timeout(120)
+def test_imbalance_timings_steer_the_share_of_tokens_to_rank_0():
+    from moe_course.distributed.traffic import imbalance_timings
+
+    rows = run_on_processes(imbalance_timings, 2, [0.5, 1.0], timeout=90,
+                            kwargs=dict(tokens_per_rank=64, d_model=16, d_ff=16, repeats=1))
+    by = {(r["share"], r["rank"]): r for rank in rows for r in rank}
+    assert by[0.5, 0]["received"] == by[0.5, 1]["received"] == 64  # balanced: each rank gets its share
+    assert by[1.0, 0]["received"] == 128 and by[1.0, 1]["received"] == 0  # everything to rank 0's experts
+    assert by[1.0, 0]["load"] == [128, 0]
+    assert all(r["step_seconds"] > 0 for r in by.values())

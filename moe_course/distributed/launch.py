@@ -44,7 +44,7 @@ def _context():
     return mp.get_context("spawn")  # Windows
 
 
-def _run_rank(fn: Callable, rank: int, world_size: int, folder: str, args: tuple, collective_timeout: float, threads: int) -> None:
+def _run_rank(fn: Callable, rank: int, world_size: int, folder: str, args: tuple, kwargs: dict, collective_timeout: float, threads: int) -> None:
     from .group import init_process_group
 
     import torch.distributed as dist
@@ -53,7 +53,7 @@ def _run_rank(fn: Callable, rank: int, world_size: int, folder: str, args: tuple
     out = Path(folder) / f"rank{rank}.pt"
     try:
         init_process_group(rank, world_size, init_method=f"file://{folder}/store", backend="gloo", timeout_seconds=collective_timeout)
-        payload = {"result": fn(rank, world_size, *args)}
+        payload = {"result": fn(rank, world_size, *args, **kwargs)}
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent
         payload = {"error": traceback.format_exc()}
     try:
@@ -71,8 +71,9 @@ def run_on_processes(
     timeout: float = 120.0,
     collective_timeout: float = 30.0,
     threads: int = 1,
+    kwargs: dict[str, Any] | None = None,
 ) -> list[Any]:
-    """Call ``fn(rank, world_size, *args)`` on ``world_size`` new processes in one gloo group; → their results, by rank.
+    """Call ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` new processes in one gloo group; → their results, by rank.
 
     Raises ``RuntimeError`` with every failed rank's traceback if any rank
     raised, and ``TimeoutError`` (after killing the processes) if they are
@@ -91,7 +92,7 @@ def run_on_processes(
             raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
     ctx = _context()
     with tempfile.TemporaryDirectory(prefix="moe-ranks-") as folder:
-        procs = [ctx.Process(target=_run_rank, args=(fn, rank, world_size, folder, args, collective_timeout, threads),
+        procs = [ctx.Process(target=_run_rank, args=(fn, rank, world_size, folder, args, dict(kwargs or {}), collective_timeout, threads),
                              name=f"moe-rank-{rank}") for rank in range(world_size)]
         for p in procs:
             p.start()

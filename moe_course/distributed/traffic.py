@@ -34,7 +34,7 @@ from ..transformer import GPT, GPTConfig
 from .layer import ExpertParallelOutput, shard_moe_layers
 from .train import train_expert_parallel
 
-__all__ = ["record_traffic", "traffic_table", "exchange_matrices", "layer_outputs"]
+__all__ = ["record_traffic", "traffic_table", "exchange_matrices", "layer_outputs", "imbalance_timings"]
 
 
 def layer_outputs(output: Any) -> list[tuple[int, ExpertParallelOutput]]:
@@ -113,3 +113,66 @@ def exchange_matrices(table: pd.DataFrame, column: str = "rows") -> torch.Tensor
     for row in table.itertuples():
         out[si[row.step], li[row.layer], row.src, row.dst] = getattr(row, column)
     return out
+
+
+def imbalance_timings(
+    rank: int,
+    world_size: int,
+    shares: list[float],
+    *,
+    tokens_per_rank: int = 2048,
+    d_model: int = 64,
+    d_ff: int = 256,
+    experts_per_rank: int = 2,
+    repeats: int = 5,
+) -> list[dict]:
+    """The busiest rank sets the pace: time forward+backward of an expert-parallel layer as routing gets lopsided.
+
+    For each share p, every rank sends a fraction p of its tokens to rank 0's
+    experts and spreads the rest evenly over the others' (p = 1/W is perfect
+    balance). The routing is steered through the input: the router is 10·I on
+    the first E features and each token is the one-hot of its expert plus small
+    noise. Returns one row per (share, repeat) for this rank: the wall time of
+    the whole forward+backward (``step_seconds``, after a barrier), the forward
+    time of its own experts and of its exchanges, and the rows it received.
+    """
+    import time
+
+    import torch.distributed as dist
+
+    from .layer import ExpertParallelMoE
+
+    torch.set_num_threads(1)
+    E = experts_per_rank * world_size
+    if d_model < E:
+        raise ValueError(f"d_model={d_model} must be at least the number of experts E={E} (one steering feature per expert)")
+    for p in shares:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"every share must be in [0, 1], got {p!r}")
+    torch.manual_seed(0)
+    layer = ExpertParallelMoE(MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=E, capacity_factor=None))
+    with torch.no_grad():
+        layer.w_router.zero_()
+        layer.w_router[:E, :E] = 10.0 * torch.eye(E)
+    g = torch.Generator().manual_seed(rank)
+    inputs = []
+    for p in shares:
+        n_busy = round(p * tokens_per_rank)
+        busy = torch.arange(n_busy) % experts_per_rank  # rank 0's experts
+        others = experts_per_rank + torch.arange(tokens_per_rank - n_busy) % (E - experts_per_rank)
+        target = torch.cat([busy, others])  # (N,) the expert each token should reach
+        inputs.append(torch.nn.functional.one_hot(target, d_model).float() + 0.01 * torch.randn(tokens_per_rank, d_model, generator=g))
+    rows = []
+    for r in range(repeats + 1):  # round 0 warms up; the shares take turns, so a slow spell hits them all
+        for p, x in zip(shares, inputs):
+            dist.barrier()
+            t0 = time.perf_counter()
+            x_in = x.clone().requires_grad_(True)
+            out = layer(x_in)
+            (out.y.square().sum() + out.loss).backward()
+            step = time.perf_counter() - t0
+            if r:
+                rows.append({"share": p, "repeat": r, "rank": rank, "step_seconds": step, "expert_seconds": out.expert_seconds,
+                             "exchange_seconds": out.exchange_seconds, "received": int(out.received.sum()),
+                             "load": out.tokens_per_rank.tolist()})
+    return rows
