@@ -108,3 +108,21 @@ def test_soft_moe_config_rejects_bad_values_by_name(bad, name):
 def test_soft_moe_rejects_a_wrong_width():
     with pytest.raises(ValueError, match=r"\(B, T, 8\)"):
         _layer()(torch.randn(2, 3, 7))
+
+
+def test_clinic_soft_moe_mixes_patients_within_a_group_only():
+    from moe_course.distributed.soft_moe import ClinicSoftMoE
+
+    torch.manual_seed(0)
+    model = ClinicSoftMoE(12, 4, SoftMoEConfig(d_model=8, d_ff=16, num_experts=2, slots_per_expert=2), group_size=4)
+    x = torch.randn(8, 12)
+    with torch.no_grad():
+        base = model(x)
+        assert base.logits.shape == (8, 4) and base.moe.dispatch.shape == (2, 4, 4) and base.aux_loss.item() == 0.0
+        same_group, other_group = x.clone(), x.clone()
+        same_group[3] += 1.0  # a patient in patient 0's waiting room
+        other_group[5] += 1.0  # a patient in the next group
+        assert (model(same_group).logits[0] - base.logits[0]).abs().max() > 1e-5
+        assert torch.equal(model(other_group).logits[0], base.logits[0])
+    with pytest.raises(ValueError, match="multiple"):
+        model(torch.randn(6, 12))

@@ -46,6 +46,8 @@ __all__ = [
     "soft_moe",
     "soft_moe_flops_per_token",
     "influence_matrix",
+    "ClinicSoftMoE",
+    "ClinicSoftMoEOutput",
 ]
 
 
@@ -196,3 +198,39 @@ def influence_matrix(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
         moved[0, j] += eps
         out[:, j] = (fn(moved) - base)[0].abs().amax(dim=-1).float()
     return out
+
+
+@dataclass(frozen=True)
+class ClinicSoftMoEOutput:
+    logits: torch.Tensor  # (N, num_classes)
+    aux_loss: torch.Tensor  # () always 0: Soft MoE needs no balance loss (ClassificationTask adds it anyway)
+    moe: SoftMoEOutput  # the layer's result, on (N / group_size, group_size, D)
+
+
+class ClinicSoftMoE(nn.Module):
+    """The clinic's classifier with a Soft MoE layer: embed → h + softmoe(h) → head; (N, d_in) → ClinicSoftMoEOutput.
+
+    Patients have no sequence, so each run of ``group_size`` consecutive
+    patients is one group: a slot blends the patients of its group, and a
+    patient's diagnosis then depends on who else is in the waiting room. N
+    must be a multiple of group_size.
+    """
+
+    def __init__(self, d_in: int, num_classes: int, config: SoftMoEConfig, *, group_size: int = 32) -> None:
+        super().__init__()
+        for name, value in (("d_in", d_in), ("num_classes", num_classes), ("group_size", group_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.group_size = group_size
+        self.embed = nn.Linear(d_in, config.d_model)
+        self.moe = SoftMoE(config)
+        self.head = nn.Linear(config.d_model, num_classes)
+
+    def forward(self, x: torch.Tensor) -> ClinicSoftMoEOutput:
+        if x.ndim != 2 or x.shape[-1] != self.embed.in_features:
+            raise ValueError(f"ClinicSoftMoE expects patients of shape (N, {self.embed.in_features}), got {tuple(x.shape)}")
+        if x.shape[0] % self.group_size:
+            raise ValueError(f"ClinicSoftMoE groups patients {self.group_size} at a time; {x.shape[0]} patients is not a multiple of it")
+        h = self.embed(x)  # (N, D)
+        out = self.moe(h.view(-1, self.group_size, h.shape[-1]))  # groups (N/G, G, D)
+        return ClinicSoftMoEOutput(self.head(h + out.y.reshape(h.shape)), h.new_zeros(()), out)

@@ -75,6 +75,7 @@ def evaluate_expert_parallel(model: nn.Module, task: LMTask, *, group: Any = Non
     _my_rows(chunk, rank, world, "LMTask.eval_chunk")
     _my_rows(len(held), rank, world, "LMTask.eval_rows")
     S = len(task.domains)
+    device = next(model.parameters()).device  # NCCL reduces tensors on the GPU only
     sums = torch.zeros(4 * S, dtype=torch.float64)
     dropped: list[list[float]] = []
     balance: list[list[float]] = []
@@ -87,11 +88,12 @@ def evaluate_expert_parallel(model: nn.Module, task: LMTask, *, group: Any = Non
         balance.append(ev.balance)
     layers = len(dropped[0])
     per_layer = torch.tensor([[sum(d[i] for d in dropped) / len(dropped) for i in range(layers)],
-                              [sum(b[i] for b in balance) / len(balance) for i in range(layers)]], dtype=torch.float64)
+                              [sum(b[i] for b in balance) / len(balance) for i in range(layers)]], dtype=torch.float64, device=device)
+    sums = sums.to(device)
     with explain_collective_errors("summing the evaluation over ranks (all_reduce)", group):
         dist.all_reduce(sums, group=group)
         dist.all_reduce(per_layer, group=group)
-    per_layer /= world  # dropped: mean of the ranks' shares; balance: the same global value on every rank
+    sums, per_layer = sums.cpu(), per_layer.cpu() / world  # dropped: mean of the ranks' shares; balance: the same global value on every rank
     return LMEvaluation(task.domains, sums[:S], sums[S:2 * S].long(), sums[2 * S:3 * S].long(), sums[3 * S:].long(),
                         per_layer[0].tolist(), per_layer[1].tolist())
 
@@ -202,11 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, IsADirectoryError) as err:
         parser.error(str(err))
     use_cuda = (args.device or "cpu").startswith("cuda")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)  # one GPU per process, before NCCL starts
     try:
         rank, world = init_process_group(backend="nccl" if use_cuda else "gloo", timeout_seconds=args.timeout)
     except RuntimeError as err:
         parser.error(str(err))
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if use_cuda else torch.device("cpu")
     out = Path(args.out)
     try:
         if (out / CONFIG_FILE).exists() or (out / CHECKPOINT_FILE).exists():
