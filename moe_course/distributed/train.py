@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     out = Path(args.out)
     try:
+        for flag, value in (("--batch-size", train_cfg.batch_size), ("--eval-rows", task_kw["eval_rows"])):
+            if value % world:
+                parser.error(f"{flag}={value} must be divisible by the number of processes ({world}): each takes an equal share")
         if (out / CONFIG_FILE).exists() or (out / CHECKPOINT_FILE).exists():
             parser.error(f"{str(out)!r} already holds a run; choose another --out")
         corpus = Corpus(corpus_cfg)
