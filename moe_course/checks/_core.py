@@ -28,6 +28,13 @@ __all__ = ["ExerciseError", "Exercise", "check", "exercise", "REGISTRY", "Mistak
 class ExerciseError(AssertionError):
     """A check found a problem in the learner's answer. The message says which."""
 
+    def _render_traceback_(self) -> list[str]:
+        """What Jupyter shows for a failed check: the message alone, without the checker's frames.
+
+        (IPython calls this instead of printing a traceback; nbval reports the same lines.)
+        """
+        return f"\x1b[0;31mExerciseError\x1b[0m: {self}".splitlines()
+
 
 @dataclass(frozen=True)
 class Mistake:

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .build import BuildError, build, find_root, status
+from ..course.layout import CourseError
+from .build import build, find_root, status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
             print("exercises/ is in sync with solutions/.")
             return 0
         report = build(root, force=args.force, only=args.only)
-    except BuildError as err:
+    except CourseError as err:  # BuildError is one
         print(f"error: {err}", file=sys.stderr)
         return 2
     for path in report.written:

@@ -38,6 +38,9 @@ from typing import Container
 import jupytext
 import nbformat
 
+from ..course.layout import BACKUPS, BEGIN, CHECK_CALL, END, CourseError, find_root
+from ..course.layout import fingerprint as _fingerprint_cells
+
 __all__ = [
     "BuildError",
     "Region",
@@ -49,11 +52,7 @@ __all__ = [
     "find_root",
 ]
 
-BEGIN = re.compile(r"^(?P<indent>[ \t]*)### BEGIN SOLUTION(?:\s+(?P<id>\d+\.\d+)\s*:\s*(?P<task>.*?))?\s*$")
-END = re.compile(r"^[ \t]*### END SOLUTION\s*$")
-CHECK_CALL = re.compile(r"""check\(\s*["'](?P<id>\d+\.\d+)["']""")
 FINGERPRINTS = ".fingerprints.json"
-BACKUPS = "backups"
 # jupytext pairs every notebook (the course's jupytext.toml); this file, the
 # nearest configuration for exercises/, turns that off for the learner's notebooks.
 JUPYTEXT_TOML = "jupytext.toml"
@@ -64,7 +63,7 @@ UNPAIRED_CONFIG = (
 )
 
 
-class BuildError(ValueError):
+class BuildError(CourseError):
     """A solution notebook breaks the marker rules; the message says where."""
 
 
@@ -162,10 +161,7 @@ def _validate(nb: nbformat.NotebookNode, regions: list[Region], stem: str) -> No
 
 def fingerprint(nb: nbformat.NotebookNode) -> str:
     """A hash of what a learner writes: the cell types and sources (not outputs)."""
-    h = hashlib.sha256()
-    for cell in nb.cells:
-        h.update(cell.cell_type.encode() + b"\0" + cell.source.strip().encode() + b"\0\0")
-    return h.hexdigest()
+    return _fingerprint_cells(nb.cells)
 
 
 def _read(path: Path) -> nbformat.NotebookNode:
@@ -174,15 +170,6 @@ def _read(path: Path) -> nbformat.NotebookNode:
 
 def _write_text(nb: nbformat.NotebookNode) -> str:
     return nbformat.writes(nb) + "\n"
-
-
-def find_root(start: Path | None = None) -> Path:
-    """The course folder: the nearest parent holding solutions/ and exercises/ (or pyproject.toml)."""
-    here = (start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "solutions").is_dir() and (folder / "pyproject.toml").exists():
-            return folder
-    raise BuildError(f"could not find the course folder (with solutions/ and pyproject.toml) above {here}")
 
 
 def lesson_key(lesson: str) -> str:
