@@ -263,7 +263,7 @@ def test_jupyterlab_does_not_pair_exercises_but_pairs_solutions(course):
     assert not (course / "exercises" / "07_test.py").exists()
     assert (course / "solutions" / "07_test.py").exists()
     names = [item["name"] for item in cm.get("exercises")["content"]]
-    assert names.count("07_test.ipynb") == 1 and not any(n.endswith(".py") for n in names)
+    assert names.count("07_test.ipynb") == 1 and not any(n.endswith(".py") for n in names)  # no twin listed
     # without exercises/jupytext.toml the course-wide pairing would apply: the config file is what unpairs them
     (course / "exercises" / "jupytext.toml").unlink()
     cm = _contents_manager(course)

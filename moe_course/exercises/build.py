@@ -55,7 +55,7 @@ __all__ = [
 FINGERPRINTS = ".fingerprints.json"
 # jupytext pairs every notebook (the course's jupytext.toml); this file, the
 # nearest configuration for exercises/, turns that off for the learner's notebooks.
-JUPYTEXT_TOML = "jupytext.toml"
+JUPYTEXT_TOML = "jupytext.toml"  # not hidden: JupyterLab's jupytext ignores hidden config files
 UNPAIRED_CONFIG = (
     "# Exercise notebooks are the learner's files: .ipynb only, never paired with a .py\n"
     "# (lessons and solutions are paired by the course's top-level jupytext.toml).\n"
