@@ -52,6 +52,7 @@ def one_line(text: str, ex_id: str = "") -> str:
     """The first line of an error message, without colour codes or the 'Exercise N.M (name): ' prefix."""
     text = ANSI.sub("", text).strip()
     first = text.splitlines()[0].strip() if text else ""
+    first = re.sub(r"\(\d+\.py, line (\d+)\)", r"(line \1)", first)  # IPython's temporary file name says nothing
     if ex_id:
         first = re.sub(rf"^Exercise {re.escape(ex_id)}(?: \([^)]*\))?:\s*", "", first)
     return first
