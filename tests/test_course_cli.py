@@ -264,7 +264,7 @@ def test_exercise_results_from_cell_outcomes():
     assert got == [
         ("1.1", "passed", ""),
         ("1.2", "failed", "you forgot the biases."),
-        ("1.3", "failed", "your code (cell 5) raised SyntaxError: invalid syntax (3467.py, line 2)"),
+        ("1.3", "failed", "your code (cell 5) raised SyntaxError: invalid syntax (line 2)"),
         ("1.4", "not started", "not started: its stub still raises NotImplementedError"),
         ("1.5", "failed", "the check cell raised NameError: name 'x' is not defined"),
     ]
