@@ -23,7 +23,7 @@ import nbformat
 
 from ..exercises.build import FINGERPRINTS, _targets, _write_text, backup_path, fingerprint, timestamp
 from . import results
-from .layout import BACKUPS, CourseError, ExerciseInfo, Lesson, answer_cell, check_cell, id_key, is_stub, source
+from .layout import BACKUPS, CourseError, ExerciseInfo, Lesson, answer_cell, check_cell, is_stub, source
 
 RELOAD = "If that notebook is open in JupyterLab, reload it (File › Reload Notebook from Disk) before you save it there."
 BACKUP_NAME = re.compile(r"^(?P<stem>\d\d_[^.]+)\.(?P<stamp>\d{8}-\d{6})(?:-(?P<n>\d+))?\.(?P<ext>ipynb|py)$")
@@ -233,6 +233,3 @@ def restore(root: Path, picks: list[tuple[Lesson, ExerciseInfo | None]], *, sour
     lines.append(RELOAD)
     return lines
 
-
-def sort_picks(picks: list[tuple[Lesson, ExerciseInfo | None]]) -> list[tuple[Lesson, ExerciseInfo | None]]:
-    return sorted(picks, key=lambda p: (p[0].stem, id_key(p[1].ex_id) if p[1] else ()))

@@ -34,7 +34,6 @@ class NotebookRun:
     results: list[ExerciseResult] = field(default_factory=list)
     seconds: float = 0.0
     log: str = ""
-    returncode: int = 0
 
 
 def default_jobs(count: int) -> int:
@@ -59,7 +58,6 @@ def run_notebook(root: Path, lesson: Lesson) -> NotebookRun:
     if not path.exists():
         run.results = [ExerciseResult(e.ex_id, FAILED, f"{rel} is missing: `moe-course reset {lesson.number}` makes a fresh one", -1)
                        for e in lesson.exercises]
-        run.returncode = 2
         return run
     with tempfile.TemporaryDirectory(prefix="moe-course-") as tmp:
         report = Path(tmp) / "report.json"
@@ -67,7 +65,6 @@ def run_notebook(root: Path, lesson: Lesson) -> NotebookRun:
         proc = subprocess.run(pytest_command(rel, report), cwd=root, capture_output=True, text=True,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
         run.seconds = time.perf_counter() - start
-        run.returncode = proc.returncode
         run.log = proc.stdout + (f"\n[stderr]\n{proc.stderr}" if proc.stderr.strip() else "")
         data = json.loads(report.read_text()) if report.exists() else {}
     found = data.get(rel, {})

@@ -29,7 +29,7 @@ from typing import TextIO
 import nbformat
 
 from ..exercises.build import _write_text, backup_path, timestamp
-from .backups import put_exercise, read_any
+from .backups import put_exercise
 from .layout import STATE_DIR, CourseError, check_ids, fingerprint, is_stub, read_lesson, answer_cell
 
 
