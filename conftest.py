@@ -39,3 +39,8 @@ def pytest_terminal_summary(terminalreporter):
         out.write_text("".join(f"{p}\t{s:.2f}\n" for p, s in sorted(_notebook_seconds.items())))
     except OSError:
         pass
+
+
+# Exercise notebooks under nbval: check cells named by their exercise, short plain failures,
+# one line per exercise at the end (the same plugin `moe-course check` runs).
+pytest_plugins = ["moe_course.course.pytest_plugin"]

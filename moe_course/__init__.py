@@ -35,12 +35,20 @@ specialist. Modules, in reading order:
     show       show_source(): read the package's code inside a lesson
     checks     check("N.M", answer): the hidden tests of the exercises
     exercises  `moe-exercises build`: exercises/ generated from solutions/
+    course     `moe-course`: the learner's command (lab, check, progress, reset, restore, update)
 
 Shape legend, used everywhere: B batch, T time, D model width, F hidden width,
 E experts, K top-k, C capacity, N = B·T tokens.
 """
 
-from .device import get_device, seed_everything
-
 __version__ = "0.1.0"
 __all__ = ["get_device", "seed_everything", "__version__"]
+
+
+def __getattr__(name: str):
+    # Imported on first use, so that `python -m moe_course progress` answers without loading torch.
+    if name in ("get_device", "seed_everything"):
+        from . import device
+
+        return getattr(device, name)
+    raise AttributeError(f"module 'moe_course' has no attribute {name!r}")

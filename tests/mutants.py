@@ -141,13 +141,13 @@ MUTANTS: dict[str, list[tuple[str, object, str]]] = {
         ("no output bias", ffn_no_output_bias, "b_out is missing"),
         ("activation on the output", ffn_activation_on_output, "activation is in the wrong place"),
         ("writes into x", ffn_in_place, "in place"),
-        ("transposed weights", ffn_transposed, "raised RuntimeError"),
+        ("transposed weights", ffn_transposed, "(32, 8) is `w_in` transposed; drop the .T"),
     ],
     "1.2": [
         ("forgot biases", params_no_bias, "forgot the biases"),
         ("one weight matrix", params_one_matrix, "only one weight matrix"),
         ("no output bias", params_no_output_bias, "output bias is missing"),
-        ("float tensor", params_as_float_tensor, "whole number"),
+        ("float tensor", params_as_float_tensor, "should be a Python int"),
     ],
     "1.3": [
         ("multiply-adds, not FLOPs", flops_macs, "multiply-add"),
@@ -407,7 +407,7 @@ MUTANTS.update({
         ("no softmax", gate_no_softmax, "raw scores"),
         ("sigmoid", gate_sigmoid, "sigmoid"),
         ("exp without subtracting the max", gate_naive_exp, "overflows"),
-        ("transposed w_gate", gate_transposed, "raised RuntimeError"),
+        ("transposed w_gate", gate_transposed, "`w_gate` transposed; drop the .T"),
     ],
     "3.2": [
         ("mixed logits, then softmax", mix_logits, "mixed the experts' logits"),
@@ -423,7 +423,7 @@ MUTANTS.update({
         ("0 · log 0 gives NaN", score_nan_for_empty, "0 · log 0"),
         ("divided by the smaller entropy", score_by_min_entropy, "smaller or larger of the two entropies"),
         ("soft counts", score_soft_counts, "soft counts"),
-        ("argmax over the patients", score_argmax_over_patients, "raised"),
+        ("argmax over the patients", score_argmax_over_patients, "argmax or a sum over the wrong axis"),
     ],
     "3.4": [
         ("forgot the gate", mix_flops_no_gate, "gate is missing"),
@@ -1087,3 +1087,1793 @@ MUTANTS.update({
         ("returns a tuple", lambda c: tuple(_accounting(c).values()), "return a dict"),
     ],
 })
+
+
+# == more wrong answers (issue 19): for every exercise, typical mistakes written as a learner would, =================
+# first without looking at the checks, then each check was taught the ones it only called "does not match".
+# Words None: a mutant caught with a generic message (tests/test_mutants.py counts them).
+
+# 0.1 ------------------------------------------------------------------------------
+def count_loop_stops_early(specialty, num_specialties):
+    counts = torch.zeros(num_specialties, dtype=torch.long)
+    for s in range(num_specialties - 1):
+        counts[s] = (specialty == s).sum()
+    return counts
+
+
+def count_unique(specialty, num_specialties):
+    return torch.unique(specialty, return_counts=True)[1]
+
+
+def count_one_hot_wrong_axis(specialty, num_specialties):
+    return F.one_hot(specialty, num_specialties).sum(dim=1)
+
+
+def count_python_list(specialty, num_specialties):
+    return [int((specialty == s).sum()) for s in range(num_specialties)]
+
+
+def count_labels_from_one(specialty, num_specialties):
+    return torch.stack([(specialty == s).sum() for s in range(1, num_specialties + 1)])
+
+
+def count_float_loop(specialty, num_specialties):
+    counts = torch.zeros(num_specialties)
+    for s in specialty:
+        counts[s] += 1
+    return counts
+
+
+def count_histc(specialty, num_specialties):
+    return torch.histc(specialty.float(), bins=num_specialties, min=0, max=num_specialties - 1)
+
+
+def count_minlength_short(specialty, num_specialties):
+    return torch.bincount(specialty, minlength=num_specialties - 1)
+
+
+# 1.1 --------------------------------------------------------------------------------
+def ffn_sigmoid(x, w_in, b_in, w_out, b_out):
+    return torch.sigmoid(x @ w_in + b_in) @ w_out + b_out
+
+
+def ffn_silu(x, w_in, b_in, w_out, b_out):
+    return F.silu(x @ w_in + b_in) @ w_out + b_out
+
+
+def ffn_biases_swapped(x, w_in, b_in, w_out, b_out):
+    return F.gelu(x @ w_in + b_out) @ w_out + b_in
+
+
+def ffn_gelu_twice(x, w_in, b_in, w_out, b_out):
+    return F.gelu(F.gelu(x @ w_in + b_in)) @ w_out + b_out
+
+
+def ffn_operands_swapped(x, w_in, b_in, w_out, b_out):
+    return (w_out @ F.gelu(w_in @ x + b_in)) + b_out
+
+
+def ffn_hidden_only(x, w_in, b_in, w_out, b_out):
+    return F.gelu(x @ w_in + b_in)
+
+
+def ffn_bias_multiplied(x, w_in, b_in, w_out, b_out):
+    return F.gelu(x @ w_in * b_in) @ w_out + b_out
+
+
+def ffn_tanh(x, w_in, b_in, w_out, b_out):
+    return torch.tanh(x @ w_in + b_in) @ w_out + b_out
+
+
+def ffn_output_doubled(x, w_in, b_in, w_out, b_out):
+    h = F.gelu(x @ w_in + b_in)
+    return h @ w_out + b_out + (h @ w_out + b_out)
+
+
+# 1.2 --------------------------------------------------------------------------------
+def params_float(d_model, d_ff):
+    return 2.0 * d_model * d_ff + d_ff + d_model
+
+
+def params_true_division(d_model, d_ff):
+    return int(2 * d_model * d_ff + d_ff + d_model) / 1
+
+
+def params_off_by_one(d_model, d_ff):
+    return 2 * d_model * d_ff + d_ff + d_model + 1
+
+
+def params_flops_formula(d_model, d_ff):
+    return 4 * d_model * d_ff
+
+
+def params_biases_only(d_model, d_ff):
+    return d_model + d_ff
+
+
+def params_numel_tensor(d_model, d_ff):
+    return torch.tensor(d_model * d_ff * 2 + d_ff + d_model)
+
+
+def params_square(d_model, d_ff):
+    return 2 * d_model * d_model + d_ff + d_model
+
+
+# 1.3 --------------------------------------------------------------------------------
+def flops_training(num_tokens, d_model, d_ff):
+    return 6 * num_tokens * d_model * d_ff
+
+
+def flops_float(num_tokens, d_model, d_ff):
+    return 4.0 * num_tokens * d_model * d_ff
+
+
+def flops_exact_adds(num_tokens, d_model, d_ff):
+    return num_tokens * (d_ff * (2 * d_model - 1) + d_model * (2 * d_ff - 1))
+
+
+def flops_d_ff_squared(num_tokens, d_model, d_ff):
+    return 4 * num_tokens * d_ff * d_ff
+
+
+def flops_with_activation(num_tokens, d_model, d_ff):
+    return 4 * num_tokens * d_model * d_ff + num_tokens * d_ff
+
+
+def flops_one_matmul_four(num_tokens, d_model, d_ff):
+    return 2 * num_tokens * d_model * d_ff * 4
+
+
+def flops_per_token(num_tokens, d_model, d_ff):
+    return 4 * d_model * d_ff * num_tokens // num_tokens
+
+
+# 1.4 --------------------------------------------------------------------------------
+def acc_loop_stops_early(logits, diagnosis, specialty, num_specialties):
+    correct = (logits.argmax(-1) == diagnosis).float()
+    acc = torch.full((num_specialties,), float("nan"))
+    for s in range(num_specialties - 1):
+        if (specialty == s).any():
+            acc[s] = correct[specialty == s].mean()
+    return acc
+
+
+def acc_against_specialty(logits, diagnosis, specialty, num_specialties):
+    correct = (logits.argmax(-1) == specialty).float()
+    return torch.stack([correct[specialty == s].mean() for s in range(num_specialties)])
+
+
+def acc_percent(logits, diagnosis, specialty, num_specialties):
+    correct = (logits.argmax(-1) == diagnosis).float()
+    return 100 * torch.stack([correct[specialty == s].mean() for s in range(num_specialties)])
+
+
+def acc_integer_division(logits, diagnosis, specialty, num_specialties):
+    correct = (logits.argmax(-1) == diagnosis).long()
+    hits = torch.zeros(num_specialties, dtype=torch.long).index_add_(0, specialty, correct)
+    counts = torch.bincount(specialty, minlength=num_specialties)
+    return (hits // counts.clamp(min=1)).float().where(counts > 0, torch.tensor(float("nan")))
+
+
+def acc_bincount_no_minlength(logits, diagnosis, specialty, num_specialties):
+    correct = logits.argmax(-1) == diagnosis
+    return torch.bincount(specialty[correct]).float() / torch.bincount(specialty).float()
+
+
+def acc_argmax_wrong_axis(logits, diagnosis, specialty, num_specialties):
+    correct = (logits.argmax(0) == diagnosis).float()
+    return torch.stack([correct[specialty == s].mean() for s in range(num_specialties)])
+
+
+def acc_probability_of_truth(logits, diagnosis, specialty, num_specialties):
+    p = torch.softmax(logits, -1)[torch.arange(len(diagnosis)), diagnosis]
+    return torch.stack([p[specialty == s].mean() for s in range(num_specialties)])
+
+
+def acc_error_rate(logits, diagnosis, specialty, num_specialties):
+    wrong = (logits.argmax(-1) != diagnosis).float()
+    return torch.stack([wrong[specialty == s].mean() for s in range(num_specialties)])
+
+
+
+
+# 2.1 --------------------------------------------------------------------------------
+def avg_softmax_over_patients(member_logits):
+    return torch.softmax(member_logits, dim=1).mean(dim=0)
+
+
+def avg_keepdim(member_logits):
+    return torch.softmax(member_logits, dim=-1).mean(dim=0, keepdim=True)
+
+
+def avg_median(member_logits):
+    return torch.softmax(member_logits, dim=-1).median(dim=0).values
+
+
+def avg_max_member(member_logits):
+    return torch.softmax(member_logits, dim=-1).max(dim=0).values
+
+
+def avg_log_probs(member_logits):
+    return torch.log_softmax(member_logits, dim=-1).mean(dim=0)
+
+
+def avg_summed_logits(member_logits):
+    return torch.softmax(member_logits.sum(dim=0), dim=-1)
+
+
+def avg_everything(member_logits):
+    return torch.softmax(member_logits, dim=-1).mean()
+
+
+def avg_first_member(member_logits):
+    return torch.softmax(member_logits[0], dim=-1)
+
+
+# 2.2 --------------------------------------------------------------------------------
+def _bv_parts(member_probs, targets):
+    y = F.one_hot(targets, member_probs.shape[-1]).float()
+    mean = member_probs.mean(0)
+    return y, mean
+
+
+def bv_order(member_probs, targets):
+    y, mean = _bv_parts(member_probs, targets)
+    return ((mean - y) ** 2).sum(-1).mean(), ((member_probs - y) ** 2).sum(-1).mean(), ((member_probs - mean) ** 2).sum(-1).mean()
+
+
+def bv_std(member_probs, targets):
+    y, mean = _bv_parts(member_probs, targets)
+    return (((member_probs - y) ** 2).sum(-1).mean(), ((mean - y) ** 2).sum(-1).mean(),
+            member_probs.std(0, unbiased=False).sum(-1).mean())
+
+
+def bv_variance_summed_over_members(member_probs, targets):
+    y, mean = _bv_parts(member_probs, targets)
+    return (((member_probs - y) ** 2).sum(-1).mean(), ((mean - y) ** 2).sum(-1).mean(),
+            ((member_probs - mean) ** 2).sum(-1).sum(0).mean())
+
+
+def bv_no_one_hot(member_probs, targets):
+    mean = member_probs.mean(0)
+    y = targets[:, None].float()
+    return (((member_probs - y) ** 2).sum(-1).mean(), ((mean - y) ** 2).sum(-1).mean(), ((member_probs - mean) ** 2).sum(-1).mean())
+
+
+def bv_dict(member_probs, targets):
+    y, mean = _bv_parts(member_probs, targets)
+    return {"error": ((member_probs - y) ** 2).sum(-1).mean(), "bias": ((mean - y) ** 2).sum(-1).mean(),
+            "variance": ((member_probs - mean) ** 2).sum(-1).mean()}
+
+
+def bv_two_values(member_probs, targets):
+    y, mean = _bv_parts(member_probs, targets)
+    return ((mean - y) ** 2).sum(-1).mean(), ((member_probs - mean) ** 2).sum(-1).mean()
+
+
+def bv_error_is_bias_plus_var_wrong(member_probs, targets):
+    y, mean = _bv_parts(member_probs, targets)
+    bias = ((mean - y) ** 2).sum(-1).mean()
+    var = ((member_probs - mean) ** 2).sum(-1).mean()
+    return ((mean - y) ** 2).sum(-1).mean(), bias, var
+
+
+# 2.3 --------------------------------------------------------------------------------
+def ll_log2(member_logits, targets):
+    log_mean = torch.logsumexp(torch.log_softmax(member_logits, dim=-1), dim=0) - math.log(member_logits.shape[0])
+    return F.nll_loss(log_mean, targets) / math.log(2)
+
+
+def ll_probs_as_logits(member_logits, targets):
+    probs = torch.softmax(member_logits, dim=-1).mean(0)
+    return F.cross_entropy(probs, targets)
+
+
+def ll_nll_on_probs(member_logits, targets):
+    probs = torch.softmax(member_logits, dim=-1).mean(0)
+    return F.nll_loss(probs, targets)
+
+
+def ll_plus_log_r(member_logits, targets):
+    log_mean = torch.logsumexp(torch.log_softmax(member_logits, dim=-1), dim=0) + math.log(member_logits.shape[0])
+    return F.nll_loss(log_mean, targets)
+
+
+def ll_per_patient(member_logits, targets):
+    log_mean = torch.logsumexp(torch.log_softmax(member_logits, dim=-1), dim=0) - math.log(member_logits.shape[0])
+    return F.nll_loss(log_mean, targets, reduction="none")
+
+
+def ll_positive_log(member_logits, targets):
+    log_mean = torch.logsumexp(torch.log_softmax(member_logits, dim=-1), dim=0) - math.log(member_logits.shape[0])
+    return log_mean[torch.arange(len(targets)), targets].mean()
+
+
+def ll_logsumexp_over_classes(member_logits, targets):
+    log_mean = torch.logsumexp(torch.log_softmax(member_logits, dim=-1), dim=-1) - math.log(member_logits.shape[0])
+    return -log_mean.mean()
+
+
+def ll_first_member(member_logits, targets):
+    return F.cross_entropy(member_logits[0], targets)
+
+
+# 3.1 --------------------------------------------------------------------------------
+def gate_normalise_everything(x, w_gate):
+    e = torch.exp(x @ w_gate - (x @ w_gate).max())
+    return e / e.sum()
+
+
+def gate_w_first(x, w_gate):
+    return torch.softmax(w_gate.T @ x.T, dim=0)
+
+
+def gate_softmax_on_input(x, w_gate):
+    return torch.softmax(x, dim=-1) @ w_gate
+
+
+def gate_log_softmax(x, w_gate):
+    return torch.log_softmax(x @ w_gate, dim=-1)
+
+
+def gate_temperature(x, w_gate):
+    return torch.softmax(x @ w_gate / x.shape[-1] ** 0.5, dim=-1)
+
+
+def gate_divide_by_max(x, w_gate):
+    s = x @ w_gate
+    return s / s.max(dim=-1, keepdim=True).values
+
+
+def gate_argmax_one_hot(x, w_gate):
+    return F.one_hot((x @ w_gate).argmax(-1), w_gate.shape[1]).float()
+
+
+def gate_abs_normalised(x, w_gate):
+    s = (x @ w_gate).abs()
+    return s / s.sum(-1, keepdim=True)
+
+
+# 3.2 --------------------------------------------------------------------------------
+def mix_top_expert_only(x, gate, experts):
+    weights = torch.softmax(gate(x), dim=-1)
+    probs = torch.stack([torch.softmax(e(x), dim=-1) for e in experts], dim=1)
+    top = weights.argmax(-1)
+    return probs[torch.arange(len(x)), top]
+
+
+def mix_log_probs(x, gate, experts):
+    weights = torch.softmax(gate(x), dim=-1)
+    probs = torch.stack([torch.log_softmax(e(x), dim=-1) for e in experts], dim=1)
+    return (weights[:, :, None] * probs).sum(1)
+
+
+def mix_same_weight(x, gate, experts):
+    weights = torch.softmax(gate(x), dim=-1)
+    return sum(weights[:, 0:1] * torch.softmax(e(x), dim=-1) for e in experts)
+
+
+def mix_gate_transposed(x, gate, experts):
+    weights = torch.softmax(gate(x), dim=-1)
+    probs = torch.stack([torch.softmax(e(x), dim=-1) for e in experts], dim=0)  # (E, N, C)
+    return (weights.T[:, :, None] * probs).sum(0) / len(experts)
+
+
+def mix_weights_on_logits_sum(x, gate, experts):
+    weights = torch.softmax(gate(x), dim=-1)
+    return sum(weights[:, i:i + 1] * e(x) for i, e in enumerate(experts))
+
+
+def mix_keepdim(x, gate, experts):
+    weights = torch.softmax(gate(x), dim=-1)
+    probs = torch.stack([torch.softmax(e(x), dim=-1) for e in experts], dim=1)
+    return (weights[:, :, None] * probs).sum(1, keepdim=True)
+
+
+def mix_sigmoid_gate(x, gate, experts):
+    weights = torch.sigmoid(gate(x))
+    probs = torch.stack([torch.softmax(e(x), dim=-1) for e in experts], dim=1)
+    return (weights[:, :, None] * probs).sum(1)
+
+
+# 3.3 --------------------------------------------------------------------------------
+def _joint_counts(gate_weights, specialty, num_specialties):
+    top = gate_weights.argmax(dim=-1)
+    joint = torch.zeros(num_specialties, gate_weights.shape[1])
+    joint.index_put_((specialty, top), torch.ones(len(top)), accumulate=True)
+    return joint
+
+
+def _nmi(joint):
+    joint = joint / joint.sum()
+    ps, pe = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
+    nz = joint > 0
+    mi = (joint[nz] * (joint / (ps * pe))[nz].log()).sum()
+    h = lambda p: -(p[p > 0] * p[p > 0].log()).sum()  # noqa: E731
+    return mi, h(ps), h(pe)
+
+
+def score_one_minus(gate_weights, specialty, num_specialties):
+    mi, hs, he = _nmi(_joint_counts(gate_weights, specialty, num_specialties))
+    return float(1 - 2 * mi / (hs + he))
+
+
+def score_counts_not_probs(gate_weights, specialty, num_specialties):
+    joint = _joint_counts(gate_weights, specialty, num_specialties)
+    ps, pe = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
+    nz = joint > 0
+    mi = (joint[nz] * (joint / (ps * pe))[nz].log()).sum()
+    h = lambda p: -(p[p > 0] * p[p > 0].log()).sum()  # noqa: E731
+    return float(2 * mi / (h(ps) + h(pe)))
+
+
+def score_missing_factor_two(gate_weights, specialty, num_specialties):
+    mi, hs, he = _nmi(_joint_counts(gate_weights, specialty, num_specialties))
+    return float(mi / (hs + he))
+
+
+def score_log2_mi_only(gate_weights, specialty, num_specialties):
+    mi, hs, he = _nmi(_joint_counts(gate_weights, specialty, num_specialties))
+    return float(2 * (mi / math.log(2)) / (hs + he))
+
+
+def score_max_entropy(gate_weights, specialty, num_specialties):
+    mi, hs, he = _nmi(_joint_counts(gate_weights, specialty, num_specialties))
+    return float(mi / torch.maximum(hs, he))
+
+
+def score_accuracy_like(gate_weights, specialty, num_specialties):
+    joint = _joint_counts(gate_weights, specialty, num_specialties)
+    return float(joint.max(dim=1).values.sum() / joint.sum())
+
+
+# 3.4 --------------------------------------------------------------------------------
+def mflops_float(num_tokens, d_in, d_ff, num_classes, num_experts):
+    return 2.0 * num_tokens * d_in * num_experts + num_experts * (2 * num_tokens * d_in * d_ff + 2 * num_tokens * d_ff * num_classes)
+
+
+def mflops_gate_no_tokens(num_tokens, d_in, d_ff, num_classes, num_experts):
+    return 2 * d_in * num_experts + num_experts * (2 * num_tokens * d_in * d_ff + 2 * num_tokens * d_ff * num_classes)
+
+
+def mflops_classes_for_ff(num_tokens, d_in, d_ff, num_classes, num_experts):
+    return 2 * num_tokens * d_in * num_experts + num_experts * (2 * num_tokens * d_in * num_classes + 2 * num_tokens * num_classes * num_classes)
+
+
+def mflops_training(num_tokens, d_in, d_ff, num_classes, num_experts):
+    return 3 * (2 * num_tokens * d_in * num_experts + num_experts * (2 * num_tokens * d_in * d_ff + 2 * num_tokens * d_ff * num_classes))
+
+
+def mflops_plus_mixing(num_tokens, d_in, d_ff, num_classes, num_experts):
+    base = 2 * num_tokens * d_in * num_experts + num_experts * (2 * num_tokens * d_in * d_ff + 2 * num_tokens * d_ff * num_classes)
+    return base + 2 * num_tokens * num_experts * num_classes
+
+
+def mflops_top1(num_tokens, d_in, d_ff, num_classes, num_experts):
+    return 2 * num_tokens * d_in * num_experts + 2 * num_tokens * d_in * d_ff + 2 * num_tokens * d_ff * num_classes
+
+
+def mflops_experts_squared(num_tokens, d_in, d_ff, num_classes, num_experts):
+    return 2 * num_tokens * d_in * num_experts + num_experts ** 2 * (2 * num_tokens * d_in * d_ff + 2 * num_tokens * d_ff * num_classes)
+
+
+
+
+# 4.1 --------------------------------------------------------------------------------
+def topk_squeezed(router_logits, k):
+    probs = torch.softmax(router_logits, dim=-1)
+    gates, index = torch.topk(probs, k, dim=-1)
+    gates = gates / gates.sum(-1, keepdim=True)
+    return index.squeeze(), gates.squeeze()
+
+
+def topk_renorm_over_tokens(router_logits, k):
+    probs = torch.softmax(router_logits, dim=-1)
+    gates, index = torch.topk(probs, k, dim=-1)
+    return index, gates / gates.sum(0, keepdim=True)
+
+
+def topk_renorm_by_all(router_logits, k):
+    probs = torch.softmax(router_logits, dim=-1)
+    gates, index = torch.topk(probs, k, dim=-1)
+    return index, gates / probs.sum(-1, keepdim=True)
+
+
+def topk_index_float(router_logits, k):
+    probs = torch.softmax(router_logits, dim=-1)
+    gates, index = torch.topk(probs, k, dim=-1)
+    return index.float(), gates / gates.sum(-1, keepdim=True)
+
+
+def topk_argsort_ascending(router_logits, k):
+    probs = torch.softmax(router_logits, dim=-1)
+    index = probs.argsort(dim=-1)[:, :k]
+    gates = probs.gather(-1, index)
+    return index, gates / gates.sum(-1, keepdim=True)
+
+
+def topk_log_probs(router_logits, k):
+    logp = torch.log_softmax(router_logits, dim=-1)
+    gates, index = torch.topk(logp, k, dim=-1)
+    return index, gates
+
+
+def topk_uniform_gates(router_logits, k):
+    probs = torch.softmax(router_logits, dim=-1)
+    _, index = torch.topk(probs, k, dim=-1)
+    return index, torch.full(index.shape, 1.0 / k)
+
+
+def topk_k_plus_one(router_logits, k):
+    probs = torch.softmax(router_logits, dim=-1)
+    gates, index = torch.topk(probs, min(k + 1, probs.shape[-1]), dim=-1)
+    return index, gates / gates.sum(-1, keepdim=True)
+
+
+# 4.2 --------------------------------------------------------------------------------
+def noisy_forgot_epsilon(clean_logits, noise_logits, noise, k):
+    h = clean_logits + F.softplus(noise_logits)
+    top, index = torch.topk(h, k, dim=-1)
+    return index, torch.softmax(top, dim=-1)
+
+
+def noisy_roles_swapped(clean_logits, noise_logits, noise, k):
+    h = clean_logits + noise_logits * F.softplus(noise)
+    top, index = torch.topk(h, k, dim=-1)
+    return index, torch.softmax(top, dim=-1)
+
+
+def noisy_multiplied(clean_logits, noise_logits, noise, k):
+    h = clean_logits * noise * F.softplus(noise_logits)
+    top, index = torch.topk(h, k, dim=-1)
+    return index, torch.softmax(top, dim=-1)
+
+
+def noisy_sigmoid_scale(clean_logits, noise_logits, noise, k):
+    h = clean_logits + noise * torch.sigmoid(noise_logits)
+    top, index = torch.topk(h, k, dim=-1)
+    return index, torch.softmax(top, dim=-1)
+
+
+def noisy_no_softmax_renorm(clean_logits, noise_logits, noise, k):
+    h = clean_logits + noise * F.softplus(noise_logits)
+    top, index = torch.topk(h, k, dim=-1)
+    return index, top / top.sum(-1, keepdim=True)
+
+
+def noisy_masked_zero(clean_logits, noise_logits, noise, k):
+    h = clean_logits + noise * F.softplus(noise_logits)
+    top, index = torch.topk(h, k, dim=-1)
+    masked = torch.zeros_like(h).scatter(-1, index, top)  # zeros, not -inf, outside the top k
+    probs = torch.softmax(masked, dim=-1)
+    return index, probs.gather(-1, index)
+
+
+def noisy_subtracted(clean_logits, noise_logits, noise, k):
+    h = clean_logits - noise * F.softplus(noise_logits)
+    top, index = torch.topk(h, k, dim=-1)
+    return index, torch.softmax(top, dim=-1)
+
+
+# 4.3 --------------------------------------------------------------------------------
+def switch_adds_residual(x, w_router, experts):
+    probs = torch.softmax(x @ w_router, dim=-1)
+    gate, index = probs.max(dim=-1)
+    y = torch.zeros_like(x)
+    for e, expert in enumerate(experts):
+        rows = index == e
+        y[rows] = gate[rows, None] * expert(x[rows])
+    return x + y
+
+
+def switch_argmin(x, w_router, experts):
+    probs = torch.softmax(x @ w_router, dim=-1)
+    index = probs.argmin(dim=-1)
+    gate = probs.gather(-1, index[:, None])
+    y = torch.zeros_like(x)
+    for e, expert in enumerate(experts):
+        rows = index == e
+        y[rows] = gate[rows] * expert(x[rows])
+    return y
+
+
+def switch_gate_squared(x, w_router, experts):
+    probs = torch.softmax(x @ w_router, dim=-1)
+    gate, index = probs.max(dim=-1)
+    y = torch.zeros_like(x)
+    for e, expert in enumerate(experts):
+        rows = index == e
+        y[rows] = gate[rows, None] ** 2 * expert(x[rows])
+    return y
+
+
+def switch_router_transposed(x, w_router, experts):
+    probs = torch.softmax(x @ w_router.T, dim=-1)
+    gate, index = probs.max(dim=-1)
+    y = torch.zeros_like(x)
+    for e, expert in enumerate(experts):
+        rows = index == e
+        y[rows] = gate[rows, None] * expert(x[rows])
+    return y
+
+
+def switch_wrong_expert_order(x, w_router, experts):
+    probs = torch.softmax(x @ w_router, dim=-1)
+    gate, index = probs.max(dim=-1)
+    y = torch.zeros_like(x)
+    for e, expert in enumerate(reversed(experts)):
+        rows = index == e
+        y[rows] = gate[rows, None] * expert(x[rows])
+    return y
+
+
+def switch_gate_after_sum_mean(x, w_router, experts):
+    probs = torch.softmax(x @ w_router, dim=-1)
+    gate, index = probs.max(dim=-1)
+    y = torch.zeros_like(x)
+    for e, expert in enumerate(experts):
+        rows = index == e
+        y[rows] = expert(x[rows])
+    return y * gate.mean()
+
+
+def switch_no_grad_router(x, w_router, experts):
+    with torch.no_grad():
+        probs = torch.softmax(x @ w_router, dim=-1)
+    gate, index = probs.max(dim=-1)
+    y = torch.zeros_like(x)
+    for e, expert in enumerate(experts):
+        rows = index == e
+        y[rows] = gate[rows, None] * expert(x[rows])
+    return y
+
+
+# 5.1 --------------------------------------------------------------------------------
+def lb_ignores_expert_index(router_probs, expert_index):
+    n, e = router_probs.shape
+    f = torch.bincount(router_probs.argmax(-1), minlength=e).float() / n
+    return e * (f * router_probs.mean(0)).sum()
+
+
+def lb_e_squared(router_probs, expert_index):
+    n, e = router_probs.shape
+    f = torch.bincount(expert_index, minlength=e).float() / n
+    return e * e * (f * router_probs.mean(0)).sum()
+
+
+def lb_p_over_experts(router_probs, expert_index):
+    n, e = router_probs.shape
+    f = torch.bincount(expert_index, minlength=e).float() / n
+    return e * (f * router_probs.mean(1)[:e]).sum() if n >= e else e * f.sum()
+
+
+def lb_one_hot_mean_wrong_axis(router_probs, expert_index):
+    n, e = router_probs.shape
+    f = F.one_hot(expert_index, e).float().mean(1)
+    return e * (f[:e] * router_probs.mean(0)).sum() if n >= e else e * f.sum()
+
+
+def lb_times_alpha(router_probs, expert_index):
+    n, e = router_probs.shape
+    f = torch.bincount(expert_index, minlength=e).float() / n
+    return 0.01 * e * (f * router_probs.mean(0)).sum()
+
+
+def lb_f_from_max_prob(router_probs, expert_index):
+    n, e = router_probs.shape
+    f = torch.zeros(e).index_add(0, expert_index, router_probs.max(-1).values) / n
+    return e * (f * router_probs.mean(0)).sum()
+
+
+def lb_squared(router_probs, expert_index):
+    n, e = router_probs.shape
+    f = torch.bincount(expert_index, minlength=e).float() / n
+    return e * ((f * router_probs.mean(0)) ** 2).sum()
+
+
+def lb_int_division(router_probs, expert_index):
+    n, e = router_probs.shape
+    f = torch.bincount(expert_index, minlength=e) // n
+    return e * (f * router_probs.mean(0)).sum()
+
+
+# 5.2 --------------------------------------------------------------------------------
+def z_max_not_lse(router_logits):
+    return (router_logits.max(dim=-1).values ** 2).mean()
+
+
+def z_square_then_lse(router_logits):
+    return torch.logsumexp(router_logits ** 2, dim=-1).mean()
+
+
+def z_times_coef(router_logits):
+    return 1e-3 * (torch.logsumexp(router_logits, dim=-1) ** 2).mean()
+
+
+def z_lse_all(router_logits):
+    return torch.logsumexp(router_logits.flatten(), dim=0) ** 2
+
+
+def z_abs(router_logits):
+    return torch.logsumexp(router_logits, dim=-1).abs().mean()
+
+
+def z_item(router_logits):
+    return torch.tensor((torch.logsumexp(router_logits, dim=-1) ** 2).mean().item())
+
+
+def z_sum_exp_squared(router_logits):
+    return (router_logits.exp().sum(-1) ** 2).mean()
+
+
+def z_per_token(router_logits):
+    return torch.logsumexp(router_logits, dim=-1) ** 2
+
+
+# 5.3 --------------------------------------------------------------------------------
+def keep_int_mask(expert_index, num_experts, capacity):
+    one_hot = F.one_hot(expert_index, num_experts)
+    position = (torch.cumsum(one_hot, 0) - one_hot).gather(1, expert_index[:, None])[:, 0]
+    return (position < capacity).long()
+
+
+def keep_float_mask(expert_index, num_experts, capacity):
+    one_hot = F.one_hot(expert_index, num_experts)
+    position = (torch.cumsum(one_hot, 0) - one_hot).gather(1, expert_index[:, None])[:, 0]
+    return (position < capacity).float()
+
+
+def keep_indices(expert_index, num_experts, capacity):
+    one_hot = F.one_hot(expert_index, num_experts)
+    position = (torch.cumsum(one_hot, 0) - one_hot).gather(1, expert_index[:, None])[:, 0]
+    return torch.nonzero(position < capacity).squeeze(1)
+
+
+def keep_global_cumsum(expert_index, num_experts, capacity):
+    return torch.arange(len(expert_index)) < capacity * num_experts
+
+
+def keep_less_equal(expert_index, num_experts, capacity):
+    one_hot = F.one_hot(expert_index, num_experts)
+    position = (torch.cumsum(one_hot, 0) - one_hot).gather(1, expert_index[:, None])[:, 0]
+    return position <= capacity
+
+
+def keep_loop_stops_early(expert_index, num_experts, capacity):
+    keep = torch.zeros(len(expert_index), dtype=torch.bool)
+    for e in range(num_experts - 1):
+        rows = (expert_index == e).nonzero(as_tuple=True)[0]
+        keep[rows[:capacity]] = True
+    return keep
+
+
+def keep_one_hot_mask(expert_index, num_experts, capacity):
+    one_hot = F.one_hot(expert_index, num_experts)
+    position = torch.cumsum(one_hot, 0) - one_hot
+    return (position < capacity) & one_hot.bool()
+
+
+def keep_drops_first(expert_index, num_experts, capacity):
+    counts = torch.bincount(expert_index, minlength=num_experts)
+    one_hot = F.one_hot(expert_index, num_experts)
+    position = (torch.cumsum(one_hot, 0) - one_hot).gather(1, expert_index[:, None])[:, 0]
+    return position >= counts[expert_index] - capacity
+
+
+# 5.4 --------------------------------------------------------------------------------
+def choice_renormalised(router_logits, capacity):
+    scores = torch.softmax(router_logits, dim=-1)
+    gates, token_index = torch.topk(scores.T, capacity, dim=-1)
+    return token_index, gates / gates.sum(-1, keepdim=True)
+
+
+def choice_token_choice(router_logits, capacity):
+    scores = torch.softmax(router_logits, dim=-1)
+    gates, expert_index = torch.topk(scores, capacity, dim=-1)
+    return expert_index, gates
+
+
+def choice_swapped(router_logits, capacity):
+    scores = torch.softmax(router_logits, dim=-1)
+    gates, token_index = torch.topk(scores.T, capacity, dim=-1)
+    return gates, token_index
+
+
+def choice_index_float(router_logits, capacity):
+    scores = torch.softmax(router_logits, dim=-1)
+    gates, token_index = torch.topk(scores.T, capacity, dim=-1)
+    return token_index.float(), gates
+
+
+def choice_first_c_tokens(router_logits, capacity):
+    scores = torch.softmax(router_logits, dim=-1)
+    e = scores.shape[1]
+    token_index = torch.arange(capacity).repeat(e, 1)
+    return token_index, scores.T.gather(-1, token_index)
+
+
+def choice_log_scores(router_logits, capacity):
+    scores = torch.log_softmax(router_logits, dim=-1)
+    gates, token_index = torch.topk(scores.T, capacity, dim=-1)
+    return token_index, gates
+
+
+def choice_sorted_ascending(router_logits, capacity):
+    scores = torch.softmax(router_logits, dim=-1)
+    order = scores.T.argsort(dim=-1)[:, :capacity]
+    return order, scores.T.gather(-1, order)
+
+
+# 6.1 --------------------------------------------------------------------------------
+def sort_loop_stops_early(expert_index, num_experts):
+    order = torch.cat([(expert_index == e).nonzero(as_tuple=True)[0] for e in range(num_experts - 1)])
+    counts = torch.tensor([(expert_index == e).sum() for e in range(num_experts)])
+    return order, counts
+
+
+def sort_swapped(expert_index, num_experts):
+    return torch.bincount(expert_index, minlength=num_experts), torch.argsort(expert_index, stable=True)
+
+
+def sort_counts_float(expert_index, num_experts):
+    return torch.argsort(expert_index, stable=True), torch.bincount(expert_index, minlength=num_experts).float()
+
+
+def sort_offsets(expert_index, num_experts):
+    return torch.argsort(expert_index, stable=True), torch.bincount(expert_index, minlength=num_experts).cumsum(0)
+
+
+def sort_default_sort(expert_index, num_experts):
+    return torch.sort(expert_index, descending=True).indices.flip(0), torch.bincount(expert_index, minlength=num_experts)
+
+
+def sort_inverse_permutation(expert_index, num_experts):
+    order = torch.argsort(expert_index, stable=True)
+    return torch.argsort(order), torch.bincount(expert_index, minlength=num_experts)
+
+
+def sort_counts_one_hot_wrong_axis(expert_index, num_experts):
+    return torch.argsort(expert_index, stable=True), F.one_hot(expert_index, num_experts).sum(1)
+
+
+def sort_list_order(expert_index, num_experts):
+    order = [i for e in range(num_experts) for i in range(len(expert_index)) if expert_index[i] == e]
+    return order, torch.bincount(expert_index, minlength=num_experts)
+
+
+# 6.2 --------------------------------------------------------------------------------
+def combine_gates_no_broadcast(y_sorted, token, gates, num_tokens):
+    return torch.zeros(num_tokens, y_sorted.shape[1]).index_add(0, token, y_sorted * gates)
+
+
+def combine_divide_gate(y_sorted, token, gates, num_tokens):
+    return torch.zeros(num_tokens, y_sorted.shape[1]).index_add(0, token, y_sorted / gates[:, None])
+
+
+def combine_index_copy(y_sorted, token, gates, num_tokens):
+    return torch.zeros(num_tokens, y_sorted.shape[1]).index_copy(0, token, y_sorted * gates[:, None])
+
+
+def combine_long_zeros(y_sorted, token, gates, num_tokens):
+    out = torch.zeros(num_tokens, y_sorted.shape[1], dtype=torch.long)
+    return out.index_add(0, token, y_sorted * gates[:, None])
+
+
+def combine_mean_top2(y_sorted, token, gates, num_tokens):
+    out = torch.zeros(num_tokens, y_sorted.shape[1]).index_add(0, token, y_sorted * gates[:, None])
+    counts = torch.bincount(token, minlength=num_tokens).clamp(min=1)
+    return out / counts[:, None]
+
+
+def combine_in_place_on_input(y_sorted, token, gates, num_tokens):
+    y_sorted *= gates[:, None]
+    return torch.zeros(num_tokens, y_sorted.shape[1]).index_add(0, token, y_sorted)
+
+
+def combine_sorted_token(y_sorted, token, gates, num_tokens):
+    return torch.zeros(num_tokens, y_sorted.shape[1]).index_add(0, token.sort().values, y_sorted * gates[:, None])
+
+
+# 6.3 --------------------------------------------------------------------------------
+def slots_cumsum_total(expert_index, num_experts):
+    return torch.cumsum(F.one_hot(expert_index, num_experts), 0).sum(1) - 1
+
+
+def slots_rank_in_sort(expert_index, num_experts):
+    order = torch.argsort(expert_index, stable=True)
+    return torch.argsort(order)
+
+
+def slots_sorted_order(expert_index, num_experts):
+    order = torch.argsort(expert_index, stable=True)
+    one_hot = F.one_hot(expert_index, num_experts)
+    pos = (torch.cumsum(one_hot, 0) - one_hot).gather(1, expert_index[:, None]).squeeze(1)
+    return pos[order]
+
+
+def slots_loop_stops_early(expert_index, num_experts):
+    pos = torch.zeros(len(expert_index), dtype=torch.long)
+    for e in range(num_experts - 1):
+        rows = (expert_index == e).nonzero(as_tuple=True)[0]
+        pos[rows] = torch.arange(len(rows))
+    return pos
+
+
+def slots_one_hot_matrix(expert_index, num_experts):
+    one_hot = F.one_hot(expert_index, num_experts)
+    return torch.cumsum(one_hot, 0) - one_hot
+
+
+def slots_counted_from_end(expert_index, num_experts):
+    one_hot = F.one_hot(expert_index, num_experts)
+    from_end = torch.flip(torch.cumsum(torch.flip(one_hot, [0]), 0), [0]) - 1
+    return from_end.gather(1, expert_index[:, None]).squeeze(1)
+
+
+def slots_python_list(expert_index, num_experts):
+    seen = [0] * num_experts
+    out = []
+    for e in expert_index.tolist():
+        out.append(seen[e])
+        seen[e] += 1
+    return out
+
+
+
+
+# 7.1 --------------------------------------------------------------------------------
+def _causal(q, k, v, scores=None, masked=None, dim=-1, fill=float("-inf")):
+    t = q.shape[-2]
+    scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5 if scores is None else scores
+    masked = torch.ones(t, t, dtype=torch.bool).triu(1) if masked is None else masked
+    return torch.softmax(scores.masked_fill(masked, fill), dim=dim) @ v
+
+
+def attn_k_T(q, k, v):
+    return _causal(q, k, v, scores=q @ k.T / q.shape[-1] ** 0.5)
+
+
+def attn_scale_by_sqrt_t(q, k, v):
+    return _causal(q, k, v, scores=q @ k.transpose(-2, -1) / q.shape[-2] ** 0.5)
+
+
+def attn_q_and_k_swapped(q, k, v):
+    return _causal(q, k, v, scores=k @ q.transpose(-2, -1) / q.shape[-1] ** 0.5)
+
+
+def attn_weights_times_q(q, k, v):
+    t = q.shape[-2]
+    w = torch.softmax((q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")), -1)
+    return w @ q
+
+
+def attn_transposed_output(q, k, v):
+    return _causal(q, k, v).transpose(1, 2)
+
+
+def attn_mask_upper_kept(q, k, v):
+    t = q.shape[-2]
+    return _causal(q, k, v, masked=torch.ones(t, t, dtype=torch.bool).tril(-1))
+
+
+def attn_v_first(q, k, v):
+    t = q.shape[-2]
+    w = torch.softmax((q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")), -1)
+    return (v.transpose(-2, -1) @ w).transpose(-2, -1)
+
+
+def attn_large_negative(q, k, v):
+    return _causal(q, k, v, fill=-1.0)
+
+
+# 7.2 --------------------------------------------------------------------------------
+def block_ffn_first(block, x):
+    x = x + block.ffn(block.ln_2(x))
+    return x + block.attn(block.ln_1(x))
+
+
+def block_final_norm(block, x):
+    x = x + block.attn(block.ln_1(x))
+    x = x + block.ffn(block.ln_2(x))
+    return block.ln_2(x)
+
+
+def block_returns_tuple(block, x):
+    h = x + block.attn(block.ln_1(x))
+    return h + block.ffn(block.ln_2(h)), h
+
+
+def block_norm_of_sum(block, x):
+    x = x + block.attn(block.ln_1(x))
+    return block.ln_2(x + block.ffn(x))
+
+
+def block_residual_doubled(block, x):
+    x = x + x + block.attn(block.ln_1(x))
+    return x + block.ffn(block.ln_2(x))
+
+
+def block_attn_twice(block, x):
+    x = x + block.attn(block.ln_1(x))
+    return x + block.attn(block.ln_2(x))
+
+
+def block_ffn_on_normalised_residual(block, x):
+    x = block.ln_1(x) + block.attn(block.ln_1(x))
+    return x + block.ffn(block.ln_2(x))
+
+
+# 8.1 --------------------------------------------------------------------------------
+def sw_moe_on_ln_1(block, x):
+    x = x + block.attn(block.ln_1(x))
+    moe = block.ffn(block.ln_1(x))
+    return x + moe.y, moe.router_loss
+
+
+def sw_moe_first(block, x):
+    moe = block.ffn(block.ln_2(x))
+    x = x + moe.y
+    return x + block.attn(block.ln_1(x)), moe.router_loss
+
+
+def sw_z_loss_only(block, x):
+    x = x + block.attn(block.ln_1(x))
+    moe = block.ffn(block.ln_2(x))
+    return x + moe.y, moe.z_loss
+
+
+def sw_sum_unweighted(block, x):
+    x = x + block.attn(block.ln_1(x))
+    moe = block.ffn(block.ln_2(x))
+    return x + moe.y, moe.aux_loss + moe.z_loss
+
+
+def sw_swapped(block, x):
+    x = x + block.attn(block.ln_1(x))
+    moe = block.ffn(block.ln_2(x))
+    return moe.router_loss, x + moe.y
+
+
+def sw_only_x(block, x):
+    x = x + block.attn(block.ln_1(x))
+    moe = block.ffn(block.ln_2(x))
+    return x + moe.y
+
+
+def sw_moe_reads_input(block, x):
+    h = x + block.attn(block.ln_1(x))
+    moe = block.ffn(block.ln_2(x))
+    return h + moe.y, moe.router_loss
+
+
+def sw_loss_float(block, x):
+    x = x + block.attn(block.ln_1(x))
+    moe = block.ffn(block.ln_2(x))
+    return x + moe.y, float(moe.router_loss)
+
+
+# 8.2 --------------------------------------------------------------------------------
+def _books(c, **kw):
+    V, T, D, F_, L, E = c.vocab_size, c.block_size, c.d_model, c.d_ff, c.n_layers, c.num_experts
+    n_moe = len(c.moe_layers)
+    ffn_one = 2 * D * F_ + F_ + D
+    shared = V * D + L * (4 * D * D + 4 * D) + (2 * L + 1) * 2 * D + n_moe * D * E
+    total = shared + (L - n_moe) * ffn_one + n_moe * E * ffn_one
+    active = shared + L * ffn_one
+    flops = L * (8 * D * D + 4 * T * D + 4 * D * F_) + n_moe * 2 * D * E + 2 * D * V
+    out = {"params_total": total, "params_active": active, "flops_per_token": flops}
+    return out
+
+
+def books_floats(c):
+    return {k: float(v) for k, v in _books(c).items()}
+
+
+def books_wrong_keys(c):
+    a = _books(c)
+    return {"total": a["params_total"], "active": a["params_active"], "flops": a["flops_per_token"]}
+
+
+def books_no_norms(c):
+    a = _books(c)
+    a["params_total"] -= (2 * c.n_layers + 1) * 2 * c.d_model
+    return a
+
+
+def books_training_flops(c):
+    a = _books(c)
+    a["flops_per_token"] *= 3
+    return a
+
+
+def books_no_head_flops(c):
+    a = _books(c)
+    a["flops_per_token"] -= 2 * c.d_model * c.vocab_size
+    return a
+
+
+def books_position_table(c):
+    a = _books(c)
+    a["params_total"] += c.block_size * c.d_model
+    a["params_active"] += c.block_size * c.d_model
+    return a
+
+
+def books_no_attn_bias(c):
+    a = _books(c)
+    a["params_total"] -= c.n_layers * 4 * c.d_model
+    return a
+
+
+def books_tensors(c):
+    return {k: torch.tensor(v) for k, v in _books(c).items()}
+
+
+for _ex_id, _rows in {
+    "0.1": [
+        ('loop stops one specialty early', count_loop_stops_early, "the last specialty's count is 0 although"),
+        ('torch.unique counts', count_unique, 'its count (0) is missing'),
+        ('one_hot summed over the wrong axis', count_one_hot_wrong_axis, 'you returned one number per patient, shape'),
+        ('a Python list', count_python_list, 'the counts should be one torch.Tensor, but'),
+        ('labels counted from 1', count_labels_from_one, 'the counts: shifted by one place along'),
+        ('float counts from a loop', count_float_loop, 'counts should be whole numbers (an integer'),
+        ('histc', count_histc, 'counts should be whole numbers (an integer'),
+        ('minlength one short', count_minlength_short, 'its count (0) is missing'),
+    ],
+    "1.1": [
+        ('sigmoid', ffn_sigmoid, "you used a sigmoid; this course's feed-forward"),
+        ('SiLU', ffn_silu, "you used SiLU (swish); this course's feed-forward"),
+        ('biases swapped', ffn_biases_swapped, 'two tensors combined entry by entry (+,'),
+        ('GELU twice', ffn_gelu_twice, 'GELU is applied twice: once on the'),
+        ('operands swapped', ffn_operands_swapped, 'a matrix product (@ or torch.matmul) got'),
+        ('hidden layer returned', ffn_hidden_only, 'the output has the hidden width F'),
+        ('bias multiplied', ffn_bias_multiplied, 'b_in is multiplied; a bias is *added*:'),
+        ('tanh', ffn_tanh, "you used tanh; this course's feed-forward block"),
+        ('output doubled', ffn_output_doubled, 'the output: exactly twice the expected value,'),
+    ],
+    "1.2": [
+        ('float', params_float, 'the count should be an int, but'),
+        ('true division', params_true_division, 'the count should be an int, but'),
+        ('off by one', params_off_by_one, 'off by one'),
+        ('the FLOP formula', params_flops_formula, '4·D·F is the FLOP count of one'),
+        ('biases only', params_biases_only, 'you counted only the biases (F +'),
+        ('int tensor', params_numel_tensor, 'the count should be a Python int,'),
+        ('d_model for d_ff', params_square, 'you used d_model where the hidden width'),
+    ],
+    "1.3": [
+        ('training FLOPs', flops_training, 'these are training FLOPs (forward + backward'),
+        ('float', flops_float, 'the FLOP count should be an int,'),
+        ('D - 1 additions', flops_exact_adds, 'you counted D - 1 additions per'),
+        ('d_ff squared', flops_d_ff_squared, 'you used d_ff where the model width'),
+        ('activation counted', flops_with_activation, 'you also counted the activation (one per'),
+        ('one matmul times four', flops_one_matmul_four, 'the FLOP count: exactly twice the expected'),
+        ('per token', flops_per_token, 'the number of tokens is missing: every'),
+    ],
+    "1.4": [
+        ('loop stops early', acc_loop_stops_early, 'every specialty is right except the last'),
+        ('against specialty', acc_against_specialty, 'you compared the predictions with the specialty;'),
+        ('percent', acc_percent, 'these are percentages; return fractions between 0'),
+        ('integer division', acc_integer_division, 'the accuracies: rounded down to whole numbers;'),
+        ('bincount without minlength', acc_bincount_no_minlength, 'the accuracies should have one entry per'),
+        ('argmax over the patients', acc_argmax_wrong_axis, 'two tensors combined entry by entry (+,'),
+        ('probability of the truth', acc_probability_of_truth, 'this is the mean probability of the'),
+        ('error rate', acc_error_rate, 'these are error rates (the fraction of'),
+    ],
+    "2.1": [
+        ('softmax over the patients', avg_softmax_over_patients, "the ensemble's probabilities: the values sum to"),
+        ('keepdim', avg_keepdim, 'extra dim 0 of size 1'),
+        ('median', avg_median, 'you took the median over the members;'),
+        ('max over members', avg_max_member, "you kept each class's largest probability over"),
+        ('mean log-probabilities', avg_log_probs, 'you averaged log-probabilities (log_softmax): return the mean'),
+        ('summed logits', avg_summed_logits, 'you summed the logits and then took'),
+        ('mean of everything', avg_everything, 'a single number'),
+        ('first member only', avg_first_member, "this is the first member's prediction alone;"),
+    ],
+    "2.2": [
+        ('order (bias, error, variance)', bv_order, 'you returned (bias, error, variance): return them'),
+        ('std for variance', bv_std, 'your variance is a standard deviation (a'),
+        ('variance summed over members', bv_variance_summed_over_members, 'your variance sums over the R'),
+        ('targets not one-hot', bv_no_one_hot, 'you compared the probabilities with the class'),
+        ('a dict', bv_dict, 'return a tuple (error, bias, variance), not'),
+        ('two values', bv_two_values, 'return three numbers, (error, bias, variance); got'),
+        ('error is the bias', bv_error_is_bias_plus_var_wrong, 'your error is the bias: the error'),
+    ],
+    "2.3": [
+        ('in bits', ll_log2, 'this is the loss in bits (log'),
+        ('probabilities as logits', ll_probs_as_logits, 'you passed the averaged probabilities to F.cross_entropy,'),
+        ('nll_loss on probabilities', ll_nll_on_probs, 'F.nll_loss expects log-probabilities, and you passed probabilities:'),
+        ('+ log R', ll_plus_log_r, 'you added log R instead of subtracting'),
+        ('per patient', ll_per_patient, 'return one number (the mean over the'),
+        ('positive log', ll_positive_log, 'the sign is flipped: the loss is'),
+        ('logsumexp over classes', ll_logsumexp_over_classes, 'the logsumexp runs over the classes; it'),
+        ('first member', ll_first_member, "this is the first member's loss alone;"),
+    ],
+    "3.1": [
+        ('normalised over everything', gate_normalise_everything, 'the gate weights: all entries together sum'),
+        ('w first', gate_w_first, 'one row per patient, one column per expert'),
+        ('softmax on input', gate_softmax_on_input, "you took the softmax of the patients'"),
+        ('log_softmax', gate_log_softmax, 'the gate weights: log-probabilities (log_softmax, or a'),
+        ('temperature', gate_temperature, 'you divided the scores by sqrt(D) (a'),
+        ('divide by max', gate_divide_by_max, 'you divided the scores by their maximum:'),
+        ('argmax one-hot', gate_argmax_one_hot, 'a hard choice of the top expert'),
+        ('abs normalised', gate_abs_normalised, 'you normalised the absolute scores; a negative'),
+    ],
+    "3.2": [
+        ('top expert only', mix_top_expert_only, "you kept only each patient's top expert;"),
+        ('log probs', mix_log_probs, "you mixed the experts' log-probabilities; mix their"),
+        ('same weight', mix_same_weight, 'every expert got the weight of expert'),
+        ('gate transposed and mean', mix_gate_transposed, 'the gate weights already sum to 1'),
+        ('weights on logits', mix_weights_on_logits_sum, 'you returned the gate-weighted sum of the'),
+        ('keepdim', mix_keepdim, 'extra dim 1 of size 1'),
+        ('sigmoid gate', mix_sigmoid_gate, 'you used a sigmoid for the gate:'),
+    ],
+    "3.3": [
+        ('1 - score', score_one_minus, 'you returned 1 - score: 1 means'),
+        ('counts not probabilities', score_counts_not_probs, 'you computed with counts, not probabilities: divide'),
+        ('factor 2 missing', score_missing_factor_two, 'the score: exactly half the expected value,'),
+        ('MI in bits', score_log2_mi_only, 'the mutual information is in bits and'),
+        ('max entropy', score_max_entropy, 'you divided the mutual information by H(expert)'),
+        ('purity', score_accuracy_like, 'this is the fraction of patients whose'),
+    ],
+    "3.4": [
+        ('float', mflops_float, 'the FLOP count should be an int,'),
+        ('gate without tokens', mflops_gate_no_tokens, "the gate's FLOPs lack the number of"),
+        ('classes for d_ff', mflops_classes_for_ff, 'you used num_classes where the hidden width'),
+        ('training', mflops_training, 'these are training FLOPs (forward + backward'),
+        ('plus mixing', mflops_plus_mixing, 'you also counted the weighted sum of'),
+        ('top-1', mflops_top1, 'you counted a single expert: in a'),
+        ('E squared', mflops_experts_squared, 'E² experts: every patient goes through each'),
+    ],
+    "4.1": [
+        ('squeezed for k=1', topk_squeezed, 'keep the k dimension'),
+        ('renormalised over the tokens', topk_renorm_over_tokens, 'you renormalised over the tokens (dim 0):'),
+        ('divided by the sum of all probabilities', topk_renorm_by_all, "the gates are not renormalised: each token's"),
+        ('float index', topk_index_float, 'expert_index should hold integer expert ids (e.g.'),
+        ('argsort ascending', topk_argsort_ascending, 'you picked the k *least* likely experts:'),
+        ('log-probabilities', topk_log_probs, 'these gates are log-probabilities: take the softmax'),
+        ('uniform gates', topk_uniform_gates, 'the gates must follow the router'),
+        ('k + 1 experts', topk_k_plus_one, 'should both have shape (N, k)'),
+    ],
+    "4.2": [
+        ('forgot epsilon', noisy_forgot_epsilon, 'ε is missing: the noise is ε'),
+        ('roles swapped', noisy_roles_swapped, 'the roles are swapped: softplus goes on'),
+        ('multiplied', noisy_multiplied, 'the noise is *added* to the clean'),
+        ('sigmoid scale', noisy_sigmoid_scale, 'the noise scale is softplus(noise_logits); you used'),
+        ('renormalised, no softmax', noisy_no_softmax_renorm, 'you divided the kept noisy scores by'),
+        ('masked with zeros', noisy_masked_zero, 'outside the top k you set the'),
+        ('subtracted noise', noisy_subtracted, 'the noise is added with a minus'),
+    ],
+    "4.3": [
+        ('adds the residual', switch_adds_residual, 'you added the input x to the'),
+        ('argmin', switch_argmin, 'each token went to its *least* likely'),
+        ('gate squared', switch_gate_squared, 'the gate is squared: multiply each expert'),
+        ('router transposed', switch_router_transposed, 'a matrix product (@ or torch.matmul) got'),
+        ('experts reversed', switch_wrong_expert_order, 'the experts are in the wrong order:'),
+        ('mean gate', switch_gate_after_sum_mean, 'every token got the same gate (the'),
+        ('router under no_grad', switch_no_grad_router, 'w_router receives no gradient: multiply each expert'),
+    ],
+    "5.1": [
+        ('ignores expert_index', lb_ignores_expert_index, 'f is counted from router_probs.argmax, not from'),
+        ('E squared', lb_e_squared, 'you multiplied by E twice'),
+        ('P over the experts', lb_p_over_experts, None),
+        ('one-hot mean over the wrong axis', lb_one_hot_mean_wrong_axis, None),
+        ('times alpha', lb_times_alpha, 'you multiplied by α = 0.01: the'),
+        ('f from max probabilities', lb_f_from_max_prob, "f_i sums the chosen tokens' top probabilities;"),
+        ('squared products', lb_squared, 'you squared each product f_i · P_i;'),
+        ('integer division', lb_int_division, 'the loss is 0: is f all'),
+    ],
+    "5.2": [
+        ('max not logsumexp', z_max_not_lse, "you squared each token's largest logit; the"),
+        ('square then logsumexp', z_square_then_lse, 'you squared the logits before the logsumexp;'),
+        ('times coefficient', z_times_coef, 'you multiplied by the coefficient 1e-3: it'),
+        ('logsumexp over everything', z_lse_all, 'one logsumexp over every logit of the'),
+        ('abs', z_abs, 'the square is missing: the z-loss is'),
+        ('item', z_item, 'the z-loss carries no gradient back to'),
+        ('sum exp squared', z_sum_exp_squared, 'the log is missing: logsumexp is log(Σ'),
+        ('per token', z_per_token, 'the z-loss should be one number (a'),
+    ],
+    "5.3": [
+        ('int mask', keep_int_mask, 'a mask must be a bool tensor'),
+        ('float mask', keep_float_mask, 'expected bool'),
+        ('indices', keep_indices, 'the indices of the kept tokens?'),
+        ('global C·E', keep_global_cumsum, 'you kept the first C·E = 8'),
+        ('<= capacity', keep_less_equal, 'each expert keeps C + 1 ='),
+        ('loop stops early', keep_loop_stops_early, 'keeps nobody: does your loop'),
+        ('(N, E) mask', keep_one_hot_mask, 'one entry per token *and expert*'),
+        ('drops the first', keep_drops_first, 'you dropped the wrong tokens: your mask'),
+    ],
+    "5.4": [
+        ('gates renormalised', choice_renormalised, "you renormalised each expert's C gates to"),
+        ('token choice', choice_token_choice, 'torch.topk was asked for more entries than'),
+        ('swapped', choice_swapped, 'the two results are swapped: return (token_index,'),
+        ('float index', choice_index_float, 'token_index should hold integer token ids (e.g.'),
+        ('first C tokens', choice_first_c_tokens, 'the first C in order'),
+        ('log scores', choice_log_scores, 'these gates are log-scores (log_softmax): use the'),
+        ('ascending', choice_sorted_ascending, 'each expert picked its C *lowest*-scoring tokens:'),
+    ],
+    "6.1": [
+        ('loop stops early', sort_loop_stops_early, "some experts' tokens are missing"),
+        ('swapped', sort_swapped, 'the two results are swapped: return (order,'),
+        ('float counts', sort_counts_float, 'counts are numbers of tokens: return an'),
+        ('offsets', sort_offsets, "these are cumulative counts (where each expert's"),
+        ('descending then flipped', sort_default_sort, 'within one expert the tokens are not'),
+        ('inverse permutation', sort_inverse_permutation, 'this is the inverse permutation (for each'),
+        ('one-hot summed over the wrong axis', sort_counts_one_hot_wrong_axis, 'counts has one entry per token, shape'),
+        ('list order', sort_list_order, 'order should be one torch.Tensor of token'),
+    ],
+    "6.2": [
+        ('gates without [:, None]', combine_gates_no_broadcast, 'two tensors combined entry by entry (+,'),
+        ('divided by the gate', combine_divide_gate, 'you divided by the gates: multiply each'),
+        ('index_copy', combine_index_copy, 'a token with two experts (top-2) must'),
+        ('long zeros', combine_long_zeros, 'two tensors of different dtypes met (e.g.'),
+        ('mean of top-2', combine_mean_top2, 'the combined output: exactly half the expected'),
+        ('in place on y_sorted', combine_in_place_on_input, 'changed its input `y_sorted`'),
+        ('sorted token', combine_sorted_token, 'the rows are still in sorted order:'),
+    ],
+    "6.3": [
+        ('cumsum of everything', slots_cumsum_total, 'you counted all earlier tokens; count only'),
+        ('rank in the sort', slots_rank_in_sort, "that is each token's place in the"),
+        ('in sorted order', slots_sorted_order, 'these are the slots in sorted order;'),
+        ('loop stops early', slots_loop_stops_early, 'does a loop over the experts stop one early?'),
+        ('(N, E) matrix', slots_one_hot_matrix, 'a count for every token and every expert'),
+        ('counted from the end', slots_counted_from_end, "you counted the later tokens; a token's"),
+        ('python list', slots_python_list, 'the positions should be one torch.Tensor, but'),
+    ],
+    "7.1": [
+        ('k.T on 4-D', attn_k_T, '`.T` on a tensor with more than'),
+        ('scaled by sqrt(T)', attn_scale_by_sqrt_t, 'you scaled the scores by 1/sqrt(T) (T'),
+        ('q and k swapped', attn_q_and_k_swapped, 'q and k are swapped: the scores'),
+        ('weights times q', attn_weights_times_q, 'the weights multiply q; the output is'),
+        ('output transposed', attn_transposed_output, 'right sizes in another order'),
+        ('upper triangle kept', attn_mask_upper_kept, 'the mask is the wrong way round:'),
+        ('v first', attn_v_first, 'the product is in the wrong order:'),
+        ('masked with -1', attn_large_negative, 'the masked scores got a finite value'),
+    ],
+    "7.2": [
+        ('FFN first', block_ffn_first, 'the FFN comes first: in the block,'),
+        ('final norm', block_final_norm, 'the output is normalised at the end:'),
+        ('returns a tuple', block_returns_tuple, "the block's output should be one torch.Tensor,"),
+        ('norm of the sum', block_norm_of_sum, 'the FFN half is post-norm (ln_2 after'),
+        ('residual doubled', block_residual_doubled, 'x is added twice in the attention'),
+        ('attention twice', block_attn_twice, 'attention ran twice: the second half of'),
+        ('normalised residual', block_ffn_on_normalised_residual, 'the residual adds the normalised stream ln_1(x);'),
+    ],
+    "8.1": [
+        ('MoE on ln_1', sw_moe_on_ln_1, 'the Switch layer reads ln_1 of the'),
+        ('MoE first', sw_moe_first, 'the Switch layer comes first: attention first'),
+        ('z-loss only', sw_z_loss_only, 'you returned moe.z_loss alone; return moe.router_loss, the'),
+        ('unweighted sum', sw_sum_unweighted, 'you added the unweighted losses; moe.router_loss already'),
+        ('swapped', sw_swapped, 'the two results are swapped: return (x,'),
+        ('only x', sw_only_x, 'return two things, `(x, router_loss)`: the stream'),
+        ('MoE reads the input', sw_moe_reads_input, "the Switch layer reads the block's input"),
+        ('loss as float', sw_loss_float, 'float() or .item() cut it off'),
+    ],
+    "8.2": [
+        ('floats', books_floats, "out['params_total'] should be an int, but it"),
+        ('wrong keys', books_wrong_keys, "the dict lacks the key(s) ['params_total', 'params_active',"),
+        ('no norms', books_no_norms, 'the layer norms are missing (2 per'),
+        ('training FLOPs', books_training_flops, 'these are training FLOPs (forward + backward'),
+        ('no head FLOPs', books_no_head_flops, "the head's logits (2·D·V FLOPs) are missing."),
+        ('position table', books_position_table, 'a learned position table is counted, but'),
+        ('no attention biases', books_no_attn_bias, 'the attention biases are missing (q, k,'),
+        ('tensors', books_tensors, "out['params_total'] should be a Python int, but"),
+    ],
+}.items():
+    MUTANTS.setdefault(_ex_id, []).extend(_rows)
+
+
+# == a second batch (issue 19), written after the checks had been taught the first; run against them as they were,
+# 10 of these 52 got a message naming the mistake. Then three general symptoms (an input added or missing, a softmax
+# applied twice, sorted values) and some exercise-specific mistakes were added; words None: still a generic message.
+
+
+def b_count_sum_bool(specialty, num_specialties):  # sums a bool table over patients -> right; variant: uses max+1
+    return torch.bincount(specialty, minlength=int(specialty.max()) + 1)
+
+
+def b_count_sorted(specialty, num_specialties):
+    return torch.bincount(specialty, minlength=num_specialties).sort(descending=True).values
+
+
+def b_ffn_residual(x, w_in, b_in, w_out, b_out):
+    return x + F.gelu(x @ w_in + b_in) @ w_out + b_out
+
+
+def b_ffn_no_b_in_activation_after_bias_out(x, w_in, b_in, w_out, b_out):
+    return F.gelu(x @ w_in + b_in) @ w_out - b_out
+
+
+def b_params_squared_sum(d_model, d_ff):
+    return (d_model + d_ff) ** 2
+
+
+def b_params_three_matrices(d_model, d_ff):
+    return 3 * d_model * d_ff + d_ff + d_model
+
+
+def b_flops_plus_one(num_tokens, d_model, d_ff):
+    return 4 * num_tokens * d_model * d_ff + 1
+
+
+def b_flops_sum_dims(num_tokens, d_model, d_ff):
+    return 4 * num_tokens * (d_model + d_ff)
+
+
+def b_acc_normalised(logits, diagnosis, specialty, num_specialties):
+    correct = (logits.argmax(-1) == diagnosis).float()
+    hits = torch.zeros(num_specialties).index_add_(0, specialty, correct)
+    return hits / hits.sum()
+
+
+def b_acc_counts_over_total_correct(logits, diagnosis, specialty, num_specialties):
+    correct = (logits.argmax(-1) == diagnosis).float()
+    counts = torch.bincount(specialty, minlength=num_specialties).float()
+    return correct.sum() / counts
+
+
+def b_avg_weighted_first(member_logits):
+    probs = torch.softmax(member_logits, dim=-1)
+    return (probs * torch.linspace(1, 2, probs.shape[0])[:, None, None]).sum(0) / torch.linspace(1, 2, probs.shape[0]).sum()
+
+
+def b_avg_sigmoid(member_logits):
+    return torch.sigmoid(member_logits).mean(0)
+
+
+def b_bv_bias_with_abs(member_probs, targets):
+    y = F.one_hot(targets, member_probs.shape[-1]).float()
+    mean = member_probs.mean(0)
+    return ((member_probs - y) ** 2).sum(-1).mean(), ((mean - y) ** 2).mean(-1).mean(), ((member_probs - mean) ** 2).sum(-1).mean()
+
+
+def b_bv_variance_first_member(member_probs, targets):
+    y = F.one_hot(targets, member_probs.shape[-1]).float()
+    mean = member_probs.mean(0)
+    return ((member_probs - y) ** 2).sum(-1).mean(), ((mean - y) ** 2).sum(-1).mean(), ((member_probs[0] - mean) ** 2).sum(-1).mean()
+
+
+def b_ll_max_member(member_logits, targets):
+    logp = torch.log_softmax(member_logits, dim=-1)
+    return -logp.max(0).values[torch.arange(len(targets)), targets].mean()
+
+
+def b_ll_mean_of_log_probs_of_mean_logits(member_logits, targets):
+    return F.cross_entropy(member_logits.sum(0), targets)
+
+
+def b_gate_softmax_twice(x, w_gate):
+    return torch.softmax(torch.softmax(x @ w_gate, dim=-1), dim=-1)
+
+
+def b_gate_plus_bias(x, w_gate):
+    return torch.softmax(x @ w_gate + 1.0, dim=-1) * 0.5 + 0.5 / w_gate.shape[1]
+
+
+def b_mix_weights_squared(x, gate, experts):
+    w = torch.softmax(gate(x), -1) ** 2
+    probs = torch.stack([torch.softmax(e(x), -1) for e in experts], 1)
+    return (w[:, :, None] * probs).sum(1)
+
+
+def b_mix_gate_on_expert_output(x, gate, experts):
+    w = torch.softmax(gate(x), -1)
+    probs = torch.stack([torch.softmax(e(x), -1) for e in experts], 1)
+    return (w[:, :, None] * probs).sum(1) * 0 + probs.max(1).values
+
+
+def b_score_without_argmax(gate_weights, specialty, num_specialties):
+    joint = torch.zeros(num_specialties, gate_weights.shape[1]).index_add_(0, specialty, (gate_weights > 0.5).float())
+    joint = joint / joint.sum().clamp(min=1)
+    ps, pe = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
+    nz = joint > 0
+    mi = (joint[nz] * (joint / (ps * pe))[nz].log()).sum()
+    h = lambda p: -(p[p > 0] * p[p > 0].log()).sum()  # noqa: E731
+    return float(2 * mi / (h(ps) + h(pe)))
+
+
+def b_score_sqrt(gate_weights, specialty, num_specialties):
+    top = gate_weights.argmax(-1)
+    joint = torch.zeros(num_specialties, gate_weights.shape[1])
+    joint.index_put_((specialty, top), torch.ones(len(top)), accumulate=True)
+    joint = joint / joint.sum()
+    ps, pe = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
+    nz = joint > 0
+    mi = (joint[nz] * (joint / (ps * pe))[nz].log()).sum()
+    h = lambda p: -(p[p > 0] * p[p > 0].log()).sum()  # noqa: E731
+    return float((2 * mi / (h(ps) + h(pe))) ** 0.5)
+
+
+def b_mflops_no_classes(num_tokens, d_in, d_ff, num_classes, num_experts):
+    return 2 * num_tokens * d_in * num_experts + num_experts * 2 * num_tokens * d_in * d_ff
+
+
+def b_mflops_gate_is_ffn(num_tokens, d_in, d_ff, num_classes, num_experts):
+    return 2 * num_tokens * d_in * d_ff + num_experts * (2 * num_tokens * d_in * d_ff + 2 * num_tokens * d_ff * num_classes)
+
+
+def b_topk_softmax_after_mask_zero(router_logits, k):
+    probs = torch.softmax(router_logits, -1)
+    g, i = torch.topk(probs, k, -1)
+    return i, torch.softmax(g, -1)
+
+
+def b_topk_sorted_index(router_logits, k):
+    probs = torch.softmax(router_logits, -1)
+    g, i = torch.topk(probs, k, -1)
+    g = g / g.sum(-1, keepdim=True)
+    return i.sort(-1).values, g
+
+
+def b_noisy_noise_on_gates(clean_logits, noise_logits, noise, k):
+    top, index = torch.topk(clean_logits, k, dim=-1)
+    gates = torch.softmax(top, dim=-1) + 0.1 * noise.gather(-1, index) * F.softplus(noise_logits.gather(-1, index))
+    return index, gates
+
+
+def b_noisy_softplus_of_sum(clean_logits, noise_logits, noise, k):
+    h = F.softplus(clean_logits + noise * noise_logits)
+    top, index = torch.topk(h, k, dim=-1)
+    return index, torch.softmax(top, dim=-1)
+
+
+def b_switch_top2(x, w_router, experts):
+    probs = torch.softmax(x @ w_router, -1)
+    g, i = torch.topk(probs, min(2, probs.shape[-1]), -1)
+    y = torch.zeros_like(x)
+    for slot in range(i.shape[1]):
+        for e, expert in enumerate(experts):
+            rows = i[:, slot] == e
+            y[rows] += g[rows, slot, None] * expert(x[rows])
+    return y
+
+
+def b_switch_gate_logit_softmax_over_all(x, w_router, experts):
+    probs = torch.softmax(x @ w_router, -1)
+    gate, index = probs.max(-1)
+    y = torch.zeros_like(x)
+    for e, expert in enumerate(experts):
+        rows = index == e
+        y[rows] = (1 - gate[rows, None]) * expert(x[rows])
+    return y
+
+
+def b_lb_f_times_p_mean(router_probs, expert_index):
+    n, e = router_probs.shape
+    f = torch.bincount(expert_index, minlength=e).float() / n
+    return e * f.mean() * router_probs.mean()
+
+
+def b_lb_cv_squared(router_probs, expert_index):
+    imp = router_probs.sum(0)
+    return (imp.std() / imp.mean()) ** 2
+
+
+def b_z_mean_logits_squared(router_logits):
+    return router_logits.mean(-1).pow(2).mean()
+
+
+def b_z_lse_minus_max(router_logits):
+    return ((torch.logsumexp(router_logits, -1) - router_logits.max(-1).values) ** 2).mean()
+
+
+def b_keep_random_order(expert_index, num_experts, capacity):
+    keep = torch.zeros(len(expert_index), dtype=torch.bool)
+    for e in range(num_experts):
+        rows = (expert_index == e).nonzero(as_tuple=True)[0].flip(0)
+        keep[rows[:capacity]] = True
+    return keep
+
+
+def b_keep_capacity_minus_one_global(expert_index, num_experts, capacity):
+    counts = torch.bincount(expert_index, minlength=num_experts)
+    return counts[expert_index] <= capacity
+
+
+def b_choice_softmax_after_topk(router_logits, capacity):
+    g, i = torch.topk(router_logits.T, capacity, dim=-1)
+    return i, torch.softmax(g, dim=-1)
+
+
+def b_choice_no_softmax_tokens_by_probs(router_logits, capacity):
+    scores = torch.softmax(router_logits, -1)
+    i = torch.topk(scores.T, capacity, -1).indices
+    return i, router_logits.T.gather(-1, i)
+
+
+def b_sort_counts_cumsum_prepend(expert_index, num_experts):
+    counts = torch.bincount(expert_index, minlength=num_experts)
+    return torch.argsort(expert_index, stable=True), torch.cat([torch.zeros(1, dtype=counts.dtype), counts[:-1]])
+
+
+def b_sort_by_value_then_index(expert_index, num_experts):
+    n = len(expert_index)
+    return torch.argsort(expert_index * n - torch.arange(n)), torch.bincount(expert_index, minlength=num_experts)
+
+
+def b_combine_add_without_zero(y_sorted, token, gates, num_tokens):
+    out = torch.ones(num_tokens, y_sorted.shape[1])
+    return out.index_add(0, token, y_sorted * gates[:, None])
+
+
+def b_combine_gate_squared(y_sorted, token, gates, num_tokens):
+    return torch.zeros(num_tokens, y_sorted.shape[1]).index_add(0, token, y_sorted * gates[:, None] ** 2)
+
+
+def b_slots_per_expert_totals_minus(expert_index, num_experts):
+    one_hot = F.one_hot(expert_index, num_experts)
+    return (torch.cumsum(one_hot, 0)).gather(1, expert_index[:, None]).squeeze(1) - 2
+
+
+def b_slots_float_division(expert_index, num_experts):
+    one_hot = F.one_hot(expert_index, num_experts)
+    pos = (torch.cumsum(one_hot, 0) - one_hot).gather(1, expert_index[:, None]).squeeze(1)
+    return pos / 1
+
+
+def b_attn_mask_with_triu_diag0(q, k, v):
+    t = q.shape[-2]
+    s = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+    return torch.softmax(s.masked_fill(torch.triu(torch.ones(t, t, dtype=torch.bool), 0), -1e9), -1) @ v
+
+
+def b_attn_dropout_like(q, k, v):
+    t = q.shape[-2]
+    s = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+    w = torch.softmax(s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")), -1)
+    return 0.9 * w @ v
+
+
+def b_block_half_residual(block, x):
+    x = x + 0.5 * block.attn(block.ln_1(x))
+    return x + block.ffn(block.ln_2(x))
+
+
+def b_block_shared_norm_input(block, x):
+    n = block.ln_1(x)
+    x = x + block.attn(n)
+    return x + block.ffn(block.ln_2(n))
+
+
+def b_sw_moe_y_times_gate(block, x):
+    x = x + block.attn(block.ln_1(x))
+    moe = block.ffn(block.ln_2(x))
+    return x + 2 * moe.y, moe.router_loss
+
+
+def b_sw_loss_mean_of_two(block, x):
+    x = x + block.attn(block.ln_1(x))
+    moe = block.ffn(block.ln_2(x))
+    return x + moe.y, moe.router_loss / 2
+
+
+def _books2(c):
+    V, T, D, F_, L, E = c.vocab_size, c.block_size, c.d_model, c.d_ff, c.n_layers, c.num_experts
+    n_moe = len(c.moe_layers)
+    ffn_one = 2 * D * F_ + F_ + D
+    shared = V * D + L * (4 * D * D + 4 * D) + (2 * L + 1) * 2 * D + n_moe * D * E
+    return dict(V=V, T=T, D=D, F=F_, L=L, E=E, n_moe=n_moe, ffn_one=ffn_one, shared=shared)
+
+
+def b_books_every_layer_switch(c):
+    b = _books2(c)
+    total = b["shared"] + b["L"] * b["E"] * b["ffn_one"] if b["n_moe"] else b["shared"] + b["L"] * b["ffn_one"]
+    active = b["shared"] + b["L"] * b["ffn_one"]
+    flops = b["L"] * (8 * b["D"] ** 2 + 4 * b["T"] * b["D"] + 4 * b["D"] * b["F"]) + b["n_moe"] * 2 * b["D"] * b["E"] + 2 * b["D"] * b["V"]
+    return {"params_total": total, "params_active": active, "flops_per_token": flops}
+
+
+def b_books_mix_t_squared(c):
+    b = _books2(c)
+    total = b["shared"] + (b["L"] - b["n_moe"]) * b["ffn_one"] + b["n_moe"] * b["E"] * b["ffn_one"]
+    active = b["shared"] + b["L"] * b["ffn_one"]
+    flops = b["L"] * (8 * b["D"] ** 2 + 4 * b["T"] ** 2 * b["D"] + 4 * b["D"] * b["F"]) + b["n_moe"] * 2 * b["D"] * b["E"] + 2 * b["D"] * b["V"]
+    return {"params_total": total, "params_active": active, "flops_per_token": flops}
+
+
+for _ex_id, _rows in {
+    "0.1": [
+        ('minlength from the largest label', b_count_sum_bool, 'with 3 specialties you returned 2 counts:'),
+        ('counts sorted', b_count_sorted, 'the counts: the right values, sorted along'),
+    ],
+    "1.1": [
+        ('residual added', b_ffn_residual, 'the output: the expected result plus `x`:'),
+        ('b_out subtracted', b_ffn_no_b_in_activation_after_bias_out, 'the output: the expected result minus 2'),
+    ],
+    "1.2": [
+        ('(D + F)²', b_params_squared_sum, '(D + F)² is not how the'),
+        ('three matrices', b_params_three_matrices, 'three weight matrices: this block has two,'),
+    ],
+    "1.3": [
+        ('plus one', b_flops_plus_one, 'the FLOP count: off by one'),
+        ('D + F', b_flops_sum_dims, 'you added d_model and d_ff where they'),
+    ],
+    "1.4": [
+        ('share of all hits', b_acc_normalised, "each specialty's share of all correct answers;"),
+        ('all hits over each count', b_acc_counts_over_total_correct, None),
+    ],
+    "2.1": [
+        ('weighted members', b_avg_weighted_first, None),
+        ('sigmoid', b_avg_sigmoid, 'a sigmoid treats each class on its'),
+    ],
+    "2.2": [
+        ('bias averaged over classes', b_bv_bias_with_abs, 'your bias (the other two are right):'),
+        ('variance of one member', b_bv_variance_first_member, 'your variance uses only the first member:'),
+    ],
+    "2.3": [
+        ('best member per class', b_ll_max_member, None),
+        ('summed logits', b_ll_mean_of_log_probs_of_mean_logits, "you summed the members' logits before the"),
+    ],
+    "3.1": [
+        ('softmax twice', b_gate_softmax_twice, 'the gate weights: a softmax applied twice'),
+        ('mixed with uniform', b_gate_plus_bias, None),
+    ],
+    "3.2": [
+        ('gate squared', b_mix_weights_squared, 'the gate weights are squared: weigh each'),
+        ('most confident expert', b_mix_gate_on_expert_output, None),
+    ],
+    "3.3": [
+        ('threshold, not argmax', b_score_without_argmax, None),
+        ('square root', b_score_sqrt, 'you took a square root: the score'),
+    ],
+    "3.4": [
+        ('second matmul missing', b_mflops_no_classes, "each expert's second matmul (F × classes,"),
+        ('gate as big as an FFN', b_mflops_gate_is_ffn, 'the gate is a D × E'),
+    ],
+    "4.1": [
+        ('softmax of top probabilities', b_topk_softmax_after_mask_zero, 'you took a softmax of the top-k'),
+        ('index sorted, gates not', b_topk_sorted_index, 'you sorted the expert ids but not'),
+    ],
+    "4.2": [
+        ('noise on the gates', b_noisy_noise_on_gates, None),
+        ('softplus of the sum', b_noisy_softplus_of_sum, None),
+    ],
+    "4.3": [
+        ('top-2', b_switch_top2, 'each token went to its top-2 experts;'),
+        ('1 - gate', b_switch_gate_logit_softmax_over_all, 'you scaled by 1 - p_i; the'),
+    ],
+    "5.1": [
+        ('means of f and P', b_lb_f_times_p_mean, 'you multiplied the means of f and'),
+        ('importance CV²', b_lb_cv_squared, 'this is the importance loss of Shazeer'),
+    ],
+    "5.2": [
+        ('mean logit squared', b_z_mean_logits_squared, "you squared each token's mean logit; the"),
+        ('logsumexp minus max', b_z_lse_minus_max, None),
+    ],
+    "5.3": [
+        ('keeps the last in reverse', b_keep_random_order, 'you dropped the wrong tokens: your mask'),
+        ('experts with at most C tokens', b_keep_capacity_minus_one_global, 'you dropped every token of an expert'),
+    ],
+    "5.4": [
+        ('softmax over the picked logits', b_choice_softmax_after_topk, "you took a softmax over each expert's"),
+        ('gates are logits', b_choice_no_softmax_tokens_by_probs, 'the right tokens, but the gates are'),
+    ],
+    "6.1": [
+        ('counts shifted', b_sort_counts_cumsum_prepend, 'counts: shifted by one place along dim'),
+        ('later tokens first', b_sort_by_value_then_index, 'within one expert the tokens are not'),
+    ],
+    "6.2": [
+        ('ones instead of zeros', b_combine_add_without_zero, 'the combined output: off by +1 everywhere'),
+        ('gate squared', b_combine_gate_squared, 'the gates are applied twice (squared): multiply'),
+    ],
+    "6.3": [
+        ('minus 2', b_slots_per_expert_totals_minus, 'the positions: off by -1 everywhere (off'),
+        ('float from division', b_slots_float_division, 'positions are slot numbers: return an integer'),
+    ],
+    "7.1": [
+        ('triu with diagonal 0', b_attn_mask_with_triu_diag0, 'mask off by one: each query must'),
+        ('times 0.9', b_attn_dropout_like, None),
+    ],
+    "7.2": [
+        ('half the attention', b_block_half_residual, None),
+        ('one norm for both', b_block_shared_norm_input, 'the FFN reads a normalised copy of'),
+    ],
+    "8.1": [
+        ('moe.y doubled', b_sw_moe_y_times_gate, "the Switch layer's output is added twice:"),
+        ('half the loss', b_sw_loss_mean_of_two, 'router_loss: exactly half the expected value, a'),
+    ],
+    "8.2": [
+        ('every layer a Switch layer', b_books_every_layer_switch, None),
+        ('T² in the attention mix', b_books_mix_t_squared, None),
+    ],
+}.items():
+    MUTANTS.setdefault(_ex_id, []).extend(_rows)

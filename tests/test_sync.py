@@ -14,8 +14,10 @@ from moe_course.exercises import status
 from notebook_tools import ROOT
 
 FOLDERS = ("notebooks", "solutions", "exercises")
+PAIRED = ("notebooks", "solutions")  # for instructors; learners' exercises/ are .ipynb only
 NOTEBOOKS = sorted(p for folder in FOLDERS for p in (ROOT / folder).glob("*.ipynb"))
-TEXTS = sorted(p for folder in FOLDERS for p in (ROOT / folder).glob("[0-9][0-9]_*.py"))
+PAIRED_NOTEBOOKS = [p for p in NOTEBOOKS if p.parent.name in PAIRED]
+TEXTS = sorted(p for folder in PAIRED for p in (ROOT / folder).glob("[0-9][0-9]_*.py"))
 
 
 def test_there_are_notebooks_in_every_folder():
@@ -28,7 +30,17 @@ def test_every_py_has_its_ipynb(path):
     assert path.with_suffix(".ipynb").exists(), f"{path.name} has no paired .ipynb (run `make sync`)"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_exercise_notebooks_are_not_paired():
+    """A learner edits one file per exercise notebook; a .py twin could disagree with the .ipynb the checks read."""
+    twins = sorted(p.name for p in (ROOT / "exercises").glob("*.py"))
+    assert not twins, f"exercises/ holds .py files {twins}: exercises are .ipynb only (run `moe-exercises build`)"
+    config = (ROOT / "exercises" / "jupytext.toml").read_text()
+    assert re.search(r'^formats\s*=\s*"ipynb"\s*$', config, re.M), config
+    for path in sorted((ROOT / "exercises").glob("*.ipynb")):
+        assert "jupytext" not in nbformat.read(path, as_version=4).metadata, f"{path.name} carries jupytext pairing metadata"
+
+
+@pytest.mark.parametrize("path", PAIRED_NOTEBOOKS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_ipynb_and_py_pair_have_the_same_cells(path):
     text = path.with_suffix(".py")
     assert text.exists(), f"{path.name} has no paired .py (run `make sync`)"

@@ -16,18 +16,35 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import math
-from collections.abc import Callable, Iterable, Sequence
+import numbers
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from . import _crashes, _symptoms
+
 __all__ = ["ExerciseError", "Exercise", "check", "exercise", "REGISTRY", "Mistake"]
 
 
 class ExerciseError(AssertionError):
-    """A check found a problem in the learner's answer. The message says which."""
+    """A check found a problem in the learner's answer. The message says which.
+
+    ``named`` is False when the check could only say *that* the answer is wrong
+    ("does not match the reference", an unrecognised crash), not which mistake it is.
+    """
+
+    named: bool = True
+
+    def _render_traceback_(self) -> list[str]:
+        """What Jupyter shows for a failed check: the message alone, without the checker's frames.
+
+        (IPython calls this instead of printing a traceback; nbval reports the same lines.)
+        """
+        return f"\x1b[0;31mExerciseError\x1b[0m: {self}".splitlines()
 
 
 @dataclass(frozen=True)
@@ -74,7 +91,9 @@ def check(ex_id: str, obj: Any) -> None:
     try:
         summary = entry.run(ex, obj)
     except ExerciseError as err:
-        raise ExerciseError(str(err)) from None  # drop the internal traceback
+        short = ExerciseError(str(err))  # drop the internal traceback
+        short.named = err.named
+        raise short from None
     print(f"✅ Exercise {ex_id} passed: {summary}")
 
 
@@ -138,11 +157,14 @@ class Exercise:
 
     def __init__(self, ex_id: str, title: str) -> None:
         self.ex_id, self.title = ex_id, title
+        self.inputs: dict[str, Any] = {}  # the arguments of the last call, by the learner's names
 
     # -- failing -------------------------------------------------------------
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, *, named: bool = True) -> None:
         __tracebackhide__ = True
-        raise ExerciseError(f"Exercise {self.ex_id} ({self.title}): {message}")
+        err = ExerciseError(f"Exercise {self.ex_id} ({self.title}): {message}")
+        err.named = named
+        raise err
 
     def generator(self) -> torch.Generator:
         """A fixed random stream, so a learner sees the same inputs every run."""
@@ -161,17 +183,21 @@ class Exercise:
         self.expect_callable(fn)
         before = [_snapshot(a) for a in args]
         before_kw = {k: _snapshot(v) for k, v in kwargs.items()}
-        shown = ", ".join([describe(a) for a in args] + [f"{k}={describe(v)}" for k, v in kwargs.items()])
+        names = _parameter_names(fn, len(args))
+        self.inputs = {**dict(zip(names, args)), **kwargs}
         try:
             out = fn(*args, **kwargs)
         except NotImplementedError as err:
+            if not _crashes.raised_by_learner(err):  # e.g. torch's "bincount_cpu" not implemented for 'Float'
+                message, named = _crashes.explain(err, [*names, *kwargs], [*args, *kwargs.values()])
+                self.fail(message, named=named)
             hint = f" ({err})" if str(err) else ""
             self.fail(f"not done yet: your function still raises NotImplementedError{hint}. Replace the stub with your code, then run this cell again.")
         except ExerciseError:
             raise
-        except Exception as err:  # the learner's code crashed: say where and with what
-            self.fail(f"your function raised {type(err).__name__}: {err}\n  It was called with: {shown}.")
-        names = _parameter_names(fn, len(args))
+        except Exception as err:  # the learner's code crashed: say where, and what the error means
+            message, named = _crashes.explain(err, [*names, *kwargs], [*args, *kwargs.values()])
+            self.fail(message, named=named)
         for i, (old, new) in enumerate(zip(before, args)):
             if not _same(new, old):
                 self.fail(f"your function changed its input `{names[i]}` ({describe(new)}) in place. Compute a new tensor instead of writing into the input (avoid `+=`, `.add_()`, `x[...] = ...` on inputs).")
@@ -185,30 +211,68 @@ class Exercise:
         __tracebackhide__ = True
         if out is None:
             self.fail(f"{name} is None. Did you forget a `return` statement?")
+        if type(out).__module__ == "numpy":
+            self.fail(f"{name} is a NumPy {type(out).__name__}; return a torch.Tensor (compute with torch, or wrap it with torch.as_tensor).")
+        if isinstance(out, (tuple, list)):
+            self.fail(f"{name} should be one torch.Tensor, but it is a {describe(out)}. Return a single tensor "
+                      "(torch.tensor(...) or torch.stack(...) turns a list into one; return one result, not several).")
         if not isinstance(out, torch.Tensor):
             self.fail(f"{name} should be a torch.Tensor, but it is a {describe(out)}.")
         if shape is not None and tuple(out.shape) != tuple(shape):
-            self.fail(f"{name} has shape {tuple(out.shape)}, expected {tuple(shape)}.")
+            hint = _symptoms.shape_hint(tuple(out.shape), tuple(shape))
+            self.fail(f"{name} has shape {tuple(out.shape)}, expected {tuple(shape)}.{hint}", named=bool(hint))
         if dtype is not None and out.dtype != dtype:
-            self.fail(f"{name} has dtype {out.dtype}, expected {dtype}.".replace("torch.", ""))
+            self.fail(_dtype_message(out, dtype, name))
         if floating is True and not out.is_floating_point():
-            self.fail(f"{name} has dtype {out.dtype}, expected a floating-point tensor.".replace("torch.", ""))
+            self.fail(f"{name} has dtype {out.dtype}, expected a floating-point tensor: an integer division (//) or integer inputs? Use / and float tensors.".replace("torch.", ""))
         if out.is_floating_point() and not allow_nan and not torch.isfinite(out).all():
             bad = (~torch.isfinite(out)).nonzero()[0].tolist()
-            self.fail(f"{name} contains NaN or inf (first at index {tuple(bad)}).")
+            self.fail(f"{name} contains NaN or inf (first at index {tuple(bad)}): 0/0, log(0), or exp() of a large number overflowing?")
         return out
 
     def expect_int(self, out: Any, name: str = "the result") -> int:
+        """A whole number as a Python int (NumPy integers too); floats and tensors are refused with a reason."""
         __tracebackhide__ = True
         if out is None:
             self.fail(f"{name} is None. Did you forget a `return` statement?")
-        if isinstance(out, torch.Tensor) and out.numel() == 1 and not out.is_floating_point():
-            out = int(out.item())
-        if isinstance(out, float) and out.is_integer():
-            out = int(out)
-        if isinstance(out, bool) or not isinstance(out, int):
-            self.fail(f"{name} should be a whole number (int), but it is a {describe(out)}.")
-        return out
+        if isinstance(out, bool) or (isinstance(out, torch.Tensor) and out.dtype == torch.bool):
+            self.fail(f"{name} should be a whole number (int), but it is a bool ({out!r}).")
+        if isinstance(out, numbers.Integral):
+            return int(out)
+        if isinstance(out, torch.Tensor):
+            what = f"a tensor ({describe(out)})"
+            value = f" holding {out.item():g}" if out.numel() == 1 else ""
+            self.fail(f"{name} should be a Python int, but it is {what}{value}. Return int(...) of it (a count is a plain number).")
+        if isinstance(out, float):
+            detail = (" Its value is whole, but an int is asked for: use // for integer division, or int(...)."
+                      if out.is_integer() else " It is not even whole: a / where // belongs, or a fraction in the formula?")
+            self.fail(f"{name} should be an int, but it is the float {out!r}.{detail}")
+        self.fail(f"{name} should be a whole number (int), but it is a {describe(out)}.")
+        return 0  # unreachable
+
+    def expect_tuple(self, out: Any, names: Sequence[str], what: str = "") -> list[Any]:
+        """The learner's ``len(names)`` results, refusing a single tensor, a dict, None or a wrong count."""
+        __tracebackhide__ = True
+        want = f"({', '.join(names)})"
+        if out is None:
+            self.fail(f"the result is None. Did you forget `return {', '.join(names)}`?")
+        if isinstance(out, dict):
+            self.fail(f"return a tuple {want}, not a dict.")
+        if isinstance(out, torch.Tensor) or not isinstance(out, (tuple, list)):
+            self.fail(f"return {len(names)} things, {want}{what}; you returned one {describe(out)}.")
+        if len(out) != len(names):
+            self.fail(f"return {len(names)} things, {want}{what}; you returned {len(out)}: {describe(out)}.")
+        return list(out)
+
+    def expect_order(self, parts: Sequence[Any], expected: Sequence[Any], names: Sequence[str], *, atol: float = 1e-5, rtol: float = 1e-4) -> None:
+        """Fail with "swapped" if the learner's results match the expected ones in another order."""
+        __tracebackhide__ = True
+        if all(_close(p, e, atol, rtol) for p, e in zip(parts, expected)):
+            return
+        for perm in itertools.permutations(range(len(parts))):
+            if perm != tuple(range(len(parts))) and all(_close(parts[i], expected[j], atol, rtol) for j, i in enumerate(perm)):
+                got = ", ".join(names[j] for j in sorted(range(len(parts)), key=lambda j: perm.index(j)))
+                self.fail(f"the results are in the wrong order: you returned ({got}); return ({', '.join(names)}).")
 
     def match(
         self,
@@ -220,18 +284,40 @@ class Exercise:
         atol: float = 1e-5,
         rtol: float = 1e-4,
         name: str = "the result",
+        sizes: Mapping[str, int] | None = None,
     ) -> None:
         """Pass if ``out`` equals ``expected``; otherwise name the mistake it matches.
 
-        Tensors are compared with tolerances; numbers exactly.
+        First the exercise's typical mistakes (what each would return on these inputs), then
+        general symptoms (transposed, double, normalised over the wrong axis, ...; ``sizes``
+        names the sizes a wrong factor may be, e.g. {"N, the number of tokens": 40}), and only
+        then a plain "does not match". Tensors are compared with tolerances; numbers exactly.
         """
         __tracebackhide__ = True
         if _close(out, expected, atol, rtol):
             return
+        where = f"\n  ({context})" if context else ""
         for mistake in mistakes:
             if _close(out, mistake.output, atol, rtol):
-                self.fail(mistake.message + (f"\n  ({context})" if context else ""))
-        self.fail(_difference(out, expected, name) + (f"\n  ({context})" if context else ""))
+                self.fail(mistake.message + where)
+        symptom = _symptoms.diagnose(out, expected, sizes or {}, name, self.inputs)
+        if symptom:
+            self.fail(symptom[0] + where, named=symptom[1])
+        self.fail(_difference(out, expected, name) + where, named=False)
+
+
+def _dtype_message(out: torch.Tensor, dtype: torch.dtype, name: str) -> str:
+    got, want = str(out.dtype).replace("torch.", ""), str(dtype).replace("torch.", "")
+    if dtype == torch.bool and not out.is_floating_point() and bool(((out == 0) | (out == 1)).all()):
+        return (f"{name} is a 0/1 {got} tensor, but a mask must be a bool tensor: indexing with integers picks rows by "
+                "number (x[mask] gives rows 0 and 1 again and again) instead of keeping the rows where the mask is True. "
+                "Build it with a comparison (e.g. position < capacity), or convert with .bool().")
+    if out.is_floating_point() and not dtype.is_floating_point and dtype != torch.bool:
+        return (f"{name} has dtype {got}, expected {want}: whole numbers (counts, ids, positions) belong in an integer "
+                "tensor. A division (/) turned them into floats? Use integer ops, or .long() at the end.")
+    if dtype.is_floating_point and not out.is_floating_point():
+        return f"{name} has dtype {got}, expected {want}: fractions need a float tensor. An integer division (//) or integer inputs? Use / and .float()."
+    return f"{name} has dtype {got}, expected {want}."
 
 
 def _close(a: Any, b: Any, atol: float, rtol: float) -> bool:
@@ -241,13 +327,18 @@ def _close(a: Any, b: Any, atol: float, rtol: float) -> bool:
         a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
         both_nan = torch.isnan(a) & torch.isnan(b)
         return bool(((a - b).abs() <= atol + rtol * b.abs()).logical_or(both_nan).all())
+    if isinstance(a, torch.Tensor):
+        return a.numel() == 1 and isinstance(b, (int, float)) and _close(a.item(), b, atol, rtol)
     if isinstance(b, float) and isinstance(a, (int, float)):
         return math.isclose(a, b, rel_tol=rtol, abs_tol=atol)
-    return a == b
+    try:
+        return bool(a == b)
+    except Exception:  # e.g. a tuple of tensors: not equal to a number
+        return False
 
 
 def _difference(out: Any, expected: Any, name: str) -> str:
-    if isinstance(expected, torch.Tensor) and isinstance(out, torch.Tensor):
+    if isinstance(expected, torch.Tensor) and isinstance(out, torch.Tensor) and out.shape == expected.shape:
         diff = (out.detach().double() - expected.double()).abs()
         diff = torch.nan_to_num(diff, nan=float("inf"))
         flat = int(diff.argmax())
@@ -258,4 +349,8 @@ def _difference(out: Any, expected: Any, name: str) -> str:
             f"{name} does not match the reference: {wrong} of {diff.numel()} entries differ; "
             f"the largest difference is at index {idx}: you have {got:.4g}, expected {want:.4g}."
         )
-    return f"{name} is {out!r}, expected {expected!r}."
+    if isinstance(expected, torch.Tensor):
+        return f"{name} is a {describe(out)}, expected a {describe(expected)}."
+    shown = f"{out:,}" if isinstance(out, int) and not isinstance(out, bool) else repr(out)
+    want = f"{expected:,}" if isinstance(expected, int) and not isinstance(expected, bool) else repr(expected)
+    return f"{name} is {shown}, expected {want}."

@@ -39,6 +39,11 @@ def check_softmax_gate(ex: Exercise, fn) -> str:
             Mistake(torch.sigmoid(logits), f"you used a sigmoid: each weight lies in (0, 1) but a patient's weights do not sum to 1 ({_row_sums(out)}), so the experts do not compete. Use a softmax over the experts."),
             Mistake(torch.softmax(x @ w.T, dim=-1) if d == e else None, "you multiplied by w_gate transposed: w_gate has shape (D, E), so the scores are x @ w_gate."),
             Mistake(logits / logits.sum(-1, keepdim=True), "you divided the raw scores by their sum: scores can be negative, so these are not weights. Exponentiate first (a softmax)."),
+            Mistake(torch.softmax(x, dim=-1) @ w, "you took the softmax of the patients' features and then multiplied by w_gate; score first (x @ w_gate), then take the softmax of the scores over the experts."),
+            Mistake(torch.softmax(logits / d**0.5, dim=-1), "you divided the scores by sqrt(D) (a temperature, as in attention); the gate's softmax takes the scores x @ w_gate as they are."),
+            Mistake(logits / logits.max(-1, keepdim=True).values, "you divided the scores by their maximum: that is not a softmax, and the weights need not be positive or sum to 1."),
+            Mistake(logits.abs() / logits.abs().sum(-1, keepdim=True), "you normalised the absolute scores; a negative score must mean a *small* weight: exponentiate (softmax) instead."),
+            Mistake(torch.nn.functional.one_hot(logits.argmax(-1), e).float(), "a hard choice of the top expert (a one-hot row); the dense gate gives every expert a soft weight: softmax over the experts."),
         ]
         ex.match(out, softmax_gate(x, w), [m for m in mistakes if m.output is not None], context=f"x of shape {(n, d)}, w_gate of shape {(d, e)}", name="the gate weights")
     # a very sure GP: large scores overflow exp() unless the maximum is subtracted first
@@ -91,6 +96,12 @@ def check_dense_mixture(ex: Exercise, fn) -> str:
                 Mistake(torch.einsum("ne,nec->nc", weights, torch.softmax(logits, dim=1)), "the experts' softmax runs over the experts (dim 1 of the stacked (N, E, classes) logits); each expert's probabilities must sum to 1 over the diagnoses (the last dim)."),
                 Mistake(torch.einsum("ne,nec->nc", gate_logits, probs), "you weighted the experts by the gate's raw scores; take the softmax of the gate's scores over the experts first."),
                 Mistake(expected.log(), "you returned log-probabilities; return the probabilities themselves (each row sums to 1)."),
+                Mistake(probs[torch.arange(n), weights.argmax(-1)], "you kept only each patient's top expert; the dense mixture weighs *every* expert's probabilities by the gate and adds them up."),
+                Mistake(torch.einsum("ne,nec->nc", weights, torch.log_softmax(logits, dim=-1)), "you mixed the experts' log-probabilities; mix their probabilities (softmax), weighted by the gate."),
+                Mistake(weights[:, :1] * probs.sum(1), "every expert got the weight of expert 0 (weights[:, 0]): each expert e needs its own weight weights[:, e]."),
+                Mistake(torch.einsum("ne,nec->nc", torch.sigmoid(gate_logits), probs), "you used a sigmoid for the gate: the weights then do not sum to 1 over the experts. Use a softmax over the experts."),
+                Mistake(torch.einsum("ne,nec->nc", weights**2, probs), "the gate weights are squared: weigh each expert's probabilities by its gate weight once."),
+                Mistake(torch.einsum("ne,nec->nc", weights, probs) / e, f"you divided the weighted sum by E = {e}: the gate weights already sum to 1, so the weighted sum is the answer."),
             ]
         ex.match(out.detach(), expected, mistakes, context=f"{n} patients of width {d}, {e} experts, {c} diagnoses", name="the mixture's probabilities")
     return "gate-weighted average of the experts' probabilities, for 1 to 9 experts"
@@ -109,7 +120,15 @@ def _nmi_variants(counts: torch.Tensor) -> dict[str, float]:
     mi = (joint[nz] * (joint[nz] / (ps[:, None] * pe[None, :])[nz]).log()).sum()
     hs, he = _entropy(ps), _entropy(pe)
     safe = lambda a, b: float(a / b) if b > 0 else float("nan")  # noqa: E731
+    count_h = lambda p: -(p[p > 0] * p[p > 0].log()).sum()  # noqa: E731 (entropies of unnormalised counts)
+    c = counts.double()
+    cs, ce = c.sum(1), c.sum(0)
+    cnz = c > 0
+    count_mi = (c[cnz] * (c[cnz] / (cs[:, None] * ce[None, :])[cnz]).log()).sum()
     return {
+        "counts": float(2 * count_mi / (count_h(cs) + count_h(ce))) if count_h(cs) + count_h(ce) != 0 else float("nan"),
+        "mi_bits": safe(2 * mi / math.log(2), hs + he),
+        "purity": float(counts.max(dim=1).values.sum() / counts.sum()),
         "raw": float(mi),
         "bits": float(mi / math.log(2)),
         "by_specialty": safe(mi, hs),
@@ -185,6 +204,11 @@ def check_specialisation_score(ex: Exercise, fn) -> str:
             Mistake(v["by_expert"], "you divided the mutual information by H(expert) alone (here that is also the smaller or larger of the two entropies). Divide by the mean of both, (H(specialty) + H(expert)) / 2, so that a specialty split over several experts and two specialties sharing one expert both lower the score."),
             Mistake(v["by_sqrt"], "you divided by the geometric mean sqrt(H(specialty)·H(expert)); this course's score divides by the arithmetic mean, (H(specialty) + H(expert)) / 2."),
             Mistake(_soft_score(weights, specialty, s), "you used the gate weights as soft counts; the score uses each patient's *top* expert (the argmax of its gate weights over the experts) and counts patients."),
+            Mistake(math.sqrt(expected) if expected >= 0 else float("nan"), "you took a square root: the score is 2·I / (H(specialty) + H(expert)) itself."),
+            Mistake(1 - expected, "you returned 1 - score: 1 means every specialty has its own expert, 0 means the expert tells nothing about the specialty."),
+            Mistake(v["counts"], "you computed with counts, not probabilities: divide the table of counts by the number of patients first, so that the joint probabilities sum to 1."),
+            Mistake(v["mi_bits"], "the mutual information is in bits and the entropies in nats (or the other way round): use the same log for all three."),
+            Mistake(v["purity"], "this is the fraction of patients whose expert is their specialty's most common one (a purity); the score is the normalised mutual information 2·I / (H(specialty) + H(expert))."),
         ]
         mistakes = [m for m in mistakes if not math.isnan(m.output) and abs(m.output - expected) > 1e-6]
         ex.match(out, expected, mistakes, context=f"{what}: {len(specialty)} patients, {s} specialties, {weights.shape[1]} experts", name="the score", atol=1e-5, rtol=1e-4)
@@ -204,6 +228,13 @@ def check_dense_mixture_flops(ex: Exercise, fn) -> str:
             Mistake((gate + e * expert) // 2, "this is half the answer: a multiply-add counts as 2 FLOPs."),
             Mistake(2 * d * e + e * (2 * d * f + 2 * f * c), "the number of patients is missing: multiply by num_tokens."),
             Mistake(e * (gate + expert), "you counted the gate once per expert; there is one gate, 2·N·D·E FLOPs in total."),
+            Mistake(2 * d * e + e * expert, "the gate's FLOPs lack the number of patients: the gate runs on every patient, 2·N·D·E."),
+            Mistake(gate + e * (2 * n * d * c + 2 * n * c * c), "you used num_classes where the hidden width d_ff belongs: each expert maps D → F → classes."),
+            Mistake(3 * (gate + e * expert), "these are training FLOPs (forward + backward ≈ 3 × forward); count the forward pass only."),
+            Mistake(gate + e * expert + 2 * n * e * c, "you also counted the weighted sum of the experts' answers (N·E·classes multiply-adds); the course counts the matmuls of the gate and the experts only."),
+            Mistake(gate + e * 2 * n * d * f, "each expert's second matmul (F × classes, 2·N·F·classes FLOPs) is missing."),
+            Mistake(2 * n * d * f + e * expert, "the gate is a D × E matmul (2·N·D·E FLOPs), not an FFN of width F."),
+            Mistake(gate + e * e * expert, "E² experts: every patient goes through each of the E experts once, so E × one expert."),
         ]
         ex.match(out, dense_mixture_flops(n, d, f, c, e), [m for m in mistakes if m.output != dense_mixture_flops(n, d, f, c, e)],
                  context=f"num_tokens={n}, d_in={d}, d_ff={f}, num_classes={c}, num_experts={e}", name="the FLOP count")

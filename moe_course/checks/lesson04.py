@@ -10,7 +10,7 @@ from torch import nn
 
 from ..experts import FeedForward
 from ..routing import noisy_top_k_routing, switch_routing, top_k_routing
-from ._core import Exercise, Mistake, exercise, expect_pair
+from ._core import Exercise, Mistake, _close, describe, exercise, expect_pair
 
 
 def _pair(ex: Exercise, out: Any, n: int, e: int, k: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,7 +24,9 @@ def _pair(ex: Exercise, out: Any, n: int, e: int, k: int, what: str) -> tuple[to
         ex.fail(f"expert_index should hold integer expert ids (e.g. the indices torch.topk returns), but it has dtype {index.dtype}.".replace("torch.", ""))
     if tuple(index.shape) != (n, k) or tuple(gates.shape) != (n, k):
         hint = ""
-        if tuple(index.shape) == (k, n) and k != n:
+        if k == 1 and tuple(index.shape) == (n,):
+            hint = " For k = 1 keep the k dimension: shape (N, 1), not (N,) (no .squeeze())."
+        elif tuple(index.shape) == (k, n) and k != n:
             hint = " It looks transposed: one row per token, one column per choice."
         elif tuple(index.shape) == (k, e) or index.shape[-1:] == (n,) or gates.shape[-1:] == (n,):
             hint = " Did you take the top-k over the tokens (dim 0) instead of over the experts (the last dim)?"
@@ -58,6 +60,24 @@ def _topk_pair(scores: torch.Tensor, k: int, largest: bool = True) -> tuple[torc
     return index, values
 
 
+def _match_routing(ex: Exercise, index: torch.Tensor, gates: torch.Tensor, ref_index: torch.Tensor, ref_gates: torch.Tensor,
+                   wrong: list[tuple[torch.Tensor, torch.Tensor, str]], context: str) -> None:
+    """Compare routings per token as (expert, gate) pairs in any order: a typical mistake, wrong gates, or wrong experts."""
+    got, want = _canonical(index, gates), _canonical(ref_index, ref_gates)
+    if _close(got, want, 1e-5, 1e-4):
+        return
+    where = f"\n  ({context})"
+    for i, v, message in wrong:
+        if _close(got, _canonical(i, v), 1e-5, 1e-4):
+            ex.fail(message + where)
+    k = index.shape[-1]
+    if torch.equal(got[:, :k], want[:, :k]):  # the right experts for every token: only the gates differ
+        ex.match(got[:, k:], want[:, k:], context=context + "; the experts are right, the gates are not (sorted by expert id)",
+                 name="the gates", sizes={"k, the number of experts per token": k})
+    t = int((got[:, :k] != want[:, :k]).any(-1).nonzero()[0])
+    ex.fail(f"token {t} went to experts {got[t, :k].long().tolist()}, but should go to {want[t, :k].long().tolist()}.{where}", named=False)
+
+
 def _check_range(ex: Exercise, index: torch.Tensor, e: int) -> None:
     if index.numel() and (index.min() < 0 or index.max() >= e):
         ex.fail(f"expert_index holds ids from {int(index.min())} to {int(index.max())}, but the experts are numbered 0 to {e - 1}.")
@@ -85,10 +105,15 @@ def check_top_k_routing(ex: Exercise, fn) -> str:
         i, v = _topk_pair(probs, k, largest=False)
         wrong.append((i, v / v.sum(-1, keepdim=True), "you picked the k *least* likely experts: torch.topk returns the largest by default (largest=True)."))
         wrong.append((i, v, "you picked the k *least* likely experts (torch.topk(..., largest=True) picks the best), and the gates are not renormalised."))
-        mistakes = [Mistake(_canonical(i, v), message) for i, v, message in wrong]
-        ex.match(_canonical(index, gates), _canonical(ref.expert_index, ref.gates), mistakes,
-                 context=f"{n} tokens, {e} experts, k={k}; compared per token as (expert, gate) pairs in any order",
-                 name="the (expert, gate) pairs")
+        i, v = _topk_pair(probs, k)
+        wrong.append((i, torch.log(v), "these gates are log-probabilities: take the softmax (not log_softmax) over the experts, then renormalise the top k."))
+        wrong.append((i, torch.full_like(v, 1.0 / k), f"every gate is 1/k = {1 / k:.3g}: the gates must follow the router's probabilities, the top k renormalised to sum to 1."))
+        wrong.append((i, torch.softmax(v, dim=-1), "you took a softmax of the top-k *probabilities*: renormalise them by dividing by their sum (or take the softmax of the top-k *logits*)."))
+        wrong.append((i.sort(-1).values, v / v.sum(-1, keepdim=True), "you sorted the expert ids but not their gates, so ids and gates no longer pair up: keep each gate with its expert."))
+        if n > 1:
+            wrong.append((i, v / v.sum(0, keepdim=True), "you renormalised over the tokens (dim 0): each *token's* k gates must sum to 1, so divide by the sum over the last dim (keepdim=True)."))
+        _match_routing(ex, index, gates, ref.expert_index, ref.gates, wrong,
+                       f"{n} tokens, {e} experts, k={k}; compared per token as (expert, gate) pairs in any order")
     # a fresh router with zero weights: every expert equally likely, any k of them will do
     n, e, k = 5, 4, 2
     index, gates = _pair(ex, ex.call(fn, torch.zeros(n, e), k), n, e, k, f"for {n} tokens, {e} experts and k={k}")
@@ -130,10 +155,17 @@ def check_noisy_top_k(ex: Exercise, fn) -> str:
         wrong.append((i, v / v.sum(-1, keepdim=True), "the softmax runs over the tokens (dim 0) instead of over the experts (the last dim)."))
         i, v = _topk_pair(h, k)
         wrong.append((i, v, "these gates are the noisy scores themselves: take the softmax over the k kept scores."))
-        mistakes = [Mistake(_canonical(i, v), message) for i, v, message in wrong]
-        ex.match(_canonical(index, gates), _canonical(ref.expert_index, ref.gates), mistakes,
-                 context=f"{n} tokens, {e} experts, k={k}, noise ε {'of zero' if scale == 0 else 'drawn from N(0, 1)'}; compared per token as (expert, gate) pairs in any order",
-                 name="the (expert, gate) pairs")
+        wrong.append((i, v / v.sum(-1, keepdim=True), "you divided the kept noisy scores by their sum; scores can be negative: take the softmax over the k kept scores."))
+        full = torch.softmax(torch.zeros_like(h).scatter(-1, i, v), dim=-1).gather(-1, i)
+        wrong.append((i, full, "outside the top k you set the scores to 0, not -inf: exp(0) = 1, so the experts you dropped still take part in the softmax. Fill them with float('-inf')."))
+        if scale > 0:
+            wrong.append((*keep_softmax(clean + F.softplus(noise_logits)), "ε is missing: the noise is ε · softplus(noise_logits), a random draw times the learned scale; you added the scale alone."))
+            wrong.append((*keep_softmax(clean + noise_logits * F.softplus(noise)), "the roles are swapped: softplus goes on noise_logits (the learned scale), and the random draw ε multiplies it: clean + ε · softplus(noise_logits)."))
+            wrong.append((*keep_softmax(clean * noise * F.softplus(noise_logits)), "the noise is *added* to the clean logits, not multiplied: H = clean + ε · softplus(noise_logits)."))
+            wrong.append((*keep_softmax(clean - noise * F.softplus(noise_logits)), "the noise is added with a minus sign: H = clean + ε · softplus(noise_logits) (with ε as given)."))
+            wrong.append((*keep_softmax(clean + noise * torch.sigmoid(noise_logits)), "the noise scale is softplus(noise_logits); you used a sigmoid, which caps it at 1."))
+        _match_routing(ex, index, gates, ref.expert_index, ref.gates, wrong,
+                       f"{n} tokens, {e} experts, k={k}, noise ε {'of zero' if scale == 0 else 'drawn from N(0, 1)'}; compared per token as (expert, gate) pairs in any order")
     return "H = clean + ε·softplus(noise_logits), top k of H, softmax over the k kept; no noise gives plain top-k"
 
 
@@ -198,7 +230,15 @@ def check_switch_layer(ex: Exercise, fn) -> str:
                 Mistake(_route_with(x, w_router, experts, torch.softmax(logits, dim=0), top), "the gate's softmax runs over the tokens (dim 0) instead of over the experts (the last dim)."),
                 Mistake(torch.einsum("ne,ned->nd", probs, torch.stack([m.inner(x) for m in experts], dim=1)), "you ran every expert on every token and added their gate-weighted outputs: that is the dense mixture of lesson 03. A Switch layer sends each token to its top-1 expert only."),
                 Mistake(_route_with(x, w_router, experts, probs, probs.argmin(-1)), "each token went to its *least* likely expert: use argmax."),
+                Mistake(torch.einsum("ne,ned->nd", torch.zeros_like(probs).scatter(-1, torch.topk(probs, min(2, e), -1).indices, torch.topk(probs, min(2, e), -1).values), torch.stack([m.inner(x) for m in experts], dim=1)) if e > 1 else None,
+                        "each token went to its top-2 experts; a Switch layer is top-1: one expert per token (argmax), scaled by its gate."),
+                Mistake(_route_with(x, w_router, experts, 1 - probs, top), "you scaled by 1 - p_i; the gate is p_i itself, the probability of the chosen expert."),
+                Mistake(x + ref, "you added the input x to the output: the residual connection belongs to the block around the layer, not inside the Switch layer. Return the experts' weighted outputs only."),
+                Mistake(_route_with(x, w_router, experts, probs ** 2, top), "the gate is squared: multiply each expert output by its gate p_i once."),
+                Mistake(_route_with(x, w_router, [experts[len(experts) - 1 - j] for j in range(len(experts))], probs, top), "the experts are in the wrong order: expert e must serve the tokens whose argmax is e (experts[e], not reversed)."),
+                Mistake(_route_with(x, w_router, experts, probs, top, use_gate=False) * probs.max(-1).values.mean(), "every token got the same gate (the mean over tokens); each token's output is scaled by its *own* gate p_i."),
             ]
+        mistakes = [m for m in mistakes if m.output is not None]
         ex.match(out.detach(), ref, mistakes, context=f"{n} tokens of width {d}, {e} experts" + (" (the last expert gets no tokens)" if idle else ""), name="the output y")
         if rows != n:
             ex.fail(f"your experts processed {rows} token rows in all for {n} tokens. Run each expert only on the tokens routed to it (x[rows_of_expert_e]), so that every token costs one expert: running every expert on every token and picking afterwards gives the right numbers at E times the cost.")

@@ -24,23 +24,32 @@ def _scalar(ex: Exercise, out: Any, name: str) -> torch.Tensor:
     return out.reshape(())
 
 
-def _routing_case(g: torch.Generator, n: int, e: int, empty: int | None, skew: float):
+def _routing_case(g: torch.Generator, n: int, e: int, empty: int | None, skew: float, noisy: bool = False):
     logits = torch.randn(n, e, generator=g) * skew
     if empty is not None:
         logits[:, empty] -= 50.0  # this expert never wins
     probs = torch.softmax(logits, dim=-1)
     index = probs.argmax(-1)  # (N,)
+    if noisy:  # a noisy router (lesson 04): the chosen expert is often not the argmax of the clean probabilities
+        noise = torch.randn(n, e, generator=g) * 2.0
+        if empty is not None:
+            noise[:, empty] = -1e9
+        index = (logits + noise).argmax(-1)
+        assert not torch.equal(index, probs.argmax(-1))
     return probs, index
 
 
 @exercise("5.1", "load_balancing_loss")
 def check_load_balancing_loss(ex: Exercise, fn) -> str:
     g = ex.generator()
-    cases = [(64, 4, None, 1.5), (40, 6, 5, 2.0), (30, 3, None, 0.5), (50, 8, 0, 3.0), (9, 2, None, 1.0)]
-    for n, e, empty, skew in cases:
-        probs, index = _routing_case(g, n, e, empty, skew)
+    # (tokens, experts, an expert with no tokens, logit scale, noisy choice: expert_index is not the argmax)
+    cases = [(64, 4, None, 1.5, False), (40, 6, 5, 2.0, False), (30, 3, None, 0.5, True), (50, 8, 0, 3.0, True),
+             (9, 2, None, 1.0, False), (48, 5, None, 1.0, True)]
+    for n, e, empty, skew, noisy in cases:
+        probs, index = _routing_case(g, n, e, empty, skew, noisy)
         leaf = probs.clone().requires_grad_(True)
-        what = f"{n} tokens, {e} experts" + (f" (expert {empty} gets no tokens)" if empty is not None else "")
+        what = f"{n} tokens, {e} experts" + (f" (expert {empty} gets no tokens)" if empty is not None else "") + (
+            ", a noisy router: expert_index is not always the argmax of router_probs" if noisy else "")
         try:
             out = ex.call(fn, leaf, index)
         except ExerciseError as err:
@@ -61,8 +70,16 @@ def check_load_balancing_loss(ex: Exercise, fn) -> str:
             Mistake((e * f * p).mean(), "sum over the experts, E · Σ_i f_i · P_i; you took the mean over them."),
             Mistake(e * (f * probs.max(-1).values.mean()).sum(), "P_i is the mean probability the router gives expert i (a column mean of router_probs), not the mean of each token's largest probability."),
             Mistake(e * (f * f).sum(), "both factors are computed from the counts: P_i must be the mean router *probability* of expert i, which carries the gradient (f does not)."),
+            Mistake(e * (torch.bincount(probs.argmax(-1), minlength=e).float() / n * p).sum(), "f is counted from router_probs.argmax, not from expert_index: the experts actually chosen (expert_index) can differ from the argmax, e.g. with a noisy router. Count expert_index."),
+            Mistake(e * e * (f * p).sum(), f"you multiplied by E twice (E² = {e * e}): the loss is E · Σ f_i · P_i."),
+            Mistake(0.01 * e * (f * p).sum(), "you multiplied by α = 0.01: the coefficient belongs in the training loss (loss + α · aux_loss); this function returns the unweighted loss."),
+            Mistake(e * ((f * p) ** 2).sum(), "you squared each product f_i · P_i; the loss is E · Σ f_i · P_i, no square."),
+            Mistake(e * (torch.zeros(e, dtype=torch.float64).index_add(0, index, probs.max(-1).values.double()) / n * p).sum(), "f_i sums the chosen tokens' top probabilities; f_i is the *fraction of tokens* routed to expert i (counts / N), no probabilities."),
+            Mistake(e * f.mean() * p.mean(), "you multiplied the means of f and P; the loss sums their products expert by expert: E · Σ_i f_i · P_i."),
+            Mistake((probs.sum(0).std() / probs.sum(0).mean()) ** 2, "this is the importance loss of Shazeer et al. (the squared coefficient of variation of each expert's total probability); this exercise is the Switch loss E · Σ f_i · P_i."),
+            Mistake(torch.zeros(()), "the loss is 0: is f all zeros? Dividing integer counts with // by N rounds every fraction down to 0: use / (or .float() first)."),
         ]
-        ex.match(out.detach(), expected, mistakes, context=what, name="the loss")
+        ex.match(out.detach(), expected, mistakes, context=what, name="the loss", sizes={"N, the number of tokens": n, "E, the number of experts": e})
         if not out.requires_grad:
             ex.fail("the loss carries no gradient back to router_probs, so it could not steer the router. Compute it with torch operations on router_probs (no .detach(), .item(), .numpy() or torch.no_grad()).")
         grad = torch.autograd.grad(out, leaf, allow_unused=True)[0]
@@ -99,8 +116,14 @@ def check_router_z_loss(ex: Exercise, fn) -> str:
             Mistake((logits**2).mean(), "this is the mean squared logit; the z-loss squares each token's logsumexp over the experts, log Σ_j exp(x_j)."),
             Mistake(lse.mean() ** 2, "square each token's logsumexp first, then average: mean(lse²), not mean(lse)²."),
             Mistake((torch.logsumexp(logits, dim=-1) ** 2).mean() / e, "you divided by the number of experts as well; the z-loss averages over the tokens only."),
+            Mistake((logits.max(-1).values ** 2).mean(), "you squared each token's largest logit; the z-loss squares its logsumexp, log Σ_j exp(x_j), a smooth maximum (larger than the max)."),
+            Mistake(torch.logsumexp(logits**2, dim=-1).mean(), "you squared the logits before the logsumexp; square after it: mean over tokens of logsumexp(logits)²."),
+            Mistake(1e-3 * expected, "you multiplied by the coefficient 1e-3: it belongs in the training loss (loss + c_z · z_loss); this function returns the unweighted z-loss."),
+            Mistake(torch.logsumexp(logits.flatten(), dim=0) ** 2, "one logsumexp over every logit of the batch; take it per token (over the experts, dim=-1), square, then average over the tokens."),
+            Mistake((logits.mean(-1) ** 2).mean(), "you squared each token's mean logit; the z-loss squares its logsumexp over the experts."),
+            Mistake((logits.exp().sum(-1) ** 2).mean(), "the log is missing: logsumexp is log(Σ exp(x)), not Σ exp(x)."),
         ]
-        ex.match(out.detach(), expected, mistakes, context=f"{n} tokens, {e} experts", name="the z-loss")
+        ex.match(out.detach(), expected, mistakes, context=f"{n} tokens, {e} experts", name="the z-loss", sizes={"N, the number of tokens": n, "E, the number of experts": e})
         if not out.requires_grad:
             ex.fail("the z-loss carries no gradient back to the logits, so it could not keep them small. Compute it with torch operations (no .detach(), .item() or torch.no_grad()).")
         grad = torch.autograd.grad(out, leaf)[0]
@@ -121,12 +144,15 @@ def _as_mask(ex: Exercise, out: Any, n: int) -> torch.Tensor:
     if isinstance(out, (tuple, list)):
         ex.fail(f"return one tensor, the keep mask of shape (N,) = ({n},); got {describe(out)}.")
     ex.expect_tensor(out, name="the keep mask", allow_nan=True)
+    if out.ndim == 2 and out.shape[0] == n:
+        ex.fail(f"the keep mask has shape {tuple(out.shape)}, one entry per token *and expert*; return one entry per token, "
+                f"shape ({n},): whether the token keeps its place at the expert it chose (reduce over the experts, e.g. .any(-1)).")
+    if out.ndim == 1 and out.shape[0] < n and not out.is_floating_point() and out.dtype != torch.bool:
+        ex.fail(f"you returned {out.shape[0]} numbers for {n} tokens: the indices of the kept tokens? Return a mask instead, "
+                f"one bool per token, shape ({n},): True where the token is kept.")
     if tuple(out.shape) != (n,):
         ex.fail(f"the keep mask should have one entry per token, shape ({n},); got {tuple(out.shape)}.")
-    if out.dtype != torch.bool:
-        if out.is_floating_point() or not ((out == 0) | (out == 1)).all():
-            ex.fail(f"the keep mask should be a bool tensor (True: kept, False: dropped); got dtype {out.dtype}.".replace("torch.", ""))
-        out = out.bool()
+    ex.expect_tensor(out, dtype=torch.bool, name="the keep mask")  # an int 0/1 tensor indexes rows instead of masking them
     return out
 
 
@@ -143,6 +169,9 @@ def _keep_variants(index: torch.Tensor, e: int, c: int) -> list[Mistake]:
     out.append(Mistake(torch.ones(n, dtype=torch.bool), f"nothing is dropped, but an expert with more than C = {c} tokens must drop the extra ones."))
     out.append(Mistake(position >= c, "True should mean *kept* and False dropped; your mask is the other way round."))
     out.append(Mistake(torch.arange(n) < c * e, f"you kept the first C·E = {c * e} tokens of the batch; capacity is per expert: every expert keeps its own first C tokens."))
+    out.append(Mistake(counts[index] <= c, f"you dropped every token of an expert with more than C = {c} tokens; an over-full expert keeps its first C tokens and drops only the rest."))
+    last = (position < c) & (index != e - 1)
+    out.append(Mistake(last, f"the last expert (expert {e - 1}) keeps nobody: does your loop over the experts stop one early? range(num_experts) includes the last one."))
     return out
 
 
@@ -168,10 +197,15 @@ def _choice_pair(ex: Exercise, out: Any, e: int, c: int) -> tuple[torch.Tensor, 
     index, gates = expect_pair(ex, out, ("token_index", "gates"), f"(E, C) = ({e}, {c})")
     ex.expect_tensor(index, name="token_index")
     ex.expect_tensor(gates, name="gates")
+    if index.is_floating_point() and not gates.is_floating_point():
+        ex.fail("the two results are swapped: return (token_index, gates), the integer token ids first.")
     if index.is_floating_point() or index.dtype == torch.bool:
         ex.fail(f"token_index should hold integer token ids (e.g. the indices torch.topk returns), but it has dtype {index.dtype}.".replace("torch.", ""))
     if tuple(index.shape) != (e, c) or tuple(gates.shape) != (e, c):
         hint = " It looks transposed: one row per expert, one column per slot." if tuple(index.shape) == (c, e) and c != e else ""
+        if index.ndim == 2 and index.shape[1] == c and index.shape[0] != e:
+            hint = (f" Shape ({index.shape[0]}, {c}) is one row per *token*: tokens choosing experts (token choice). In expert "
+                    "choice each expert (a column of the scores) picks its C tokens.")
         ex.fail(f"token_index and gates should both have shape (E, C) = ({e}, {c}): each expert picks C tokens. Got {tuple(index.shape)} and {tuple(gates.shape)}.{hint}")
     dup = (index.sort(dim=-1).values.diff(dim=-1) == 0).any(dim=-1) if c > 1 else torch.zeros(e, dtype=torch.bool)
     if dup.any():
@@ -199,6 +233,13 @@ def check_expert_choice(ex: Exercise, fn) -> str:
         wrong.append((i, v, "each expert picked its C *lowest*-scoring tokens: torch.topk picks the largest by default."))
         i = torch.topk(logits.T, c, dim=-1).indices
         wrong.append((i, ref.router_probs.T.gather(-1, i), "you picked each expert's tokens by their raw logits; pick by the softmax scores S (softmax over the experts), which can rank tokens differently."))
+        wrong.append((ref.token_index, ref.gates / ref.gates.sum(-1, keepdim=True), "you renormalised each expert's C gates to sum to 1; the gates are the scores S of the picked tokens as they are (a token's score is its share of the router's attention)."))
+        v, i = torch.topk(logits.T, c, dim=-1)
+        wrong.append((i, torch.softmax(v, dim=-1), "you took a softmax over each expert's C picked logits; the gates are the scores S = softmax(router_logits) over the *experts*, of the picked tokens."))
+        wrong.append((ref.token_index, logits.T.gather(-1, ref.token_index), "the right tokens, but the gates are their raw logits: use the scores S = softmax over the experts."))
+        wrong.append((ref.token_index, ref.gates.log(), "these gates are log-scores (log_softmax): use the softmax scores S themselves."))
+        first = torch.arange(c).repeat(e, 1)
+        wrong.append((first, ref.router_probs.T.gather(-1, first), f"every expert took tokens 0..{c - 1}, the first C in order; each expert picks the C tokens with the *highest scores* in its column (torch.topk)."))
 
         def canon(i: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             order = i.argsort(dim=-1)

@@ -8,30 +8,51 @@ from ..dispatch import combine_rows, slot_positions, sort_by_expert
 from ._core import Exercise, Mistake, exercise
 
 
-def _expert_index(g: torch.Generator, n: int, e: int) -> torch.Tensor:
-    return torch.randint(0, e - 1, (n,), generator=g)  # the last expert gets no tokens
+def _expert_index(g: torch.Generator, n: int, e: int, last_idle: bool) -> torch.Tensor:
+    """Expert ids for n tokens; with ``last_idle`` the last expert gets no tokens, else every expert gets some (n >= e)."""
+    if last_idle:
+        return torch.randint(0, e - 1, (n,), generator=g)
+    idx = torch.randint(0, e, (n,), generator=g)
+    idx[torch.randperm(n, generator=g)[:e]] = torch.arange(e)  # every expert, the last one included, has a token
+    return idx
 
 
 @exercise("6.1", "sort_by_expert")
 def check_sort_by_expert(ex: Exercise, fn) -> str:
     g = ex.generator()
-    for n, e in [(10, 3), (37, 5), (1, 2), (200, 8)]:
-        idx = _expert_index(g, n, e)
-        out = ex.call(fn, idx, e)
-        if not isinstance(out, (tuple, list)) or len(out) != 2:
-            ex.fail(f"return two things, `order, counts`; you returned {type(out).__name__ if out is not None else 'None'}.")
-        order, counts = out
+    for n, e, last_idle in [(10, 3, True), (37, 5, False), (1, 2, True), (200, 8, True), (12, 4, False)]:
+        idx = _expert_index(g, n, e, last_idle)
+        what = f"{n} tokens, {e} experts" + (", the last one idle" if last_idle else ", every expert busy")
+        order, counts = ex.expect_tuple(ex.call(fn, idx, e), ["order", "counts"])
+        if isinstance(order, torch.Tensor) and isinstance(counts, torch.Tensor) and order.shape == (e,) and counts.shape == (n,) and n != e:
+            ex.fail("the two results are swapped: return (order, counts), the permutation of the N tokens first, then the E counts.")
         ex.expect_tensor(counts, name="counts")
+        if counts.shape == (n,) and n != e:
+            ex.fail(f"counts has one entry per token, shape ({n},); it needs one per expert, shape ({e},). (A one-hot table "
+                    "summed over dim 1 gives each token's 1: sum over the tokens, dim 0, or use torch.bincount.)")
         if counts.ndim == 1 and counts.shape[0] < e:
             ex.fail(f"counts has {counts.shape[0]} entries but there are {e} experts; the last expert got no tokens in this test and still needs its 0 (torch.bincount's `minlength`).")
         ex.expect_tensor(counts, shape=(e,), name="counts")
-        ex.match(counts.long(), torch.bincount(idx, minlength=e), context=f"{n} tokens, {e} experts", name="counts")
+        if counts.is_floating_point():
+            ex.fail(f"counts are numbers of tokens: return an integer tensor (int64, as torch.bincount gives), not {str(counts.dtype).replace('torch.', '')}.")
+        true_counts = torch.bincount(idx, minlength=e)
+        ex.match(counts.long(), true_counts, [Mistake(true_counts.cumsum(0), "these are cumulative counts (where each expert's block *ends*); return the number of tokens of each expert.")],
+                 context=what, name="counts")
+        if isinstance(order, (list, tuple)) and len(order) == n:
+            ex.fail("order should be one torch.Tensor of token indices, not a Python list: torch.tensor(order), or better torch.argsort.")
+        ex.expect_tensor(order, name="order")
+        if order.ndim == 1 and order.shape[0] < n and not last_idle:
+            ex.fail(f"order lists {order.shape[0]} of the {n} tokens: some experts' tokens are missing. Does a loop over the "
+                    "experts stop one early? Every token, of every expert including the last, appears once.")
         ex.expect_tensor(order, shape=(n,), name="order")
         if order.is_floating_point():
             ex.fail("order should hold token indices (integers), not floats.")
         want, _ = sort_by_expert(idx, e)
         if torch.equal(order, want):
             continue
+        if torch.equal(order, torch.argsort(want)):
+            ex.fail("this is the inverse permutation (for each token, its place in the sorted order); return `order`, the token "
+                    "at each place: torch.argsort(expert_index, stable=True).")
         if torch.equal(order, idx.sort().values):
             ex.fail("order holds the sorted expert ids; return the permutation of the tokens instead (torch.argsort gives it).")
         if sorted(order.tolist()) != list(range(n)):
@@ -78,6 +99,8 @@ def check_combine_rows(ex: Exercise, fn) -> str:
         mistakes = [
             Mistake(combine_rows(y_sorted, token, torch.ones(m), n), "the gate weights are missing: multiply each expert output by its gate before adding it back."),
             Mistake(y_sorted * gates[:, None], "the rows are still in sorted order: put each row back at its own token, out[token[i]] += ..."),
+            Mistake(combine_rows(y_sorted, token, 1 / gates, n), "you divided by the gates: multiply each expert output by its gate."),
+            Mistake(combine_rows(y_sorted, token, gates**2, n), "the gates are applied twice (squared): multiply each expert output by its gate once."),
         ]
         if m == n:
             mistakes.append(Mistake((y_sorted * gates[:, None])[token], "you unsorted with the wrong permutation: out[token[i]] = row i (a scatter), not out[i] = row token[i] (a gather)."))
@@ -90,7 +113,11 @@ def check_slot_positions(ex: Exercise, fn) -> str:
     g = ex.generator()
     for n, e in [(8, 3), (30, 4), (1, 1), (100, 7)]:
         idx = torch.randint(0, e, (n,), generator=g)
+        idx[-min(n, 3):] = e - 1  # the last expert has tokens (and several: a slot above 0)
         out = ex.call(fn, idx, e)
+        if isinstance(out, torch.Tensor) and out.shape == (n, e) and e > 1:
+            ex.fail(f"the positions have shape ({n}, {e}), a count for every token and every expert; keep each token's own "
+                    "expert's count: .gather(1, expert_index[:, None]).squeeze(1).")
         ex.expect_tensor(out, shape=(n,), name="the positions")
         if out.is_floating_point():
             ex.fail("positions are slot numbers: return an integer tensor.")
@@ -105,6 +132,9 @@ def check_slot_positions(ex: Exercise, fn) -> str:
                 Mistake(torch.arange(n), "you counted all earlier tokens; count only the earlier tokens sent to the same expert."),
                 Mistake(later, "you counted the later tokens; a token's slot is the number of *earlier* tokens of its expert (first come, first served)."),
                 Mistake(torch.bincount(idx, minlength=e)[idx], "that is each expert's total number of tokens; the slot counts only the tokens before this one."),
+                Mistake(torch.argsort(torch.argsort(idx, stable=True)), "that is each token's place in the whole sorted order; its slot counts only the earlier tokens *of its own expert* (subtract where its expert's block starts)."),
+                Mistake(want[torch.argsort(idx, stable=True)], "these are the slots in sorted order; return them in token order: entry i is the slot of token i."),
+                Mistake(torch.where(idx == e - 1, 0, want), f"every token of the last expert (expert {e - 1}) got slot 0: does a loop over the experts stop one early?"),
             ],
             context=f"expert_index = {idx.tolist()[:12]}{' …' if n > 12 else ''}",
             name="the positions",

@@ -73,6 +73,15 @@ def check_causal_attention(ex: Exercise, fn) -> str:
                         "future still gets weight. Fill the masked scores with float('-inf') before the softmax."),
                 Mistake(_attend(q, k, v, allowed=None, weights_only=True) * mask @ v, "the mask was applied after the softmax: "
                         "zeroing weights afterwards leaves rows that no longer sum to 1. Mask the scores with -inf before the softmax."),
+                Mistake(_attend(q, k, v, allowed=mask, scale=1.0 / math.sqrt(t)), f"you scaled the scores by 1/sqrt(T) (T = {t} positions); "
+                        f"the scale is 1/sqrt(d), the width of a head (d = {d})."),
+                Mistake(_attend(k, q, v, allowed=mask), "q and k are swapped: the scores are q @ kᵀ (row i: query i against every key), "
+                        "not k @ qᵀ."),
+                Mistake(_attend(q, k, q, allowed=mask), "the weights multiply q; the output is the weighted sum of the *values*: weights @ v."),
+                Mistake((v.transpose(-2, -1) @ _attend(q, k, v, allowed=mask, weights_only=True)).transpose(-2, -1),
+                        "the product is in the wrong order: weights @ v (each query's weights over the keys, times the values), not vᵀ @ weights."),
+                Mistake(_attend(q, k, v, allowed=mask, fill=-1.0), "the masked scores got a finite value (-1): exp(-1) is not 0, so the future "
+                        "still gets weight. Fill them with float('-inf')."),
             ]
         ex.match(out, want, mistakes, context=context, name="the attention output")
     return "scores scaled by 1/sqrt(d), future keys masked with -inf (the diagonal kept), softmax over the keys, weighted sum of v"
@@ -126,6 +135,16 @@ def check_block_forward(ex: Exercise, fn) -> str:
                         "x + ffn(ln_2(x)) with that new x."),
                 Mistake(bare + ffn(bare), "the layer norms are missing: each branch reads a normalised copy of the stream, "
                         "attn(ln_1(x)) and ffn(ln_2(x))."),
+                Mistake((lambda f: f + attn(ln_1(f)))(x + ffn(ln_2(x))), "the FFN comes first: in the block, tokens first talk to "
+                        "each other (attention), then each is examined alone (FFN): x = x + attn(ln_1(x)), then x = x + ffn(ln_2(x))."),
+                Mistake(ln_2(want), "the output is normalised at the end: a pre-norm block leaves the residual stream itself "
+                        "un-normalised (the model's final norm comes once, after the last block)."),
+                Mistake(ln_2(h + ffn(h)), "the FFN half is post-norm (ln_2 after the add): normalise the branch's input instead, x + ffn(ln_2(x))."),
+                Mistake((lambda f: f + ffn(ln_2(f)))(x + x + attn(ln_1(x))), "x is added twice in the attention half: x = x + attn(ln_1(x)) adds the stream once."),
+                Mistake((lambda f: f + ffn(ln_2(ln_1(x))))(h), "the FFN reads a normalised copy of the block's *input*; it reads ln_2 of the stream after attention: x + ffn(ln_2(x)) with the new x."),
+                Mistake(h + attn(ln_2(h)), "attention ran twice: the second half of the block is the FFN, x + ffn(ln_2(x))."),
+                Mistake((lambda f: f + ffn(ln_2(f)))(ln_1(x) + attn(ln_1(x))), "the residual adds the normalised stream ln_1(x); add the "
+                        "stream itself: x + attn(ln_1(x))."),
             ]
         block.forward = _no_shortcut(ex)  # the exercise is to build the block from its parts
         out = ex.call(fn, block, x)

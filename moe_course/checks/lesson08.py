@@ -7,6 +7,7 @@ from dataclasses import replace
 import torch
 
 from ..transformer import Block, GPTConfig, flops_per_token, param_count
+from . import _symptoms
 from ._core import Exercise, Mistake, describe, exercise
 from .lesson07 import _no_shortcut
 
@@ -37,6 +38,8 @@ def _switch_mistakes(block: Block, x: torch.Tensor) -> list[Mistake]:
         Mistake(x + moe(ln2(x)).y, "the attention half is missing: first x = x + attn(ln_1(x)), then the Switch layer on that updated stream."),
         Mistake(a + moe(ln2(x)).y, "the Switch layer reads the block's input x instead of the stream after attention."),
         Mistake(ln2(ln1(x + attn(x)) + moe(ln1(x + attn(x))).y), "this is a post-norm block (norm after the residual add); the course's blocks are pre-norm: x + attn(ln_1(x)), then x + moe(ln_2(x)).y."),
+        Mistake(a + 2 * moe(ln2(a)).y, "the Switch layer's output is added twice: x + moe.y, once."),
+        Mistake((lambda m: m + attn(ln1(m)))(x + moe(ln2(x)).y), "the Switch layer comes first: attention first (tokens read each other), then the Switch layer on the updated stream."),
     ]
 
 
@@ -57,12 +60,17 @@ def check_switch_block_forward(ex: Exercise, fn) -> str:
         if isinstance(out, torch.Tensor) or not isinstance(out, (tuple, list)) or len(out) != 2:
             ex.fail(f"return two things, `(x, router_loss)`: the stream after the block (B, T, D) and the Switch layer's weighted router loss; got {describe(out)}.")
         y, aux = out
+        if isinstance(y, torch.Tensor) and isinstance(aux, torch.Tensor) and y.ndim == 0 and aux.ndim == 3:
+            ex.fail("the two results are swapped: return (x, router_loss), the stream (B, T, D) first, then the loss.")
         if hasattr(y, "y") and hasattr(y, "router_loss"):
             ex.fail("the first result is the MoEOutput itself; return the updated stream x + moe.y, a tensor of shape (B, T, D).")
         ex.expect_tensor(y, shape=(B, T, D), name="the stream after the block")
         ex.match(y.detach(), ref.x, mistakes, context=f"x of shape {(B, T, D)}, {block.ffn.config.num_experts} experts, capacity factor 1.0", name="the stream after the block")
         if aux is None or (isinstance(aux, (int, float)) and not isinstance(aux, bool) and aux == 0):
             ex.fail("the router loss is missing: return moe.router_loss, the weighted balance and z-losses the training loss needs, so the GP learns to spread the patients.")
+        if isinstance(aux, float):
+            ex.fail(f"router_loss is a Python float ({aux:.4g}): float() or .item() cut it off from the graph, so the router gets "
+                    "no gradient from it. Return moe.router_loss itself, a 0-dim tensor.")
         ex.expect_tensor(aux, name="router_loss")
         if aux.numel() != 1:
             ex.fail(f"router_loss should be one number (a 0-dim tensor), got shape {tuple(aux.shape)}.")
@@ -120,6 +128,8 @@ def _accounting_mistakes(c: GPTConfig) -> list[tuple[str, dict[str, int], str]]:
         ]
     out += [
         ("params_total", {"params_total": p.total + V * D}, "the head is counted separately, but it is tied to the token embedding: the same (V, D) matrix, counted once."),
+        ("params_total", {"params_total": p.total + (c.n_layers - n_moe) * (E - 1) * (2 * D * F_ + F_ + D) + (c.n_layers - n_moe) * D * E} if n_moe and c.n_layers > n_moe else {},
+         f"every block got a Switch layer, but moe_every={c.moe_every}: only the blocks in config.moe_layers have experts (and routers); the others keep a dense FFN."),
         ("params_total", {"params_total": p.total - p.norms}, "the layer norms are missing (2 per block plus the final one, each with D weights and D biases)."),
         ("params_total", {"params_total": p.total - c.n_layers * 4 * D}, "the attention biases are missing (q, k, v and the output projection each have D)."),
         ("params_total", {"params_total": p.total + T * D}, "a learned position table is counted, but this model uses rotary embeddings (RoPE), which have no parameters."),
@@ -151,7 +161,10 @@ def check_lm_accounting(ex: Exercise, fn) -> str:
             if got[key] == want[key]:
                 continue
             for mkey, values, message in _accounting_mistakes(c):
-                if mkey == key and values[key] == got[key]:
+                if mkey == key and values.get(key) == got[key]:
                     ex.fail(f"{message}\n  ({what}: you have {got[key]:,}, expected {want[key]:,})")
-            ex.fail(f"{key} is {got[key]:,}, expected {want[key]:,} ({what}).")
+            said = _symptoms.numbers(got[key], want[key], {}, key)
+            if said and not said.startswith(_symptoms.WEAK):
+                ex.fail(f"{said}\n  ({what}: you have {got[key]:,}, expected {want[key]:,})")
+            ex.fail(f"{key} is {got[key]:,}, expected {want[key]:,} ({what}).", named=False)
     return "total and active parameters and forward FLOPs per token match the model, dense and Switch"

@@ -14,10 +14,14 @@ the same indentation::
         raise NotImplementedError("Exercise 1.1: compute act(x W_in + b_in) W_out + b_out")
 
 Everything outside the markers (instructions, hints, check cells) is kept.
-Each written exercise gets a fingerprint of its cell sources in
-``exercises/.fingerprints.json``; if a learner has edited an exercise since it
-was generated, ``build`` keeps it and says how to regenerate anyway
-(``--force`` saves a timestamped copy under ``exercises/backups/`` first).
+Exercise notebooks are written as ``.ipynb`` only: they are the learner's
+files, and a paired ``.py`` twin could disagree with them (a check reads the
+``.ipynb``). ``exercises/jupytext.toml`` switches jupytext's pairing off there,
+while lessons and solutions stay paired. Each written exercise gets a
+fingerprint of its cell sources in ``exercises/.fingerprints.json``; if a
+learner has edited an exercise since it was generated, ``build`` keeps it and
+says how to regenerate anyway (``--force`` saves a timestamped copy under
+``exercises/backups/`` first).
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ from pathlib import Path
 import jupytext
 import nbformat
 
+from ..course.layout import BACKUPS, BEGIN, CHECK_CALL, END, CourseError, find_root
+from ..course.layout import fingerprint as _fingerprint_cells
+
 __all__ = [
     "BuildError",
     "Region",
@@ -45,14 +52,18 @@ __all__ = [
     "find_root",
 ]
 
-BEGIN = re.compile(r"^(?P<indent>[ \t]*)### BEGIN SOLUTION(?:\s+(?P<id>\d+\.\d+)\s*:\s*(?P<task>.*?))?\s*$")
-END = re.compile(r"^[ \t]*### END SOLUTION\s*$")
-CHECK_CALL = re.compile(r"""check\(\s*["'](?P<id>\d+\.\d+)["']""")
 FINGERPRINTS = ".fingerprints.json"
-PAIRED = ("ipynb", "py")
+# jupytext pairs every notebook (the course's jupytext.toml); this file, the
+# nearest configuration for exercises/, turns that off for the learner's notebooks.
+JUPYTEXT_TOML = "jupytext.toml"  # not hidden: JupyterLab's jupytext ignores hidden config files
+UNPAIRED_CONFIG = (
+    "# Exercise notebooks are the learner's files: .ipynb only, never paired with a .py\n"
+    "# (lessons and solutions are paired by the course's top-level jupytext.toml).\n"
+    'formats = "ipynb"\n'
+)
 
 
-class BuildError(ValueError):
+class BuildError(CourseError):
     """A solution notebook breaks the marker rules; the message says where."""
 
 
@@ -113,6 +124,7 @@ def exercise_notebook(
 ) -> tuple[nbformat.NotebookNode, list[Region]]:
     """The exercise version of a solution notebook, and the regions it stubbed."""
     nb = nbformat.from_dict(json.loads(json.dumps(solution)))  # deep copy
+    nb.metadata.pop("jupytext", None)  # the learner's notebook is not paired with a text file
     regions: list[Region] = []
     for index, cell in enumerate(nb.cells):
         cell["id"] = _cell_id(stem, index)  # deterministic, so regeneration is reproducible
@@ -149,29 +161,21 @@ def _validate(nb: nbformat.NotebookNode, regions: list[Region], stem: str) -> No
 
 def fingerprint(nb: nbformat.NotebookNode) -> str:
     """A hash of what a learner writes: the cell types and sources (not outputs)."""
-    h = hashlib.sha256()
-    for cell in nb.cells:
-        h.update(cell.cell_type.encode() + b"\0" + cell.source.strip().encode() + b"\0\0")
-    return h.hexdigest()
+    return _fingerprint_cells(nb.cells)
 
 
 def _read(path: Path) -> nbformat.NotebookNode:
     return jupytext.read(path) if path.suffix == ".py" else nbformat.read(path, as_version=4)
 
 
-def _write_text(nb: nbformat.NotebookNode, fmt: str) -> str:
-    if fmt == "ipynb":
-        return nbformat.writes(nb) + "\n"
-    return jupytext.writes(nb, fmt="py:percent")
+def _write_text(nb: nbformat.NotebookNode) -> str:
+    return nbformat.writes(nb) + "\n"
 
 
-def find_root(start: Path | None = None) -> Path:
-    """The course folder: the nearest parent holding solutions/ and exercises/ (or pyproject.toml)."""
-    here = (start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "solutions").is_dir() and (folder / "pyproject.toml").exists():
-            return folder
-    raise BuildError(f"could not find the course folder (with solutions/ and pyproject.toml) above {here}")
+def lesson_key(lesson: str) -> str:
+    """'1', '01' or '01_mlp' -> the prefix of the notebook's name ('01', '01', '01_mlp')."""
+    lesson = lesson.strip()
+    return lesson.zfill(2) if lesson.isdigit() else lesson
 
 
 @dataclass
@@ -180,52 +184,89 @@ class Report:
     unchanged: list[Path] = field(default_factory=list)
     kept: list[Path] = field(default_factory=list)  # learner-edited, not overwritten
     backups: list[Path] = field(default_factory=list)
+    retired: list[Path] = field(default_factory=list)  # old .py twins moved to backups/
     exercises: list[str] = field(default_factory=list)
 
 
-def _targets(root: Path) -> dict[str, nbformat.NotebookNode]:
-    """stem -> generated exercise notebook, for every solutions/NN_*.py."""
+def _targets(root: Path, only: str | None = None) -> dict[str, nbformat.NotebookNode]:
+    """stem -> generated exercise notebook, for every solutions/NN_*.py (whose name starts with ``only``)."""
     sources = sorted((root / "solutions").glob("[0-9][0-9]_*.py"))
     if not sources:
         raise BuildError(f"no solution notebooks found in {root / 'solutions'}")
+    if only is not None:
+        key = lesson_key(only)
+        sources = [p for p in sources if p.stem.startswith(key)]
+        if not sources:
+            names = ", ".join(p.stem[:2] for p in sorted((root / "solutions").glob("[0-9][0-9]_*.py")))
+            raise BuildError(f"no lesson matches {only!r}; the lessons are {names}")
     return {p.stem: exercise_notebook(jupytext.read(p), p.stem)[0] for p in sources}
 
 
+def backup_path(out_dir: Path, stem: str, stamp: str, suffix: str = ".ipynb") -> Path:
+    """exercises/backups/<stem>.<stamp><suffix>, numbered if that name is taken (two backups in one second)."""
+    folder = out_dir / BACKUPS
+    folder.mkdir(exist_ok=True)
+    path, n = folder / f"{stem}.{stamp}{suffix}", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}.{stamp}-{n}{suffix}"
+    return path
+
+
+def timestamp(now: _dt.datetime | None = None) -> str:
+    return (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
+
+
+def write_unpaired_config(out_dir: Path) -> bool:
+    """Make sure exercises/jupytext.toml turns pairing off; True if it was (re)written."""
+    path = out_dir / JUPYTEXT_TOML
+    if path.exists() and path.read_text() == UNPAIRED_CONFIG:
+        return False
+    path.write_text(UNPAIRED_CONFIG)
+    return True
+
+
 def build(root: Path | None = None, *, force: bool = False, only: str | None = None, now: _dt.datetime | None = None) -> Report:
-    """Regenerate exercises/ from solutions/, never losing a learner's edits."""
+    """Regenerate exercises/ from solutions/, never losing a learner's edits.
+
+    only: a lesson number such as '1' or '01' (or a name prefix); an unknown one is an error.
+    """
     root = root or find_root()
     out_dir = root / "exercises"
     out_dir.mkdir(exist_ok=True)
     prints_path = out_dir / FINGERPRINTS
     prints = json.loads(prints_path.read_text()) if prints_path.exists() else {}
+    prints = {k: v for k, v in prints.items() if k.endswith(".ipynb")}  # older courses also fingerprinted .py twins
     report = Report()
-    stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
-    for stem, nb in _targets(root).items():
-        if only and not stem.startswith(only):
-            continue
-        new_print = fingerprint(nb)
+    stamp = timestamp(now)
+    if write_unpaired_config(out_dir):
+        report.written.append(out_dir / JUPYTEXT_TOML)
+    for stem, nb in _targets(root, only).items():
         report.exercises += sorted({m.group("id") for c in nb.cells for m in CHECK_CALL.finditer(c.source)})
-        paths = {fmt: out_dir / f"{stem}.{fmt}" for fmt in PAIRED}
-        texts = {fmt: _write_text(nb, fmt) for fmt in PAIRED}
-        # The .ipynb and its .py are one notebook to the learner (jupytext pairs
-        # them), so an edit to either protects both.
-        edited = [p for p in paths.values() if p.exists() and _edited(p, prints.get(p.name), new_print)]
-        if edited and not force:
-            report.kept += [p for p in paths.values() if p.exists()]
-            continue
-        for fmt, path in paths.items():
-            if path.exists() and path.read_text() == texts[fmt]:
-                report.unchanged.append(path)
-                prints[path.name] = new_print
-                continue
-            if edited and path.exists():
-                backup = out_dir / "backups" / f"{stem}.{stamp}.{fmt}"
-                backup.parent.mkdir(exist_ok=True)
-                shutil.copy2(path, backup)
-                report.backups.append(backup)
-            path.write_text(texts[fmt])
-            report.written.append(path)
+        # An older course paired exercises with a .py twin. The .ipynb is the learner's file now;
+        # the twin goes to backups/ (never deleted: it may hold the latest edits).
+        twin = out_dir / f"{stem}.py"
+        if twin.exists():
+            moved = backup_path(out_dir, stem, stamp, ".py")
+            shutil.move(twin, moved)
+            report.retired.append(moved)
+        path = out_dir / f"{stem}.ipynb"
+        new_print, text = fingerprint(nb), _write_text(nb)
+        if path.exists() and path.read_text() == text:
+            report.unchanged.append(path)
             prints[path.name] = new_print
+            continue
+        edited = path.exists() and _edited(path, prints.get(path.name), new_print)
+        if edited and not force:
+            report.kept.append(path)
+            continue
+        if edited:
+            backup = backup_path(out_dir, stem, stamp)
+            shutil.copy2(path, backup)
+            report.backups.append(backup)
+        path.write_text(text)
+        report.written.append(path)
+        prints[path.name] = new_print
     prints_path.write_text(json.dumps(dict(sorted(prints.items())), indent=1) + "\n")
     return report
 
@@ -240,22 +281,46 @@ def _edited(path: Path, generated: str | None, new_print: str) -> bool:
 
 
 def status(root: Path | None = None) -> list[str]:
-    """Problems that make exercises/ out of date with solutions/ (empty list: in sync)."""
+    """Problems that make exercises/ differ from what solutions/ generates (empty list: in sync).
+
+    Each problem names the file and the command that fixes it. An exercise a
+    learner has edited counts too (the tests and CI need exercises/ exactly as
+    generated); its message says so and advises the command that keeps a backup.
+    """
     root = root or find_root()
     problems = []
     out_dir = root / "exercises"
+    prints_path = out_dir / FINGERPRINTS
+    prints = json.loads(prints_path.read_text()) if prints_path.exists() else {}
     targets = _targets(root)
     for stem, nb in targets.items():
-        for fmt in PAIRED:
-            path = out_dir / f"{stem}.{fmt}"
-            if not path.exists():
-                problems.append(f"{path.relative_to(root)} is missing")
-                continue
+        path = out_dir / f"{stem}.ipynb"
+        rel, lesson = path.relative_to(root), stem[:2]
+        if not path.exists():
+            problems.append(f"{rel} is missing: run `moe-exercises build --only {lesson}`")
+            continue
+        try:
             disk = _read(path)
-            if fingerprint(disk) != fingerprint(nb):
-                problems.append(f"{path.relative_to(root)} differs from what solutions/{stem}.py generates")
-            elif [c.metadata.get("tags", []) for c in disk.cells] != [c.metadata.get("tags", []) for c in nb.cells]:
-                problems.append(f"{path.relative_to(root)} has different cell tags than solutions/{stem}.py")
+        except Exception as err:
+            problems.append(f"{rel} cannot be read ({err}): `moe-exercises build --force --only {lesson}` keeps it under "
+                            f"exercises/{BACKUPS}/ and writes a fresh one")
+            continue
+        current, target = fingerprint(disk), fingerprint(nb)
+        if current != target:
+            if current != prints.get(path.name):
+                changed = "" if prints.get(path.name) == target else ", and solutions/ changed since it was generated"
+                problems.append(f"{rel} was edited (your work){changed}: `moe-exercises build --force --only {lesson}` "
+                                f"saves your version under exercises/{BACKUPS}/ and regenerates it")
+            else:
+                problems.append(f"{rel} differs from what solutions/{stem}.py generates: run `moe-exercises build --only {lesson}`")
+        elif [c.metadata.get("tags", []) for c in disk.cells] != [c.metadata.get("tags", []) for c in nb.cells]:
+            problems.append(f"{rel} has different cell tags than solutions/{stem}.py: run `moe-exercises build --force --only {lesson}`")
+        if (out_dir / f"{stem}.py").exists():
+            problems.append(f"exercises/{stem}.py is a paired twin from an older course (exercises are .ipynb only now): "
+                            f"`moe-exercises build --only {lesson}` moves it to exercises/{BACKUPS}/")
     extra = {p.stem for p in out_dir.glob("[0-9][0-9]_*.ipynb")} - set(targets)
     problems += [f"exercises/{stem}.ipynb has no solution notebook" for stem in sorted(extra)]
+    config = out_dir / JUPYTEXT_TOML
+    if not config.exists() or config.read_text() != UNPAIRED_CONFIG:
+        problems.append(f"exercises/{JUPYTEXT_TOML} should switch jupytext's pairing off: run `moe-exercises build`")
     return problems
