@@ -4,17 +4,26 @@
 PYTHON     ?= python3
 VENV       ?= .venv
 BIN        := $(VENV)/bin
-# PyTorch is installed first and on its own, so that you can choose the build:
-# on this course's reference machines torch==2.13.0 is the CPU build; on a GPU
-# box use e.g. `make lab TORCH_SPEC=torch` (or follow pytorch.org's selector).
-TORCH_SPEC ?= torch==2.13.0
-STAMP      := $(VENV)/.installed
+# PyTorch is installed first, by tools/install_torch.py, which picks the build for this
+# machine: on Linux without an NVIDIA GPU the CPU wheel (from PyTorch's CPU index, or
+# from your package registry if it already serves one), elsewhere the plain wheel.
+#   make lab TORCH_VARIANT=cuda                      a CUDA build on an NVIDIA machine
+#   make lab TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128   any index you like
+#   make lab TORCH_SPEC='torch>=2.6'                 another version
+# A torch that is already installed in $(VENV) is kept.
+TORCH_SPEC    ?= torch==2.13.0
+TORCH_VARIANT ?= auto
+TORCH_INDEX_URL ?=
+export TORCH_SPEC TORCH_VARIANT TORCH_INDEX_URL
+LEARN_STAMP := $(VENV)/.installed-learn
+TEST_STAMP  := $(VENV)/.installed-test
+# Extra arguments for JupyterLab, e.g. make lab LAB_ARGS="--port 8899 --no-browser"
 LAB_ARGS   ?=
 # Jupyter refuses to run as root unless told to (containers, CI).
 ROOT_FLAG  := $(if $(filter 0,$(shell id -u)),--allow-root,)
 PYTEST_ARGS ?=
 
-.PHONY: lab test test-fast lint env sync exercises check figures bench clean help
+.PHONY: lab test test-fast lint env test-env sync exercises check figures bench clean help
 
 help:
 	@echo "make lab        open the course in JupyterLab (creates $(VENV) first if needed)"
@@ -23,41 +32,51 @@ help:
 	@echo "make lint       check the code with ruff (rules in pyproject.toml)"
 	@echo "make exercises  regenerate exercises/ from solutions/ (keeps your edits)"
 	@echo "make sync       pair every notebook .ipynb with its .py (jupytext), then regenerate exercises/"
-	@echo "make check NB=01  check your exercise notebook exercises/01_*.ipynb with nbval"
+	@echo "make check NB=01  check your exercise notebook exercises/01_*.ipynb (moe-course check 01)"
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -e ".[dev]"
-	touch $(STAMP)
 
-env: $(STAMP)
+# What a learner needs: PyTorch (the right build) and the course package with its dependencies.
+$(LEARN_STAMP): pyproject.toml tools/install_torch.py | $(VENV)/bin/python
+	$(BIN)/python tools/install_torch.py
+	$(BIN)/python -m pip install -e .
+	touch $@
 
-lab: $(STAMP)
+# What the tests need on top: the browser-test and cross-check packages (the `test` extra).
+$(TEST_STAMP): $(LEARN_STAMP)
+	$(BIN)/python -m pip install -e ".[test]"
+	touch $@
+
+env: $(LEARN_STAMP)
+
+test-env: $(TEST_STAMP)
+
+lab: $(LEARN_STAMP)
 	$(BIN)/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks/00_welcome.ipynb $(ROOT_FLAG) $(LAB_ARGS)
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-exercises: $(STAMP)
+exercises: $(LEARN_STAMP)
 	$(BIN)/moe-exercises build
 
-sync: $(STAMP)
+sync: $(LEARN_STAMP)
 	$(BIN)/jupytext --sync notebooks/[0-9]*.py solutions/[0-9]*.py
 	$(BIN)/moe-exercises build
 
-check: $(STAMP)
-	$(BIN)/moe-check $(NB)
+check: $(LEARN_STAMP)
+	$(BIN)/moe-course check $(NB)
 
 clean:
 	rm -rf $(VENV) build runs
 
 # The unit tier: every test but the slow ones (notebooks, nbval subprocesses, JupyterLab,
 # the browser, worker processes); under a minute on two cores.
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
-# Lint with the rules in pyproject.toml ([tool.ruff]); ruff comes with the dev extras.
-lint: $(STAMP)
+# Lint with the rules in pyproject.toml ([tool.ruff]); ruff comes with the test extra.
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
