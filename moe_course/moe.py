@@ -24,7 +24,7 @@ from torch import nn
 
 from .dispatch import METHODS, dispatch
 from .experts import ACTIVATIONS, Experts, init_linear_
-from .fast import router_matmul
+from .fast import one_thread_when_busy, router_matmul
 from .losses import load_balancing_loss, router_z_loss
 from .routing import Routing, capacity_mask, expert_capacity, noisy_top_k_routing, switch_routing, top_k_routing
 
@@ -180,6 +180,7 @@ config's coefficients and is what a training loop adds to the task loss.
         capacity = expert_capacity(expert_index.shape[0], cfg.num_experts, cfg.capacity_factor, top_k=cfg.top_k, min_capacity=cfg.min_capacity)
         return capacity, capacity_mask(expert_index, cfg.num_experts, capacity).keep  # C, (N, K)
 
+    @one_thread_when_busy  # on a busy machine, one thread for this layer (moe_course.fast.shared_cores)
     def forward(self, x: torch.Tensor) -> MoEOutput:
         cfg = self.config
         self._check_input(x)

@@ -7,6 +7,7 @@ them, outputs and gradients). One op per file, as megablocks' ``ops/`` does:
     flag.py            the one switch (``ENABLED``, ``enabled(False)``) and the one predicate (``applies``)
     activations.py     every activation with its derivative, for hand-written backwards
     threads.py         expert parallelism on CPU threads: ``over_experts``, ``expert_threads``
+    shared_cores.py    one thread while other programs hold the cores: ``busy``, ``one_thread_when_busy``
     router_matmul.py   the router's product x @ w in the shapes a CPU matmul is quick at
     sorting.py         the kept assignments sorted by expert, and the way back to the tokens
     sorted_experts.py  dispatch method "sort_split": one autograd op with a hand-written backward
@@ -19,10 +20,11 @@ way: the core imports this package, this package imports nothing of the core.
 
 from . import grouped_mm, sorted_experts  # noqa: E402,F401  (they register their dispatch methods)
 from .activations import ACTIVATION_GRADS
+from .shared_cores import busy, contention, one_thread_when_busy
 from .flag import applies, enabled
 from .registry import METHODS
 from .router_matmul import router_matmul
 from .threads import expert_order, expert_threads, over_experts, worth_threading
 
-__all__ = ["ACTIVATION_GRADS", "applies", "enabled", "METHODS", "router_matmul",
+__all__ = ["ACTIVATION_GRADS", "applies", "enabled", "METHODS", "router_matmul", "busy", "contention", "one_thread_when_busy",
            "expert_order", "expert_threads", "over_experts", "worth_threading"]

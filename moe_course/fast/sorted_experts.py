@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .activations import ACTIVATION_GRADS
+from .shared_cores import fitted_threads
 from .registry import method
 from .sorting import sorted_assignments, unsort
 from .threads import over_experts
@@ -51,6 +52,11 @@ class _SortedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gate, w_in, b_in, w_out, b_out, token, inverse, counts: list[int], activation: str, k: int):
+        with fitted_threads():  # other programs hold the cores: one intra-op thread, experts on workers (shared_cores.py)
+            return _SortedExperts._forward(ctx, x, gate, w_in, b_in, w_out, b_out, token, inverse, counts, activation, k)
+
+    @staticmethod
+    def _forward(ctx, x, gate, w_in, b_in, w_out, b_out, token, inverse, counts, activation, k):
         act = ACTIVATION_GRADS[activation][0]
         xs = x.index_select(0, token)  # (M, D)
         ys = torch.empty(xs.shape[0], w_out.shape[2], dtype=x.dtype, device=x.device)  # (M, D)
@@ -75,6 +81,11 @@ class _SortedExperts(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
+        with fitted_threads():
+            return _SortedExperts._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         xs, gate, w_in, w_out, token, inverse, *activations = ctx.saved_tensors
         kept: list = [None] * len(ctx.counts)
         for i, e in enumerate(ctx.busy):
