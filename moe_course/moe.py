@@ -24,6 +24,7 @@ from torch import nn
 
 from .dispatch import METHODS, dispatch
 from .experts import ACTIVATIONS, Experts, init_linear_
+from . import fast
 from .fast import one_thread_when_busy, router_matmul
 from .losses import load_balancing_loss, router_z_loss
 from .routing import Routing, capacity_mask, expert_capacity, noisy_top_k_routing, switch_routing, top_k_routing
@@ -172,27 +173,36 @@ config's coefficients and is what a training loop adds to the task loss.
         noise_logits = self._float32_matmul(router_in, self.w_noise)  # (N, E), the learned noise scale
         return noisy_top_k_routing(logits, noise_logits, cfg.top_k, training=self.training)
 
-    def capacity(self, expert_index: torch.Tensor) -> tuple[int | None, torch.Tensor | None]:
-        """Slots per expert C for this call and which assignments (N, K) fit; (None, None) when dropless."""
+    def slots(self, num_tokens: int) -> int | None:
+        """C, the slots per expert in a call on num_tokens tokens; None when dropless."""
         cfg = self.config
         if cfg.capacity_factor is None:
+            return None
+        return expert_capacity(num_tokens, cfg.num_experts, cfg.capacity_factor, top_k=cfg.top_k, min_capacity=cfg.min_capacity)
+
+    def capacity(self, expert_index: torch.Tensor) -> tuple[int | None, torch.Tensor | None]:
+        """Slots per expert C for this call and which assignments (N, K) fit; (None, None) when dropless."""
+        capacity = self.slots(expert_index.shape[0])
+        if capacity is None:
             return None, None
-        capacity = expert_capacity(expert_index.shape[0], cfg.num_experts, cfg.capacity_factor, top_k=cfg.top_k, min_capacity=cfg.min_capacity)
-        return capacity, capacity_mask(expert_index, cfg.num_experts, capacity).keep  # C, (N, K)
+        return capacity, capacity_mask(expert_index, self.config.num_experts, capacity).keep  # C, (N, K)
 
     @one_thread_when_busy  # on a busy machine, one thread for this layer (moe_course.fast.shared_cores)
     def forward(self, x: torch.Tensor) -> MoEOutput:
         cfg = self.config
         self._check_input(x)
         tokens = x.reshape(-1, cfg.d_model)  # (N, D)
+        if fast.switch_layer_applies(self, tokens):  # the five steps below as one op, for speed (moe_course.fast.switch_layer)
+            return MoEOutput(**fast.switch_layer(self, tokens, self.slots(tokens.shape[0]), x.shape))
 
         # 1. The router (the GP) scores every expert for every token, in float32.
         router_in = self.jitter(tokens)  # (N, D); the experts still see the clean tokens
         logits = self.router(router_in)  # (N, E)
-        probs = F.softmax(logits, dim=-1)  # (N, E)
 
         # 2. Routing: each token's K experts, best first, and the weight of each one's answer.
         routing = self.route(logits, router_in)  # expert_index, gates (N, K)
+        # each token's distribution over the experts, from the clean logits (the noisy router chose on noisy ones)
+        probs = F.softmax(logits, dim=-1) if cfg.router == "noisy_top_k" else routing.router_probs  # (N, E)
 
         # 3. Capacity: with a capacity factor, assignments beyond an expert's C slots are dropped.
         capacity, keep = self.capacity(routing.expert_index)  # keep (N, K), None when dropless

@@ -28,7 +28,8 @@ from torch import nn
 
 from .device import get_device
 
-__all__ = ["CLINIC_LR", "TrainConfig", "TrainResult", "Task", "ClassificationTask", "train", "model_logits", "evaluating"]
+__all__ = ["CLINIC_LR", "TrainConfig", "TrainResult", "Task", "ClassificationTask", "train", "train_step", "make_optimizer",
+           "model_logits", "evaluating"]
 
 # The learning rate of every clinic model in lessons 01-05. One constant, so that the same
 # model trained in two lessons gives the same result and the lessons' numbers can be compared.
@@ -197,6 +198,22 @@ def _save_checkpoint(path: Path, model, optimizer, generator, step, rows, config
     tmp.replace(path)  # never leave a half-written checkpoint behind
 
 
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimiser ``train`` uses: AdamW at ``config.lr`` with ``config.weight_decay``."""
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def train_step(model: nn.Module, task: Task, batch: Any, optimizer: torch.optim.Optimizer, config: TrainConfig) -> dict[str, float]:
+    """One optimiser step on ``batch``: loss, backward, gradient clipping, update → the task's metrics for the batch."""
+    loss, metrics = task.loss(model, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    optimizer.step()
+    return metrics
+
+
 def train(
     model: nn.Module,
     task: Task,
@@ -223,7 +240,7 @@ def train(
 
     device = torch.device(device) if device is not None else get_device()
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)
     rows: list[dict[str, float]] = []
     start_step = 0
@@ -253,12 +270,7 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = task.sample_batch(config.batch_size, generator, device)
-        loss, metrics = task.loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
+        metrics = train_step(model, task, batch, optimizer, config)
         for key, value in metrics.items():  # average train metrics since the last evaluation
             running[key] = running.get(key, 0.0) + value
         running["_n"] = running.get("_n", 0.0) + 1
