@@ -192,7 +192,7 @@ config's coefficients and is what a training loop adds to the task loss.
         cfg = self.config
         self._check_input(x)
         tokens = x.reshape(-1, cfg.d_model)  # (N, D)
-        if fast.switch_layer_applies(self, tokens):  # the five steps below as one op, for speed (moe_course.fast.switch_layer)
+        if fast.switch_layer_applies(self, tokens, MoELayer):  # the five steps below as one op, for speed (moe_course.fast.switch_layer)
             return MoEOutput(**fast.switch_layer(self, tokens, self.slots(tokens.shape[0]), x.shape))
 
         # 1. The router (the GP) scores every expert for every token, in float32.

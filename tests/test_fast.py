@@ -127,6 +127,6 @@ def test_sorted_experts_keeps_its_activations_with_save_for_backward(monkeypatch
     assert type(ctx).__name__ == "_SortedExpertsBackward"
     assert _tensors_in(vars(ctx)) == []
     busy = int((torch.bincount(expert_index.reshape(-1), minlength=4) > 0).sum())
-    assert ctx.batched == all_rows
+    assert ctx.arrangement == ("batched" if all_rows else "blocked")
     # xs, gate, w_in, w_out, token, expert, inverse; then pre, h, out of all rows (batched) or per busy expert (blocked)
     assert len(ctx.saved_tensors) == 7 + (3 if all_rows else 3 * busy)

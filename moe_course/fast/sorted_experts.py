@@ -205,6 +205,15 @@ def _batched_backward(ctx, xs, dys, gate, expert, w_in, w_out, saved, need, act_
     return dxs, dgate, dw_in, db_in, dw_out, db_out
 
 
+# how the experts' work is laid out (``batched``): name → (forward, backward)
+ARRANGEMENTS = {"batched": (_batched_forward, _batched_backward), "blocked": (_blocked_forward, _blocked_backward)}
+
+
+def arrangement(rows: int, hidden: int) -> str:
+    """ "batched" when M·F <= BATCHED_ELEMENTS (``batched``), else "blocked"."""
+    return "batched" if batched(rows, hidden) else "blocked"
+
+
 class _SortedExperts(torch.autograd.Function):
     """Gather, every expert's FFN on its block, gate and unsort in one step (see the module docstring)."""
 
@@ -212,8 +221,8 @@ class _SortedExperts(torch.autograd.Function):
     def forward(ctx, x, gate, w_in, b_in, w_out, b_out, token, expert, inverse, counts: list[int], activation: str, k: int):
         with fitted_threads():  # other programs hold the cores: one intra-op thread, experts on workers (shared_cores.py)
             xs = x.index_select(0, token)  # (M, D)
-            ctx.batched = batched(xs.shape[0], w_in.shape[2])
-            arrange = _batched_forward if ctx.batched else _blocked_forward
+            ctx.arrangement = arrangement(xs.shape[0], w_in.shape[2])
+            arrange = ARRANGEMENTS[ctx.arrangement][0]
             ys, saved = arrange(xs, gate, w_in, b_in, w_out, b_out, counts, ACTIVATION_GRADS[activation][0])
             ctx.save_for_backward(xs, gate, w_in, w_out, token, expert, inverse, *saved)
             ctx.busy = [e for e, c in enumerate(counts) if c > 0]
@@ -226,7 +235,7 @@ class _SortedExperts(torch.autograd.Function):
         with fitted_threads():
             xs, gate, w_in, w_out, token, expert, inverse, *saved = ctx.saved_tensors
             dys = dy.index_select(0, token)  # (M, D): each row's upstream gradient
-            arrange = _batched_backward if ctx.batched else _blocked_backward
+            arrange = ARRANGEMENTS[ctx.arrangement][1]
             dxs, dgate, dw_in, db_in, dw_out, db_out = arrange(
                 ctx, xs, dys, gate, expert, w_in, w_out, saved, ctx.needs_input_grad, ACTIVATION_GRADS[ctx.activation][1])
             dx = unsort(dxs, token, inverse, ctx.num_tokens, ctx.k) if dxs is not None else None

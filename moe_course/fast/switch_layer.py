@@ -31,13 +31,14 @@ every gradient, with and without drops, E below and above ``FEW_EXPERTS``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
 from .activations import ACTIVATION_GRADS
 from .flag import applies
 from .router_matmul import FEW_EXPERTS
-from .sorted_experts import _batched_backward, _batched_forward, _blocked_backward, _blocked_forward, batched
+from .sorted_experts import ARRANGEMENTS, arrangement
 from .sorting import unsort
 
 # MoEConfig fields this op knows; any other field must keep its default for the op to apply
@@ -46,22 +47,33 @@ KNOWN_FIELDS = frozenset({"d_model", "d_ff", "num_experts", "top_k", "capacity_f
                           "aux_loss_coef", "z_loss_coef", "router_jitter", "init_scale", "activation", "bias", "dispatch"})
 
 
-def applies_to(layer, tokens: torch.Tensor) -> bool:
-    """Whether ``switch_layer`` may run ``layer`` (an ``MoELayer``) on tokens (N, D).
+# The layer's steps, any of which a subclass or an instance attribute may replace (the playground routes
+# on given logits by setting ``layer.router``): the op computes the class's own steps, so it then steps aside.
+STEPS = ("router", "jitter", "route", "capacity", "slots", "expert_output")
 
-    The Switch router (top-1, raw gate), no router jitter while training, the
-    default dispatch, experts with a hand-written derivative, every other
-    config field at its default, and ``flag.applies`` (fast path on, float32
-    throughout, no autocast).
+
+def applies_to(layer, tokens: torch.Tensor, cls: type) -> bool:
+    """Whether ``switch_layer`` may run ``layer`` on tokens (N, D): a layer of exactly ``cls`` (``MoELayer``).
+
+    None of its steps replaced (``STEPS``), the Switch router (top-1, raw
+    gate), no router jitter while training, the default dispatch, experts
+    with a hand-written derivative, every other config field at its default,
+    and ``flag.applies`` (fast path on, float32 throughout, no autocast).
     """
-    cfg = layer.config
-    if not (cfg.router == "switch" and cfg.top_k == 1 and cfg.dispatch in (None, "sort_split")
-            and (cfg.router_jitter == 0 or not layer.training) and tokens.ndim == 2 and tokens.shape[0] > 0):
+    if type(layer) is not cls or any(name in vars(layer) for name in STEPS):
         return False
-    if any(f.name not in KNOWN_FIELDS and getattr(cfg, f.name) != f.default for f in dataclasses.fields(cfg)):
+    cfg = layer.config
+    if not (_plain_switch(cfg) and (cfg.router_jitter == 0 or not layer.training) and tokens.ndim == 2 and tokens.shape[0] > 0):
         return False
     experts = layer.experts
-    return applies(tokens, layer.w_router, experts.w_in, activation=experts.activation) and tokens.dtype == torch.float32
+    return tokens.dtype == torch.float32 and applies(tokens, layer.w_router, experts.w_in, activation=experts.activation)
+
+
+@functools.lru_cache(maxsize=256)
+def _plain_switch(cfg) -> bool:
+    """The Switch router, top-1, the default dispatch, and every field this op does not know at its default."""
+    return (cfg.router == "switch" and cfg.top_k == 1 and cfg.dispatch in (None, "sort_split")
+            and all(f.name in KNOWN_FIELDS or getattr(cfg, f.name) == f.default for f in dataclasses.fields(cfg)))
 
 
 def _add(a, b):
@@ -104,16 +116,16 @@ class _SwitchLayer(torch.autograd.Function):
         # 3. the experts on their blocks of sorted rows, weighted by the gates (as sort_split)
         xs = x.index_select(0, token)  # (M, D)
         gate_rows = gate.index_select(0, token)  # (M,)
-        ctx.batched = batched(rows, w_in.shape[2])
-        arrange = _batched_forward if ctx.batched else _blocked_forward
+        ctx.arrangement = arrangement(rows, w_in.shape[2])
+        arrange = ARRANGEMENTS[ctx.arrangement][0]
         ys, saved = arrange(xs, gate_rows, w_in, b_in, w_out, b_out, block_counts, ACTIVATION_GRADS[activation][0])
         y = unsort(ys, token, inverse, num_tokens, 1)  # (N, D)
         # 4. the losses: balance E·Σ f·P and z = mean (log Z)²
-        f = counts.float() / num_tokens  # (E,)
-        aux = num_experts * torch.sum(f * probs_t.mean(dim=1))
+        f = counts.float() / num_tokens  # (E,) share of the tokens routed to each expert
+        aux = torch.dot(f, probs_t.sum(dim=1)) * (num_experts / num_tokens)  # E · Σ_e f_e · mean_n p_en
         log_z = torch.logsumexp(logits_t, dim=0)  # (N,)
-        z = (log_z**2).mean()
-        router_loss = aux_coef * aux + z_coef * z
+        z = torch.dot(log_z, log_z) / num_tokens  # mean of (log Z)²
+        router_loss = torch.add(aux * aux_coef, z, alpha=z_coef)
         ctx.save_for_backward(x, w, w_in, w_out, xs, probs_t, log_z, f, gate_rows, token, index, inverse, *saved)
         ctx.counts, ctx.busy = block_counts, [e for e, c in enumerate(block_counts) if c > 0]
         ctx.activation, ctx.aux_coef, ctx.z_coef = activation, aux_coef, z_coef
@@ -133,7 +145,7 @@ class _SwitchLayer(torch.autograd.Function):
         dxs = dgate_rows = dw_in = db_in = dw_out = db_out = None
         if dy is not None:  # the experts' part, as in sort_split
             dys = dy.index_select(0, token)  # (M, D)
-            arrange = _batched_backward if ctx.batched else _blocked_backward
+            arrange = ARRANGEMENTS[ctx.arrangement][1]
             wants = (need[0], router, need[2], need[3], need[4], need[5])
             dxs, dgate_rows, dw_in, db_in, dw_out, db_out = arrange(ctx, xs, dys, gate_rows, index.index_select(0, token), w_in, w_out,
                                                                     saved, wants, ACTIVATION_GRADS[ctx.activation][1])
