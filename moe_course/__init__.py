@@ -11,11 +11,13 @@ specialist. Modules, in reading order:
     gating     softmax_gate(), SoftmaxGate: the GP weighs every doctor (lesson 03)
     mixture    DenseMixture: every expert on every patient, weighed by the gate (lesson 03)
     specialisation  gate_mass_by_specialty(), specialisation_score(): did the experts specialise?
-    routing    the GP: top_k_routing(), switch_routing(), noisy_top_k_routing(), expert_choice_routing(), capacity_mask()
+    routing    the GP: top_k_routing(), switch_routing(), noisy_top_k_routing(), mixtral_routing(), sigmoid_routing(),
+               expert_choice_routing(), capacity_mask()
     losses     load_balancing_loss(), router_z_loss(), importance_loss(): keep every doctor busy
     dispatch   sort_dispatch(): send tokens to their experts, weigh and add up what comes back
     fast/      the same computations arranged for speed (hand-written backward, threads, grouped matmuls)
-    moe        MoEConfig, MoELayer: a router in front of E experts, returns MoEOutput
+    moe        MoEConfig, MoELayer: a router in front of E experts, returns MoEOutput; upcycle()
+    bias_balancing  update_expert_biases_(): DeepSeek-V3's loss-free balancing, a rule and a training hook (lesson 10)
     models     ClinicMoE: embed, one MoE layer, classify (the clinic lessons)
     routed     RoutedMixture: the dense mixture's gate and experts, each patient sees its top-k (lesson 04)
     approaches four_approaches(): the essay's four approaches measured side by side over seeds (lesson 04)
