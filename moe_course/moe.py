@@ -124,10 +124,11 @@ class MoEConfig:
 
         DeepSeekMoE (Dai et al. 2024, arXiv:2401.06066, sec. 3.1-3.2): m·E experts of
         width F/m, m·K of them active per token, of which K_s are shared (always on,
-        ungated) and m·K − K_s routed out of m·E − K_s. Parameters and FLOPs per
-        token stay those of this layer (E experts of width F, K active; plus a wider
-        router): only the number of ways to combine experts grows, from C(E, K) to
-        C(m·E − K_s, m·K − K_s). A Switch router (top-1, raw gate) becomes "top_k"
+        ungated) and m·K − K_s routed out of m·E − K_s. The expert weight matrices
+        and the expert FLOPs per token stay those of this layer (E experts of width F,
+        K active); the router grows (D·E parameters, 2·D·E FLOPs) and so do the
+        experts' biases (one output bias per expert). What grows most is the number
+        of ways to combine experts, from C(E, K) to C(m·E − K_s, m·K − K_s). A Switch router (top-1, raw gate) becomes "top_k"
         with raw gates (renormalize=False), DeepSeekMoE's own gate.
         """
         m, shared = segments, num_shared_experts
