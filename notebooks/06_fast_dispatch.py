@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from moe_course import get_device, seed_everything
-from moe_course.plots import use_course_style
+from moe_course.figures.plots import use_course_style
 
 # ---- the one knob of this lesson -------------------------------------------
 # 1 benchmarks small layers in well under a minute. 4 uses the standard sizes of
@@ -69,7 +69,7 @@ use_course_style()
 #    the answers are put back in the original order.
 
 # %%
-from moe_course.plots import dispatch_picture
+from moe_course.figures.plots import dispatch_picture
 
 example = torch.tensor([2, 0, 1, 2, 2, 0, 1, 2])  # the expert of tokens t0 … t7
 dispatch_picture(example, num_experts=3);
@@ -325,7 +325,7 @@ print("the router's product runs " + ("slower" if slower else "no slower") + " p
 
 # %%
 from moe_course.moe import MoEConfig, MoELayer
-from moe_course.parallel import expert_order, expert_threads, worth_threading
+from moe_course.fast.threads import expert_order, expert_threads, worth_threading
 
 torch.manual_seed(0)
 layer = MoELayer(MoEConfig(d_model=128, d_ff=512, num_experts=64))
@@ -374,13 +374,13 @@ else:
 #
 # ## Why the one-hot chart is expensive: memory
 #
-# `moe_course.memory.peak_bytes` records every tensor a piece of code creates and reports
+# `moe_course.bench.memory.peak_bytes` records every tensor a piece of code creates and reports
 # the most that were alive at once. We run the forward and backward pass of one layer's
 # dispatch, one-hot versus sorted, first with more experts at a fixed number of slots C,
 # then with more slots at a fixed number of experts.
 
 # %%
-from moe_course.memory import peak_bytes
+from moe_course.bench.memory import peak_bytes
 from moe_course.routing import switch_routing
 
 

@@ -3,20 +3,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_course.balance import (
-    ClinicRun,
-    LoadTracker,
-    batch_loads,
-    capacity_sweep,
-    evaluate_capacity,
-    load_stats,
-    overflow_share,
-    run_clinic_moes,
-)
-from moe_course.clinic import make_clinic
+from moe_course.analysis.load import LoadTracker, batch_loads, evaluate_capacity, load_stats, overflow_share
+from moe_course.data.clinic import make_clinic
+from moe_course.experiments.balance import ClinicRun, capacity_sweep, run_clinic_moes
+from moe_course.mixture import RoutedMixture, RoutedMixtureConfig
 from moe_course.models import ClinicMoE
 from moe_course.moe import MoEConfig
-from moe_course.routed import RoutedMixture, RoutedMixtureConfig
 from moe_course.training import ClassificationTask, TrainConfig, train
 
 

@@ -1,11 +1,11 @@
-"""Tests for moe_course.workers: jobs in worker processes give what they give in this process, in job order."""
+"""Tests for moe_course.experiments.workers: jobs in worker processes give what they give in this process, in job order."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from moe_course.workers import run_in_workers
+from moe_course.experiments.workers import run_in_workers
 
 
 def _seeded_sum(seed: int) -> tuple[int, float, int]:

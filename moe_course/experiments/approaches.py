@@ -31,7 +31,7 @@ Optionally a sixth row, the specialists with a perfect GP (``specialists``,
 the oracle that peeks at the specialty), gives the upper bound the GP aims at.
 
 Every (approach, seed) pair is one job; ``workers`` jobs train at once in
-one-thread worker processes (``moe_course.workers``). A job seeds everything
+one-thread worker processes (``moe_course.experiments.workers``). A job seeds everything
 it draws from its seed, so the numbers do not depend on ``workers``.
 """
 
@@ -44,16 +44,15 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .clinic import Clinic
+from ..analysis.metrics import accuracy_by_group
+from ..analysis.specialisation import SpecialisationTracker, context_share, effective_experts, specialisation_score
+from ..data.clinic import Clinic
+from ..experts import FeedForward
+from ..flops import count_parameters, measure_flops_per_example
+from ..mixture import DenseMixture, DenseMixtureConfig, RoutedMixture, RoutedMixtureConfig
+from ..training.loop import ClassificationTask, TrainConfig, train
 from .ensembles import train_ensemble
-from .experts import FeedForward
-from .flops import count_parameters, measure_flops_per_example
-from .metrics import accuracy_by_group
-from .mixture import DenseMixture, DenseMixtureConfig
-from .routed import RoutedMixture, RoutedMixtureConfig
-from .specialisation import SpecialisationTracker, context_share, effective_experts, specialisation_score
 from .specialists import train_specialists
-from .training import ClassificationTask, TrainConfig, train
 from .workers import run_in_workers
 
 __all__ = ["APPROACHES", "CARDIOLOGISTS", "GENERALIST", "DENSE", "TOP_1", "TOP_2", "ORACLE", "GATED",

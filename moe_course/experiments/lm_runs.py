@@ -29,12 +29,12 @@ from dataclasses import dataclass, field, replace
 import pandas as pd
 import torch
 
-from .corpus import Corpus, CorpusConfig
-from .device import get_device, seed_everything
-from .lm import LMTask
-from .lm_routing import LayerRouting, RoutingTracker
-from .training import TrainConfig, train
-from .transformer import GPT, GPTConfig
+from ..analysis.lm_routing import LayerRouting, RoutingTracker
+from ..data.corpus import Corpus, CorpusConfig
+from ..device import get_device, seed_everything
+from ..training.lm import LMTask
+from ..training.loop import TrainConfig, train
+from ..transformer import GPT, GPTConfig
 from .workers import run_in_workers
 
 __all__ = ["LMRun", "LMRunResult", "run_lm", "run_lms", "results_table", "summarise"]

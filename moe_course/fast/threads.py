@@ -66,7 +66,7 @@ def worth_threading(counts: list[int], flops_per_row: int, threads: int | None =
     expert matmul. Small means a mean block between ``MIN_BLOCK_FLOPS`` and
     ``MAX_BLOCK_FLOPS``: tinier blocks cost more to hand over than they take.
 
-    A ``TorchDispatchMode`` (``moe_course.memory.peak_bytes``, FLOP counters)
+    A ``TorchDispatchMode`` (``moe_course.bench.memory.peak_bytes``, FLOP counters)
     sees only its own thread's operations, so under one everything stays on
     the calling thread.
     """

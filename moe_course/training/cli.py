@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 
-from .corpus import Corpus, CorpusConfig
-from .device import get_device, seed_everything
-from .flops import count_parameters
+from ..data.corpus import Corpus, CorpusConfig
+from ..device import get_device, seed_everything
+from ..flops import count_parameters
+from ..transformer import GPT, GPTConfig, flops_per_token, param_count
 from .lm import LMTask, complete
-from .training import TrainConfig, train
-from .transformer import GPT, GPTConfig, flops_per_token, param_count
+from .loop import TrainConfig, train
 
 __all__ = ["main", "build_parser", "configs_from_args", "load_run"]
 
