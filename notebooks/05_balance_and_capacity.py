@@ -77,6 +77,26 @@ from moe_course.models import ClinicMoE
 show_source(ClinicMoE.forward)
 
 # %% [markdown]
+# Inside, `MoELayer.forward` is the whole layer, in five steps:
+#
+# 1. **The router** (the GP) scores every expert for every patient: logits (N, E), and their
+#    softmax, the router's probabilities.
+# 2. **Routing** picks each patient's K doctors, best first, and the weight (gate) of each
+#    one's answer: lesson 04's `switch_routing` or `top_k_routing`.
+# 3. **Capacity**: with a capacity factor, each doctor has C chairs, and assignments beyond
+#    them are dropped ("Full waiting rooms" below).
+# 4. **Dispatch**: every expert runs on its patients, and each patient's answers are weighed
+#    by the gates and added up. Lesson 06 is about doing this fast.
+# 5. **The router's losses**: the balance loss and the z-loss, the next two sections.
+#    `MoEOutput` carries them unweighted (`aux_loss`, `z_loss`) and weighted by their
+#    coefficients in `router_loss`, the one number training adds to the diagnosis loss.
+
+# %%
+from moe_course.moe import MoELayer
+
+show_source(MoELayer.forward)
+
+# %% [markdown]
 # We hire **8 doctors for the 4 specialties**, so there is room to share the work, and train
 # with the clinic lessons' recipe. `MoEConfig` holds the knobs of this lesson: the weight α
 # of the balance loss, the weight of the z-loss and the capacity factor (None: no limit).
