@@ -40,3 +40,11 @@ def test_a_failing_job_raises_here_and_bad_settings_are_refused():
     with pytest.raises(TypeError, match="fn must be a function"):
         run_in_workers("not a function", [1])
     assert run_in_workers(_fail, [], workers=2) == []
+
+
+def test_the_progress_bar_names_the_jobs(capsys):
+    assert run_in_workers(_fail, [5, 7], workers=1, progress=True, desc="little jobs", name=lambda j: f"job {j}") == [5, 7]
+    err = capsys.readouterr().err
+    assert "little jobs" in err and "finished job 7" in err and "2/2" in err
+    run_in_workers(_fail, [5], workers=1)  # no bar unless asked for
+    assert capsys.readouterr().err == ""

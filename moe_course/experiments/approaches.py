@@ -355,14 +355,11 @@ def four_approaches(
         raise ValueError(f"num_experts must be at least 2 (the top-2 GP sees two doctors), got {num_experts}")
     if isinstance(home_specialty, bool) or not isinstance(home_specialty, int) or not 0 <= home_specialty < clinic.num_specialties:
         raise ValueError(f"home_specialty must be a specialty id in [0, {clinic.num_specialties}), got {home_specialty!r}")
-    from tqdm.auto import tqdm
-
     names = [*APPROACHES, *([ORACLE] if oracle else [])]
     jobs = [_Job(name, seed, clinic, config, num_experts, d_ff, aux_loss_coef, home_specialty, track_every)
             for seed in seeds for name in names]
-    bar = tqdm(total=len(jobs), desc="training the approaches", disable=not progress)
-    outcomes = run_in_workers(_run_job, jobs, workers=workers, on_done=lambda i, _: bar.update())
-    bar.close()
+    outcomes = run_in_workers(_run_job, jobs, workers=workers, progress=progress, desc="training the approaches",
+                              name=lambda j: f"{j.approach}, seed {j.seed}")
     histories = [o.history.assign(approach=j.approach, seed=j.seed) for j, o in zip(jobs, outcomes) if o.history is not None]
     return FourApproaches(
         table=pd.DataFrame([o.row for o in outcomes]),

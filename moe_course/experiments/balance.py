@@ -90,17 +90,13 @@ def run_clinic_moes(clinic: Clinic, runs: Sequence[ClinicRun], config: TrainConf
     for r in runs:
         if not isinstance(r, ClinicRun):
             raise TypeError(f"run_clinic_moes expects ClinicRun objects, got {type(r).__name__}")
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(runs), desc="training runs", disable=not progress)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # in this process too, so that workers=1 gives the workers' numbers
     try:
-        raw = run_in_workers(functools.partial(_train_one, clinic, config=config), runs, workers=workers,
-                             on_done=lambda i, result: bar.update())
+        raw = run_in_workers(functools.partial(_train_one, clinic, config=config), runs, workers=workers, progress=progress,
+                             desc="training runs", name=lambda r: f"{r.label}, seed {r.seed}")
     finally:
         torch.set_num_threads(threads)
-        bar.close()
     results = []
     for r, (state, tracker, accuracy, seconds) in zip(runs, raw):
         model = ClinicMoE(clinic.d_in, clinic.num_diagnoses, r.moe)
