@@ -114,6 +114,16 @@ def test_the_core_holds_no_autograd_function_thread_pool_or_private_torch_api(mo
             assert not owner.startswith("torch"), f"{module} uses a private torch API: {owner}.{node.attr}"
 
 
+def test_every_console_script_names_a_function_that_exists():
+    import tomllib
+    from importlib.metadata import EntryPoint
+
+    scripts = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"moe-course", "moe-train", "moe-bench"} <= set(scripts)
+    for name, target in scripts.items():
+        assert callable(EntryPoint(name, target, "console_scripts").load()), f"{name} = {target!r} is not a function"
+
+
 def test_the_moe_layer_forward_reads_in_at_most_50_lines():
     lines = inspect.getsource(MoELayer.forward).splitlines()
     assert len(lines) <= 50, f"MoELayer.forward has {len(lines)} lines"
