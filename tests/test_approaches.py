@@ -105,6 +105,7 @@ def test_gated_models_are_watched_while_they_train(tiny):
         assert result.counts[(approach, seed)].shape == (3, 2, 2)  # (evaluations, S, E)
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_the_numbers_do_not_depend_on_the_number_of_workers(tiny):
     clinic, result = tiny
     again = four_approaches(clinic, CONFIG, num_experts=2, d_ff=4, seeds=(1,), track_every=10, workers=2, progress=False)

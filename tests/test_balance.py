@@ -77,6 +77,7 @@ def test_capacity_sweep_trains_one_model_per_factor(clinic):
     assert set(models) == {0.5, 2.0, None} and models[0.5].moe.config.capacity_factor == 0.5
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_run_clinic_moes_gives_the_same_models_in_workers_as_in_process(clinic):
     runs = [ClinicRun("plain", MoEConfig(d_model=8, d_ff=8, num_experts=3), seed=s) for s in (0, 1)]
     config = TrainConfig(steps=12, batch_size=32, eval_every=6)

@@ -21,6 +21,7 @@ def _fail(job: int) -> int:
     return job
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_workers_return_results_in_job_order_equal_to_this_process():
     jobs = [3, 1, 4, 1, 5]
     here = run_in_workers(_seeded_sum, jobs, workers=1)
@@ -32,9 +33,15 @@ def test_workers_return_results_in_job_order_equal_to_this_process():
     assert sorted(done) == list(range(len(jobs)))
 
 
-def test_a_failing_job_raises_here_and_bad_settings_are_refused():
+@pytest.mark.slow  # spawns worker processes
+def test_a_failing_job_in_a_worker_raises_here():
     with pytest.raises(RuntimeError, match="job 2 went wrong"):
         run_in_workers(_fail, [1, 2, 3], workers=2)
+
+
+def test_a_failing_job_raises_here_and_bad_settings_are_refused():
+    with pytest.raises(RuntimeError, match="job 2 went wrong"):
+        run_in_workers(_fail, [1, 2, 3], workers=1)
     with pytest.raises(ValueError, match="workers must be a positive int"):
         run_in_workers(_fail, [1], workers=0)
     with pytest.raises(TypeError, match="fn must be a function"):
