@@ -46,7 +46,7 @@
 import pandas as pd
 import torch
 
-from moe_course.plots import use_course_style
+from moe_course.figures.plots import use_course_style
 
 # ---- the one knob of this lesson -------------------------------------------
 # 1 trains nine small models (2 blocks, width 64) for 300 steps each, two at a time,
@@ -91,7 +91,7 @@ show_source(Block.forward)
 # The two models of this lesson: a dense GPT, and its twin with 8 experts per block.
 
 # %%
-from moe_course.corpus import Corpus, CorpusConfig
+from moe_course.data.corpus import Corpus, CorpusConfig
 from moe_course.transformer import GPT, GPTConfig, flops_per_token, param_count
 
 corpus_config = CorpusConfig()  # the clinic's library of lesson 07: 90 records and five skills
@@ -153,7 +153,7 @@ fig.tight_layout()
 # the longest cell of the course: about a minute at `SCALE = 1`, with a progress bar.
 
 # %%
-from moe_course.lm_runs import LMRun, results_table, run_lms, summarise
+from moe_course.experiments.lm_runs import LMRun, results_table, run_lms, summarise
 from moe_course.training import TrainConfig
 
 STEPS = 300 * SCALE
@@ -176,7 +176,7 @@ main = table[table["label"].isin(["dense", "switch E=8"])]
 # alone, where memory matters most.
 
 # %%
-from moe_course.lm_plots import domain_bars, loss_curves
+from moe_course.figures.lm_plots import domain_bars, loss_curves
 
 main_results = [r for r in results if r.run.label in ("dense", "switch E=8")]
 fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
@@ -254,7 +254,7 @@ speed.round(3)
 # model over its three seeds: differences inside it are noise.
 
 # %%
-from moe_course.lm_plots import experts_scaling
+from moe_course.figures.lm_plots import experts_scaling
 
 sweep = table[table["seed"] == 0].sort_values("experts")
 dense_runs = table[table["label"] == "dense"]
@@ -281,9 +281,9 @@ sweep[["experts", "val_loss", "val_loss_facts", "val_exact_facts", "seconds_per_
 # you nothing about the domain; 1: each domain has its own experts).
 
 # %%
-from moe_course.lm import LMTask
-from moe_course.lm_plots import routing_heatmaps
-from moe_course.lm_routing import routing_report
+from moe_course.training.lm import LMTask
+from moe_course.figures.lm_plots import routing_heatmaps
+from moe_course.analysis.lm_routing import routing_report
 
 watched = next(r for r in results if r.run.label == "switch E=8" and r.run.seed == 0)
 task = LMTask(corpus, block_size=dense.block_size, eval_rows=96, eval_chunk=train_config.batch_size)
@@ -307,7 +307,7 @@ prefs["char"] = prefs["char"].map(repr)
 # ### Over training: load, dropped tokens, and the GP's confidence
 
 # %%
-from moe_course.lm_plots import expert_share_over_training, routing_over_training
+from moe_course.figures.lm_plots import expert_share_over_training, routing_over_training
 
 tracker = watched.routing_tracker(task)
 expert_share_over_training(tracker.history, title="share of tokens per expert during training");
@@ -377,7 +377,7 @@ print(f"the dense model's FFNs alone have {param_count(dense).ffn:,} parameters,
 # "expected" column is what the clinic's library would write.
 
 # %%
-from moe_course.lm import complete
+from moe_course.training.lm import complete
 
 seed0 = {r.run.label: r.model() for r in results if r.run.seed == 0 and r.run.label in ("dense", "switch E=8")}
 patients = list(corpus.facts)[:3]

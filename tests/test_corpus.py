@@ -1,4 +1,4 @@
-"""Tests for moe_course.corpus: the multi-domain character corpus."""
+"""Tests for moe_course.data.corpus: the multi-domain character corpus."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from moe_course.corpus import (
+from moe_course.data.corpus import (
     ANSWER_DOMAINS,
     BASE_CHARS,
     DOMAINS,

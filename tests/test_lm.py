@@ -1,4 +1,4 @@
-"""Tests for moe_course.lm: the language-model task, per-domain bookkeeping, resume with a Switch LM."""
+"""Tests for moe_course.training.lm: the language-model task, per-domain bookkeeping, resume with a Switch LM."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_course.corpus import Corpus, CorpusConfig, LMBatch
-from moe_course.lm import LMTask, complete, evaluate_lm, exact_match_by_domain, loss_by_domain, token_losses
+from moe_course.data.corpus import Corpus, CorpusConfig, LMBatch
 from moe_course.training import TrainConfig, train
+from moe_course.training.lm import LMTask, complete, evaluate_lm, exact_match_by_domain, loss_by_domain, token_losses
 from moe_course.transformer import GPT, GPTConfig
 
 
@@ -131,11 +131,11 @@ def test_task_rejects_bad_settings(corpus: Corpus):
         LMTask("text", 32)
 
 
-# --- looking inside the routing (moe_course.lm_routing) -------------------------------------
+# --- looking inside the routing (moe_course.analysis.lm_routing) -------------------------------------
 
 
 def test_routing_report_counts_every_token_once_per_layer(corpus: Corpus):
-    from moe_course.lm_routing import routing_report
+    from moe_course.analysis.lm_routing import routing_report
 
     model = _model(corpus, ffn="switch", num_experts=4, capacity_factor=1.0)
     batch = corpus.held_out(12, 32)
@@ -162,7 +162,7 @@ def test_routing_report_counts_every_token_once_per_layer(corpus: Corpus):
 
 
 def test_routing_tracker_records_shares_over_training(corpus: Corpus):
-    from moe_course.lm_routing import RoutingTracker
+    from moe_course.analysis.lm_routing import RoutingTracker
 
     task = LMTask(corpus, 32, eval_rows=8)
     tracker = RoutingTracker(task.held_out, corpus.domains, chunk=8)

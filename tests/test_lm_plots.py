@@ -1,4 +1,4 @@
-"""Tests for moe_course.lm_plots: the language-model figures draw what their inputs say."""
+"""Tests for moe_course.figures.lm_plots: the language-model figures draw what their inputs say."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from moe_course.lm_plots import (  # noqa: E402
+from moe_course.analysis.lm_routing import LayerRouting  # noqa: E402
+from moe_course.figures.lm_plots import (  # noqa: E402
     domain_bars,
     expert_share_over_training,
     experts_scaling,
@@ -21,8 +22,7 @@ from moe_course.lm_plots import (  # noqa: E402
     routing_heatmaps,
     routing_over_training,
 )
-from moe_course.lm_routing import LayerRouting  # noqa: E402
-from moe_course.plots import use_course_style  # noqa: E402
+from moe_course.figures.plots import use_course_style  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,12 +1,12 @@
-"""Tests for moe_course.lm_runs: several LM runs, in this process or in worker processes, with the same results."""
+"""Tests for moe_course.experiments.lm_runs: several LM runs, in this process or in worker processes, with the same results."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from moe_course.corpus import Corpus, CorpusConfig
-from moe_course.lm_runs import LMRun, results_table, run_lm, run_lms, summarise
+from moe_course.data.corpus import Corpus, CorpusConfig
+from moe_course.experiments.lm_runs import LMRun, results_table, run_lm, run_lms, summarise
 from moe_course.training import TrainConfig
 from moe_course.transformer import GPTConfig
 
@@ -65,7 +65,7 @@ def test_run_lm_leaves_the_thread_count_as_it_found_it(runs):
 
 
 def test_rebuilt_model_matches_the_final_evaluation(runs, in_process):
-    from moe_course.lm import LMTask
+    from moe_course.training.lm import LMTask
 
     res = in_process[2]
     model = res.model()

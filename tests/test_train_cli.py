@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from moe_course.train import load_run, main
+from moe_course.training.cli import load_run, main
 
 TINY = ["--d-model", "16", "--d-ff", "32", "--layers", "2", "--heads", "2", "--context", "16", "--batch-size", "4",
         "--eval-rows", "4", "--facts", "20", "--quiet", "--device", "cpu", "--threads", "1", "--warmup", "2"]
@@ -99,4 +99,4 @@ def test_module_entry_point_prints_help(monkeypatch, capsys):
 
 def test_console_script_is_declared():
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
-    assert 'moe-train = "moe_course.train:main"' in text
+    assert 'moe-train = "moe_course.training.cli:main"' in text

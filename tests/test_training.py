@@ -146,13 +146,13 @@ def test_classification_task_checks_shapes():
 
 def test_every_tracker_looks_at_the_model_in_eval_mode_without_gradients_and_restores_its_mode():
     """LoadTracker, SpecialisationTracker and RoutingTracker share one rule: training.evaluating."""
-    from moe_course.balance import LoadTracker
-    from moe_course.corpus import Corpus, CorpusConfig
-    from moe_course.lm_routing import RoutingTracker
+    from moe_course.analysis.lm_routing import RoutingTracker
+    from moe_course.analysis.load import LoadTracker
+    from moe_course.analysis.specialisation import SpecialisationTracker
+    from moe_course.data.corpus import Corpus, CorpusConfig
     from moe_course.mixture import DenseMixture, DenseMixtureConfig
     from moe_course.models import ClinicMoE
     from moe_course.moe import MoEConfig
-    from moe_course.specialisation import SpecialisationTracker
     from moe_course.transformer import GPT, GPTConfig
 
     corpus = Corpus(CorpusConfig(num_facts=20))

@@ -1,8 +1,8 @@
 """Figures for the language-model lessons: loss curves over seeds, per-domain results, routing inside a Switch LM.
 
 Every function returns the matplotlib Axes (or Figure) it drew on. Inputs
-are the tables of ``moe_course.lm_runs`` (histories, ``results_table``) and
-the routing records of ``moe_course.lm_routing`` (``LayerRouting``,
+are the tables of ``moe_course.experiments.lm_runs`` (histories, ``results_table``) and
+the routing records of ``moe_course.analysis.lm_routing`` (``LayerRouting``,
 ``RoutingTracker.history`` / ``summary``).
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from .lm_routing import LayerRouting
+from ..analysis.lm_routing import LayerRouting
 
 __all__ = ["loss_curves", "domain_bars", "experts_scaling", "routing_heatmaps", "expert_share_over_training", "routing_over_training"]
 

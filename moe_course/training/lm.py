@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .corpus import ANSWER_DOMAINS, Corpus, LMBatch
-from .training import model_logits
+from ..data.corpus import ANSWER_DOMAINS, Corpus, LMBatch
+from .loop import model_logits
 
 __all__ = ["token_losses", "loss_by_domain", "exact_match_by_domain", "LMEvaluation", "evaluate_lm", "LMTask", "complete"]
 

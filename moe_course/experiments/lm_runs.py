@@ -25,16 +25,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import pandas as pd
 import torch
 
-from .corpus import Corpus, CorpusConfig
-from .device import get_device, seed_everything
-from .lm import LMTask
-from .lm_routing import LayerRouting, RoutingTracker
-from .training import TrainConfig, train
-from .transformer import GPT, GPTConfig
+from ..analysis.lm_routing import LayerRouting, RoutingTracker
+from ..data.corpus import Corpus, CorpusConfig
+from ..device import get_device, seed_everything
+from ..training.lm import LMTask
+from ..training.loop import TrainConfig, train
+from ..transformer import GPT, GPTConfig
 from .workers import run_in_workers
 
 __all__ = ["LMRun", "LMRunResult", "run_lm", "run_lms", "results_table", "summarise"]
@@ -115,11 +116,6 @@ def run_lm(run: LMRun, corpus_config: CorpusConfig, *, eval_rows: int = 96, eval
     return LMRunResult(run, result.history, seconds, state, dict(tracker.reports) if tracker else {})
 
 
-def _run_in_worker(args) -> LMRunResult:
-    run, corpus_config, eval_rows, eval_chunk = args
-    return run_lm(run, corpus_config, eval_rows=eval_rows, eval_chunk=eval_chunk)
-
-
 def run_lms(runs: list[LMRun], corpus_config: CorpusConfig = CorpusConfig(), *, workers: int = 2, eval_rows: int = 96,
             eval_chunk: int | None = None, progress: bool = True, device: torch.device | str | None = None) -> list[LMRunResult]:
     """Train every run (``workers`` at a time, each in its own one-thread process) → results in the order of ``runs``.
@@ -141,26 +137,10 @@ def run_lms(runs: list[LMRun], corpus_config: CorpusConfig = CorpusConfig(), *, 
         raise TypeError(f"run_lms expects a CorpusConfig, got {type(corpus_config).__name__}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive int, got {workers!r}")
-    from tqdm.auto import tqdm
-
     device = torch.device(device) if device is not None else get_device()
-    bar = tqdm(total=len(runs), desc="training runs", disable=not progress)
-    results: list[LMRunResult | None] = [None] * len(runs)
-    if workers == 1 or len(runs) == 1 or device.type != "cpu":
-        for i, r in enumerate(runs):
-            bar.set_postfix_str(f"{r.label}, seed {r.seed}")
-            results[i] = run_lm(r, corpus_config, eval_rows=eval_rows, eval_chunk=eval_chunk, device=device)
-            bar.update()
-    else:
-        def finished(i: int, result: LMRunResult) -> None:
-            results[i] = result
-            bar.set_postfix_str(f"finished {runs[i].label}, seed {runs[i].seed}")
-            bar.update()
-
-        run_in_workers(_run_in_worker, [(r, corpus_config, eval_rows, eval_chunk) for r in runs], workers=workers,
-                       on_done=finished)
-    bar.close()
-    return results  # type: ignore[return-value]
+    fn = partial(run_lm, corpus_config=corpus_config, eval_rows=eval_rows, eval_chunk=eval_chunk, device=device)
+    return run_in_workers(fn, runs, workers=workers if device.type == "cpu" else 1, progress=progress,
+                          desc="training runs", name=lambda r: f"{r.label}, seed {r.seed}")
 
 
 def results_table(results: list[LMRunResult]) -> pd.DataFrame:
