@@ -188,6 +188,7 @@ class CorpusConfig:
     num_facts: int = 90  # patients in the clinic's records (the knowledge to memorise)
     id_digits: int = 2  # digits of a patient number: at most 9·10^(id_digits-1) patients
     num_wards: int = 16  # distinct answers of a fact (at most len(WARDS)): log2(num_wards) bits per fact
+    fact_prompt: str = "patient {}: "  # a record's prompt, "{}" standing for the patient number; the ward follows it
     mix: Mapping[str, float] | None = None  # sampling weight per domain; None: DEFAULT_MIX (+ text_weight)
     arithmetic_digits: int = 2  # operands have up to this many digits
     max_word: int = 6  # longest word to reverse or sort, and longest bracket prefix
@@ -212,6 +213,13 @@ class CorpusConfig:
             raise ValueError(f"CorpusConfig.num_facts={self.num_facts}: patient numbers have {self.id_digits} digits, so at most {most} facts; raise id_digits")
         if not isinstance(self.num_wards, int) or not 2 <= self.num_wards <= len(WARDS):
             raise ValueError(f"CorpusConfig.num_wards must be an int in [2, {len(WARDS)}], got {self.num_wards!r}")
+        if not isinstance(self.fact_prompt, str) or self.fact_prompt.count("{}") != 1 or "\n" in self.fact_prompt:
+            raise ValueError(f"CorpusConfig.fact_prompt must be one line with exactly one '{{}}' for the patient number, e.g. 'patient {{}}: ', got {self.fact_prompt!r}")
+        before, after = self.fact_prompt.split("{}")
+        if before[-1:].isdigit() or after[:1].isdigit():
+            raise ValueError(f"CorpusConfig.fact_prompt {self.fact_prompt!r}: a digit next to '{{}}' would merge with the patient number")
+        if any(c not in BASE_CHARS for c in self.fact_prompt):
+            raise ValueError(f"CorpusConfig.fact_prompt {self.fact_prompt!r} may use printable ASCII characters only")
         if self.arithmetic_digits > 6:
             raise ValueError(f"CorpusConfig.arithmetic_digits must be at most 6, got {self.arithmetic_digits}")
         if self.max_word < 3:
@@ -371,9 +379,13 @@ class Corpus:
 
     # --- samples ----------------------------------------------------------------
 
+    def fact_prompt(self, patient: int) -> str:
+        """The prompt that asks for ``patient``'s ward, e.g. "patient 48: " (``CorpusConfig.fact_prompt``)."""
+        return self.config.fact_prompt.format(patient)
+
     def _fact(self, rng: random.Random, held_out: bool) -> Sample:
         patient = self._fact_keys[rng.randrange(len(self._fact_keys))]
-        prompt = f"patient {patient}: "
+        prompt = self.fact_prompt(patient)
         return Sample(prompt + self.facts[patient] + "\n", "facts", len(prompt))
 
     def _arithmetic(self, rng: random.Random, held_out: bool) -> Sample:

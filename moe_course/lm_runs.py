@@ -27,6 +27,8 @@ import multiprocessing as mp
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Any, Callable
 
 import pandas as pd
 import torch
@@ -38,7 +40,7 @@ from .lm_routing import LayerRouting, RoutingTracker
 from .training import TrainConfig, train
 from .transformer import GPT, GPTConfig
 
-__all__ = ["LMRun", "LMRunResult", "run_lm", "run_lms", "results_table", "summarise"]
+__all__ = ["LMRun", "LMRunResult", "run_lm", "run_lms", "run_in_workers", "results_table", "summarise", "seed_verdict"]
 
 
 @dataclass(frozen=True)
@@ -120,9 +122,42 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _run_in_worker(args) -> LMRunResult:
-    run, corpus_config, eval_rows, eval_chunk = args
-    return run_lm(run, corpus_config, eval_rows=eval_rows, eval_chunk=eval_chunk)
+def run_in_workers(fn: Callable[[Any], Any], jobs: list, *, workers: int = 2, progress: bool = True, desc: str = "runs",
+                   name: Callable[[Any], str] = str) -> list:
+    """``fn(job)`` for every job, ``workers`` at a time in fresh one-thread processes → results in the order of ``jobs``.
+
+    ``fn`` must be importable by the workers: a module-level function of the
+    package (or a ``functools.partial`` of one), not one defined in a notebook.
+    ``workers=1`` (or a single job) runs the jobs one after another in this
+    process. ``name(job)`` labels the progress bar.
+    """
+    jobs = list(jobs)
+    if not jobs:
+        raise ValueError("run_in_workers needs at least one job")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(jobs), desc=desc, disable=not progress)
+    results: list = [None] * len(jobs)
+    if workers == 1 or len(jobs) == 1:
+        for i, job in enumerate(jobs):
+            bar.set_postfix_str(name(job))
+            results[i] = fn(job)
+            bar.update()
+    else:
+        # "spawn": a fresh interpreter per worker (forking a process that already runs
+        # PyTorch's thread pools can hang).
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
+                                 initializer=_worker_init) as pool:
+            futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
+            for future in as_completed(futures):
+                i = futures[future]
+                results[i] = future.result()
+                bar.set_postfix_str(f"finished {name(jobs[i])}")
+                bar.update()
+    bar.close()
+    return results
 
 
 def run_lms(runs: list[LMRun], corpus_config: CorpusConfig = CorpusConfig(), *, workers: int = 2, eval_rows: int = 96,
@@ -146,29 +181,10 @@ def run_lms(runs: list[LMRun], corpus_config: CorpusConfig = CorpusConfig(), *, 
         raise TypeError(f"run_lms expects a CorpusConfig, got {type(corpus_config).__name__}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive int, got {workers!r}")
-    from tqdm.auto import tqdm
-
     device = torch.device(device) if device is not None else get_device()
-    bar = tqdm(total=len(runs), desc="training runs", disable=not progress)
-    results: list[LMRunResult | None] = [None] * len(runs)
-    if workers == 1 or len(runs) == 1 or device.type != "cpu":
-        for i, r in enumerate(runs):
-            bar.set_postfix_str(f"{r.label}, seed {r.seed}")
-            results[i] = run_lm(r, corpus_config, eval_rows=eval_rows, eval_chunk=eval_chunk, device=device)
-            bar.update()
-    else:
-        # "spawn": a fresh interpreter per worker (forking a process that already runs
-        # PyTorch's thread pools can hang).
-        with ProcessPoolExecutor(max_workers=min(workers, len(runs)), mp_context=mp.get_context("spawn"),
-                                 initializer=_worker_init) as pool:
-            futures = {pool.submit(_run_in_worker, (r, corpus_config, eval_rows, eval_chunk)): i for i, r in enumerate(runs)}
-            for future in as_completed(futures):
-                i = futures[future]
-                results[i] = future.result()
-                bar.set_postfix_str(f"finished {runs[i].label}, seed {runs[i].seed}")
-                bar.update()
-    bar.close()
-    return results  # type: ignore[return-value]
+    fn = partial(run_lm, corpus_config=corpus_config, eval_rows=eval_rows, eval_chunk=eval_chunk, device=device)
+    return run_in_workers(fn, runs, workers=workers if device.type == "cpu" else 1, progress=progress,
+                          desc="training runs", name=lambda r: f"{r.label}, seed {r.seed}")
 
 
 def results_table(results: list[LMRunResult]) -> pd.DataFrame:
@@ -195,3 +211,40 @@ def summarise(table: pd.DataFrame, columns: list[str] | None = None) -> pd.DataF
     stats = table.groupby("label", sort=False)[columns].agg(["mean", "std"])
     stats.insert(0, ("seeds", ""), table.groupby("label", sort=False)["seed"].count())
     return stats.loc[order]
+
+
+def seed_verdict(table: pd.DataFrame, a: str, b: str, metrics: dict[str, bool], *, by: str = "label") -> pd.DataFrame:
+    """Compare label ``b`` with label ``a`` over seeds, one row per metric, with the verdict computed.
+
+    metrics: column → True when higher is better (recall), False when lower
+    is (a loss). A verdict needs the seeds to agree: "``b`` better" when b's
+    *worst* seed beats a's *best* seed (the two ranges over seeds do not
+    overlap), "``a`` better" the other way round, else "within seed noise".
+    Columns: ``a`` and ``b`` (mean ± sd over seeds), their ranges, the
+    difference b − a of the means, the number of seeds, the verdict.
+    """
+    if by not in table.columns:
+        raise ValueError(f"seed_verdict: the table has no column {by!r}")
+    rows = []
+    for metric, higher in metrics.items():
+        if metric not in table.columns:
+            raise ValueError(f"seed_verdict: the table has no column {metric!r}; it has {list(table.columns)}")
+        values = {}
+        for name in (a, b):
+            v = table.loc[table[by] == name, metric].astype(float)
+            if v.empty:
+                raise ValueError(f"seed_verdict: no rows with {by} == {name!r}; there are {sorted(table[by].unique())}")
+            values[name] = v
+        va, vb = values[a], values[b]
+        sign = 1 if higher else -1
+        if (sign * vb).min() > (sign * va).max():
+            verdict = f"{b} better"
+        elif (sign * va).min() > (sign * vb).max():
+            verdict = f"{a} better"
+        else:
+            verdict = "within seed noise"
+        sd = lambda v: v.std() if len(v) > 1 else float("nan")  # noqa: E731
+        rows.append({"metric": metric, a: f"{va.mean():.3f} ± {sd(va):.3f}", f"{a} range": f"{va.min():.3f}–{va.max():.3f}",
+                     b: f"{vb.mean():.3f} ± {sd(vb):.3f}", f"{b} range": f"{vb.min():.3f}–{vb.max():.3f}",
+                     f"{b} − {a}": round(vb.mean() - va.mean(), 4), "seeds": f"{len(va)} / {len(vb)}", "verdict": verdict})
+    return pd.DataFrame(rows).set_index("metric")

@@ -12,10 +12,11 @@ F hidden width, E experts, K top-k, C capacity, N = B·T tokens; V vocabulary.
 "Pre-norm" blocks (the layer norm sits inside the residual branch, GPT-2
 style) keep a clean residual path from the embedding to the head. In a
 Switch model (Fedus et al. 2021, arXiv:2101.03961) ``ffn`` is a ``MoELayer``
-with the Switch router (top-1, raw gate), a capacity factor and the balance
-and z-losses; every expert has the dense FFN's width F, so one token costs
-the same FLOPs in both models (plus the router's 2·D·E), while the Switch
-model holds E times the FFN parameters.
+with the Switch router (top-1, raw gate; ``router`` and ``top_k`` choose
+another routing, e.g. top-2), a capacity factor and the balance and
+z-losses; every expert has the dense FFN's width F, so with top-1 one token
+costs the same FLOPs in both models (plus the router's 2·D·E), while the
+Switch model holds E times the FFN parameters.
 
 ``GPT.forward`` returns a ``GPTOutput``: the logits, ``aux_loss`` (the sum
 over MoE layers of their weighted ``MoEOutput.loss``, to add to the
@@ -72,8 +73,10 @@ class GPTConfig:
     n_layers: int = 2  # transformer blocks
     n_heads: int = 4  # attention heads per block; D must be divisible by it
     d_ff: int = 256  # F, hidden width of the dense FFN and of each expert
-    ffn: str = "dense"  # "dense": a FeedForward in every block; "switch": MoELayers (top-1 Switch routing)
+    ffn: str = "dense"  # "dense": a FeedForward in every block; "switch": MoELayers (routed by ``router``)
     num_experts: int = 1  # E, experts per Switch layer (1 for a dense model)
+    router: str = "switch"  # MoE routing (moe_course.moe.ROUTERS): "switch" (top-1, raw gate), "top_k" (renormalised), "noisy_top_k"
+    top_k: int = 1  # K, experts per token ("switch" needs 1); a token then costs K experts' FLOPs
     moe_every: int = 1  # every moe_every-th block is a Switch block, the others dense (the Switch paper used 2)
     capacity_factor: float | None = 1.25  # Switch: slots per expert = ceil(N/E · factor), N counted per forward call; None: dropless
     aux_loss_coef: float = 1e-2  # α, weight of the load-balancing loss
@@ -88,7 +91,7 @@ class GPTConfig:
     dispatch: str | None = None  # MoE dispatch method (moe_course.dispatch.METHODS); None: the fastest
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "d_model", "n_layers", "n_heads", "d_ff", "num_experts", "moe_every"):
+        for name in ("vocab_size", "block_size", "d_model", "n_layers", "n_heads", "d_ff", "num_experts", "moe_every", "top_k"):
             _positive_int("GPTConfig", name, getattr(self, name))
         if self.d_model % self.n_heads:
             raise ValueError(f"GPTConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
@@ -100,6 +103,8 @@ class GPTConfig:
             raise ValueError(f"GPTConfig: rotary position embeddings need an even head width; d_model / n_heads = {self.d_head}")
         if self.ffn == "dense" and self.num_experts != 1:
             raise ValueError(f"GPTConfig: a dense model has no experts, but num_experts={self.num_experts}; use ffn='switch' for experts")
+        if self.ffn == "dense" and self.top_k != 1:
+            raise ValueError(f"GPTConfig: a dense model routes nothing, but top_k={self.top_k}; use ffn='switch' (with router='top_k') for top-k routing")
         if self.ffn == "switch" and self.moe_every > self.n_layers:
             raise ValueError(f"GPTConfig.moe_every={self.moe_every} > n_layers={self.n_layers}: the model would have no Switch block")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
@@ -107,9 +112,7 @@ class GPTConfig:
         if self.init_scale is not None and (not isinstance(self.init_scale, (int, float)) or not math.isfinite(self.init_scale) or self.init_scale <= 0):
             raise ValueError(f"GPTConfig.init_scale must be > 0 or None, got {self.init_scale!r}")
         try:  # the MoE fields are checked by MoEConfig itself, with its own messages
-            MoEConfig(d_model=self.d_model, d_ff=self.d_ff, num_experts=self.num_experts, capacity_factor=self.capacity_factor,
-                      aux_loss_coef=self.aux_loss_coef, z_loss_coef=self.z_loss_coef, router_jitter=self.router_jitter,
-                      dispatch=self.dispatch)
+            self.moe_config()
         except ValueError as err:
             raise ValueError(f"GPTConfig: {err}") from None
 
@@ -128,15 +131,15 @@ class GPTConfig:
     def moe_config(self) -> MoEConfig:
         """The MoEConfig of every Switch block."""
         return MoEConfig(
-            d_model=self.d_model, d_ff=self.d_ff, num_experts=self.num_experts, top_k=1,
-            capacity_factor=self.capacity_factor, router="switch",
+            d_model=self.d_model, d_ff=self.d_ff, num_experts=self.num_experts, top_k=self.top_k,
+            capacity_factor=self.capacity_factor, router=self.router,
             aux_loss_coef=self.aux_loss_coef, z_loss_coef=self.z_loss_coef, router_jitter=self.router_jitter,
             init_scale=self.init_scale, bias=self.bias, dispatch=self.dispatch,
         )
 
     def dense_twin(self) -> "GPTConfig":
-        """The same model with a dense FFN in every block: equal FLOPs per token (but the router's)."""
-        return replace(self, ffn="dense", num_experts=1)
+        """The same model with a dense FFN in every block: equal FLOPs per token (but the router's) when top_k = 1."""
+        return replace(self, ffn="dense", num_experts=1, router="switch", top_k=1)
 
     def switch_twin(self, num_experts: int) -> "GPTConfig":
         """The same model with Switch layers of ``num_experts`` experts of width d_ff."""
@@ -367,8 +370,8 @@ class ParamCount:
     attention: int  # n_layers · (4·D² + 4·D biases)
     norms: int  # (2 per block + the final one) · 2·D
     ffn: int  # all FFN and expert parameters: dense blocks 2·D·F (+F+D), Switch blocks E times that
-    ffn_active: int  # the FFN parameters one token uses: one expert per Switch block (top-1)
-    router: int  # D·E per Switch block
+    ffn_active: int  # the FFN parameters one token uses: top_k experts per Switch block (one with Switch's top-1)
+    router: int  # D·E per Switch block (twice that with the noisy router's W_noise)
     head: int  # 0 when tied to the token embedding, else V·D
 
     @property
@@ -386,8 +389,8 @@ class FlopCount:
 
     attention_proj: int  # n_layers · 8·D²: q, k, v (2·D·3D) and the output projection (2·D·D)
     attention_mix: int  # n_layers · 4·T·D: scores q·kᵀ (2·T·D) and the weighted sum of values (2·T·D)
-    ffn: int  # per block 4·D·F: the dense FFN, or the one expert a token visits (top-1)
-    router: int  # 2·D·E per Switch block
+    ffn: int  # per block 4·D·F: the dense FFN, or K·4·D·F for the top_k experts a token visits (K = 1 for Switch)
+    router: int  # 2·D·E per Switch block (twice that with the noisy router's second matmul)
     head: int  # 2·D·V, the logits
 
     @property
@@ -407,13 +410,14 @@ def param_count(config: GPTConfig) -> ParamCount:
     ffn_one = 2 * D * F_ + b * (F_ + D)
     n_moe = len(config.moe_layers)
     n_dense = L - n_moe
+    routers = 2 if config.router == "noisy_top_k" else 1  # W_r, and W_noise for the noisy router
     return ParamCount(
         embedding=V * D + (T * D if config.position != "rope" else 0),
         attention=L * (4 * D * D + b * 4 * D),
         norms=(2 * L + 1) * 2 * D,
         ffn=n_dense * ffn_one + n_moe * E * ffn_one,
-        ffn_active=L * ffn_one,
-        router=n_moe * D * E,
+        ffn_active=n_dense * ffn_one + n_moe * config.top_k * ffn_one,
+        router=n_moe * routers * D * E,
         head=0 if config.tie_embeddings else V * D,
     )
 
@@ -430,10 +434,11 @@ def flops_per_token(config: GPTConfig, context: int | None = None) -> FlopCount:
         raise ValueError(f"context must be a positive int, got {T!r}")
     D, F_, L, E, V = config.d_model, config.d_ff, config.n_layers, config.num_experts, config.vocab_size
     n_moe = len(config.moe_layers)
+    routers = 2 if config.router == "noisy_top_k" else 1
     return FlopCount(
         attention_proj=L * 8 * D * D,
         attention_mix=L * 4 * T * D,
-        ffn=L * 4 * D * F_,
-        router=n_moe * 2 * D * E,
+        ffn=(L - n_moe) * 4 * D * F_ + n_moe * config.top_k * 4 * D * F_,
+        router=n_moe * routers * 2 * D * E,
         head=2 * D * V,
     )

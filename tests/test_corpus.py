@@ -237,11 +237,25 @@ def test_text_file_errors_are_clear(tmp_path):
     "kwargs,words",
     [({"num_facts": 0}, "num_facts"), ({"num_facts": 91}, "at most 90 facts"), ({"num_facts": 901, "id_digits": 3}, "at most 900"), ({"num_wards": 17}, "num_wards"),
      ({"mix": {"gossip": 1.0}}, "unknown domain 'gossip'"), ({"mix": {"facts": -1.0}}, r"mix\['facts'\]"),
-     ({"mix": {"facts": 0.0}}, "sum to 0"), ({"max_word": 2}, "max_word"), ({"seed": -1}, "seed")],
+     ({"mix": {"facts": 0.0}}, "sum to 0"), ({"max_word": 2}, "max_word"), ({"seed": -1}, "seed"),
+     ({"fact_prompt": "patient: "}, "exactly one"), ({"fact_prompt": "#{} {}"}, "exactly one"), ({"fact_prompt": "#{}\n"}, "one line"),
+     ({"fact_prompt": "7{}: "}, "merge with the patient number"), ({"fact_prompt": "Patiënt {}: "}, "printable ASCII")],
 )
 def test_corpus_config_rejects_bad_values(kwargs, words):
     with pytest.raises(ValueError, match=words):
         CorpusConfig(**kwargs)
+
+
+def test_fact_prompt_shapes_every_record():
+    short = Corpus(CorpusConfig(num_facts=300, id_digits=3, fact_prompt="#{}"))
+    assert short.fact_prompt(482) == "#482"
+    rng = random.Random(0)
+    for _ in range(20):
+        s = short.sample("facts", rng=rng)
+        patient = int(s.prompt.removeprefix("#"))
+        assert s.answer == short.facts[patient] + "\n" and s.prompt == short.fact_prompt(patient)
+    assert Corpus(CorpusConfig(num_facts=10)).fact_prompt(42) == "patient 42: "  # the default
+    assert short.facts == Corpus(CorpusConfig(num_facts=300, id_digits=3)).facts  # the prompt changes the text, not the table
 
 
 def test_batch_rejects_bad_sizes(corpus: Corpus):

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from moe_course.corpus import Corpus, CorpusConfig
-from moe_course.lm_runs import LMRun, results_table, run_lm, run_lms, summarise
+import pandas as pd
+
+from moe_course.lm_runs import LMRun, results_table, run_in_workers, run_lm, run_lms, seed_verdict, summarise
 from moe_course.training import TrainConfig
 from moe_course.transformer import GPTConfig
 
@@ -104,3 +106,30 @@ def test_bad_runs_are_refused():
         run_lms([], CORPUS)
     with pytest.raises(ValueError, match="workers"):
         run_lms([LMRun("dense", _config(), TINY)], CORPUS, workers=0)
+
+
+def test_run_in_workers_keeps_the_order_of_the_jobs():
+    assert run_in_workers(abs, [-3, 2, -1], workers=1, progress=False) == [3, 2, 1]
+    assert run_in_workers(abs, [-3, 2, -1, -7], workers=2, progress=False) == [3, 2, 1, 7]
+    with pytest.raises(ValueError, match="at least one job"):
+        run_in_workers(abs, [], progress=False)
+    with pytest.raises(ValueError, match="workers"):
+        run_in_workers(abs, [1], workers=0, progress=False)
+
+
+def test_seed_verdict_needs_every_seed_to_agree():
+    table = pd.DataFrame({
+        "label": ["dense"] * 3 + ["switch"] * 3,
+        "recall": [0.40, 0.45, 0.42, 0.60, 0.62, 0.58],  # every switch seed above every dense seed
+        "loss": [0.30, 0.35, 0.32, 0.31, 0.29, 0.40],  # ranges overlap
+        "skill": [1.0, 1.1, 1.05, 1.3, 1.2, 1.25],  # every dense seed lower (better)
+    })
+    v = seed_verdict(table, "dense", "switch", {"recall": True, "loss": False, "skill": False})
+    assert list(v["verdict"]) == ["switch better", "within seed noise", "dense better"]
+    assert v.loc["recall", "switch − dense"] == pytest.approx(0.60 - 0.42333, abs=1e-4)
+    assert v.loc["recall", "dense"] == "0.423 ± 0.025" and v.loc["recall", "switch range"] == "0.580–0.620"
+    assert v.loc["recall", "seeds"] == "3 / 3"
+    with pytest.raises(ValueError, match="no column 'nonsense'"):
+        seed_verdict(table, "dense", "switch", {"nonsense": True})
+    with pytest.raises(ValueError, match="no rows with label == 'moe'"):
+        seed_verdict(table, "dense", "moe", {"recall": True})

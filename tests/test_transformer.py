@@ -42,7 +42,10 @@ def _ids(b: int = 2, t: int = 16, seed: int = 0) -> torch.Tensor:
      ({"n_heads": 5}, "divisible by n_heads"), ({"ffn": "switch", "num_experts": 4, "moe_every": 3}, "no Switch block"),
      ({"ffn": "switch", "num_experts": 4, "capacity_factor": 0.0}, "capacity_factor"),
      ({"ffn": "switch", "num_experts": 4, "aux_loss_coef": -1.0}, "aux_loss_coef"), ({"d_model": 0}, "d_model"),
-     ({"position": "sinusoid"}, "position"), ({"d_model": 12, "n_heads": 4}, "even head width"), ({"dropout": 1.0}, "dropout")],
+     ({"position": "sinusoid"}, "position"), ({"d_model": 12, "n_heads": 4}, "even head width"), ({"dropout": 1.0}, "dropout"),
+     ({"top_k": 2}, "dense model routes nothing"), ({"ffn": "switch", "num_experts": 4, "top_k": 2}, "router='top_k'"),
+     ({"ffn": "switch", "num_experts": 4, "router": "expert_choice"}, "unknown router type"),
+     ({"ffn": "switch", "num_experts": 2, "router": "top_k", "top_k": 3}, "more than num_experts"), ({"top_k": 0}, "top_k")],
 )
 def test_config_rejects_bad_values_with_clear_messages(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -214,7 +217,9 @@ def test_copy_refuses_models_of_different_shapes():
 @pytest.mark.parametrize(
     "kw",
     [{}, {"ffn": "switch", "num_experts": 4}, {"ffn": "switch", "num_experts": 3, "n_layers": 4, "moe_every": 2},
-     {"tie_embeddings": False, "position": "learned"}, {"bias": False, "ffn": "switch", "num_experts": 2}],
+     {"tie_embeddings": False, "position": "learned"}, {"bias": False, "ffn": "switch", "num_experts": 2},
+     {"ffn": "switch", "num_experts": 4, "router": "top_k", "top_k": 2},
+     {"ffn": "switch", "num_experts": 4, "router": "noisy_top_k", "top_k": 2, "n_layers": 4, "moe_every": 2}],
 )
 def test_param_count_matches_the_model(kw):
     cfg = _cfg(**kw)
@@ -251,7 +256,24 @@ def test_flops_per_token_by_hand():
     assert flops_per_token(_cfg(), context=8).attention_mix == dense.attention_mix // 2
 
 
-@pytest.mark.parametrize("kw", [{}, {"ffn": "switch", "num_experts": 4}, {"ffn": "switch", "num_experts": 8, "n_layers": 4, "moe_every": 2}])
+def test_top_k_routing_in_the_gpt_counts_k_experts_per_token():
+    top2 = _cfg(ffn="switch", num_experts=4, router="top_k", top_k=2, n_layers=4, moe_every=2)
+    m = top2.moe_config()
+    assert (m.router, m.top_k) == ("top_k", 2)
+    out = GPT(top2)(_ids())
+    assert [o.expert_index.shape for _, o in out.moe_outputs] == [(32, 2), (32, 2)]
+    one = 2 * 32 * 64 + 64 + 32
+    pc, dense = param_count(top2), param_count(top2.dense_twin())
+    assert pc.ffn_active == dense.ffn_active + 2 * one  # two Switch blocks, one extra expert each
+    fc = flops_per_token(top2)
+    assert fc.ffn == flops_per_token(top2.dense_twin()).ffn + 2 * 4 * 32 * 64
+    noisy = replace(top2, router="noisy_top_k")
+    assert param_count(noisy).router == 2 * param_count(top2).router and flops_per_token(noisy).router == 2 * fc.router
+    assert top2.dense_twin().top_k == 1 and top2.dense_twin().router == "switch"
+
+
+@pytest.mark.parametrize("kw", [{}, {"ffn": "switch", "num_experts": 4}, {"ffn": "switch", "num_experts": 8, "n_layers": 4, "moe_every": 2},
+                                {"ffn": "switch", "num_experts": 4, "router": "top_k", "top_k": 2}])
 def test_flops_per_token_match_pytorchs_flop_counter(kw):
     # explicit attention and a per-expert dispatch, so that every matmul is seen by the counter
     cfg = _cfg(fast_attention=False, dispatch="sort_split", capacity_factor=None, **kw) if kw else _cfg(fast_attention=False)
