@@ -95,7 +95,8 @@ def _layer(layer: int) -> LayerRouting:
 def test_routing_heatmaps_one_panel_per_layer_with_row_shares():
     fig = routing_heatmaps([_layer(0), _layer(1)], title="T")
     axes = [ax for ax in fig.axes if ax.get_title()]
-    assert len(axes) == 2 and axes[1].get_title().startswith("layer 1")
+    assert len(axes) == 2 and axes[1].get_title().startswith("layer 2")  # block index 1, named from 1 as in lesson 07
+    assert len(fig.axes) == 4  # each heatmap has its colour bar
     assert [t.get_text() for t in axes[0].texts] == ["90%", "10%", "0%", "0%", "50%", "50%"]
     assert f"{_layer(0).specialisation:.2f}" in axes[0].get_title()
     with pytest.raises(ValueError, match="at least one"):
