@@ -217,11 +217,12 @@ def seed_verdict(table: pd.DataFrame, a: str, b: str, metrics: dict[str, bool], 
     """Compare label ``b`` with label ``a`` over seeds, one row per metric, with the verdict computed.
 
     metrics: column → True when higher is better (recall), False when lower
-    is (a loss). A verdict needs the seeds to agree: "``b`` better" when b's
+    is (a loss). A verdict needs the seeds to agree: "B better" when b's
     *worst* seed beats a's *best* seed (the two ranges over seeds do not
-    overlap), "``a`` better" the other way round, else "within seed noise".
-    Columns: ``a`` and ``b`` (mean ± sd over seeds), their ranges, the
-    difference b − a of the means, the number of seeds, the verdict.
+    overlap), "A better" the other way round, else "within seed noise".
+    Columns: A and B (the two labels), their mean ± sd and range over seeds,
+    the difference of the means B − A, the number of seeds, the verdict.
+    Tables of several comparisons can be stacked with ``pd.concat``.
     """
     if by not in table.columns:
         raise ValueError(f"seed_verdict: the table has no column {by!r}")
@@ -238,13 +239,14 @@ def seed_verdict(table: pd.DataFrame, a: str, b: str, metrics: dict[str, bool], 
         va, vb = values[a], values[b]
         sign = 1 if higher else -1
         if (sign * vb).min() > (sign * va).max():
-            verdict = f"{b} better"
+            verdict = "B better"
         elif (sign * va).min() > (sign * vb).max():
-            verdict = f"{a} better"
+            verdict = "A better"
         else:
             verdict = "within seed noise"
         sd = lambda v: v.std() if len(v) > 1 else float("nan")  # noqa: E731
-        rows.append({"metric": metric, a: f"{va.mean():.3f} ± {sd(va):.3f}", f"{a} range": f"{va.min():.3f}–{va.max():.3f}",
-                     b: f"{vb.mean():.3f} ± {sd(vb):.3f}", f"{b} range": f"{vb.min():.3f}–{vb.max():.3f}",
-                     f"{b} − {a}": round(vb.mean() - va.mean(), 4), "seeds": f"{len(va)} / {len(vb)}", "verdict": verdict})
+        rows.append({"metric": metric, "better": "higher" if higher else "lower",
+                     "A": a, "A mean ± sd": f"{va.mean():.3f} ± {sd(va):.3f}", "A range": f"{va.min():.3f}–{va.max():.3f}",
+                     "B": b, "B mean ± sd": f"{vb.mean():.3f} ± {sd(vb):.3f}", "B range": f"{vb.min():.3f}–{vb.max():.3f}",
+                     "B − A": vb.mean() - va.mean(), "seeds": f"{len(va)} / {len(vb)}", "verdict": verdict})
     return pd.DataFrame(rows).set_index("metric")

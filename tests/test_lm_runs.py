@@ -125,9 +125,10 @@ def test_seed_verdict_needs_every_seed_to_agree():
         "skill": [1.0, 1.1, 1.05, 1.3, 1.2, 1.25],  # every dense seed lower (better)
     })
     v = seed_verdict(table, "dense", "switch", {"recall": True, "loss": False, "skill": False})
-    assert list(v["verdict"]) == ["switch better", "within seed noise", "dense better"]
-    assert v.loc["recall", "switch − dense"] == pytest.approx(0.60 - 0.42333, abs=1e-4)
-    assert v.loc["recall", "dense"] == "0.423 ± 0.025" and v.loc["recall", "switch range"] == "0.580–0.620"
+    assert list(v["verdict"]) == ["B better", "within seed noise", "A better"]
+    assert list(v["better"]) == ["higher", "lower", "lower"] and set(v["A"]) == {"dense"} and set(v["B"]) == {"switch"}
+    assert v.loc["recall", "B − A"] == pytest.approx(0.60 - 0.42333, abs=1e-4)
+    assert v.loc["recall", "A mean ± sd"] == "0.423 ± 0.025" and v.loc["recall", "B range"] == "0.580–0.620"
     assert v.loc["recall", "seeds"] == "3 / 3"
     with pytest.raises(ValueError, match="no column 'nonsense'"):
         seed_verdict(table, "dense", "switch", {"nonsense": True})
