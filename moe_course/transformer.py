@@ -40,10 +40,14 @@ from torch import nn
 
 from .attention import CausalSelfAttention
 from .experts import FeedForward
-from .moe import MoEConfig, MoELayer, MoEOutput
+from .dispatch import dispatch
+from .experts import Experts
+from .moe import ROUTERS, MoEConfig, MoELayer, MoEOutput
 
 __all__ = [
     "FFN_KINDS",
+    "GPT_ROUTERS",
+    "HashLayer",
     "GPTConfig",
     "GPTOutput",
     "BlockOutput",
@@ -57,6 +61,7 @@ __all__ = [
 ]
 
 FFN_KINDS = ("dense", "switch")
+GPT_ROUTERS = ROUTERS + ("hash",)  # the MoE layer's learned routers, and the hash layer's fixed one
 POSITIONS = ("rope", "learned", "both")
 
 
@@ -75,7 +80,7 @@ class GPTConfig:
     d_ff: int = 256  # F, hidden width of the dense FFN and of each expert
     ffn: str = "dense"  # "dense": a FeedForward in every block; "switch": MoELayers (routed by ``router``)
     num_experts: int = 1  # E, experts per Switch layer (1 for a dense model)
-    router: str = "switch"  # MoE routing (moe_course.moe.ROUTERS): "switch" (top-1, raw gate), "top_k" (renormalised), "noisy_top_k"
+    router: str = "switch"  # GPT_ROUTERS: "switch" (top-1, raw gate), "top_k" (renormalised), "noisy_top_k", "hash" (fixed, by token id)
     top_k: int = 1  # K, experts per token ("switch" needs 1); a token then costs K experts' FLOPs
     moe_every: int = 1  # every moe_every-th block is a Switch block, the others dense (the Switch paper used 2)
     capacity_factor: float | None = 1.25  # Switch: slots per expert = ceil(N/E · factor), N counted per forward call; None: dropless
@@ -103,6 +108,12 @@ class GPTConfig:
             raise ValueError(f"GPTConfig: rotary position embeddings need an even head width; d_model / n_heads = {self.d_head}")
         if self.ffn == "dense" and self.num_experts != 1:
             raise ValueError(f"GPTConfig: a dense model has no experts, but num_experts={self.num_experts}; use ffn='switch' for experts")
+        if self.router not in GPT_ROUTERS:
+            raise ValueError(f"GPTConfig.router: unknown router type {self.router!r}; choose from {list(GPT_ROUTERS)}")
+        if self.router == "hash" and self.top_k != 1:
+            raise ValueError(f"GPTConfig: a hash layer sends each token to one expert, but top_k={self.top_k}")
+        if self.router == "hash" and self.ffn == "switch" and self.capacity_factor is not None:
+            raise ValueError(f"GPTConfig: a hash layer drops no tokens; set capacity_factor=None (got {self.capacity_factor})")
         if self.ffn == "dense" and self.top_k != 1:
             raise ValueError(f"GPTConfig: a dense model routes nothing, but top_k={self.top_k}; use ffn='switch' (with router='top_k') for top-k routing")
         if self.ffn == "switch" and self.moe_every > self.n_layers:
@@ -129,10 +140,10 @@ class GPTConfig:
         return tuple(i for i in range(self.n_layers) if self.is_moe_layer(i))
 
     def moe_config(self) -> MoEConfig:
-        """The MoEConfig of every Switch block."""
+        """The MoEConfig of every Switch block (for a hash layer: its experts' settings; it has no router)."""
         return MoEConfig(
             d_model=self.d_model, d_ff=self.d_ff, num_experts=self.num_experts, top_k=self.top_k,
-            capacity_factor=self.capacity_factor, router=self.router,
+            capacity_factor=self.capacity_factor, router="switch" if self.router == "hash" else self.router,
             aux_loss_coef=self.aux_loss_coef, z_loss_coef=self.z_loss_coef, router_jitter=self.router_jitter,
             init_scale=self.init_scale, bias=self.bias, dispatch=self.dispatch,
         )
@@ -174,6 +185,55 @@ def _switch_init_(linear: nn.Linear, scale: float) -> None:
         nn.init.zeros_(linear.bias)
 
 
+class HashLayer(nn.Module):
+    """E experts, each token sent to one of them by a fixed hash of its token id: x (N, D) or (B, T, D), ids → MoEOutput.
+
+    Hash layers (Roller et al. 2021, "Hash Layers For Large Sparse Models",
+    arXiv:2106.04426): nothing is learned about the routing. ``expert_of``
+    (V,) assigns every vocabulary entry to an expert once, at random from a
+    fixed seed and balanced (each expert gets V/E entries, give or take one);
+    the gate is 1 and training adds no auxiliary loss. The routing never
+    changes during training, and it depends on what the token *is*, not on
+    what the context has made of its vector. The result has the fields of a
+    Switch layer's ``MoEOutput``: ``router_probs`` is one-hot on the hashed
+    expert, ``aux_loss`` the balance measure E·Σ f·P of that routing (for the
+    record; ``loss`` is 0), nothing is dropped.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        V, E = config.vocab_size, config.num_experts
+        self.num_experts, self.dispatch = E, config.dispatch
+        self.experts = Experts(E, config.d_model, config.d_ff, bias=config.bias, init_scale=config.init_scale)
+        order = torch.randperm(V, generator=torch.Generator().manual_seed(0))
+        table = torch.empty(V, dtype=torch.int64)
+        table[order] = torch.arange(V) % E  # a random, balanced assignment of the vocabulary
+        self.register_buffer("expert_of", table)  # (V,)
+
+    def expert_output(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e alone on x (N, D) → (N, D)."""
+        return self.experts.expert_output(e, x)
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> MoEOutput:
+        if token_ids is None:
+            raise ValueError("a hash layer routes by token id: call it (and its Block) with token_ids")
+        tokens = x.reshape(-1, x.shape[-1])  # (N, D)
+        ids = token_ids.reshape(-1)  # (N,)
+        if ids.shape[0] != tokens.shape[0]:
+            raise ValueError(f"token_ids {tuple(token_ids.shape)} must give one id per token of x {tuple(x.shape)}")
+        index = self.expert_of[ids][:, None]  # (N, 1)
+        gates = torch.ones(index.shape, dtype=torch.float32, device=x.device)  # (N, 1)
+        y = dispatch(tokens, self.experts, index, gates, None, method=self.dispatch)  # (N, D)
+        probs = F.one_hot(index[:, 0], self.num_experts).float()  # (N, E)
+        load = torch.bincount(index[:, 0], minlength=self.num_experts)  # (E,)
+        share = load.float() / len(ids)
+        zero = tokens.new_zeros((), dtype=torch.float32)
+        return MoEOutput(y=y.reshape(x.shape), loss=zero, aux_loss=self.num_experts * (share * share).sum(), z_loss=zero,
+                         router_logits=probs.log(), router_probs=probs, expert_index=index, gates=gates,
+                         keep=torch.ones_like(index, dtype=torch.bool), num_dropped=torch.zeros((), dtype=torch.int64, device=x.device),
+                         tokens_per_expert=load, capacity=None)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln_1(x)), then x + ffn(ln_2(x)); (B, T, D) → BlockOutput."""
 
@@ -186,7 +246,7 @@ class Block(nn.Module):
                                         rope=config.position != "learned")
         self.ln_2 = nn.LayerNorm(D)
         if config.is_moe_layer(layer):
-            self.ffn: nn.Module = MoELayer(config.moe_config())
+            self.ffn: nn.Module = HashLayer(config) if config.router == "hash" else MoELayer(config.moe_config())
         else:
             self.ffn = FeedForward(D, config.d_ff, bias=config.bias)
             if config.init_scale is not None:
@@ -196,9 +256,9 @@ class Block(nn.Module):
 
     @property
     def is_moe(self) -> bool:
-        return isinstance(self.ffn, MoELayer)
+        return isinstance(self.ffn, (MoELayer, HashLayer))
 
-    def forward(self, x: torch.Tensor, *, force_expert: int | None = None) -> BlockOutput:
+    def forward(self, x: torch.Tensor, *, token_ids: torch.Tensor | None = None, force_expert: int | None = None) -> BlockOutput:
         x = x + self.attn(self.ln_1(x))  # (B, T, D) communication
         h = self.ln_2(x)  # (B, T, D)
         moe = None
@@ -207,7 +267,7 @@ class Block(nn.Module):
         elif force_expert is not None:
             y = self.ffn.expert_output(force_expert, h.reshape(-1, h.shape[-1])).reshape(h.shape)  # router bypassed, gate 1
         else:
-            moe = self.ffn(h)
+            moe = self.ffn(h, token_ids) if isinstance(self.ffn, HashLayer) else self.ffn(h)  # the hash layer routes by token id
             y = moe.y  # (B, T, D); a dropped token gets y = 0 and rides the residual
         return BlockOutput(x + self.ffn_dropout(y), moe)
 
@@ -248,7 +308,7 @@ class GPT(nn.Module):
             nn.init.normal_(self.head.weight, std=0.02)
 
     @property
-    def moe_layers(self) -> list[MoELayer]:
+    def moe_layers(self) -> list[MoELayer | HashLayer]:
         return [b.ffn for b in self.blocks if b.is_moe]
 
     def forward(self, idx: torch.Tensor, *, force_expert: int | None = None) -> GPTOutput:
@@ -272,7 +332,7 @@ class GPT(nn.Module):
         moes: list[MoEOutput | None] = []
         aux = x.new_zeros(())
         for block in self.blocks:
-            out = block(x, force_expert=force_expert)
+            out = block(x, token_ids=idx, force_expert=force_expert)
             x = out.x
             moes.append(out.moe)
             if out.moe is not None:
@@ -410,7 +470,7 @@ def param_count(config: GPTConfig) -> ParamCount:
     ffn_one = 2 * D * F_ + b * (F_ + D)
     n_moe = len(config.moe_layers)
     n_dense = L - n_moe
-    routers = 2 if config.router == "noisy_top_k" else 1  # W_r, and W_noise for the noisy router
+    routers = {"noisy_top_k": 2, "hash": 0}.get(config.router, 1)  # W_r, and W_noise for the noisy router; a hash has none
     return ParamCount(
         embedding=V * D + (T * D if config.position != "rope" else 0),
         attention=L * (4 * D * D + b * 4 * D),
@@ -434,7 +494,7 @@ def flops_per_token(config: GPTConfig, context: int | None = None) -> FlopCount:
         raise ValueError(f"context must be a positive int, got {T!r}")
     D, F_, L, E, V = config.d_model, config.d_ff, config.n_layers, config.num_experts, config.vocab_size
     n_moe = len(config.moe_layers)
-    routers = 2 if config.router == "noisy_top_k" else 1
+    routers = {"noisy_top_k": 2, "hash": 0}.get(config.router, 1)
     return FlopCount(
         attention_proj=L * 8 * D * D,
         attention_mix=L * 4 * T * D,

@@ -13,6 +13,7 @@ from moe_course.moe import MoELayer, MoEOutput
 from moe_course.transformer import (
     GPT,
     Block,
+    HashLayer,
     GPTConfig,
     GPTOutput,
     copy_dense_into_switch,
@@ -45,7 +46,9 @@ def _ids(b: int = 2, t: int = 16, seed: int = 0) -> torch.Tensor:
      ({"position": "sinusoid"}, "position"), ({"d_model": 12, "n_heads": 4}, "even head width"), ({"dropout": 1.0}, "dropout"),
      ({"top_k": 2}, "dense model routes nothing"), ({"ffn": "switch", "num_experts": 4, "top_k": 2}, "router='top_k'"),
      ({"ffn": "switch", "num_experts": 4, "router": "expert_choice"}, "unknown router type"),
-     ({"ffn": "switch", "num_experts": 2, "router": "top_k", "top_k": 3}, "more than num_experts"), ({"top_k": 0}, "top_k")],
+     ({"ffn": "switch", "num_experts": 2, "router": "top_k", "top_k": 3}, "more than num_experts"), ({"top_k": 0}, "top_k"),
+     ({"ffn": "switch", "num_experts": 4, "router": "hash"}, "drops no tokens"),
+     ({"ffn": "switch", "num_experts": 4, "router": "hash", "top_k": 2, "capacity_factor": None}, "one expert")],
 )
 def test_config_rejects_bad_values_with_clear_messages(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -254,6 +257,32 @@ def test_flops_per_token_by_hand():
     dense = flops_per_token(_cfg())
     assert fc.total - dense.total == fc.router  # equal FLOPs per token but for the router
     assert flops_per_token(_cfg(), context=8).attention_mix == dense.attention_mix // 2
+
+
+def test_hash_layer_routes_each_token_id_to_a_fixed_expert():
+    cfg = _cfg(ffn="switch", num_experts=4, router="hash", capacity_factor=None, n_layers=4, moe_every=2)
+    model = GPT(cfg)
+    assert [type(b.ffn).__name__ for b in model.blocks] == ["FeedForward", "HashLayer", "FeedForward", "HashLayer"]
+    table = model.blocks[1].ffn.expert_of
+    assert table.shape == (V,) and torch.bincount(table, minlength=4).tolist() == [24, 24, 24, 24]  # balanced
+    assert torch.equal(table, GPT(cfg).blocks[3].ffn.expert_of)  # the same fixed assignment every time
+    idx = _ids(3)
+    out = model(idx)
+    for _, m in out.moe_outputs:
+        assert torch.equal(m.expert_index[:, 0], table[idx.reshape(-1)])  # decided by the token id alone
+        assert torch.equal(m.gates, torch.ones(48, 1)) and float(m.loss) == 0.0 and int(m.num_dropped) == 0
+        assert torch.equal(m.router_probs.argmax(-1), m.expert_index[:, 0]) and m.aux_loss >= 1.0
+    assert float(out.aux_loss) == 0.0
+    # the block's output: the hashed expert's answer, gate 1
+    block, x = model.blocks[1], torch.randn(3, 16, 32)
+    a = x + block.attn(block.ln_1(x))
+    h = block.ln_2(a).reshape(-1, 32)
+    want = torch.stack([block.ffn.expert_output(int(e), h[i : i + 1])[0] for i, e in enumerate(table[idx.reshape(-1)])])
+    assert torch.allclose(block(x, token_ids=idx).x, a + want.reshape(3, 16, 32), atol=1e-5)
+    with pytest.raises(ValueError, match="routes by token id"):
+        block(x)
+    pc = param_count(cfg)
+    assert pc.router == 0 and pc.total == count_parameters(model) and flops_per_token(cfg).router == 0
 
 
 def test_top_k_routing_in_the_gpt_counts_k_experts_per_token():
