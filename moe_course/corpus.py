@@ -67,7 +67,6 @@ __all__ = [
     "ANSWER_DOMAINS",
     "DEFAULT_MIX",
     "WARDS",
-    "REGISTER_MARKS",
     "CharTokenizer",
     "CorpusConfig",
     "Sample",
@@ -100,9 +99,6 @@ WARDS: tuple[str, ...] = (
     "eye", "skin", "heart", "lung", "bone", "brain", "blood", "ear",
     "gut", "kidney", "liver", "teeth", "child", "mind", "nerve", "joint",
 )
-
-# The marks that open a record of each register when there are several (none of them appears in the skills).
-REGISTER_MARKS: str = "#@$%&*^~"
 
 _BRACKETS = {"(": ")", "[": "]", "{": "}", "<": ">"}
 _SUBJECTS_SG = ("doctor", "nurse", "patient", "child", "surgeon", "porter", "visitor")
@@ -199,7 +195,6 @@ class CorpusConfig:
     id_alphabet: str | None = None  # None: decimal numbers ("48"); a string: codes of id_digits of its characters ("KQ")
     num_wards: int = 16  # distinct answers of a fact (at most len(WARDS)): log2(num_wards) bits per fact
     fact_prompt: str = "patient {}: "  # a record's prompt, "{}" standing for the patient number; the ward follows it
-    fact_registers: int = 1  # R separate tables (registers); register r's prompts start with REGISTER_MARKS[r] when R > 1
     mix: Mapping[str, float] | None = None  # sampling weight per domain; None: DEFAULT_MIX (+ text_weight)
     arithmetic_digits: int = 2  # operands have up to this many digits
     max_word: int = 6  # longest word to reverse or sort, and longest bracket prefix
@@ -213,7 +208,7 @@ class CorpusConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"CorpusConfig.{name} must be an int >= 0, got {value!r}")
-        for name in ("num_facts", "id_digits", "fact_registers", "arithmetic_digits", "max_word", "text_window"):
+        for name in ("num_facts", "id_digits", "arithmetic_digits", "max_word", "text_window"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"CorpusConfig.{name} must be a positive int, got {value!r}")
@@ -224,11 +219,8 @@ class CorpusConfig:
                 raise ValueError(f"CorpusConfig.id_alphabet must be a string of at least 2 distinct characters (or None for numbers), got {self.id_alphabet!r}")
             if any(c not in BASE_CHARS or c.isspace() for c in self.id_alphabet):
                 raise ValueError(f"CorpusConfig.id_alphabet {self.id_alphabet!r} may use printable ASCII characters other than spaces only")
-        if self.fact_registers > len(REGISTER_MARKS):
-            raise ValueError(f"CorpusConfig.fact_registers must be at most {len(REGISTER_MARKS)} (one mark each: {REGISTER_MARKS!r}), got {self.fact_registers}")
-        if self.num_facts > self.fact_registers * self.max_facts:
-            raise ValueError(f"CorpusConfig.num_facts={self.num_facts}: patient numbers have {self.id_digits} characters, so at most "
-                             f"{self.fact_registers * self.max_facts} facts in {self.fact_registers} register(s); raise id_digits")
+        if self.num_facts > self.max_facts:
+            raise ValueError(f"CorpusConfig.num_facts={self.num_facts}: patient numbers have {self.id_digits} characters, so at most {self.max_facts} facts; raise id_digits")
         if not isinstance(self.num_wards, int) or not 2 <= self.num_wards <= len(WARDS):
             raise ValueError(f"CorpusConfig.num_wards must be an int in [2, {len(WARDS)}], got {self.num_wards!r}")
         if not isinstance(self.fact_prompt, str) or self.fact_prompt.count("{}") != 1 or "\n" in self.fact_prompt:
@@ -380,22 +372,11 @@ class Corpus:
 
     def _make_facts(self) -> dict[int, str]:
         rng = _rng(self.config.seed, _FACTS)
-        d, most = self.config.id_digits, self.config.max_facts
+        d = self.config.id_digits
         first = 10 ** (d - 1) if d > 1 and self.config.id_alphabet is None else 0
-        picks = rng.sample(range(self.config.fact_registers * most), self.config.num_facts)
-        keys = [(i // most) * self._span + first + i % most for i in picks]  # register · span + patient number
+        patients = rng.sample(range(first, first + self.config.max_facts), self.config.num_facts)
         wards = WARDS[: self.config.num_wards]
-        return {k: wards[rng.randrange(len(wards))] for k in keys}
-
-    @property
-    def _span(self) -> int:
-        # keys of register r are r·span + the patient number: numbers below 10^d, codes below A^d
-        alphabet = self.config.id_alphabet
-        return 10 ** self.config.id_digits if alphabet is None else len(alphabet) ** self.config.id_digits
-
-    def register(self, key: int) -> int:
-        """The register (0 … R-1) of a record key of ``facts``: 0 when there is one register."""
-        return key // self._span
+        return {p: wards[rng.randrange(len(wards))] for p in patients}
 
     @property
     def vocab_size(self) -> int:
@@ -419,9 +400,8 @@ class Corpus:
     # --- samples ----------------------------------------------------------------
 
     def patient_code(self, patient: int) -> str:
-        """How a record key's patient is written: its decimal number ("48"), or with ``id_alphabet`` its code of id_digits characters ("KQ")."""
+        """How ``patient`` is written: its decimal number ("48"), or with ``id_alphabet`` its code of id_digits characters ("KQ")."""
         alphabet = self.config.id_alphabet
-        patient %= self._span  # the key of a record in register r is r·span + the patient number
         if alphabet is None:
             return str(patient)
         chars = []
@@ -430,14 +410,9 @@ class Corpus:
             chars.append(alphabet[r])
         return "".join(reversed(chars))
 
-    def fact_prompt(self, key: int) -> str:
-        """The prompt that asks for the ward of record ``key`` (a key of ``facts``), e.g. "patient 48: ".
-
-        ``CorpusConfig.fact_prompt`` with the patient's number or code; with
-        several registers, preceded by the register's mark ("#KQ", "@KQ").
-        """
-        mark = REGISTER_MARKS[self.register(key)] if self.config.fact_registers > 1 else ""
-        return mark + self.config.fact_prompt.format(self.patient_code(key))
+    def fact_prompt(self, patient: int) -> str:
+        """The prompt that asks for ``patient``'s ward: ``CorpusConfig.fact_prompt`` with the number or code, e.g. "patient 48: "."""
+        return self.config.fact_prompt.format(self.patient_code(patient))
 
     def _fact(self, rng: random.Random, held_out: bool) -> Sample:
         patient = self._fact_keys[rng.randrange(len(self._fact_keys))]
