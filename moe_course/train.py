@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model (GPTConfig)")
     m.add_argument("--model", choices=["dense", "switch"], default=S, help="dense FFNs or Switch layers (default dense)")
     m.add_argument("--experts", type=int, default=S, help="experts per Switch layer (switch only; default 8)")
-    m.add_argument("--router", choices=["switch", "top_k", "noisy_top_k"], default=S, help="routing of the Switch layers (default switch: top-1, raw gate)")
+    m.add_argument("--router", choices=["switch", "top_k", "noisy_top_k", "hash"], default=S,
+                   help="routing of the expert layers (default switch: top-1, raw gate; hash: fixed by token id, needs --capacity-factor none)")
     m.add_argument("--top-k", type=int, default=S, help="experts per token (router top_k or noisy_top_k; default 1)")
     m.add_argument("--d-model", type=int, default=S, help="model width D (default 128)")
     m.add_argument("--d-ff", type=int, default=S, help="FFN / expert hidden width F (default 512)")

@@ -233,8 +233,8 @@ sweep_pb.style.format({"recall": "{:.1%}", "loss": "{:.3f}", "parameters": "{:,}
 # however they are spent; the Switch line gets there at the FLOPs of one expert. A table of
 # random wards can only be remembered, and remembering takes room: each doctor holds a
 # volume of the phone book, and the GP's job is to send each patient to the doctor with the
-# right volume. The recall cannot pass 100%: once the experts hold the whole table, adding
-# more only lowers the loss (the table's last column).
+# right volume. Recall stops growing once the experts hold the whole table; after that, more
+# experts only lower the loss (the table's last column).
 
 # %% [markdown]
 # ## Part 2 · The language model
@@ -288,9 +288,9 @@ show_source(Block.forward)
 #   unchanged to the next floor;
 # - `force_expert` sends every token to one expert with gate 1: with E = 1 that is exactly the
 #   dense model (a test in the package checks it);
-# - a Switch layer's router is a D × E matrix computed in float32, initialised small (the
-#   Switch paper's "scale 0.1"), so at the start the GP is nearly indifferent: every expert
-#   gets probability close to 1/E;
+# - a Switch layer's router is a `D × E` matrix computed in float32, initialised small (the
+#   Switch paper's reduced initialisation scale, `init_scale`), so at the start the GP is nearly
+#   indifferent: every expert gets probability close to `1/E`;
 # - the other kind of expert layer, `HashLayer`, gets the token ids. It is the subject of the
 #   next cells.
 #
@@ -616,11 +616,13 @@ pd.DataFrame([{"prompt": corpus.fact_prompt(p), "ward in the records": corpus.fa
 #
 # **Read more:** Fedus, Zoph and Shazeer 2021, *Switch Transformers: Scaling to Trillion
 # Parameter Models with Simple and Efficient Sparsity*, arXiv:2101.03961 (top-1 routing,
-# capacity factor, the balance loss, float32 routers, the scale-0.1 initialisation, the
+# capacity factor, the balance loss, float32 routers, the reduced initialisation scale, the
 # experts-at-fixed-compute figure); Jelassi et al. 2024, *Mixture of Parrots: Experts improve
-# memorization more than reasoning*, arXiv:2410.19034 (the phone book's two halves, proved and
-# measured at scale); Lepikhin et al. 2020, *GShard*, arXiv:2006.16668; Shazeer et al. 2017,
-# *Outrageously Large Neural Networks*, arXiv:1701.06538; Zoph et al. 2022, *ST-MoE: Designing
+# memorization more than reasoning*, arXiv:2410.19034 (with the active parameters fixed, more
+# experts keep improving memorisation while reasoning saturates: proved for graph problems,
+# measured on memory tasks and pre-trained models); Lepikhin et al. 2020, *GShard*,
+# arXiv:2006.16668; Shazeer et al. 2017, *Outrageously Large Neural Networks*,
+# arXiv:1701.06538; Zoph et al. 2022, *ST-MoE: Designing
 # Stable and Transferable Sparse Expert Models*, arXiv:2202.08906 (the router z-loss); Dai et
 # al. 2022, *StableMoE: Stable Routing Strategy for Mixture of Experts*, arXiv:2204.08396
 # (routing fluctuation).

@@ -70,7 +70,7 @@ def test_cli_refuses_to_overwrite_or_to_resume_with_other_settings(tmp_path, cap
     [(["--model", "dense", "--experts", "4"], "dense model has no experts"), (["--heads", "3"], "divisible by n_heads"),
      (["--facts", "0"], "num_facts"), (["--capacity-factor", "-1"], "capacity_factor"), (["--mix", "facts=1,gossip=1"], "unknown domain 'gossip'"),
      (["--text-file", "/nonexistent/file.txt"], "does not exist"), (["--model", "switch", "--top-k", "2"], "router='top_k'"),
-     (["--fact-prompt", "patient"], "exactly one")],
+     (["--fact-prompt", "patient"], "exactly one"), (["--model", "switch", "--router", "hash"], "capacity_factor=None")],
 )
 def test_cli_bad_settings_give_a_clear_error_not_a_traceback(tmp_path, capsys, flags, words):
     with pytest.raises(SystemExit) as exc:
