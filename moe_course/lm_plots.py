@@ -50,19 +50,22 @@ def phone_book_bars(table: pd.DataFrame, labels: Sequence[str], *, title: str, y
         raise ValueError(f"phone_book_bars: the table has no column {metric!r}")
     ax = ax or plt.figure(figsize=(5.5, 4)).gca()
     frame = table[table["label"].isin(labels)]
-    means = frame.groupby("label")[metric].mean()
+    stats = frame.groupby("label")[metric].agg(["mean", "max"])
     colours = sns.color_palette("colorblind", n_colors=len(labels))
-    bars = ax.bar(range(len(labels)), [means[l] for l in labels], color=colours, alpha=0.85)
-    ax.bar_label(bars, labels=[f"{means[l]:.1%}" for l in labels], padding=3, fontsize=9)
+    ax.bar(range(len(labels)), [stats.loc[l, "mean"] for l in labels], color=colours, alpha=0.85)
+    for i, l in enumerate(labels):  # the mean, written above the highest seed
+        ax.annotate(f"{stats.loc[l, 'mean']:.1%}", (i, max(stats.loc[l, "mean"], stats.loc[l, "max"])), xytext=(0, 5),
+                    textcoords="offset points", ha="center", fontsize=9)
     _seed_dots(ax, frame, "label", metric, list(labels))
     first = frame.drop_duplicates("label").set_index("label")
     ax.set_xticks(range(len(labels)), [f"{l}\n{first.loc[l, 'parameters']:,} params\n{first.loc[l, 'flops_per_patient']:,} FLOPs" for l in labels],
                   fontsize=8)
-    ax.set(title=title, ylabel=ylabel, ylim=(0, 1.08))
+    ax.set(title=title, ylabel=ylabel, ylim=(0, 1.22))
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.yaxis.set_major_formatter(plt.matplotlib.ticker.PercentFormatter(1.0))
     seeds = frame.groupby("label")["seed"].nunique()
-    ax.legend(title=f"bar: mean of {seeds.min()}–{seeds.max()} seeds" if seeds.min() != seeds.max() else f"bar: mean of {seeds.min()} seeds",
-              fontsize=8, title_fontsize=8, loc="upper left")
+    n = f"{seeds.min()}–{seeds.max()}" if seeds.min() != seeds.max() else f"{seeds.min()}"
+    ax.legend(title=f"bar: mean of {n} seeds", fontsize=8, title_fontsize=8, loc="upper center", ncol=2, frameon=False)
     return ax
 
 
@@ -96,7 +99,10 @@ def knowledge_vs_parameters(table: pd.DataFrame, *, title: str, metric: str = "a
             ax.annotate(text, (row["params"], row["mean"]), xytext=(5, -12 if key == "d_ff" else 6), textcoords="offset points",
                         fontsize=8, color=colour)
     ax.set_xscale("log", base=2)
-    ax.set(title=title, xlabel="parameters of the layer and its read-out (log scale)", ylabel=ylabel, ylim=(0, 1.05))
+    ax.xaxis.set_major_formatter(plt.matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.margins(x=0.1)  # room for the labels of the outer points
+    ax.set(title=title, xlabel="parameters of the layer and its read-out (log scale)", ylabel=ylabel, ylim=(0, 1.12))
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.yaxis.set_major_formatter(plt.matplotlib.ticker.PercentFormatter(1.0))
     ax.legend(fontsize=8, title="point: mean over seeds; bar: their range", title_fontsize=8, loc="lower right")
     return ax

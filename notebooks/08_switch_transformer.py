@@ -32,19 +32,19 @@
 #    knowledge), or to work the ward out from a rule (a skill). We compare a dense layer with
 #    the FLOPs of one expert, a Switch layer, and a dense layer with the Switch layer's
 #    parameters.
-# 2. **The language model.** A dense GPT and its Switch twin race on the same stream of the
-#    clinic's records and skills, over five seeds, and a table computed from the seeds
-#    gives the verdict per domain.
+# 2. **The language model.** A dense GPT and two twins with experts (a Switch layer, and a
+#    hash layer whose routing is fixed) race on the same stream of the clinic's records and
+#    skills, over five seeds, and a table computed from the seeds gives the verdict per domain.
 #
 # **In this lesson you will**
 #
-# - measure, in one layer, what experts buy: records remembered, at fixed FLOPs per patient,
-#   and what they do not buy: a rule learned better;
-# - add experts at fixed compute and watch the recall climb;
-# - swap the FFN of every second block of a GPT for a Switch layer, count what each model knows
-#   (parameters) and what a token costs (FLOPs), and race the two;
-# - look inside: which expert gets which domain, how sure the GP is, and which records each
-#   trained model can answer.
+# - measure, in one layer, whether experts buy memory (records remembered) at fixed FLOPs per
+#   patient, and whether they buy skill (a rule applied to new patients);
+# - add experts at fixed compute and see how recall follows the parameters;
+# - swap the FFN of every second block of a GPT for an expert layer, count what each model
+#   knows (parameters) and what a token costs (FLOPs), and race them;
+# - look inside: which expert gets which domain, who holds the records, how sure the GP is,
+#   and which records each trained model can answer.
 
 # %%
 import matplotlib.pyplot as plt
@@ -54,11 +54,11 @@ import torch
 from moe_course.plots import use_course_style
 
 # ---- the one knob of this lesson -------------------------------------------
-# SCALE = 1: the phone book trains its one-layer models (each in a second or two), then the
-# race trains ten small GPTs (2 blocks, width 64); everything two at a time on two CPU cores.
-# SCALE = 2, 3, ...: every language model trains SCALE times as many steps on a table of
-# SCALE times as many records, so the race runs SCALE times as long; the phone book stays
-# as it is. The verdict table says what changed.
+# SCALE = 1: the phone book trains its one-layer models, then the race trains fifteen small
+# GPTs (2 blocks, width 64, 300 steps each); everything two at a time on two CPU cores.
+# SCALE = 2, 3, ...: every language model trains SCALE times as many steps on the same table,
+# so the race takes about SCALE times as long; the phone book stays as it is. Longer training
+# lets every model learn more of the table; the verdict table says how the race changes.
 SCALE = 1
 # -----------------------------------------------------------------------------
 
@@ -143,10 +143,13 @@ from moe_course.phonebook import PhoneBookRun, phone_book_table, run_phone_books
 
 SEEDS_PB = (0, 1, 2, 3, 4)
 SEEDS_SWEEP = (0, 1, 2)
-runs_pb = [PhoneBookRun(name, book, d_ff=F, num_experts=E, seed=seed)
+STEPS_PB = {"records": 150, "rule": 200}  # full-batch Adam steps: enough for every layer here to stop improving
+runs_pb = [PhoneBookRun(name, book, d_ff=F, num_experts=E, seed=seed, steps=STEPS_PB[book.task])
            for seed in SEEDS_PB for book in (RECORDS, RULE) for name, (F, E) in LAYERS.items()]
-runs_pb += [PhoneBookRun(f"Switch E={E}", RECORDS, d_ff=F_ONE, num_experts=E, seed=seed) for seed in SEEDS_SWEEP for E in (2, 4, 16)]
-runs_pb += [PhoneBookRun(f"dense F={F}", RECORDS, d_ff=F, seed=seed) for seed in SEEDS_SWEEP for F in (2 * F_ONE, 4 * F_ONE)]
+runs_pb += [PhoneBookRun(f"Switch E={E}", RECORDS, d_ff=F_ONE, num_experts=E, seed=seed, steps=STEPS_PB["records"])
+            for seed in SEEDS_SWEEP for E in (2, 4, 16)]
+runs_pb += [PhoneBookRun(f"dense F={F}", RECORDS, d_ff=F, seed=seed, steps=STEPS_PB["records"])
+            for seed in SEEDS_SWEEP for F in (2 * F_ONE, 4 * F_ONE)]
 phone_book = phone_book_table(run_phone_books(runs_pb, workers=2))
 records = phone_book[phone_book["task"] == "records"]
 rule = phone_book[phone_book["task"] == "rule"]
@@ -161,8 +164,9 @@ fig.tight_layout()
 
 # %% [markdown]
 # The bars are means over the seeds, the dots single seeds. The next cell turns the comparison
-# into a verdict. A difference counts only when **every seed agrees**: when the worst seed of
-# one layer beats the best seed of the other. Otherwise it is "within seed noise".
+# into a verdict, seed by seed: seed s gives every layer the same table (or rule), so layer B
+# is compared with layer A on each seed, and a difference counts only if B is ahead **on every
+# seed** (column `B won`), or behind on every seed. Otherwise it is "within seed noise".
 
 # %%
 from moe_course.lm_runs import seed_verdict
@@ -208,8 +212,9 @@ print(f"         ({DENSE} on the rule, seed by seed: {', '.join(f'{a:.1%}' for a
 #   than the narrow dense layer while the wide dense layer, with E times the FLOPs, does
 #   better, then the rule was limited by compute per patient, not by memory.
 #
-# The last line of the printout shows why we run five seeds: a narrow layer can get stuck on
-# a rule in one seed and learn it in the next.
+# The last line lists the narrow layer's seeds one by one. If one of them is far below the
+# others, that seed got stuck on the rule while the others learned it: a single seed could have
+# told either story.
 #
 # ### More experts at fixed compute
 #
@@ -221,7 +226,7 @@ print(f"         ({DENSE} on the rule, seed by seed: {', '.join(f'{a:.1%}' for a
 # %%
 from moe_course.lm_plots import knowledge_vs_parameters
 
-knowledge_vs_parameters(records, title="records recalled against parameters (the table of the first cell)");
+knowledge_vs_parameters(records, title="records recalled against the layer's parameters");
 sweep_pb = (records.groupby(["experts", "d_ff"])
             .agg(parameters=("parameters", "first"), flops_per_patient=("flops_per_patient", "first"),
                  recall=("accuracy", "mean"), loss=("loss", "mean"), seeds=("seed", "nunique"))
@@ -234,7 +239,7 @@ sweep_pb.style.format({"recall": "{:.1%}", "loss": "{:.3f}", "parameters": "{:,}
 # random wards can only be remembered, and remembering takes room: each doctor holds a
 # volume of the phone book, and the GP's job is to send each patient to the doctor with the
 # right volume. Recall stops growing once the experts hold the whole table; after that, more
-# experts only lower the loss (the table's last column).
+# experts only lower the loss (the table's `loss` column).
 
 # %% [markdown]
 # ## Part 2 · The language model
@@ -382,7 +387,7 @@ from moe_course.lm_runs import LMRun, results_table, run_lms
 from moe_course.training import TrainConfig
 
 STEPS = 300 * SCALE
-train_config = TrainConfig(steps=STEPS, batch_size=32, lr=1e-2, warmup_steps=STEPS // 10, lr_min_ratio=0.1, eval_every=STEPS // 3)
+train_config = TrainConfig(steps=STEPS, batch_size=32, lr=1e-2, warmup_steps=STEPS // 10, lr_min_ratio=0.1, eval_every=STEPS // 5)
 SEEDS = (0, 1, 2, 3, 4)
 MODELS = {"dense": dense, "switch": switch, "hash": hashed}
 runs = [LMRun(label, cfg, train_config, seed, track_routing=(label == "switch")) for seed in SEEDS for label, cfg in MODELS.items()]
@@ -603,9 +608,9 @@ pd.DataFrame([{"prompt": corpus.fact_prompt(p), "ward in the records": corpus.fa
 # - In the phone book, what a layer remembers follows its parameters, whether they are spent
 #   on one wide FFN or on experts, while a rule follows compute per patient: experts add
 #   knowledge, not intelligence.
-# - In the language model the same comparison, judged over five seeds, and the inside view
-#   (which expert holds which records, how sure the GP is) tell whether the extra experts
-#   were used as extra memory.
+# - In the language model the same comparison, judged seed by seed over five seeds, and the
+#   inside view (which expert holds the records, how sure the GP is) tell whether the extra
+#   experts were used as extra memory, and what the learned GP did with them.
 #
 # **Exercises:** `exercises/08_switch_transformer.ipynb`: write the Switch block's forward pass
 # (attention, then the Switch layer, both residuals, and the auxiliary loss) and the parameter
@@ -625,4 +630,5 @@ pd.DataFrame([{"prompt": corpus.fact_prompt(p), "ward in the records": corpus.fa
 # arXiv:1701.06538; Zoph et al. 2022, *ST-MoE: Designing
 # Stable and Transferable Sparse Expert Models*, arXiv:2202.08906 (the router z-loss); Dai et
 # al. 2022, *StableMoE: Stable Routing Strategy for Mixture of Experts*, arXiv:2204.08396
-# (routing fluctuation).
+# (routing that keeps changing during training); Roller et al. 2021, *Hash Layers For Large
+# Sparse Models*, arXiv:2106.04426 (routing by a fixed hash of the token).
