@@ -108,7 +108,7 @@ class PhoneBook:
     """One seeded phone book: the table (or the rule) and the patients it is judged on."""
 
     config: PhoneBookConfig
-    keys: torch.Tensor  # (N, D) float32 the table's patients ("records"); the first step's patients ("rule")
+    keys: torch.Tensor  # (N, D) float32 the table's patients ("records"); a sample of N patients ("rule": training draws new ones)
     wards: torch.Tensor  # (N,) int64 their wards
     directions: torch.Tensor | None  # (D, Q) the rule's directions u_j, Q = log2(W) ("rule" only)
     test_keys: torch.Tensor  # (M, D) the patients the model is judged on: the table itself, or new ones
