@@ -433,8 +433,10 @@ for b in ("switch", "hash"):
     calls = v.loc[skills, "verdict"]
     print(f"   skills: {sum(calls == 'within seed noise')} of {len(skills)} within seed noise"
           + "".join(f"; {m.split('_')[-1]}: {name[c].format(b=b)} ({v.loc[m, 'B − A']:+.3f})" for m, c in calls.items() if c != "within seed noise"))
-    print(f"   the records' answer loss moved by {v.loc['val_answer_loss_facts', 'B − A']:+.3f}, "
-          f"the largest skill move is {v.loc[skills, 'B − A'].abs().max():.3f}")
+    dense_mean = table[table["label"] == "dense"].mean(numeric_only=True)
+    change = {m: v.loc[m, "B − A"] / dense_mean[m] for m in ["val_answer_loss_facts"] + skills}  # relative to the dense model
+    print(f"   relative to the dense model, the records' answer loss changed by {change['val_answer_loss_facts']:+.0%}; "
+          f"the skills' losses by {min(change[m] for m in skills):+.0%} to {max(change[m] for m in skills):+.0%}")
 
 # %% [markdown]
 # How to read it. If a model with experts recalls more records than its dense twin on every
@@ -442,8 +444,9 @@ for b in ("switch", "hash"):
 # in the narrow dense FFN, at the same FLOPs per token. If a skill comes out within seed noise,
 # experts did not make the model better at working things out: that takes compute per token,
 # and both models have the same. A skill that does differ on every seed is worth a look at its
-# size next to the records' (column `B − A`); each expert sees only the tokens sent to it, so it
-# learns a skill from a fraction of the examples a dense FFN sees.
+# size next to the records' (the last printed line puts both relative to the dense model); each
+# expert sees only the tokens sent to it, so it learns a skill from a fraction of the examples a
+# dense FFN sees.
 #
 # ### Wall-clock time, separately
 #
