@@ -16,7 +16,11 @@ with the Switch router (top-1, raw gate; ``router`` and ``top_k`` choose
 another routing, e.g. top-2), a capacity factor and the balance and
 z-losses; every expert has the dense FFN's width F, so with top-1 one token
 costs the same FLOPs in both models (plus the router's 2·D·E), while the
-Switch model holds E times the FFN parameters.
+Switch model holds E times the FFN parameters. With ``router="hash"`` the
+expert layers are ``HashLayer``s instead: each token goes to the expert a
+fixed table assigns to its token id (Roller et al. 2021, arXiv:2106.04426),
+with nothing about the routing to learn; ``GPT.forward`` passes the token ids
+to every block for them.
 
 ``GPT.forward`` returns a ``GPTOutput``: the logits, ``aux_loss`` (the sum
 over MoE layers of their weighted ``MoEOutput.loss``, to add to the
