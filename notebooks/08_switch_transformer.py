@@ -58,7 +58,9 @@ from moe_course.plots import use_course_style
 # GPTs (2 blocks, width 64, 300 steps each); everything two at a time on two CPU cores.
 # SCALE = 2, 3, ...: every language model trains SCALE times as many steps on the same table,
 # so the race takes about SCALE times as long; the phone book stays as it is. Longer training
-# lets every model learn more of the table; the verdict table says how the race changes.
+# lets every model learn more of the table. If every model ends up knowing the whole table,
+# recall can no longer tell them apart and the records' answer loss (how sure each model is)
+# carries the comparison; the verdict table says how the race changes.
 SCALE = 1
 # -----------------------------------------------------------------------------
 
