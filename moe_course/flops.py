@@ -26,6 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
     "count_parameters",
+    "phone_book_params",
+    "phone_book_flops",
     "measure_flops_per_example",
     "matmul_flops",
     "ffn_param_count",
@@ -139,6 +141,18 @@ def moe_layer_param_count(d_model: int, d_ff: int, num_experts: int, *, bias: bo
     return router + num_experts * expert
 
 
+def phone_book_params(d_model: int, d_ff: int, num_experts: int, num_wards: int) -> int:
+    """Parameters of lesson 08's ``PhoneBookModel``: E FFNs (2·D·F + F + D each), the router (D·E, when E > 1), the head (D·W + W)."""
+    D, F_, E, W = d_model, d_ff, num_experts, num_wards
+    return E * ffn_param_count(D, F_) + (D * E if E > 1 else 0) + D * W + W
+
+
+def phone_book_flops(d_model: int, d_ff: int, num_experts: int, num_wards: int) -> int:
+    """Forward FLOPs per patient of ``PhoneBookModel``: one FFN 4·D·F, the router 2·D·E (E > 1), the head 2·D·W."""
+    D, F_, E, W = d_model, d_ff, num_experts, num_wards
+    return ffn_flops(1, D, F_) + (matmul_flops(1, D, E) if E > 1 else 0) + matmul_flops(1, D, W)
+
+
 def moe_layer_flops(num_tokens: int, d_model: int, d_ff: int, num_experts: int, top_k: int = 1) -> int:
     """Matmul FLOPs of ``MoELayer`` on N tokens: the router 2·N·D·E plus k experts of 4·D·F per token.
 
@@ -163,8 +177,8 @@ class ParamCount:
     attention: int  # n_layers · (4·D² + 4·D biases)
     norms: int  # (2 per block + the final one) · 2·D
     ffn: int  # all FFN and expert parameters: dense blocks 2·D·F (+F+D), Switch blocks E times that
-    ffn_active: int  # the FFN parameters one token uses: one expert per Switch block (top-1)
-    router: int  # D·E per Switch block
+    ffn_active: int  # the FFN parameters one token uses: top_k experts per Switch block (one with Switch's top-1)
+    router: int  # D·E per Switch block (twice that with the noisy router's W_noise; none for a hash layer)
     head: int  # 0 when tied to the token embedding, else V·D
 
     @property
@@ -182,8 +196,8 @@ class FlopCount:
 
     attention_proj: int  # n_layers · 8·D²: q, k, v (2·D·3D) and the output projection (2·D·D)
     attention_mix: int  # n_layers · 4·T·D: scores q·kᵀ (2·T·D) and the weighted sum of values (2·T·D)
-    ffn: int  # per block 4·D·F: the dense FFN, or the one expert a token visits (top-1)
-    router: int  # 2·D·E per Switch block
+    ffn: int  # per block 4·D·F: the dense FFN, or K·4·D·F for the top_k experts a token visits (K = 1 for Switch)
+    router: int  # 2·D·E per Switch block (twice that with the noisy router's second matmul; none for a hash layer)
     head: int  # 2·D·V, the logits
 
     @property
@@ -196,6 +210,10 @@ class FlopCount:
         return 3 * self.total
 
 
+# Router matrices (D, E) per routed block: W_r; the noisy router adds W_noise; a hash layer learns none.
+_ROUTER_MATRICES = {"noisy_top_k": 2, "hash": 0}
+
+
 def param_count(config: Any) -> ParamCount:
     """Count a GPT's parameters from its ``GPTConfig`` (equals ``count_parameters(GPT(config))``)."""
     V, T, D, F_, L, E = config.vocab_size, config.block_size, config.d_model, config.d_ff, config.n_layers, config.num_experts
@@ -203,13 +221,14 @@ def param_count(config: Any) -> ParamCount:
     ffn_one = 2 * D * F_ + b * (F_ + D)
     n_moe = len(config.moe_layers)
     n_dense = L - n_moe
+    routers = _ROUTER_MATRICES.get(config.router, 1)
     return ParamCount(
         embedding=V * D + (T * D if config.position != "rope" else 0),
         attention=L * (4 * D * D + b * 4 * D),
         norms=(2 * L + 1) * 2 * D,
         ffn=n_dense * ffn_one + n_moe * E * ffn_one,
-        ffn_active=L * ffn_one,
-        router=n_moe * D * E,
+        ffn_active=n_dense * ffn_one + n_moe * config.top_k * ffn_one,
+        router=n_moe * routers * D * E,
         head=0 if config.tie_embeddings else V * D,
     )
 
@@ -226,10 +245,11 @@ def flops_per_token(config: Any, context: int | None = None) -> FlopCount:
         raise ValueError(f"context must be a positive int, got {T!r}")
     D, F_, L, E, V = config.d_model, config.d_ff, config.n_layers, config.num_experts, config.vocab_size
     n_moe = len(config.moe_layers)
+    routers = _ROUTER_MATRICES.get(config.router, 1)
     return FlopCount(
         attention_proj=L * 8 * D * D,
         attention_mix=L * 4 * T * D,
-        ffn=L * 4 * D * F_,
-        router=n_moe * 2 * D * E,
+        ffn=(L - n_moe) * 4 * D * F_ + n_moe * config.top_k * 4 * D * F_,
+        router=n_moe * routers * 2 * D * E,
         head=2 * D * V,
     )

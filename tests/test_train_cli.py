@@ -69,12 +69,24 @@ def test_cli_refuses_to_overwrite_or_to_resume_with_other_settings(tmp_path, cap
     "flags,words",
     [(["--model", "dense", "--experts", "4"], "dense model has no experts"), (["--heads", "3"], "divisible by n_heads"),
      (["--facts", "0"], "num_facts"), (["--capacity-factor", "-1"], "capacity_factor"), (["--mix", "facts=1,gossip=1"], "unknown domain 'gossip'"),
-     (["--text-file", "/nonexistent/file.txt"], "does not exist")],
+     (["--text-file", "/nonexistent/file.txt"], "does not exist"), (["--model", "switch", "--top-k", "2"], "router='top_k'"),
+     (["--fact-prompt", "patient"], "exactly one"), (["--model", "switch", "--router", "hash"], "capacity_factor=None")],
 )
 def test_cli_bad_settings_give_a_clear_error_not_a_traceback(tmp_path, capsys, flags, words):
     with pytest.raises(SystemExit) as exc:
         main(["--steps", "2", "--out", str(tmp_path / "x"), *flags])
     assert exc.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_cli_takes_top_k_routing_and_coded_records(tmp_path):
+    out = tmp_path / "top2"
+    flags = ["--model", "switch", "--experts", "4", "--router", "top_k", "--top-k", "2", "--id-alphabet", "ABCDEFGHIJ",
+             "--fact-prompt", "#{}", "--steps", "2", "--eval-every", "2", "--out", str(out)]
+    assert main([*flags, *TINY]) == 0
+    model, corpus, saved = load_run(out)
+    assert (model.config.router, model.config.top_k) == ("top_k", 2) and saved["corpus"]["fact_prompt"] == "#{}"
+    assert corpus.fact_prompt(next(iter(corpus.facts))).startswith("#") and (out / "samples.txt").read_text().startswith("#")
+    assert "val_recall_facts" in pd.read_csv(out / "metrics.csv").columns
 
 
 def test_cli_trains_on_a_users_text_file(tmp_path):

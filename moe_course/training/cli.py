@@ -45,11 +45,12 @@ CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE, SAMPLES_FILE = "config.json", "check
 # flag dest → (config section, field name)
 _MODEL_FLAGS = {
     "context": "block_size", "d_model": "d_model", "layers": "n_layers", "heads": "n_heads", "d_ff": "d_ff",
-    "model": "ffn", "experts": "num_experts", "moe_every": "moe_every", "capacity_factor": "capacity_factor",
+    "model": "ffn", "experts": "num_experts", "router": "router", "top_k": "top_k", "moe_every": "moe_every", "capacity_factor": "capacity_factor",
     "aux_coef": "aux_loss_coef", "z_coef": "z_loss_coef", "jitter": "router_jitter", "dropout": "dropout",
     "untied": "tie_embeddings", "init_scale": "init_scale",
 }
-_CORPUS_FLAGS = {"facts": "num_facts", "id_digits": "id_digits", "wards": "num_wards", "corpus_seed": "seed", "mix": "mix", "text_file": "text_file"}
+_CORPUS_FLAGS = {"facts": "num_facts", "id_digits": "id_digits", "id_alphabet": "id_alphabet", "fact_prompt": "fact_prompt", "wards": "num_wards",
+                 "corpus_seed": "seed", "mix": "mix", "text_file": "text_file"}
 _TRAIN_FLAGS = {
     "steps": "steps", "batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay", "warmup": "warmup_steps",
     "lr_min_ratio": "lr_min_ratio", "grad_clip": "grad_clip", "eval_every": "eval_every", "seed": "seed",
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model (GPTConfig)")
     m.add_argument("--model", choices=["dense", "switch"], default=S, help="dense FFNs or Switch layers (default dense)")
     m.add_argument("--experts", type=int, default=S, help="experts per Switch layer (switch only; default 8)")
+    m.add_argument("--router", choices=["switch", "top_k", "noisy_top_k", "hash"], default=S,
+                   help="routing of the expert layers (default switch: top-1, raw gate; hash: fixed by token id, needs --capacity-factor none)")
+    m.add_argument("--top-k", type=int, default=S, help="experts per token (router top_k or noisy_top_k; default 1)")
     m.add_argument("--d-model", type=int, default=S, help="model width D (default 128)")
     m.add_argument("--d-ff", type=int, default=S, help="FFN / expert hidden width F (default 512)")
     m.add_argument("--layers", type=int, default=S, help="transformer blocks (default 4)")
@@ -100,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("corpus (CorpusConfig)")
     c.add_argument("--facts", type=int, default=S, help="patients in the fact table (default %d)" % CorpusConfig().num_facts)
     c.add_argument("--id-digits", type=int, default=S, help="digits of a patient number (default %d; 3 or 4 allow more facts)" % CorpusConfig().id_digits)
+    c.add_argument("--id-alphabet", default=S, help="write patients as codes of --id-digits characters from this alphabet, e.g. ABCDEFGHIJKLMNOPQRSTUVWXYZ (default: numbers)")
+    c.add_argument("--fact-prompt", default=S, help="a record's prompt, {} for the patient, e.g. '#{}' (default 'patient {}: ')")
     c.add_argument("--wards", type=int, default=S, help="distinct answers of a fact (default %d)" % CorpusConfig().num_wards)
     c.add_argument("--corpus-seed", type=int, default=S, help="seed of the fact table and the held-out set (default 0)")
     c.add_argument("--mix", type=_mix, default=S, help="sampling weights, e.g. facts=0.5,arithmetic=0.1,... (default: the course's mix)")
@@ -181,7 +187,7 @@ def load_run(out: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, 
 
 def _samples(model: GPT, corpus: Corpus) -> str:
     lines = []
-    for prompt in ("patient " + str(next(iter(corpus.facts))) + ": ", "37+45=", "rev hospital=", "sort doctor=", "close ([{=", "the "):
+    for prompt in (corpus.fact_prompt(next(iter(corpus.facts))), "37+45=", "rev hospital=", "sort doctor=", "close ([{=", "the "):
         got = complete(model, corpus, prompt, max_new_tokens=min(60, model.config.block_size))
         lines.append(f"{prompt}{got}".rstrip("\n"))
     return "\n".join(lines) + "\n"
