@@ -1,9 +1,12 @@
-"""``python -m moe_course.train``: the same as ``moe-train`` (on several processes: ``moe_course.distributed.train``).
+"""``python -m moe_course.train``: the same as ``moe-train``; under ``torchrun`` with several processes, expert parallel.
 
 The command lives in ``moe_course.training.cli``; this entry stays because the README
-and saved run scripts call ``python -m moe_course.train``.
+and saved run scripts call ``python -m moe_course.train``. Started by
+``torchrun --standalone --nproc-per-node N -m moe_course.train ...`` (WORLD_SIZE > 1),
+it hands over to ``moe_course.distributed.train``, which takes the same flags.
 """
 
+import os
 import sys
 
 from .training.cli import (
@@ -20,4 +23,8 @@ from .training.cli import (
 __all__ = ["main", "build_parser", "configs_from_args", "load_run", "CONFIG_FILE", "CHECKPOINT_FILE", "METRICS_FILE", "SAMPLES_FILE"]
 
 if __name__ == "__main__":
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun started several processes: experts spread over them
+        from .distributed.train import main as distributed_main
+
+        sys.exit(distributed_main())
     sys.exit(main())

@@ -145,7 +145,7 @@ def test_torchrun_trains_the_switch_lm_with_the_loss_curve_of_one_process(tmp_pa
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(_repo_root()), *filter(None, [os.environ.get("PYTHONPATH")])])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "moe_course.distributed.train", *args, "--timeout", "60", "--out", str(tmp_path / "ep")]
+           "-m", "moe_course.train", *args, "--timeout", "60", "--out", str(tmp_path / "ep")]  # the command
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=300)
