@@ -268,3 +268,24 @@ def test_moe_layer_default_dispatch_never_builds_an_n_by_e_by_c_tensor():
 def test_moe_config_rejects_an_unknown_dispatch():
     with pytest.raises(ValueError, match="unknown dispatch method"):
         MoEConfig(d_model=4, d_ff=8, num_experts=2, dispatch="carrier pigeon")
+
+
+def test_moelayer_names_nan_or_inf_input_and_mismatched_dtypes():
+    layer = MoELayer(MoEConfig(d_model=8, d_ff=16, num_experts=4))
+    x = torch.randn(2, 5, 8)
+    x[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or inf in its input x \(first at token 7, feature 3\)"):
+        layer(x)
+    x[1, 2, 3] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        layer(x)
+    with pytest.raises(TypeError, match=r"experts hold float32 weights but x is float64: convert one to the other, e\.g\. x\.to\(float32\)"):
+        layer(torch.randn(3, 8, dtype=torch.float64))
+    with pytest.raises(TypeError, match="x is int64"):
+        layer(torch.ones(3, 8, dtype=torch.int64))
+    # float64 all the way through works, and agrees with float32
+    x = torch.randn(6, 8)
+    twin = MoELayer(MoEConfig(d_model=8, d_ff=16, num_experts=4))
+    twin.load_state_dict(layer.state_dict())
+    y64 = twin.double()(x.double()).y
+    assert y64.dtype == torch.float64 and torch.allclose(y64.float(), layer(x).y, atol=1e-5)

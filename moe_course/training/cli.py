@@ -1,14 +1,20 @@
 """Train a dense or Switch language model on the course corpus from the command line.
 
-    python -m moe_course.train --model switch --experts 8 --steps 2000 --out runs/switch8
-    python -m moe_course.train --model dense --steps 2000 --out runs/dense
+    python -m moe_course.train --model switch --experts 8 --out runs/switch8
+    python -m moe_course.train --model dense --out runs/dense
     python -m moe_course.train --out runs/switch8 --resume        # continue an interrupted run
     moe-train --help                                             # the same, as a console script
 
 The flags fill the same config dataclasses the lessons use (``GPTConfig``,
-``CorpusConfig``, ``TrainConfig``); anything not given keeps its default.
-The device is picked automatically (CUDA, then Apple MPS, then the CPU;
-``--device cpu`` forces one). The output folder receives
+``CorpusConfig``, ``TrainConfig``); anything not given comes from the preset.
+``--preset cpu`` (the default on a CPU) is a model that trains in a few minutes on a
+laptop; ``--preset large`` (the default on a GPU) is four times wider and deeper in
+context, and takes about an hour per 2,000 steps on a 2-core CPU. The device is picked
+automatically (CUDA, then Apple MPS, then the CPU; ``--device cpu`` forces one).
+Before training the command times a few steps on a copy of the model and prints how
+long the run will take. Ctrl-C stops after the current step and saves a checkpoint
+(so does every ``--checkpoint-minutes`` of training); ``--resume`` continues from it.
+The output folder receives
 
     config.json     the three configs (and the task's settings), to rebuild the run
     checkpoint.pt   model, optimiser and sampler state, every --checkpoint-every steps and at the end
@@ -23,12 +29,14 @@ uninterrupted run would have.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from ..data.corpus import Corpus, CorpusConfig
@@ -36,9 +44,9 @@ from ..device import get_device, seed_everything
 from ..flops import count_parameters
 from ..transformer import GPT, GPTConfig, flops_per_token, param_count
 from .lm import LMTask, complete
-from .loop import TrainConfig, train
+from .loop import TrainConfig, TrainingInterrupted, load_checkpoint, train
 
-__all__ = ["main", "build_parser", "configs_from_args", "load_run"]
+__all__ = ["main", "build_parser", "configs_from_args", "load_run", "preset_for", "PRESETS", "estimate_seconds_per_step"]
 
 CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE, SAMPLES_FILE = "config.json", "checkpoint.pt", "metrics.csv", "samples.txt"
 
@@ -57,11 +65,20 @@ _TRAIN_FLAGS = {
 }
 _TASK_FLAGS = {"eval_rows": "eval_rows"}
 
-# Defaults of the command (a bit larger than the lessons' toy models).
-_DEFAULTS = {
-    "model": dict(block_size=128, d_model=128, n_layers=4, n_heads=4, d_ff=512),
-    "train": dict(steps=2000, batch_size=32, lr=1e-3, warmup_steps=100, lr_min_ratio=0.1, eval_every=200),
-    "task": dict(eval_rows=256),
+# The command's defaults, by preset. "cpu": a model that trains in minutes on a laptop CPU
+# (a little larger than lesson 08's); "large": four times the context and width of a step's
+# work, for a GPU (or an hour of a CPU). "auto" picks "cpu" on the CPU and "large" elsewhere.
+PRESETS = {
+    "cpu": {
+        "model": dict(block_size=64, d_model=96, n_layers=3, n_heads=4, d_ff=384),
+        "train": dict(steps=1500, batch_size=32, lr=3e-3, warmup_steps=100, lr_min_ratio=0.1, eval_every=250),
+        "task": dict(eval_rows=128),
+    },
+    "large": {
+        "model": dict(block_size=128, d_model=128, n_layers=4, n_heads=4, d_ff=512),
+        "train": dict(steps=2000, batch_size=32, lr=1e-3, warmup_steps=100, lr_min_ratio=0.1, eval_every=200),
+        "task": dict(eval_rows=256),
+    },
 }
 
 
@@ -123,8 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=S, help="seeds the model's initialisation and the batch sampler (default 0)")
     r = p.add_argument_group("run")
     r.add_argument("--out", required=True, help="output folder (config.json, checkpoint.pt, metrics.csv, samples.txt)")
+    r.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
+                   help="the defaults of the flags above: cpu (minutes on a laptop CPU), large (for a GPU); auto: cpu on the CPU (default)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     r.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints and metrics writes (default: 5 × --eval-every)")
+    r.add_argument("--checkpoint-minutes", type=float, default=5.0, help="also save a checkpoint after this many minutes of training (default 5)")
     r.add_argument("--stop-after", type=int, default=None, help="stop after this many steps in total (to split a run; resume later)")
     r.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     r.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on the CPU (default: PyTorch's choice)")
@@ -132,12 +152,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def configs_from_args(args: argparse.Namespace, saved: dict | None = None) -> tuple[GPTConfig, CorpusConfig, TrainConfig, dict]:
-    """Build (model, corpus, train, task) configs from parsed flags, over ``saved`` configs or the defaults."""
+def preset_for(name: str, device: torch.device) -> str:
+    """The preset ``--preset name`` means on ``device``: "auto" is "cpu" on the CPU and "large" elsewhere."""
+    if name == "auto":
+        return "cpu" if device.type == "cpu" else "large"
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {['auto', *PRESETS]}")
+    return name
+
+
+def configs_from_args(args: argparse.Namespace, saved: dict | None = None, *, preset: str = "cpu"
+                      ) -> tuple[GPTConfig, CorpusConfig, TrainConfig, dict]:
+    """Build (model, corpus, train, task) configs from parsed flags, over ``saved`` configs or the ``preset``'s defaults."""
     given = vars(args)
     if saved is None:
-        model_kw, corpus_kw = dict(_DEFAULTS["model"]), {}
-        train_kw, task_kw = dict(_DEFAULTS["train"]), dict(_DEFAULTS["task"])
+        defaults = PRESETS[preset]
+        model_kw, corpus_kw = dict(defaults["model"]), {}
+        train_kw, task_kw = dict(defaults["train"]), dict(defaults["task"])
         if given.get("model") == "switch" and "experts" not in given:
             model_kw["num_experts"] = 8
     else:
@@ -175,12 +206,16 @@ def _differences(a: dict, b: dict) -> list[str]:
 
 
 def load_run(out: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, Corpus, dict]:
-    """Rebuild a trained model and its corpus from an output folder: → (model, corpus, saved configs)."""
+    """Rebuild a trained model and its corpus from an output folder: → (model, corpus, saved configs).
+
+    The checkpoint is read with ``load_checkpoint`` (tensors and plain values only), so a
+    run folder from someone else cannot run code when it is loaded.
+    """
     out = Path(out)
     saved = json.loads((out / CONFIG_FILE).read_text())
     corpus = Corpus(CorpusConfig(**saved["corpus"]))
     model = GPT(GPTConfig(**saved["model"]))
-    state = torch.load(out / CHECKPOINT_FILE, map_location=device, weights_only=False)
+    state = load_checkpoint(out / CHECKPOINT_FILE, map_location=device)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), corpus, saved
 
@@ -193,15 +228,61 @@ def _samples(model: GPT, corpus: Corpus) -> str:
     return "\n".join(lines) + "\n"
 
 
+def estimate_seconds_per_step(model: GPT, task: LMTask, config: TrainConfig, device: torch.device, steps: int = 3) -> float:
+    """Median wall-clock seconds of a training step, timed on a copy of ``model`` (the run itself is untouched).
+
+    One step first warms up; then ``steps`` steps are timed. The batches come from a
+    generator of their own, so the run's sampler and random state are not consumed.
+    """
+    rng = torch.get_rng_state()
+    trial = copy.deepcopy(model).to(device).train()
+    optimizer = torch.optim.AdamW(trial.parameters(), lr=config.lr)
+    generator = torch.Generator().manual_seed(12345)
+    times = []
+    for i in range(steps + 1):
+        batch = task.sample_batch(config.batch_size, generator, device)
+        start = time.perf_counter()
+        loss, _ = task.loss(trial, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - start)
+    torch.set_rng_state(rng)
+    return sorted(times)[len(times) // 2]
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} minutes"
+    return f"{seconds / 3600:.1f} hours"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     out = Path(args.out)
     config_path, ckpt = out / CONFIG_FILE, out / CHECKPOINT_FILE
+    for name in ("checkpoint_every", "stop_after", "threads", "checkpoint_minutes"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    try:
+        device = get_device(args.device)
+    except (ValueError, RuntimeError) as err:
+        parser.error(str(err))
+    preset = preset_for(args.preset, device)
     try:
         if args.resume:
             if not config_path.exists():
                 parser.error(f"--resume: there is no run to resume in {str(out)!r} (no {CONFIG_FILE})")
+            if not ckpt.exists():
+                parser.error(f"--resume: {str(out)!r} holds a run but no {CHECKPOINT_FILE}: it was stopped before its first "
+                             "checkpoint, so there is nothing to continue. Start it again with another --out (or delete the folder).")
             saved = json.loads(config_path.read_text())
             model_cfg, corpus_cfg, train_cfg, task_kw = configs_from_args(args, saved)
             diff = _differences(saved, _as_saved(model_cfg, corpus_cfg, train_cfg, task_kw))
@@ -210,26 +291,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if config_path.exists() or ckpt.exists():
                 parser.error(f"{str(out)!r} already holds a run; add --resume to continue it, or choose another --out")
-            model_cfg, corpus_cfg, train_cfg, task_kw = configs_from_args(args)
+            model_cfg, corpus_cfg, train_cfg, task_kw = configs_from_args(args, preset=preset)
     except (ValueError, TypeError, FileNotFoundError, IsADirectoryError) as err:
         parser.error(str(err))
-    for name in ("checkpoint_every", "stop_after", "threads"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be a positive int, got {value}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        device = get_device(args.device)
-    except (ValueError, RuntimeError) as err:
-        parser.error(str(err))
 
-    out.mkdir(parents=True, exist_ok=True)
-    if not config_path.exists():
-        config_path.write_text(json.dumps(_as_saved(model_cfg, corpus_cfg, train_cfg, task_kw), indent=1) + "\n")
     corpus = Corpus(corpus_cfg)
     if model_cfg.block_size < 2:
         parser.error("--context must be at least 2")
+    out.mkdir(parents=True, exist_ok=True)
+    if not config_path.exists():
+        config_path.write_text(json.dumps(_as_saved(model_cfg, corpus_cfg, train_cfg, task_kw), indent=1) + "\n")
     task = LMTask(corpus, model_cfg.block_size, eval_rows=task_kw["eval_rows"], eval_chunk=train_cfg.batch_size)
     seed_everything(train_cfg.seed)
     model = GPT(model_cfg)
@@ -238,26 +311,35 @@ def main(argv: list[str] | None = None) -> int:
           f"{fc.total:,} forward FLOPs per token; device {device}; corpus {list(corpus.domains)}", flush=True)
     assert count_parameters(model) == pc.total
 
-    every = args.checkpoint_every or 5 * train_cfg.eval_every
+    start = load_checkpoint(ckpt)["step"] if ckpt.exists() else 0
     last = train_cfg.steps if args.stop_after is None else min(args.stop_after, train_cfg.steps)
+    if start >= last:
+        print(f"{str(ckpt)!r} is already at step {start}; nothing to do", flush=True)
+    else:
+        per_step = estimate_seconds_per_step(model, task, train_cfg, device)
+        print(f"about {per_step * 1000:.0f} ms per step here: steps {start} to {last} take about {_duration(per_step * (last - start))} "
+              f"(without the evaluations); Ctrl-C stops after the current step and saves a checkpoint", flush=True)
+
+    def write_metrics(step: int, rows: list[dict[str, float]]) -> None:
+        if rows:
+            pd.DataFrame(rows).to_csv(out / METRICS_FILE, index=False)
+
     t0 = time.perf_counter()
-    # Train in segments of `every` steps, each resuming from the checkpoint the last one wrote:
-    # the metrics file and the checkpoint always describe the same step.
     result = None
-    done = torch.load(ckpt, map_location="cpu", weights_only=False)["step"] if ckpt.exists() else 0
-    if done >= last:
-        print(f"{str(ckpt)!r} is already at step {done}; nothing to do", flush=True)
-    while done < last:
-        stop = min(last, (done // every + 1) * every)
-        result = train(model, task, train_cfg, device=device, progress=not args.quiet, checkpoint_path=ckpt,
-                       resume=True, stop_after=stop)
-        done = stop
-        result.history.to_csv(out / METRICS_FILE, index=False)
+    if start < last:
+        try:
+            result = train(model, task, train_cfg, device=device, progress=not args.quiet, checkpoint_path=ckpt, resume=True,
+                           checkpoint_every=args.checkpoint_every or 5 * train_cfg.eval_every,
+                           checkpoint_minutes=args.checkpoint_minutes, on_checkpoint=write_metrics, stop_after=last)
+        except TrainingInterrupted as stop:
+            print(f"\nstopped after step {stop.step} of {train_cfg.steps}; the checkpoint is in {ckpt}. "
+                  f"Continue with: moe-train --out {out} --resume", flush=True)
+            return 130
     if result is not None and len(result.history):
         row = result.final
         shown = {k: round(v, 4) for k, v in row.items() if k == "val_loss" or k.startswith("val_loss_") or k.startswith("val_exact_")}
         print(f"step {int(row['step'])}: " + ", ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
-    if result is not None and done >= train_cfg.steps:
+    if result is not None and last >= train_cfg.steps:
         model.to(device).eval()
         (out / SAMPLES_FILE).write_text(_samples(model, corpus))
     print(f"wrote {out}/ ({time.perf_counter() - t0:.1f} s)", flush=True)
