@@ -31,6 +31,8 @@ from .experts import check_activation, is_gated
 
 __all__ = [
     "count_parameters",
+    "phone_book_params",
+    "phone_book_flops",
     "measure_flops_per_example",
     "matmul_flops",
     "ffn_param_count",
@@ -162,6 +164,18 @@ def moe_layer_param_count(
     return router + (num_experts + num_shared_experts) * expert
 
 
+def phone_book_params(d_model: int, d_ff: int, num_experts: int, num_wards: int) -> int:
+    """Parameters of lesson 08's ``PhoneBookModel``: E FFNs (2·D·F + F + D each), the router (D·E, when E > 1), the head (D·W + W)."""
+    D, F_, E, W = d_model, d_ff, num_experts, num_wards
+    return E * ffn_param_count(D, F_) + (D * E if E > 1 else 0) + D * W + W
+
+
+def phone_book_flops(d_model: int, d_ff: int, num_experts: int, num_wards: int) -> int:
+    """Forward FLOPs per patient of ``PhoneBookModel``: one FFN 4·D·F, the router 2·D·E (E > 1), the head 2·D·W."""
+    D, F_, E, W = d_model, d_ff, num_experts, num_wards
+    return ffn_flops(1, D, F_) + (matmul_flops(1, D, E) if E > 1 else 0) + matmul_flops(1, D, W)
+
+
 def moe_layer_flops(
     num_tokens: int,
     d_model: int,
@@ -199,7 +213,7 @@ class ParamCount:
     norms: int  # (2 per block + the final one) · 2·D
     ffn: int  # all FFN and expert parameters: dense blocks 2·D·F (+F+D; SwiGLU 3·D·F), MoE blocks E routed + K_s shared experts
     ffn_active: int  # the FFN parameters one token uses: the dense FFNs, and top_k routed + K_s shared experts per MoE block
-    router: int  # D·E per MoE block (2·D·E for the noisy router; + D for a shared-expert gate)
+    router: int  # D·E per MoE block (twice that with the noisy router's W_noise; none for a hash layer; + D for a shared-expert gate)
     head: int  # 0 when tied to the token embedding, else V·D
 
     @property
@@ -218,7 +232,7 @@ class FlopCount:
     attention_proj: int  # n_layers · 8·D²: q, k, v (2·D·3D) and the output projection (2·D·D)
     attention_mix: int  # n_layers · 4·T·D: scores q·kᵀ (2·T·D) and the weighted sum of values (2·T·D)
     ffn: int  # per block 4·D·F (SwiGLU 6·D·F): the dense FFN, or the top_k routed + K_s shared experts a token visits
-    router: int  # 2·D·E per MoE block (twice for the noisy router; + 2·D for a shared-expert gate)
+    router: int  # 2·D·E per MoE block (twice for the noisy router's second matmul; none for a hash layer; + 2·D for a shared-expert gate)
     head: int  # 2·D·V, the logits
 
     @property
@@ -231,6 +245,10 @@ class FlopCount:
         return 3 * self.total
 
 
+# Router matrices (D, E) per routed block: W_r; the noisy router adds W_noise; a hash layer learns none.
+_ROUTER_MATRICES = {"noisy_top_k": 2, "hash": 0}
+
+
 def param_count(config: Any) -> ParamCount:
     """Count a GPT's parameters from its ``GPTConfig`` (equals ``count_parameters(GPT(config))``).
 
@@ -241,8 +259,7 @@ def param_count(config: Any) -> ParamCount:
     """
     V, T, D, L = config.vocab_size, config.block_size, config.d_model, config.n_layers
     b = int(config.bias)
-    activation = getattr(config, "activation", "gelu")
-    ffn_one = ffn_param_count(D, config.d_ff, bool(b), activation)
+    ffn_one = ffn_param_count(D, config.d_ff, bool(b), getattr(config, "activation", "gelu"))
     n_moe = len(config.moe_layers)
     n_dense = L - n_moe
     ffn = ffn_active = n_dense * ffn_one
@@ -252,8 +269,7 @@ def param_count(config: Any) -> ParamCount:
         expert = ffn_param_count(D, moe.d_ff, moe.bias, moe.activation)
         ffn += n_moe * (moe.num_experts + moe.num_shared_experts) * expert
         ffn_active += n_moe * (moe.top_k + moe.num_shared_experts) * expert
-        noisy = moe.router == "noisy_top_k"  # W_noise next to W_r
-        router = n_moe * (D * moe.num_experts * (2 if noisy else 1) + (D if moe.shared_expert_gate else 0))
+        router = n_moe * (_ROUTER_MATRICES.get(config.router, 1) * D * moe.num_experts + (D if moe.shared_expert_gate else 0))
     return ParamCount(
         embedding=V * D + (T * D if config.position != "rope" else 0),
         attention=L * (4 * D * D + b * 4 * D),
@@ -281,10 +297,8 @@ def flops_per_token(config: Any, context: int | None = None) -> FlopCount:
     router = 0
     if n_moe:
         moe = config.moe_config()
-        expert = ffn_flops(1, D, moe.d_ff, moe.activation)
-        ffn += n_moe * (moe.top_k + moe.num_shared_experts) * expert
-        noisy = moe.router == "noisy_top_k"  # a second matmul for the noise scale
-        router = n_moe * (2 * D * moe.num_experts * (2 if noisy else 1) + (2 * D if moe.shared_expert_gate else 0))
+        ffn += n_moe * (moe.top_k + moe.num_shared_experts) * ffn_flops(1, D, moe.d_ff, moe.activation)
+        router = n_moe * (_ROUTER_MATRICES.get(config.router, 1) * 2 * D * moe.num_experts + (2 * D if moe.shared_expert_gate else 0))
     return FlopCount(
         attention_proj=L * 8 * D * D,
         attention_mix=L * 4 * T * D,

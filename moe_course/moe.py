@@ -235,6 +235,14 @@ class MoELayer(nn.Module):
         D = self.config.d_model
         if not isinstance(x, torch.Tensor) or x.ndim not in (2, 3) or x.shape[-1] != D:
             raise ValueError(f"MoELayer expects x of shape (B, T, {D}) or (N, {D}), got {tuple(getattr(x, 'shape', ()))}")
+        weights = next(self.experts.parameters(), self.w_router).dtype  # the experts' dtype (any ExpertBank)
+        if not x.is_floating_point() or (x.dtype != weights and not torch.is_autocast_enabled(x.device.type)):
+            raise TypeError(f"MoELayer's experts hold {weights} weights but x is {x.dtype}: convert one to the other, "
+                            f"e.g. x.to({weights}) (or layer.to({x.dtype}) to run the experts in {x.dtype})".replace("torch.", ""))
+        if not torch.isfinite(x).all():
+            n, d = (~torch.isfinite(x.reshape(-1, D))).nonzero()[0].tolist()
+            raise ValueError(f"MoELayer got NaN or inf in its input x (first at token {n}, feature {d}): the problem is "
+                             "upstream of this layer (the data, the layer before it, or a learning rate that is too high)")
 
     def _float32_matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):

@@ -17,6 +17,7 @@ from moe_course.course.cli import check_alias, lab_command, main
 from moe_course.course.layout import answer_cell, check_cell, find_root, is_stub, lessons, read_notebook
 from moe_course.course.results import CellOutcome, exercise_results
 from moe_course.exercises.build import exercise_notebook, stub_source
+
 from notebook_tools import ROOT, read_solution
 
 
@@ -230,7 +231,7 @@ def test_lab_opens_the_course_at_a_lesson_or_an_exercise(course, monkeypatch, ca
 def test_python_dash_m_and_the_old_moe_check_name(course):
     proc = subprocess.run([sys.executable, "-m", "moe_course", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and all(c in proc.stdout for c in ("lab", "check", "progress", "reset", "restore", "update"))
-    proc = subprocess.run([sys.executable, "-m", "moe_course.check", "--root", str(course), "99"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "moe_course.course.check", "--root", str(course), "99"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "no lesson matches '99'" in proc.stderr
     assert check_alias(["--root", str(course), "1.9"]) == 2

@@ -421,3 +421,24 @@ def test_upcycle_refuses_shared_experts_and_a_mismatched_ffn():
         upcycle(FeedForward(8, 32), MoEConfig(8, 16, 4))
     with pytest.raises(TypeError, match="expects a trained FeedForward"):
         upcycle(torch.nn.Linear(8, 8), MoEConfig(8, 16, 4))
+
+
+def test_moelayer_names_nan_or_inf_input_and_mismatched_dtypes():
+    layer = MoELayer(MoEConfig(d_model=8, d_ff=16, num_experts=4))
+    x = torch.randn(2, 5, 8)
+    x[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or inf in its input x \(first at token 7, feature 3\)"):
+        layer(x)
+    x[1, 2, 3] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        layer(x)
+    with pytest.raises(TypeError, match=r"experts hold float32 weights but x is float64: convert one to the other, e\.g\. x\.to\(float32\)"):
+        layer(torch.randn(3, 8, dtype=torch.float64))
+    with pytest.raises(TypeError, match="x is int64"):
+        layer(torch.ones(3, 8, dtype=torch.int64))
+    # float64 all the way through works, and agrees with float32
+    x = torch.randn(6, 8)
+    twin = MoELayer(MoEConfig(d_model=8, d_ff=16, num_experts=4))
+    twin.load_state_dict(layer.state_dict())
+    y64 = twin.double()(x.double()).y
+    assert y64.dtype == torch.float64 and torch.allclose(y64.float(), layer(x).y, atol=1e-5)

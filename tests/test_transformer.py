@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -11,6 +13,7 @@ from moe_course.moe import MoEOutput
 from moe_course.transformer import (
     GPT,
     Block,
+    HashLayer,
     GPTConfig,
     GPTOutput,
     copy_dense_into_switch,
@@ -42,7 +45,12 @@ def _ids(b: int = 2, t: int = 16, seed: int = 0) -> torch.Tensor:
      ({"n_heads": 5}, "divisible by n_heads"), ({"ffn": "switch", "num_experts": 4, "moe_every": 3}, "no Switch block"),
      ({"ffn": "switch", "num_experts": 4, "capacity_factor": 0.0}, "capacity_factor"),
      ({"ffn": "switch", "num_experts": 4, "aux_loss_coef": -1.0}, "aux_loss_coef"), ({"d_model": 0}, "d_model"),
-     ({"position": "sinusoid"}, "position"), ({"d_model": 12, "n_heads": 4}, "even head width"), ({"dropout": 1.0}, "dropout")],
+     ({"position": "sinusoid"}, "position"), ({"d_model": 12, "n_heads": 4}, "even head width"), ({"dropout": 1.0}, "dropout"),
+     ({"top_k": 2}, "dense model routes nothing"), ({"ffn": "switch", "num_experts": 4, "top_k": 2}, "router='top_k'"),
+     ({"ffn": "switch", "num_experts": 4, "router": "expert_choice"}, "unknown router type"),
+     ({"ffn": "switch", "num_experts": 2, "router": "top_k", "top_k": 3}, "more than num_experts"), ({"top_k": 0}, "top_k"),
+     ({"ffn": "switch", "num_experts": 4, "router": "hash"}, "drops no tokens"),
+     ({"ffn": "switch", "num_experts": 4, "router": "hash", "top_k": 2, "capacity_factor": None}, "one expert")],
 )
 def test_config_rejects_bad_values_with_clear_messages(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -215,7 +223,9 @@ def test_copy_refuses_models_of_different_shapes():
 @pytest.mark.parametrize(
     "kw",
     [{}, {"ffn": "switch", "num_experts": 4}, {"ffn": "switch", "num_experts": 3, "n_layers": 4, "moe_every": 2},
-     {"tie_embeddings": False, "position": "learned"}, {"bias": False, "ffn": "switch", "num_experts": 2}],
+     {"tie_embeddings": False, "position": "learned"}, {"bias": False, "ffn": "switch", "num_experts": 2},
+     {"ffn": "switch", "num_experts": 4, "router": "top_k", "top_k": 2},
+     {"ffn": "switch", "num_experts": 4, "router": "noisy_top_k", "top_k": 2, "n_layers": 4, "moe_every": 2}],
 )
 def test_param_count_matches_the_model(kw):
     cfg = _cfg(**kw)
@@ -252,7 +262,50 @@ def test_flops_per_token_by_hand():
     assert flops_per_token(_cfg(), context=8).attention_mix == dense.attention_mix // 2
 
 
-@pytest.mark.parametrize("kw", [{}, {"ffn": "switch", "num_experts": 4}, {"ffn": "switch", "num_experts": 8, "n_layers": 4, "moe_every": 2}])
+def test_hash_layer_routes_each_token_id_to_a_fixed_expert():
+    cfg = _cfg(ffn="switch", num_experts=4, router="hash", capacity_factor=None, n_layers=4, moe_every=2)
+    model = GPT(cfg)
+    assert [type(b.ffn).__name__ for b in model.blocks] == ["FeedForward", "HashLayer", "FeedForward", "HashLayer"]
+    table = model.blocks[1].ffn.expert_of
+    assert table.shape == (V,) and torch.bincount(table, minlength=4).tolist() == [24, 24, 24, 24]  # balanced
+    assert torch.equal(table, GPT(cfg).blocks[3].ffn.expert_of)  # the same fixed assignment every time
+    idx = _ids(3)
+    out = model(idx)
+    for _, m in out.moe_outputs:
+        assert torch.equal(m.expert_index[:, 0], table[idx.reshape(-1)])  # decided by the token id alone
+        assert torch.equal(m.gates, torch.ones(48, 1)) and float(m.router_loss) == 0.0 and int(m.num_dropped) == 0
+        assert torch.equal(m.router_probs.argmax(-1), m.expert_index[:, 0]) and m.aux_loss >= 1.0
+    assert float(out.router_loss) == 0.0
+    # the block's output: the hashed expert's answer, gate 1
+    block, x = model.blocks[1], torch.randn(3, 16, 32)
+    a = x + block.attn(block.ln_1(x))
+    h = block.ln_2(a).reshape(-1, 32)
+    want = torch.stack([block.ffn.expert_output(int(e), h[i : i + 1])[0] for i, e in enumerate(table[idx.reshape(-1)])])
+    assert torch.allclose(block(x, token_ids=idx).x, a + want.reshape(3, 16, 32), atol=1e-5)
+    with pytest.raises(ValueError, match="routes by token id"):
+        block(x)
+    pc = param_count(cfg)
+    assert pc.router == 0 and pc.total == count_parameters(model) and flops_per_token(cfg).router == 0
+
+
+def test_top_k_routing_in_the_gpt_counts_k_experts_per_token():
+    top2 = _cfg(ffn="switch", num_experts=4, router="top_k", top_k=2, n_layers=4, moe_every=2)
+    m = top2.moe_config()
+    assert (m.router, m.top_k) == ("top_k", 2)
+    out = GPT(top2)(_ids())
+    assert [o.expert_index.shape for _, o in out.moe_outputs] == [(32, 2), (32, 2)]
+    one = 2 * 32 * 64 + 64 + 32
+    pc, dense = param_count(top2), param_count(top2.dense_twin())
+    assert pc.ffn_active == dense.ffn_active + 2 * one  # two Switch blocks, one extra expert each
+    fc = flops_per_token(top2)
+    assert fc.ffn == flops_per_token(top2.dense_twin()).ffn + 2 * 4 * 32 * 64
+    noisy = replace(top2, router="noisy_top_k")
+    assert param_count(noisy).router == 2 * param_count(top2).router and flops_per_token(noisy).router == 2 * fc.router
+    assert top2.dense_twin().top_k == 1 and top2.dense_twin().router == "switch"
+
+
+@pytest.mark.parametrize("kw", [{}, {"ffn": "switch", "num_experts": 4}, {"ffn": "switch", "num_experts": 8, "n_layers": 4, "moe_every": 2},
+                                {"ffn": "switch", "num_experts": 4, "router": "top_k", "top_k": 2}])
 def test_flops_per_token_match_pytorchs_flop_counter(kw):
     # explicit attention and a per-expert dispatch, so that every matmul is seen by the counter
     cfg = _cfg(fast_attention=False, dispatch="sort_split", capacity_factor=None, **kw) if kw else _cfg(fast_attention=False)

@@ -15,7 +15,7 @@ mode, in chunks) and returns, for every Switch layer, a ``LayerRouting``:
 * ``mean_gate``: the average router probability of the chosen expert, the
   factor the expert's output is multiplied by (about 1/E while the router is unsure);
 * ``specialisation``: the normalised mutual information between domain and
-  expert (``moe_course.specialisation.normalized_mutual_information``): 1 when
+  expert (``moe_course.analysis.specialisation.normalized_mutual_information``): 1 when
   every domain has its own expert(s), 0 when the expert says nothing about the domain.
 
 ``RoutingTracker`` is a ``train(..., callback=...)`` that records these
@@ -31,9 +31,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .corpus import CharTokenizer, LMBatch
+from ..data.corpus import CharTokenizer, LMBatch
+from ..training.loop import evaluating
 from .specialisation import normalized_mutual_information
-from .training import evaluating
 
 __all__ = ["LayerRouting", "routing_report", "RoutingTracker"]
 

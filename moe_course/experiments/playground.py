@@ -31,11 +31,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .clinic import Clinic
-from .losses import load_balancing_loss
-from .models import ClinicMoE
-from .moe import MoEConfig, MoELayer
-from .training import CLINIC_LR, ClassificationTask, TrainConfig, train
+from ..data.clinic import Clinic
+from ..losses import load_balancing_loss
+from ..models import ClinicMoE
+from ..moe import MoEConfig, MoELayer
+from ..training.loop import CLINIC_LR, ClassificationTask, TrainConfig, train
 
 __all__ = ["train_clinic_moe", "routed_forward", "RoutedDay", "ClinicDay", "clinic_day"]
 

@@ -14,8 +14,11 @@ A *task* says what a batch is and what the loss is; see ``Task``.
 from __future__ import annotations
 
 import math
+import pickle
+import signal
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .device import get_device
+from ..device import get_device
 
-__all__ = ["CLINIC_LR", "TrainConfig", "TrainResult", "Task", "ClassificationTask", "train", "model_logits", "evaluating"]
+__all__ = ["CLINIC_LR", "TrainConfig", "TrainResult", "Task", "ClassificationTask", "train", "model_logits", "evaluating",
+           "load_checkpoint", "TrainingInterrupted"]
 
 # The learning rate of every clinic model in lessons 01-05. One constant, so that the same
 # model trained in two lessons gives the same result and the lessons' numbers can be compared.
@@ -176,7 +180,21 @@ class TrainResult:
         return self.history.iloc[-1].to_dict()
 
 
-def _save_checkpoint(path: Path, model, optimizer, generator, step, rows, config) -> None:
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``train``: the step in progress was finished and, with a checkpoint path, saved."""
+
+    def __init__(self, step: int, checkpoint: Path | None) -> None:
+        where = f"; checkpoint saved in {checkpoint}" if checkpoint is not None else ""
+        super().__init__(f"training stopped after step {step}{where}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+def _plain(value: Any) -> int | float:
+    """A metric as a plain Python number (so that ``load_checkpoint`` may read it back): ints stay ints."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else float(value)
+
+
+def _save_checkpoint(path: Path, model, optimizer, generator, step, rows, config, running) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(
@@ -189,12 +207,57 @@ def _save_checkpoint(path: Path, model, optimizer, generator, step, rows, config
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "step": step,
-            "history": rows,
+            "history": [{k: _plain(v) for k, v in row.items()} for row in rows],
+            "running": {k: _plain(v) for k, v in running.items()},  # train metrics summed since the last evaluation
             "config": asdict(config),
         },
         tmp,
     )
     tmp.replace(path)  # never leave a half-written checkpoint behind
+
+
+def load_checkpoint(path: str | Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
+    """Read a checkpoint of ``train`` or ``moe-train`` safely: tensors and plain Python values only.
+
+    ``torch.load(..., weights_only=True)`` never runs code stored in the file, so a run
+    folder someone else shared cannot execute anything when a learner loads it. The
+    course's checkpoints hold only state dicts, numbers, strings, lists and dicts, so
+    no class of the course needs allow-listing; a file carrying any other object is
+    refused with a ``ValueError`` that says so.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"refusing to load {path}: it holds objects other than tensors and plain Python values, and "
+                         f"unpickling them could run code from the file. moe-course only loads checkpoints it wrote "
+                         f"itself. ({reason})") from None
+
+
+@contextmanager
+def _stop_on_ctrl_c() -> Iterator[Callable[[], bool]]:
+    """While training: the first Ctrl-C asks the loop to stop after the current step (a second one stops at once).
+
+    Yields a function telling whether a stop was asked for. Outside the main thread
+    (where signal handlers cannot be set) Ctrl-C keeps its usual meaning.
+    """
+    asked = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield asked.is_set
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if asked.is_set():  # pressed twice: the usual KeyboardInterrupt, now
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        asked.set()
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield asked.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def train(
@@ -206,18 +269,25 @@ def train(
     progress: bool = True,
     checkpoint_path: str | Path | None = None,
     checkpoint_every: int | None = None,
+    checkpoint_minutes: float | None = None,
+    on_checkpoint: Callable[[int, list[dict[str, float]]], None] | None = None,
     resume: bool = False,
     stop_after: int | None = None,
     callback: Any = None,
 ) -> TrainResult:
     """Train ``model`` on ``task`` and return it with its metrics history.
 
-    checkpoint_path: where to save (every ``checkpoint_every`` steps and at the end).
-    resume: continue from ``checkpoint_path`` if it exists.
-    stop_after: stop after this many steps in total (to simulate an
-        interruption; the learning-rate schedule still follows ``config.steps``).
+    checkpoint_path: where to save: every ``checkpoint_every`` steps, every
+        ``checkpoint_minutes`` of wall-clock time, at the end, and when Ctrl-C stops
+        the run; ``on_checkpoint(step, history_rows)`` is called after each save.
+    resume: continue from ``checkpoint_path`` if it exists (``load_checkpoint``).
+    stop_after: stop after this many steps in total (to split a run; the
+        learning-rate schedule still follows ``config.steps``).
     callback: called as ``callback(step, model)`` after each evaluation, e.g. to
         record routing statistics over training.
+
+    Ctrl-C (or a notebook's interrupt) finishes the step in progress, saves a
+    checkpoint when there is a path, and raises ``TrainingInterrupted``.
     """
     from tqdm.auto import tqdm
 
@@ -226,13 +296,14 @@ def train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     rows: list[dict[str, float]] = []
+    running: dict[str, float] = {}
     start_step = 0
     path = Path(checkpoint_path) if checkpoint_path is not None else None
     if resume:
         if path is None:
             raise ValueError("resume=True needs a checkpoint_path")
         if path.exists():
-            state = torch.load(path, map_location=device, weights_only=False)
+            state = load_checkpoint(path, map_location=device)
             if state["config"] != asdict(config):
                 raise ValueError(f"checkpoint {path} was made with a different TrainConfig: {state['config']}")
             model.load_state_dict(state["model"])
@@ -242,42 +313,57 @@ def train(
                 torch.set_rng_state(state["torch_rng"].cpu())
             if state.get("cuda_rng") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
-            start_step, rows = state["step"], list(state["history"])
+            start_step, rows, running = state["step"], list(state["history"]), dict(state.get("running", {}))
     last = config.steps if stop_after is None else min(config.steps, stop_after)
-    t0 = time.perf_counter()
-    running: dict[str, float] = {}
+    t0 = last_save = time.perf_counter()
+    done = start_step
+
+    def save() -> None:
+        nonlocal last_save
+        _save_checkpoint(path, model, optimizer, generator, done, rows, config, running)
+        last_save = time.perf_counter()
+        if on_checkpoint is not None:
+            on_checkpoint(done, rows)
+
     bar = tqdm(range(start_step, last), desc="training", disable=not progress, leave=False, initial=start_step, total=last)
-    for step in bar:
-        model.train()
-        lr = config.lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = task.sample_batch(config.batch_size, generator, device)
-        loss, metrics = task.loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        for key, value in metrics.items():  # average train metrics since the last evaluation
-            running[key] = running.get(key, 0.0) + value
-        running["_n"] = running.get("_n", 0.0) + 1
-        done = step + 1
-        if done % config.eval_every == 0 or done == config.steps:
-            model.eval()
-            n = running.pop("_n")
-            row = {"step": done, "lr": lr, **{k: v / n for k, v in running.items()}}
-            row.update(task.evaluate(model, device))
-            row["seconds"] = time.perf_counter() - t0
-            rows.append(row)
-            running = {}
-            if callback is not None:
-                callback(done, model)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("step", "lr", "seconds")})
-        if path is not None and checkpoint_every and done % checkpoint_every == 0:
-            _save_checkpoint(path, model, optimizer, generator, done, rows, config)
+    with _stop_on_ctrl_c() as stop_asked:
+        for step in bar:
+            model.train()
+            lr = config.lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = task.sample_batch(config.batch_size, generator, device)
+            loss, metrics = task.loss(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            for key, value in metrics.items():  # average train metrics since the last evaluation
+                running[key] = running.get(key, 0.0) + value
+            running["_n"] = running.get("_n", 0.0) + 1
+            done = step + 1
+            if done % config.eval_every == 0 or done == config.steps:
+                model.eval()
+                n = running.pop("_n")
+                row = {"step": done, "lr": lr, **{k: v / n for k, v in running.items()}}
+                row.update(task.evaluate(model, device))
+                row["seconds"] = time.perf_counter() - t0
+                rows.append(row)
+                running = {}
+                if callback is not None:
+                    callback(done, model)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("step", "lr", "seconds")})
+            if stop_asked():
+                break
+            due = (checkpoint_every and done % checkpoint_every == 0) or (
+                checkpoint_minutes is not None and time.perf_counter() - last_save >= 60 * checkpoint_minutes)
+            if path is not None and due and done < last:
+                save()
     bar.close()
     if path is not None:
-        _save_checkpoint(path, model, optimizer, generator, last, rows, config)
+        save()
     model.eval()
+    if stop_asked() and done < last:
+        raise TrainingInterrupted(done, path)
     return TrainResult(model, pd.DataFrame(rows), config, time.perf_counter() - t0)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from .training import evaluating
+from ..training.loop import evaluating
 
 __all__ = [
     "gate_mass_by_specialty",

@@ -19,7 +19,7 @@ Runs are paired, after warm-up: in every round each candidate runs next to
 a fresh run of the dense layer, so a noisy neighbour slows both halves of a
 pair alike; the table gives the median of those paired ratios (and, in the
 JSON, their quartiles), median times, and the peak extra memory of one
-forward+backward (``moe_course.memory.peak_bytes``). Timings belong here, never
+forward+backward (``moe_course.bench.memory.peak_bytes``). Timings belong here, never
 in unit tests.
 
 The command line first makes the C allocator keep the memory it frees
@@ -41,10 +41,10 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from .dispatch import DEFAULT_METHOD, METHODS
-from .experts import FeedForward
+from ..dispatch import DEFAULT_METHOD, METHODS
+from ..experts import FeedForward
+from ..moe import MoEConfig, MoELayer
 from .memory import peak_bytes
-from .moe import MoEConfig, MoELayer
 
 __all__ = ["BenchConfig", "STANDARD", "QUICK", "steady_allocator", "PairedTiming", "paired_times", "run_benchmark", "format_table", "main"]
 

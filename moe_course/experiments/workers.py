@@ -20,8 +20,9 @@ and every job must pickle.
 from __future__ import annotations
 
 import multiprocessing as mp
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -40,32 +41,46 @@ def run_in_workers(
     *,
     workers: int = 2,
     on_done: Callable[[int, Any], None] | None = None,
+    progress: bool = False,
+    desc: str = "runs",
+    name: Callable[[Job], str] = str,
 ) -> list[Any]:
     """``[fn(job) for job in jobs]``, ``workers`` jobs at a time, each worker a one-thread process.
 
     workers=1 (or a single job) runs them one after another in this process,
     with the thread count left as it is. ``on_done(i, result)`` is called as
-    job i finishes (e.g. to move a progress bar). An exception in a job is
-    raised here, after the pool has shut down.
+    job i finishes. ``progress`` draws a progress bar titled ``desc`` that names
+    each job with ``name(job)``. An exception in a job is raised here, after the
+    pool has shut down.
     """
     jobs = list(jobs)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive int, got {workers!r}")
     if not callable(fn):
         raise TypeError(f"fn must be a function, got {type(fn).__name__}")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(jobs), desc=desc, disable=not progress)
     results: list[Any] = [None] * len(jobs)
-    if workers == 1 or len(jobs) <= 1:
-        for i, job in enumerate(jobs):
-            results[i] = fn(job)
-            if on_done is not None:
-                on_done(i, results[i])
+
+    def finished(i: int, result: Any) -> None:
+        results[i] = result
+        bar.set_postfix_str(f"finished {name(jobs[i])}")
+        bar.update()
+        if on_done is not None:
+            on_done(i, result)
+
+    try:
+        if workers == 1 or len(jobs) <= 1:
+            for i, job in enumerate(jobs):
+                bar.set_postfix_str(name(job))
+                finished(i, fn(job))
+            return results
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
+                                 initializer=_worker_init) as pool:
+            futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
+            for future in as_completed(futures):
+                finished(futures[future], future.result())
         return results
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
-                             initializer=_worker_init) as pool:
-        futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
-        for future in as_completed(futures):
-            i = futures[future]
-            results[i] = future.result()
-            if on_done is not None:
-                on_done(i, results[i])
-    return results
+    finally:
+        bar.close()

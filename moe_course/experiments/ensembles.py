@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .training import TrainConfig, Task, model_logits, train
+from ..training.loop import Task, TrainConfig, model_logits, train
 
 __all__ = [
     "Ensemble",

@@ -31,7 +31,7 @@ Optionally a sixth row, the specialists with a perfect GP (``specialists``,
 the oracle that peeks at the specialty), gives the upper bound the GP aims at.
 
 Every (approach, seed) pair is one job; ``workers`` jobs train at once in
-one-thread worker processes (``moe_course.workers``). A job seeds everything
+one-thread worker processes (``moe_course.experiments.workers``). A job seeds everything
 it draws from its seed, so the numbers do not depend on ``workers``.
 """
 
@@ -44,16 +44,15 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .clinic import Clinic
+from ..analysis.metrics import accuracy_by_group
+from ..analysis.specialisation import SpecialisationTracker, context_share, effective_experts, specialisation_score
+from ..data.clinic import Clinic
+from ..experts import FeedForward
+from ..flops import count_parameters, measure_flops_per_example
+from ..mixture import DenseMixture, DenseMixtureConfig, RoutedMixture, RoutedMixtureConfig
+from ..training.loop import ClassificationTask, TrainConfig, train
 from .ensembles import train_ensemble
-from .experts import FeedForward
-from .flops import count_parameters, measure_flops_per_example
-from .metrics import accuracy_by_group
-from .mixture import DenseMixture, DenseMixtureConfig
-from .routed import RoutedMixture, RoutedMixtureConfig
-from .specialisation import SpecialisationTracker, context_share, effective_experts, specialisation_score
 from .specialists import train_specialists
-from .training import ClassificationTask, TrainConfig, train
 from .workers import run_in_workers
 
 __all__ = ["APPROACHES", "CARDIOLOGISTS", "GENERALIST", "DENSE", "TOP_1", "TOP_2", "ORACLE", "GATED",
@@ -356,14 +355,11 @@ def four_approaches(
         raise ValueError(f"num_experts must be at least 2 (the top-2 GP sees two doctors), got {num_experts}")
     if isinstance(home_specialty, bool) or not isinstance(home_specialty, int) or not 0 <= home_specialty < clinic.num_specialties:
         raise ValueError(f"home_specialty must be a specialty id in [0, {clinic.num_specialties}), got {home_specialty!r}")
-    from tqdm.auto import tqdm
-
     names = [*APPROACHES, *([ORACLE] if oracle else [])]
     jobs = [_Job(name, seed, clinic, config, num_experts, d_ff, aux_loss_coef, home_specialty, track_every)
             for seed in seeds for name in names]
-    bar = tqdm(total=len(jobs), desc="training the approaches", disable=not progress)
-    outcomes = run_in_workers(_run_job, jobs, workers=workers, on_done=lambda i, _: bar.update())
-    bar.close()
+    outcomes = run_in_workers(_run_job, jobs, workers=workers, progress=progress, desc="training the approaches",
+                              name=lambda j: f"{j.approach}, seed {j.seed}")
     histories = [o.history.assign(approach=j.approach, seed=j.seed) for j, o in zip(jobs, outcomes) if o.history is not None]
     return FourApproaches(
         table=pd.DataFrame([o.row for o in outcomes]),

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..clinic import Clinic, Patients
+from ..data.clinic import Clinic, Patients
 from ..dispatch import dispatch
 from ..experts import ACTIVATIONS, Experts
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bench import paired_times
-from .training import model_logits
+from ..training.loop import model_logits
+from .benchmark import paired_times
 
 __all__ = ["time_per_batch"]
 

@@ -25,19 +25,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import pandas as pd
 import torch
 
-from .corpus import Corpus, CorpusConfig
-from .device import get_device, seed_everything
-from .lm import LMTask
-from .lm_routing import LayerRouting, RoutingTracker
-from .training import TrainConfig, train
-from .transformer import GPT, GPTConfig
+from ..analysis.lm_routing import LayerRouting, RoutingTracker
+from ..data.corpus import Corpus, CorpusConfig
+from ..device import get_device, seed_everything
+from ..training.lm import LMTask
+from ..training.loop import TrainConfig, train
+from ..transformer import GPT, GPTConfig
 from .workers import run_in_workers
 
-__all__ = ["LMRun", "LMRunResult", "run_lm", "run_lms", "results_table", "summarise"]
+__all__ = ["LMRun", "LMRunResult", "run_lm", "run_lms", "results_table", "summarise", "seed_verdict"]
 
 
 @dataclass(frozen=True)
@@ -115,11 +116,6 @@ def run_lm(run: LMRun, corpus_config: CorpusConfig, *, eval_rows: int = 96, eval
     return LMRunResult(run, result.history, seconds, state, dict(tracker.reports) if tracker else {})
 
 
-def _run_in_worker(args) -> LMRunResult:
-    run, corpus_config, eval_rows, eval_chunk = args
-    return run_lm(run, corpus_config, eval_rows=eval_rows, eval_chunk=eval_chunk)
-
-
 def run_lms(runs: list[LMRun], corpus_config: CorpusConfig = CorpusConfig(), *, workers: int = 2, eval_rows: int = 96,
             eval_chunk: int | None = None, progress: bool = True, device: torch.device | str | None = None) -> list[LMRunResult]:
     """Train every run (``workers`` at a time, each in its own one-thread process) → results in the order of ``runs``.
@@ -141,26 +137,10 @@ def run_lms(runs: list[LMRun], corpus_config: CorpusConfig = CorpusConfig(), *, 
         raise TypeError(f"run_lms expects a CorpusConfig, got {type(corpus_config).__name__}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive int, got {workers!r}")
-    from tqdm.auto import tqdm
-
     device = torch.device(device) if device is not None else get_device()
-    bar = tqdm(total=len(runs), desc="training runs", disable=not progress)
-    results: list[LMRunResult | None] = [None] * len(runs)
-    if workers == 1 or len(runs) == 1 or device.type != "cpu":
-        for i, r in enumerate(runs):
-            bar.set_postfix_str(f"{r.label}, seed {r.seed}")
-            results[i] = run_lm(r, corpus_config, eval_rows=eval_rows, eval_chunk=eval_chunk, device=device)
-            bar.update()
-    else:
-        def finished(i: int, result: LMRunResult) -> None:
-            results[i] = result
-            bar.set_postfix_str(f"finished {runs[i].label}, seed {runs[i].seed}")
-            bar.update()
-
-        run_in_workers(_run_in_worker, [(r, corpus_config, eval_rows, eval_chunk) for r in runs], workers=workers,
-                       on_done=finished)
-    bar.close()
-    return results  # type: ignore[return-value]
+    fn = partial(run_lm, corpus_config=corpus_config, eval_rows=eval_rows, eval_chunk=eval_chunk, device=device)
+    return run_in_workers(fn, runs, workers=workers if device.type == "cpu" else 1, progress=progress,
+                          desc="training runs", name=lambda r: f"{r.label}, seed {r.seed}")
 
 
 def results_table(results: list[LMRunResult]) -> pd.DataFrame:
@@ -187,3 +167,50 @@ def summarise(table: pd.DataFrame, columns: list[str] | None = None) -> pd.DataF
     stats = table.groupby("label", sort=False)[columns].agg(["mean", "std"])
     stats.insert(0, ("seeds", ""), table.groupby("label", sort=False)["seed"].count())
     return stats.loc[order]
+
+
+def seed_verdict(table: pd.DataFrame, a: str, b: str, metrics: dict[str, bool], *, by: str = "label") -> pd.DataFrame:
+    """Compare label ``b`` with label ``a`` over seeds, one row per metric, with the verdict computed.
+
+    metrics: column → True when higher is better (recall), False when lower
+    is (a loss). A verdict needs every seed to agree:
+
+    * paired, when both labels ran the same seeds (a ``seed`` column): seed s
+      gave both the same data, so B is compared with A seed by seed; "B
+      better" when B beats A on every seed, "A better" when A beats B on every
+      seed (by chance alone, five seeds all agree one time in sixteen);
+    * otherwise by range: "B better" when B's worst seed beats A's best.
+
+    Anything else is "within seed noise". Columns: A and B (the two labels),
+    their mean ± sd and range over seeds, the difference of the means B − A,
+    how many seeds B won, the verdict. Stack several with ``pd.concat``.
+    """
+    if by not in table.columns:
+        raise ValueError(f"seed_verdict: the table has no column {by!r}")
+    rows = []
+    for metric, higher in metrics.items():
+        if metric not in table.columns:
+            raise ValueError(f"seed_verdict: the table has no column {metric!r}; it has {list(table.columns)}")
+        values = {}
+        for name in (a, b):
+            part = table.loc[table[by] == name]
+            if part.empty:
+                raise ValueError(f"seed_verdict: no rows with {by} == {name!r}; there are {sorted(table[by].unique())}")
+            values[name] = part.set_index("seed")[metric].astype(float) if "seed" in part.columns else part[metric].astype(float)
+        va, vb = values[a], values[b]
+        sign = 1 if higher else -1
+        paired = "seed" in table.columns and va.index.is_unique and set(va.index) == set(vb.index)
+        if paired:
+            gain = sign * (vb - va.loc[vb.index])  # > 0 where B beat A on that seed
+            wins = f"{int((gain > 0).sum())} of {len(gain)}"
+            verdict = "B better" if (gain > 0).all() else "A better" if (gain < 0).all() else "within seed noise"
+        else:
+            wins = "unpaired"
+            verdict = ("B better" if (sign * vb).min() > (sign * va).max() else
+                       "A better" if (sign * va).min() > (sign * vb).max() else "within seed noise")
+        sd = lambda v: v.std() if len(v) > 1 else float("nan")  # noqa: E731
+        rows.append({"metric": metric, "better": "higher" if higher else "lower",
+                     "A": a, "A mean ± sd": f"{va.mean():.3f} ± {sd(va):.3f}", "A range": f"{va.min():.3f}–{va.max():.3f}",
+                     "B": b, "B mean ± sd": f"{vb.mean():.3f} ± {sd(vb):.3f}", "B range": f"{vb.min():.3f}–{vb.max():.3f}",
+                     "B − A": vb.mean() - va.mean(), "B won": wins, "verdict": verdict})
+    return pd.DataFrame(rows).set_index("metric")

@@ -146,7 +146,7 @@ def bias_variance_bars(
     """Stacked bars, one per ensemble size: bias at the bottom, variance on top (their sum is the error).
 
     frame: columns ``size``, ``bias`` and ``variance``, e.g. from
-    ``moe_course.ensembles.bias_variance_by_size``.
+    ``moe_course.experiments.ensembles.bias_variance_by_size``.
     """
     for column in ("size", "bias", "variance"):
         if column not in frame:
@@ -216,7 +216,7 @@ def dispatch_picture(expert_index: torch.Tensor, num_experts: int) -> plt.Figure
 
     expert_index (N,): the top-1 expert of each token.
     """
-    from .dispatch import slot_positions, sort_by_expert
+    from ..dispatch import slot_positions, sort_by_expert
 
     n = len(expert_index)
     order, counts = sort_by_expert(expert_index, num_experts)
@@ -272,7 +272,7 @@ def accuracy_vs_flops(
 
     table: one row per (approach, seed) with columns ``approach``, ``FLOPs per
     patient``, ``held-out accuracy`` and ``parameters`` (e.g.
-    ``moe_course.approaches.FourApproaches.table``). The marker sits at the mean
+    ``moe_course.experiments.approaches.FourApproaches.table``). The marker sits at the mean
     over seeds, a small dot marks each seed, and the vertical bar spans the
     worst to the best seed.
     ``reference``: an approach drawn as a hollow marker (e.g. the oracle).
@@ -350,7 +350,7 @@ def clinic_day_picture(day, specialties: Sequence[str], *, axes: Sequence[plt.Ax
     """Left: who saw whom (patients in arrival order × experts, the gate; × marks a patient turned away).
     Right: each expert's waiting room, patients seen and turned away, with the capacity C.
 
-    day: a ``moe_course.playground.ClinicDay``.
+    day: a ``moe_course.experiments.playground.ClinicDay``.
     """
     e = day.num_experts
     n = len(day.specialty)

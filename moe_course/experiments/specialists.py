@@ -13,9 +13,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .clinic import Clinic
-from .experts import FeedForward
-from .training import ClassificationTask, TrainConfig, train
+from ..data.clinic import Clinic
+from ..experts import FeedForward
+from ..training.loop import ClassificationTask, TrainConfig, train
 
 __all__ = ["Team", "train_specialists", "oracle_logits"]
 

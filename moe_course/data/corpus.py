@@ -15,7 +15,12 @@ and tagged with its *domain*. Two kinds of domain:
   needs far more steps, because it must first learn to combine all the digits
   into one key (measured, records only, a 2-layer model of width 64, 300
   steps: 250 records with 4-digit numbers, 17% recalled, chance being 6%;
-  90 records with 2-digit numbers written "42:eye", all recalled).
+  90 records with 2-digit numbers written "42:eye", all recalled). With
+  ``id_alphabet`` patients get codes of ``id_digits`` characters instead
+  ("KQ" from the capital letters: up to 676 patients with two characters),
+  and ``fact_prompt`` sets how a record asks for its ward: "patient {}: " by
+  default, "#{}" to write the ward right after the code ("#KQeye"), so that
+  the position which must answer holds a character of the key.
 * **skills**, rules that a small network can learn and more parameters help
   little: ``arithmetic`` (``"37+45=82"``, ``"61-8=53"``), ``reversal``
   (``"rev abcd=dcba"``), ``sorting`` (``"sort dbca=abcd"``), ``brackets``
@@ -186,8 +191,10 @@ class CharTokenizer:
 class CorpusConfig:
     seed: int = 0  # fixes the fact table (and the held-out stream)
     num_facts: int = 90  # patients in the clinic's records (the knowledge to memorise)
-    id_digits: int = 2  # digits of a patient number: at most 9·10^(id_digits-1) patients
+    id_digits: int = 2  # characters of a patient number: at most 9·10^(id_digits-1) patients (A^id_digits with id_alphabet)
+    id_alphabet: str | None = None  # None: decimal numbers ("48"); a string: codes of id_digits of its characters ("KQ")
     num_wards: int = 16  # distinct answers of a fact (at most len(WARDS)): log2(num_wards) bits per fact
+    fact_prompt: str = "patient {}: "  # a record's prompt, "{}" standing for the patient number; the ward follows it
     mix: Mapping[str, float] | None = None  # sampling weight per domain; None: DEFAULT_MIX (+ text_weight)
     arithmetic_digits: int = 2  # operands have up to this many digits
     max_word: int = 6  # longest word to reverse or sort, and longest bracket prefix
@@ -207,11 +214,23 @@ class CorpusConfig:
                 raise ValueError(f"CorpusConfig.{name} must be a positive int, got {value!r}")
         if self.id_digits > 6:
             raise ValueError(f"CorpusConfig.id_digits must be at most 6, got {self.id_digits}")
-        most = 9 * 10 ** (self.id_digits - 1)
-        if self.num_facts > most:
-            raise ValueError(f"CorpusConfig.num_facts={self.num_facts}: patient numbers have {self.id_digits} digits, so at most {most} facts; raise id_digits")
+        if self.id_alphabet is not None:
+            if not isinstance(self.id_alphabet, str) or len(self.id_alphabet) < 2 or len(set(self.id_alphabet)) != len(self.id_alphabet):
+                raise ValueError(f"CorpusConfig.id_alphabet must be a string of at least 2 distinct characters (or None for numbers), got {self.id_alphabet!r}")
+            if any(c not in BASE_CHARS or c.isspace() for c in self.id_alphabet):
+                raise ValueError(f"CorpusConfig.id_alphabet {self.id_alphabet!r} may use printable ASCII characters other than spaces only")
+        if self.num_facts > self.max_facts:
+            raise ValueError(f"CorpusConfig.num_facts={self.num_facts}: patient numbers have {self.id_digits} characters, so at most {self.max_facts} facts; raise id_digits")
         if not isinstance(self.num_wards, int) or not 2 <= self.num_wards <= len(WARDS):
             raise ValueError(f"CorpusConfig.num_wards must be an int in [2, {len(WARDS)}], got {self.num_wards!r}")
+        if not isinstance(self.fact_prompt, str) or self.fact_prompt.count("{}") != 1 or "\n" in self.fact_prompt:
+            raise ValueError(f"CorpusConfig.fact_prompt must be one line with exactly one '{{}}' for the patient number, e.g. 'patient {{}}: ', got {self.fact_prompt!r}")
+        before, after = self.fact_prompt.split("{}")
+        id_chars = self.id_alphabet or string.digits
+        if before[-1:] and before[-1] in id_chars or after[:1] and after[0] in id_chars:
+            raise ValueError(f"CorpusConfig.fact_prompt {self.fact_prompt!r}: a character of the patient numbers next to '{{}}' would merge with the number")
+        if any(c not in BASE_CHARS for c in self.fact_prompt):
+            raise ValueError(f"CorpusConfig.fact_prompt {self.fact_prompt!r} may use printable ASCII characters only")
         if self.arithmetic_digits > 6:
             raise ValueError(f"CorpusConfig.arithmetic_digits must be at most 6, got {self.arithmetic_digits}")
         if self.max_word < 3:
@@ -233,6 +252,13 @@ class CorpusConfig:
                 raise ValueError("CorpusConfig.mix: the weights sum to 0; give at least one domain a positive weight")
             if TEXT_DOMAIN in self.mix and self.mix[TEXT_DOMAIN] > 0 and self.text_file is None:
                 raise ValueError("CorpusConfig.mix gives weight to 'text' but no text_file is set")
+
+    @property
+    def max_facts(self) -> int:
+        """How many distinct patient numbers there are: 9·10^(d-1) decimal numbers, or A^d codes."""
+        if self.id_alphabet is None:
+            return 9 * 10 ** (self.id_digits - 1)
+        return len(self.id_alphabet) ** self.id_digits
 
     def to_dict(self) -> dict:
         """A JSON-friendly dict (``CorpusConfig(**d)`` rebuilds it)."""
@@ -331,6 +357,7 @@ class Corpus:
         self._cum_weights = list(itertools.accumulate(self.mix[d] for d in self.domains))
         self.facts: dict[int, str] = self._make_facts()
         self._fact_keys = list(self.facts)
+        self._fact_prompts = {k: self.fact_prompt(k) for k in self._fact_keys}  # built once: sampling is the hot path
         self._makers = {
             "facts": self._fact,
             "arithmetic": self._arithmetic,
@@ -346,7 +373,8 @@ class Corpus:
     def _make_facts(self) -> dict[int, str]:
         rng = _rng(self.config.seed, _FACTS)
         d = self.config.id_digits
-        patients = rng.sample(range(10 ** (d - 1) if d > 1 else 0, 10 ** d), self.config.num_facts)
+        first = 10 ** (d - 1) if d > 1 and self.config.id_alphabet is None else 0
+        patients = rng.sample(range(first, first + self.config.max_facts), self.config.num_facts)
         wards = WARDS[: self.config.num_wards]
         return {p: wards[rng.randrange(len(wards))] for p in patients}
 
@@ -371,9 +399,24 @@ class Corpus:
 
     # --- samples ----------------------------------------------------------------
 
+    def patient_code(self, patient: int) -> str:
+        """How ``patient`` is written: its decimal number ("48"), or with ``id_alphabet`` its code of id_digits characters ("KQ")."""
+        alphabet = self.config.id_alphabet
+        if alphabet is None:
+            return str(patient)
+        chars = []
+        for _ in range(self.config.id_digits):
+            patient, r = divmod(patient, len(alphabet))
+            chars.append(alphabet[r])
+        return "".join(reversed(chars))
+
+    def fact_prompt(self, patient: int) -> str:
+        """The prompt that asks for ``patient``'s ward: ``CorpusConfig.fact_prompt`` with the number or code, e.g. "patient 48: "."""
+        return self.config.fact_prompt.format(self.patient_code(patient))
+
     def _fact(self, rng: random.Random, held_out: bool) -> Sample:
         patient = self._fact_keys[rng.randrange(len(self._fact_keys))]
-        prompt = f"patient {patient}: "
+        prompt = self._fact_prompts[patient]
         return Sample(prompt + self.facts[patient] + "\n", "facts", len(prompt))
 
     def _arithmetic(self, rng: random.Random, held_out: bool) -> Sample:

@@ -11,7 +11,7 @@ import io
 import ipywidgets as W
 import matplotlib.pyplot as plt
 
-from .flops import ffn_flops, ffn_param_count, moe_layer_flops, moe_layer_param_count
+from ..flops import ffn_flops, ffn_param_count, moe_layer_flops, moe_layer_param_count
 
 __all__ = ["hospital_numbers", "hospital_explorer", "mixture_playground"]
 
@@ -101,8 +101,8 @@ def mixture_playground(model, patients, specialties, *, max_patients: int = 512)
     import numpy as np
     import torch
 
+    from ..analysis.specialisation import expert_accuracy_by_specialty, gate_mass_by_specialty
     from .plots import expert_bars
-    from .specialisation import expert_accuracy_by_specialty, gate_mass_by_specialty
 
     if len(patients) == 0:
         raise ValueError("mixture_playground needs at least one patient")
@@ -193,11 +193,11 @@ def waiting_room_playground(clinic, *, steps: int = 200, batch_size: int = 64, s
     Changing E, k or α trains a small ClinicMoE on ``clinic`` (about a second;
     each trained model is kept, so going back is instant). Changing the
     capacity factor or the noise re-routes the held-out patients with the
-    trained router (``moe_course.playground.clinic_day``). Shows who saw whom,
+    trained router (``moe_course.experiments.playground.clinic_day``). Shows who saw whom,
     every waiting room's load against its capacity, who was turned away, and
     the held-out accuracy under the same settings.
     """
-    from .playground import clinic_day, train_clinic_moe
+    from ..experiments.playground import clinic_day, train_clinic_moe
     from .plots import clinic_day_picture
 
     style = {"description_width": "initial"}

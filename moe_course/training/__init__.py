@@ -1,0 +1,26 @@
+"""Training: one loop for every model of the course, the language-model task, and the ``moe-train`` command.
+
+    loop       train(), TrainConfig, TrainResult, ClassificationTask, model_logits(), evaluating(), load_checkpoint()
+    lm         LMTask: next-character loss, held-out loss and exact answers per domain; complete()
+    cli        ``moe-train`` (or ``python -m moe_course.train``): train a language model from the shell
+
+``from moe_course.training import train, TrainConfig`` is the short way in.
+"""
+
+from .lm import LMEvaluation, LMTask, complete, evaluate_lm
+from .loop import (
+    CLINIC_LR,
+    ClassificationTask,
+    Task,
+    TrainConfig,
+    TrainingInterrupted,
+    TrainResult,
+    evaluating,
+    load_checkpoint,
+    model_logits,
+    train,
+)
+
+__all__ = ["CLINIC_LR", "TrainConfig", "TrainResult", "Task", "ClassificationTask", "train", "model_logits", "evaluating",
+           "load_checkpoint", "TrainingInterrupted",
+           "LMTask", "LMEvaluation", "evaluate_lm", "complete"]
