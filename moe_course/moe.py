@@ -17,7 +17,7 @@ Options of modern MoE models (lesson 10), all in ``MoEConfig``:
     activation="swiglu"        gated experts (Mixtral, DeepSeek, Qwen, OLMoE)
     router="mixtral"           softmax over the top-k logits (Mixtral)
     router="sigmoid"           sigmoid scores, a selection-only bias ``expert_bias`` (DeepSeek-V3),
-                               moved after each step by ``moe_course.bias_balancing``
+                               moved after each step by ``moe_course.training.bias``
     renormalize=False          raw top-k gates (DeepSeekMoE, OLMoE, Qwen2-MoE)
     num_shared_experts=K_s     experts every token visits (DeepSeekMoE); ``shared_expert_gate`` (Qwen2-MoE)
     MoEConfig.fine_grained(m)  m times as many experts, 1/m as wide, m·k of them active (DeepSeekMoE)
@@ -193,7 +193,7 @@ class MoELayer(nn.Module):
     with Qwen2-MoE's ``shared_expert_gate`` the first sum is scaled by
     sigmoid(x · w_shared_gate), one number per token. The "sigmoid" router keeps
     its selection bias in the buffer ``expert_bias`` (E,): forward only reads it;
-    ``moe_course.bias_balancing.update_expert_biases_`` moves it between steps
+    ``moe_course.training.bias.update_expert_biases_`` moves it between steps
     from ``MoEOutput.tokens_per_expert``.
     """
 

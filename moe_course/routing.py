@@ -10,6 +10,7 @@ Token choice (each token picks K experts)::
     noisy_top_k_routing    noise before top-k, softmax over the k kept (Shazeer et al. 2017)
     mixtral_routing        top-k of the logits, softmax over the k kept (Mixtral; = top_k_routing's gates)
     sigmoid_routing        sigmoid scores, a bias that only selects, normalised gates (DeepSeek-V3)
+    expert_bias_update     the rule that moves that bias between steps: b + γ·sign(mean load − load)
 
 Expert choice (each expert picks C tokens)::
 
@@ -41,6 +42,7 @@ __all__ = [
     "noisy_top_k_routing",
     "mixtral_routing",
     "sigmoid_routing",
+    "expert_bias_update",
     "expert_choice_routing",
     "expert_capacity",
     "capacity_mask",
@@ -235,6 +237,29 @@ def sigmoid_routing(
     if renormalize:
         gates = gates / gates.sum(dim=-1, keepdim=True)
     return Routing(router_logits, scores / scores.sum(dim=-1, keepdim=True), expert_index, gates)
+
+
+def expert_bias_update(bias: torch.Tensor, load: torch.Tensor, rate: float) -> torch.Tensor:
+    """Auxiliary-loss-free balancing, one step: b + γ · sign(mean(load) − load), a new (E,) tensor.
+
+    DeepSeek-V3 (arXiv:2412.19437, §2.1.2; Wang et al. 2024, arXiv:2408.15664):
+    after every optimiser step, each expert's selection bias (``sigmoid_routing``'s
+    ``bias``) moves by the same fixed step γ = ``rate``, down for an expert that
+    received more than the mean load, up for one that received less; an expert
+    exactly at the mean keeps its bias (sign 0). The GP keeps its judgement (the
+    scores); a receptionist nudges the queues. bias (E,) float; load (E,) the
+    tokens (or assignments) each expert received in the step, counts or shares;
+    rate γ >= 0 (DeepSeek-V3: 0.001). ``moe_course.training.bias.update_expert_biases_``
+    applies it to a model's layers.
+    """
+    if not isinstance(bias, torch.Tensor) or bias.ndim != 1 or not bias.is_floating_point():
+        raise ValueError(f"bias must be a float tensor of shape (E,), got {getattr(bias, 'dtype', type(bias).__name__)} {tuple(getattr(bias, 'shape', ()))}")
+    if not isinstance(load, torch.Tensor) or load.shape != bias.shape:
+        raise ValueError(f"load must be a tensor of the bias's shape {tuple(bias.shape)}, got {tuple(getattr(load, 'shape', ()))}")
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate >= 0:
+        raise ValueError(f"rate γ must be a number >= 0, got {rate!r}")
+    load = load.detach().to(bias.device, torch.float32)
+    return bias + rate * torch.sign(load.mean() - load).to(bias.dtype)  # (E,)
 
 
 def expert_choice_routing(router_logits: torch.Tensor, capacity: int) -> ExpertChoiceRouting:

@@ -52,7 +52,7 @@ import pandas as pd
 import torch
 
 from moe_course import seed_everything
-from moe_course.plots import use_course_style
+from moe_course.figures.plots import use_course_style
 from moe_course.show import show_source
 
 # ---- the one knob of this lesson -------------------------------------------
@@ -167,7 +167,7 @@ show_source(hidden_activation)
 # each 1/m as wide, m·k active, K_s of them shared.
 
 # %%
-from moe_course.phonebook import PhoneBookConfig
+from moe_course.experiments.phonebook import PhoneBookConfig
 
 RECORDS = PhoneBookConfig(task="records", num_records=2048, d_model=32, num_wards=16)  # 2,048 cards with random wards
 RULE = PhoneBookConfig(task="rule", num_records=1024, d_model=32, num_wards=16)  # 1,024 new patients per step, one rule
@@ -181,7 +181,7 @@ LAYERS = {
 show_source(MoEConfig.fine_grained)
 
 # %%
-from moe_course.modern_phonebook import PhoneBookMoERun
+from moe_course.experiments.modern_phonebook import PhoneBookMoERun
 
 rows = []
 for name, cfg in LAYERS.items():
@@ -216,7 +216,7 @@ print("the router's share of all FLOPs per patient: " + ", ".join(f"{k}: {v:.0%}
 # a time, each in its own process on one thread.
 
 # %%
-from moe_course.modern_phonebook import phone_book_moe_table, run_phone_book_moes
+from moe_course.experiments.modern_phonebook import phone_book_moe_table, run_phone_book_moes
 
 STEPS = 80 * SCALE
 SEEDS = (0, 1, 2, 3, 4)
@@ -320,7 +320,7 @@ show_source(sigmoid_routing)
 # the mean load, up for one that got less.
 
 # %%
-from moe_course.bias_balancing import expert_bias_update
+from moe_course.routing import expert_bias_update
 
 show_source(expert_bias_update)
 
@@ -330,7 +330,7 @@ show_source(expert_bias_update)
 # the loop this section trains with; the hook is the line after `optimizer.step()`:
 
 # %%
-from moe_course.modern_balance import train_balance
+from moe_course.experiments.modern_balance import train_balance
 
 show_source(train_balance, lines=(17, 28))
 
@@ -345,8 +345,8 @@ show_source(train_balance, lines=(17, 28))
 # The same cell trains the runs of the next section.
 
 # %%
-from moe_course.clinic import make_clinic
-from moe_course.modern_balance import BalanceRun, balance_table, run_balance
+from moe_course.data.clinic import make_clinic
+from moe_course.experiments.modern_balance import BalanceRun, balance_table, run_balance
 
 clinic = make_clinic(num_specialties=8, seed=0)
 SIGMOID = MoEConfig(16, 16, 8, top_k=2, router="sigmoid", aux_loss_coef=0.0, z_loss_coef=0.0, dispatch="grouped_mm")
@@ -485,7 +485,7 @@ fig.colorbar(im, ax=axes, label="share of the specialty's patients")
 # whole GPT; both copy with `Experts.copy_feed_forward_`.
 
 # %%
-from moe_course.modern_phonebook import dense_ffn
+from moe_course.experiments.modern_phonebook import dense_ffn
 from moe_course.moe import upcycle
 
 torch.manual_seed(0)
@@ -571,8 +571,8 @@ for other in ("dense, trained on", "Switch from scratch, last half only", "Switc
 # is timed next to a fresh run of the dense one, and we report medians.
 
 # %%
+from moe_course.bench.serving import serving_table, weight_bytes
 from moe_course.experts import FeedForward
-from moe_course.serving import serving_table, weight_bytes
 
 torch.manual_seed(0)
 SERVE = MoEConfig(256, 1024, 8, capacity_factor=None)

@@ -199,5 +199,5 @@ check("10.5", upcycle)
 #
 # Back to [lesson 10](../notebooks/10_modern_moe.ipynb) for the experiments these pieces take part
 # in. The package's own versions, to compare with yours: `moe_course.routing.mixtral_routing`,
-# `moe_course.routing.sigmoid_routing`, `moe_course.bias_balancing.expert_bias_update`,
+# `moe_course.routing.sigmoid_routing`, `moe_course.routing.expert_bias_update`,
 # `moe_course.moe.MoELayer.shared_output` and `moe_course.moe.upcycle`.

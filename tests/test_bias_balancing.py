@@ -1,13 +1,14 @@
-"""Tests for moe_course.bias_balancing: DeepSeek-V3's loss-free balancing, a pure rule and an explicit hook."""
+"""DeepSeek-V3's loss-free balancing: the pure rule (routing.expert_bias_update), the hook (training.bias), the measure (analysis.load)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from moe_course.bias_balancing import expert_bias_update, max_over_mean_load, update_expert_biases_
+from moe_course.analysis.load import max_over_mean_load
 from moe_course.moe import MoEConfig, MoELayer
-from moe_course.routing import sigmoid_routing
+from moe_course.routing import expert_bias_update, sigmoid_routing
+from moe_course.training.bias import update_expert_biases_
 
 
 def test_the_rule_lowers_busy_experts_raises_idle_ones_and_leaves_the_mean_alone():

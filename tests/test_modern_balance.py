@@ -1,4 +1,4 @@
-"""Tests for moe_course.modern_balance: lesson 10's balance experiments on the clinic."""
+"""Tests for moe_course.experiments.modern_balance: lesson 10's balance experiments on the clinic."""
 
 from __future__ import annotations
 
@@ -7,9 +7,16 @@ from dataclasses import replace
 import pytest
 import torch
 
-from moe_course.clinic import make_clinic
+from moe_course.data.clinic import make_clinic
+from moe_course.experiments.modern_balance import (
+    BalanceRun,
+    balance_loss,
+    balance_table,
+    clinic_step_batch,
+    run_balance,
+    train_balance,
+)
 from moe_course.losses import load_balancing_loss, load_balancing_loss_from_counts
-from moe_course.modern_balance import BalanceRun, balance_loss, balance_table, clinic_step_batch, run_balance, train_balance
 from moe_course.moe import MoEConfig
 
 CLINIC = make_clinic(num_specialties=4, n_train=512, n_val=256, seed=0)

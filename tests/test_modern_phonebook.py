@@ -1,4 +1,4 @@
-"""Tests for moe_course.modern_phonebook: any MoE layer on lesson 08's phone book, and upcycling there."""
+"""Tests for moe_course.experiments.modern_phonebook: any MoE layer on lesson 08's phone book, and upcycling there."""
 
 from __future__ import annotations
 
@@ -6,17 +6,15 @@ from dataclasses import replace
 
 import pytest
 
-pytest.importorskip("moe_course.phonebook")  # lesson 08's phone book (branch l08)
-
-from moe_course.flops import count_parameters  # noqa: E402
-from moe_course.modern_phonebook import (  # noqa: E402
+from moe_course.experiments.modern_phonebook import (
     PhoneBookMoERun,
     phone_book_moe_table,
     run_phone_book_moes,
     train_phone_book_moe,
 )
-from moe_course.moe import MoEConfig  # noqa: E402
-from moe_course.phonebook import PhoneBookConfig  # noqa: E402
+from moe_course.experiments.phonebook import PhoneBookConfig
+from moe_course.flops import count_parameters
+from moe_course.moe import MoEConfig
 
 BOOK = PhoneBookConfig(task="records", num_records=128, d_model=8, num_wards=4)
 SWITCH = MoEConfig(8, 4, 4, capacity_factor=None)

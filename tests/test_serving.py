@@ -1,14 +1,14 @@
-"""Tests for moe_course.serving: memory and tokens per second by batch size."""
+"""Tests for moe_course.bench.serving: memory and tokens per second by batch size."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from moe_course.bench.serving import serving_table, weight_bytes
 from moe_course.experts import FeedForward
 from moe_course.flops import count_parameters
 from moe_course.moe import MoEConfig, MoELayer
-from moe_course.serving import serving_table, weight_bytes
 
 
 def test_weight_bytes_counts_parameters_and_buffers():

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..bias_balancing import expert_bias_update
 from ..experts import Experts, FeedForward
 from ..moe import MoELayer
-from ..routing import mixtral_routing, sigmoid_routing
+from ..routing import expert_bias_update, mixtral_routing, sigmoid_routing
 from ._core import Exercise, ExerciseError, Mistake, _close, describe, exercise
 from .lesson04 import _check_range, _match_routing, _pair, _sum_hint, _topk_pair
 

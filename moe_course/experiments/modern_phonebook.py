@@ -4,7 +4,7 @@ Shape legend (used across the package): B batch, T time, D model width,
 F hidden width, E experts, K top-k, C capacity, N = B·T tokens; here a token
 is a patient (N patients of width D) and W is the number of wards.
 
-The phone book (``moe_course.phonebook``, lesson 08): keys x ∈ R^D, wards to
+The phone book (``moe_course.experiments.phonebook``, lesson 08): keys x ∈ R^D, wards to
 memorise ("records": knowledge) or to work out ("rule": a skill). The model
 here is one layer and a read-out, like lesson 08's, but the layer is any
 ``MoEConfig`` (top-2, fine-grained, shared experts, sigmoid router...) or a
@@ -21,7 +21,7 @@ happens after the copy.
 Training: full batch (the whole table, or N new patients for the rule),
 Adam with a cosine learning rate from ``lr`` to 0 per training phase, the
 layer's weighted router losses added, and the bias hook after every step
-(``bias_balancing.update_expert_biases_``, for a sigmoid router with a rate).
+(``training.bias.update_expert_biases_``, for a sigmoid router with a rate).
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bias_balancing import update_expert_biases_
-from .experts import FeedForward, init_linear_
-from .flops import count_parameters, ffn_flops, matmul_flops, moe_layer_flops
-from .moe import MoEConfig, MoELayer, MoEOutput, upcycle
+from ..experts import FeedForward, init_linear_
+from ..flops import count_parameters, ffn_flops, matmul_flops, moe_layer_flops
+from ..moe import MoEConfig, MoELayer, MoEOutput, upcycle
+from ..training.bias import update_expert_biases_
 from .phonebook import PhoneBook, PhoneBookConfig, make_phone_book
 from .workers import run_in_workers
 

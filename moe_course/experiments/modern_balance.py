@@ -41,13 +41,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .bias_balancing import max_over_mean_load, update_expert_biases_
-from .clinic import Clinic
-from .device import seed_everything
-from .losses import load_balancing_loss
-from .models import ClinicMoE
-from .moe import MoEConfig
-from .specialisation import normalized_mutual_information
+from ..analysis.load import max_over_mean_load
+from ..analysis.specialisation import normalized_mutual_information
+from ..data.clinic import Clinic
+from ..device import seed_everything
+from ..losses import load_balancing_loss
+from ..models import ClinicMoE
+from ..moe import MoEConfig
+from ..training.bias import update_expert_biases_
 from .workers import run_in_workers
 
 __all__ = ["SCOPES", "BATCHES", "BalanceRun", "BalanceResult", "balance_loss", "clinic_step_batch", "train_balance", "run_balance",

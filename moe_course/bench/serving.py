@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .bench import paired_times
+from .benchmark import paired_times
 
 __all__ = ["weight_bytes", "serving_table"]
 
