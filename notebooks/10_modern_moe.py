@@ -46,6 +46,7 @@
 # %%
 from dataclasses import replace
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -597,6 +598,9 @@ left.set(xscale="log", yscale="log", title="throughput (one CPU thread, inferenc
 right.set(xscale="log", yscale="log", title="time per token, relative to the dense FFN", xlabel="tokens per call",
           ylabel="time / dense time (paired median)")
 right.axhline(1.0, color="grey", lw=1, ls="--")
+right.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2))  # ticks at 1, 2, 4, 8, written plainly
+right.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+right.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 left.legend()
 fig.tight_layout()
 
