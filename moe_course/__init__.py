@@ -8,10 +8,11 @@ lessons show); everything else is in a folder named for its role.
     experts      FeedForward: one doctor, the transformer's MLP block; Experts: E doctors, stacked weights
     gating       softmax_gate(), SoftmaxGate: the GP weighs every doctor (lesson 03)
     mixture      DenseMixture: every expert on every patient (lesson 03); RoutedMixture: only the top k (lesson 04)
-    routing      the GP: top_k_routing(), switch_routing(), noisy_top_k_routing(), expert_choice_routing(), capacity_mask()
+    routing      the GP: top_k_routing(), switch_routing(), noisy_top_k_routing(), mixtral_routing(), sigmoid_routing(),
+                 expert_bias_update(), expert_choice_routing(), capacity_mask()
     losses       load_balancing_loss(), router_z_loss(), importance_loss(): keep every doctor busy
     dispatch     sort_dispatch(): send tokens to their experts, weigh and add up what comes back
-    moe          MoEConfig, MoELayer: a router in front of E experts, returns MoEOutput
+    moe          MoEConfig, MoELayer: a router in front of E experts, returns MoEOutput; upcycle()
     models       ClinicMoE: embed, one MoE layer, classify (the clinic lessons)
     attention    CausalSelfAttention, causal_mask(), rotary_embedding(): tokens talk to each other
     transformer  GPT, GPTConfig: a dense or Switch character GPT

@@ -28,6 +28,14 @@ cross-entropy), the unweighted ``aux_loss`` and ``z_loss`` summed over Switch
 layers, and every layer's ``MoEOutput`` (None for dense layers) to look inside
 the routing.
 
+Modern options (lesson 10): ``activation="swiglu"`` (gated FFNs in dense
+and MoE blocks), ``expert_segments`` and ``num_shared_experts`` (DeepSeekMoE's
+fine-grained and shared experts; ``GPTConfig.fine_grained``),
+``router="mixtral"`` or ``router="sigmoid"`` with ``bias_update_rate``
+(DeepSeek-V3's loss-free balancing, moved by
+``moe_course.training.bias.update_expert_biases_``), ``balance_scope``, and
+``upcycle_gpt`` (a trained dense GPT into an MoE GPT).
+
 ``param_count(config)`` and ``flops_per_token(config)`` count what a model
 knows and what a token costs, by formula (checked against PyTorch's FLOP
 counter in the tests).
@@ -62,6 +70,7 @@ __all__ = [
     "param_count",
     "flops_per_token",
     "copy_dense_into_switch",
+    "upcycle_gpt",
 ]
 
 FFN_KINDS = ("dense", "switch")
@@ -84,8 +93,15 @@ class GPTConfig:
     d_ff: int = 256  # F, hidden width of the dense FFN and of each expert
     ffn: str = "dense"  # "dense": a FeedForward in every block; "switch": MoELayers (routed by ``router``)
     num_experts: int = 1  # E, experts per Switch layer (1 for a dense model)
-    router: str = "switch"  # GPT_ROUTERS: "switch" (top-1, raw gate), "top_k" (renormalised), "noisy_top_k", "hash" (fixed, by token id)
+    router: str = "switch"  # GPT_ROUTERS: "switch" (top-1, raw gate), "top_k", "noisy_top_k", "mixtral", "sigmoid", "hash" (fixed, by token id)
     top_k: int = 1  # K, experts per token ("switch" needs 1); a token then costs K experts' FLOPs
+    activation: str = "gelu"  # the FFNs' and experts' non-linearity: "gelu", "relu", or "swiglu" (gated, three matrices)
+    expert_segments: int = 1  # m: each expert is d_ff / m wide (DeepSeekMoE's fine-grained experts; see fine_grained)
+    num_shared_experts: int = 0  # K_s experts (width d_ff / m) every token visits in each MoE block (DeepSeekMoE)
+    shared_expert_gate: bool = False  # a sigmoid gate on the shared experts' sum (Qwen2-MoE)
+    renormalize: bool = True  # "top_k" and "sigmoid" routers: gates divided by their sum over the k chosen
+    bias_update_rate: float = 0.0  # γ of the "sigmoid" router's loss-free balancing bias (DeepSeek-V3: 1e-3)
+    balance_scope: str = "batch"  # balance loss statistics over the whole batch, or per "sequence"
     moe_every: int = 1  # every moe_every-th block is a Switch block, the others dense (the Switch paper used 2)
     capacity_factor: float | None = 1.25  # Switch: slots per expert = ceil(N/E · factor), N counted per forward call; None: dropless
     aux_loss_coef: float = 1e-2  # α, weight of the load-balancing loss
@@ -100,7 +116,8 @@ class GPTConfig:
     dispatch: str | None = None  # MoE dispatch method (moe_course.dispatch.METHODS); None: the fastest
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "d_model", "n_layers", "n_heads", "d_ff", "num_experts", "moe_every", "top_k"):
+        for name in ("vocab_size", "block_size", "d_model", "n_layers", "n_heads", "d_ff", "num_experts", "moe_every", "top_k",
+                     "expert_segments"):
             _positive_int("GPTConfig", name, getattr(self, name))
         if self.d_model % self.n_heads:
             raise ValueError(f"GPTConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
@@ -120,13 +137,21 @@ class GPTConfig:
             raise ValueError(f"GPTConfig: a hash layer drops no tokens; set capacity_factor=None (got {self.capacity_factor})")
         if self.ffn == "dense" and self.top_k != 1:
             raise ValueError(f"GPTConfig: a dense model routes nothing, but top_k={self.top_k}; use ffn='switch' (with router='top_k') for top-k routing")
+        if self.ffn == "dense" and (self.expert_segments != 1 or self.num_shared_experts):
+            raise ValueError(f"GPTConfig: a dense model routes nothing, but expert_segments={self.expert_segments}, "
+                             f"num_shared_experts={self.num_shared_experts}; use ffn='switch' for routed experts")
+        if self.d_ff % self.expert_segments:
+            raise ValueError(f"GPTConfig: d_ff={self.d_ff} cannot be cut into expert_segments={self.expert_segments} equal experts")
+        if self.router == "hash" and (self.expert_segments != 1 or self.num_shared_experts or self.activation != "gelu"):
+            raise ValueError("GPTConfig: a hash layer has plain GELU experts of width d_ff; expert_segments, num_shared_experts and activation "
+                             "are MoELayer options")
         if self.ffn == "switch" and self.moe_every > self.n_layers:
             raise ValueError(f"GPTConfig.moe_every={self.moe_every} > n_layers={self.n_layers}: the model would have no Switch block")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.init_scale is not None and (not isinstance(self.init_scale, (int, float)) or not math.isfinite(self.init_scale) or self.init_scale <= 0):
             raise ValueError(f"GPTConfig.init_scale must be > 0 or None, got {self.init_scale!r}")
-        try:  # the MoE fields are checked by MoEConfig itself, with its own messages
+        try:  # the MoE fields (and the activation) are checked by MoEConfig itself, with its own messages
             self.moe_config()
         except ValueError as err:
             raise ValueError(f"GPTConfig: {err}") from None
@@ -144,17 +169,33 @@ class GPTConfig:
         return tuple(i for i in range(self.n_layers) if self.is_moe_layer(i))
 
     def moe_config(self) -> MoEConfig:
-        """The MoEConfig of every Switch block (for a hash layer: its experts' settings; it has no router)."""
+        """The MoEConfig of every MoE block, experts d_ff / expert_segments wide (for a hash layer: its experts' settings; it has no router)."""
         return MoEConfig(
-            d_model=self.d_model, d_ff=self.d_ff, num_experts=self.num_experts, top_k=self.top_k,
+            d_model=self.d_model, d_ff=self.d_ff // self.expert_segments, num_experts=self.num_experts, top_k=self.top_k,
             capacity_factor=self.capacity_factor, router="switch" if self.router == "hash" else self.router,
+            renormalize=self.renormalize, num_shared_experts=self.num_shared_experts, shared_expert_gate=self.shared_expert_gate,
+            bias_update_rate=self.bias_update_rate, balance_scope=self.balance_scope,
             aux_loss_coef=self.aux_loss_coef, z_loss_coef=self.z_loss_coef, router_jitter=self.router_jitter,
-            init_scale=self.init_scale, bias=self.bias, dispatch=self.dispatch,
+            init_scale=self.init_scale, activation=self.activation, bias=self.bias, dispatch=self.dispatch,
         )
 
     def dense_twin(self) -> "GPTConfig":
-        """The same model with a dense FFN in every block: equal FLOPs per token (but the router's) when top_k = 1."""
-        return replace(self, ffn="dense", num_experts=1, router="switch", top_k=1)
+        """The same model with a dense FFN in every block: equal FLOPs per token (but the router's) for a top-1 model of
+        full-width experts, or a fine-grained one with m·K = 1 (``fine_grained``)."""
+        return replace(self, ffn="dense", num_experts=1, router="switch", top_k=1, expert_segments=1, num_shared_experts=0,
+                       shared_expert_gate=False, renormalize=True, bias_update_rate=0.0)
+
+    def fine_grained(self, segments: int, num_shared_experts: int = 0) -> GPTConfig:
+        """This MoE model with DeepSeekMoE's experts (arXiv:2401.06066): m = ``segments`` times as many, each 1/m as wide,
+        m·K active of which K_s = ``num_shared_experts`` are shared. Same expert weights and FLOPs per token (the routers and
+        the experts' biases grow); see ``MoEConfig.fine_grained``."""
+        if self.ffn != "switch" or self.router == "hash":
+            raise ValueError("GPTConfig.fine_grained: start from an MoE model with a learned router (ffn='switch', router not 'hash')")
+        if self.expert_segments != 1 or self.num_shared_experts:
+            raise ValueError("GPTConfig.fine_grained: this config is fine-grained already; start from a plain one")
+        fine = self.moe_config().fine_grained(segments, num_shared_experts)
+        return replace(self, expert_segments=segments, num_experts=fine.num_experts, top_k=fine.top_k,
+                       num_shared_experts=fine.num_shared_experts, router=fine.router, renormalize=fine.renormalize)
 
     def switch_twin(self, num_experts: int) -> "GPTConfig":
         """The same model with Switch layers of ``num_experts`` experts of width d_ff."""
@@ -247,10 +288,11 @@ class Block(nn.Module):
         if config.is_moe_layer(layer):
             self.ffn: nn.Module = HashLayer(config) if config.router == "hash" else MoELayer(config.moe_config())
         else:
-            self.ffn = FeedForward(D, config.d_ff, bias=config.bias)
+            self.ffn = FeedForward(D, config.d_ff, bias=config.bias, activation=config.activation)
             if config.init_scale is not None:  # the Switch initialisation, as the experts have it
-                for linear in (self.ffn.fc_in, self.ffn.fc_out):
-                    init_linear_(linear.weight, linear.bias, linear.in_features, config.init_scale)
+                for linear in (self.ffn.fc_in, self.ffn.fc_out, self.ffn.fc_gate):
+                    if linear is not None:
+                        init_linear_(linear.weight, linear.bias, linear.in_features, config.init_scale)
         self.ffn_dropout = nn.Dropout(config.dropout)
 
     @property
@@ -388,12 +430,16 @@ def copy_dense_into_switch(dense: GPT, switch: GPT) -> GPT:
     Switch layer's experts all become copies of the dense block's FFN
     (upcycling, Komatsuzaki et al. 2022, arXiv:2212.05055); routers keep
     their own weights. With E = 1 the two models then compute the same
-    function: a softmax over one expert is exactly 1.
+    function: a softmax over one expert is exactly 1; with gates that sum to
+    1 (renormalised top-k) they do for every E (see ``moe.upcycle``).
     """
     dc, sc = dense.config, switch.config
     if dc.ffn != "dense" or sc.ffn != "switch":
         raise ValueError("copy_dense_into_switch(dense, switch) needs a dense GPT and a Switch GPT, in that order")
-    shape = ("vocab_size", "block_size", "d_model", "n_layers", "n_heads", "d_ff", "bias", "tie_embeddings")
+    if sc.expert_segments != 1 or sc.num_shared_experts:
+        raise ValueError("copy_dense_into_switch: experts are whole copies of the dense FFN, so the MoE model needs expert_segments=1 "
+                         "and no shared experts")
+    shape = ("vocab_size", "block_size", "d_model", "n_layers", "n_heads", "d_ff", "bias", "tie_embeddings", "activation", "position")
     differ = [f"{k}: {getattr(dc, k)} vs {getattr(sc, k)}" for k in shape if getattr(dc, k) != getattr(sc, k)]
     if differ:
         raise ValueError(f"copy_dense_into_switch: the models differ in shape ({'; '.join(differ)})")
@@ -408,3 +454,16 @@ def copy_dense_into_switch(dense: GPT, switch: GPT) -> GPT:
     return switch
 
 
+def upcycle_gpt(dense: GPT, num_experts: int, **moe_options) -> GPT:
+    """Sparse upcycling of a trained dense GPT (Komatsuzaki et al. 2022, arXiv:2212.05055) → a new MoE GPT.
+
+    The MoE model has the dense model's config with ``ffn="switch"``,
+    ``num_experts`` and any other ``moe_options`` (e.g. ``router="top_k",
+    top_k=2``); its weights are the dense model's (``copy_dense_into_switch``),
+    every expert a copy of its block's FFN, the routers fresh. The dense model
+    is left as it is.
+    """
+    if not isinstance(dense, GPT) or dense.config.ffn != "dense":
+        raise ValueError("upcycle_gpt expects a trained dense GPT (ffn='dense')")
+    config = replace(dense.config, ffn="switch", num_experts=num_experts, **moe_options)
+    return copy_dense_into_switch(dense, GPT(config).to(next(dense.parameters()).device))

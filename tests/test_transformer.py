@@ -355,3 +355,100 @@ def test_forced_expert_helper_bypasses_every_router_and_restores_the_layers():
     with pytest.raises(ValueError, match="Switch blocks"):
         with forced_expert(dense, 0):
             pass
+
+
+# --- modern options (lesson 10) -------------------------------------------------------------
+
+MODERN = [
+    {"ffn": "switch", "num_experts": 4, "router": "top_k", "top_k": 2},
+    {"ffn": "switch", "num_experts": 4, "router": "mixtral", "top_k": 2, "activation": "swiglu", "bias": False},
+    {"activation": "swiglu"},
+    {"ffn": "switch", "num_experts": 15, "top_k": 3, "router": "top_k", "renormalize": False, "expert_segments": 4, "num_shared_experts": 1},
+    {"ffn": "switch", "num_experts": 7, "top_k": 1, "router": "top_k", "expert_segments": 2, "num_shared_experts": 1, "shared_expert_gate": True,
+     "activation": "swiglu", "n_layers": 4, "moe_every": 2},
+    {"ffn": "switch", "num_experts": 8, "top_k": 2, "router": "sigmoid", "bias_update_rate": 1e-3, "balance_scope": "sequence"},
+    {"ffn": "switch", "num_experts": 4, "router": "noisy_top_k", "top_k": 2},
+]
+
+
+@pytest.mark.parametrize("kw", MODERN)
+def test_modern_param_count_matches_the_model(kw):
+    cfg = _cfg(**kw)
+    assert param_count(cfg).total == count_parameters(GPT(cfg))
+
+
+@pytest.mark.parametrize("kw", MODERN)
+def test_modern_flops_per_token_match_pytorchs_flop_counter(kw):
+    cfg = _cfg(fast_attention=False, dispatch="sort_split", capacity_factor=None, **kw)
+    model = GPT(cfg)
+    x = _ids(3)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    assert counter.get_total_flops() == flops_per_token(cfg).total * x.numel()
+
+
+def test_fine_grained_gpt_keeps_parameters_and_flops_but_for_the_routers():
+    base = _cfg(ffn="switch", num_experts=4, bias=False)
+    fine = base.fine_grained(4, num_shared_experts=1)
+    assert (fine.expert_segments, fine.num_experts, fine.top_k, fine.num_shared_experts) == (4, 15, 3, 1)
+    assert fine.moe_config().d_ff == 16
+    pb, pf = param_count(base), param_count(fine)
+    assert pf.ffn == pb.ffn and pf.ffn_active == pb.ffn_active
+    assert pf.total - pf.router == pb.total - pb.router
+    fb, ff = flops_per_token(base), flops_per_token(fine)
+    assert ff.ffn == fb.ffn and ff.total - ff.router == fb.total - fb.router
+    assert ff.router == 2 * 2 * 32 * 15
+
+
+def test_top_2_costs_two_experts_and_swiglu_one_and_a_half_ffns():
+    top1, top2 = flops_per_token(_cfg(ffn="switch", num_experts=4)), flops_per_token(_cfg(ffn="switch", num_experts=4, router="top_k", top_k=2))
+    assert top2.ffn == 2 * top1.ffn
+    assert flops_per_token(_cfg(activation="swiglu")).ffn * 2 == flops_per_token(_cfg()).ffn * 3
+    assert param_count(_cfg(ffn="switch", num_experts=4, router="top_k", top_k=2)).ffn_active == 2 * param_count(_cfg(ffn="switch", num_experts=4)).ffn_active
+
+
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [({"top_k": 2}, "a dense model routes nothing"), ({"ffn": "switch", "num_experts": 4, "top_k": 2}, "router='switch' routes each token to one expert"),
+     ({"ffn": "switch", "num_experts": 4, "expert_segments": 3}, "d_ff=64 cannot be cut into expert_segments=3"),
+     ({"activation": "swish"}, "unknown activation 'swish'"),
+     ({"ffn": "switch", "num_experts": 4, "bias_update_rate": 1e-3}, "selection bias belongs to router='sigmoid'")],
+)
+def test_config_rejects_bad_modern_options(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        _cfg(**kwargs)
+
+
+def test_dense_twin_of_a_modern_model_is_plain_dense():
+    cfg = _cfg(ffn="switch", num_experts=8, router="sigmoid", top_k=2, bias_update_rate=1e-3, activation="swiglu").fine_grained(2, 1)
+    twin = cfg.dense_twin()
+    assert twin.ffn == "dense" and twin.activation == "swiglu" and count_parameters(GPT(twin)) == param_count(twin).total
+
+
+@pytest.mark.parametrize("moe", [dict(router="top_k", top_k=2), dict(router="mixtral", top_k=2), dict(router="sigmoid", top_k=2)])
+def test_upcycled_gpt_with_gates_that_sum_to_one_equals_the_dense_gpt(moe):
+    from moe_course.transformer import upcycle_gpt
+
+    torch.manual_seed(0)
+    dense = GPT(_cfg(activation="swiglu")).eval()
+    moe_gpt = upcycle_gpt(dense, 4, capacity_factor=None, **moe).eval()
+    x = _ids()
+    torch.testing.assert_close(moe_gpt(x).logits, dense(x).logits, atol=1e-5, rtol=1e-5)
+    assert moe_gpt.config.num_experts == 4 and dense.config.ffn == "dense"
+
+
+def test_upcycled_switch_gpt_differs_from_the_dense_gpt_at_the_start():
+    from moe_course.transformer import upcycle_gpt
+
+    torch.manual_seed(0)
+    dense = GPT(_cfg()).eval()
+    switch = upcycle_gpt(dense, 4, capacity_factor=None).eval()
+    x = _ids()
+    assert not torch.allclose(switch(x).logits, dense(x).logits, atol=1e-3)
+
+
+def test_copy_refuses_fine_grained_experts():
+    dense = GPT(_cfg())
+    fine = GPT(_cfg(ffn="switch", num_experts=4).fine_grained(2))
+    with pytest.raises(ValueError, match="expert_segments=1"):
+        copy_dense_into_switch(dense, fine)

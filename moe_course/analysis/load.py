@@ -8,6 +8,7 @@ Lesson 05's measurements (the runs that train the models are in
 ``moe_course.experiments.balance``):
 
     load_stats          one expert-load vector (E,) → idle doctors, the busiest doctor's share, ...
+    max_over_mean_load  one number: the busiest expert's load over the mean load (1.0 = even; lesson 10)
     LoadTracker         a ``train(..., callback=)`` that records the load and the router's logits over training
     evaluate_capacity   held-out accuracy and the share of dropped patients, in batches as in training
     batch_loads         how many patients each expert is sent in every batch, before any is turned away
@@ -32,7 +33,7 @@ from ..data.clinic import Patients
 from ..losses import expert_fraction, load_balancing_loss, router_z_loss
 from ..training.loop import evaluating, model_logits
 
-__all__ = ["load_stats", "LoadTracker", "evaluate_capacity", "batch_loads", "overflow_share"]
+__all__ = ["load_stats", "max_over_mean_load", "LoadTracker", "evaluate_capacity", "batch_loads", "overflow_share"]
 
 
 def _routing(output: Any) -> Any:
@@ -59,6 +60,20 @@ def load_stats(shares: torch.Tensor, *, idle_below: float = 0.25) -> dict[str, f
         "idle doctors": int((s < idle_below / e).sum()),
         "load CV": float(s.std(unbiased=False) / s.mean()) if e > 1 else 0.0,
     }
+
+
+def max_over_mean_load(load: torch.Tensor) -> float:
+    """How uneven a load is: the busiest expert's load over the mean load (1.0 = perfectly even, E = one expert takes all).
+
+    load (E,): tokens or assignments per expert, or shares. DeepSeek's "maximal
+    violation" is this minus 1 (Wang et al. 2024, arXiv:2408.15664).
+    """
+    if not isinstance(load, torch.Tensor) or load.ndim != 1 or load.numel() == 0:
+        raise ValueError(f"load must be a non-empty (E,) tensor, got {tuple(getattr(load, 'shape', ()))}")
+    load = load.float()
+    if load.sum() <= 0:
+        raise ValueError("load must have a positive total")
+    return float(load.max() / load.mean())
 
 
 @dataclass

@@ -4,6 +4,7 @@
                as paired ratios; paired_times(), the one fair way the course times code
     timing     time_per_batch(): models timed side by side, as paired ratios
     memory     peak_bytes(): the extra memory a piece of code needs, on any device
+    serving    weight_bytes(), serving_table(): what an MoE must hold, tokens per second by batch size (lesson 10)
 
 Timings live here and in the lessons that measure them, never in docstrings or unit tests.
 """
