@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fast
-from .experts import ACTIVATIONS, Experts
+from .experts import Experts, hidden_activation
 
 __all__ = [
     "ExpertBank",
@@ -191,8 +191,25 @@ def _validate(x: torch.Tensor, experts: Experts, expert_index: torch.Tensor, gat
     return _routing_shapes(x, expert_index, gates, keep)
 
 
-def _act(experts: Experts) -> Callable[[torch.Tensor], torch.Tensor]:
-    return ACTIVATIONS[experts.activation]
+def _rows(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """A stacked bias (E, F) as (E, 1, F), to broadcast over each expert's rows; None stays None."""
+    return None if bias is None else bias[:, None, :]
+
+
+def _hidden(experts: Experts, x: torch.Tensor, matmul: Callable, w_in, b_in, w_gate=None, b_gate=None) -> torch.Tensor:
+    """The experts' hidden layer from inputs x: act(x W_in + b_in), or SiLU(x W_gate + b_gate) ⊙ (x W_in + b_in) (SwiGLU).
+
+    ``matmul(x, w)`` is the method's product (a plain @, a bmm, an einsum); biases are added as given (broadcast).
+    """
+    pre = matmul(x, w_in)
+    if b_in is not None:
+        pre = pre + b_in
+    gate_pre = None
+    if w_gate is not None:
+        gate_pre = matmul(x, w_gate)
+        if b_gate is not None:
+            gate_pre = gate_pre + b_gate
+    return hidden_activation(experts.activation, pre, gate_pre)
 
 
 def _kept_assignments(expert_index: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor | None):
@@ -214,21 +231,21 @@ def masks_loop(x, experts: Experts, expert_index, gates, keep=None) -> torch.Ten
     backward writes one stacked gradient instead of E full-size ones.
     """
     expert_index, gates, keep = _validate(x, experts, expert_index, gates, keep)
-    act = _act(experts)
+    n = experts.num_experts
     w_in, w_out = experts.w_in.unbind(0), experts.w_out.unbind(0)
-    b_in = experts.b_in.unbind(0) if experts.b_in is not None else None
-    b_out = experts.b_out.unbind(0) if experts.b_out is not None else None
+    b_in = experts.b_in.unbind(0) if experts.b_in is not None else [None] * n
+    b_out = experts.b_out.unbind(0) if experts.b_out is not None else [None] * n
+    w_gate = experts.w_gate.unbind(0) if experts.w_gate is not None else [None] * n
+    b_gate = experts.b_gate.unbind(0) if experts.b_gate is not None else [None] * n
     chosen = expert_index if keep is None else torch.where(keep, expert_index, -1)  # (N, K), -1: dropped
     y = torch.zeros_like(x)
     for e in range(experts.num_experts):
         token, choice = torch.where(chosen == e)  # (M_e,), (M_e,)
         if token.numel() == 0:
             continue
-        h = x[token] @ w_in[e]  # (M_e, F)
-        if b_in is not None:
-            h = h + b_in[e]
-        out = act(h) @ w_out[e]  # (M_e, D)
-        if b_out is not None:
+        h = _hidden(experts, x[token], torch.matmul, w_in[e], b_in[e], w_gate[e], b_gate[e])  # (M_e, F)
+        out = h @ w_out[e]  # (M_e, D)
+        if b_out[e] is not None:
             out = out + b_out[e]
         y = y.index_add(0, token, out * gates[token, choice, None].to(out.dtype))
     return y
@@ -260,10 +277,9 @@ def onehot_einsum(x, experts: Experts, expert_index, gates, keep=None, capacity:
     dispatch_mask = slot.sum(0)  # (N, E, C)
     combine = torch.einsum("knec,kn->nec", slot, gates.transpose(0, 1).to(x.dtype))  # (N, E, C)
     xe = torch.einsum("nec,nd->ecd", dispatch_mask, x)  # (E, C, D)
-    h = torch.einsum("ecd,edf->ecf", xe, experts.w_in)  # (E, C, F)
-    if experts.b_in is not None:
-        h = h + experts.b_in[:, None, :]
-    out = torch.einsum("ecf,efd->ecd", _act(experts)(h), experts.w_out)  # (E, C, D)
+    h = _hidden(experts, xe, lambda a, w: torch.einsum("ecd,edf->ecf", a, w),
+                experts.w_in, _rows(experts.b_in), experts.w_gate, _rows(experts.b_gate))  # (E, C, F)
+    out = torch.einsum("ecf,efd->ecd", h, experts.w_out)  # (E, C, D)
     if experts.b_out is not None:
         out = out + experts.b_out[:, None, :]
     return torch.einsum("nec,ecd->nd", combine, out)  # (N, D)
@@ -284,11 +300,7 @@ def padded_bmm(x, experts: Experts, expert_index, gates, keep=None) -> torch.Ten
     row = expert * slots + (torch.arange(token.numel(), device=x.device) - starts[expert])  # (M,) row in the (E·C) buffer
     buffer = x.new_zeros(num_experts * slots, x.shape[1]).index_copy(0, row, x[token])  # (E·C, D)
     buffer = buffer.view(num_experts, slots, -1)  # (E, C, D)
-    if experts.b_in is not None:
-        h = torch.baddbmm(experts.b_in[:, None, :], buffer, experts.w_in)  # (E, C, F)
-    else:
-        h = torch.bmm(buffer, experts.w_in)
-    h = _act(experts)(h)
+    h = _hidden(experts, buffer, torch.bmm, experts.w_in, _rows(experts.b_in), experts.w_gate, _rows(experts.b_gate))  # (E, C, F)
     if experts.b_out is not None:
         out = torch.baddbmm(experts.b_out[:, None, :], h, experts.w_out)  # (E, C, D)
     else:
@@ -299,13 +311,14 @@ def padded_bmm(x, experts: Experts, expert_index, gates, keep=None) -> torch.Ten
 def _fast_method(name: str) -> Callable[..., torch.Tensor]:
     """The fast method ``name`` of ``moe_course.fast``, with the readable methods' checks; where it
     cannot run (``fast.applies``: the fast path switched off, autocast, mixed dtypes, an activation
-    without a hand-written derivative), ``sort_dispatch`` computes the same y."""
+    without a hand-written derivative; gated experts such as SwiGLU, whose third matrix the fast ops
+    do not know), ``sort_dispatch`` computes the same y."""
     fast_method = fast.METHODS[name]
 
     @functools.wraps(fast_method)
     def run(x, experts: Experts, expert_index, gates, keep=None) -> torch.Tensor:
         expert_index, gates, keep = _validate(x, experts, expert_index, gates, keep)
-        if fast.applies(x, experts.w_in, gates, activation=experts.activation):
+        if not experts.gated and fast.applies(x, experts.w_in, gates, activation=experts.activation):
             return fast_method(x, experts, expert_index, gates, keep)
         return sort_dispatch(x, experts, expert_index, gates, keep)
 

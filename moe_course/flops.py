@@ -7,8 +7,11 @@ small next to them). A matmul of (N, D) by (D, F) costs 2·N·D·F FLOPs.
     count_parameters, measure_flops_per_example   counted on a real module / a real forward pass
     matmul_flops, ffn_param_count, ffn_flops      one matmul, one FFN (lesson 01)
     dense_mixture_*, routed_mixture_*             the clinic mixtures (lessons 03-04)
-    moe_layer_param_count, moe_layer_flops        one MoELayer (lesson 04)
-    param_count, flops_per_token                  a whole GPT, dense or Switch (lessons 07-08)
+    moe_layer_param_count, moe_layer_flops        one MoELayer (lesson 04; SwiGLU, shared experts: lesson 10)
+    param_count, flops_per_token                  a whole GPT, dense or MoE (lessons 07-08, 10)
+
+A gated FFN (``activation="swiglu"``) has three matrices, so it costs 3/2 of
+the plain FFN at the same width F: 3·D·F parameters and 6·D·F FLOPs per token.
 
 Every formula is checked against the real module (``count_parameters``) or
 PyTorch's FLOP counter in the tests.
@@ -24,8 +27,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .experts import check_activation, is_gated
+
 __all__ = [
     "count_parameters",
+    "phone_book_params",
+    "phone_book_flops",
     "measure_flops_per_example",
     "matmul_flops",
     "ffn_param_count",
@@ -59,16 +66,20 @@ def matmul_flops(n: int, d_in: int, d_out: int) -> int:
     return 2 * n * d_in * d_out
 
 
-def ffn_param_count(d_model: int, d_ff: int, bias: bool = True) -> int:
-    """Parameters of FeedForward(D, F): 2·D·F weights (+ F + D biases)."""
+def ffn_param_count(d_model: int, d_ff: int, bias: bool = True, activation: str = "gelu") -> int:
+    """Parameters of FeedForward(D, F): 2·D·F weights (+ F + D biases); gated ("swiglu"): 3·D·F (+ 2·F + D)."""
     _non_negative(d_model=d_model, d_ff=d_ff)
-    return 2 * d_model * d_ff + ((d_ff + d_model) if bias else 0)
+    check_activation(activation)
+    n_in = 2 if is_gated(activation) else 1  # W_in, and W_gate for a GLU
+    return (n_in + 1) * d_model * d_ff + ((n_in * d_ff + d_model) if bias else 0)
 
 
-def ffn_flops(num_tokens: int, d_model: int, d_ff: int) -> int:
-    """Matmul FLOPs of FeedForward(D, F) on N tokens: two matmuls, 4·N·D·F."""
+def ffn_flops(num_tokens: int, d_model: int, d_ff: int, activation: str = "gelu") -> int:
+    """Matmul FLOPs of FeedForward(D, F) on N tokens: two matmuls, 4·N·D·F; gated ("swiglu"): three, 6·N·D·F."""
     _non_negative(num_tokens=num_tokens, d_model=d_model, d_ff=d_ff)
-    return matmul_flops(num_tokens, d_model, d_ff) + matmul_flops(num_tokens, d_ff, d_model)
+    check_activation(activation)
+    n_in = 2 if is_gated(activation) else 1
+    return n_in * matmul_flops(num_tokens, d_model, d_ff) + matmul_flops(num_tokens, d_ff, d_model)
 
 
 def measure_flops_per_example(forward: Callable[[torch.Tensor], Any], x: torch.Tensor) -> float:
@@ -128,28 +139,66 @@ def routed_mixture_flops(num_tokens: int, d_in: int, d_ff: int, num_classes: int
     return gate + top_k * expert
 
 
-def moe_layer_param_count(d_model: int, d_ff: int, num_experts: int, *, bias: bool = True, noisy: bool = False) -> int:
-    """Parameters of ``MoELayer``: the router W_r (D, E) plus E experts (D → F → D).
+def moe_layer_param_count(
+    d_model: int,
+    d_ff: int,
+    num_experts: int,
+    *,
+    bias: bool = True,
+    noisy: bool = False,
+    activation: str = "gelu",
+    num_shared_experts: int = 0,
+    shared_expert_gate: bool = False,
+) -> int:
+    """Parameters of ``MoELayer``: the router W_r (D, E) plus E routed and K_s shared experts (D → F → D).
 
-    ``noisy``: the noisy top-k router also has W_noise (D, E).
+    ``noisy``: the noisy top-k router also has W_noise (D, E). Each expert is an
+    FFN of width F (``ffn_param_count``, with its activation: SwiGLU has three
+    matrices); ``shared_expert_gate`` adds w_shared_gate (D, 1). The sigmoid
+    router's ``expert_bias`` is a buffer, not a parameter.
     """
     _positive_int(d_model=d_model, d_ff=d_ff, num_experts=num_experts)
-    expert = 2 * d_model * d_ff + ((d_ff + d_model) if bias else 0)
-    router = d_model * num_experts * (2 if noisy else 1)
-    return router + num_experts * expert
+    _non_negative(num_shared_experts=num_shared_experts)
+    expert = ffn_param_count(d_model, d_ff, bias, activation)
+    router = d_model * num_experts * (2 if noisy else 1) + (d_model if shared_expert_gate else 0)
+    return router + (num_experts + num_shared_experts) * expert
 
 
-def moe_layer_flops(num_tokens: int, d_model: int, d_ff: int, num_experts: int, top_k: int = 1) -> int:
-    """Matmul FLOPs of ``MoELayer`` on N tokens: the router 2·N·D·E plus k experts of 4·D·F per token.
+def phone_book_params(d_model: int, d_ff: int, num_experts: int, num_wards: int) -> int:
+    """Parameters of lesson 08's ``PhoneBookModel``: E FFNs (2·D·F + F + D each), the router (D·E, when E > 1), the head (D·W + W)."""
+    D, F_, E, W = d_model, d_ff, num_experts, num_wards
+    return E * ffn_param_count(D, F_) + (D * E if E > 1 else 0) + D * W + W
 
-    (Without dropping: with a capacity factor, dropped assignments cost nothing.)
+
+def phone_book_flops(d_model: int, d_ff: int, num_experts: int, num_wards: int) -> int:
+    """Forward FLOPs per patient of ``PhoneBookModel``: one FFN 4·D·F, the router 2·D·E (E > 1), the head 2·D·W."""
+    D, F_, E, W = d_model, d_ff, num_experts, num_wards
+    return ffn_flops(1, D, F_) + (matmul_flops(1, D, E) if E > 1 else 0) + matmul_flops(1, D, W)
+
+
+def moe_layer_flops(
+    num_tokens: int,
+    d_model: int,
+    d_ff: int,
+    num_experts: int,
+    top_k: int = 1,
+    *,
+    activation: str = "gelu",
+    num_shared_experts: int = 0,
+    shared_expert_gate: bool = False,
+) -> int:
+    """Matmul FLOPs of ``MoELayer`` on N tokens: the router 2·N·D·E plus k routed and K_s shared experts per token.
+
+    Each expert costs ``ffn_flops``: 4·D·F per token, 6·D·F for SwiGLU. The
+    shared gate adds 2·D per token. (Without dropping: with a capacity factor,
+    dropped assignments cost nothing.)
     """
     _positive_int(d_model=d_model, d_ff=d_ff, num_experts=num_experts, top_k=top_k)
+    _non_negative(num_shared_experts=num_shared_experts)
     if top_k > num_experts:
         raise ValueError(f"top_k={top_k} is more than num_experts={num_experts}")
-    router = matmul_flops(num_tokens, d_model, num_experts)
-    expert = matmul_flops(num_tokens, d_model, d_ff) + matmul_flops(num_tokens, d_ff, d_model)
-    return router + top_k * expert
+    router = matmul_flops(num_tokens, d_model, num_experts) + (matmul_flops(num_tokens, d_model, 1) if shared_expert_gate else 0)
+    return router + (top_k + num_shared_experts) * ffn_flops(num_tokens, d_model, d_ff, activation)
 
 
 # --- a whole GPT, dense or Switch (lessons 07-08) -------------------------------------
@@ -162,9 +211,9 @@ class ParamCount:
     embedding: int  # token V·D (+ position T·D when learned)
     attention: int  # n_layers · (4·D² + 4·D biases)
     norms: int  # (2 per block + the final one) · 2·D
-    ffn: int  # all FFN and expert parameters: dense blocks 2·D·F (+F+D), Switch blocks E times that
-    ffn_active: int  # the FFN parameters one token uses: one expert per Switch block (top-1)
-    router: int  # D·E per Switch block
+    ffn: int  # all FFN and expert parameters: dense blocks 2·D·F (+F+D; SwiGLU 3·D·F), MoE blocks E routed + K_s shared experts
+    ffn_active: int  # the FFN parameters one token uses: the dense FFNs, and top_k routed + K_s shared experts per MoE block
+    router: int  # D·E per MoE block (twice that with the noisy router's W_noise; none for a hash layer; + D for a shared-expert gate)
     head: int  # 0 when tied to the token embedding, else V·D
 
     @property
@@ -182,8 +231,8 @@ class FlopCount:
 
     attention_proj: int  # n_layers · 8·D²: q, k, v (2·D·3D) and the output projection (2·D·D)
     attention_mix: int  # n_layers · 4·T·D: scores q·kᵀ (2·T·D) and the weighted sum of values (2·T·D)
-    ffn: int  # per block 4·D·F: the dense FFN, or the one expert a token visits (top-1)
-    router: int  # 2·D·E per Switch block
+    ffn: int  # per block 4·D·F (SwiGLU 6·D·F): the dense FFN, or the top_k routed + K_s shared experts a token visits
+    router: int  # 2·D·E per MoE block (twice for the noisy router's second matmul; none for a hash layer; + 2·D for a shared-expert gate)
     head: int  # 2·D·V, the logits
 
     @property
@@ -196,20 +245,38 @@ class FlopCount:
         return 3 * self.total
 
 
+# Router matrices (D, E) per routed block: W_r; the noisy router adds W_noise; a hash layer learns none.
+_ROUTER_MATRICES = {"noisy_top_k": 2, "hash": 0}
+
+
 def param_count(config: Any) -> ParamCount:
-    """Count a GPT's parameters from its ``GPTConfig`` (equals ``count_parameters(GPT(config))``)."""
-    V, T, D, F_, L, E = config.vocab_size, config.block_size, config.d_model, config.d_ff, config.n_layers, config.num_experts
+    """Count a GPT's parameters from its ``GPTConfig`` (equals ``count_parameters(GPT(config))``).
+
+    Dense blocks hold one FFN of width F; MoE blocks hold the experts of
+    ``config.moe_config()``: E routed and K_s shared, each of width F / m
+    (m = ``expert_segments``, fine-grained experts), of which a token uses
+    top_k routed and all K_s shared.
+    """
+    V, T, D, L = config.vocab_size, config.block_size, config.d_model, config.n_layers
     b = int(config.bias)
-    ffn_one = 2 * D * F_ + b * (F_ + D)
+    ffn_one = ffn_param_count(D, config.d_ff, bool(b), getattr(config, "activation", "gelu"))
     n_moe = len(config.moe_layers)
     n_dense = L - n_moe
+    ffn = ffn_active = n_dense * ffn_one
+    router = 0
+    if n_moe:
+        moe = config.moe_config()
+        expert = ffn_param_count(D, moe.d_ff, moe.bias, moe.activation)
+        ffn += n_moe * (moe.num_experts + moe.num_shared_experts) * expert
+        ffn_active += n_moe * (moe.top_k + moe.num_shared_experts) * expert
+        router = n_moe * (_ROUTER_MATRICES.get(config.router, 1) * D * moe.num_experts + (D if moe.shared_expert_gate else 0))
     return ParamCount(
         embedding=V * D + (T * D if config.position != "rope" else 0),
         attention=L * (4 * D * D + b * 4 * D),
         norms=(2 * L + 1) * 2 * D,
-        ffn=n_dense * ffn_one + n_moe * E * ffn_one,
-        ffn_active=L * ffn_one,
-        router=n_moe * D * E,
+        ffn=ffn,
+        ffn_active=ffn_active,
+        router=router,
         head=0 if config.tie_embeddings else V * D,
     )
 
@@ -224,12 +291,18 @@ def flops_per_token(config: Any, context: int | None = None) -> FlopCount:
     T = config.block_size if context is None else context
     if not isinstance(T, int) or T <= 0:
         raise ValueError(f"context must be a positive int, got {T!r}")
-    D, F_, L, E, V = config.d_model, config.d_ff, config.n_layers, config.num_experts, config.vocab_size
+    D, L, V = config.d_model, config.n_layers, config.vocab_size
     n_moe = len(config.moe_layers)
+    ffn = (L - n_moe) * ffn_flops(1, D, config.d_ff, getattr(config, "activation", "gelu"))
+    router = 0
+    if n_moe:
+        moe = config.moe_config()
+        ffn += n_moe * (moe.top_k + moe.num_shared_experts) * ffn_flops(1, D, moe.d_ff, moe.activation)
+        router = n_moe * (_ROUTER_MATRICES.get(config.router, 1) * 2 * D * moe.num_experts + (2 * D if moe.shared_expert_gate else 0))
     return FlopCount(
         attention_proj=L * 8 * D * D,
         attention_mix=L * 4 * T * D,
-        ffn=L * 4 * D * F_,
-        router=n_moe * 2 * D * E,
+        ffn=ffn,
+        router=router,
         head=2 * D * V,
     )

@@ -5,9 +5,12 @@ E experts, K choices per token (top-k), C capacity (slots per expert).
 
 Token choice (each token picks K experts)::
 
-    top_k_routing          softmax, top-k, renormalise the k weights (GShard, Mixtral)
+    top_k_routing          softmax, top-k, renormalise the k weights (GShard; raw: DeepSeekMoE, OLMoE, Qwen)
     switch_routing         top-1, gate = the raw probability (Switch Transformer)
     noisy_top_k_routing    noise before top-k, softmax over the k kept (Shazeer et al. 2017)
+    mixtral_routing        top-k of the logits, softmax over the k kept (Mixtral; = top_k_routing's gates)
+    sigmoid_routing        sigmoid scores, a bias that only selects, normalised gates (DeepSeek-V3)
+    expert_bias_update     the rule that moves that bias between steps: b + γ·sign(mean load − load)
 
 Expert choice (each expert picks C tokens)::
 
@@ -39,6 +42,9 @@ __all__ = [
     "top_k_routing",
     "switch_routing",
     "noisy_top_k_routing",
+    "mixtral_routing",
+    "sigmoid_routing",
+    "expert_bias_update",
     "expert_choice_routing",
     "expert_capacity",
     "capacity_mask",
@@ -50,7 +56,7 @@ class Routing:
     """Token-choice routing: every token picks K experts."""
 
     router_logits: torch.Tensor  # (N, E) the logits the choice was made on (noisy top-k: the noisy H)
-    router_probs: torch.Tensor  # (N, E) float32 softmax of router_logits over experts
+    router_probs: torch.Tensor  # (N, E) float32 each token's distribution over experts: softmax of router_logits (sigmoid router: s / Σ s)
     expert_index: torch.Tensor  # (N, K) int64, chosen experts, best first
     gates: torch.Tensor  # (N, K) float32 weight of each choice when outputs are combined
 
@@ -176,6 +182,86 @@ def noisy_top_k_routing(
     kept = torch.full_like(noisy, float("-inf")).scatter(-1, expert_index, top_values)  # (N, E)
     gates = F.softmax(kept, dim=-1).gather(-1, expert_index)  # (N, K)
     return Routing(noisy, F.softmax(noisy, dim=-1), expert_index, gates)
+
+
+def mixtral_routing(router_logits: torch.Tensor, k: int) -> Routing:
+    """Mixtral's gate (Jiang et al. 2024, arXiv:2401.04088, sec. 2.1): softmax over the top-k logits only.
+
+        G(x) = Softmax(TopK(x · W_g))        TopK sets all but the k largest logits to -inf
+
+    The k chosen experts are those with the k largest logits (= the k largest
+    softmax probabilities, since softmax keeps the order), and their gates are
+    exp(l_j) / Σ_top-k exp(l) — exactly what softmax over all E, top-k and
+    renormalising gives (``top_k_routing``): the softmax's denominator cancels.
+    Hugging Face's Mixtral computes it that second way. router_probs is the
+    softmax over all E (what the balance loss reads). With k = 1 every gate is
+    1.0 and the router gets no gradient through the gates.
+    """
+    _check_logits(router_logits)
+    _check_k(k, router_logits.shape[-1])
+    logits = router_logits.float()
+    top_logits, expert_index = torch.topk(logits, k, dim=-1)  # (N, K), (N, K)
+    gates = F.softmax(top_logits, dim=-1)  # (N, K) softmax over the chosen k alone
+    return Routing(router_logits, F.softmax(logits, dim=-1), expert_index, gates)
+
+
+def sigmoid_routing(
+    router_logits: torch.Tensor,
+    k: int,
+    *,
+    bias: torch.Tensor | None = None,
+    renormalize: bool = True,
+) -> Routing:
+    """DeepSeek-V3's gate (arXiv:2412.19437, §2.1.2): sigmoid scores, a bias that only selects.
+
+        s_i = sigmoid(u · e_i)                         (N, E) affinity of the token to expert i
+        chosen = TopK(s_i + b_i, k)                    the bias b (E,) moves the choice ...
+        g_i = s_i / Σ_{j chosen} s_j  for i chosen     ... but never the weight: gates use s alone
+
+    Each score is a yes/no of its own (no softmax competition between experts).
+    ``bias`` (E,) is the auxiliary-loss-free balancing bias (updated outside the
+    layer, see ``moe_course.loss_free``); it is not differentiated through and
+    it does not appear in the gates. ``renormalize=False`` keeps g_i = s_i.
+    router_probs = s / Σ_all s (N, E), the normalised affinities s' of the
+    sequence-wise balance loss; expert_index is ordered best first by s + b.
+    """
+    _check_logits(router_logits)
+    num_experts = router_logits.shape[-1]
+    _check_k(k, num_experts)
+    scores = torch.sigmoid(router_logits.float())  # (N, E)
+    choice = scores
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (num_experts,):
+            raise ValueError(f"bias must be a tensor of shape (E,) = ({num_experts},), got {tuple(getattr(bias, 'shape', ()))}")
+        choice = scores + bias.detach().float()  # (N, E) selection only
+    expert_index = torch.topk(choice, k, dim=-1).indices  # (N, K)
+    gates = scores.gather(-1, expert_index)  # (N, K) the scores, without the bias
+    if renormalize:
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+    return Routing(router_logits, scores / scores.sum(dim=-1, keepdim=True), expert_index, gates)
+
+
+def expert_bias_update(bias: torch.Tensor, load: torch.Tensor, rate: float) -> torch.Tensor:
+    """Auxiliary-loss-free balancing, one step: b + γ · sign(mean(load) − load), a new (E,) tensor.
+
+    DeepSeek-V3 (arXiv:2412.19437, §2.1.2; Wang et al. 2024, arXiv:2408.15664):
+    after every optimiser step, each expert's selection bias (``sigmoid_routing``'s
+    ``bias``) moves by the same fixed step γ = ``rate``, down for an expert that
+    received more than the mean load, up for one that received less; an expert
+    exactly at the mean keeps its bias (sign 0). The GP keeps its judgement (the
+    scores); a receptionist nudges the queues. bias (E,) float; load (E,) the
+    tokens (or assignments) each expert received in the step, counts or shares;
+    rate γ >= 0 (DeepSeek-V3: 0.001). ``moe_course.training.bias.update_expert_biases_``
+    applies it to a model's layers.
+    """
+    if not isinstance(bias, torch.Tensor) or bias.ndim != 1 or not bias.is_floating_point():
+        raise ValueError(f"bias must be a float tensor of shape (E,), got {getattr(bias, 'dtype', type(bias).__name__)} {tuple(getattr(bias, 'shape', ()))}")
+    if not isinstance(load, torch.Tensor) or load.shape != bias.shape:
+        raise ValueError(f"load must be a tensor of the bias's shape {tuple(bias.shape)}, got {tuple(getattr(load, 'shape', ()))}")
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate >= 0:
+        raise ValueError(f"rate γ must be a number >= 0, got {rate!r}")
+    load = load.detach().to(bias.device, torch.float32)
+    return bias + rate * torch.sign(load.mean() - load).to(bias.dtype)  # (E,)
 
 
 def expert_choice_routing(router_logits: torch.Tensor, capacity: int) -> ExpertChoiceRouting:

@@ -69,7 +69,7 @@
 # doctor (plus a tiny GP consultation: the router). Raise k and each visit gets dearer.
 
 # %%
-from moe_course.widgets import hospital_explorer
+from moe_course.figures.widgets import hospital_explorer
 
 hospital_explorer()
 
@@ -140,7 +140,7 @@ print(a, b, "identical:", torch.equal(a, b))
 # struggle and a team of specialists should shine; lesson 01 measures whether they do.
 
 # %%
-from moe_course.clinic import make_clinic
+from moe_course.data.clinic import make_clinic
 
 clinic = make_clinic(num_specialties=4, seed=0)
 print(f"{len(clinic.train)} training patients, {len(clinic.val)} held-out patients")
@@ -159,7 +159,7 @@ print("diagnoses per specialty:", clinic.num_diagnoses)
 # know which one to use.
 
 # %%
-from moe_course.plots import plot_clinic, use_course_style
+from moe_course.figures.plots import plot_clinic, use_course_style
 
 use_course_style()
 plot_clinic(clinic);

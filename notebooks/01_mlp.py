@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 
 from moe_course import get_device, seed_everything
-from moe_course.plots import use_course_style
+from moe_course.figures.plots import use_course_style
 
 # ---- the one knob of this lesson -------------------------------------------
 # 1 runs in well under a minute on a laptop CPU. Larger values train every model
@@ -147,8 +147,8 @@ ax.legend();
 # every 10 steps that we need at the end of the lesson; ignore it for now.
 
 # %%
-from moe_course.clinic import make_clinic
-from moe_course.metrics import AgreementTracker
+from moe_course.data.clinic import make_clinic
+from moe_course.analysis.metrics import AgreementTracker
 from moe_course.training import CLINIC_LR, ClassificationTask, TrainConfig, train
 
 clinic = make_clinic(num_specialties=4, seed=0)
@@ -182,7 +182,7 @@ print(f"generalist: {count_parameters(generalists[0]):,} parameters, held-out ac
 # (mean over the five seeds; the spread in brackets is the lowest and highest seed).
 
 # %%
-from moe_course.metrics import accuracy_by_group
+from moe_course.analysis.metrics import accuracy_by_group
 
 
 def per_specialty(logits_per_seed):
@@ -208,7 +208,7 @@ pd.Series(mean_and_range(generalist_by_specialty), index=clinic.specialties, nam
 # a perfect GP, an **oracle**; lessons 03–04 will learn the GP instead.
 
 # %%
-from moe_course.specialists import train_specialists
+from moe_course.experiments.specialists import train_specialists
 
 teams = [train_specialists(clinic, d_ff=H, config=dataclasses.replace(config, seed=seed, eval_every=config.steps),
                            device=device, progress=False) for seed in SEEDS]
@@ -224,7 +224,7 @@ print(f"the team's lead: {100 * gap.mean():+.1f} percentage points (seeds from {
       + ("it is ahead for every seed." if gap.min() > 0 else "not ahead for every seed."))
 
 # %%
-from moe_course.plots import grouped_bars
+from moe_course.figures.plots import grouped_bars
 
 team_by_specialty = per_specialty(team_logits)
 ax = grouped_bars(
@@ -270,13 +270,13 @@ print("specialties where every team beats every generalist:",
 # to see. It did this every 10 steps of training, for each of the five generalists.
 
 # %%
-from moe_course.metrics import gradient_agreement
+from moe_course.analysis.metrics import gradient_agreement
 from moe_course.show import show_source
 
 show_source(gradient_agreement)
 
 # %%
-from moe_course.plots import heatmap
+from moe_course.figures.plots import heatmap
 
 steps = torch.tensor(trackers[0].steps)
 agreement = torch.stack([t.stacked() for t in trackers])  # (seeds, measurements, S, S)

@@ -44,7 +44,7 @@ import pandas as pd
 import torch
 
 from moe_course import get_device, seed_everything
-from moe_course.plots import use_course_style
+from moe_course.figures.plots import use_course_style
 
 # ---- the one knob of this lesson -------------------------------------------
 # 1 runs in well under a minute on a laptop CPU. Larger values train every doctor
@@ -68,7 +68,7 @@ torch.set_num_threads(1)
 # specialist**, and all train with the same recipe.
 
 # %%
-from moe_course.clinic import make_clinic
+from moe_course.data.clinic import make_clinic
 from moe_course.training import CLINIC_LR, ClassificationTask, TrainConfig
 
 clinic = make_clinic(num_specialties=4, seed=0)
@@ -89,7 +89,7 @@ print(f"{len(clinic.train)} training patients, {len(clinic.val)} held-out; speci
 # training batches. `train_ensemble` trains R models that differ in nothing else:
 
 # %%
-from moe_course.ensembles import train_ensemble
+from moe_course.experiments.ensembles import train_ensemble
 from moe_course.show import show_source
 
 show_source(train_ensemble)
@@ -129,7 +129,7 @@ print(f"all {R} cardiologists give the same diagnosis for {unanimous:.1%} of the
 # their average. This is exercise 2.1:
 
 # %%
-from moe_course.ensembles import average_probs
+from moe_course.experiments.ensembles import average_probs
 
 show_source(average_probs)
 
@@ -138,7 +138,7 @@ show_source(average_probs)
 # cardiologist (the mean over the 16) with all 16 averaged, specialty by specialty.
 
 # %%
-from moe_course.metrics import accuracy_by_group
+from moe_course.analysis.metrics import accuracy_by_group
 
 ensemble_probs = average_probs(member_logits)  # (N, diagnoses)
 one = torch.stack([accuracy_by_group(logits, y_val, s_val, S) for logits in member_logits]).mean(0)  # (S,)
@@ -178,7 +178,7 @@ print(f"in {twin}, cardiology's contradicting twin, the averaged cardiologists a
 # are deterministic, so there is no third, "noise" term. Exercise 2.2 asks you to write it:
 
 # %%
-from moe_course.ensembles import brier_decomposition
+from moe_course.experiments.ensembles import brier_decomposition
 
 show_source(brier_decomposition)
 
@@ -208,7 +208,7 @@ per_specialty.style.format("{:.4f}").format("{:.1%}", subset=["share of the erro
 # the variance can shrink.
 
 # %%
-from moe_course.ensembles import bias_variance_by_size
+from moe_course.experiments.ensembles import bias_variance_by_size
 
 sizes = [1, 2, 4, 8]
 at_home = bias_variance_by_size(member_probs[:, home], y_val[home], sizes)
@@ -223,7 +223,7 @@ at_home.style.format({"error": "{:.4f}", "bias": "{:.4f}", "variance": "{:.4f}",
 # %%
 import matplotlib.pyplot as plt
 
-from moe_course.plots import bias_variance_bars
+from moe_course.figures.plots import bias_variance_bars
 
 fig, axes = plt.subplots(1, 3, figsize=(17, 4.4))
 bias_variance_bars(at_home, title="The cardiology patients:\nbias and variance of the ensembles", ax=axes[0])
@@ -268,7 +268,7 @@ print(f"everyone else: the error is {elsewhere['error'].iloc[0]:.4f} for one doc
 # the cardiology patients:
 
 # %%
-from moe_course.ensembles import log_loss_gap
+from moe_course.experiments.ensembles import log_loss_gap
 
 losses = pd.DataFrame([{"ensemble size M": m, **log_loss_gap(member_logits[:m, home], y_val[home])} for m in sizes])
 losses.columns = ["ensemble size M", "doctors' mean cross-entropy", "ensemble's cross-entropy", "gap (what averaging buys)"]
@@ -285,7 +285,7 @@ losses.style.format(precision=3).hide(axis="index")
 # (Its cardiologist is our first cardiologist: same seed, same patients.)
 
 # %%
-from moe_course.specialists import train_specialists
+from moe_course.experiments.specialists import train_specialists
 
 task = ClassificationTask.from_clinic(clinic)
 generalists = train_ensemble(lambda: FeedForward(clinic.d_in, H, d_out=clinic.num_diagnoses), task, CONFIG,
@@ -306,7 +306,7 @@ with torch.no_grad():
 pd.DataFrame({k: v.numpy() for k, v in accuracy.items()}, index=clinic.specialties).T.style.format("{:.1%}")
 
 # %%
-from moe_course.plots import grouped_bars
+from moe_course.figures.plots import grouped_bars
 
 ax = grouped_bars(accuracy, clinic.specialties, title="Who gets which specialty right?",
                   ylabel="held-out accuracy", chance=1 / clinic.num_diagnoses)
@@ -345,7 +345,7 @@ with torch.no_grad():
 print(f"generalist: training patients {train_acc:.1%}, held-out patients {held_out_acc:.1%}")
 
 # %%
-from moe_course.plots import learning_curves
+from moe_course.figures.plots import learning_curves
 
 curves = {"generalist, all specialties": generalists.histories[0]}
 curves.update({f"specialist, {h['specialty'].iloc[0]} only": h for h in team.histories})

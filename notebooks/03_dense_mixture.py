@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 
 from moe_course import get_device, seed_everything
-from moe_course.plots import use_course_style
+from moe_course.figures.plots import use_course_style
 
 # ---- the one knob of this lesson -------------------------------------------
 # 1 runs in well under a minute on a laptop CPU. Larger values train every model
@@ -78,7 +78,7 @@ show_source(softmax_gate)
 # experts, and each row sums to 1.
 
 # %%
-from moe_course.clinic import make_clinic
+from moe_course.data.clinic import make_clinic
 
 clinic = make_clinic(num_specialties=4, seed=0)
 S, E, H = clinic.num_specialties, 4, 16  # specialties, experts, hidden units per expert
@@ -116,7 +116,7 @@ show_source(mixture_log_probs)
 # probabilities.
 
 # %%
-from moe_course.ensembles import average_probs
+from moe_course.experiments.ensembles import average_probs
 from moe_course.mixture import DenseMixtureConfig
 
 seed_everything(0)
@@ -147,8 +147,8 @@ print(f"largest difference between the mixture and the ensemble average: {(out.p
 # %%
 from moe_course.experts import FeedForward
 from moe_course.flops import count_parameters
-from moe_course.specialisation import SpecialisationTracker
-from moe_course.specialists import train_specialists
+from moe_course.analysis.specialisation import SpecialisationTracker
+from moe_course.experiments.specialists import train_specialists
 from moe_course.training import CLINIC_LR, ClassificationTask, TrainConfig, train
 
 task = ClassificationTask.from_clinic(clinic)
@@ -193,8 +193,8 @@ pd.DataFrame({"held-out accuracy": overall, "parameters": sizes}).style.format({
 # specialty:
 
 # %%
-from moe_course.metrics import accuracy_by_group
-from moe_course.plots import grouped_bars
+from moe_course.analysis.metrics import accuracy_by_group
+from moe_course.figures.plots import grouped_bars
 
 per_specialty = {
     "generalist (F = 64)": accuracy_by_group(generalist_logits, y_val, s_val, S),
@@ -217,8 +217,8 @@ ax.set_ylim(0, 1.12);
 # %%
 import matplotlib.pyplot as plt
 
-from moe_course.plots import gate_mass_heatmap, heatmap
-from moe_course.specialisation import expert_accuracy_by_specialty, gate_mass_by_specialty
+from moe_course.figures.plots import gate_mass_heatmap, heatmap
+from moe_course.analysis.specialisation import expert_accuracy_by_specialty, gate_mass_by_specialty
 
 mass = gate_mass_by_specialty(out.router_probs, s_val, S)  # (S, E)
 alone = expert_accuracy_by_specialty(out.expert_logits, y_val, s_val, S)  # (S, E)
@@ -249,7 +249,7 @@ fig.tight_layout()
 # nothing about the expert (for example when one expert takes everyone). Exercise 3.3:
 
 # %%
-from moe_course.specialisation import normalized_mutual_information, specialisation_score
+from moe_course.analysis.specialisation import normalized_mutual_information, specialisation_score
 
 show_source(normalized_mutual_information)
 
@@ -318,7 +318,7 @@ cost.style.format({"parameters": "{:,}", "FLOPs per patient": "{:,}", "FLOPs / F
 # these paired ratios.
 
 # %%
-from moe_course.timing import time_per_batch
+from moe_course.bench.timing import time_per_batch
 
 timed = [1, 2, 4, 8, 16]
 seed_everything(0)
@@ -364,7 +364,7 @@ print(f"a straight line through the measured times: {1000 * intercept:.1f} ms pe
 # how well each expert alone would treat them.
 
 # %%
-from moe_course.widgets import mixture_playground
+from moe_course.figures.widgets import mixture_playground
 
 mixture_playground(mixture, clinic.val, clinic.specialties)
 

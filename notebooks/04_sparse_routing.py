@@ -45,7 +45,7 @@ import pandas as pd
 import torch
 
 from moe_course import seed_everything
-from moe_course.plots import use_course_style
+from moe_course.figures.plots import use_course_style
 from moe_course.show import show_source
 
 # ---- the one knob of this lesson -------------------------------------------
@@ -129,8 +129,8 @@ show_source(switch_routing)
 # %%
 import torch.nn.functional as F
 
-from moe_course.clinic import make_clinic
-from moe_course.routed import RoutedMixture, RoutedMixtureConfig
+from moe_course.data.clinic import make_clinic
+from moe_course.mixture import RoutedMixture, RoutedMixtureConfig
 
 clinic = make_clinic(num_specialties=4, seed=0)
 S, E, H = clinic.num_specialties, 4, 16  # specialties, experts, hidden units per expert
@@ -221,7 +221,7 @@ ax.legend(ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False
 from moe_course.experts import FeedForward
 from moe_course.flops import count_parameters, ffn_flops
 from moe_course.moe import MoEConfig, MoELayer
-from moe_course.routed import moe_layer_flops, moe_layer_param_count
+from moe_course.mixture import moe_layer_flops, moe_layer_param_count
 
 D, F_ = 64, 256
 experts_list = [1, 2, 4, 8, 16, 32, 64]
@@ -292,10 +292,10 @@ show_source(RoutedMixture.forward)
 # Each model trains in seconds, so we repeat everything over six seeds: one seed decides a
 # model's first weights and the order of its training batches, and a comparison is only as
 # good as its spread over seeds. The runs are independent, so two worker processes train
-# them side by side (`moe_course.workers`), one CPU thread each.
+# them side by side (`moe_course.experiments.workers`), one CPU thread each.
 
 # %%
-from moe_course.approaches import CARDIOLOGISTS, DENSE, GENERALIST, ORACLE, TOP_1, TOP_2, four_approaches
+from moe_course.experiments.approaches import CARDIOLOGISTS, DENSE, GENERALIST, ORACLE, TOP_1, TOP_2, four_approaches
 from moe_course.training import CLINIC_LR, TrainConfig
 
 SEEDS = list(range(6 * SCALE))
@@ -311,7 +311,7 @@ results.report()
 # with a gate. The picture puts accuracy against what a patient costs:
 
 # %%
-from moe_course.plots import accuracy_vs_flops
+from moe_course.figures.plots import accuracy_vs_flops
 
 accuracy_vs_flops(results.table, title="Four ways to see a doctor: accuracy against effort", reference=ORACLE,
                   chance=1 / clinic.num_diagnoses);
@@ -324,7 +324,7 @@ accuracy_vs_flops(results.table, title="Four ways to see a doctor: accuracy agai
 # the seeds** when its mean is more than two standard errors from zero.
 
 # %%
-from moe_course.approaches import paired_difference
+from moe_course.experiments.approaches import paired_difference
 
 flops = results.summary()["FLOPs per patient"]
 print(f"FLOPs per patient: top-1 GP {flops[TOP_1]:,.0f}, top-2 GP {flops[TOP_2]:,.0f}, dense mixture {flops[DENSE]:,.0f}, "
@@ -356,7 +356,7 @@ for a, b in [(TOP_1, GENERALIST), (TOP_2, GENERALIST), (TOP_2, DENSE), (TOP_2, T
 # averaged over the seeds:
 
 # %%
-from moe_course.plots import grouped_bars
+from moe_course.figures.plots import grouped_bars
 
 by_specialty = results.by_specialty()
 ax = grouped_bars({name: by_specialty.loc[name].to_numpy() for name in by_specialty.index}, clinic.specialties,
@@ -373,8 +373,8 @@ ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"));
 # the average doctor, variance is how much the doctors disagree).
 
 # %%
-from moe_course.ensembles import brier_decomposition
-from moe_course.metrics import accuracy_by_group
+from moe_course.experiments.ensembles import brier_decomposition
+from moe_course.analysis.metrics import accuracy_by_group
 
 x_val, y_val, s_val = clinic.val.x, clinic.val.diagnosis, clinic.val.specialty
 one, four, bias, error = [], [], [], []
@@ -423,9 +423,9 @@ print(f"in {twin}, {home}'s contradicting twin, the four cardiologists are right
 # seeds is even), so the picture is typical for this run, neither its best nor its worst seed.
 
 # %%
-from moe_course.approaches import median_seed
-from moe_course.plots import gate_mass_heatmap
-from moe_course.specialisation import gate_mass_by_specialty, seen_by_specialty
+from moe_course.experiments.approaches import median_seed
+from moe_course.figures.plots import gate_mass_heatmap
+from moe_course.analysis.specialisation import gate_mass_by_specialty, seen_by_specialty
 
 spec = results.pivot("specialisation")[[DENSE, TOP_1, TOP_2]]
 shown = median_seed(spec[TOP_1])

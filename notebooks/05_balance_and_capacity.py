@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 
 from moe_course import get_device, seed_everything
-from moe_course.plots import use_course_style
+from moe_course.figures.plots import use_course_style
 from moe_course.show import show_source
 
 # ---- the one knob of this lesson -------------------------------------------
@@ -77,12 +77,32 @@ from moe_course.models import ClinicMoE
 show_source(ClinicMoE.forward)
 
 # %% [markdown]
+# Inside, `MoELayer.forward` is the whole layer, in five steps:
+#
+# 1. **The router** (the GP) scores every expert for every patient: logits (N, E), and their
+#    softmax, the router's probabilities.
+# 2. **Routing** picks each patient's K doctors, best first, and the weight (gate) of each
+#    one's answer: lesson 04's `switch_routing` or `top_k_routing`.
+# 3. **Capacity**: with a capacity factor, each doctor has C chairs, and assignments beyond
+#    them are dropped ("Full waiting rooms" below).
+# 4. **Dispatch**: every expert runs on its patients, and each patient's answers are weighed
+#    by the gates and added up. Lesson 06 is about doing this fast.
+# 5. **The router's losses**: the balance loss and the z-loss, the next two sections.
+#    `MoEOutput` carries them unweighted (`aux_loss`, `z_loss`) and weighted by their
+#    coefficients in `router_loss`, the one number training adds to the diagnosis loss.
+
+# %%
+from moe_course.moe import MoELayer
+
+show_source(MoELayer.forward)
+
+# %% [markdown]
 # We hire **8 doctors for the 4 specialties**, so there is room to share the work, and train
 # with the clinic lessons' recipe. `MoEConfig` holds the knobs of this lesson: the weight α
 # of the balance loss, the weight of the z-loss and the capacity factor (None: no limit).
 
 # %%
-from moe_course.clinic import make_clinic
+from moe_course.data.clinic import make_clinic
 from moe_course.moe import MoEConfig
 from moe_course.training import CLINIC_LR, TrainConfig
 
@@ -111,7 +131,7 @@ BASE
 # `run_clinic_moes` trains two models at a time, each in its own process on one core.
 
 # %%
-from moe_course.balance import ClinicRun, run_clinic_moes
+from moe_course.experiments.balance import ClinicRun, run_clinic_moes
 
 RECIPES = {
     "no balance loss": BASE,
@@ -207,7 +227,7 @@ if len(fell):
 # The dashed line is the fair share, 1/E of the patients each.
 
 # %%
-from moe_course.plots import load_snapshots
+from moe_course.figures.plots import load_snapshots
 
 ranked = no.sort_values("balance at end")
 typical = int(ranked["seed"].iloc[len(ranked) // 2])  # the median seed
@@ -410,7 +430,7 @@ print(f"capacity {out.moe.capacity} chairs per doctor for 128 patients: {int(dro
 # capacity), of the same seeds.
 
 # %%
-from moe_course.balance import evaluate_capacity
+from moe_course.analysis.load import evaluate_capacity
 
 factors = [0.5, 1.0, 1.5, 2.0]
 CAPACITY_SEEDS = range(3)
@@ -453,7 +473,7 @@ fig.tight_layout()
 # is dropped.
 
 # %%
-from moe_course.balance import batch_loads, overflow_share
+from moe_course.analysis.load import batch_loads, overflow_share
 from moe_course.routing import expert_capacity
 
 C = expert_capacity(CONFIG.batch_size, E, 1.0)
@@ -597,7 +617,7 @@ print(f"token choice (top-1): {changed_tc} of them do")
 # against its capacity.
 
 # %%
-from moe_course.widgets import waiting_room_playground
+from moe_course.figures.widgets import waiting_room_playground
 
 waiting_room_playground(clinic)
 

@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from moe_course import get_device, seed_everything
-from moe_course.plots import use_course_style
+from moe_course.figures.plots import use_course_style
 
 # ---- the one knob of this lesson -------------------------------------------
 # 1 benchmarks small layers in well under a minute. 4 uses the standard sizes of
@@ -69,7 +69,7 @@ use_course_style()
 #    the answers are put back in the original order.
 
 # %%
-from moe_course.plots import dispatch_picture
+from moe_course.figures.plots import dispatch_picture
 
 example = torch.tensor([2, 0, 1, 2, 2, 0, 1, 2])  # the expert of tokens t0 … t7
 dispatch_picture(example, num_experts=3);
@@ -80,15 +80,31 @@ dispatch_picture(example, num_experts=3);
 # one-hot tensor (4) has N × E × C entries for N tokens: here 8 × 12, almost all zeros.
 #
 # The sort-based path is made of three small steps, the ones you write in the exercises:
-# `sort_by_expert` (the order and the block sizes), the expert matmuls on each block (one
-# grouped matmul for all blocks, or one matmul pair per block), and `combine_rows`
-# (answers back to their tokens, weighted by the gate).
+# sorting the assignments by expert (the order and the block sizes; `sort_by_expert`), the
+# expert matmuls on each block, and `combine_rows` (answers back to their tokens, weighted
+# by the gate). `sort_dispatch` is that path written to be read, and it is what `MoELayer`
+# computes:
 
 # %%
 from moe_course import dispatch as D
 from moe_course.show import show_source
 
-show_source(D.grouped_mm)
+show_source(D.sort_dispatch)
+
+# %% [markdown]
+# For speed, the layer runs the same computation from `moe_course.fast`, the package's fast
+# path: the layer's default method (printed below) takes it wherever `fast.applies` says it
+# may, and falls back to `sort_dispatch` everywhere else. The fast op computes the same
+# blocks with a hand-written backward, and on several cores when there are many small
+# blocks (the last part of this lesson). `with fast.enabled(False):` runs the readable code
+# instead, to compare or to debug. This is where the fast path plugs in:
+
+# %%
+from moe_course import fast
+
+print(f"MoELayer's default dispatch method: {D.DEFAULT_METHOD!r}; the fast path is in moe_course.fast: "
+      f"{', '.join(sorted(fast.METHODS))}")
+show_source(D._fast_method)
 
 # %% [markdown]
 # For comparison, the common loop-over-experts style:
@@ -119,17 +135,17 @@ def outputs_and_grads(method):
     xs = x.clone().requires_grad_()
     gates = routing.gates.clone().requires_grad_()
     experts.zero_grad(set_to_none=True)
-    y = D.METHODS[method](xs, experts, routing.expert_index, gates, keep)
+    y = method(xs, experts, routing.expert_index, gates, keep)
     (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
     return [y.detach(), xs.grad, gates.grad, experts.w_in.grad, experts.w_out.grad]
 
 
-reference = outputs_and_grads("masks_loop")
+reference = outputs_and_grads(D.masks_loop)
 rows = []
-for method in D.METHODS:
+for name, method in {**D.METHODS, "sort_dispatch (the readable one)": D.sort_dispatch}.items():
     got = outputs_and_grads(method)
     diff = max((a - b).abs().max().item() for a, b in zip(got, reference))
-    rows.append({"implementation": method, "largest difference to masks_loop (y and all gradients)": diff})
+    rows.append({"implementation": name, "largest difference to masks_loop (y and all gradients)": diff})
 print(f"float32 keeps about 7 significant digits: the gap between 1.0 and the next float32 is "
       f"{torch.finfo(torch.float32).eps:.1e}")
 pd.DataFrame(rows)
@@ -255,8 +271,8 @@ print(f"(dlogits.T @ x).T takes {shapes['(dlogits.T @ x).T'].ratio:.2f}x the tim
 # %% [markdown]
 # If the ratio printed above is well below 1, the CPU's matmul library handles the second
 # arrangement better on your machine. `MoELayer`'s router computes its weight gradient that
-# way when it has fewer than 16 experts (`moe_course.moe.router_matmul`), and its forward
-# product gets the same treatment: x @ w reads the weight as the transpose of a contiguous
+# way when it has fewer than 16 experts (`moe_course.fast.router_matmul`, while the fast path
+# is on), and its forward product gets the same treatment: x @ w reads the weight as the transpose of a contiguous
 # (E, D) copy. Such savings are small next to the whole layer, but the gap to the dense
 # layer is made of such pieces. A matmul's speed depends on its shapes and memory layout,
 # not only on its FLOPs: when a product is slow, try it the other way round.
@@ -325,7 +341,7 @@ print("the router's product runs " + ("slower" if slower else "no slower") + " p
 
 # %%
 from moe_course.moe import MoEConfig, MoELayer
-from moe_course.parallel import expert_order, expert_threads, worth_threading
+from moe_course.fast import expert_order, expert_threads, worth_threading
 
 torch.manual_seed(0)
 layer = MoELayer(MoEConfig(d_model=128, d_ff=512, num_experts=64))
@@ -374,13 +390,13 @@ else:
 #
 # ## Why the one-hot chart is expensive: memory
 #
-# `moe_course.memory.peak_bytes` records every tensor a piece of code creates and reports
+# `moe_course.bench.memory.peak_bytes` records every tensor a piece of code creates and reports
 # the most that were alive at once. We run the forward and backward pass of one layer's
 # dispatch, one-hot versus sorted, first with more experts at a fixed number of slots C,
 # then with more slots at a fixed number of experts.
 
 # %%
-from moe_course.memory import peak_bytes
+from moe_course.bench.memory import peak_bytes
 from moe_course.routing import switch_routing
 
 
@@ -440,8 +456,10 @@ memory.pivot_table(index=["sweep", "x"], columns="method", values="MiB", sort=Fa
 #   and no empty slots; a loop with masks pays per expert; one-hot dispatch pays N × E × C
 #   in memory, and in time wherever that chart is large. Which one wins depends on the sizes
 #   and the machine: the ranking of your run says it, not a table from someone else's.
-# - All of them compute the same function, gradients included; `MoELayer` uses one of them
-#   by default (`DEFAULT_METHOD`), and the verdict above says how it fared in your run.
+# - All of them compute the same function, gradients included. `MoELayer` computes the
+#   readable `sort_dispatch`, by default through the fast path (`DEFAULT_METHOD`, from
+#   `moe_course.fast`; `fast.enabled(False)` runs the readable code), and the verdict above
+#   says how the default fared in your run.
 # - Many small expert blocks can run faster one core each (expert parallelism) than with
 #   every core squeezed into each small matmul; the last verdict says whether they did.
 #

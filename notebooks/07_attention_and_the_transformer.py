@@ -49,7 +49,7 @@ import seaborn as sns
 import torch
 
 from moe_course import seed_everything
-from moe_course.plots import use_course_style
+from moe_course.figures.plots import use_course_style
 
 # ---- the one knob of this lesson -------------------------------------------
 # 1 trains a 2-block GPT of width 64 on 48 characters of context for 300 steps, in
@@ -190,7 +190,7 @@ show_source(Block.forward)
 # weights with the embedding). Here is the one we will train.
 
 # %%
-from moe_course.corpus import Corpus, CorpusConfig
+from moe_course.data.corpus import Corpus, CorpusConfig
 
 corpus = Corpus(CorpusConfig())  # the clinic's library: records and skills, made from a seed
 STEPS = 300 * SCALE
@@ -251,7 +251,7 @@ pd.DataFrame([{"domain": dom, "sample": corpus.sample(dom, rng=rng).text.strip()
 # %%
 import math
 
-from moe_course.lm import LMTask, complete
+from moe_course.training.lm import LMTask, complete
 from moe_course.training import TrainConfig, train
 
 task = LMTask(corpus, block_size=config.block_size, eval_rows=64, eval_chunk=32)

@@ -31,7 +31,7 @@
 # %%
 import torch
 
-from moe_course.clinic import make_clinic
+from moe_course.data.clinic import make_clinic
 
 clinic = make_clinic(num_specialties=4, seed=0)
 clinic.train.specialty[:12]  # the specialty of the first 12 patients: ids 0 .. 3

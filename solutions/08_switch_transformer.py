@@ -45,6 +45,13 @@ from moe_course.transformer import Block, GPTConfig
 #
 # Build it from the parts; calling `block(x)` itself is not allowed (that is the
 # package's answer).
+#
+# *Hints.* Each step is one line. `block.ffn(h)` returns a `MoEOutput`, not a tensor: the
+# experts' answer is its `.y` (the same shape as `h`) and the loss to return is its
+# `.router_loss` (already weighted; not `.aux_loss`, which is the unweighted balance loss). Both halves of a
+# pre-norm block read a *normalised copy* of the stream and add their result to the stream
+# itself. If the check says the stream is wrong, compare your two norms: `ln_1` belongs to
+# attention, `ln_2` to the Switch layer.
 
 # %%
 def switch_block_forward(block: Block, x: torch.Tensor):
@@ -84,6 +91,14 @@ check("8.1", switch_block_forward)
 #
 # `config.n_layers` blocks; `config.moe_layers` lists the Switch blocks (with
 # `moe_every=2` only every second block is one); `config.num_experts` is E.
+#
+# *Hints.* Count the parts that every block has (attention, two norms) once per block, the
+# embedding and the final norm once; then the feed-forward parts: a dense block holds one FFN,
+# a Switch block E of them plus its router. For the active count a Switch block contributes
+# one expert and its router. FLOPs: every block pays attention and one FFN (a token visits one
+# expert); Switch blocks add the router's `2·D·E`; the head pays `2·D·V`. You can check your
+# parameter total yourself: it must equal `sum(p.numel() for p in GPT(config).parameters())`
+# (with `from moe_course.transformer import GPT`).
 
 # %%
 def lm_accounting(config: GPTConfig) -> dict:

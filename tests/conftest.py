@@ -20,7 +20,7 @@ def course_style():
     """The course's figure style for one test, and every figure closed after it."""
     import matplotlib.pyplot as plt
 
-    from moe_course.plots import use_course_style
+    from moe_course.figures.plots import use_course_style
 
     use_course_style()
     yield

@@ -2877,3 +2877,356 @@ for _ex_id, _rows in {
     ],
 }.items():
     MUTANTS.setdefault(_ex_id, []).extend(_rows)
+
+
+# -- 10.1 mixtral_gate -----------------------------------------------------------------
+def mix_softmax_all_no_renorm(router_logits, k):
+    values, index = torch.topk(torch.softmax(router_logits, -1), k, dim=-1)
+    return index, values
+
+
+def mix_raw_logits(router_logits, k):
+    values, index = torch.topk(router_logits, k, dim=-1)
+    return index, values
+
+
+def mix_sigmoid(router_logits, k):
+    values, index = torch.topk(router_logits, k, dim=-1)
+    return index, torch.sigmoid(values)
+
+
+def mix_softmax_of_probs(router_logits, k):
+    values, index = torch.topk(torch.softmax(router_logits, -1), k, dim=-1)
+    return index, torch.softmax(values, -1)
+
+
+def mix_smallest(router_logits, k):
+    values, index = torch.topk(router_logits, k, dim=-1, largest=False)
+    return index, torch.softmax(values, -1)
+
+
+def mix_detached(router_logits, k):
+    values, index = torch.topk(router_logits.detach(), k, dim=-1)
+    return index, torch.softmax(values, -1)
+
+
+def mix_swapped(router_logits, k):
+    values, index = torch.topk(router_logits, k, dim=-1)
+    return torch.softmax(values, -1), index
+
+
+def mix_softmax_over_tokens(router_logits, k):
+    values, index = torch.topk(router_logits, k, dim=-1)
+    return index, torch.softmax(values, 0)
+
+
+# -- 10.2 deepseek_gate ----------------------------------------------------------------
+def ds_bias_in_gates(router_logits, bias, k):
+    scores = torch.sigmoid(router_logits) + bias
+    index = torch.topk(scores, k, dim=-1).indices
+    chosen = scores.gather(-1, index)
+    return index, chosen / chosen.sum(-1, keepdim=True)
+
+
+def ds_no_bias(router_logits, bias, k):
+    scores = torch.sigmoid(router_logits)
+    values, index = torch.topk(scores, k, dim=-1)
+    return index, values / values.sum(-1, keepdim=True)
+
+
+def ds_no_renorm(router_logits, bias, k):
+    scores = torch.sigmoid(router_logits)
+    index = torch.topk(scores + bias, k, dim=-1).indices
+    return index, scores.gather(-1, index)
+
+
+def ds_softmax(router_logits, bias, k):
+    scores = torch.softmax(router_logits, -1)
+    index = torch.topk(scores + bias, k, dim=-1).indices
+    chosen = scores.gather(-1, index)
+    return index, chosen / chosen.sum(-1, keepdim=True)
+
+
+def ds_bias_on_logits(router_logits, bias, k):
+    scores = torch.sigmoid(router_logits + bias)
+    index = torch.topk(scores, k, dim=-1).indices
+    chosen = scores.gather(-1, index)
+    return index, chosen / chosen.sum(-1, keepdim=True)
+
+
+def ds_minus_bias(router_logits, bias, k):
+    scores = torch.sigmoid(router_logits)
+    index = torch.topk(scores - bias, k, dim=-1).indices
+    chosen = scores.gather(-1, index)
+    return index, chosen / chosen.sum(-1, keepdim=True)
+
+
+def ds_renorm_over_all(router_logits, bias, k):
+    scores = torch.sigmoid(router_logits)
+    index = torch.topk(scores + bias, k, dim=-1).indices
+    return index, scores.gather(-1, index) / scores.sum(-1, keepdim=True)
+
+
+def ds_mixtral_gates(router_logits, bias, k):
+    index = torch.topk(torch.sigmoid(router_logits) + bias, k, dim=-1).indices
+    return index, torch.softmax(router_logits.gather(-1, index), -1)
+
+
+# -- 10.3 bias_update ------------------------------------------------------------------
+def bu_flipped(bias, load, gamma):
+    load = load.float()
+    return bias + gamma * torch.sign(load - load.mean())
+
+
+def bu_proportional(bias, load, gamma):
+    load = load.float()
+    return bias + gamma * (load.mean() - load)
+
+
+def bu_step_only(bias, load, gamma):
+    load = load.float()
+    return gamma * torch.sign(load.mean() - load)
+
+
+def bu_no_gamma(bias, load, gamma):
+    load = load.float()
+    return bias + torch.sign(load.mean() - load)
+
+
+def bu_total(bias, load, gamma):
+    load = load.float()
+    return bias + gamma * torch.sign(load.sum() - load)
+
+
+def bu_ties_up(bias, load, gamma):
+    load = load.float()
+    return bias + gamma * torch.where(load > load.mean(), -1.0, 1.0)
+
+
+def bu_in_place(bias, load, gamma):
+    load = load.float()
+    bias += gamma * torch.sign(load.mean() - load)
+    return bias
+
+
+def bu_median(bias, load, gamma):
+    load = load.float()
+    return bias + gamma * torch.sign(load.median() - load)
+
+
+def bu_int_mean(bias, load, gamma):
+    return bias + gamma * torch.sign(load.mean() - load)
+
+
+# -- 10.4 shared_and_routed ------------------------------------------------------------
+def _routed_part(x, routed, expert_index, gates, gated=True, choices=None):
+    y = torch.zeros_like(x)
+    for j in range(expert_index.shape[1] if choices is None else choices):
+        for e in range(routed.num_experts):
+            rows = (expert_index[:, j] == e).nonzero(as_tuple=True)[0]
+            if rows.numel():
+                w = gates[rows, j, None] if gated else 1.0
+                y = y.index_add(0, rows, w * routed.expert_output(e, x[rows]))
+    return y
+
+
+def sr_no_shared(x, shared, routed, expert_index, gates):
+    return _routed_part(x, routed, expert_index, gates)
+
+
+def sr_shared_mean(x, shared, routed, expert_index, gates):
+    s = sum(shared.expert_output(i, x) for i in range(shared.num_experts)) / shared.num_experts
+    return s + _routed_part(x, routed, expert_index, gates)
+
+
+def sr_first_shared(x, shared, routed, expert_index, gates):
+    return shared.expert_output(0, x) + _routed_part(x, routed, expert_index, gates)
+
+
+def sr_ungated(x, shared, routed, expert_index, gates):
+    s = sum(shared.expert_output(i, x) for i in range(shared.num_experts))
+    return s + _routed_part(x, routed, expert_index, gates, gated=False)
+
+
+def sr_first_choice(x, shared, routed, expert_index, gates):
+    s = sum(shared.expert_output(i, x) for i in range(shared.num_experts))
+    return s + _routed_part(x, routed, expert_index, gates, choices=1)
+
+
+def sr_gated_shared(x, shared, routed, expert_index, gates):
+    s = sum(shared.expert_output(i, x) for i in range(shared.num_experts))
+    return gates[:, :1] * s + _routed_part(x, routed, expert_index, gates)
+
+
+def sr_residual(x, shared, routed, expert_index, gates):
+    s = sum(shared.expert_output(i, x) for i in range(shared.num_experts))
+    return x + s + _routed_part(x, routed, expert_index, gates)
+
+
+def sr_only_shared(x, shared, routed, expert_index, gates):
+    return sum(shared.expert_output(i, x) for i in range(shared.num_experts))
+
+
+# -- 10.5 upcycle ------------------------------------------------------------------------
+def _up_config(ffn, num_experts, top_k, **kw):
+    from moe_course.moe import MoEConfig
+
+    base = dict(top_k=top_k, router="top_k", capacity_factor=None, activation=ffn.activation)
+    base.update(kw)
+    return MoEConfig(ffn.d_model, ffn.d_ff, num_experts, **base)
+
+
+def up_no_copy(ffn, num_experts, top_k):
+    from moe_course.moe import MoELayer
+
+    return MoELayer(_up_config(ffn, num_experts, top_k))
+
+
+def up_first_expert_only(ffn, num_experts, top_k):
+    from moe_course.moe import MoELayer
+
+    layer = MoELayer(_up_config(ffn, num_experts, top_k))
+    with torch.no_grad():
+        layer.experts.w_in[0].copy_(ffn.fc_in.weight.T)
+        layer.experts.w_out[0].copy_(ffn.fc_out.weight.T)
+        layer.experts.b_in[0].copy_(ffn.fc_in.bias)
+        layer.experts.b_out[0].copy_(ffn.fc_out.bias)
+        if ffn.fc_gate is not None:
+            layer.experts.w_gate[0].copy_(ffn.fc_gate.weight.T)
+            layer.experts.b_gate[0].copy_(ffn.fc_gate.bias)
+    return layer
+
+
+def up_no_biases(ffn, num_experts, top_k):
+    from moe_course.moe import MoELayer
+
+    layer = MoELayer(_up_config(ffn, num_experts, top_k))
+    with torch.no_grad():
+        layer.experts.w_in.copy_(ffn.fc_in.weight.T.expand_as(layer.experts.w_in))
+        layer.experts.w_out.copy_(ffn.fc_out.weight.T.expand_as(layer.experts.w_out))
+        if ffn.fc_gate is not None:
+            layer.experts.w_gate.copy_(ffn.fc_gate.weight.T.expand_as(layer.experts.w_gate))
+    return layer
+
+
+def up_switch_gate(ffn, num_experts, top_k):
+    from moe_course.moe import MoELayer
+
+    if top_k == 1:
+        layer = MoELayer(_up_config(ffn, num_experts, 1, router="switch"))
+    else:
+        layer = MoELayer(_up_config(ffn, num_experts, top_k))
+    layer.experts.copy_feed_forward_(ffn)
+    return layer
+
+
+def up_raw_gates(ffn, num_experts, top_k):
+    from moe_course.moe import MoELayer
+
+    layer = MoELayer(_up_config(ffn, num_experts, top_k, renormalize=False))
+    layer.experts.copy_feed_forward_(ffn)
+    return layer
+
+
+def up_zero_router(ffn, num_experts, top_k):
+    from moe_course.moe import MoELayer
+
+    layer = MoELayer(_up_config(ffn, num_experts, top_k))
+    layer.experts.copy_feed_forward_(ffn)
+    with torch.no_grad():
+        layer.w_router.zero_()
+    return layer
+
+
+def up_capacity(ffn, num_experts, top_k):
+    from moe_course.moe import MoELayer
+
+    layer = MoELayer(_up_config(ffn, num_experts, top_k, capacity_factor=1.0))
+    layer.experts.copy_feed_forward_(ffn)
+    return layer
+
+
+def up_shared_memory(ffn, num_experts, top_k):
+    from moe_course.moe import MoELayer
+
+    layer = MoELayer(_up_config(ffn, num_experts, top_k))
+    layer.experts.copy_feed_forward_(ffn)
+    e, d, f = layer.experts.w_in.shape
+    layer.experts.w_in = torch.nn.Parameter(ffn.fc_in.weight.T.expand(e, d, f))
+    return layer
+
+
+def up_gelu_always(ffn, num_experts, top_k):
+    from moe_course.moe import MoEConfig, MoELayer
+
+    layer = MoELayer(MoEConfig(ffn.d_model, ffn.d_ff, num_experts, top_k=top_k, router="top_k", capacity_factor=None))
+    if ffn.activation == "gelu":
+        layer.experts.copy_feed_forward_(ffn)
+    return layer
+
+
+def up_changes_ffn(ffn, num_experts, top_k):
+    from moe_course.moe import MoELayer
+
+    layer = MoELayer(_up_config(ffn, num_experts, top_k))
+    layer.experts.copy_feed_forward_(ffn)
+    with torch.no_grad():
+        ffn.fc_in.weight.mul_(0.5)  # "free" the dense model's memory by shrinking it
+    return layer
+
+
+MUTANTS.update({
+    "10.1": [
+        ("softmax over all E, no renormalising", mix_softmax_all_no_renorm, "the top-k of the softmax over all E experts"),
+        ("raw logits as gates", mix_raw_logits, "raw logits of the chosen experts"),
+        ("sigmoid of the chosen logits", mix_sigmoid, "you took a sigmoid of each chosen logit"),
+        ("softmax of the top probabilities", mix_softmax_of_probs, "a softmax of a softmax"),
+        ("the k smallest logits", mix_smallest, "you picked the k *smallest* logits"),
+        ("gates detached", mix_detached, "carry no gradient back to the logits"),
+        ("results swapped", mix_swapped, "the two results are swapped"),
+        ("softmax over the tokens", mix_softmax_over_tokens, "the softmax runs over the tokens (dim 0)"),
+    ],
+    "10.2": [
+        ("bias in the gates", ds_bias_in_gates, "the bias is in the gates"),
+        ("bias ignored", ds_no_bias, "the choice ignores the bias"),
+        ("no renormalising", ds_no_renorm, "the gates are not renormalised"),
+        ("softmax scores", ds_softmax, "you used a softmax where DeepSeek-V3 uses a sigmoid"),
+        ("bias on the logits", ds_bias_on_logits, "you added the bias to the logits before the sigmoid"),
+        ("bias subtracted", ds_minus_bias, "the bias is subtracted"),
+        ("renormalised over all experts", ds_renorm_over_all, "divided the chosen scores by the sum over *all* experts"),
+        ("Mixtral's gates", ds_mixtral_gates, "a softmax over the chosen logits (Mixtral's gate)"),
+    ],
+    "10.3": [
+        ("sign flipped", bu_flipped, "the sign is flipped"),
+        ("proportional step", bu_proportional, "the step is proportional to the difference"),
+        ("the step alone", bu_step_only, "you returned the step alone"),
+        ("no gamma", bu_no_gamma, "γ is missing"),
+        ("the total load", bu_total, "compared each load with the *total* load"),
+        ("ties move up", bu_ties_up, "an expert exactly at the mean load should keep its bias"),
+        ("in place", bu_in_place, "changed its input `bias`"),
+        ("the median", bu_median, "you compared with the median load"),
+        ("integer mean", bu_int_mean, "load holds integer counts (int64)"),
+    ],
+    "10.4": [
+        ("no shared experts", sr_no_shared, "the shared experts are missing"),
+        ("shared experts averaged", sr_shared_mean, "you averaged the shared experts"),
+        ("only shared expert 0", sr_first_shared, "only shared expert 0 is in"),
+        ("routed ungated", sr_ungated, "the routed outputs are not weighed by their gates"),
+        ("first choice only", sr_first_choice, "only each token's first choice is used"),
+        ("shared gated", sr_gated_shared, "the shared experts are weighed by the first gate"),
+        ("residual added", sr_residual, "you added the input x"),
+        ("shared only", sr_only_shared, "the routed experts are missing"),
+    ],
+    "10.5": [
+        ("experts not copied", up_no_copy, "is not a copy of the dense FFN"),
+        ("only expert 0 copied", up_first_expert_only, "are not copies of the dense FFN"),
+        ("biases not copied", up_no_biases, "the experts' b_in is not a copy"),
+        ("Switch's raw gate for top-1", up_switch_gate, "times p_max"),
+        ("raw top-k gates", up_raw_gates, "the gates are not renormalised"),
+        ("router zeroed", up_zero_router, "the router is all zeros"),
+        ("a capacity limit", up_capacity, "capacity_factor=1.0"),
+        ("shares memory with the FFN", up_shared_memory, "shares memory with the dense FFN"),
+        ("activation always gelu", up_gelu_always, "activation"),
+        ("changes the dense FFN", up_changes_ffn, "the dense FFN's fc_in.weight changed"),
+    ],
+})

@@ -1,4 +1,4 @@
-"""Tests of adaptive computation (moe_course.distributed.adaptive): top-p and null-expert routing."""
+"""Tests of adaptive computation (moe_course.variants.adaptive): top-p and null-expert routing."""
 
 from __future__ import annotations
 
@@ -7,10 +7,19 @@ import math
 import pytest
 import torch
 
-from moe_course.clinic import make_clinic
-from moe_course.distributed.adaptive import (AdaptiveMoE, AdaptiveMoEConfig, ClinicAdaptiveMoE, adaptive_balance_loss, blur_referrals,
-                                             compute_by_group, null_expert_routing, router_entropy, top_p_routing)
+from moe_course.data.clinic import make_clinic
 from moe_course.training import ClassificationTask, TrainConfig, train
+from moe_course.variants.adaptive import (
+    AdaptiveMoE,
+    AdaptiveMoEConfig,
+    ClinicAdaptiveMoE,
+    adaptive_balance_loss,
+    blur_referrals,
+    compute_by_group,
+    null_expert_routing,
+    router_entropy,
+    top_p_routing,
+)
 
 
 def _logits_of(probs: list[list[float]]) -> torch.Tensor:

@@ -6,13 +6,24 @@ import pandas as pd
 import pytest
 import torch
 
-from moe_course.approaches import (APPROACHES, CARDIOLOGISTS, DENSE, GATED, GENERALIST, ORACLE, TOP_1, TOP_2,
-                                   four_approaches, measure_flops_per_example, median_seed, paired_difference)
-from moe_course.clinic import make_clinic
+from moe_course.data.clinic import make_clinic
+from moe_course.experiments.approaches import (
+    APPROACHES,
+    CARDIOLOGISTS,
+    DENSE,
+    GATED,
+    GENERALIST,
+    ORACLE,
+    TOP_1,
+    TOP_2,
+    four_approaches,
+    measure_flops_per_example,
+    median_seed,
+    paired_difference,
+)
 from moe_course.experts import FeedForward
 from moe_course.flops import matmul_flops
-from moe_course.mixture import dense_mixture_flops
-from moe_course.routed import routed_mixture_flops
+from moe_course.mixture import dense_mixture_flops, routed_mixture_flops
 from moe_course.training import TrainConfig
 
 
@@ -94,6 +105,7 @@ def test_gated_models_are_watched_while_they_train(tiny):
         assert result.counts[(approach, seed)].shape == (3, 2, 2)  # (evaluations, S, E)
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_the_numbers_do_not_depend_on_the_number_of_workers(tiny):
     clinic, result = tiny
     again = four_approaches(clinic, CONFIG, num_experts=2, d_ff=4, seeds=(1,), track_every=10, workers=2, progress=False)

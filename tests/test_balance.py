@@ -3,20 +3,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_course.balance import (
-    ClinicRun,
-    LoadTracker,
-    batch_loads,
-    capacity_sweep,
-    evaluate_capacity,
-    load_stats,
-    overflow_share,
-    run_clinic_moes,
-)
-from moe_course.clinic import make_clinic
+from moe_course.analysis.load import LoadTracker, batch_loads, evaluate_capacity, load_stats, overflow_share
+from moe_course.data.clinic import make_clinic
+from moe_course.experiments.balance import ClinicRun, capacity_sweep, run_clinic_moes
+from moe_course.mixture import RoutedMixture, RoutedMixtureConfig
 from moe_course.models import ClinicMoE
 from moe_course.moe import MoEConfig
-from moe_course.routed import RoutedMixture, RoutedMixtureConfig
 from moe_course.training import ClassificationTask, TrainConfig, train
 
 
@@ -85,6 +77,7 @@ def test_capacity_sweep_trains_one_model_per_factor(clinic):
     assert set(models) == {0.5, 2.0, None} and models[0.5].moe.config.capacity_factor == 0.5
 
 
+@pytest.mark.slow  # spawns worker processes
 def test_run_clinic_moes_gives_the_same_models_in_workers_as_in_process(clinic):
     runs = [ClinicRun("plain", MoEConfig(d_model=8, d_ff=8, num_experts=3), seed=s) for s in (0, 1)]
     config = TrainConfig(steps=12, batch_size=32, eval_every=6)

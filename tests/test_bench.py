@@ -80,7 +80,7 @@ def test_command_line_writes_json(tmp_path):
 
 def test_paired_times_cancels_a_slow_spell_that_hits_both_halves_of_a_pair(monkeypatch):
     """A fake clock: the candidate costs 2 units, the baseline 1, and every other pair runs 5x slower."""
-    import moe_course.bench as bench
+    import moe_course.bench.benchmark as bench
 
     clock = {"now": 0.0, "slow": 1.0}
     calls = []
@@ -101,7 +101,7 @@ def test_paired_times_cancels_a_slow_spell_that_hits_both_halves_of_a_pair(monke
 
 
 def test_paired_times_rejects_a_missing_baseline():
-    import moe_course.bench as bench
+    import moe_course.bench.benchmark as bench
 
     with pytest.raises(ValueError, match="baseline 'dense' is not among"):
         bench.paired_times({"a": lambda: None}, baseline="dense")

@@ -1,13 +1,13 @@
-"""Tests for moe_course.clinic: the synthetic patients and their interfering rules."""
+"""Tests for moe_course.data.clinic: the synthetic patients and their interfering rules."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from moe_course.clinic import SPECIALTY_NAMES, Clinic, Patients, make_clinic
+from moe_course.data.clinic import SPECIALTY_NAMES, Clinic, Patients, make_clinic
+from moe_course.experiments.specialists import train_specialists
 from moe_course.experts import FeedForward
-from moe_course.specialists import train_specialists
 from moe_course.training import ClassificationTask, TrainConfig, train
 
 

@@ -1,4 +1,4 @@
-"""Tests for moe_course.corpus: the multi-domain character corpus."""
+"""Tests for moe_course.data.corpus: the multi-domain character corpus."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from moe_course.corpus import (
+from moe_course.data.corpus import (
     ANSWER_DOMAINS,
     BASE_CHARS,
     DOMAINS,
@@ -237,11 +237,39 @@ def test_text_file_errors_are_clear(tmp_path):
     "kwargs,words",
     [({"num_facts": 0}, "num_facts"), ({"num_facts": 91}, "at most 90 facts"), ({"num_facts": 901, "id_digits": 3}, "at most 900"), ({"num_wards": 17}, "num_wards"),
      ({"mix": {"gossip": 1.0}}, "unknown domain 'gossip'"), ({"mix": {"facts": -1.0}}, r"mix\['facts'\]"),
-     ({"mix": {"facts": 0.0}}, "sum to 0"), ({"max_word": 2}, "max_word"), ({"seed": -1}, "seed")],
+     ({"mix": {"facts": 0.0}}, "sum to 0"), ({"max_word": 2}, "max_word"), ({"seed": -1}, "seed"),
+     ({"fact_prompt": "patient: "}, "exactly one"), ({"fact_prompt": "#{} {}"}, "exactly one"), ({"fact_prompt": "#{}\n"}, "one line"),
+     ({"fact_prompt": "7{}: "}, "merge with the number"), ({"fact_prompt": "Patiënt {}: "}, "printable ASCII"),
+     ({"id_alphabet": "A"}, "at least 2 distinct"), ({"id_alphabet": "AA"}, "at least 2 distinct"), ({"id_alphabet": "A B"}, "other than spaces"),
+     ({"id_alphabet": "AB", "num_facts": 5}, "at most 4 facts"), ({"id_alphabet": "ABC", "num_facts": 5, "fact_prompt": "#{}A"}, "merge with the number")],
 )
 def test_corpus_config_rejects_bad_values(kwargs, words):
     with pytest.raises(ValueError, match=words):
         CorpusConfig(**kwargs)
+
+
+def test_fact_prompt_shapes_every_record():
+    short = Corpus(CorpusConfig(num_facts=300, id_digits=3, fact_prompt="#{}"))
+    assert short.fact_prompt(482) == "#482"
+    rng = random.Random(0)
+    for _ in range(20):
+        s = short.sample("facts", rng=rng)
+        patient = int(s.prompt.removeprefix("#"))
+        assert s.answer == short.facts[patient] + "\n" and s.prompt == short.fact_prompt(patient)
+    assert Corpus(CorpusConfig(num_facts=10)).fact_prompt(42) == "patient 42: "  # the default
+    assert short.facts == Corpus(CorpusConfig(num_facts=300, id_digits=3)).facts  # the prompt changes the text, not the table
+
+
+def test_patient_codes_from_an_alphabet():
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    coded = Corpus(CorpusConfig(num_facts=676, id_digits=2, id_alphabet=letters, fact_prompt="#{}"))
+    codes = {coded.patient_code(p) for p in coded.facts}
+    assert len(codes) == 676 and codes == {a + b for a in letters for b in letters}  # every code once
+    assert coded.patient_code(0) == "AA" and coded.patient_code(27) == "BB" and coded.fact_prompt(675) == "#ZZ"
+    s = coded.sample("facts", rng=random.Random(1))
+    assert len(s.prompt) == 3 and s.prompt[0] == "#" and s.prompt[1:].isupper()
+    assert CorpusConfig(id_alphabet="AB", id_digits=3, num_facts=8).max_facts == 8 and CorpusConfig(id_digits=3).max_facts == 900
+    assert Corpus(CorpusConfig(num_facts=10)).patient_code(42) == "42"
 
 
 def test_batch_rejects_bad_sizes(corpus: Corpus):

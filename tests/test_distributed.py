@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
-from moe_course.clinic import make_clinic
+from moe_course.data.clinic import make_clinic
 from moe_course.device import seed_everything
 from moe_course.distributed.launch import run_on_processes
 from moe_course.distributed.traffic import exchange_matrices, record_traffic, traffic_table
@@ -136,7 +136,7 @@ def _repo_root() -> Path:
 
 @pytest.mark.timeout(400)
 def test_torchrun_trains_the_switch_lm_with_the_loss_curve_of_one_process(tmp_path):
-    from moe_course.train import main as train_one
+    from moe_course.training.cli import main as train_one
 
     args = ["--model", "switch", "--experts", "4", "--capacity-factor", "none", "--d-model", "16", "--d-ff", "32", "--layers", "2",
             "--heads", "2", "--context", "16", "--batch-size", "8", "--eval-rows", "8", "--facts", "20", "--quiet", "--device", "cpu",
@@ -145,7 +145,7 @@ def test_torchrun_trains_the_switch_lm_with_the_loss_curve_of_one_process(tmp_pa
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(_repo_root()), *filter(None, [os.environ.get("PYTHONPATH")])])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "moe_course.distributed.train", *args, "--timeout", "60", "--out", str(tmp_path / "ep")]
+           "-m", "moe_course.train", *args, "--timeout", "60", "--out", str(tmp_path / "ep")]  # the command
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=300)
@@ -160,7 +160,7 @@ def test_torchrun_trains_the_switch_lm_with_the_loss_curve_of_one_process(tmp_pa
     assert all(d < 1e-4 for d in diff.values()), diff
     print("\ntorchrun vs one process, max |difference| per step: " + ", ".join(f"{k} {v:.1e}" for k, v in diff.items()))
 
-    from moe_course.train import load_run
+    from moe_course.training.cli import load_run
 
     a, _, _ = load_run(tmp_path / "one")
     b, _, saved = load_run(tmp_path / "ep")  # every expert gathered into one checkpoint

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_course.clinic import make_clinic
-from moe_course.ensembles import (
+from moe_course.data.clinic import make_clinic
+from moe_course.experiments.ensembles import (
     Ensemble,
     average_probs,
     bias_variance_by_size,

@@ -168,3 +168,68 @@ def test_experts_expert_output_names_bad_inputs():
         ex.expert_output(2, torch.randn(3, 4))
     with pytest.raises(ValueError, match=r"shape \(N, 4\)"):
         ex.expert_output(0, torch.randn(3, 5))
+
+
+# -- SwiGLU (lesson 10) ------------------------------------------------------------
+
+
+def test_swiglu_feedforward_is_silu_gate_times_up_projection():
+    torch.manual_seed(0)
+    m = FeedForward(6, 10, activation="swiglu", bias=False)
+    x = torch.randn(4, 6)
+    want = (F.silu(x @ m.fc_gate.weight.T) * (x @ m.fc_in.weight.T)) @ m.fc_out.weight.T
+    torch.testing.assert_close(m(x), want)
+    torch.testing.assert_close(feed_forward(x, m.fc_in.weight.T, None, m.fc_out.weight.T, None, "swiglu", m.fc_gate.weight.T), want)
+    assert FeedForward(6, 10).fc_gate is None and m.gated
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_swiglu_param_and_flop_counts_match_the_module_and_the_counter(bias):
+    from moe_course.flops import measure_flops_per_example
+
+    m = FeedForward(8, 12, activation="swiglu", bias=bias)
+    assert count_parameters(m) == ffn_param_count(8, 12, bias, "swiglu") == 3 * 8 * 12 + (2 * 12 + 8 if bias else 0)
+    assert measure_flops_per_example(m, torch.randn(5, 8)) == ffn_flops(1, 8, 12, "swiglu") == 6 * 8 * 12
+    assert ffn_flops(1, 8, 12, "swiglu") == 3 * ffn_flops(1, 8, 12) // 2
+
+
+def test_a_plain_ffn_draws_the_same_weights_as_before_gating_existed():
+    """The gate is made last, so adding it changed no seeded plain FFN or Experts (lessons keep their numbers)."""
+    torch.manual_seed(3)
+    plain = FeedForward(4, 6)
+    torch.manual_seed(3)
+    gated = FeedForward(4, 6, activation="swiglu")
+    torch.testing.assert_close(plain.fc_in.weight, gated.fc_in.weight)
+    torch.testing.assert_close(plain.fc_out.weight, gated.fc_out.weight)
+    torch.manual_seed(3)
+    a = Experts(3, 4, 6, init_scale=0.1)
+    torch.manual_seed(3)
+    b = Experts(3, 4, 6, init_scale=0.1, activation="swiglu")
+    torch.testing.assert_close(a.w_in, b.w_in)
+    torch.testing.assert_close(a.w_out, b.w_out)
+    assert a.w_gate is None and b.w_gate.shape == (3, 4, 6) and b.b_gate.shape == (3, 6)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_swiglu_experts_expert_output_and_forward_are_one_gated_ffn(bias):
+    torch.manual_seed(0)
+    experts = Experts(3, 6, 10, activation="swiglu", bias=bias)
+    x = torch.randn(5, 6)
+    every = experts(x)  # (E, N, D)
+    for e in range(3):
+        pre = x @ experts.w_in[e] + (experts.b_in[e] if bias else 0)
+        gate = x @ experts.w_gate[e] + (experts.b_gate[e] if bias else 0)
+        want = (F.silu(gate) * pre) @ experts.w_out[e] + (experts.b_out[e] if bias else 0)
+        torch.testing.assert_close(experts.expert_output(e, x), want)
+        torch.testing.assert_close(every[e], want)
+
+
+def test_copy_feed_forward_copies_a_swiglu_ffn_and_refuses_a_different_activation():
+    torch.manual_seed(0)
+    ffn = FeedForward(6, 10, activation="swiglu")
+    experts = Experts.from_feed_forward(ffn, 4)
+    x = torch.randn(7, 6)
+    for e in range(4):
+        torch.testing.assert_close(experts.expert_output(e, x), ffn(x))
+    with pytest.raises(ValueError, match="activation 'gelu' cannot be copied into experts with activation 'swiglu'"):
+        experts.copy_feed_forward_(FeedForward(6, 10))

@@ -130,3 +130,28 @@ def test_sorted_experts_keeps_its_activations_with_save_for_backward(monkeypatch
     assert ctx.arrangement == ("batched" if all_rows else "blocked")
     # xs, gate, w_in, w_out, token, expert, inverse; then pre, h, out of all rows (batched) or per busy expert (blocked)
     assert len(ctx.saved_tensors) == 7 + (3 if all_rows else 3 * busy)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_swiglu_experts_run_the_readable_dispatch_with_the_gradients_autograd_gives(bias):
+    """The fast ops know two matrices per expert; gated (SwiGLU) experts must fall back, with every gradient right."""
+    torch.manual_seed(0)
+    experts = Experts(4, 8, 16, activation="swiglu", bias=bias)
+    x = _x(30, 8)
+    expert_index, gates, keep = _routing()
+    assert not fast.applies(x, experts.w_in, gates, activation="swiglu")
+
+    def by_autograd(x, experts, expert_index, gates, keep):  # token by token through expert_output, plain autograd
+        y = torch.zeros_like(x)
+        for n in range(x.shape[0]):
+            for j in range(expert_index.shape[1]):
+                if keep[n, j]:
+                    y = y.index_add(0, torch.tensor([n]), gates[n, j] * experts.expert_output(int(expert_index[n, j]), x[n : n + 1]))
+        return y
+
+    want = outputs_and_grads(by_autograd, x, experts, expert_index, gates, keep)
+    assert len(want) == 3 + (6 if bias else 3)  # y, x, gates and every parameter, the gate's too
+    for name in ("sort_split", "grouped_mm", "masks_loop", "padded_bmm", "onehot_einsum"):
+        got = outputs_and_grads(METHODS[name], x, experts, expert_index, gates, keep)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")

@@ -31,6 +31,27 @@ downloaded. Conventions mapped here:
   compare the routing and the combination. Mixtral's
   ``load_balancing_loss_func`` divides counts of all K choices by N (not
   N·K): its value is K times ours.
+
+Modern blocks (lesson 10), all with OUR SwiGLU experts (``activation="swiglu"``,
+``bias=False``) holding their weights: their stacked ``gate_up_proj`` (E, 2F, D)
+is [W_gate; W_in] row-wise (the first F rows gate), so ``w_gate[e] =
+gate_up_proj[e, :F].T``, ``w_in[e] = gate_up_proj[e, F:].T`` and ``w_out[e] =
+down_proj[e].T``. A shared MLP of width K_s·F is K_s of our shared experts of
+width F (hidden units s·F..(s+1)·F each: a SwiGLU of concatenated units is the
+sum of the parts).
+
+* ``MixtralSparseMoeBlock`` with our experts: router "mixtral" or "top_k".
+* ``DeepseekV3MoE``: sigmoid scores, ``e_score_correction_bias`` = our
+  ``expert_bias`` (selection only), ``norm_topk_prob`` = our ``renormalize``;
+  ``routed_scaling_factor`` set to 1 and one expert group (``n_group=1``,
+  ``topk_group=1``): group-limited routing and the scaling factor are not in
+  our layer. Their top-k is unsorted, so indices are compared as sets.
+* ``Qwen2MoeSparseMoeBlock``: softmax top-k with ``norm_topk_prob`` False (our
+  renormalize=False), one shared expert behind a sigmoid gate (our
+  ``shared_expert_gate``); their ``load_balancing_loss_func`` over several
+  layers' logits is K times ours over all those tokens together.
+* ``OlmoeSparseMoeBlock`` (64 experts, top-8 in the paper): softmax top-k,
+  raw or renormalised gates.
 """
 
 from __future__ import annotations
@@ -43,8 +64,12 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 switch_mod = pytest.importorskip("transformers.models.switch_transformers.modeling_switch_transformers")
 mixtral_mod = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+deepseek_mod = pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
+qwen2_moe_mod = pytest.importorskip("transformers.models.qwen2_moe.modeling_qwen2_moe")
+olmoe_mod = pytest.importorskip("transformers.models.olmoe.modeling_olmoe")
 
 from moe_course.dispatch import sort_dispatch  # noqa: E402
+from moe_course.experts import Experts  # noqa: E402
 from moe_course.losses import load_balancing_loss, router_z_loss  # noqa: E402
 from moe_course.moe import MoEConfig, MoELayer  # noqa: E402
 from moe_course.routing import top_k_routing  # noqa: E402
@@ -204,3 +229,136 @@ def test_hf_mixtral_block_equals_our_routing_and_combine_with_their_experts(k):
         # the same through the bare dispatch function
         routing = top_k_routing(x.reshape(-1, D) @ theirs.gate.weight.T, k)
         _close(sort_dispatch(x.reshape(-1, D), ours.experts, routing.expert_index, routing.gates).reshape(x.shape), want)
+
+
+# -- modern blocks with our SwiGLU experts (lesson 10) ---------------------------------------------
+
+
+def _copy_swiglu_experts(ours: Experts, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+    """Their stacked gate_up_proj (E, 2F, D) and down_proj (E, D, F) into our SwiGLU Experts."""
+    f = ours.d_ff
+    with torch.no_grad():
+        ours.w_gate.copy_(gate_up[:, :f, :].transpose(1, 2))  # (E, D, F)
+        ours.w_in.copy_(gate_up[:, f:, :].transpose(1, 2))  # (E, D, F)
+        ours.w_out.copy_(down.transpose(1, 2))  # (E, F, D)
+
+
+def _copy_shared_mlp(ours: Experts, mlp: nn.Module) -> None:
+    """Their one shared MLP of width K_s·F into our K_s shared experts of width F."""
+    f = ours.d_ff
+    with torch.no_grad():
+        for s in range(ours.num_experts):
+            rows = slice(s * f, (s + 1) * f)
+            ours.w_gate[s].copy_(mlp.gate_proj.weight[rows].T)
+            ours.w_in[s].copy_(mlp.up_proj.weight[rows].T)
+            ours.w_out[s].copy_(mlp.down_proj.weight[:, rows].T)
+
+
+@pytest.mark.parametrize("router", ["mixtral", "top_k"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_hf_mixtral_block_equals_our_layer_with_our_swiglu_experts(router, k):
+    config = transformers.MixtralConfig(hidden_size=D, intermediate_size=F_, num_local_experts=E, num_experts_per_tok=k, router_jitter_noise=0.0)
+    theirs = mixtral_mod.MixtralSparseMoeBlock(config).eval()
+    _randomise(theirs, 11)
+    ours = MoELayer(MoEConfig(D, F_, E, top_k=k, router=router, activation="swiglu", bias=False)).eval()
+    with torch.no_grad():
+        ours.w_router.copy_(theirs.gate.weight.T)
+    _copy_swiglu_experts(ours.experts, theirs.experts.gate_up_proj, theirs.experts.down_proj)
+    x = torch.randn(2, 7, D, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        _close(ours(x).y, theirs(x.clone()))
+
+
+
+def _deepseek_pair(k: int, shared: int, renormalize: bool, seed: int = 0, num_experts: int = 8):
+    config = transformers.DeepseekV3Config(hidden_size=D, moe_intermediate_size=F_, n_routed_experts=num_experts, num_experts_per_tok=k,
+                                           n_shared_experts=shared, n_group=1, topk_group=1, norm_topk_prob=renormalize,
+                                           routed_scaling_factor=1.0, hidden_act="silu")
+    theirs = deepseek_mod.DeepseekV3MoE(config).eval()
+    _randomise(theirs, seed)
+    bias = torch.randn(num_experts, generator=torch.Generator().manual_seed(seed + 100)) * 0.3
+    ours = MoELayer(MoEConfig(D, F_, num_experts, top_k=k, router="sigmoid", renormalize=renormalize, num_shared_experts=shared,
+                              activation="swiglu", bias=False)).eval()
+    with torch.no_grad():
+        theirs.gate.e_score_correction_bias.copy_(bias)
+        ours.expert_bias.copy_(bias)
+        ours.w_router.copy_(theirs.gate.weight.T)
+    _copy_swiglu_experts(ours.experts, theirs.experts.gate_up_proj, theirs.experts.down_proj)
+    _copy_shared_mlp(ours.shared_experts, theirs.shared_experts)
+    return theirs, ours
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_hf_deepseek_v3_gate_selects_by_score_plus_bias_and_weighs_by_score(renormalize):
+    theirs, ours = _deepseek_pair(k=3, shared=1, renormalize=renormalize, seed=13)
+    x = torch.randn(2, 9, D, generator=torch.Generator().manual_seed(14))
+    with torch.no_grad():
+        logits, weights, indices = theirs.gate(x)
+        out = ours(x)
+        _close(out.router_logits, logits)
+        # their top-k is unsorted: compare each token's chosen set, and the weight of each chosen expert
+        assert torch.equal(out.expert_index.sort(-1).values, indices.sort(-1).values)
+        _close(torch.zeros(18, 8).scatter(-1, out.expert_index, out.gates), torch.zeros(18, 8).scatter(-1, indices, weights))
+        unbiased = torch.sigmoid(out.router_logits).topk(3, dim=-1).indices.sort(-1).values  # the bias really moved some choices
+        assert not torch.equal(out.expert_index.sort(-1).values, unbiased)
+
+
+@pytest.mark.parametrize("shared", [1, 2])
+def test_hf_deepseek_v3_moe_block_equals_our_layer_with_shared_experts(shared):
+    theirs, ours = _deepseek_pair(k=2, shared=shared, renormalize=True, seed=15)
+    x = torch.randn(2, 8, D, generator=torch.Generator().manual_seed(16))
+    with torch.no_grad():
+        _close(ours(x).y, theirs(x.clone()))
+
+
+def _qwen2_pair(k: int, shared: int, renormalize: bool, seed: int):
+    config = transformers.Qwen2MoeConfig(hidden_size=D, moe_intermediate_size=F_, shared_expert_intermediate_size=shared * F_, num_experts=E,
+                                         num_experts_per_tok=k, norm_topk_prob=renormalize, hidden_act="silu")
+    theirs = qwen2_moe_mod.Qwen2MoeSparseMoeBlock(config).eval()
+    _randomise(theirs, seed)
+    ours = MoELayer(MoEConfig(D, F_, E, top_k=k, router="top_k", renormalize=renormalize, num_shared_experts=shared,
+                              shared_expert_gate=True, activation="swiglu", bias=False)).eval()
+    with torch.no_grad():
+        ours.w_router.copy_(theirs.gate.weight.T)
+        ours.w_shared_gate.copy_(theirs.shared_expert_gate.weight.T)  # (D, 1)
+    _copy_swiglu_experts(ours.experts, theirs.experts.gate_up_proj, theirs.experts.down_proj)
+    _copy_shared_mlp(ours.shared_experts, theirs.shared_expert)
+    return theirs, ours
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("shared", [1, 2])
+def test_hf_qwen2_moe_block_with_a_gated_shared_expert_equals_our_layer(renormalize, shared):
+    theirs, ours = _qwen2_pair(k=2, shared=shared, renormalize=renormalize, seed=17)
+    x = torch.randn(2, 8, D, generator=torch.Generator().manual_seed(18))
+    with torch.no_grad():
+        _close(ours(x).y, theirs(x.clone()))
+        _, weights, indices = theirs.gate(x.reshape(-1, D))
+        out = ours(x)
+        assert torch.equal(out.expert_index, indices)
+        _close(out.gates, weights)
+
+
+def test_hf_qwen2_moe_balance_loss_over_layers_is_k_times_ours_over_all_their_tokens():
+    g = torch.Generator().manual_seed(19)
+    layers = tuple(torch.randn(12, E, generator=g) for _ in range(3))  # (N, E) per layer
+    theirs = qwen2_moe_mod.load_balancing_loss_func(layers, E, top_k=2)
+    every = torch.cat(layers)  # (3·N, E)
+    routing = top_k_routing(every, 2)
+    _close(2 * load_balancing_loss(routing.router_probs, routing.expert_index), theirs)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_hf_olmoe_block_equals_our_layer(renormalize):
+    num_experts, k = 16, 4
+    config = transformers.OlmoeConfig(hidden_size=D, intermediate_size=F_, num_experts=num_experts, num_experts_per_tok=k,
+                                      norm_topk_prob=renormalize, hidden_act="silu")
+    theirs = olmoe_mod.OlmoeSparseMoeBlock(config).eval()
+    _randomise(theirs, 20)
+    ours = MoELayer(MoEConfig(D, F_, num_experts, top_k=k, router="top_k", renormalize=renormalize, activation="swiglu", bias=False)).eval()
+    with torch.no_grad():
+        ours.w_router.copy_(theirs.gate.weight.T)
+    _copy_swiglu_experts(ours.experts, theirs.experts.gate_up_proj, theirs.experts.down_proj)
+    x = torch.randn(3, 5, D, generator=torch.Generator().manual_seed(21))
+    with torch.no_grad():
+        _close(ours(x).y, theirs(x.clone()))

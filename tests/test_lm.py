@@ -1,4 +1,4 @@
-"""Tests for moe_course.lm: the language-model task, per-domain bookkeeping, resume with a Switch LM."""
+"""Tests for moe_course.training.lm: the language-model task, per-domain bookkeeping, resume with a Switch LM."""
 
 from __future__ import annotations
 
@@ -8,9 +8,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_course.corpus import Corpus, CorpusConfig, LMBatch
-from moe_course.lm import LMTask, complete, evaluate_lm, exact_match_by_domain, loss_by_domain, token_losses
+from types import SimpleNamespace
+
+from torch import nn
+
+from moe_course.data.corpus import Corpus, CorpusConfig, LMBatch
 from moe_course.training import TrainConfig, train
+from moe_course.training.lm import (
+    LMTask,
+    complete,
+    evaluate_lm,
+    exact_match_by_domain,
+    fact_recall,
+    loss_by_domain,
+    token_losses,
+    without_dropping,
+)
 from moe_course.transformer import GPT, GPTConfig
 
 
@@ -76,8 +89,9 @@ def test_evaluation_per_domain_adds_up_to_the_overall_loss(corpus: Corpus):
     ev = task.evaluation(model)
     metrics = ev.as_dict()
     h = task.held_out
+    dropless = without_dropping(model)  # evaluation never drops tokens
     with torch.no_grad():
-        logits = torch.cat([model(h.x[i : i + 8]).logits for i in range(0, 24, 8)])
+        logits = torch.cat([dropless(h.x[i : i + 8]).logits for i in range(0, 24, 8)])
     tl = token_losses(logits, h.y)
     assert metrics["val_loss"] == pytest.approx(tl.mean().item(), rel=1e-5)
     weighted = sum(metrics[f"val_loss_{d}"] * int((h.domain == i).sum()) for i, d in enumerate(corpus.domains))
@@ -85,10 +99,98 @@ def test_evaluation_per_domain_adds_up_to_the_overall_loss(corpus: Corpus):
     for i, d in enumerate(corpus.domains):
         assert metrics[f"val_loss_{d}"] == pytest.approx(tl[h.domain == i].mean().item(), rel=1e-5)
     assert {f"val_exact_{d}" for d in ("facts", "arithmetic", "reversal", "sorting", "brackets")} <= set(metrics)
-    assert "val_exact_grammar" not in metrics
+    assert "val_exact_grammar" not in metrics and "val_answer_loss_grammar" not in metrics
+    for i, d in enumerate(corpus.domains):  # the answer loss: answer characters only
+        if d != "grammar":
+            assert metrics[f"val_answer_loss_{d}"] == pytest.approx(tl[(h.domain == i) & h.answer].mean().item(), rel=1e-5)
     assert 0.0 <= metrics["val_dropped"] < 1.0 and metrics["val_balance"] >= 1.0 - 1e-6
     assert len(ev.dropped) == len(ev.balance) == 2
     assert "val_dropped" not in task.evaluate(_model(corpus), torch.device("cpu"))
+
+
+def test_evaluation_is_dropless_and_counts_what_the_capacity_would_turn_away(corpus: Corpus):
+    model = _model(corpus, ffn="switch", num_experts=4, capacity_factor=0.5)
+    h = corpus.held_out(16, 32)
+    judged = evaluate_lm(model, h, corpus.domains, chunk=8)
+    as_is = evaluate_lm(model, h, corpus.domains, chunk=8, dropless=False)
+    assert judged.dropped == as_is.dropped and min(judged.dropped) > 0.3  # half the slots: many tokens over capacity
+    assert judged.loss != pytest.approx(as_is.loss, rel=1e-4)
+    free = _model(corpus, ffn="switch", num_experts=4, capacity_factor=None)
+    free.load_state_dict(model.state_dict())
+    assert judged.loss == pytest.approx(evaluate_lm(free, h, corpus.domains, chunk=8).loss, rel=1e-6)
+    assert model.config.capacity_factor == 0.5  # the model itself is left as it was
+
+
+def test_without_dropping_copies_only_models_that_can_drop(corpus: Corpus):
+    dense, free = _model(corpus), _model(corpus, ffn="switch", num_experts=4, capacity_factor=None)
+    assert without_dropping(dense) is dense and without_dropping(free) is free
+    capped = _model(corpus, ffn="switch", num_experts=4, capacity_factor=1.0)
+    copy = without_dropping(capped)
+    assert copy is not capped and copy.config.capacity_factor is None and not copy.training
+    assert all(torch.equal(a, b) for a, b in zip(copy.state_dict().values(), capped.state_dict().values()))
+    x = corpus.held_out(4, 32).x
+    with torch.no_grad():
+        assert int(copy(x).moe[0].num_dropped) == 0
+        # a row's answer does not depend on which rows share the call
+        assert torch.allclose(copy(x[:1]).logits, copy(x).logits[:1], atol=1e-5)
+
+
+class _Oracle(nn.Module):
+    """Writes every record's text, except the first answer character of the patients it does not know."""
+
+    def __init__(self, corpus: Corpus, known: set[int], confidence: float = 5.0) -> None:
+        super().__init__()
+        self.corpus, self.known, self.confidence = corpus, known, confidence
+        self.config = SimpleNamespace(block_size=32)
+        self.anchor = nn.Parameter(torch.zeros(()))  # fact_recall reads the device from the parameters
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T = x.shape
+        logits = torch.zeros(B, T, self.corpus.vocab_size)
+        for b in range(B):
+            patient = int(self.corpus.decode(x[b])[1:].split(":")[0].removeprefix("patient "))
+            prompt = self.corpus.fact_prompt(patient)
+            row = "\n" + prompt + self.corpus.facts[patient] + "\n"
+            for t in range(T):
+                nxt = row[t + 1] if t + 1 < len(row) else "\n"
+                if t + 1 == 1 + len(prompt) and patient not in self.known:
+                    nxt = "~"  # a wrong first answer character
+                logits[b, t, self.corpus.encode(nxt)[0]] = self.confidence
+        return logits
+
+
+def test_fact_recall_asks_for_every_record_and_scores_its_answer(corpus: Corpus):
+    known = set(list(corpus.facts)[::3])
+    oracle = _Oracle(corpus, known)
+    table = fact_recall(oracle, corpus, chunk=7)
+    assert table.patients == tuple(corpus.facts) and table.recalled.shape == (40,)
+    assert table.known() == [p for p in corpus.facts if p in known]
+    assert table.recall == pytest.approx(len(known) / 40)
+    V, c = corpus.vocab_size, 5.0
+    right = -math.log(math.exp(c) / (math.exp(c) + V - 1))
+    wrong = -math.log(1 / (math.exp(c) + V - 1))
+    for p, loss in zip(table.patients, table.answer_loss.tolist()):
+        n = len(corpus.facts[p]) + 1  # the ward and the closing newline
+        expected = right if p in known else (wrong + (n - 1) * right) / n
+        assert loss == pytest.approx(expected, rel=1e-5)
+    assert table.loss == pytest.approx(float(table.answer_loss.mean()))
+
+
+def test_fact_recall_is_what_greedy_decoding_writes(corpus: Corpus):
+    model = _model(corpus, ffn="switch", num_experts=2, capacity_factor=1.0)
+    task = LMTask(corpus, 32, eval_rows=8)
+    train(model, task, TrainConfig(steps=60, batch_size=16, eval_every=60, lr=1e-2), progress=False, device="cpu")
+    table = fact_recall(model, corpus)
+    free = without_dropping(model)
+    greedy = [complete(free, corpus, corpus.fact_prompt(p), max_new_tokens=8) == corpus.facts[p] + "\n" for p in corpus.facts]
+    assert table.recalled.tolist() == greedy
+    metrics = task.evaluate(model, torch.device("cpu"))
+    assert metrics["val_recall_facts"] == table.recall and metrics["val_table_loss_facts"] == pytest.approx(table.loss)
+    assert "val_recall_facts" not in LMTask(corpus, 32, eval_rows=8, table_recall=False).evaluate(model, torch.device("cpu"))
+    short = LMTask(corpus, 16, eval_rows=8)  # "patient 42: heart" does not fit in 16 characters: no table recall
+    assert not short.records_fit and "val_recall_facts" not in short.evaluate(model, torch.device("cpu"))
+    with pytest.raises(ValueError, match="block_size"):
+        fact_recall(_model(corpus, block_size=8), corpus)
 
 
 def test_training_on_the_corpus_lowers_the_held_out_loss(corpus: Corpus):
@@ -131,11 +233,11 @@ def test_task_rejects_bad_settings(corpus: Corpus):
         LMTask("text", 32)
 
 
-# --- looking inside the routing (moe_course.lm_routing) -------------------------------------
+# --- looking inside the routing (moe_course.analysis.lm_routing) -------------------------------------
 
 
 def test_routing_report_counts_every_token_once_per_layer(corpus: Corpus):
-    from moe_course.lm_routing import routing_report
+    from moe_course.analysis.lm_routing import routing_report
 
     model = _model(corpus, ffn="switch", num_experts=4, capacity_factor=1.0)
     batch = corpus.held_out(12, 32)
@@ -162,7 +264,7 @@ def test_routing_report_counts_every_token_once_per_layer(corpus: Corpus):
 
 
 def test_routing_tracker_records_shares_over_training(corpus: Corpus):
-    from moe_course.lm_routing import RoutingTracker
+    from moe_course.analysis.lm_routing import RoutingTracker
 
     task = LMTask(corpus, 32, eval_rows=8)
     tracker = RoutingTracker(task.held_out, corpus.domains, chunk=8)

@@ -1,4 +1,4 @@
-"""Tests for moe_course.lm_plots: the language-model figures draw what their inputs say."""
+"""Tests for moe_course.figures.lm_plots: the language-model figures draw what their inputs say."""
 
 from __future__ import annotations
 
@@ -13,16 +13,19 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from moe_course.lm_plots import (  # noqa: E402
+from moe_course.analysis.lm_routing import LayerRouting  # noqa: E402
+from moe_course.figures.lm_plots import (  # noqa: E402
     domain_bars,
+    knowledge_vs_parameters,
+    layer_name,
+    phone_book_bars,
     expert_share_over_training,
     experts_scaling,
     loss_curves,
     routing_heatmaps,
     routing_over_training,
 )
-from moe_course.lm_routing import LayerRouting  # noqa: E402
-from moe_course.plots import use_course_style  # noqa: E402
+from moe_course.figures.plots import use_course_style  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -95,7 +98,8 @@ def _layer(layer: int) -> LayerRouting:
 def test_routing_heatmaps_one_panel_per_layer_with_row_shares():
     fig = routing_heatmaps([_layer(0), _layer(1)], title="T")
     axes = [ax for ax in fig.axes if ax.get_title()]
-    assert len(axes) == 2 and axes[1].get_title().startswith("layer 1")
+    assert len(axes) == 2 and axes[1].get_title().startswith("layer 2")  # block index 1, named from 1 as in lesson 07
+    assert len(fig.axes) == 4  # each heatmap has its colour bar
     assert [t.get_text() for t in axes[0].texts] == ["90%", "10%", "0%", "0%", "50%", "50%"]
     assert f"{_layer(0).specialisation:.2f}" in axes[0].get_title()
     with pytest.raises(ValueError, match="at least one"):
@@ -116,3 +120,41 @@ def test_expert_share_and_routing_over_training():
     assert list(right.get_lines()[0].get_ydata()) == pytest.approx([0.2, 0.3])
     with pytest.raises(ValueError, match="empty"):
         expert_share_over_training(history.iloc[:0], title="T")
+
+
+def _phone_book_table() -> pd.DataFrame:
+    rows = []
+    for label, F, E, params, flops, acc in [("dense F=8", 8, 1, 1000, 1500, [0.2, 0.3]), ("Switch E=8", 8, 8, 8000, 2000, [0.9, 1.0]),
+                                             ("dense F=64", 64, 1, 8000, 9000, [0.95, 1.0]), ("Switch E=2", 8, 2, 2000, 1600, [0.4, 0.5])]:
+        rows += [{"label": label, "d_ff": F, "experts": E, "seed": s, "parameters": params, "flops_per_patient": flops, "accuracy": a, "loss": 1 - a}
+                 for s, a in enumerate(acc)]
+    return pd.DataFrame(rows)
+
+
+def test_phone_book_bars_show_the_mean_with_a_dot_per_seed_and_the_costs():
+    table = _phone_book_table()
+    ax = phone_book_bars(table, ["dense F=8", "Switch E=8", "dense F=64"], title="T", ylabel="share")
+    heights = [round(b.get_height(), 6) for b in ax.patches]
+    assert heights == [0.25, 0.95, 0.975]
+    dots = np.concatenate([c.get_offsets()[:, 1] for c in ax.collections])
+    assert sorted(np.round(dots, 6)) == [0.2, 0.3, 0.9, 0.95, 1.0, 1.0]  # every seed shown
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert "1,000 params" in labels[0] and "1,500 FLOPs" in labels[0]
+    assert ax.get_ylim()[0] == 0 and ax.get_yticks()[-1] == pytest.approx(1.0)  # a share, from zero to 100%
+    assert [t.get_text() for t in ax.texts] == ["25.0%", "95.0%", "97.5%"]  # the means, written on the figure
+    with pytest.raises(ValueError, match="no runs labelled"):
+        phone_book_bars(table, ["dense F=2"], title="T", ylabel="share")
+
+
+def test_knowledge_vs_parameters_draws_a_dense_and_a_switch_line():
+    ax = knowledge_vs_parameters(_phone_book_table(), title="T")
+    lines = [l for l in ax.get_lines() if l.get_marker() == "o"]  # the two means (error bars are lines too)
+    xs = sorted(tuple(l.get_xdata()) for l in lines)
+    assert xs == [(1000, 2000, 8000), (1000, 8000)]  # Switch E = 1 (the narrow dense layer), 2, 8; dense F = 8, 64
+    assert ax.get_xscale() == "log" and ax.get_ylim()[0] == 0
+    with pytest.raises(ValueError, match="Switch runs"):
+        knowledge_vs_parameters(_phone_book_table().query("experts == 1"), title="T")
+
+
+def test_layer_names_count_from_one():
+    assert layer_name(0) == "layer 1" and layer_name(3) == "layer 4"

@@ -1,12 +1,15 @@
-"""Tests for moe_course.lm_runs: several LM runs, in this process or in worker processes, with the same results."""
+"""Tests for moe_course.experiments.lm_runs: several LM runs, in this process or in worker processes, with the same results."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from moe_course.corpus import Corpus, CorpusConfig
-from moe_course.lm_runs import LMRun, results_table, run_lm, run_lms, summarise
+import pandas as pd
+
+from moe_course.data.corpus import Corpus, CorpusConfig
+from moe_course.experiments.lm_runs import LMRun, results_table, run_lm, run_lms, seed_verdict, summarise
+from moe_course.experiments.workers import run_in_workers
 from moe_course.training import TrainConfig
 from moe_course.transformer import GPTConfig
 
@@ -65,7 +68,7 @@ def test_run_lm_leaves_the_thread_count_as_it_found_it(runs):
 
 
 def test_rebuilt_model_matches_the_final_evaluation(runs, in_process):
-    from moe_course.lm import LMTask
+    from moe_course.training.lm import LMTask
 
     res = in_process[2]
     model = res.model()
@@ -105,3 +108,36 @@ def test_bad_runs_are_refused():
         run_lms([], CORPUS)
     with pytest.raises(ValueError, match="workers"):
         run_lms([LMRun("dense", _config(), TINY)], CORPUS, workers=0)
+
+
+def test_run_in_workers_keeps_the_order_of_the_jobs():
+    assert run_in_workers(abs, [-3, 2, -1], workers=1, progress=False) == [3, 2, 1]
+    assert run_in_workers(abs, [-3, 2, -1, -7], workers=2, progress=False) == [3, 2, 1, 7]
+    assert run_in_workers(abs, [], progress=False) == []
+    with pytest.raises(ValueError, match="workers"):
+        run_in_workers(abs, [1], workers=0, progress=False)
+
+
+def test_seed_verdict_needs_every_seed_to_agree():
+    table = pd.DataFrame({
+        "label": ["dense"] * 3 + ["switch"] * 3,
+        "seed": [0, 1, 2] * 2,
+        "recall": [0.40, 0.45, 0.42, 0.60, 0.62, 0.58],  # switch ahead on every seed
+        "loss": [0.30, 0.35, 0.32, 0.31, 0.29, 0.40],  # seed 1 favours switch, seeds 0 and 2 dense
+        "skill": [1.0, 1.1, 1.05, 1.3, 1.2, 1.25],  # dense lower (better) on every seed
+        "paired": [0.40, 0.50, 0.60, 0.45, 0.55, 0.65],  # the ranges overlap, but switch wins each seed
+    })
+    v = seed_verdict(table, "dense", "switch", {"recall": True, "loss": False, "skill": False, "paired": True})
+    assert list(v["verdict"]) == ["B better", "within seed noise", "A better", "B better"]
+    assert list(v["B won"]) == ["3 of 3", "1 of 3", "0 of 3", "3 of 3"]
+    assert list(v["better"]) == ["higher", "lower", "lower", "higher"] and set(v["A"]) == {"dense"} and set(v["B"]) == {"switch"}
+    assert v.loc["recall", "B − A"] == pytest.approx(0.60 - 0.42333, abs=1e-4)
+    assert v.loc["recall", "A mean ± sd"] == "0.423 ± 0.025" and v.loc["recall", "B range"] == "0.580–0.620"
+    # without matching seeds the ranges decide: overlapping ranges are noise
+    unpaired = table.assign(seed=[0, 1, 2, 3, 4, 5])
+    u = seed_verdict(unpaired, "dense", "switch", {"recall": True, "paired": True})
+    assert list(u["verdict"]) == ["B better", "within seed noise"] and set(u["B won"]) == {"unpaired"}
+    with pytest.raises(ValueError, match="no column 'nonsense'"):
+        seed_verdict(table, "dense", "switch", {"nonsense": True})
+    with pytest.raises(ValueError, match="no rows with label == 'moe'"):
+        seed_verdict(table, "dense", "moe", {"recall": True})

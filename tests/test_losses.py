@@ -111,3 +111,47 @@ def test_moe_layer_z_loss_is_the_logsumexp_form_for_every_router():
             layer.train(training)
             out = layer(x)
             torch.testing.assert_close(out.z_loss, router_z_loss(out.router_logits), rtol=1e-5, atol=1e-6)
+
+
+# -- where the balance is measured (lesson 10) -----------------------------------------
+
+
+def test_grouped_load_balancing_loss_is_the_mean_of_the_loss_on_each_group():
+    g = torch.Generator().manual_seed(0)
+    probs = F.softmax(torch.randn(12, 4, generator=g), -1)
+    index = torch.randint(0, 4, (12, 2), generator=g)
+    per_group = [load_balancing_loss(probs[i : i + 4], index[i : i + 4]) for i in range(0, 12, 4)]
+    torch.testing.assert_close(load_balancing_loss(probs, index, group_size=4), torch.stack(per_group).mean())
+    torch.testing.assert_close(load_balancing_loss(probs, index, group_size=12), load_balancing_loss(probs, index))
+
+
+def test_a_batch_balanced_across_groups_is_unbalanced_inside_each_group():
+    """Two 'domains', each sent wholly to its own expert: even over the batch, lopsided in every sequence."""
+    probs = torch.tensor([[0.9, 0.1]] * 4 + [[0.1, 0.9]] * 4)
+    index = torch.tensor([0] * 4 + [1] * 4)
+    batch = load_balancing_loss(probs, index)
+    per_sequence = load_balancing_loss(probs, index, group_size=4)
+    assert batch.item() == pytest.approx(1.0)
+    assert per_sequence.item() == pytest.approx(2 * 0.9)  # E · f · P = 2 · 1 · 0.9 in each sequence
+
+
+def test_load_balancing_loss_rejects_a_group_size_that_does_not_divide_the_tokens():
+    with pytest.raises(ValueError, match="group_size must be a positive int that divides the N=10 tokens"):
+        load_balancing_loss(torch.full((10, 2), 0.5), torch.zeros(10, dtype=torch.long), group_size=3)
+
+
+def test_loss_from_counts_equals_the_loss_with_its_own_counts_and_uses_the_global_ones():
+    from moe_course.losses import load_balancing_loss_from_counts
+
+    g = torch.Generator().manual_seed(1)
+    probs = F.softmax(torch.randn(10, 3, generator=g), -1).requires_grad_()
+    index = torch.randint(0, 3, (10, 2), generator=g)
+    own = torch.bincount(index.reshape(-1), minlength=3)
+    torch.testing.assert_close(load_balancing_loss_from_counts(probs, own), load_balancing_loss(probs, index))
+    global_counts = torch.tensor([100, 100, 100])  # an even global batch: f_i = 1/E, so the loss is Σ_i P_i = 1
+    loss = load_balancing_loss_from_counts(probs, global_counts)
+    assert loss.item() == pytest.approx(1.0)
+    loss.backward()
+    assert probs.grad is not None
+    with pytest.raises(ValueError, match="tokens_per_expert must be a tensor of shape"):
+        load_balancing_loss_from_counts(probs, torch.ones(4))

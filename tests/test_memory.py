@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_course.memory import MemoryRecorder, peak_bytes
+from moe_course.bench.memory import MemoryRecorder, peak_bytes
 
 
 def test_peak_counts_tensors_alive_together_not_their_sum():

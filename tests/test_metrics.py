@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from moe_course.analysis.metrics import AgreementTracker, accuracy_by_group, gradient_agreement, gradient_cosines
 from moe_course.experts import FeedForward
-from moe_course.metrics import AgreementTracker, accuracy_by_group, gradient_agreement, gradient_cosines
 
 
 def test_accuracy_by_group_counts_within_each_group():

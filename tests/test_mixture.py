@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_course.clinic import make_clinic
-from moe_course.ensembles import average_probs
+from moe_course.data.clinic import make_clinic
+from moe_course.experiments.ensembles import average_probs
 from moe_course.flops import count_parameters, matmul_flops
 from moe_course.mixture import (
     DenseMixture,

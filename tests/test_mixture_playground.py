@@ -7,9 +7,9 @@ matplotlib.use("Agg")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from moe_course.clinic import Patients, make_clinic  # noqa: E402
+from moe_course.data.clinic import Patients, make_clinic  # noqa: E402
+from moe_course.figures.widgets import mixture_playground  # noqa: E402
 from moe_course.mixture import DenseMixture, DenseMixtureConfig  # noqa: E402
-from moe_course.widgets import mixture_playground  # noqa: E402
 
 
 def _setup():

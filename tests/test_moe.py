@@ -268,3 +268,177 @@ def test_moe_layer_default_dispatch_never_builds_an_n_by_e_by_c_tensor():
 def test_moe_config_rejects_an_unknown_dispatch():
     with pytest.raises(ValueError, match="unknown dispatch method"):
         MoEConfig(d_model=4, d_ff=8, num_experts=2, dispatch="carrier pigeon")
+
+
+# -- modern options (lesson 10) ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        ({"router": "mixtral", "top_k": 2, "renormalize": False}, "router 'mixtral' takes a softmax over the k chosen logits"),
+        ({"num_shared_experts": -1}, "num_shared_experts must be an int >= 0"),
+        ({"shared_expert_gate": True}, "shared_expert_gate=True needs shared experts"),
+        ({"bias_update_rate": 1e-3}, "the selection bias belongs to router='sigmoid'"),
+        ({"router": "sigmoid", "bias_update_rate": -1e-3}, "bias_update_rate must be a number >= 0"),
+        ({"balance_scope": "micro"}, "balance_scope must be one of"),
+        ({"renormalize": 1}, "renormalize must be True or False"),
+        ({"activation": "geglu"}, "unknown activation 'geglu'"),
+    ],
+)
+def test_moeconfig_rejects_bad_modern_options_with_clear_messages(overrides, words):
+    kwargs = dict(d_model=8, d_ff=16, num_experts=4)
+    kwargs.update(overrides)
+    with pytest.raises(ValueError, match=words):
+        MoEConfig(**kwargs)
+
+
+def test_mixtral_router_layer_gives_the_top_k_layer_output():
+    x = _x(3, 5, 8)
+    a = _layer(router="top_k", top_k=2, activation="swiglu", bias=False)
+    b = _layer(router="mixtral", top_k=2, activation="swiglu", bias=False)
+    b.load_state_dict(a.state_dict())
+    out_a, out_b = a(x), b(x)
+    torch.testing.assert_close(out_a.y, out_b.y)
+    assert torch.equal(out_a.expert_index, out_b.expert_index)
+
+
+def test_shared_experts_add_their_sum_to_every_token():
+    layer = _layer(router="top_k", top_k=2, num_shared_experts=2)
+    x = _x(10, 8)
+    out = layer(x)
+    shared = sum(layer.shared_experts.expert_output(s, x) for s in range(2))
+    routed = loop_reference(x, layer, out.expert_index, out.gates, out.keep)
+    torch.testing.assert_close(out.y, routed + shared)
+    torch.testing.assert_close(layer.shared_output(x), shared)
+    assert layer.shared_experts.num_experts == 2 and layer.experts.num_experts == 4
+
+
+def test_a_dropped_token_still_gets_the_shared_experts():
+    layer = _layer(num_shared_experts=1, capacity_factor=0.25)  # 1 slot per expert for 8 tokens: most are dropped
+    x = _x(8, 8)
+    out = layer(x)
+    dropped = ~out.keep.any(-1)
+    assert dropped.any()
+    torch.testing.assert_close(out.y[dropped], layer.shared_output(x)[dropped])
+
+
+def test_the_shared_expert_gate_scales_the_shared_sum_by_a_sigmoid_per_token():
+    layer = _layer(router="top_k", top_k=2, num_shared_experts=1, shared_expert_gate=True)
+    x = _x(6, 8)
+    gate = torch.sigmoid(x @ layer.w_shared_gate)  # (N, 1)
+    torch.testing.assert_close(layer.shared_output(x), gate * layer.shared_experts.expert_output(0, x))
+    assert layer.w_shared_gate.shape == (8, 1)
+
+
+def test_fine_grained_config_keeps_parameters_and_flops_and_shares_k_s():
+    from moe_course.flops import count_parameters, measure_flops_per_example, moe_layer_flops, moe_layer_param_count
+
+    base = MoEConfig(16, 32, 4, top_k=1, router="switch", bias=False)
+    fine = base.fine_grained(4, num_shared_experts=1)
+    assert (fine.d_ff, fine.num_experts, fine.top_k, fine.num_shared_experts) == (8, 15, 3, 1)
+    assert (fine.router, fine.renormalize) == ("top_k", False)  # Switch's raw gate becomes DeepSeekMoE's raw top-k
+    expert_params = lambda c: count_parameters(MoELayer(c)) - 16 * c.num_experts  # noqa: E731  (without the router)
+    assert expert_params(fine) == expert_params(base) == 4 * 2 * 16 * 32
+    assert count_parameters(MoELayer(fine)) == moe_layer_param_count(16, 8, 15, bias=False, num_shared_experts=1)
+    torch.manual_seed(0)
+    x = torch.randn(24, 16)
+    layer = MoELayer(dataclasses.replace(fine, dispatch="sort_split"))
+    flops = measure_flops_per_example(lambda t: layer(t), x)
+    assert flops == moe_layer_flops(1, 16, 8, 15, 3, num_shared_experts=1) == 2 * 16 * 15 + 4 * 4 * 16 * 8
+    assert moe_layer_flops(1, 16, 8, 15, 3, num_shared_experts=1) - 2 * 16 * 15 == moe_layer_flops(1, 16, 32, 4, 1) - 2 * 16 * 4
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(segments=3), "d_ff=16 cannot be cut into 3 equal segments"),
+    (dict(segments=2, num_shared_experts=2), "leave none of the m·K = 2 active experts"),
+    (dict(segments=0), "segments must be a positive int"),
+])
+def test_fine_grained_rejects_impossible_cuts(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        MoEConfig(8, 16, 4).fine_grained(**kwargs)
+
+
+def test_sigmoid_layer_reads_its_bias_buffer_and_never_changes_it_in_forward():
+    layer = _layer(router="sigmoid", top_k=2, bias_update_rate=1e-3)
+    assert "expert_bias" in dict(layer.named_buffers()) and "expert_bias" not in dict(layer.named_parameters())
+    x = _x(20, 8)
+    before = layer(x)
+    torch.testing.assert_close(layer.expert_bias, torch.zeros(4))  # forward left it alone
+    with torch.no_grad():
+        layer.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 10.0]))
+    after = layer(x)
+    assert (after.expert_index == 3).any(-1).all() and not (before.expert_index == 3).any(-1).all()  # everyone now visits 3
+    torch.testing.assert_close(after.router_probs, before.router_probs)  # scores unchanged, only the choice moved
+    s = torch.sigmoid(after.router_logits)
+    chosen = s.gather(-1, after.expert_index)
+    torch.testing.assert_close(after.gates, chosen / chosen.sum(-1, keepdim=True))
+    assert "expert_bias" in layer.state_dict()
+
+
+def test_sequence_balance_scope_measures_each_sequence():
+    from moe_course.losses import load_balancing_loss
+
+    layer = _layer(router="top_k", top_k=2, balance_scope="sequence")
+    x = _x(3, 6, 8)
+    out = layer(x)
+    probs, index = out.router_probs.view(3, 6, 4), out.expert_index.view(3, 6, 2)
+    want = torch.stack([load_balancing_loss(probs[b], index[b]) for b in range(3)]).mean()
+    torch.testing.assert_close(out.aux_loss, want)
+    torch.testing.assert_close(layer(x.reshape(18, 8)).aux_loss, load_balancing_loss(out.router_probs, out.expert_index))
+
+
+@pytest.mark.parametrize("router,k", [("top_k", 2), ("mixtral", 2), ("sigmoid", 3), ("top_k", 1)])
+def test_upcycled_layer_with_gates_that_sum_to_one_equals_the_dense_ffn_exactly(router, k):
+    from moe_course.moe import upcycle
+
+    torch.manual_seed(0)
+    ffn = FeedForward(8, 16, activation="swiglu")
+    layer = upcycle(ffn, MoEConfig(8, 16, 6, top_k=k, router=router, activation="swiglu"))
+    x = _x(2, 9, 8)
+    torch.testing.assert_close(layer(x).y, ffn(x), atol=1e-6, rtol=1e-5)
+
+
+def test_upcycled_switch_layer_is_the_dense_output_scaled_by_p_max():
+    from moe_course.moe import upcycle
+
+    torch.manual_seed(0)
+    ffn = FeedForward(8, 16)
+    layer = upcycle(ffn, MoEConfig(8, 16, 4, router="switch"))
+    x = _x(12, 8)
+    out = layer(x)
+    p_max = out.router_probs.max(-1, keepdim=True).values  # (N, 1)
+    torch.testing.assert_close(out.y, p_max * ffn(x), atol=1e-6, rtol=1e-5)
+    assert (p_max < 1).all() and not torch.allclose(out.y, ffn(x))
+
+
+def test_upcycle_refuses_shared_experts_and_a_mismatched_ffn():
+    from moe_course.moe import upcycle
+
+    with pytest.raises(ValueError, match="shared experts would add a second copy"):
+        upcycle(FeedForward(8, 16), MoEConfig(8, 16, 4, num_shared_experts=1))
+    with pytest.raises(ValueError, match="does not fit"):
+        upcycle(FeedForward(8, 32), MoEConfig(8, 16, 4))
+    with pytest.raises(TypeError, match="expects a trained FeedForward"):
+        upcycle(torch.nn.Linear(8, 8), MoEConfig(8, 16, 4))
+
+
+def test_moelayer_names_nan_or_inf_input_and_mismatched_dtypes():
+    layer = MoELayer(MoEConfig(d_model=8, d_ff=16, num_experts=4))
+    x = torch.randn(2, 5, 8)
+    x[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or inf in its input x \(first at token 7, feature 3\)"):
+        layer(x)
+    x[1, 2, 3] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        layer(x)
+    with pytest.raises(TypeError, match=r"experts hold float32 weights but x is float64: convert one to the other, e\.g\. x\.to\(float32\)"):
+        layer(torch.randn(3, 8, dtype=torch.float64))
+    with pytest.raises(TypeError, match="x is int64"):
+        layer(torch.ones(3, 8, dtype=torch.int64))
+    # float64 all the way through works, and agrees with float32
+    x = torch.randn(6, 8)
+    twin = MoELayer(MoEConfig(d_model=8, d_ff=16, num_experts=4))
+    twin.load_state_dict(layer.state_dict())
+    y64 = twin.double()(x.double()).y
+    assert y64.dtype == torch.float64 and torch.allclose(y64.float(), layer(x).y, atol=1e-5)

@@ -4,11 +4,11 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 
-from moe_course.clinic import make_clinic
+from moe_course.data.clinic import make_clinic
+from moe_course.experiments.playground import clinic_day, routed_forward, train_clinic_moe
+from moe_course.figures.plots import accuracy_vs_flops, clinic_day_picture, load_snapshots
 from moe_course.models import ClinicMoE
 from moe_course.moe import MoEConfig
-from moe_course.playground import clinic_day, routed_forward, train_clinic_moe
-from moe_course.plots import accuracy_vs_flops, clinic_day_picture, load_snapshots
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_accuracy_vs_flops_needs_its_columns():
 
 
 def test_waiting_room_playground_updates_when_a_slider_moves(clinic):
-    from moe_course.widgets import waiting_room_playground
+    from moe_course.figures.widgets import waiting_room_playground
 
     widget = waiting_room_playground(clinic, steps=10, batch_size=32)
     sliders, summary, chart = widget.children[1], widget.children[2], widget.children[3]

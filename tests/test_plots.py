@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 import torch
 
-from moe_course.clinic import make_clinic
-from moe_course.plots import grouped_bars, heatmap, learning_curves, plot_clinic, save
+from moe_course.data.clinic import make_clinic
+from moe_course.figures.plots import grouped_bars, heatmap, learning_curves, plot_clinic, save
 
 pytestmark = pytest.mark.usefixtures("course_style")  # the course's style; every figure closed after each test
 

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from moe_course.plots import bias_variance_bars, expert_bars, gate_mass_heatmap
+from moe_course.figures.plots import bias_variance_bars, expert_bars, gate_mass_heatmap
 
 pytestmark = pytest.mark.usefixtures("course_style")  # the course's style; every figure closed after each test
 

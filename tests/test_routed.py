@@ -6,15 +6,18 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from moe_course.flops import count_parameters
-from moe_course.mixture import DenseMixture, DenseMixtureConfig, dense_mixture_flops, dense_mixture_param_count
-from moe_course.moe import MoEConfig, MoELayer
-from moe_course.routed import (
+from moe_course.mixture import (
+    DenseMixture,
+    DenseMixtureConfig,
     RoutedMixture,
     RoutedMixtureConfig,
+    dense_mixture_flops,
+    dense_mixture_param_count,
     moe_layer_flops,
     moe_layer_param_count,
     routed_mixture_flops,
 )
+from moe_course.moe import MoEConfig, MoELayer
 
 
 def _model(seed: int = 0, **overrides) -> RoutedMixture:

@@ -284,3 +284,64 @@ def test_capacity_mask_matches_a_first_come_first_served_loop(seed, k, capacity)
 def test_capacity_mask_rejects_bad_inputs(expert_index, capacity, words):
     with pytest.raises(ValueError, match=words):
         capacity_mask(expert_index, 3, capacity)
+
+
+# -- Mixtral and DeepSeek-V3 gates (lesson 10) -------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_mixtral_routing_equals_softmax_all_then_top_k_then_renormalise(k):
+    from moe_course.routing import mixtral_routing
+
+    logits = _logits(20, 6, seed=k) * 3
+    mixtral, renormalised = mixtral_routing(logits, k), top_k_routing(logits, k)
+    assert torch.equal(mixtral.expert_index, renormalised.expert_index)
+    torch.testing.assert_close(mixtral.gates, renormalised.gates)
+    torch.testing.assert_close(mixtral.router_probs, F.softmax(logits, -1))
+    top = logits.topk(k, dim=-1).values
+    torch.testing.assert_close(mixtral.gates, torch.exp(top) / torch.exp(top).sum(-1, keepdim=True))  # softmax over the k alone
+
+
+def test_mixtral_routing_top_1_gate_is_one_and_gives_the_router_no_gradient():
+    from moe_course.routing import mixtral_routing
+
+    logits = _logits().requires_grad_()
+    r = mixtral_routing(logits, 1)
+    assert torch.all(r.gates == 1.0)
+    (grad,) = torch.autograd.grad(r.gates.sum(), logits)
+    assert torch.all(grad == 0)
+
+
+def test_sigmoid_routing_scores_select_and_weigh_without_a_bias():
+    from moe_course.routing import sigmoid_routing
+
+    logits = _logits(16, 6)
+    r = sigmoid_routing(logits, 2)
+    s = torch.sigmoid(logits)
+    top = s.topk(2, dim=-1)
+    assert torch.equal(r.expert_index, top.indices)
+    torch.testing.assert_close(r.gates, top.values / top.values.sum(-1, keepdim=True))
+    torch.testing.assert_close(r.router_probs, s / s.sum(-1, keepdim=True))
+    torch.testing.assert_close(sigmoid_routing(logits, 2, renormalize=False).gates, top.values)
+
+
+def test_sigmoid_routing_bias_moves_the_choice_but_never_the_gate():
+    from moe_course.routing import sigmoid_routing
+
+    logits = _logits(40, 4, seed=2)
+    bias = torch.tensor([0.0, 0.0, 0.0, 5.0])  # expert 3 becomes everyone's first choice
+    r = sigmoid_routing(logits, 2, bias=bias, renormalize=False)
+    assert torch.all(r.expert_index[:, 0] == 3)
+    torch.testing.assert_close(r.gates, torch.sigmoid(logits).gather(-1, r.expert_index))  # the scores, no bias in them
+    bias.requires_grad_()
+    logits.requires_grad_()
+    r = sigmoid_routing(logits, 2, bias=bias)
+    r.gates.sum().backward()
+    assert bias.grad is None and logits.grad is not None  # the bias is never differentiated
+
+
+def test_sigmoid_routing_rejects_a_bias_of_the_wrong_shape():
+    from moe_course.routing import sigmoid_routing
+
+    with pytest.raises(ValueError, match=r"bias must be a tensor of shape \(E,\) = \(5,\)"):
+        sigmoid_routing(_logits(), 2, bias=torch.zeros(4))

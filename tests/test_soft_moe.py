@@ -1,14 +1,21 @@
-"""Tests of Soft MoE (moe_course.distributed.soft_moe): weights, a hand loop, and why it is not causal."""
+"""Tests of Soft MoE (moe_course.variants.soft_moe): weights, a hand loop, and why it is not causal."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from moe_course.distributed.soft_moe import (SoftMoE, SoftMoEConfig, influence_matrix, soft_moe, soft_moe_flops_per_token,
-                                             soft_moe_logits, soft_moe_weights)
 from moe_course.experts import Experts
 from moe_course.moe import MoEConfig, MoELayer
+from moe_course.variants.soft_moe import (
+    SoftMoE,
+    SoftMoEConfig,
+    influence_matrix,
+    soft_moe,
+    soft_moe_flops_per_token,
+    soft_moe_logits,
+    soft_moe_weights,
+)
 
 
 def _layer(seed=0, **kw) -> SoftMoE:
@@ -111,7 +118,7 @@ def test_soft_moe_rejects_a_wrong_width():
 
 
 def test_clinic_soft_moe_mixes_patients_within_a_group_only():
-    from moe_course.distributed.soft_moe import ClinicSoftMoE
+    from moe_course.variants.soft_moe import ClinicSoftMoE
 
     torch.manual_seed(0)
     model = ClinicSoftMoE(12, 4, SoftMoEConfig(d_model=8, d_ff=16, num_experts=2, slots_per_expert=2), group_size=4)

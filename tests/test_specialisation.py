@@ -6,10 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_course.clinic import make_clinic
-from moe_course.experts import FeedForward
-from moe_course.mixture import DenseMixture, DenseMixtureConfig
-from moe_course.specialisation import (
+from moe_course.analysis.specialisation import (
     SpecialisationTracker,
     context_share,
     effective_experts,
@@ -20,6 +17,9 @@ from moe_course.specialisation import (
     specialisation_score,
     top_expert_counts,
 )
+from moe_course.data.clinic import make_clinic
+from moe_course.experts import FeedForward
+from moe_course.mixture import DenseMixture, DenseMixtureConfig
 from moe_course.training import ClassificationTask, TrainConfig, train
 
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_course.clinic import make_clinic
-from moe_course.specialists import oracle_logits, train_specialists
+from moe_course.data.clinic import make_clinic
+from moe_course.experiments.specialists import oracle_logits, train_specialists
 from moe_course.training import TrainConfig
 
 

@@ -5,9 +5,9 @@ import time
 import pytest
 import torch
 
+from moe_course.bench.timing import time_per_batch
 from moe_course.experts import FeedForward
 from moe_course.mixture import DenseMixture, DenseMixtureConfig
-from moe_course.timing import time_per_batch
 
 
 def test_time_per_batch_reports_every_model_in_order_relative_to_the_first():

@@ -146,13 +146,13 @@ def test_classification_task_checks_shapes():
 
 def test_every_tracker_looks_at_the_model_in_eval_mode_without_gradients_and_restores_its_mode():
     """LoadTracker, SpecialisationTracker and RoutingTracker share one rule: training.evaluating."""
-    from moe_course.balance import LoadTracker
-    from moe_course.corpus import Corpus, CorpusConfig
-    from moe_course.lm_routing import RoutingTracker
+    from moe_course.analysis.lm_routing import RoutingTracker
+    from moe_course.analysis.load import LoadTracker
+    from moe_course.analysis.specialisation import SpecialisationTracker
+    from moe_course.data.corpus import Corpus, CorpusConfig
     from moe_course.mixture import DenseMixture, DenseMixtureConfig
     from moe_course.models import ClinicMoE
     from moe_course.moe import MoEConfig
-    from moe_course.specialisation import SpecialisationTracker
     from moe_course.transformer import GPT, GPTConfig
 
     corpus = Corpus(CorpusConfig(num_facts=20))
@@ -171,3 +171,37 @@ def test_every_tracker_looks_at_the_model_in_eval_mode_without_gradients_and_res
             tracker(0, model)
             assert model.training is mode, type(tracker).__name__
         assert seen and set(seen) == {(False, False)}, type(tracker).__name__
+
+
+def test_a_checkpoint_every_few_minutes_and_after_each_save_the_callback(tmp_path):
+    saves = []
+    config = TrainConfig(steps=5, batch_size=16, eval_every=2)
+    train(_model(), _task(), config, device="cpu", progress=False, checkpoint_path=tmp_path / "c.pt",
+          checkpoint_minutes=1e-9, on_checkpoint=lambda step, rows: saves.append((step, len(rows))))
+    # every step is "a few minutes" after the last save here; the final save comes at the end
+    assert [s for s, _ in saves] == [1, 2, 3, 4, 5] and saves[-1] == (5, 3)
+    saves.clear()
+    train(_model(), _task(), config, device="cpu", progress=False, checkpoint_path=tmp_path / "d.pt",
+          checkpoint_minutes=60, on_checkpoint=lambda step, rows: saves.append(step))
+    assert saves == [5]  # an hour never passed: only the save at the end
+
+
+def test_ctrl_c_in_train_finishes_the_step_saves_and_raises(tmp_path):
+    import os
+    import signal
+
+    from moe_course.training import TrainingInterrupted, load_checkpoint
+
+    def press_ctrl_c(step, model):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    config = TrainConfig(steps=6, batch_size=16, eval_every=2)
+    with pytest.raises(TrainingInterrupted, match="stopped after step 2; checkpoint saved in") as stop:
+        train(_model(), _task(), config, device="cpu", progress=False, checkpoint_path=tmp_path / "c.pt", callback=press_ctrl_c)
+    assert stop.value.step == 2 and load_checkpoint(tmp_path / "c.pt")["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the usual Ctrl-C is back
+    resumed = train(_model(), _task(), config, device="cpu", progress=False, checkpoint_path=tmp_path / "c.pt", resume=True)
+    whole = train(_model(), _task(), config, device="cpu", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(), whole.model.state_dict().values()))
+    assert resumed.history.drop(columns="seconds").equals(whole.history.drop(columns="seconds"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -11,6 +13,7 @@ from moe_course.moe import MoEOutput
 from moe_course.transformer import (
     GPT,
     Block,
+    HashLayer,
     GPTConfig,
     GPTOutput,
     copy_dense_into_switch,
@@ -42,7 +45,12 @@ def _ids(b: int = 2, t: int = 16, seed: int = 0) -> torch.Tensor:
      ({"n_heads": 5}, "divisible by n_heads"), ({"ffn": "switch", "num_experts": 4, "moe_every": 3}, "no Switch block"),
      ({"ffn": "switch", "num_experts": 4, "capacity_factor": 0.0}, "capacity_factor"),
      ({"ffn": "switch", "num_experts": 4, "aux_loss_coef": -1.0}, "aux_loss_coef"), ({"d_model": 0}, "d_model"),
-     ({"position": "sinusoid"}, "position"), ({"d_model": 12, "n_heads": 4}, "even head width"), ({"dropout": 1.0}, "dropout")],
+     ({"position": "sinusoid"}, "position"), ({"d_model": 12, "n_heads": 4}, "even head width"), ({"dropout": 1.0}, "dropout"),
+     ({"top_k": 2}, "dense model routes nothing"), ({"ffn": "switch", "num_experts": 4, "top_k": 2}, "router='top_k'"),
+     ({"ffn": "switch", "num_experts": 4, "router": "expert_choice"}, "unknown router type"),
+     ({"ffn": "switch", "num_experts": 2, "router": "top_k", "top_k": 3}, "more than num_experts"), ({"top_k": 0}, "top_k"),
+     ({"ffn": "switch", "num_experts": 4, "router": "hash"}, "drops no tokens"),
+     ({"ffn": "switch", "num_experts": 4, "router": "hash", "top_k": 2, "capacity_factor": None}, "one expert")],
 )
 def test_config_rejects_bad_values_with_clear_messages(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -215,7 +223,9 @@ def test_copy_refuses_models_of_different_shapes():
 @pytest.mark.parametrize(
     "kw",
     [{}, {"ffn": "switch", "num_experts": 4}, {"ffn": "switch", "num_experts": 3, "n_layers": 4, "moe_every": 2},
-     {"tie_embeddings": False, "position": "learned"}, {"bias": False, "ffn": "switch", "num_experts": 2}],
+     {"tie_embeddings": False, "position": "learned"}, {"bias": False, "ffn": "switch", "num_experts": 2},
+     {"ffn": "switch", "num_experts": 4, "router": "top_k", "top_k": 2},
+     {"ffn": "switch", "num_experts": 4, "router": "noisy_top_k", "top_k": 2, "n_layers": 4, "moe_every": 2}],
 )
 def test_param_count_matches_the_model(kw):
     cfg = _cfg(**kw)
@@ -252,7 +262,50 @@ def test_flops_per_token_by_hand():
     assert flops_per_token(_cfg(), context=8).attention_mix == dense.attention_mix // 2
 
 
-@pytest.mark.parametrize("kw", [{}, {"ffn": "switch", "num_experts": 4}, {"ffn": "switch", "num_experts": 8, "n_layers": 4, "moe_every": 2}])
+def test_hash_layer_routes_each_token_id_to_a_fixed_expert():
+    cfg = _cfg(ffn="switch", num_experts=4, router="hash", capacity_factor=None, n_layers=4, moe_every=2)
+    model = GPT(cfg)
+    assert [type(b.ffn).__name__ for b in model.blocks] == ["FeedForward", "HashLayer", "FeedForward", "HashLayer"]
+    table = model.blocks[1].ffn.expert_of
+    assert table.shape == (V,) and torch.bincount(table, minlength=4).tolist() == [24, 24, 24, 24]  # balanced
+    assert torch.equal(table, GPT(cfg).blocks[3].ffn.expert_of)  # the same fixed assignment every time
+    idx = _ids(3)
+    out = model(idx)
+    for _, m in out.moe_outputs:
+        assert torch.equal(m.expert_index[:, 0], table[idx.reshape(-1)])  # decided by the token id alone
+        assert torch.equal(m.gates, torch.ones(48, 1)) and float(m.router_loss) == 0.0 and int(m.num_dropped) == 0
+        assert torch.equal(m.router_probs.argmax(-1), m.expert_index[:, 0]) and m.aux_loss >= 1.0
+    assert float(out.router_loss) == 0.0
+    # the block's output: the hashed expert's answer, gate 1
+    block, x = model.blocks[1], torch.randn(3, 16, 32)
+    a = x + block.attn(block.ln_1(x))
+    h = block.ln_2(a).reshape(-1, 32)
+    want = torch.stack([block.ffn.expert_output(int(e), h[i : i + 1])[0] for i, e in enumerate(table[idx.reshape(-1)])])
+    assert torch.allclose(block(x, token_ids=idx).x, a + want.reshape(3, 16, 32), atol=1e-5)
+    with pytest.raises(ValueError, match="routes by token id"):
+        block(x)
+    pc = param_count(cfg)
+    assert pc.router == 0 and pc.total == count_parameters(model) and flops_per_token(cfg).router == 0
+
+
+def test_top_k_routing_in_the_gpt_counts_k_experts_per_token():
+    top2 = _cfg(ffn="switch", num_experts=4, router="top_k", top_k=2, n_layers=4, moe_every=2)
+    m = top2.moe_config()
+    assert (m.router, m.top_k) == ("top_k", 2)
+    out = GPT(top2)(_ids())
+    assert [o.expert_index.shape for _, o in out.moe_outputs] == [(32, 2), (32, 2)]
+    one = 2 * 32 * 64 + 64 + 32
+    pc, dense = param_count(top2), param_count(top2.dense_twin())
+    assert pc.ffn_active == dense.ffn_active + 2 * one  # two Switch blocks, one extra expert each
+    fc = flops_per_token(top2)
+    assert fc.ffn == flops_per_token(top2.dense_twin()).ffn + 2 * 4 * 32 * 64
+    noisy = replace(top2, router="noisy_top_k")
+    assert param_count(noisy).router == 2 * param_count(top2).router and flops_per_token(noisy).router == 2 * fc.router
+    assert top2.dense_twin().top_k == 1 and top2.dense_twin().router == "switch"
+
+
+@pytest.mark.parametrize("kw", [{}, {"ffn": "switch", "num_experts": 4}, {"ffn": "switch", "num_experts": 8, "n_layers": 4, "moe_every": 2},
+                                {"ffn": "switch", "num_experts": 4, "router": "top_k", "top_k": 2}])
 def test_flops_per_token_match_pytorchs_flop_counter(kw):
     # explicit attention and a per-expert dispatch, so that every matmul is seen by the counter
     cfg = _cfg(fast_attention=False, dispatch="sort_split", capacity_factor=None, **kw) if kw else _cfg(fast_attention=False)
@@ -302,3 +355,100 @@ def test_forced_expert_helper_bypasses_every_router_and_restores_the_layers():
     with pytest.raises(ValueError, match="Switch blocks"):
         with forced_expert(dense, 0):
             pass
+
+
+# --- modern options (lesson 10) -------------------------------------------------------------
+
+MODERN = [
+    {"ffn": "switch", "num_experts": 4, "router": "top_k", "top_k": 2},
+    {"ffn": "switch", "num_experts": 4, "router": "mixtral", "top_k": 2, "activation": "swiglu", "bias": False},
+    {"activation": "swiglu"},
+    {"ffn": "switch", "num_experts": 15, "top_k": 3, "router": "top_k", "renormalize": False, "expert_segments": 4, "num_shared_experts": 1},
+    {"ffn": "switch", "num_experts": 7, "top_k": 1, "router": "top_k", "expert_segments": 2, "num_shared_experts": 1, "shared_expert_gate": True,
+     "activation": "swiglu", "n_layers": 4, "moe_every": 2},
+    {"ffn": "switch", "num_experts": 8, "top_k": 2, "router": "sigmoid", "bias_update_rate": 1e-3, "balance_scope": "sequence"},
+    {"ffn": "switch", "num_experts": 4, "router": "noisy_top_k", "top_k": 2},
+]
+
+
+@pytest.mark.parametrize("kw", MODERN)
+def test_modern_param_count_matches_the_model(kw):
+    cfg = _cfg(**kw)
+    assert param_count(cfg).total == count_parameters(GPT(cfg))
+
+
+@pytest.mark.parametrize("kw", MODERN)
+def test_modern_flops_per_token_match_pytorchs_flop_counter(kw):
+    cfg = _cfg(fast_attention=False, dispatch="sort_split", capacity_factor=None, **kw)
+    model = GPT(cfg)
+    x = _ids(3)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    assert counter.get_total_flops() == flops_per_token(cfg).total * x.numel()
+
+
+def test_fine_grained_gpt_keeps_parameters_and_flops_but_for_the_routers():
+    base = _cfg(ffn="switch", num_experts=4, bias=False)
+    fine = base.fine_grained(4, num_shared_experts=1)
+    assert (fine.expert_segments, fine.num_experts, fine.top_k, fine.num_shared_experts) == (4, 15, 3, 1)
+    assert fine.moe_config().d_ff == 16
+    pb, pf = param_count(base), param_count(fine)
+    assert pf.ffn == pb.ffn and pf.ffn_active == pb.ffn_active
+    assert pf.total - pf.router == pb.total - pb.router
+    fb, ff = flops_per_token(base), flops_per_token(fine)
+    assert ff.ffn == fb.ffn and ff.total - ff.router == fb.total - fb.router
+    assert ff.router == 2 * 2 * 32 * 15
+
+
+def test_top_2_costs_two_experts_and_swiglu_one_and_a_half_ffns():
+    top1, top2 = flops_per_token(_cfg(ffn="switch", num_experts=4)), flops_per_token(_cfg(ffn="switch", num_experts=4, router="top_k", top_k=2))
+    assert top2.ffn == 2 * top1.ffn
+    assert flops_per_token(_cfg(activation="swiglu")).ffn * 2 == flops_per_token(_cfg()).ffn * 3
+    assert param_count(_cfg(ffn="switch", num_experts=4, router="top_k", top_k=2)).ffn_active == 2 * param_count(_cfg(ffn="switch", num_experts=4)).ffn_active
+
+
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [({"top_k": 2}, "a dense model routes nothing"), ({"ffn": "switch", "num_experts": 4, "top_k": 2}, "router='switch' routes each token to one expert"),
+     ({"ffn": "switch", "num_experts": 4, "expert_segments": 3}, "d_ff=64 cannot be cut into expert_segments=3"),
+     ({"activation": "swish"}, "unknown activation 'swish'"),
+     ({"ffn": "switch", "num_experts": 4, "bias_update_rate": 1e-3}, "selection bias belongs to router='sigmoid'")],
+)
+def test_config_rejects_bad_modern_options(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        _cfg(**kwargs)
+
+
+def test_dense_twin_of_a_modern_model_is_plain_dense():
+    cfg = _cfg(ffn="switch", num_experts=8, router="sigmoid", top_k=2, bias_update_rate=1e-3, activation="swiglu").fine_grained(2, 1)
+    twin = cfg.dense_twin()
+    assert twin.ffn == "dense" and twin.activation == "swiglu" and count_parameters(GPT(twin)) == param_count(twin).total
+
+
+@pytest.mark.parametrize("moe", [dict(router="top_k", top_k=2), dict(router="mixtral", top_k=2), dict(router="sigmoid", top_k=2)])
+def test_upcycled_gpt_with_gates_that_sum_to_one_equals_the_dense_gpt(moe):
+    from moe_course.transformer import upcycle_gpt
+
+    torch.manual_seed(0)
+    dense = GPT(_cfg(activation="swiglu")).eval()
+    moe_gpt = upcycle_gpt(dense, 4, capacity_factor=None, **moe).eval()
+    x = _ids()
+    torch.testing.assert_close(moe_gpt(x).logits, dense(x).logits, atol=1e-5, rtol=1e-5)
+    assert moe_gpt.config.num_experts == 4 and dense.config.ffn == "dense"
+
+
+def test_upcycled_switch_gpt_differs_from_the_dense_gpt_at_the_start():
+    from moe_course.transformer import upcycle_gpt
+
+    torch.manual_seed(0)
+    dense = GPT(_cfg()).eval()
+    switch = upcycle_gpt(dense, 4, capacity_factor=None).eval()
+    x = _ids()
+    assert not torch.allclose(switch(x).logits, dense(x).logits, atol=1e-3)
+
+
+def test_copy_refuses_fine_grained_experts():
+    dense = GPT(_cfg())
+    fine = GPT(_cfg(ffn="switch", num_experts=4).fine_grained(2))
+    with pytest.raises(ValueError, match="expert_segments=1"):
+        copy_dense_into_switch(dense, fine)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..analysis.metrics import accuracy_by_group
 from ..experts import FeedForward
 from ..flops import count_parameters, ffn_flops, ffn_param_count
-from ..metrics import accuracy_by_group
 from ._core import Exercise, Mistake, exercise
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..ensembles import average_probs, brier_decomposition, ensemble_log_loss
+from ..experiments.ensembles import average_probs, brier_decomposition, ensemble_log_loss
 from ._core import Exercise, Mistake, _close, describe, exercise
 
 

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..analysis.specialisation import normalized_mutual_information, specialisation_score, top_expert_counts
 from ..experts import FeedForward
 from ..gating import softmax_gate
 from ..mixture import dense_mixture_flops, mixture_probs
-from ..specialisation import normalized_mutual_information, specialisation_score, top_expert_counts
 from ._core import Exercise, Mistake, describe, exercise
 
 

@@ -14,10 +14,8 @@ all-to-all exchanges. Modules, in reading order:
     train      `torchrun ... -m moe_course.distributed.train`: the Switch LM, data + expert parallel
     traffic    record_traffic(): who sent how many tokens to whom, per step, from a real run
 
-Also here for lesson 09 (they need no process group):
-
-    soft_moe   SoftMoE: slots as weighted averages of all tokens (Puigcerver et al. 2023)
-    adaptive   top_p_routing(), null_expert_routing(), AdaptiveMoE: tokens get different amounts of compute
+Lesson 09's other layers, Soft MoE and adaptive computation, need no process
+group: they are in ``moe_course.variants``.
 
 Nothing here is imported by ``import moe_course``; torch.distributed is only
 needed once you import a module of this folder that uses it.

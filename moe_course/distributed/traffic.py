@@ -23,13 +23,13 @@ from typing import Any
 import pandas as pd
 import torch
 
-from ..clinic import make_clinic
-from ..corpus import Corpus, CorpusConfig
+from ..data.clinic import make_clinic
+from ..data.corpus import Corpus, CorpusConfig
 from ..device import seed_everything
-from ..lm import LMTask
 from ..models import ClinicMoE
 from ..moe import MoEConfig
-from ..training import ClassificationTask, TrainConfig
+from ..training.lm import LMTask
+from ..training.loop import ClassificationTask, TrainConfig
 from ..transformer import GPT, GPTConfig
 from .layer import ExpertParallelOutput, shard_moe_layers
 from .train import train_expert_parallel

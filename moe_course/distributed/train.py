@@ -21,9 +21,9 @@ process's at the same global batch, up to float round-off. With a capacity
 factor the layers are capacity-padded with capacity counted per rank, which
 equals one process making one forward call per rank's rows.
 
-Rank 0 writes the run folder as ``moe_course.train`` does (``config.json``,
+Rank 0 writes the run folder as ``moe_course.training.cli`` does (``config.json``,
 ``metrics.csv``, ``checkpoint.pt`` with every expert gathered, so
-``moe_course.train.load_run`` reads it); ``--resume`` is not supported here.
+``moe_course.training.cli.load_run`` reads it); ``--resume`` is not supported here.
 Processes find each other through torchrun's environment (RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT); gloo on the CPU, NCCL with ``--device cuda``.
 """
@@ -44,10 +44,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..corpus import Corpus, LMBatch
+from ..data.corpus import Corpus, LMBatch
 from ..device import seed_everything
-from ..lm import LMEvaluation, LMTask, evaluate_lm
-from ..training import TrainConfig, TrainResult, model_logits
+from ..training.lm import LMEvaluation, LMTask, evaluate_lm
+from ..training.loop import TrainConfig, TrainResult, model_logits
 from ..transformer import GPT, flops_per_token, param_count
 from .grads import all_reduce_replicated_grads, check_replicas_in_sync, clip_grad_norm_
 from .group import DEFAULT_TIMEOUT_SECONDS, explain_collective_errors, init_process_group, require_process_group
@@ -186,7 +186,7 @@ def train_expert_parallel(
 
 def main(argv: list[str] | None = None) -> int:
     """The torchrun entry point: ``python -m moe_course.train``'s flags, trained on every rank torchrun started."""
-    from ..train import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, build_parser, configs_from_args
+    from ..training.cli import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, build_parser, configs_from_args
 
     parser = build_parser()
     parser.prog = "torchrun --standalone --nproc-per-node N -m moe_course.distributed.train"

@@ -1,11 +1,12 @@
 """The router's product x (N, D) @ w (D, E), in the shapes a CPU matmul is quick at when E is small.
 
-The same value and gradients as ``x @ w``. With fewer than 16 columns the CPU
-matmul (MKL) is several times slower at the shape autograd picks for the
-weight gradient, x^T·dlogits, than at (dlogits^T·x)^T; and the forward is
-quicker reading w as the transpose of a contiguous (E, D) copy. What it saves
-inside a whole layer is small (a few per cent of the layer's time at E=8, see
-``python -m moe_course.bench``), which is why it lives here and not in ``moe.py``.
+The same value and gradients as ``x @ w``. With few columns a CPU matmul
+library can be much slower at the shape autograd picks for the weight
+gradient, x^T·dlogits, than at (dlogits^T·x)^T, and at reading w as it is than
+as the transpose of a contiguous (E, D) copy. Lesson 06 times the two shapes
+side by side ("The GP's own paperwork"); ``python -m moe_course.bench`` times
+whole layers. What it saves is small next to the experts' work, which is why
+it lives here and not in ``moe.py``.
 """
 
 from __future__ import annotations

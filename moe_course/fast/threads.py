@@ -38,9 +38,10 @@ from .flag import expert_threads  # noqa: F401  (the switch lives with the fast 
 __all__ = ["expert_order", "worth_threading", "over_experts", "expert_threads", "MIN_EXPERTS_PER_THREAD", "MAX_BLOCK_FLOPS", "MIN_BLOCK_FLOPS",
            "MIN_EXPERTS_PER_THREAD_SHARED"]
 
-# Measured on 2 cores (torch 2.13), forward+backward: threads won with blocks of 64 and 256
-# rows at D=128, F=512 (8.4M and 34M FLOPs per matmul), lost with 1024-row blocks there
-# (134M) and with 64-row blocks at D=64, F=256 (2.1M). Re-measure on new hardware.
+# Where threads pay depends on the machine; these bounds are a starting point, not a law. To set
+# them for yours, time a layer's forward+backward with `expert_threads(False)` against the default,
+# side by side with `moe_course.bench.paired_times`, at mean blocks on both sides of each bound
+# (lesson 06's "experts on separate cores" does it for one size; `moe-bench` times whole layers).
 MIN_EXPERTS_PER_THREAD = 8  # fewer busy experts per thread: one block at a time, all cores on it
 MAX_BLOCK_FLOPS = 1e8  # mean FLOPs of one expert matmul (2·M_e·D·F) above which a block splits well by itself
 MIN_BLOCK_FLOPS = 4e6  # ... and below which handing blocks to threads costs more than it saves
@@ -78,7 +79,7 @@ def worth_threading(counts: list[int], flops_per_row: int, threads: int | None =
     then ``MIN_EXPERTS_PER_THREAD_SHARED`` busy experts per thread of at least
     ``MIN_BLOCK_FLOPS`` are enough, however big.
 
-    A ``TorchDispatchMode`` (``moe_course.memory.peak_bytes``, FLOP counters)
+    A ``TorchDispatchMode`` (``moe_course.bench.memory.peak_bytes``, FLOP counters)
     sees only its own thread's operations, so under one everything stays on
     the calling thread.
     """
