@@ -240,7 +240,8 @@ class MoELayer(nn.Module):
         if not x.is_floating_point() or (x.dtype != weights and not torch.is_autocast_enabled(x.device.type)):
             raise TypeError(f"MoELayer's experts hold {weights} weights but x is {x.dtype}: convert one to the other, "
                             f"e.g. x.to({weights}) (or layer.to({x.dtype}) to run the experts in {x.dtype})".replace("torch.", ""))
-        if not torch.isfinite(x).all():
+        # one reduction: a NaN or inf anywhere makes the sum NaN or inf (the full check runs only then)
+        if not math.isfinite(x.detach().sum()) and not torch.isfinite(x).all():
             n, d = (~torch.isfinite(x.reshape(-1, D))).nonzero()[0].tolist()
             raise ValueError(f"MoELayer got NaN or inf in its input x (first at token {n}, feature {d}): the problem is "
                              "upstream of this layer (the data, the layer before it, or a learning rate that is too high)")

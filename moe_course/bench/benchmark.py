@@ -325,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     lm.add_argument("--top-k", type=int, default=1)
     lm.add_argument("--router", default=None, help="GPTConfig.router, where the GPTConfig has one (default: Switch)")
     lm.add_argument("--batch-size", type=int, default=32)
+    lm.add_argument("--d-model", type=int, default=64, help="D at width 1 (default 64)")
+    lm.add_argument("--d-ff", type=int, default=128, help="F at width 1, the dense FFN's and every expert's (default 128)")
+    lm.add_argument("--dispatch", default=None, choices=sorted(METHODS), help="the Switch layers' dispatch method (default: the default)")
     args = parser.parse_args(argv)
     if args.lm or args.busy:
         from .rounds import main_rounds

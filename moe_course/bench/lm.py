@@ -47,11 +47,12 @@ class LMBenchConfig:
     capacity_factor: float | None = 1.25  # None: dropless
     top_k: int = 1  # K (needs a GPTConfig with top_k, and router "top_k" for K > 1)
     router: str | None = None  # None: GPTConfig's default (the Switch router)
+    dispatch: str | None = None  # the MoE dispatch method; None: the default (moe_course.dispatch.DEFAULT_METHOD)
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("capacity_factor", "router"):
+            if f.name in ("capacity_factor", "router", "dispatch"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"LMBenchConfig.{f.name} must be a positive int, got {value!r}")
@@ -59,6 +60,7 @@ class LMBenchConfig:
     @property
     def name(self) -> str:
         extra = "" if self.top_k == 1 and self.router is None else f" {self.router or 'switch'} k={self.top_k}"
+        extra += f" dispatch={self.dispatch}" if self.dispatch else ""
         return (f"width x{self.width}: D={self.d_model * self.width} F={self.d_ff * self.width} E={self.num_experts} "
                 f"T={self.block_size} B={self.batch_size} layers={self.n_layers} moe_every={self.moe_every} "
                 f"capacity={self.capacity_factor}{extra}")
@@ -67,7 +69,7 @@ class LMBenchConfig:
         """(dense, switch) GPTConfigs: lesson 08's ``dense`` and ``dense.switch_twin(E)``, with this config's options."""
         dense = GPTConfig(vocab_size=vocab_size, block_size=self.block_size, d_model=self.d_model * self.width,
                           n_layers=self.n_layers, n_heads=self.n_heads, d_ff=self.d_ff * self.width,
-                          moe_every=self.moe_every, capacity_factor=self.capacity_factor)
+                          moe_every=self.moe_every, capacity_factor=self.capacity_factor, dispatch=self.dispatch)
         routing = {}
         if self.router is not None:
             routing["router"] = self.router

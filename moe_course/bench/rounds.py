@@ -205,7 +205,8 @@ def main_rounds(args) -> int:
 
         factor = None if str(args.capacity_factor).lower() == "none" else float(args.capacity_factor)
         configs = [LMBenchConfig(width=w, num_experts=args.num_experts, moe_every=args.moe_every, capacity_factor=factor,
-                                 top_k=args.top_k, router=args.router, batch_size=args.batch_size) for w in args.lm_widths]
+                                 top_k=args.top_k, router=args.router, batch_size=args.batch_size, d_model=args.d_model,
+                                 d_ff=args.d_ff, dispatch=args.dispatch) for w in args.lm_widths]
         repeats = args.repeats if args.repeats != 7 else 30  # steps are short: more pairs per round
         table = lm_rounds(configs, rounds=args.rounds, busy=args.busy, repeats=repeats, warmup=max(args.warmup, 5), log=log)
         described = [c.name for c in configs]
