@@ -116,10 +116,14 @@ for model, part in memory.groupby("model", sort=False):
           f"E={EXPERTS[-1]}, {flops.iloc[-1] / flops.iloc[0]:.3f} times the FLOPs per token")
 
 # %% [markdown]
-# The parameters grow with E, the compute per token hardly moves (the router's `2·D·E` is the
-# only part that grows): that is the promise of experts, and the bill arrives in memory. The
-# count covers only the weights and their optimiser state; the activations of a batch come on
-# top. Where a line crosses a device's memory, one device can no longer train that model.
+# The parameters grow with E; of the compute per token only the router's `2·D·E` grows. Next
+# to experts of the Base model's width that is a rounding error, and the FLOPs ratio printed
+# for it stays close to 1: the promise of experts, with the bill arriving in memory. Lesson 08's
+# experts are so narrow (F = 32) that choosing among thousands of them costs more than
+# consulting one, which its FLOPs ratio shows; real models keep E in proportion to their
+# width. The count covers only the weights and their optimiser state; the activations of a
+# batch come on top. Where a line crosses a device's memory, one device can no longer train
+# that model.
 #
 # The way out: give each device only some of the experts. Everything else (attention,
 # embeddings, norms, routers) is **replicated**, a copy on every device. With W devices each
@@ -255,7 +259,10 @@ tokens_per_rank = train_config.batch_size * lesson08.block_size // W
 off = torch.cat([sent[:, 0, 1], sent[:, 1, 0]]).float()
 print(f"every row sums to {sorted(set(sent.sum(-1).flatten().tolist()))}: each rank sends each of its {tokens_per_rank} tokens once (top-1)")
 print(f"to the other rank: {off.mean():.0f} rows on average, from {off.min():.0f} to {off.max():.0f}, over {len(steps)} steps and both ranks")
-print(f"what a rank's doctors examine (a column sum) ranged from {sent.sum(1).min()} to {sent.sum(1).max()} rows per step")
+workload = sent.sum(1)  # (steps, W): rows each rank's doctors examine (column sums)
+busiest = workload.max(1).values.float() / workload.float().mean(1)  # (steps,) the busiest rank's load over the mean
+print(f"what a rank's doctors examine (a column sum) ranged from {workload.min()} to {workload.max()} rows per step; the busiest rank had "
+      f"{busiest.max():.2f} times the mean load at worst (step {steps[int(busiest.argmax())]}), {busiest[-1]:.2f} times at the last step")
 
 # %% [markdown]
 # Read a matrix by rows and by columns. A **row** is one hospital's outgoing referrals: with
@@ -264,7 +271,10 @@ print(f"what a rank's doctors examine (a column sum) ranged from {sent.sum(1).mi
 # off-diagonal crosses the network. A **column** is the workload of one hospital's doctors:
 # it adds up the referrals from every hospital, and it is as uneven as the GP's choices. That
 # unevenness is why the dropless exchange needs the count exchange first: nobody knows how many
-# rows will arrive until the others say so.
+# rows will arrive until the others say so. A GP that has just started training knows little
+# about its doctors: if the busiest rank's load printed above is far from 1 at its worst step,
+# the GP sent most patients to one hospital at that step, and the balance loss of lesson 05
+# pulls it back over the following steps.
 #
 # Over the whole run, for both variants (the capacity-padded one is explained below):
 

@@ -63,7 +63,7 @@ def exchange_over_steps(tables: Mapping[str, pd.DataFrame], *, title: str) -> pl
         t = table[(table["layer"] == table["layer"].min()) & (table["src"] != table["dst"])]
         per = t.groupby(["step", "src"])[["rows", "tokens"]].sum().reset_index()
         for i, (src, part) in enumerate(per.groupby("src")):
-            ax.plot(part["step"], part["rows"], color=colours[i], marker="o", ms=3, label=f"rank {src}: rows sent")
+            ax.plot(part["step"], part["rows"], color=colours[i], marker="o", ms=3, ls="-" if i == 0 else "--", label=f"rank {src}: rows sent")
             if not (part["tokens"] == part["rows"]).all():
                 ax.plot(part["step"], part["tokens"], color=colours[i], ls=":", lw=2, label=f"rank {src}: of which patients")
         ax.set(title=label, xlabel="training step", ylabel="rows sent to the other rank" if ax is axes[0][0] else "")
