@@ -622,7 +622,8 @@ pd.DataFrame([{"prompt": corpus.fact_prompt(p), "ward in the records": corpus.fa
 # and FLOP accounting of a language model.
 #
 # **Next:** lesson 09 takes the hospital beyond one machine: experts on different devices,
-# tokens sent between them with an all-to-all exchange, and soft MoE.
+# tokens sent between them in two all-to-all exchanges; then Soft MoE, and routers that give
+# harder cases more doctors.
 #
 # **Read more:** Fedus, Zoph and Shazeer 2021, *Switch Transformers: Scaling to Trillion
 # Parameter Models with Simple and Efficient Sparsity*, arXiv:2101.03961 (top-1 routing,
