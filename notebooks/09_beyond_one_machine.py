@@ -33,7 +33,7 @@
 #
 # **In this lesson you will**
 #
-# - count why one device cannot hold a large MoE, while each token's compute stays flat;
+# - count why one device cannot hold a large MoE, while each token's compute barely moves;
 # - read the two exchanges in code, then watch them in a real run of two processes started
 #   from this notebook: who sends how many tokens to whom, step by step;
 # - measure what the exchanges cost (bytes per token against the width D, k and capacity), how
@@ -190,8 +190,8 @@ show_source(_AllToAll)
 # %%
 from moe_course.distributed.exchange import exchange_matrix
 
-counts = torch.tensor([[3, 1, 0, 4],  # hospital 0's patients for doctors 0, 1, 2, 3
-                       [2, 2, 5, 1]])  # hospital 1's
+counts = torch.tensor([[3, 1, 0, 2],  # hospital 0's patients for doctors 0, 1, 2, 3
+                       [5, 2, 4, 1]])  # hospital 1's
 M = exchange_matrix(counts)  # (W, W)
 for r in range(2):
     print(f"rank {r} sends {M[r].tolist()} rows to ranks 0 and 1 (row {r}); receives {M[:, r].tolist()} from them (column {r})")
@@ -323,9 +323,9 @@ print(f"at the Base width (D = {base.d_model}), top-2 dropless, a batch of 2**20
 # The cost grows with D and with K, never with E: adding doctors adds memory, not traffic.
 # With W ranks and evenly spread routing, a share (W − 1)/W of those bytes crosses the network
 # (`bytes_per_token(..., world_size=W)`); the rest stays in the building. Within one machine
-# the exchange goes through memory; between machines it goes over the network, which is far
-# slower than the matrix products of the experts. That is why large systems place the experts
-# of one layer on devices that sit close together.
+# the exchange goes through memory; between machines it goes over the network, usually the
+# slowest link of the whole system. That is why large systems place the experts of one layer
+# on devices that sit close together.
 #
 # ### Dropless or capacity-padded?
 #
@@ -626,8 +626,9 @@ print(f"Soft MoE more accurate than Switch on {ahead} of {len(SEEDS)} seeds")
 # If Soft MoE's diagnoses change with the company while the Switch layer's never do, the
 # blend is doing what it says: a patient's answer depends on who else was in the waiting room.
 # In a clinic, or in a language model, that is a defect; for an image, whose patches always
-# arrive together, it is how the layer shares information. The accuracy line says what the
-# blend cost or bought on this task, at about the same FLOPs per patient.
+# arrive together, it is how the layer shares information. The accuracy lines say what the
+# blend cost or bought on this task, with the same expert FLOPs per patient as the Switch layer
+# (the mixing adds its own, printed above).
 #
 # What do the weights look like? One waiting room of held-out patients, in the trained Soft
 # MoE of the median seed by accuracy, rows sorted by specialty:
@@ -685,9 +686,9 @@ for n in range(len(probs)):
 # (lesson 05) is a third: each expert picks its tokens, so a token may get zero, one or several
 # experts, but that choice reads the whole batch, future tokens included.
 #
-# Both routers trained in the cell above. Top-p uses p = 0.8, with the paper's small loss on
-# the router's entropy: without it, the GP could buy every patient more doctors by simply
-# being unsure. Which patients get more doctors?
+# Both routers trained in Part 2's training cell. Top-p uses p = 0.8 and, as the paper
+# recommends, a small loss on the router's entropy: without it, the GP could buy every patient
+# more doctors by simply being unsure. Which patients get more doctors?
 #
 # A clinic patient's **referral letter** is the context part of its vector, the faint cue that
 # tells which department it belongs to. `blur_referrals` moves each letter a fraction of the
@@ -716,14 +717,16 @@ for label in ("top-p", "null experts"):
           f"departments (seeds {wide[BLUR[-1]].min():.2f}–{wide[BLUR[-1]].max():.2f}); rising with the blur on {rising} of {len(wide)} seeds")
 acc = blur_table.groupby(["router", "blur"])["accuracy"].mean().unstack()
 print("held-out accuracy by blur (mean over seeds): " + "; ".join(f"{r}: " + ", ".join(f"{v:.1%}" for v in acc.loc[r]) for r in acc.index))
+falls = bool((acc.diff(axis=1).iloc[:, 1:] < 0).all().all())
+print("the accuracy falls with the blur for " + ("every router" if falls else "not every router"))
 
 # %% [markdown]
 # Read the verdict lines. If top-p's line rises on every seed, the GP has learned to call in
 # more doctors exactly when the letter does not say where the patient belongs: care follows
 # uncertainty. If the null-expert router's line stays flat, its extra compute goes elsewhere:
 # it decides how many real doctors a patient gets by other means than the letter's clarity.
-# The accuracy falls with the blur for every router: a blurred letter points toward the wrong
-# department, and more doctors soften the damage but cannot undo it.
+# If the accuracy falls with the blur for both routers, more doctors soften the damage of a
+# letter that points toward the wrong department but cannot undo it.
 #
 # And for the patients as they come (clear letters): are the ones who get more doctors the
 # harder ones?
@@ -751,8 +754,9 @@ print("top-p, experts per patient by specialty (mean over seeds): " + ", ".join(
 # less often than the clear ones with one. That is the essay's last idea at the size of the
 # clinic: **parameters are knowledge, compute is intelligence, and an adaptive GP spends the
 # compute where the case needs it.** The specialty line shows whether some departments get
-# more care on average; with four departments of equally hard rules there is no reason for a
-# large difference, and uncertainty about the letter matters more.
+# more care on average. The four departments' rules are drawn the same way, so no department
+# is harder by design; if their numbers are close, it is the clarity of the individual letter,
+# not the department, that decides the care.
 #
 # ## Recap
 #
