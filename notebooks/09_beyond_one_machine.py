@@ -677,7 +677,7 @@ probs = torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25], [0.05, 0.9, 0.05]])
 picked = top_p_routing(probs.log(), 0.6)
 for n in range(len(probs)):
     used = picked.expert_index[n][picked.keep[n]].tolist()
-    print(f"patient {n}: probabilities {probs[n].tolist()} → doctors {used} ({len(used)} of them)")
+    print(f"patient {n}: probabilities {[round(v, 2) for v in probs[n].tolist()]} → doctors {used} ({len(used)} of them)")
 
 # %% [markdown]
 # A second way, AdaMoE's **null experts** (Zeng et al. 2024, arXiv:2406.13233): the router
