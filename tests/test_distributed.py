@@ -39,6 +39,8 @@ CASES = [
     EquivalenceCase(router="top_k", top_k=2, idle_rank=True),
     EquivalenceCase(idle_rank=True, capacity_factor=1.0),
     EquivalenceCase(router="top_k", top_k=2, uneven=True),  # ranks hold different numbers of tokens
+    EquivalenceCase(router="mixtral", top_k=2, num_shared_experts=1, shared_expert_gate=True),  # lesson 10's options
+    EquivalenceCase(router="sigmoid", top_k=2, num_shared_experts=2, capacity_factor=1.0),
 ]
 CASES_4 = [CASES[0], CASES[1], CASES[3], CASES[4]]
 
@@ -59,6 +61,10 @@ def _check_equal(results: list[list[dict]]) -> float:
         for r in rank_results:
             assert r["expert_grads_present"], f"rank {r['rank']}: an expert has no gradient in {r['case']}"
             assert set(r["max_diff"]) >= {"y", "dx", "router", "aux_loss", "z_loss", "experts.w_in", "experts.w_out", "experts.b_in", "experts.b_out"}
+            if r["case"]["num_shared_experts"]:
+                assert "shared_experts.w_in" in r["max_diff"], f"the shared experts' gradients were not compared in {r['case']}"
+            if r["case"]["shared_expert_gate"]:
+                assert "w_shared_gate" in r["max_diff"]
             for name, value in r["max_diff"].items():
                 assert value < TOLERANCE, f"rank {r['rank']}, {name} differs by {value:.2e} in {r['case']}"
                 worst = max(worst, value)

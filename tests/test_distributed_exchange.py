@@ -140,3 +140,10 @@ def test_in_sequence_runs_each_call_and_refuses_calls_that_cannot_travel():
         run_on_processes(in_sequence, 2, [(local, (), {})])
     with pytest.raises(ValueError, match="triples"):
         run_on_processes(in_sequence, 2, [local])
+
+
+def test_options_whose_statistics_are_per_rank_are_refused_by_name():
+    for options, name in (({"balance_scope": "sequence"}, "balance_scope"),
+                          ({"router": "sigmoid", "top_k": 2, "bias_update_rate": 1e-3}, "bias_update_rate")):
+        with pytest.raises(ValueError, match=f"does not support MoEConfig.{name}"):
+            ExpertParallelMoE(MoEConfig(8, 16, 4, **options))
