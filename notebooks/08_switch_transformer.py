@@ -51,7 +51,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from moe_course.plots import use_course_style
+from moe_course.figures.plots import use_course_style
 
 # ---- the one knob of this lesson -------------------------------------------
 # SCALE = 1: the phone book trains its one-layer models, then the race trains fifteen small
@@ -85,7 +85,7 @@ use_course_style()
 # read-out to the wards:
 
 # %%
-from moe_course.phonebook import PhoneBookModel, rule_wards
+from moe_course.experiments.phonebook import PhoneBookModel, rule_wards
 from moe_course.show import show_source
 
 show_source(PhoneBookModel.forward)
@@ -111,7 +111,7 @@ show_source(rule_wards)
 # - **dense, E experts' width**: the parameter-matched baseline, which costs E times the FLOPs.
 
 # %%
-from moe_course.phonebook import PhoneBookConfig, phone_book_flops, phone_book_params
+from moe_course.experiments.phonebook import PhoneBookConfig, phone_book_flops, phone_book_params
 
 RECORDS = PhoneBookConfig(task="records", num_records=1024, d_model=32, num_wards=16)  # 1,024 cards with random wards
 RULE = PhoneBookConfig(task="rule", num_records=1024, d_model=32, num_wards=16)  # 1,024 new patients per step, one rule
@@ -141,7 +141,7 @@ print(f"the records table holds {RECORDS.num_records:,} × log2({W}) = {RECORDS.
 # `run_phone_books` trains the runs two at a time, each in its own process on one thread.
 
 # %%
-from moe_course.phonebook import PhoneBookRun, phone_book_table, run_phone_books
+from moe_course.experiments.phonebook import PhoneBookRun, phone_book_table, run_phone_books
 
 SEEDS_PB = (0, 1, 2, 3, 4)
 SEEDS_SWEEP = (0, 1, 2)
@@ -157,7 +157,7 @@ records = phone_book[phone_book["task"] == "records"]
 rule = phone_book[phone_book["task"] == "rule"]
 
 # %%
-from moe_course.lm_plots import phone_book_bars
+from moe_course.figures.lm_plots import phone_book_bars
 
 fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
 phone_book_bars(records, list(LAYERS), title="knowledge: records recalled (the whole table)", ylabel="records answered right", ax=left)
@@ -171,7 +171,7 @@ fig.tight_layout()
 # seed** (column `B won`), or behind on every seed. Otherwise it is "within seed noise".
 
 # %%
-from moe_course.lm_runs import seed_verdict
+from moe_course.experiments.lm_runs import seed_verdict
 
 both = {"accuracy": True, "loss": False}  # higher recall is better, lower loss is better
 verdicts_pb = pd.concat({
@@ -226,7 +226,7 @@ print(f"         ({DENSE} on the rule, seed by seed: {', '.join(f'{a:.1%}' for a
 # dense layer, which costs FLOPs in proportion.
 
 # %%
-from moe_course.lm_plots import knowledge_vs_parameters
+from moe_course.figures.lm_plots import knowledge_vs_parameters
 
 knowledge_vs_parameters(records, title="records recalled against the layer's parameters");
 sweep_pb = (records.groupby(["experts", "d_ff"])
@@ -263,7 +263,7 @@ sweep_pb.style.format({"recall": "{:.1%}", "loss": "{:.3f}", "parameters": "{:,}
 # %%
 import random
 
-from moe_course.corpus import Corpus, CorpusConfig
+from moe_course.data.corpus import Corpus, CorpusConfig
 
 SKILLS = ("arithmetic", "reversal", "sorting", "brackets", "grammar")
 corpus_config = CorpusConfig(
@@ -278,9 +278,9 @@ print([corpus.sample(rng=rng).text for _ in range(8)])
 
 # %% [markdown]
 # In the package a `Block` holds either a `FeedForward` (dense) or an expert layer. Here is its
-# forward pass; the only expert-specific part is the `MoEOutput` it returns, whose `loss` (the
-# weighted load-balancing and z-losses of lesson 05) the model adds up over blocks into
-# `GPTOutput.aux_loss`, and the training loss adds to the cross-entropy.
+# forward pass; the only expert-specific part is the `MoEOutput` it returns, whose `router_loss`
+# (the weighted load-balancing and z-losses of lesson 05) the model adds up over blocks into
+# `GPTOutput.router_loss`, and the training loss adds to the cross-entropy.
 
 # %%
 from moe_course.transformer import Block
@@ -293,8 +293,8 @@ show_source(Block.forward)
 # - the expert layer reads `ln_2(x)`, like the FFN it replaces, and its output is added to the
 #   residual stream. A token dropped for lack of capacity gets `y = 0` and rides the residual
 #   unchanged to the next floor;
-# - `force_expert` sends every token to one expert with gate 1: with E = 1 that is exactly the
-#   dense model (a test in the package checks it);
+# - with E = 1 the router's softmax over one expert is exactly 1, so a Switch block is exactly
+#   the dense block (a test in the package checks it);
 # - a Switch layer's router is a `D × E` matrix computed in float32, initialised small (the
 #   Switch paper's reduced initialisation scale, `init_scale`), so at the start the GP is nearly
 #   indifferent: every expert gets probability close to `1/E`;
@@ -385,7 +385,7 @@ print(f"the hash layer (E={hashed.num_experts}): {param_count(hashed).total:,} p
 # longest cell of the lesson, with a progress bar.
 
 # %%
-from moe_course.lm_runs import LMRun, results_table, run_lms
+from moe_course.experiments.lm_runs import LMRun, results_table, run_lms
 from moe_course.training import TrainConfig
 
 STEPS = 300 * SCALE
@@ -402,7 +402,7 @@ table = results_table(results)
 # The line is the mean over the five seeds, the band spans the best and the worst seed.
 
 # %%
-from moe_course.lm_plots import loss_curves
+from moe_course.figures.lm_plots import loss_curves
 
 fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
 loss_curves(results, "val_recall_facts", title="records recalled (the whole table)", ylabel="share of the table answered right", ax=left)
@@ -473,9 +473,9 @@ speed.round(4)
 # expert (0: the expert tells you nothing about the domain; 1: each domain has its own experts).
 
 # %%
-from moe_course.lm import LMTask
-from moe_course.lm_plots import routing_heatmaps
-from moe_course.lm_routing import routing_report
+from moe_course.training.lm import LMTask
+from moe_course.figures.lm_plots import routing_heatmaps
+from moe_course.analysis.lm_routing import routing_report
 
 
 def median_run(label: str, metric: str = "val_recall_facts"):
@@ -511,7 +511,7 @@ prefs["char"] = prefs["char"].map(repr)
 # model recalls the record.
 
 # %%
-from moe_course.lm import fact_recall, without_dropping
+from moe_course.training.lm import fact_recall, without_dropping
 
 patients = list(corpus.facts)
 prompts = torch.stack([corpus.encode("\n" + corpus.fact_prompt(p)) for p in patients])  # (P, 4): all the same length
@@ -546,7 +546,7 @@ print("records on the busiest expert: " + ", ".join(f"{n}: {c} of {len(patients)
 # ### Over training: load, dropped tokens, and the GP's confidence
 
 # %%
-from moe_course.lm_plots import expert_share_over_training, routing_over_training
+from moe_course.figures.lm_plots import expert_share_over_training, routing_over_training
 
 tracker = watched.routing_tracker(task)
 expert_share_over_training(tracker.history, title="share of tokens per expert during training (Switch)");
@@ -572,7 +572,7 @@ routing_over_training(tracker.summary, title="routing during training (Switch)")
 # too: its gate is 1).
 
 # %%
-from moe_course.lm_plots import layer_name
+from moe_course.figures.lm_plots import layer_name
 
 gates = tracker.summary.pivot(index="step", columns="layer", values="mean_gate")
 gates.columns = [f"mean gate, {layer_name(c)}" for c in gates.columns]
@@ -591,7 +591,7 @@ print(f"mean gate at the last evaluation: {gates.iloc[-1, 0]:.2f} (1/E = {1 / sw
 # answers and the dense model does not; then the first three the other way round.
 
 # %%
-from moe_course.lm import complete
+from moe_course.training.lm import complete
 
 dense_model, hash_model = (without_dropping(median_run(label).model()) for label in ("dense", "hash"))
 hash_knows, dense_knows = fact_recall(hash_model, corpus).recalled.tolist(), fact_recall(dense_model, corpus).recalled.tolist()
@@ -622,7 +622,8 @@ pd.DataFrame([{"prompt": corpus.fact_prompt(p), "ward in the records": corpus.fa
 # and FLOP accounting of a language model.
 #
 # **Next:** lesson 09 takes the hospital beyond one machine: experts on different devices,
-# tokens sent between them with an all-to-all exchange, and soft MoE.
+# tokens sent between them in two all-to-all exchanges; then Soft MoE, and routers that give
+# harder cases more doctors.
 #
 # **Read more:** Fedus, Zoph and Shazeer 2021, *Switch Transformers: Scaling to Trillion
 # Parameter Models with Simple and Efficient Sparsity*, arXiv:2101.03961 (top-1 routing,

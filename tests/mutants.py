@@ -3230,3 +3230,223 @@ MUTANTS.update({
         ("changes the dense FFN", up_changes_ffn, "the dense FFN's fc_in.weight changed"),
     ],
 })
+
+
+# == lesson 09 =======================================================================================
+from moe_course.distributed.exchange import simulate_all_to_all  # noqa: E402
+
+
+# -- 9.1 split_sizes ---------------------------------------------------------------------------------
+def split_no_transpose(counts, rank):
+    W, E = counts.shape
+    sent = counts[rank].view(W, E // W).sum(-1).tolist()
+    return sent, sent
+
+
+def split_swapped(counts, rank):
+    W, E = counts.shape
+    per = counts.view(W, W, E // W).sum(-1)
+    return per[:, rank].tolist(), per[rank].tolist()
+
+
+def split_round_robin(counts, rank):
+    W, E = counts.shape
+    per = counts.view(W, E // W, W).sum(1)  # expert e on rank e % W
+    return per[rank].tolist(), per[:, rank].tolist()
+
+
+def split_tensors(counts, rank):
+    W, E = counts.shape
+    per = counts.view(W, W, E // W).sum(-1)
+    return per[rank], per[:, rank]
+
+
+def split_per_expert(counts, rank):
+    return counts[rank].tolist(), counts[:, rank].tolist()
+
+
+def split_single_expert_column(counts, rank):
+    W, E = counts.shape
+    per = counts.view(W, W, E // W).sum(-1)
+    return per[rank].tolist(), counts[:, rank].tolist()
+
+
+def split_column_sums(counts, rank):
+    W, E = counts.shape
+    per = counts.view(W, W, E // W).sum(-1)
+    return per[rank].tolist(), per.sum(0).tolist()
+
+
+def split_float_mean(counts, rank):
+    W, E = counts.shape
+    per = counts.float().view(W, W, E // W).sum(-1)
+    return per[rank].tolist(), per[:, rank].tolist()
+
+
+def split_everyones_sends(counts, rank):
+    W, E = counts.shape
+    per = counts.view(W, W, E // W).sum(-1)
+    return per.sum(0).tolist(), per[:, rank].tolist()
+
+
+# -- 9.2 all_to_all_backward --------------------------------------------------------------------------
+def a2a_same_splits(grad_received, splits):
+    return simulate_all_to_all(grad_received, splits)
+
+
+def a2a_identity(grad_received, splits):
+    return list(grad_received)
+
+
+def a2a_averaged(grad_received, splits):
+    return [g / splits.shape[0] for g in simulate_all_to_all(grad_received, splits.T)]
+
+
+def a2a_reversed_ranks(grad_received, splits):
+    return simulate_all_to_all(grad_received, splits.T)[::-1]
+
+
+def a2a_blocks_reversed(grad_received, splits):
+    W = splits.shape[0]
+    blocks = [torch.split(g, splits[:, q].tolist()) for q, g in enumerate(grad_received)]
+    return [torch.cat([blocks[q][s] for q in reversed(range(W))]) for s in range(W)]
+
+
+def a2a_one_tensor(grad_received, splits):
+    return torch.cat(simulate_all_to_all(grad_received, splits.T))
+
+
+def a2a_zeros(grad_received, splits):
+    return [torch.zeros(int(n), grad_received[0].shape[1]) for n in splits.sum(1)]
+
+
+def a2a_rows_by_hand_wrong_split(grad_received, splits):
+    W = splits.shape[0]
+    blocks = [torch.split(g, splits[q].tolist()) for q, g in enumerate(grad_received)]  # split by what q sent, not what it received
+    return [torch.cat([blocks[q][s] for q in range(W)]) for s in range(W)]
+
+
+# -- 9.3 soft_moe_weights -----------------------------------------------------------------------------
+def smw_axes_swapped(logits):
+    return torch.softmax(logits, dim=2), torch.softmax(logits, dim=1)
+
+
+def smw_both_over_slots(logits):
+    return torch.softmax(logits, dim=2), torch.softmax(logits, dim=2)
+
+
+def smw_dispatch_over_batch(logits):
+    return torch.softmax(logits, dim=0), torch.softmax(logits, dim=2)
+
+
+def smw_dispatch_all_tokens(logits):
+    B, T, S = logits.shape
+    return torch.softmax(logits.reshape(B * T, S), dim=0).reshape(B, T, S), torch.softmax(logits, dim=-1)
+
+
+def smw_raw_combine(logits):
+    return torch.softmax(logits, dim=1), logits
+
+
+def smw_detached(logits):
+    with torch.no_grad():
+        return torch.softmax(logits, dim=1), torch.softmax(logits, dim=2)
+
+
+def smw_order_swapped(logits):
+    return torch.softmax(logits, dim=2), torch.softmax(logits, dim=1)[..., :]  # the right tensors, returned in the wrong order
+
+
+def smw_log_dispatch(logits):
+    return torch.log_softmax(logits, dim=1), torch.softmax(logits, dim=2)
+
+
+def smw_combine_over_everything(logits):
+    B, T, S = logits.shape
+    return torch.softmax(logits, dim=1), torch.softmax(logits.reshape(B, T * S), dim=-1).reshape(B, T, S)
+
+
+# -- 9.4 top_p_mask -----------------------------------------------------------------------------------
+def topp_without_crossing(router_probs, p):
+    top, index = router_probs.sort(dim=-1, descending=True)
+    return torch.zeros_like(router_probs, dtype=torch.bool).scatter(1, index, top.cumsum(-1) < p)
+
+
+def topp_sorted_order(router_probs, p):
+    top, _ = router_probs.sort(dim=-1, descending=True)
+    return (top.cumsum(-1) - top) < p
+
+
+def topp_unsorted(router_probs, p):
+    return (router_probs.cumsum(-1) - router_probs) < p
+
+
+def topp_ascending(router_probs, p):
+    top, index = router_probs.sort(dim=-1)
+    return torch.zeros_like(router_probs, dtype=torch.bool).scatter(1, index, (top.cumsum(-1) - top) < p)
+
+
+def topp_threshold(router_probs, p):
+    return router_probs >= p
+
+
+def topp_long_mask(router_probs, p):
+    top, index = router_probs.sort(dim=-1, descending=True)
+    keep = ((top.cumsum(-1) - top) < p).long()
+    return torch.zeros_like(router_probs, dtype=torch.long).scatter(1, index, keep)
+
+
+def topp_counts(router_probs, p):
+    top, _ = router_probs.sort(dim=-1, descending=True)
+    return ((top.cumsum(-1) - top) < p).sum(-1)
+
+
+def topp_fixed_k(router_probs, p):
+    E = router_probs.shape[-1]
+    index = router_probs.topk(max(1, round(p * E)), dim=-1).indices
+    return torch.zeros_like(router_probs, dtype=torch.bool).scatter(1, index, True)
+
+
+MUTANTS.update({
+    "9.1": [
+        ("output = input", split_no_transpose, "output_splits equals your input_splits"),
+        ("swapped", split_swapped, "the two results are swapped"),
+        ("round robin experts", split_round_robin, "round robin"),
+        ("tensors, not lists", split_tensors, "Python list of ints"),
+        ("per expert", split_per_expert, "one per expert"),
+        ("one expert's column", split_single_expert_column, "counts only expert"),
+        ("column sums", split_column_sums, "what each rank receives from everybody"),
+        ("floats", split_float_mean, "holds floats"),
+        ("everyone's sends", split_everyones_sends, "counts every rank's rows"),
+    ],
+    "9.2": [
+        ("same splits", a2a_same_splits, "with the same splits"),
+        ("identity", a2a_identity, "kept the gradients of the rows it received"),
+        ("averaged over ranks", a2a_averaged, "divided by the number of ranks"),
+        ("ranks reversed", a2a_reversed_ranks, "the ranks are in reverse order"),
+        ("blocks reversed", a2a_blocks_reversed, "blocks are in reverse order"),
+        ("one tensor", a2a_one_tensor, "return a list of"),
+        ("zeros", a2a_zeros, "every gradient is zero"),
+        ("split by what was sent, by hand", a2a_rows_by_hand_wrong_split, "with the same splits"),
+    ],
+    "9.3": [
+        ("axes swapped", smw_axes_swapped, "the results are in the wrong order"),
+        ("both over the slots", smw_both_over_slots, "dispatch and combine are the same tensor"),
+        ("dispatch over the batch", smw_dispatch_over_batch, "over the sequences of the batch"),
+        ("dispatch over all tokens", smw_dispatch_all_tokens, "over the tokens of every sequence at once"),
+        ("raw combine", smw_raw_combine, "raw logits"),
+        ("detached", smw_detached, "carry no gradient"),
+        ("log dispatch", smw_log_dispatch, "log-weights"),
+        ("combine over everything", smw_combine_over_everything, "over all tokens and slots together"),
+    ],
+    "9.4": [
+        ("crossing expert left out", topp_without_crossing, "the expert that crosses p is left out"),
+        ("sorted order", topp_sorted_order, "the mask is in sorted order"),
+        ("unsorted cumsum", topp_unsorted, "sort each token's probabilities first"),
+        ("ascending", topp_ascending, "from smallest to largest"),
+        ("threshold", topp_threshold, "p is a total"),
+        ("long mask", topp_long_mask, "must be a bool tensor"),
+        ("counts", topp_counts, "one number per token"),
+        ("fixed k", topp_fixed_k, "the same number of experts"),
+    ],
+})

@@ -89,3 +89,61 @@ def test_run_on_processes_refuses_functions_that_cannot_travel_by_name():
             run_on_processes(fn, 2)
     with pytest.raises(ValueError, match="world_size"):
         run_on_processes(_local_function, 0)
+
+
+def test_simulate_all_to_all_delivers_every_block_in_sender_order():
+    from moe_course.distributed.exchange import simulate_all_to_all
+
+    splits = torch.tensor([[2, 5, 1], [1, 2, 5], [5, 1, 2]])  # (W, W): row s, what rank s sends to each rank
+    rows = [torch.arange(8.0)[:, None] + 100 * s for s in range(3)]  # rank s's rows: 100·s + 0..7
+    received = simulate_all_to_all(rows, splits)
+    assert [r.shape[0] for r in received] == splits.sum(0).tolist()  # column sums: what each rank receives
+    assert received[0].flatten().tolist() == [0, 1, 100, 200, 201, 202, 203, 204]  # from rank 0, then 1, then 2
+    assert received[2].flatten().tolist() == [7, 103, 104, 105, 106, 107, 206, 207]
+    assert torch.equal(exchange_matrix(torch.tensor([[2, 5, 1], [1, 2, 5], [5, 1, 2]])), splits)  # one expert per rank: the same table
+
+
+def test_simulate_all_to_all_backward_is_the_exchange_with_the_splits_swapped():
+    from moe_course.distributed.exchange import simulate_all_to_all
+
+    g = torch.Generator().manual_seed(0)
+    splits = torch.tensor([[3, 0, 2], [1, 4, 0], [0, 2, 2]])
+    rows = [torch.randn(int(n), 4, generator=g, requires_grad=True) for n in splits.sum(1)]
+    received = simulate_all_to_all(rows, splits)
+    upstream = [torch.randn(r.shape, generator=g) for r in received]
+    grads = torch.autograd.grad(sum((r * u).sum() for r, u in zip(received, upstream)), rows)
+    back = simulate_all_to_all(upstream, splits.T)
+    assert all(torch.equal(a, b) for a, b in zip(grads, back))
+
+
+@pytest.mark.parametrize("rows, splits, match", [
+    ([torch.zeros(3, 2)], torch.tensor([[3]]).float(), "integer"),
+    ([torch.zeros(3, 2)], torch.tensor([[1, 2], [0, 0]]), "one tensor per rank"),
+    ([torch.zeros(3, 2), torch.zeros(1, 2)], torch.tensor([[1, 2], [0, 0]]), "rank 1 holds 1 rows"),
+    ([torch.zeros(3, 2), torch.zeros(0, 2)], torch.tensor([[4, -1], [0, 0]]), "negative"),
+])
+def test_simulate_all_to_all_rejects_tables_that_do_not_fit_by_name(rows, splits, match):
+    from moe_course.distributed.exchange import simulate_all_to_all
+
+    with pytest.raises(ValueError, match=match):
+        simulate_all_to_all(rows, splits)
+
+
+def test_in_sequence_runs_each_call_and_refuses_calls_that_cannot_travel():
+    from moe_course.distributed.launch import in_sequence
+
+    def local(rank, world_size):  # defined in a function: cannot be found by name in a new process
+        return rank
+
+    assert in_sequence(1, 2, [(divmod, (), {}), (max, (5,), {})]) == [(0, 1), 5]  # fn(rank, world_size, *args)
+    with pytest.raises(ValueError, match="top level of an importable module"):
+        run_on_processes(in_sequence, 2, [(local, (), {})])
+    with pytest.raises(ValueError, match="triples"):
+        run_on_processes(in_sequence, 2, [local])
+
+
+def test_options_whose_statistics_are_per_rank_are_refused_by_name():
+    for options, name in (({"balance_scope": "sequence"}, "balance_scope"),
+                          ({"router": "sigmoid", "top_k": 2, "bias_update_rate": 1e-3}, "bias_update_rate")):
+        with pytest.raises(ValueError, match=f"does not support MoEConfig.{name}"):
+            ExpertParallelMoE(MoEConfig(8, 16, 4, **options))

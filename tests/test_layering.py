@@ -24,13 +24,13 @@ ROLES = {
     "data": {"core"},
     "training": {"core", "data"},
     "analysis": {"core", "data", "training"},
-    "experiments": {"core", "data", "training", "analysis"},
+    "experiments": {"core", "data", "training", "analysis", "variants"},
     "figures": {"core", "data", "training", "analysis", "experiments"},
     "bench": {"core", "fast", "training", "data"},  # data: the LM benchmark trains on the corpus
     "variants": {"core", "data"},
     "distributed": {"core", "data", "training", "variants"},
     # course tooling: the hidden tests use what the lessons use; the learner's command and the exercise builder share files
-    "checks": {"core", "data", "training", "analysis", "experiments", "variants"},
+    "checks": {"core", "data", "training", "analysis", "experiments", "variants", "distributed"},
     "course": {"exercises"},
     "exercises": {"course"},
 }

@@ -15,6 +15,7 @@ from . import (  # noqa: F401  (registers the checkers)
     lesson06,
     lesson07,  # noqa: F401  (attention and the transformer block)
     lesson08,  # noqa: F401  (the Switch Transformer)
+    lesson09,  # noqa: F401  (beyond one machine: the exchange, Soft MoE, top-p)
     lesson10,  # noqa: F401  (modern MoE)
 )
 from ._core import REGISTRY, Exercise, ExerciseError, Mistake, check, exercise

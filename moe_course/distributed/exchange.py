@@ -25,6 +25,7 @@ cuts the graph without an error and the experts never learn.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ import torch.distributed as dist
 
 from .group import explain_collective_errors, require_process_group
 
-__all__ = ["all_to_all", "exchange_counts", "rows_per_rank", "exchange_matrix", "bytes_per_token"]
+__all__ = ["all_to_all", "exchange_counts", "rows_per_rank", "exchange_matrix", "simulate_all_to_all", "bytes_per_token"]
 
 
 def _all_to_all_single(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group: Any) -> torch.Tensor:
@@ -106,6 +107,33 @@ def exchange_matrix(tokens_per_expert: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected (W, E) counts with E divisible by W, got {tuple(tokens_per_expert.shape)}")
     world = tokens_per_expert.shape[0]
     return tokens_per_expert.view(world, world, -1).sum(-1)  # (W, W)
+
+
+def simulate_all_to_all(rows: Sequence[torch.Tensor], splits: torch.Tensor) -> list[torch.Tensor]:
+    """The all-to-all of W ranks played in one process: rows[s] (M_s, D) for every rank → received[q] (R_q, D).
+
+    splits (W, W) ints: splits[s, q] rows rank s sends to rank q. Row s is
+    rank s's input splits (its rows are in destination order: the first
+    splits[s, 0] go to rank 0, the next splits[s, 1] to rank 1, ...); column q
+    is rank q's output splits: received[q] holds the block from rank 0, then
+    from rank 1, ... So M_s = Σ_q splits[s, q] and R_q = Σ_s splits[s, q].
+    What ``all_to_all`` does across processes, with no process group; built
+    from ``torch.split`` and ``torch.cat``, so autograd gives its backward.
+    """
+    rows = list(rows)
+    if not isinstance(splits, torch.Tensor) or splits.ndim != 2 or splits.shape[0] != splits.shape[1] or splits.is_floating_point():
+        raise ValueError(f"splits must be a (W, W) integer tensor, got {getattr(splits, 'dtype', type(splits).__name__)} {tuple(getattr(splits, 'shape', ()))}")
+    world = splits.shape[0]
+    if len(rows) != world:
+        raise ValueError(f"rows must hold one tensor per rank: splits is {world}×{world} but rows has {len(rows)} tensors")
+    if bool((splits < 0).any()):
+        raise ValueError(f"split sizes cannot be negative, got {splits.tolist()}")
+    for s, r in enumerate(rows):
+        if not isinstance(r, torch.Tensor) or r.ndim < 1 or r.shape[0] != int(splits[s].sum()):
+            raise ValueError(f"rank {s} holds {r.shape[0] if isinstance(r, torch.Tensor) and r.ndim else '?'} rows, "
+                             f"but splits[{s}] sends {int(splits[s].sum())} ({splits[s].tolist()})")
+    blocks = [torch.split(r, splits[s].tolist()) for s, r in enumerate(rows)]  # blocks[s][q]: rank s's rows for rank q
+    return [torch.cat([blocks[s][q] for s in range(world)]) for q in range(world)]
 
 
 def bytes_per_token(

@@ -30,7 +30,30 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["run_on_processes"]
+__all__ = ["run_on_processes", "in_sequence"]
+
+
+def _check_travels(fn: Any) -> None:
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not callable(fn) or module in (None, "__main__") or "<locals>" in qualname or "<lambda>" in qualname:
+        raise ValueError(
+            f"run_on_processes needs a function defined at the top level of an importable module, got {qualname or fn!r} "
+            f"from {module!r}: new processes receive the function by name, and a function defined in a notebook or "
+            "inside another function cannot be found by name. Put it in a .py file (or use one from moe_course.distributed)")
+
+
+def in_sequence(rank: int, world_size: int, calls: list[tuple[Callable, tuple, dict]]) -> list[Any]:
+    """Several functions in one launch: ``[fn(rank, world_size, *args, **kwargs) for fn, args, kwargs in calls]``.
+
+    Starting a process group costs seconds, so a notebook that wants several
+    measurements from the same W processes asks for them in one go::
+
+        traffic, equal = run_on_processes(in_sequence, 2, [(record_traffic, (moe, train), {}),
+                                                            (compare_with_one_process, (cases,), {})])[0]
+
+    Each rank returns the list of its results (``run_on_processes`` gives one such list per rank).
+    """
+    return [fn(rank, world_size, *args, **dict(kwargs)) for fn, args, kwargs in calls]
 
 
 def _context():
@@ -81,12 +104,13 @@ def run_on_processes(
     """
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
-    if not callable(fn) or module in (None, "__main__") or "<locals>" in qualname or "<lambda>" in qualname:
-        raise ValueError(
-            f"run_on_processes needs a function defined at the top level of an importable module, got {qualname or fn!r} "
-            f"from {module!r}: new processes receive the function by name, and a function defined in a notebook or "
-            "inside another function cannot be found by name. Put it in a .py file (or use one from moe_course.distributed)")
+    _check_travels(fn)
+    if fn is in_sequence:
+        calls = args[0] if args else (kwargs or {}).get("calls")
+        if not isinstance(calls, (list, tuple)) or not all(isinstance(c, (list, tuple)) and len(c) == 3 for c in calls):
+            raise ValueError("in_sequence expects a list of (function, args tuple, kwargs dict) triples")
+        for c in calls:
+            _check_travels(c[0])
     for name, value in (("timeout", timeout), ("collective_timeout", collective_timeout)):
         if not (isinstance(value, (int, float)) and value > 0):
             raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")

@@ -54,7 +54,7 @@ from torch import nn
 from ..dispatch import combine_rows, dispatch, sort_by_expert, sort_dispatch
 from ..experts import Experts
 from ..moe import MoEConfig, MoELayer, MoEOutput
-from ..routing import capacity_mask, expert_capacity, noisy_top_k_routing, switch_routing, top_k_routing
+from ..routing import capacity_mask, expert_capacity
 from .exchange import all_to_all, exchange_counts
 from .group import explain_collective_errors, group_rank_zero, require_process_group, same_on_every_rank
 
@@ -90,6 +90,11 @@ class ExpertParallelMoE(MoELayer):
     def __init__(self, config: MoEConfig, *, group: Any = None) -> None:
         if not isinstance(config, MoEConfig):
             raise TypeError(f"ExpertParallelMoE expects a MoEConfig, got {type(config).__name__}")
+        unsupported = {"balance_scope": (config.balance_scope, "batch"), "bias_update_rate": (config.bias_update_rate, 0.0)}
+        for name, (value, plain) in unsupported.items():
+            if value != plain:
+                raise ValueError(f"ExpertParallelMoE does not support MoEConfig.{name}={value!r} (its losses and loads are summed over "
+                                 f"the global batch); use {name}={plain!r}, or a single-process MoELayer")
         rank, world = require_process_group(group, "ExpertParallelMoE")
         if config.num_experts % world:
             divisors = [w for w in range(1, config.num_experts + 1) if config.num_experts % w == 0]
@@ -108,11 +113,15 @@ class ExpertParallelMoE(MoELayer):
             self.register_parameter("w_noise", None)
         self.experts = Experts(self.num_local_experts, D, config.d_ff, activation=config.activation, bias=config.bias,
                                init_scale=config.init_scale)
+        # replicated like the router: every rank runs the shared experts on its own tokens
+        self.shared_experts = (Experts(config.num_shared_experts, D, config.d_ff, activation=config.activation, bias=config.bias,
+                                       init_scale=config.init_scale) if config.num_shared_experts else None)
+        self.w_shared_gate = nn.Parameter(torch.empty(D, 1)) if config.shared_expert_gate else None  # (D, 1)
+        self.register_buffer("expert_bias", torch.zeros(E) if config.router == "sigmoid" else None)  # (E,) selection only
         self.reset_router()
         with torch.no_grad(), explain_collective_errors("broadcasting the router weights", group):
-            for p in (self.w_router, self.w_noise):
-                if p is not None:
-                    dist.broadcast(p.data, src=group_rank_zero(group), group=group)
+            for p in _replicated_of(self):
+                dist.broadcast(p.data, src=group_rank_zero(group), group=group)
 
     @classmethod
     def from_layer(cls, layer: MoELayer, *, group: Any = None) -> "ExpertParallelMoE":
@@ -122,9 +131,8 @@ class ExpertParallelMoE(MoELayer):
         ep = cls(layer.config, group=group)
         mine = slice(ep.first_expert, ep.first_expert + ep.num_local_experts)
         with torch.no_grad():
-            ep.w_router.copy_(layer.w_router)
-            if ep.w_noise is not None:
-                ep.w_noise.copy_(layer.w_noise)
+            for mine_t, theirs in zip(_replicated_of(ep), _replicated_of(layer)):
+                mine_t.copy_(theirs)
             for name, p in ep.experts.named_parameters():
                 p.copy_(getattr(layer.experts, name)[mine])
         return ep.to(layer.w_router.device)
@@ -146,18 +154,9 @@ class ExpertParallelMoE(MoELayer):
 
     def _route(self, tokens: torch.Tensor):
         """The same routing as ``MoELayer.forward``: (router_logits (N, E), Routing)."""
-        cfg = self.config
-        router_in = tokens
-        if self.training and cfg.router_jitter > 0:
-            noise = torch.empty_like(tokens, dtype=torch.float32).uniform_(1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)
-            router_in = tokens.float() * noise
+        router_in = self.jitter(tokens)  # (N, D)
         logits = self.router(router_in)  # (N, E) float32
-        if cfg.router == "switch":
-            return logits, switch_routing(logits)
-        if cfg.router == "top_k":
-            return logits, top_k_routing(logits, cfg.top_k)
-        noise_logits = self._float32_matmul(router_in, self.w_noise)
-        return logits, noisy_top_k_routing(logits, noise_logits, cfg.top_k, training=self.training)
+        return logits, self.route(logits, router_in)
 
     def _local_experts(self, rows: torch.Tensor, local_expert: torch.Tensor) -> torch.Tensor:
         """This rank's experts on the rows that arrived: rows (R, D), local_expert (R,) → (R, D), ungated.
@@ -245,7 +244,7 @@ class ExpertParallelMoE(MoELayer):
             raise ValueError(f"ExpertParallelMoE expects x of shape (B, T, {cfg.d_model}) or (N, {cfg.d_model}), got {tuple(getattr(x, 'shape', ()))}")
         tokens = x.reshape(-1, cfg.d_model)  # (N, D)
         logits, routing = self._route(tokens)
-        probs = routing.router_probs if routing.router_logits is logits else F.softmax(logits, dim=-1)  # (N, E)
+        probs = routing.router_probs if cfg.router == "sigmoid" else F.softmax(logits, dim=-1)  # (N, E), as MoELayer
         expert_index, gates = routing.expert_index, routing.gates  # (N, K)
         if cfg.capacity_factor is None:
             capacity = None
@@ -256,6 +255,8 @@ class ExpertParallelMoE(MoELayer):
             assignment = capacity_mask(expert_index, cfg.num_experts, capacity)
             keep = assignment.keep
             y, traffic, exchange_s, expert_s = self._padded(tokens, expert_index, gates, assignment.position, keep, capacity)
+        if self.shared_experts is not None:  # replicated: no exchange, every rank's own tokens
+            y = y + self.shared_output(tokens)
         t0 = time.perf_counter()
         aux, z, aux_part, z_part, counts_g = self._global_losses(logits, probs, expert_index)
         exchange_s += time.perf_counter() - t0
@@ -284,6 +285,12 @@ class ExpertParallelMoE(MoELayer):
         return (f"rank={self.rank}/{self.world_size}, experts {self.first_expert}..{self.first_expert + self.num_local_experts - 1} "
                 f"of {c.num_experts}, router={c.router!r}, top_k={c.top_k}, "
                 + ("dropless" if c.capacity_factor is None else f"capacity-padded, capacity_factor={c.capacity_factor}"))
+
+
+def _replicated_of(layer: MoELayer) -> list[torch.Tensor]:
+    """The tensors every rank holds a copy of: router, noise, shared experts and their gate, the selection bias."""
+    shared = list(layer.shared_experts.parameters()) if layer.shared_experts is not None else []
+    return [t for t in (layer.w_router, layer.w_noise, layer.w_shared_gate, *shared, layer.expert_bias) if t is not None]
 
 
 def shard_moe_layers(model: nn.Module, *, group: Any = None) -> nn.Module:

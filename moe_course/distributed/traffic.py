@@ -133,8 +133,15 @@ def imbalance_timings(
     balance). The routing is steered through the input: the router is 10·I on
     the first E features and each token is the one-hot of its expert plus small
     noise. Returns one row per (share, repeat) for this rank: the wall time of
-    the whole forward+backward (``step_seconds``, after a barrier), the forward
-    time of its own experts and of its exchanges, and the rows it received.
+    the whole forward+backward (``step_seconds``, after a barrier), the CPU time
+    this process spent on it (``cpu_seconds``: its own work; a rank waiting in an
+    exchange sleeps and uses none), the forward time of its own experts and of
+    its exchanges, and the rows it received.
+
+    On one machine the ranks share its cores, so a waiting rank lends its core
+    to the busy one and the wall time hides the imbalance; the CPU time shows
+    each rank's work, and on separate devices the step cannot be shorter than
+    the busiest rank's.
     """
     import time
 
@@ -166,13 +173,13 @@ def imbalance_timings(
     for r in range(repeats + 1):  # round 0 warms up; the shares take turns, so a slow spell hits them all
         for p, x in zip(shares, inputs):
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             x_in = x.clone().requires_grad_(True)
             out = layer(x_in)
             (out.y.square().sum() + out.router_loss).backward()
-            step = time.perf_counter() - t0
+            step, cpu = time.perf_counter() - t0, time.process_time() - cpu0
             if r:
-                rows.append({"share": p, "repeat": r, "rank": rank, "step_seconds": step, "expert_seconds": out.expert_seconds,
+                rows.append({"share": p, "repeat": r, "rank": rank, "step_seconds": step, "cpu_seconds": cpu, "expert_seconds": out.expert_seconds,
                              "exchange_seconds": out.exchange_seconds, "received": int(out.received.sum()),
                              "load": out.tokens_per_rank.tolist()})
     return rows

@@ -33,7 +33,7 @@ __all__ = ["EquivalenceCase", "compare_with_one_process", "failure_messages"]
 
 @dataclass(frozen=True)
 class EquivalenceCase:
-    router: str = "switch"  # "switch" (top-1) or "top_k"
+    router: str = "switch"  # any MoEConfig.router: "switch" (top-1), "top_k", "mixtral", "sigmoid", ...
     top_k: int = 1  # K
     capacity_factor: float | None = None  # None: dropless; a number: capacity-padded (capacity per rank)
     idle_rank: bool = False  # the last rank's experts receive no token at all
@@ -42,11 +42,14 @@ class EquivalenceCase:
     experts_per_rank: int = 2  # E = experts_per_rank · W
     d_model: int = 16  # D (a multiple of 4 floats: the grouped-matmul path works too)
     d_ff: int = 32  # F
+    num_shared_experts: int = 0  # replicated experts every token visits (DeepSeekMoE)
+    shared_expert_gate: bool = False  # Qwen2-MoE's sigmoid gate on the shared experts
     seed: int = 0
 
     def config(self, world_size: int) -> MoEConfig:
         return MoEConfig(d_model=self.d_model, d_ff=self.d_ff, num_experts=self.experts_per_rank * world_size, top_k=self.top_k,
-                         capacity_factor=self.capacity_factor, router=self.router)
+                         capacity_factor=self.capacity_factor, router=self.router, num_shared_experts=self.num_shared_experts,
+                         shared_expert_gate=self.shared_expert_gate)
 
 
 def _rows(case: EquivalenceCase, world_size: int) -> list[int]:
@@ -114,6 +117,9 @@ def compare_with_one_process(rank: int, world_size: int, cases: list[Equivalence
             "aux_loss": abs(out.aux_loss.item() - aux_ref),
             "z_loss": abs(out.z_loss.item() - z_ref),
         }
+        for name, p in ep.named_parameters():  # the shared experts and their gate: replicated, gradients summed over ranks
+            if name.startswith("shared_experts.") or name == "w_shared_gate":
+                diff[name] = (p.grad - grads_ref[name]).abs().max().item()
         complete = True
         for name, p in ep.experts.named_parameters():
             if p.grad is None:

@@ -30,6 +30,7 @@ asked in a crowd. Training keeps the model's capacity factor.
 
 from __future__ import annotations
 
+from copy import deepcopy
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.corpus import ANSWER_DOMAINS, Corpus, LMBatch
+from ..moe import MoELayer
 from ..routing import expert_capacity
 from ..transformer import GPT
 from .loop import model_logits
@@ -203,14 +205,19 @@ def without_dropping(model: nn.Module) -> nn.Module:
 
     The copy (same weights, same device, eval mode) sends every token to its
     chosen expert whatever the others chose: its answers do not depend on
-    which rows share a forward call. Works for a ``GPT`` (its config's
-    ``capacity_factor`` set to None); other models are returned as they are.
+    which rows share a forward call. Works for a ``GPT`` (its config's and its
+    expert layers' ``capacity_factor`` set to None), including one whose
+    expert layers are spread over processes (``moe_course.distributed``): the
+    copy keeps each layer's own class and experts. Other models are returned
+    as they are.
     """
     if not isinstance(model, GPT) or model.config.ffn != "switch" or model.config.capacity_factor is None:
         return model
-    device = next(model.parameters()).device
-    copy = GPT(replace(model.config, capacity_factor=None)).to(device)
-    copy.load_state_dict(model.state_dict())
+    copy = deepcopy(model)
+    copy.config = replace(model.config, capacity_factor=None)
+    for layer in copy.modules():
+        if isinstance(layer, MoELayer):
+            layer.config = replace(layer.config, capacity_factor=None)  # read at every forward
     return copy.eval()
 
 
