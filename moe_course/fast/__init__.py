@@ -12,7 +12,7 @@ them, outputs and gradients). One op per file, as megablocks' ``ops/`` does:
     router_softmax.py  the router's softmax over few experts, in the layout a CPU is quick at
     sorting.py         the kept assignments sorted by expert, and the way back to the tokens
     sorted_experts.py  dispatch method "sort_split": one autograd op with a hand-written backward
-    switch_layer.py    the whole top-1 Switch layer (router to losses) as one autograd op
+    fused_switch.py    the whole top-1 Switch layer (router to losses) as one autograd op
     grouped_mm.py      dispatch method "grouped_mm": torch's grouped matmul, one call per layer
 
 The dispatch methods register themselves in ``METHODS`` (``registry.method``);
@@ -27,7 +27,7 @@ from .flag import applies, enabled
 from .registry import METHODS
 from .router_matmul import router_matmul
 from .router_softmax import softmax
-from .switch_layer import applies_to as switch_layer_applies, switch_layer
+from .fused_switch import applies_to as switch_layer_applies, switch_layer
 from .threads import expert_order, expert_threads, over_experts, worth_threading
 
 __all__ = ["ACTIVATION_GRADS", "applies", "enabled", "METHODS", "router_matmul", "softmax", "switch_layer", "switch_layer_applies", "busy", "contention", "one_thread_when_busy",
