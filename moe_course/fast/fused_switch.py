@@ -3,17 +3,18 @@
 Legend: N tokens, D model width, F hidden width, E experts, M kept tokens, C capacity.
 
 ``MoELayer.forward`` reads as five steps, each a few PyTorch calls, most of
-them recorded by autograd: about 100 calls forward and 120 backward per
-layer, where a dense FFN makes about 15. A call costs several µs whatever its
-size (measured inside a training step of lesson 08's model: about 9 µs, and
-24 µs with its backward node), so at lesson 08's sizes (N=1024, D=64, F=128,
-E=8) the calls, not the arithmetic, made the Switch step 1.3-1.4x the dense
-one (``python -m moe_course.bench --lm``). This op computes the same
-``MoEOutput`` fields with about half the calls and one autograd node:
+them recorded by autograd: about a hundred calls forward and more backward,
+where a dense FFN makes about fifteen. A call costs microseconds whatever its
+size (more with its backward node), so at lesson 08's sizes (N=1024, D=64,
+F=128, E=8) the calls, not the arithmetic, decide how far the Switch step is
+from the dense one (``python -m moe_course.bench --lm`` prints the ratio).
+This op computes the same ``MoEOutput`` fields with about half the calls and
+one autograd node:
 
 - the router's logits come out as the transpose of an (E, N) product when E
-  is small (``router_matmul``), and the softmax, the top-1 choice and the
-  z-loss's log-sum-exp run along that layout's first dimension (``router_softmax``);
+  is small (``router_matmul``), the softmax and the top-1 choice run along
+  that layout's first dimension (``router_softmax``), and the z-loss's
+  log-sum-exp comes from the top probability (log Z = l_max - log p_max);
 - the tokens are counted per expert once, and one stable sort by expert gives
   the capacity (a token's rank among its expert's tokens, kept if < C), the
   order of the experts' blocks and the way back;
@@ -123,7 +124,9 @@ class _SwitchLayer(torch.autograd.Function):
         # 4. the losses: balance E·Σ f·P and z = mean (log Z)²
         f = counts.float() / num_tokens  # (E,) share of the tokens routed to each expert
         aux = torch.dot(f, probs_t.sum(dim=1)) * (num_experts / num_tokens)  # E · Σ_e f_e · mean_n p_en
-        log_z = torch.logsumexp(logits_t, dim=0)  # (N,)
+        # log Z_n = l_n,max - log p_n,max: the softmax already holds it (p_max = gate >= 1/E, so the log is
+        # well conditioned), and a log-sum-exp along the E dimension would be a slow kernel of its own
+        log_z = logits_t.gather(0, index[None])[0] - gate.log()  # (N,)
         z = torch.dot(log_z, log_z) / num_tokens  # mean of (log Z)²
         router_loss = torch.add(aux * aux_coef, z, alpha=z_coef)
         ctx.save_for_backward(x, w, w_in, w_out, xs, probs_t, log_z, f, gate_rows, token, index, inverse, *saved)

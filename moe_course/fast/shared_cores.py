@@ -6,10 +6,10 @@ T threads wait for each other at its end. On a quiet machine that wait is
 short. On a busy laptop (a browser, a notebook kernel, a second training run)
 another program holds one of the cores, the thread parked behind it finishes
 its share a scheduler time slice late, and the layer pays that wait at every
-small operation. Measured on 2 cores with two spinning processes
-(``python -m moe_course.bench --busy 2``), the layer took 3-4x the dense
-layer's time at E=8, slower than the masks loop. A dense layer has a handful
-of big operations, so it loses far less.
+small operation. A dense layer has a handful of big operations, so it loses
+far less. (Measure it: ``python -m moe_course.bench --busy 2`` times the
+layer and its dense twin with two spinning processes, side by side with the
+quiet machine; before this module the default layer fell behind the masks loop there.)
 
 So, when the cores are shared (``busy()``), the layer runs differently:
 
@@ -21,12 +21,12 @@ So, when the cores are shared (``busy()``), the layer runs differently:
   workers taking the next expert off a queue (``threads.over_experts``): a
   parked worker delays only its own expert, the others take the rest.
 
-Half measures lost, measured the same way: the experts alone on one thread,
-with the router, softmax and gathers around them on two, still took 1.6-1.7x
-dense (E=8); the whole layer on one thread took 1.3-1.4x at E=64, against
-about 1.1x with the experts on two one-thread workers. The arrangement
-changes, the arithmetic does not: every expert computes the same products on
-the same rows either way (the tests compare outputs and gradients both ways).
+Half measures lost when measured the same way: the experts alone on one
+thread, with the router, softmax and gathers around them on two; or the
+whole layer on one thread, experts included. The arrangement changes, the
+arithmetic does not: every expert computes the same products on the same rows
+either way (the tests pin ``contention(True/False)`` and compare outputs and
+gradients).
 
 The signal is the kernel's count of tasks running or ready to run right now
 (the fourth field of ``/proc/loadavg`` on Linux; elsewhere the one-minute load
@@ -148,8 +148,12 @@ class _BackwardScope:
         if self.threads is None:
             self.threads = _enter()
             if self.threads is not None:
-                # normally left when the gradient leaves through the layer's input (_BackwardEnds); at the
-                # latest when this backward pass ends (e.g. autograd.grad asked only for the experts' weights)
+                # Normally left when the gradient leaves through the layer's input (_BackwardEnds); but a
+                # backward may never get there (autograd.grad asked only for the experts' weights, or x needs
+                # no gradient), and the caller's thread count must come back anyway. PyTorch has no public
+                # "this backward pass is over" hook; queue_callback (private, but what torch's own FSDP and
+                # DDP use for the same purpose) runs `leave` when the engine finishes this pass. Leaving
+                # twice is harmless (`leave` clears the count).
                 torch.autograd.Variable._execution_engine.queue_callback(self.leave)
 
     def leave(self) -> None:

@@ -19,7 +19,7 @@ the speed comes from four things:
     all): the activation, the gate and their gradients run once over all M
     rows, and the bias gradients are one ``index_add`` each. A PyTorch call
     costs several µs whatever its size, and at lesson 08's sizes (N=1024,
-    D=64, F=128, E=8) those fixed costs were most of the layer's time;
+    D=64, F=128, E=8) those fixed costs weigh as much as the arithmetic;
   - big layers: every expert's whole FFN runs on its block while the block
     is in cache (a hidden buffer of all rows would not fit);
 
@@ -39,8 +39,9 @@ from .sorting import sorted_assignments, unsort
 from .threads import over_experts
 
 # Above this many hidden values (M·F) in all, each expert's FFN runs block by block in cache.
-# Measured at E=8: batched 0.6-0.7x the blocked time at N=1024, D=64, F=128 (M·F = 2^17);
-# at the benchmark's N=4096, D=256, F=1024 (2^22) the blocked arrangement stays.
+# Lesson 08's layers (N=1024, F=128: M·F = 2^17) run batched, the benchmark's standard E=8 layer
+# (N=4096, F=1024: 2^22) blocked. To move the bound, time both arrangements (monkeypatch this
+# constant) with `python -m moe_course.bench --lm` and `python -m moe_course.bench --quick`.
 BATCHED_ELEMENTS = 2**20
 
 

@@ -45,8 +45,8 @@ __all__ = ["expert_order", "worth_threading", "over_experts", "expert_threads", 
 MIN_EXPERTS_PER_THREAD = 8  # fewer busy experts per thread: one block at a time, all cores on it
 MAX_BLOCK_FLOPS = 1e8  # mean FLOPs of one expert matmul (2·M_e·D·F) above which a block splits well by itself
 MIN_BLOCK_FLOPS = 4e6  # ... and below which handing blocks to threads costs more than it saves
-# On a busy machine (two other processes spinning on 2 cores), one-thread workers beat one
-# thread and two intra-op threads at E=8 and E=64 alike (python -m moe_course.bench --busy 2).
+# On a busy machine (shared_cores.busy) two busy experts per worker are enough: a worker that
+# waits for a core delays only its own experts. Check it with `python -m moe_course.bench --busy 2`.
 MIN_EXPERTS_PER_THREAD_SHARED = 2
 
 _pools: dict[int, ThreadPoolExecutor] = {}
