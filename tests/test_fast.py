@@ -114,10 +114,14 @@ def _tensors_in(value) -> list:
     return []
 
 
-@pytest.mark.parametrize("all_rows", [True, False], ids=["batched", "blocked"])
-def test_sorted_experts_keeps_its_activations_with_save_for_backward(monkeypatch, all_rows):
+@pytest.mark.parametrize("arrangement", ["grouped", "batched", "blocked"])
+def test_sorted_experts_keeps_its_activations_with_save_for_backward(monkeypatch, arrangement):
     """No tensor hangs on the autograd context as a plain attribute: all of them go through save_for_backward."""
+    if arrangement == "grouped" and not sorted_experts.HAS_GROUPED_MM:
+        pytest.skip("this torch has no grouped_mm")
+    all_rows = arrangement != "blocked"
     monkeypatch.setattr(sorted_experts, "BATCHED_ELEMENTS", 2**40 if all_rows else 0)
+    monkeypatch.setattr(sorted_experts, "GROUPED", arrangement == "grouped")
     torch.manual_seed(0)
     experts = Experts(4, 8, 16)
     x = _x(30, 8).requires_grad_()
@@ -127,7 +131,7 @@ def test_sorted_experts_keeps_its_activations_with_save_for_backward(monkeypatch
     assert type(ctx).__name__ == "_SortedExpertsBackward"
     assert _tensors_in(vars(ctx)) == []
     busy = int((torch.bincount(expert_index.reshape(-1), minlength=4) > 0).sum())
-    assert ctx.arrangement == ("batched" if all_rows else "blocked")
+    assert ctx.arrangement == arrangement
     # xs, gate, w_in, w_out, token, expert, inverse; then pre, h, out of all rows (batched) or per busy expert (blocked)
     assert len(ctx.saved_tensors) == 7 + (3 if all_rows else 3 * busy)
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_course import fast
-from moe_course.fast import fused_switch, shared_cores, sorted_experts
+from moe_course.fast import fused_switch, grouped_blocks, shared_cores, sorted_experts
 from moe_course.fast.activations import ACTIVATION_GRADS
 from moe_course.fast.router_matmul import FEW_EXPERTS
 from moe_course.moe import MoELayer
@@ -67,15 +67,22 @@ def _fused_calls(monkeypatch) -> list:
 
 @pytest.mark.parametrize("experts", [4, FEW_EXPERTS + 4], ids=["few", "many"])
 @pytest.mark.parametrize("capacity_factor", [None, 1.0, 0.5], ids=["dropless", "cf1", "cf0.5"])
-@pytest.mark.parametrize("activation,bias,arrangement", [("gelu", True, "batched"), ("relu", False, "blocked")])
+@pytest.mark.parametrize("activation,bias,arrangement", [("gelu", True, "grouped"), ("relu", False, "grouped"),
+                                                           ("gelu", True, "batched"), ("relu", False, "blocked")])
 def test_fused_switch_layer_gives_every_output_and_gradient_of_the_readable_layer(monkeypatch, experts, capacity_factor,
                                                                                  activation, bias, arrangement):
-    monkeypatch.setattr(sorted_experts, "BATCHED_ELEMENTS", 2**40 if arrangement == "batched" else 0)
+    if arrangement == "grouped" and not grouped_blocks.HAS_GROUPED_MM:
+        pytest.skip("this torch has no grouped_mm")
+    monkeypatch.setattr(sorted_experts, "BATCHED_ELEMENTS", 0 if arrangement == "blocked" else 2**40)
+    monkeypatch.setattr(sorted_experts, "GROUPED", arrangement == "grouped")
+    chosen = []
+    monkeypatch.setattr(fused_switch, "arrangement", lambda *a: chosen.append(sorted_experts.arrangement(*a)) or chosen[-1])
     layer = small_layer(num_experts=experts, capacity_factor=capacity_factor, activation=activation, bias=bias).train()
     x = randn(3, 20, 8, seed=2)
     calls = _fused_calls(monkeypatch)
     got = _run(layer, x)
     assert calls, "the fused op did not run"
+    assert chosen == [arrangement]
     calls.clear()
     want = _run(layer, x, dispatch="masks_loop")  # the readable forward, masks loop dispatch
     assert not calls

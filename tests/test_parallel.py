@@ -98,8 +98,8 @@ def test_threaded_sort_split_gives_the_same_outputs_and_gradients(two_threads, m
     monkeypatch.setattr(sorted_experts, "BATCHED_ELEMENTS", 2**40 if all_rows else 0)
     x, experts, expert_index, gates, keep = _routing(k=k, capacity=capacity)
     calls = []
-    real = parallel.worth_threading
-    monkeypatch.setattr(parallel, "worth_threading", lambda *a, **kw: calls.append(real(*a, **kw)) or calls[-1])
+    real = parallel.threaded  # over_experts asks it once per loop over the experts
+    monkeypatch.setattr(parallel, "threaded", lambda *a, **kw: calls.append(real(*a, **kw)) or calls[-1])
     got = outputs_and_grads(sort_split, x, experts, expert_index, gates, keep)
     # forward and backward on two threads: once each block by block, twice each (around the activation) batched
     assert calls == [True] * (4 if all_rows else 2), "forward and backward should both have run on two threads"

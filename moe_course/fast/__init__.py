@@ -12,6 +12,7 @@ them, outputs and gradients). One op per file, as megablocks' ``ops/`` does:
     router_softmax.py  the router's softmax over few experts, in the layout a CPU is quick at
     sorting.py         the kept assignments sorted by expert, and the way back to the tokens
     sorted_experts.py  dispatch method "sort_split": one autograd op with a hand-written backward
+    grouped_blocks.py  sort_split's "grouped" arrangement: each product one grouped-matmul call for all experts
     fused_switch.py    the whole top-1 Switch layer (router to losses) as one autograd op
     grouped_mm.py      dispatch method "grouped_mm": torch's grouped matmul, one call per layer
 

@@ -117,7 +117,7 @@ class _SwitchLayer(torch.autograd.Function):
         # 3. the experts on their blocks of sorted rows, weighted by the gates (as sort_split)
         xs = x.index_select(0, token)  # (M, D)
         gate_rows = gate.index_select(0, token)  # (M,)
-        ctx.arrangement = arrangement(rows, w_in.shape[2])
+        ctx.arrangement = arrangement(xs, w_in, block_counts)
         arrange = ARRANGEMENTS[ctx.arrangement][0]
         ys, saved = arrange(xs, gate_rows, w_in, b_in, w_out, b_out, block_counts, ACTIVATION_GRADS[activation][0])
         y = unsort(ys, token, inverse, num_tokens, 1)  # (N, D)

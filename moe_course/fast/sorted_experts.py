@@ -20,6 +20,9 @@ the speed comes from four things:
     rows, and the bias gradients are one ``index_add`` each. A PyTorch call
     costs several µs whatever its size, and at lesson 08's sizes (N=1024,
     D=64, F=128, E=8) those fixed costs weigh as much as the arithmetic;
+    Where torch has a grouped matmul and the experts would not run on
+    threads, each product is one grouped call for all experts instead of a
+    loop (``grouped_blocks``, the "grouped" arrangement);
   - big layers: every expert's whole FFN runs on its block while the block
     is in cache (a hidden buffer of all rows would not fit);
 
@@ -33,16 +36,19 @@ from __future__ import annotations
 import torch
 
 from .activations import ACTIVATION_GRADS
+from .grouped_blocks import HAS_GROUPED_MM, grouped_backward, grouped_forward, worth_grouping
 from .registry import method
 from .shared_cores import fitted_threads
 from .sorting import sorted_assignments, unsort
-from .threads import over_experts
+from .threads import over_experts, threaded
 
 # Above this many hidden values (M·F) in all, each expert's FFN runs block by block in cache.
 # Lesson 08's layers (N=1024, F=128: M·F = 2^17) run batched, the benchmark's standard E=8 layer
 # (N=4096, F=1024: 2^22) blocked. To move the bound, time both arrangements (monkeypatch this
 # constant) with `python -m moe_course.bench --lm` and `python -m moe_course.bench --quick`.
 BATCHED_ELEMENTS = 2**20
+# Whether the batched arrangement may hand its per-expert matmuls to torch's grouped matmul (grouped_blocks.py).
+GROUPED = HAS_GROUPED_MM
 
 
 def batched(rows: int, hidden: int) -> bool:
@@ -206,13 +212,25 @@ def _batched_backward(ctx, xs, dys, gate, expert, w_in, w_out, saved, need, act_
     return dxs, dgate, dw_in, db_in, dw_out, db_out
 
 
-# how the experts' work is laid out (``batched``): name → (forward, backward)
-ARRANGEMENTS = {"batched": (_batched_forward, _batched_backward), "blocked": (_blocked_forward, _blocked_backward)}
+# how the experts' work is laid out (``arrangement``): name → (forward, backward)
+ARRANGEMENTS = {"batched": (_batched_forward, _batched_backward), "blocked": (_blocked_forward, _blocked_backward),
+                "grouped": (grouped_forward, grouped_backward)}
 
 
-def arrangement(rows: int, hidden: int) -> str:
-    """ "batched" when M·F <= BATCHED_ELEMENTS (``batched``), else "blocked"."""
-    return "batched" if batched(rows, hidden) else "blocked"
+def arrangement(xs: torch.Tensor, w_in: torch.Tensor, counts: list[int]) -> str:
+    """How to lay out the experts' work on rows xs (M, D) with weights w_in (E, D, F), counts[e] rows each.
+
+    "blocked" when M·F > BATCHED_ELEMENTS (``batched``); else "grouped" (one
+    grouped-matmul call per product, ``grouped_blocks``) where ``GROUPED`` is
+    on, grouped_mm can run (``worth_grouping``) and the experts would not run
+    on threads anyway (``threads.threaded``); else "batched".
+    """
+    hidden = w_in.shape[2]
+    if not batched(xs.shape[0], hidden):
+        return "blocked"
+    if GROUPED and worth_grouping(xs, hidden) and not threaded(counts, 2 * w_in.shape[1] * hidden):
+        return "grouped"
+    return "batched"
 
 
 class _SortedExperts(torch.autograd.Function):
@@ -222,7 +240,7 @@ class _SortedExperts(torch.autograd.Function):
     def forward(ctx, x, gate, w_in, b_in, w_out, b_out, token, expert, inverse, counts: list[int], activation: str, k: int):
         with fitted_threads():  # other programs hold the cores: one intra-op thread, experts on workers (shared_cores.py)
             xs = x.index_select(0, token)  # (M, D)
-            ctx.arrangement = arrangement(xs.shape[0], w_in.shape[2])
+            ctx.arrangement = arrangement(xs, w_in, counts)
             arrange = ARRANGEMENTS[ctx.arrangement][0]
             ys, saved = arrange(xs, gate, w_in, b_in, w_out, b_out, counts, ACTIVATION_GRADS[activation][0])
             ctx.save_for_backward(xs, gate, w_in, w_out, token, expert, inverse, *saved)

@@ -35,7 +35,7 @@ from . import flag
 from .shared_cores import sharing
 from .flag import expert_threads  # noqa: F401  (the switch lives with the fast path's other one)
 
-__all__ = ["expert_order", "worth_threading", "over_experts", "expert_threads", "MIN_EXPERTS_PER_THREAD", "MAX_BLOCK_FLOPS", "MIN_BLOCK_FLOPS",
+__all__ = ["expert_order", "worth_threading", "threaded", "over_experts", "expert_threads", "MIN_EXPERTS_PER_THREAD", "MAX_BLOCK_FLOPS", "MIN_BLOCK_FLOPS",
            "MIN_EXPERTS_PER_THREAD_SHARED"]
 
 # Where threads pay depends on the machine; these bounds are a starting point, not a law. To set
@@ -96,6 +96,12 @@ def worth_threading(counts: list[int], flops_per_row: int, threads: int | None =
     )
 
 
+def threaded(counts: list[int], flops_per_row: int) -> bool:
+    """Whether ``over_experts`` would run these experts on threads now (``worth_threading``, inside a busy scope or not)."""
+    shared = sharing()
+    return worth_threading(counts, flops_per_row, shared or torch.get_num_threads(), shared=shared is not None)
+
+
 def _pool(workers: int) -> ThreadPoolExecutor:
     if workers not in _pools:
         _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="moe-experts", initializer=torch.set_num_threads, initargs=(1,))
@@ -119,9 +125,8 @@ def over_experts(fn: Callable[[int], None], counts: list[int], flops_per_row: in
     the threads the caller had before the scope put it on one.
     """
     before = torch.get_num_threads()
-    shared = sharing()
-    threads = shared or before
-    if not worth_threading(counts, flops_per_row, threads, shared=shared is not None):
+    threads = sharing() or before
+    if not threaded(counts, flops_per_row):
         for e in range(len(counts)):
             fn(e)
         return
