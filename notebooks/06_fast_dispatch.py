@@ -230,7 +230,9 @@ for config, part in timed.groupby("config", sort=False):
 #   then `grouped_mm` or `padded_bmm`, whose loops over the experts run in C++, can lead.
 # - A busy machine moves everything: if another program takes a core halfway through a
 #   pair, even a paired ratio shifts, and the middle halves widen. Rerun the cell when the
-#   verdicts surprise you.
+#   verdicts surprise you. If every `MoELayer` row sits far below 1.0, the machine was
+#   busy: the MoE layer noticed and changed how it uses the cores (section "When the cores
+#   are not yours" below), the dense layer did not.
 #
 # At the standard sizes (`SCALE = 4`, or `python -m moe_course.bench`) the layers are
 # bigger, so the arithmetic weighs more against the per-expert costs and the sort-based
