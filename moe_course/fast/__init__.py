@@ -24,5 +24,14 @@ from .registry import METHODS
 from .router_matmul import router_matmul
 from .threads import expert_order, expert_threads, over_experts, worth_threading
 
-__all__ = ["ACTIVATION_GRADS", "applies", "enabled", "METHODS", "router_matmul",
-           "expert_order", "expert_threads", "over_experts", "worth_threading"]
+__all__ = [
+    "ACTIVATION_GRADS",
+    "applies",
+    "enabled",
+    "METHODS",
+    "router_matmul",
+    "expert_order",
+    "expert_threads",
+    "over_experts",
+    "worth_threading",
+]

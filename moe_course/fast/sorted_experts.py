@@ -56,8 +56,17 @@ class _SortedExperts(torch.autograd.Function):
         ys = torch.empty(xs.shape[0], w_out.shape[2], dtype=x.dtype, device=x.device)  # (M, D)
         kept: list = [None] * len(counts)  # per expert: pre, h, out, for the backward
         # every expert's arguments, cut once (a C call per tensor, not a Python index per expert)
-        per_expert = list(zip(torch.split(xs, counts), torch.split(ys, counts), torch.split(gate[:, None], counts),
-                              w_in.unbind(0), _unbind(b_in, len(counts)), w_out.unbind(0), _unbind(b_out, len(counts))))
+        per_expert = list(
+            zip(
+                torch.split(xs, counts),
+                torch.split(ys, counts),
+                torch.split(gate[:, None], counts),
+                w_in.unbind(0),
+                _unbind(b_in, len(counts)),
+                w_out.unbind(0),
+                _unbind(b_out, len(counts)),
+            )
+        )
 
         def expert_forward(e: int) -> None:
             x_e, y_e, gate_e, w1, b1, w2, b2 = per_expert[e]
@@ -89,10 +98,22 @@ class _SortedExperts(torch.autograd.Function):
         db_in = xs.new_empty(num_experts, w_in.shape[2]) if need[3] else None  # (E, F)
         dw_out = torch.empty_like(w_out) if need[4] else None  # (E, F, D)
         db_out = xs.new_empty(num_experts, w_out.shape[2]) if need[5] else None  # (E, D)
-        per_expert = list(zip(
-            torch.split(xs, counts), torch.split(dys, counts), torch.split(gate[:, None], counts), kept,
-            w_in.transpose(1, 2).unbind(0), w_out.transpose(1, 2).unbind(0), _split(dxs, counts), _split(dgate, counts),
-            _unbind(dw_in, num_experts), _unbind(db_in, num_experts), _unbind(dw_out, num_experts), _unbind(db_out, num_experts)))
+        per_expert = list(
+            zip(
+                torch.split(xs, counts),
+                torch.split(dys, counts),
+                torch.split(gate[:, None], counts),
+                kept,
+                w_in.transpose(1, 2).unbind(0),
+                w_out.transpose(1, 2).unbind(0),
+                _split(dxs, counts),
+                _split(dgate, counts),
+                _unbind(dw_in, num_experts),
+                _unbind(db_in, num_experts),
+                _unbind(dw_out, num_experts),
+                _unbind(db_out, num_experts),
+            )
+        )
 
         def expert_backward(e: int) -> None:
             x_e, dy_e, gate_e, saved, w1_t, w2_t, dx_e, dgate_e, dw1, db1, dw2, db2 = per_expert[e]
@@ -134,5 +155,16 @@ def sort_split(x, experts, expert_index, gates, keep=None) -> torch.Tensor:
     if token.numel() == 0:
         return torch.zeros_like(x)
     counts = torch.bincount(expert, minlength=experts.num_experts).tolist()
-    return _SortedExperts.apply(x, gate, experts.w_in, experts.b_in, experts.w_out, experts.b_out,
-                                token, inverse, counts, experts.activation, expert_index.shape[1])
+    return _SortedExperts.apply(
+        x,
+        gate,
+        experts.w_in,
+        experts.b_in,
+        experts.w_out,
+        experts.b_out,
+        token,
+        inverse,
+        counts,
+        experts.activation,
+        expert_index.shape[1],
+    )

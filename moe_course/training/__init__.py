@@ -23,6 +23,20 @@ from .loop import (
     train,
 )
 
-__all__ = ["CLINIC_LR", "TrainConfig", "TrainResult", "Task", "ClassificationTask", "train", "model_logits", "evaluating",
-           "load_checkpoint", "TrainingInterrupted",
-           "LMTask", "LMEvaluation", "evaluate_lm", "complete", "update_expert_biases_"]
+__all__ = [
+    "CLINIC_LR",
+    "TrainConfig",
+    "TrainResult",
+    "Task",
+    "ClassificationTask",
+    "train",
+    "model_logits",
+    "evaluating",
+    "load_checkpoint",
+    "TrainingInterrupted",
+    "LMTask",
+    "LMEvaluation",
+    "evaluate_lm",
+    "complete",
+    "update_expert_biases_",
+]
