@@ -241,16 +241,24 @@ class MoELayer(nn.Module):
         if not isinstance(config, MoEConfig):
             raise TypeError(f"MoELayer expects a MoEConfig, got {type(config).__name__}")
         self.config = config
+        self._make_parameters(config.num_experts)
+
+    def _make_parameters(self, num_routed: int) -> None:
+        """The router, ``num_routed`` routed experts (all E here; a rank's share in expert parallelism), the rest."""
+        config = self.config
         D, E = config.d_model, config.num_experts
         self.w_router = nn.Parameter(torch.empty(D, E))
         if config.router == "noisy_top_k":
             self.w_noise = nn.Parameter(torch.zeros(D, E))
         else:
             self.register_parameter("w_noise", None)
-        self.experts = Experts(E, D, config.d_ff, activation=config.activation, bias=config.bias, init_scale=config.init_scale)
+        self.experts = Experts(
+            num_routed, D, config.d_ff, activation=config.activation, bias=config.bias, init_scale=config.init_scale
+        )
         # made after the routed experts, so a layer without them draws the same weights as before they existed
-        self.shared_experts = (
-            Experts(
+        self.shared_experts = None
+        if config.num_shared_experts:
+            self.shared_experts = Experts(
                 config.num_shared_experts,
                 D,
                 config.d_ff,
@@ -258,9 +266,6 @@ class MoELayer(nn.Module):
                 bias=config.bias,
                 init_scale=config.init_scale,
             )
-            if config.num_shared_experts
-            else None
-        )
         self.w_shared_gate = nn.Parameter(torch.empty(D, 1)) if config.shared_expert_gate else None  # (D, 1)
         # a buffer, not a parameter: no gradient moves it, and it travels with the state dict
         self.register_buffer("expert_bias", torch.zeros(E) if config.router == "sigmoid" else None)  # (E,) selection only

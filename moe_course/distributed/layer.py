@@ -52,7 +52,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dispatch import combine_rows, dispatch, sort_by_expert, sort_dispatch
-from ..experts import Experts
 from ..moe import MoEConfig, MoELayer, MoEOutput
 from ..routing import capacity_mask, expert_capacity
 from .exchange import all_to_all, exchange_counts
@@ -110,31 +109,8 @@ class ExpertParallelMoE(MoELayer):
         self.config, self.group, self.rank, self.world_size = config, group, rank, world
         self.num_local_experts = config.num_experts // world  # E_l
         self.first_expert = rank * self.num_local_experts
-        D, E = config.d_model, config.num_experts
-        self.w_router = nn.Parameter(torch.empty(D, E))
-        if config.router == "noisy_top_k":
-            self.w_noise = nn.Parameter(torch.zeros(D, E))
-        else:
-            self.register_parameter("w_noise", None)
-        self.experts = Experts(
-            self.num_local_experts, D, config.d_ff, activation=config.activation, bias=config.bias, init_scale=config.init_scale
-        )
-        # replicated like the router: every rank runs the shared experts on its own tokens
-        self.shared_experts = (
-            Experts(
-                config.num_shared_experts,
-                D,
-                config.d_ff,
-                activation=config.activation,
-                bias=config.bias,
-                init_scale=config.init_scale,
-            )
-            if config.num_shared_experts
-            else None
-        )
-        self.w_shared_gate = nn.Parameter(torch.empty(D, 1)) if config.shared_expert_gate else None  # (D, 1)
-        self.register_buffer("expert_bias", torch.zeros(E) if config.router == "sigmoid" else None)  # (E,) selection only
-        self.reset_router()
+        # the router, shared experts and selection bias are replicated; the routed experts, only this rank's share
+        self._make_parameters(self.num_local_experts)
         with torch.no_grad(), explain_collective_errors("broadcasting the router weights", group):
             for p in _replicated_of(self):
                 dist.broadcast(p.data, src=group_rank_zero(group), group=group)
