@@ -29,7 +29,7 @@ help:
 	@echo "make lab        open the course in JupyterLab (creates $(VENV) first if needed)"
 	@echo "make test       run the whole test suite (package, lessons, solutions, exercise checks)"
 	@echo "make test-fast  run the unit tests only (no notebooks, servers or subprocesses), under a minute"
-	@echo "make lint       check the code with ruff (rules in pyproject.toml)"
+	@echo "make lint       check the code with ruff: lint rules and format (pyproject.toml)"
 	@echo "make exercises  regenerate exercises/ from solutions/ (keeps your edits)"
 	@echo "make sync       pair every notebook .ipynb with its .py (jupytext), then regenerate exercises/"
 	@echo "make check NB=01  check your exercise notebook exercises/01_*.ipynb (moe-course check 01)"
@@ -80,3 +80,4 @@ test-fast: $(TEST_STAMP)
 # Lint with the rules in pyproject.toml ([tool.ruff]); ruff comes with the test extra.
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .

@@ -45,7 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["causal_mask", "rotary_embedding", "attention_scores", "attention_weights", "scaled_dot_product_attention", "CausalSelfAttention"]
+__all__ = [
+    "causal_mask",
+    "rotary_embedding",
+    "attention_scores",
+    "attention_weights",
+    "scaled_dot_product_attention",
+    "CausalSelfAttention",
+]
 
 
 def causal_mask(num_queries: int, num_keys: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
@@ -96,7 +103,9 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | Non
     return torch.softmax(scores, dim=-1)  # over keys
 
 
-def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def scaled_dot_product_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """softmax(q kᵀ / sqrt(d), masked) v: (..., T, d), (..., S, d), (..., S, d_v) → (..., T, d_v)."""
     return attention_weights(q, k, mask) @ v  # (..., T, d_v)
 
@@ -110,7 +119,9 @@ class CausalSelfAttention(nn.Module):
     T: 8·D² for the projections, 4·T·D for the scores and the weighted sum.
     """
 
-    def __init__(self, d_model: int, n_heads: int, *, bias: bool = True, dropout: float = 0.0, fast: bool = True, rope: bool = True) -> None:
+    def __init__(
+        self, d_model: int, n_heads: int, *, bias: bool = True, dropout: float = 0.0, fast: bool = True, rope: bool = True
+    ) -> None:
         super().__init__()
         for name, value in (("d_model", d_model), ("n_heads", n_heads)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -129,7 +140,9 @@ class CausalSelfAttention(nn.Module):
 
     def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"CausalSelfAttention expects x of shape (B, T, {self.d_model}), got {tuple(getattr(x, 'shape', ()))}")
+            raise ValueError(
+                f"CausalSelfAttention expects x of shape (B, T, {self.d_model}), got {tuple(getattr(x, 'shape', ()))}"
+            )
         B, T, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=-1)  # 3 × (B, T, D)
         H, d = self.n_heads, self.d_head

@@ -110,7 +110,9 @@ def expert_choice_dispatch(
     if x.ndim != 2:
         raise ValueError(f"x must have shape (N, D), got {tuple(x.shape)}")
     if token_index.shape != gates.shape or token_index.ndim != 2 or token_index.shape[0] != experts.num_experts:
-        raise ValueError(f"token_index and gates must both be (E, C) with E={experts.num_experts}, got {tuple(token_index.shape)} and {tuple(gates.shape)}")
+        raise ValueError(
+            f"token_index and gates must both be (E, C) with E={experts.num_experts}, got {tuple(token_index.shape)} and {tuple(gates.shape)}"
+        )
     outputs = [experts.expert_output(e, x[token_index[e]]) for e in range(experts.num_experts)]  # E × (C, D)
     y_sorted = torch.cat(outputs) * gates.reshape(-1, 1).to(outputs[0].dtype)  # (E·C, D)
     return torch.zeros(x.shape, dtype=y_sorted.dtype, device=x.device).index_add(0, token_index.reshape(-1), y_sorted)
@@ -174,12 +176,16 @@ def _routing_shapes(x: torch.Tensor, expert_index: torch.Tensor, gates: torch.Te
     if gates.ndim == 1:
         gates = gates[:, None]
     if expert_index.shape != gates.shape or expert_index.shape[0] != x.shape[0]:
-        raise ValueError(f"expert_index {tuple(expert_index.shape)} and gates {tuple(gates.shape)} must both be (N, K) with N={x.shape[0]}")
+        raise ValueError(
+            f"expert_index {tuple(expert_index.shape)} and gates {tuple(gates.shape)} must both be (N, K) with N={x.shape[0]}"
+        )
     if keep is not None:
         if keep.ndim == 1:
             keep = keep[:, None]
         if keep.shape != expert_index.shape or keep.dtype != torch.bool:
-            raise ValueError(f"keep must be a bool tensor of shape {tuple(expert_index.shape)}, got {keep.dtype} {tuple(keep.shape)}")
+            raise ValueError(
+                f"keep must be a bool tensor of shape {tuple(expert_index.shape)}, got {keep.dtype} {tuple(keep.shape)}"
+            )
     return expert_index, gates, keep
 
 
@@ -277,8 +283,15 @@ def onehot_einsum(x, experts: Experts, expert_index, gates, keep=None, capacity:
     dispatch_mask = slot.sum(0)  # (N, E, C)
     combine = torch.einsum("knec,kn->nec", slot, gates.transpose(0, 1).to(x.dtype))  # (N, E, C)
     xe = torch.einsum("nec,nd->ecd", dispatch_mask, x)  # (E, C, D)
-    h = _hidden(experts, xe, lambda a, w: torch.einsum("ecd,edf->ecf", a, w),
-                experts.w_in, _rows(experts.b_in), experts.w_gate, _rows(experts.b_gate))  # (E, C, F)
+    h = _hidden(
+        experts,
+        xe,
+        lambda a, w: torch.einsum("ecd,edf->ecf", a, w),
+        experts.w_in,
+        _rows(experts.b_in),
+        experts.w_gate,
+        _rows(experts.b_gate),
+    )  # (E, C, F)
     out = torch.einsum("ecf,efd->ecd", h, experts.w_out)  # (E, C, D)
     if experts.b_out is not None:
         out = out + experts.b_out[:, None, :]

@@ -32,8 +32,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FeedForward", "feed_forward", "Experts", "ACTIVATIONS", "GLU_ACTIVATIONS", "is_gated", "check_activation",
-           "hidden_activation", "init_linear_"]
+__all__ = [
+    "FeedForward",
+    "feed_forward",
+    "Experts",
+    "ACTIVATIONS",
+    "GLU_ACTIVATIONS",
+    "is_gated",
+    "check_activation",
+    "hidden_activation",
+    "init_linear_",
+]
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}  # element-wise: h = act(x W_in + b_in)
 # Gated linear units (Shazeer 2020, arXiv:2002.05202): h = act(x W_gate + b_gate) ⊙ (x W_in + b_in); name → the gate's act.
@@ -254,11 +263,17 @@ class Experts(nn.Module):
         """
         if not isinstance(ffn, FeedForward):
             raise TypeError(f"copy_feed_forward_ expects a FeedForward, got {type(ffn).__name__}")
-        if (ffn.d_model, ffn.d_ff, ffn.d_out) != (self.d_model, self.d_ff, self.d_model) or (ffn.fc_in.bias is not None) != self.bias:
-            raise ValueError(f"a FeedForward {ffn.d_model} → {ffn.d_ff} → {ffn.d_out} (bias={ffn.fc_in.bias is not None}) does not fit "
-                             f"experts {self.d_model} → {self.d_ff} → {self.d_model} (bias={self.bias})")
+        if (ffn.d_model, ffn.d_ff, ffn.d_out) != (self.d_model, self.d_ff, self.d_model) or (
+            ffn.fc_in.bias is not None
+        ) != self.bias:
+            raise ValueError(
+                f"a FeedForward {ffn.d_model} → {ffn.d_ff} → {ffn.d_out} (bias={ffn.fc_in.bias is not None}) does not fit "
+                f"experts {self.d_model} → {self.d_ff} → {self.d_model} (bias={self.bias})"
+            )
         if ffn.activation != self.activation:
-            raise ValueError(f"a FeedForward with activation {ffn.activation!r} cannot be copied into experts with activation {self.activation!r}")
+            raise ValueError(
+                f"a FeedForward with activation {ffn.activation!r} cannot be copied into experts with activation {self.activation!r}"
+            )
         self.w_in.copy_(ffn.fc_in.weight.T.expand_as(self.w_in))  # (E, D, F)
         self.w_out.copy_(ffn.fc_out.weight.T.expand_as(self.w_out))  # (E, F, D)
         if self.bias:
@@ -303,5 +318,7 @@ class Experts(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
-                f"activation={self.activation!r}, bias={self.bias}, init_scale={self.init_scale}")
+        return (
+            f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
+            f"activation={self.activation!r}, bias={self.bias}, init_scale={self.init_scale}"
+        )

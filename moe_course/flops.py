@@ -213,7 +213,9 @@ class ParamCount:
     norms: int  # (2 per block + the final one) · 2·D
     ffn: int  # all FFN and expert parameters: dense blocks 2·D·F (+F+D; SwiGLU 3·D·F), MoE blocks E routed + K_s shared experts
     ffn_active: int  # the FFN parameters one token uses: the dense FFNs, and top_k routed + K_s shared experts per MoE block
-    router: int  # D·E per MoE block (twice that with the noisy router's W_noise; none for a hash layer; + D for a shared-expert gate)
+    router: (
+        int  # D·E per MoE block (twice that with the noisy router's W_noise; none for a hash layer; + D for a shared-expert gate)
+    )
     head: int  # 0 when tied to the token embedding, else V·D
 
     @property
@@ -298,7 +300,9 @@ def flops_per_token(config: Any, context: int | None = None) -> FlopCount:
     if n_moe:
         moe = config.moe_config()
         ffn += n_moe * (moe.top_k + moe.num_shared_experts) * ffn_flops(1, D, moe.d_ff, moe.activation)
-        router = n_moe * (_ROUTER_MATRICES.get(config.router, 1) * 2 * D * moe.num_experts + (2 * D if moe.shared_expert_gate else 0))
+        router = n_moe * (
+            _ROUTER_MATRICES.get(config.router, 1) * 2 * D * moe.num_experts + (2 * D if moe.shared_expert_gate else 0)
+        )
     return FlopCount(
         attention_proj=L * 8 * D * D,
         attention_mix=L * 4 * T * D,

@@ -37,7 +37,9 @@ def expert_fraction(expert_index: torch.Tensor, num_experts: int) -> torch.Tenso
     if flat.numel() == 0:
         raise ValueError("expert_index is empty: no tokens to balance")
     if flat.min() < 0 or flat.max() >= num_experts:
-        raise ValueError(f"expert_index values must be in [0, {num_experts}), got values from {int(flat.min())} to {int(flat.max())}")
+        raise ValueError(
+            f"expert_index values must be in [0, {num_experts}), got values from {int(flat.min())} to {int(flat.max())}"
+        )
     return torch.bincount(flat, minlength=num_experts).float() / flat.numel()  # (E,)
 
 
@@ -69,7 +71,9 @@ def load_balancing_loss(router_probs: torch.Tensor, expert_index: torch.Tensor, 
     if not isinstance(router_probs, torch.Tensor) or router_probs.ndim != 2:
         raise ValueError(f"router_probs must have shape (N, E), got {getattr(router_probs, 'shape', router_probs)!r}")
     if expert_index.ndim not in (1, 2) or expert_index.shape[0] != router_probs.shape[0]:
-        raise ValueError(f"expert_index must have shape (N,) or (N, K) with N={router_probs.shape[0]}, got {tuple(expert_index.shape)}")
+        raise ValueError(
+            f"expert_index must have shape (N,) or (N, K) with N={router_probs.shape[0]}, got {tuple(expert_index.shape)}"
+        )
     num_tokens, num_experts = router_probs.shape
     if group_size is None or group_size == num_tokens:
         f = expert_fraction(expert_index, num_experts).to(router_probs.device)  # (E,), no gradient
@@ -81,7 +85,8 @@ def load_balancing_loss(router_probs: torch.Tensor, expert_index: torch.Tensor, 
     index = expert_index.reshape(num_tokens, -1).long()  # (N, K)
     groups, k = num_tokens // group_size, index.shape[1]
     one_hot = torch.zeros(num_tokens, num_experts, device=router_probs.device).scatter_add_(
-        1, index.to(router_probs.device), torch.ones(index.shape, device=router_probs.device))  # (N, E) choices per token
+        1, index.to(router_probs.device), torch.ones(index.shape, device=router_probs.device)
+    )  # (N, E) choices per token
     f = one_hot.view(groups, group_size, num_experts).sum(1) / (group_size * k)  # (G, E), each row sums to 1
     p = router_probs.float().view(groups, group_size, num_experts).mean(1)  # (G, E)
     return num_experts * (f * p).sum(-1).mean()
@@ -102,7 +107,9 @@ def load_balancing_loss_from_counts(router_probs: torch.Tensor, tokens_per_exper
         raise ValueError(f"router_probs must have shape (N, E), got {getattr(router_probs, 'shape', router_probs)!r}")
     num_experts = router_probs.shape[-1]
     if not isinstance(tokens_per_expert, torch.Tensor) or tokens_per_expert.shape != (num_experts,):
-        raise ValueError(f"tokens_per_expert must be a tensor of shape (E,) = ({num_experts},), got {tuple(getattr(tokens_per_expert, 'shape', ()))}")
+        raise ValueError(
+            f"tokens_per_expert must be a tensor of shape (E,) = ({num_experts},), got {tuple(getattr(tokens_per_expert, 'shape', ()))}"
+        )
     counts = tokens_per_expert.detach().float().to(router_probs.device)  # (E,)
     if (counts < 0).any() or counts.sum() <= 0:
         raise ValueError(f"tokens_per_expert must be counts >= 0 with a positive total, got {tokens_per_expert.tolist()}")
@@ -136,7 +143,9 @@ def importance_loss(router_probs_or_gates: torch.Tensor, eps: float = 1e-10) -> 
     or probabilities. ``eps`` guards an all-zero importance.
     """
     if not isinstance(router_probs_or_gates, torch.Tensor) or router_probs_or_gates.ndim != 2:
-        raise ValueError(f"expected gates or probabilities of shape (N, E), got {getattr(router_probs_or_gates, 'shape', router_probs_or_gates)!r}")
+        raise ValueError(
+            f"expected gates or probabilities of shape (N, E), got {getattr(router_probs_or_gates, 'shape', router_probs_or_gates)!r}"
+        )
     importance = router_probs_or_gates.float().sum(dim=0)  # (E,)
     if importance.numel() == 1:
         return importance.sum() * 0.0  # one expert is always balanced

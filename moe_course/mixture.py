@@ -201,7 +201,6 @@ class DenseMixture(nn.Module):
         return f"num_experts={self.config.num_experts}"
 
 
-
 ROUTED_ROUTERS = ("switch", "top_k")
 
 
@@ -222,11 +221,17 @@ class RoutedMixtureConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"RoutedMixtureConfig.{name} must be a positive int, got {value!r}")
         if self.top_k > self.num_experts:
-            raise ValueError(f"RoutedMixtureConfig.top_k={self.top_k} is more than num_experts={self.num_experts}: a patient cannot see more doctors than there are")
+            raise ValueError(
+                f"RoutedMixtureConfig.top_k={self.top_k} is more than num_experts={self.num_experts}: a patient cannot see more doctors than there are"
+            )
         if self.router not in ROUTED_ROUTERS:
-            raise ValueError(f"RoutedMixtureConfig.router: unknown router type {self.router!r}; choose from {list(ROUTED_ROUTERS)}")
+            raise ValueError(
+                f"RoutedMixtureConfig.router: unknown router type {self.router!r}; choose from {list(ROUTED_ROUTERS)}"
+            )
         if self.router == "switch" and self.top_k != 1:
-            raise ValueError(f"RoutedMixtureConfig.router='switch' sends each patient to one doctor, but top_k={self.top_k}; use router='top_k'")
+            raise ValueError(
+                f"RoutedMixtureConfig.router='switch' sends each patient to one doctor, but top_k={self.top_k}; use router='top_k'"
+            )
         for name in ("aux_loss_coef", "z_loss_coef"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -263,7 +268,9 @@ class RoutedMixture(nn.Module):
         if not isinstance(config, RoutedMixtureConfig):
             raise TypeError(f"RoutedMixture expects a RoutedMixtureConfig, got {type(config).__name__}")
         self.config = config
-        self.gate, self.experts = gate_and_experts(config.d_in, config.d_ff, config.num_classes, config.num_experts)  # DenseMixture's staff
+        self.gate, self.experts = gate_and_experts(
+            config.d_in, config.d_ff, config.num_classes, config.num_experts
+        )  # DenseMixture's staff
 
     def route(self, router_logits: torch.Tensor) -> Routing:
         """The GP's referral: the gate's logits (N, E) → Routing with expert_index and gates (N, K)."""
@@ -300,5 +307,3 @@ class RoutedMixture(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return f"router={c.router!r}, num_experts={c.num_experts}, top_k={c.top_k}"
-
-

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dispatch import METHODS, dispatch
 from . import fast
+from .dispatch import METHODS, dispatch
 from .experts import Experts, FeedForward, check_activation, init_linear_
 from .fast import one_thread_when_busy, router_matmul
 from .losses import load_balancing_loss, router_z_loss
@@ -65,10 +65,10 @@ class MoEConfig:
     capacity_factor: float | None = None  # slots per expert = ceil(K·N/E · factor); None: dropless
     min_capacity: int = 1  # at least this many slots per expert when capacity_factor is set
     router: str = "switch"  # "switch" (top-1, raw gate), "top_k" (softmax, top-k), "noisy_top_k" (Shazeer 2017), "mixtral", "sigmoid" (DeepSeek-V3)
-    renormalize: bool = True  # "top_k", "sigmoid": divide the k chosen gates by their sum; False keeps the raw scores (DeepSeekMoE, OLMoE)
+    renormalize: bool = True  # "top_k", "sigmoid": gates / their sum over the k chosen; False: raw scores (DeepSeekMoE, OLMoE)
     num_shared_experts: int = 0  # K_s experts of width d_ff that every token visits, ungated (DeepSeekMoE)
     shared_expert_gate: bool = False  # scale the shared experts' sum by sigmoid(x · w_shared_gate) (Qwen2-MoE)
-    bias_update_rate: float = 0.0  # γ: "sigmoid" router's selection bias b ← b + γ·sign(mean load − load) per step (DeepSeek-V3: 1e-3)
+    bias_update_rate: float = 0.0  # γ: "sigmoid" router's bias b ← b + γ·sign(mean load − load) per step (DeepSeek-V3: 1e-3)
     balance_scope: str = "batch"  # the balance loss's statistics: over the whole call ("batch") or per sequence ("sequence")
     aux_loss_coef: float = 1e-2  # α, weight of the load-balancing loss in MoEOutput.router_loss
     z_loss_coef: float = 1e-3  # weight of the router z-loss in MoEOutput.router_loss
@@ -83,41 +83,69 @@ class MoEConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")
-        if not isinstance(self.num_shared_experts, int) or isinstance(self.num_shared_experts, bool) or self.num_shared_experts < 0:
+        if (
+            not isinstance(self.num_shared_experts, int)
+            or isinstance(self.num_shared_experts, bool)
+            or self.num_shared_experts < 0
+        ):
             raise ValueError(f"MoEConfig.num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}")
         if self.top_k > self.num_experts:
-            raise ValueError(f"MoEConfig.top_k={self.top_k} is more than num_experts={self.num_experts}: a token cannot pick more experts than there are")
+            raise ValueError(
+                f"MoEConfig.top_k={self.top_k} is more than num_experts={self.num_experts}: a token cannot pick more experts than there are"
+            )
         if self.router not in ROUTERS:
             raise ValueError(f"MoEConfig.router: unknown router type {self.router!r}; choose from {list(ROUTERS)}")
         if self.router == "switch" and self.top_k != 1:
-            raise ValueError(f"MoEConfig.router='switch' routes each token to one expert, but top_k={self.top_k}; use router='top_k' (or 'noisy_top_k') for top-{self.top_k}")
+            raise ValueError(
+                f"MoEConfig.router='switch' routes each token to one expert, but top_k={self.top_k}; use router='top_k' (or 'noisy_top_k') for top-{self.top_k}"
+            )
         for name in ("renormalize", "shared_expert_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MoEConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if not self.renormalize and self.router in ("mixtral", "noisy_top_k"):
-            raise ValueError(f"MoEConfig.renormalize=False: router {self.router!r} takes a softmax over the k chosen logits, so its gates always sum to 1; "
-                             "use router='top_k' for raw softmax gates")
+            raise ValueError(
+                f"MoEConfig.renormalize=False: router {self.router!r} takes a softmax over the k chosen logits, so its gates always sum to 1; "
+                "use router='top_k' for raw softmax gates"
+            )
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ValueError("MoEConfig.shared_expert_gate=True needs shared experts to gate: set num_shared_experts >= 1")
-        if isinstance(self.bias_update_rate, bool) or not isinstance(self.bias_update_rate, (int, float)) or not math.isfinite(self.bias_update_rate) or self.bias_update_rate < 0:
+        if (
+            isinstance(self.bias_update_rate, bool)
+            or not isinstance(self.bias_update_rate, (int, float))
+            or not math.isfinite(self.bias_update_rate)
+            or self.bias_update_rate < 0
+        ):
             raise ValueError(f"MoEConfig.bias_update_rate must be a number >= 0, got {self.bias_update_rate!r}")
         if self.bias_update_rate > 0 and self.router != "sigmoid":
-            raise ValueError(f"MoEConfig.bias_update_rate={self.bias_update_rate}: the selection bias belongs to router='sigmoid' (DeepSeek-V3), "
-                             f"but router={self.router!r}")
+            raise ValueError(
+                f"MoEConfig.bias_update_rate={self.bias_update_rate}: the selection bias belongs to router='sigmoid' (DeepSeek-V3), "
+                f"but router={self.router!r}"
+            )
         if self.balance_scope not in BALANCE_SCOPES:
             raise ValueError(f"MoEConfig.balance_scope must be one of {list(BALANCE_SCOPES)}, got {self.balance_scope!r}")
-        if self.capacity_factor is not None and (isinstance(self.capacity_factor, bool) or not isinstance(self.capacity_factor, (int, float)) or not math.isfinite(self.capacity_factor) or self.capacity_factor <= 0):
-            raise ValueError(f"MoEConfig.capacity_factor must be > 0 (or None for no capacity limit), got {self.capacity_factor!r}")
+        if self.capacity_factor is not None and (
+            isinstance(self.capacity_factor, bool)
+            or not isinstance(self.capacity_factor, (int, float))
+            or not math.isfinite(self.capacity_factor)
+            or self.capacity_factor <= 0
+        ):
+            raise ValueError(
+                f"MoEConfig.capacity_factor must be > 0 (or None for no capacity limit), got {self.capacity_factor!r}"
+            )
         for name in ("aux_loss_coef", "z_loss_coef"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"MoEConfig.{name} must be a number >= 0, got {value!r}")
         if not isinstance(self.router_jitter, (int, float)) or not 0.0 <= self.router_jitter < 1.0:
             raise ValueError(f"MoEConfig.router_jitter must be in [0, 1), got {self.router_jitter!r}")
-        if self.init_scale is not None and (not isinstance(self.init_scale, (int, float)) or not math.isfinite(self.init_scale) or self.init_scale <= 0):
+        if self.init_scale is not None and (
+            not isinstance(self.init_scale, (int, float)) or not math.isfinite(self.init_scale) or self.init_scale <= 0
+        ):
             raise ValueError(f"MoEConfig.init_scale must be > 0 or None, got {self.init_scale!r}")
         if self.dispatch is not None and self.dispatch not in METHODS:
-            raise ValueError(f"MoEConfig.dispatch: unknown dispatch method {self.dispatch!r}; choose from {sorted(METHODS)} or None")
+            raise ValueError(
+                f"MoEConfig.dispatch: unknown dispatch method {self.dispatch!r}; choose from {sorted(METHODS)} or None"
+            )
         check_activation(self.activation, "MoEConfig.activation")
 
     def fine_grained(self, segments: int, num_shared_experts: int = 0) -> MoEConfig:
@@ -142,13 +170,22 @@ class MoEConfig:
         if self.num_shared_experts:
             raise ValueError("fine_grained: this config already has shared experts; start from a plain one")
         if shared >= m * self.top_k:
-            raise ValueError(f"fine_grained: {shared} shared experts leave none of the m·K = {m * self.top_k} active experts to route")
+            raise ValueError(
+                f"fine_grained: {shared} shared experts leave none of the m·K = {m * self.top_k} active experts to route"
+            )
         top_k = m * self.top_k - shared
         router, renormalize = self.router, self.renormalize
         if router == "switch" and top_k > 1:
             router, renormalize = "top_k", False
-        return replace(self, d_ff=self.d_ff // m, num_experts=m * self.num_experts - shared, top_k=top_k,
-                       num_shared_experts=shared, router=router, renormalize=renormalize)
+        return replace(
+            self,
+            d_ff=self.d_ff // m,
+            num_experts=m * self.num_experts - shared,
+            top_k=top_k,
+            num_shared_experts=shared,
+            router=router,
+            renormalize=renormalize,
+        )
 
 
 @dataclass(frozen=True)
@@ -163,7 +200,9 @@ class MoEOutput:
     gates: torch.Tensor  # (N, K) float32 weight of each choice
     keep: torch.Tensor  # (N, K) bool, False where the choice was dropped for lack of capacity
     num_dropped: torch.Tensor  # () int64, tokens with no expert at all (y = 0 for them)
-    tokens_per_expert: torch.Tensor  # (E,) int64 assignments routed to each expert, before dropping (the load a bias update reads)
+    tokens_per_expert: (
+        torch.Tensor
+    )  # (E,) int64 assignments routed to each expert, before dropping (the load a bias update reads)
     capacity: int | None  # C, slots per expert in this call (None: dropless)
 
 
@@ -203,16 +242,31 @@ class MoELayer(nn.Module):
         if not isinstance(config, MoEConfig):
             raise TypeError(f"MoELayer expects a MoEConfig, got {type(config).__name__}")
         self.config = config
+        self._make_parameters(config.num_experts)
+
+    def _make_parameters(self, num_routed: int) -> None:
+        """The router, ``num_routed`` routed experts (all E here; a rank's share in expert parallelism), the rest."""
+        config = self.config
         D, E = config.d_model, config.num_experts
         self.w_router = nn.Parameter(torch.empty(D, E))
         if config.router == "noisy_top_k":
             self.w_noise = nn.Parameter(torch.zeros(D, E))
         else:
             self.register_parameter("w_noise", None)
-        self.experts = Experts(E, D, config.d_ff, activation=config.activation, bias=config.bias, init_scale=config.init_scale)
+        self.experts = Experts(
+            num_routed, D, config.d_ff, activation=config.activation, bias=config.bias, init_scale=config.init_scale
+        )
         # made after the routed experts, so a layer without them draws the same weights as before they existed
-        self.shared_experts = (Experts(config.num_shared_experts, D, config.d_ff, activation=config.activation, bias=config.bias,
-                                       init_scale=config.init_scale) if config.num_shared_experts else None)
+        self.shared_experts = None
+        if config.num_shared_experts:
+            self.shared_experts = Experts(
+                config.num_shared_experts,
+                D,
+                config.d_ff,
+                activation=config.activation,
+                bias=config.bias,
+                init_scale=config.init_scale,
+            )
         self.w_shared_gate = nn.Parameter(torch.empty(D, 1)) if config.shared_expert_gate else None  # (D, 1)
         # a buffer, not a parameter: no gradient moves it, and it travels with the state dict
         self.register_buffer("expert_bias", torch.zeros(E) if config.router == "sigmoid" else None)  # (E,) selection only
@@ -238,13 +292,17 @@ class MoELayer(nn.Module):
             raise ValueError(f"MoELayer expects x of shape (B, T, {D}) or (N, {D}), got {tuple(getattr(x, 'shape', ()))}")
         weights = next(self.experts.parameters(), self.w_router).dtype  # the experts' dtype (any ExpertBank)
         if not x.is_floating_point() or (x.dtype != weights and not torch.is_autocast_enabled(x.device.type)):
-            raise TypeError(f"MoELayer's experts hold {weights} weights but x is {x.dtype}: convert one to the other, "
-                            f"e.g. x.to({weights}) (or layer.to({x.dtype}) to run the experts in {x.dtype})".replace("torch.", ""))
+            raise TypeError(
+                f"MoELayer's experts hold {weights} weights but x is {x.dtype}: convert one to the other, "
+                f"e.g. x.to({weights}) (or layer.to({x.dtype}) to run the experts in {x.dtype})".replace("torch.", "")
+            )
         # one reduction: a NaN or inf anywhere makes the sum NaN or inf (the full check runs only then)
         if not math.isfinite(x.detach().sum()) and not torch.isfinite(x).all():
             n, d = (~torch.isfinite(x.reshape(-1, D))).nonzero()[0].tolist()
-            raise ValueError(f"MoELayer got NaN or inf in its input x (first at token {n}, feature {d}): the problem is "
-                             "upstream of this layer (the data, the layer before it, or a learning rate that is too high)")
+            raise ValueError(
+                f"MoELayer got NaN or inf in its input x (first at token {n}, feature {d}): the problem is "
+                "upstream of this layer (the data, the layer before it, or a learning rate that is too high)"
+            )
 
     def _float32_matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -312,7 +370,9 @@ class MoELayer(nn.Module):
         cfg = self.config
         self._check_input(x)
         tokens = x.reshape(-1, cfg.d_model)  # (N, D)
-        if fast.switch_layer_applies(self, tokens, MoELayer):  # the five steps below as one op, for speed (moe_course.fast.switch_layer)
+        if fast.switch_layer_applies(
+            self, tokens, MoELayer
+        ):  # the five steps below as one op, for speed (moe_course.fast.switch_layer)
             return MoEOutput(**fast.switch_layer(self, tokens, self.slots(tokens.shape[0]), x.shape))
 
         # 1. The router (the GP) scores every expert for every token, in float32.
@@ -379,7 +439,9 @@ def upcycle(ffn: FeedForward, config: MoEConfig) -> MoELayer:
     if not isinstance(config, MoEConfig):
         raise TypeError(f"upcycle expects a MoEConfig, got {type(config).__name__}")
     if config.num_shared_experts:
-        raise ValueError("upcycle: the shared experts would add a second copy of the dense FFN on top of the routed ones; use num_shared_experts=0")
+        raise ValueError(
+            "upcycle: the shared experts would add a second copy of the dense FFN on top of the routed ones; use num_shared_experts=0"
+        )
     layer = MoELayer(config)
     layer.experts.copy_feed_forward_(ffn)  # the one home of dense-to-experts copying; it checks widths, biases and activation
     return layer

@@ -56,7 +56,9 @@ class Routing:
     """Token-choice routing: every token picks K experts."""
 
     router_logits: torch.Tensor  # (N, E) the logits the choice was made on (noisy top-k: the noisy H)
-    router_probs: torch.Tensor  # (N, E) float32 each token's distribution over experts: softmax of router_logits (sigmoid router: s / Σ s)
+    router_probs: (
+        torch.Tensor
+    )  # (N, E) float32 each token's distribution over experts: softmax of router_logits (sigmoid router: s / Σ s)
     expert_index: torch.Tensor  # (N, K) int64, chosen experts, best first
     gates: torch.Tensor  # (N, K) float32 weight of each choice when outputs are combined
 
@@ -170,7 +172,9 @@ def noisy_top_k_routing(
     _check_logits(clean_logits, "clean_logits")
     _check_logits(noise_logits, "noise_logits")
     if noise_logits.shape != clean_logits.shape:
-        raise ValueError(f"noise_logits {tuple(noise_logits.shape)} must have the shape of clean_logits {tuple(clean_logits.shape)}")
+        raise ValueError(
+            f"noise_logits {tuple(noise_logits.shape)} must have the shape of clean_logits {tuple(clean_logits.shape)}"
+        )
     _check_k(k, clean_logits.shape[-1])
     clean = clean_logits.float()
     if training:
@@ -255,9 +259,13 @@ def expert_bias_update(bias: torch.Tensor, load: torch.Tensor, rate: float) -> t
     applies it to a model's layers.
     """
     if not isinstance(bias, torch.Tensor) or bias.ndim != 1 or not bias.is_floating_point():
-        raise ValueError(f"bias must be a float tensor of shape (E,), got {getattr(bias, 'dtype', type(bias).__name__)} {tuple(getattr(bias, 'shape', ()))}")
+        raise ValueError(
+            f"bias must be a float tensor of shape (E,), got {getattr(bias, 'dtype', type(bias).__name__)} {tuple(getattr(bias, 'shape', ()))}"
+        )
     if not isinstance(load, torch.Tensor) or load.shape != bias.shape:
-        raise ValueError(f"load must be a tensor of the bias's shape {tuple(bias.shape)}, got {tuple(getattr(load, 'shape', ()))}")
+        raise ValueError(
+            f"load must be a tensor of the bias's shape {tuple(bias.shape)}, got {tuple(getattr(load, 'shape', ()))}"
+        )
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate >= 0:
         raise ValueError(f"rate γ must be a number >= 0, got {rate!r}")
     load = load.detach().to(bias.device, torch.float32)
@@ -279,7 +287,9 @@ def expert_choice_routing(router_logits: torch.Tensor, capacity: int) -> ExpertC
     if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity <= 0:
         raise ValueError(f"capacity must be a positive int, got {capacity!r}")
     if capacity > num_tokens:
-        raise ValueError(f"capacity={capacity} is more than the number of tokens N={num_tokens}: an expert cannot pick a token twice")
+        raise ValueError(
+            f"capacity={capacity} is more than the number of tokens N={num_tokens}: an expert cannot pick a token twice"
+        )
     probs = F.softmax(router_logits.float(), dim=-1)  # (N, E)
     gates, token_index = torch.topk(probs.T, capacity, dim=-1)  # (E, C), (E, C)
     counts = torch.bincount(token_index.reshape(-1), minlength=num_tokens)  # (N,)
@@ -302,12 +312,22 @@ def expert_capacity(
     (8 tokens · 1.1 = 8.8000000001 is 9, and 10 · 1.1 / 1 is 11, not 12).
     ``min_capacity`` keeps small batches from getting 0 slots (DeepSpeed uses 4).
     """
-    for name, value, low in (("num_tokens", num_tokens, 0), ("num_experts", num_experts, 1), ("top_k", top_k, 1), ("min_capacity", min_capacity, 1)):
+    for name, value, low in (
+        ("num_tokens", num_tokens, 0),
+        ("num_experts", num_experts, 1),
+        ("top_k", top_k, 1),
+        ("min_capacity", min_capacity, 1),
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if top_k > num_experts:
         raise ValueError(f"top_k={top_k} is more than the number of experts E={num_experts}")
-    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) or not math.isfinite(capacity_factor) or capacity_factor <= 0:
+    if (
+        isinstance(capacity_factor, bool)
+        or not isinstance(capacity_factor, (int, float))
+        or not math.isfinite(capacity_factor)
+        or capacity_factor <= 0
+    ):
         raise ValueError(f"capacity_factor must be a positive number, got {capacity_factor!r}")
     raw = top_k * num_tokens * capacity_factor / num_experts
     return max(min_capacity, math.ceil(round(raw, 9)))
@@ -344,7 +364,9 @@ def capacity_mask(expert_index: torch.Tensor, num_experts: int, capacity: int) -
         raise ValueError(f"capacity must be a positive int, got {capacity!r}")
     expert_index = expert_index.long()
     if expert_index.numel() and (expert_index.min() < 0 or expert_index.max() >= num_experts):
-        raise ValueError(f"expert_index values must be in [0, {num_experts}), got values from {int(expert_index.min())} to {int(expert_index.max())}")
+        raise ValueError(
+            f"expert_index values must be in [0, {num_experts}), got values from {int(expert_index.min())} to {int(expert_index.max())}"
+        )
     num_tokens, k = expert_index.shape
     # Priority order = choice-major: choice 0 of tokens 0..N-1, then choice 1, ...
     by_priority = expert_index.T.reshape(-1)  # (K·N,)

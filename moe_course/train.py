@@ -20,7 +20,16 @@ from .training.cli import (
     main,
 )
 
-__all__ = ["main", "build_parser", "configs_from_args", "load_run", "CONFIG_FILE", "CHECKPOINT_FILE", "METRICS_FILE", "SAMPLES_FILE"]
+__all__ = [
+    "main",
+    "build_parser",
+    "configs_from_args",
+    "load_run",
+    "CONFIG_FILE",
+    "CHECKPOINT_FILE",
+    "METRICS_FILE",
+    "SAMPLES_FILE",
+]
 
 if __name__ == "__main__":
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun started several processes: experts spread over them

@@ -103,21 +103,31 @@ class GPTConfig:
     bias_update_rate: float = 0.0  # γ of the "sigmoid" router's loss-free balancing bias (DeepSeek-V3: 1e-3)
     balance_scope: str = "batch"  # balance loss statistics over the whole batch, or per "sequence"
     moe_every: int = 1  # every moe_every-th block is a Switch block, the others dense (the Switch paper used 2)
-    capacity_factor: float | None = 1.25  # Switch: slots per expert = ceil(N/E · factor), N counted per forward call; None: dropless
+    capacity_factor: float | None = 1.25  # slots per expert = ceil(N/E · factor), N per forward call; None: dropless
     aux_loss_coef: float = 1e-2  # α, weight of the load-balancing loss
     z_loss_coef: float = 1e-3  # weight of the router z-loss
     router_jitter: float = 0.0  # ε of the router's multiplicative input jitter (training only)
-    init_scale: float | None = 0.1  # FFN and expert weights ~ truncated normal, std sqrt(s / fan_in) (Switch init); None: PyTorch default
+    init_scale: float | None = 0.1  # Switch init: truncated normal, std sqrt(s / fan_in); None: PyTorch default
     dropout: float = 0.0  # dropout on attention weights and residual branches
     bias: bool = True  # biases in linear layers and FFNs
     tie_embeddings: bool = True  # the head reuses the token embedding matrix (V, D)
-    position: str = "rope"  # "rope": rotary embeddings in attention (relative); "learned": a learned (T, D) table added to the input; "both"
+    position: str = "rope"  # "rope": rotary (relative) in attention; "learned": a (T, D) table added to the input; "both"
     fast_attention: bool = True  # F.scaled_dot_product_attention (same function as the explicit one)
     dispatch: str | None = None  # MoE dispatch method (moe_course.dispatch.METHODS); None: the fastest
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "d_model", "n_layers", "n_heads", "d_ff", "num_experts", "moe_every", "top_k",
-                     "expert_segments"):
+        for name in (
+            "vocab_size",
+            "block_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "d_ff",
+            "num_experts",
+            "moe_every",
+            "top_k",
+            "expert_segments",
+        ):
             _positive_int("GPTConfig", name, getattr(self, name))
         if self.d_model % self.n_heads:
             raise ValueError(f"GPTConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
@@ -128,7 +138,9 @@ class GPTConfig:
         if self.position != "learned" and self.d_head % 2:
             raise ValueError(f"GPTConfig: rotary position embeddings need an even head width; d_model / n_heads = {self.d_head}")
         if self.ffn == "dense" and self.num_experts != 1:
-            raise ValueError(f"GPTConfig: a dense model has no experts, but num_experts={self.num_experts}; use ffn='switch' for experts")
+            raise ValueError(
+                f"GPTConfig: a dense model has no experts, but num_experts={self.num_experts}; use ffn='switch' for experts"
+            )
         if self.router not in GPT_ROUTERS:
             raise ValueError(f"GPTConfig.router: unknown router type {self.router!r}; choose from {list(GPT_ROUTERS)}")
         if self.router == "hash" and self.top_k != 1:
@@ -136,20 +148,32 @@ class GPTConfig:
         if self.router == "hash" and self.ffn == "switch" and self.capacity_factor is not None:
             raise ValueError(f"GPTConfig: a hash layer drops no tokens; set capacity_factor=None (got {self.capacity_factor})")
         if self.ffn == "dense" and self.top_k != 1:
-            raise ValueError(f"GPTConfig: a dense model routes nothing, but top_k={self.top_k}; use ffn='switch' (with router='top_k') for top-k routing")
+            raise ValueError(
+                f"GPTConfig: a dense model routes nothing, but top_k={self.top_k}; use ffn='switch' (with router='top_k') for top-k routing"
+            )
         if self.ffn == "dense" and (self.expert_segments != 1 or self.num_shared_experts):
-            raise ValueError(f"GPTConfig: a dense model routes nothing, but expert_segments={self.expert_segments}, "
-                             f"num_shared_experts={self.num_shared_experts}; use ffn='switch' for routed experts")
+            raise ValueError(
+                f"GPTConfig: a dense model routes nothing, but expert_segments={self.expert_segments}, "
+                f"num_shared_experts={self.num_shared_experts}; use ffn='switch' for routed experts"
+            )
         if self.d_ff % self.expert_segments:
-            raise ValueError(f"GPTConfig: d_ff={self.d_ff} cannot be cut into expert_segments={self.expert_segments} equal experts")
+            raise ValueError(
+                f"GPTConfig: d_ff={self.d_ff} cannot be cut into expert_segments={self.expert_segments} equal experts"
+            )
         if self.router == "hash" and (self.expert_segments != 1 or self.num_shared_experts or self.activation != "gelu"):
-            raise ValueError("GPTConfig: a hash layer has plain GELU experts of width d_ff; expert_segments, num_shared_experts and activation "
-                             "are MoELayer options")
+            raise ValueError(
+                "GPTConfig: a hash layer has plain GELU experts of width d_ff; expert_segments, num_shared_experts and activation "
+                "are MoELayer options"
+            )
         if self.ffn == "switch" and self.moe_every > self.n_layers:
-            raise ValueError(f"GPTConfig.moe_every={self.moe_every} > n_layers={self.n_layers}: the model would have no Switch block")
+            raise ValueError(
+                f"GPTConfig.moe_every={self.moe_every} > n_layers={self.n_layers}: the model would have no Switch block"
+            )
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init_scale is not None and (not isinstance(self.init_scale, (int, float)) or not math.isfinite(self.init_scale) or self.init_scale <= 0):
+        if self.init_scale is not None and (
+            not isinstance(self.init_scale, (int, float)) or not math.isfinite(self.init_scale) or self.init_scale <= 0
+        ):
             raise ValueError(f"GPTConfig.init_scale must be > 0 or None, got {self.init_scale!r}")
         try:  # the MoE fields (and the activation) are checked by MoEConfig itself, with its own messages
             self.moe_config()
@@ -171,33 +195,64 @@ class GPTConfig:
     def moe_config(self) -> MoEConfig:
         """The MoEConfig of every MoE block, experts d_ff / expert_segments wide (for a hash layer: its experts' settings; it has no router)."""
         return MoEConfig(
-            d_model=self.d_model, d_ff=self.d_ff // self.expert_segments, num_experts=self.num_experts, top_k=self.top_k,
-            capacity_factor=self.capacity_factor, router="switch" if self.router == "hash" else self.router,
-            renormalize=self.renormalize, num_shared_experts=self.num_shared_experts, shared_expert_gate=self.shared_expert_gate,
-            bias_update_rate=self.bias_update_rate, balance_scope=self.balance_scope,
-            aux_loss_coef=self.aux_loss_coef, z_loss_coef=self.z_loss_coef, router_jitter=self.router_jitter,
-            init_scale=self.init_scale, activation=self.activation, bias=self.bias, dispatch=self.dispatch,
+            d_model=self.d_model,
+            d_ff=self.d_ff // self.expert_segments,
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            capacity_factor=self.capacity_factor,
+            router="switch" if self.router == "hash" else self.router,
+            renormalize=self.renormalize,
+            num_shared_experts=self.num_shared_experts,
+            shared_expert_gate=self.shared_expert_gate,
+            bias_update_rate=self.bias_update_rate,
+            balance_scope=self.balance_scope,
+            aux_loss_coef=self.aux_loss_coef,
+            z_loss_coef=self.z_loss_coef,
+            router_jitter=self.router_jitter,
+            init_scale=self.init_scale,
+            activation=self.activation,
+            bias=self.bias,
+            dispatch=self.dispatch,
         )
 
-    def dense_twin(self) -> "GPTConfig":
+    def dense_twin(self) -> GPTConfig:
         """The same model with a dense FFN in every block: equal FLOPs per token (but the router's) for a top-1 model of
         full-width experts, or a fine-grained one with m·K = 1 (``fine_grained``)."""
-        return replace(self, ffn="dense", num_experts=1, router="switch", top_k=1, expert_segments=1, num_shared_experts=0,
-                       shared_expert_gate=False, renormalize=True, bias_update_rate=0.0)
+        return replace(
+            self,
+            ffn="dense",
+            num_experts=1,
+            router="switch",
+            top_k=1,
+            expert_segments=1,
+            num_shared_experts=0,
+            shared_expert_gate=False,
+            renormalize=True,
+            bias_update_rate=0.0,
+        )
 
     def fine_grained(self, segments: int, num_shared_experts: int = 0) -> GPTConfig:
         """This MoE model with DeepSeekMoE's experts (arXiv:2401.06066): m = ``segments`` times as many, each 1/m as wide,
         m·K active of which K_s = ``num_shared_experts`` are shared. Same expert weights and FLOPs per token (the routers and
         the experts' biases grow); see ``MoEConfig.fine_grained``."""
         if self.ffn != "switch" or self.router == "hash":
-            raise ValueError("GPTConfig.fine_grained: start from an MoE model with a learned router (ffn='switch', router not 'hash')")
+            raise ValueError(
+                "GPTConfig.fine_grained: start from an MoE model with a learned router (ffn='switch', router not 'hash')"
+            )
         if self.expert_segments != 1 or self.num_shared_experts:
             raise ValueError("GPTConfig.fine_grained: this config is fine-grained already; start from a plain one")
         fine = self.moe_config().fine_grained(segments, num_shared_experts)
-        return replace(self, expert_segments=segments, num_experts=fine.num_experts, top_k=fine.top_k,
-                       num_shared_experts=fine.num_shared_experts, router=fine.router, renormalize=fine.renormalize)
+        return replace(
+            self,
+            expert_segments=segments,
+            num_experts=fine.num_experts,
+            top_k=fine.top_k,
+            num_shared_experts=fine.num_shared_experts,
+            router=fine.router,
+            renormalize=fine.renormalize,
+        )
 
-    def switch_twin(self, num_experts: int) -> "GPTConfig":
+    def switch_twin(self, num_experts: int) -> GPTConfig:
         """The same model with Switch layers of ``num_experts`` experts of width d_ff."""
         return replace(self, ffn="switch", num_experts=num_experts)
 
@@ -214,7 +269,9 @@ class BlockOutput:
 @dataclass(frozen=True)
 class GPTOutput:
     logits: torch.Tensor  # (B, T, V) scores of the next character at every position
-    router_loss: torch.Tensor  # () sum over Switch layers of MoEOutput.router_loss (weighted): add this to the task loss; 0 for dense
+    router_loss: (
+        torch.Tensor
+    )  # () sum over Switch layers of MoEOutput.router_loss (weighted): add this to the task loss; 0 for dense
     aux_loss: torch.Tensor  # () sum over Switch layers of the unweighted load-balancing losses; 0 for dense
     z_loss: torch.Tensor  # () sum over Switch layers of the unweighted router z-losses; 0 for dense
     moe: tuple[MoEOutput | None, ...]  # one entry per block: its MoEOutput, or None (dense block)
@@ -268,10 +325,20 @@ class HashLayer(nn.Module):
         load = torch.bincount(index[:, 0], minlength=self.num_experts)  # (E,)
         share = load.float() / len(ids)
         zero = tokens.new_zeros((), dtype=torch.float32)
-        return MoEOutput(y=y.reshape(x.shape), router_loss=zero, aux_loss=self.num_experts * (share * share).sum(), z_loss=zero,
-                         router_logits=probs.log(), router_probs=probs, expert_index=index, gates=gates,
-                         keep=torch.ones_like(index, dtype=torch.bool), num_dropped=torch.zeros((), dtype=torch.int64, device=x.device),
-                         tokens_per_expert=load, capacity=None)
+        return MoEOutput(
+            y=y.reshape(x.shape),
+            router_loss=zero,
+            aux_loss=self.num_experts * (share * share).sum(),
+            z_loss=zero,
+            router_logits=probs.log(),
+            router_probs=probs,
+            expert_index=index,
+            gates=gates,
+            keep=torch.ones_like(index, dtype=torch.bool),
+            num_dropped=torch.zeros((), dtype=torch.int64, device=x.device),
+            tokens_per_expert=load,
+            capacity=None,
+        )
 
 
 class Block(nn.Module):
@@ -282,8 +349,14 @@ class Block(nn.Module):
         D = config.d_model
         self.layer = layer
         self.ln_1 = nn.LayerNorm(D)
-        self.attn = CausalSelfAttention(D, config.n_heads, bias=config.bias, dropout=config.dropout, fast=config.fast_attention,
-                                        rope=config.position != "learned")
+        self.attn = CausalSelfAttention(
+            D,
+            config.n_heads,
+            bias=config.bias,
+            dropout=config.dropout,
+            fast=config.fast_attention,
+            rope=config.position != "learned",
+        )
         self.ln_2 = nn.LayerNorm(D)
         if config.is_moe_layer(layer):
             self.ffn: nn.Module = HashLayer(config) if config.router == "hash" else MoELayer(config.moe_config())
@@ -353,10 +426,14 @@ class GPT(nn.Module):
 
     def _check_ids(self, idx: torch.Tensor) -> None:
         if not isinstance(idx, torch.Tensor) or idx.ndim != 2 or idx.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"GPT expects token ids of shape (B, T) and integer dtype, got {getattr(idx, 'dtype', type(idx).__name__)} {tuple(getattr(idx, 'shape', ()))}")
+            raise ValueError(
+                f"GPT expects token ids of shape (B, T) and integer dtype, got {getattr(idx, 'dtype', type(idx).__name__)} {tuple(getattr(idx, 'shape', ()))}"
+            )
         T = idx.shape[1]
         if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size={self.config.block_size}; crop it to the last {self.config.block_size} tokens")
+            raise ValueError(
+                f"sequence of length {T} is longer than block_size={self.config.block_size}; crop it to the last {self.config.block_size} tokens"
+            )
         if T == 0:
             raise ValueError("GPT needs at least one token per sequence")
 
@@ -374,8 +451,13 @@ class GPT(nn.Module):
         logits = self.head(self.ln_f(x))  # (B, T, V)
         routed = [m for m in moes if m is not None]
         zero = x.new_zeros(())
-        return GPTOutput(logits=logits, router_loss=sum((m.router_loss for m in routed), zero), aux_loss=sum((m.aux_loss for m in routed), zero),
-                         z_loss=sum((m.z_loss for m in routed), zero), moe=tuple(moes))
+        return GPTOutput(
+            logits=logits,
+            router_loss=sum((m.router_loss for m in routed), zero),
+            aux_loss=sum((m.aux_loss for m in routed), zero),
+            z_loss=sum((m.z_loss for m in routed), zero),
+            moe=tuple(moes),
+        )
 
     @torch.no_grad()
     def generate(
@@ -437,9 +519,22 @@ def copy_dense_into_switch(dense: GPT, switch: GPT) -> GPT:
     if dc.ffn != "dense" or sc.ffn != "switch":
         raise ValueError("copy_dense_into_switch(dense, switch) needs a dense GPT and a Switch GPT, in that order")
     if sc.expert_segments != 1 or sc.num_shared_experts:
-        raise ValueError("copy_dense_into_switch: experts are whole copies of the dense FFN, so the MoE model needs expert_segments=1 "
-                         "and no shared experts")
-    shape = ("vocab_size", "block_size", "d_model", "n_layers", "n_heads", "d_ff", "bias", "tie_embeddings", "activation", "position")
+        raise ValueError(
+            "copy_dense_into_switch: experts are whole copies of the dense FFN, so the MoE model needs expert_segments=1 "
+            "and no shared experts"
+        )
+    shape = (
+        "vocab_size",
+        "block_size",
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "d_ff",
+        "bias",
+        "tie_embeddings",
+        "activation",
+        "position",
+    )
     differ = [f"{k}: {getattr(dc, k)} vs {getattr(sc, k)}" for k in shape if getattr(dc, k) != getattr(sc, k)]
     if differ:
         raise ValueError(f"copy_dense_into_switch: the models differ in shape ({'; '.join(differ)})")

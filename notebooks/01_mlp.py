@@ -147,8 +147,8 @@ ax.legend();
 # every 10 steps that we need at the end of the lesson; ignore it for now.
 
 # %%
-from moe_course.data.clinic import make_clinic
 from moe_course.analysis.metrics import AgreementTracker
+from moe_course.data.clinic import make_clinic
 from moe_course.training import CLINIC_LR, ClassificationTask, TrainConfig, train
 
 clinic = make_clinic(num_specialties=4, seed=0)

@@ -145,10 +145,10 @@ print(f"largest difference between the mixture and the ensemble average: {(out.p
 # held-out patients every 50 steps.
 
 # %%
-from moe_course.experts import FeedForward
-from moe_course.flops import count_parameters
 from moe_course.analysis.specialisation import SpecialisationTracker
 from moe_course.experiments.specialists import train_specialists
+from moe_course.experts import FeedForward
+from moe_course.flops import count_parameters
 from moe_course.training import CLINIC_LR, ClassificationTask, TrainConfig, train
 
 task = ClassificationTask.from_clinic(clinic)
@@ -217,8 +217,8 @@ ax.set_ylim(0, 1.12);
 # %%
 import matplotlib.pyplot as plt
 
-from moe_course.figures.plots import gate_mass_heatmap, heatmap
 from moe_course.analysis.specialisation import expert_accuracy_by_specialty, gate_mass_by_specialty
+from moe_course.figures.plots import gate_mass_heatmap, heatmap
 
 mass = gate_mass_by_specialty(out.router_probs, s_val, S)  # (S, E)
 alone = expert_accuracy_by_specialty(out.expert_logits, y_val, s_val, S)  # (S, E)

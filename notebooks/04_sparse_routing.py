@@ -220,8 +220,8 @@ ax.legend(ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False
 # %%
 from moe_course.experts import FeedForward
 from moe_course.flops import count_parameters, ffn_flops
-from moe_course.moe import MoEConfig, MoELayer
 from moe_course.mixture import moe_layer_flops, moe_layer_param_count
+from moe_course.moe import MoEConfig, MoELayer
 
 D, F_ = 64, 256
 experts_list = [1, 2, 4, 8, 16, 32, 64]
@@ -373,8 +373,8 @@ ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"));
 # the average doctor, variance is how much the doctors disagree).
 
 # %%
-from moe_course.experiments.ensembles import brier_decomposition
 from moe_course.analysis.metrics import accuracy_by_group
+from moe_course.experiments.ensembles import brier_decomposition
 
 x_val, y_val, s_val = clinic.val.x, clinic.val.diagnosis, clinic.val.specialty
 one, four, bias, error = [], [], [], []
@@ -423,9 +423,9 @@ print(f"in {twin}, {home}'s contradicting twin, the four cardiologists are right
 # seeds is even), so the picture is typical for this run, neither its best nor its worst seed.
 
 # %%
+from moe_course.analysis.specialisation import gate_mass_by_specialty, seen_by_specialty
 from moe_course.experiments.approaches import median_seed
 from moe_course.figures.plots import gate_mass_heatmap
-from moe_course.analysis.specialisation import gate_mass_by_specialty, seen_by_specialty
 
 spec = results.pivot("specialisation")[[DENSE, TOP_1, TOP_2]]
 shown = median_seed(spec[TOP_1])

@@ -342,8 +342,8 @@ print("the router's product runs " + ("slower" if slower else "no slower") + " p
 # busy.
 
 # %%
-from moe_course.moe import MoEConfig, MoELayer
 from moe_course.fast import expert_order, expert_threads, worth_threading
+from moe_course.moe import MoEConfig, MoELayer
 
 torch.manual_seed(0)
 layer = MoELayer(MoEConfig(d_model=128, d_ff=512, num_experts=64))

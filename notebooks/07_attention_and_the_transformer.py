@@ -251,8 +251,8 @@ pd.DataFrame([{"domain": dom, "sample": corpus.sample(dom, rng=rng).text.strip()
 # %%
 import math
 
-from moe_course.training.lm import LMTask, complete
 from moe_course.training import TrainConfig, train
+from moe_course.training.lm import LMTask, complete
 
 task = LMTask(corpus, block_size=config.block_size, eval_rows=64, eval_chunk=32)
 untrained = {"step": 0, **task.evaluate(model, "cpu")}  # where we start: about ln 96
@@ -365,7 +365,7 @@ digit_weight = all_maps[:, :, :, reader, digits].sum(-1).mean(0)  # (L, H)
 
 ax = plt.figure(figsize=(6.5, 2.2 + 0.5 * L)).gca()
 sns.heatmap(digit_weight, annot=True, fmt=".2f", cmap="viridis", vmin=0, vmax=1, ax=ax,
-            xticklabels=[f"head {h + 1}" for h in range(H)], yticklabels=[f"layer {l + 1}" for l in range(L)],
+            xticklabels=[f"head {h + 1}" for h in range(H)], yticklabels=[f"layer {i + 1}" for i in range(L)],
             cbar_kws={"label": "weight on the digits"})
 ax.tick_params(axis="y", labelrotation=0)
 ax.set(title=f"Before naming the ward: attention on the patient number\n(mean over all {len(prompts)} records)",

@@ -315,7 +315,7 @@ show_source(Block.forward)
 # %%
 from dataclasses import replace
 
-from moe_course.transformer import GPT, GPTConfig, HashLayer, flops_per_token, param_count
+from moe_course.transformer import GPTConfig, HashLayer, flops_per_token, param_count
 
 dense = GPTConfig(
     vocab_size=corpus.vocab_size,
@@ -473,9 +473,9 @@ speed.round(4)
 # expert (0: the expert tells you nothing about the domain; 1: each domain has its own experts).
 
 # %%
-from moe_course.training.lm import LMTask
-from moe_course.figures.lm_plots import routing_heatmaps
 from moe_course.analysis.lm_routing import routing_report
+from moe_course.figures.lm_plots import routing_heatmaps
+from moe_course.training.lm import LMTask
 
 
 def median_run(label: str, metric: str = "val_recall_facts"):

@@ -50,7 +50,6 @@
 import time
 from dataclasses import replace
 
-import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
@@ -664,7 +663,7 @@ print(f"the largest single patient's weight in a slot: median {top_share.median(
 # the patient to several (exercise 9.4):
 
 # %%
-from moe_course.variants.adaptive import null_expert_routing, top_p_routing
+from moe_course.variants.adaptive import top_p_routing
 
 show_source(top_p_routing)
 

@@ -34,7 +34,9 @@ def outputs_and_grads(method, x, experts, expert_index, gates, keep) -> list:
     return [y.detach(), x.grad, gates.grad] + [p.grad for p in experts.parameters()]
 
 
-def loop_reference(x: torch.Tensor, experts, expert_index: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+def loop_reference(
+    x: torch.Tensor, experts, expert_index: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor | None = None
+) -> torch.Tensor:
     """Token by token: y_n = Σ_j keep[n, j] · gates[n, j] · expert_{expert_index[n, j]}(x_n); x (N, D) → (N, D).
 
     ``experts``: anything with ``expert_output(e, x)`` (``Experts``, ``MoELayer``).

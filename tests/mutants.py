@@ -113,8 +113,9 @@ def acc_counts(logits, diagnosis, specialty, num_specialties):
 
 def acc_zero_for_empty(logits, diagnosis, specialty, num_specialties):
     correct = (logits.argmax(-1) == diagnosis).float()
-    return torch.stack([correct[specialty == s].mean() if (specialty == s).any() else torch.tensor(0.0)
-                        for s in range(num_specialties)])
+    return torch.stack(
+        [correct[specialty == s].mean() if (specialty == s).any() else torch.tensor(0.0) for s in range(num_specialties)]
+    )
 
 
 def acc_overall(logits, diagnosis, specialty, num_specialties):
@@ -217,8 +218,11 @@ def bv_variance_around_truth(member_probs, targets):
 def bv_bias_not_squared(member_probs, targets):
     y = F.one_hot(targets, member_probs.shape[-1]).float()
     mean = member_probs.mean(0)
-    return (((member_probs - y) ** 2).sum(-1).mean(), (mean - y).abs().sum(-1).mean(),
-            ((member_probs - mean) ** 2).sum(-1).mean())
+    return (
+        ((member_probs - y) ** 2).sum(-1).mean(),
+        (mean - y).abs().sum(-1).mean(),
+        ((member_probs - mean) ** 2).sum(-1).mean(),
+    )
 
 
 def bv_per_patient(member_probs, targets):
@@ -380,58 +384,60 @@ def mix_flops_macs(num_tokens, d_in, d_ff, num_classes, num_experts):
     return num_tokens * d_in * num_experts + num_experts * (num_tokens * d_in * d_ff + num_tokens * d_ff * num_classes)
 
 
-MUTANTS.update({
-    "2.1": [
-        ("averaged logits, then softmax", avg_logits_then_softmax, "averaged the logits"),
-        ("softmax over the members", avg_softmax_over_members, "softmax over the members"),
-        ("sum instead of mean", avg_sum_not_mean, "summed the members"),
-        ("mean over the patients", avg_over_patients, "averaged over the patients"),
-        ("exp without subtracting the max", avg_naive_exp, "overflows"),
-    ],
-    "2.2": [
-        ("variance divides by R - 1", bv_unbiased_variance, "R - 1"),
-        ("mean over the classes", bv_mean_over_classes, "sum* over the classes"),
-        ("variance around the truth", bv_variance_around_truth, "spread around the truth"),
-        ("bias not squared", bv_bias_not_squared, "bias is not squared"),
-        ("per-patient values", bv_per_patient, "return one number"),
-    ],
-    "2.3": [
-        ("members' average loss", ll_members_average, "members' average cross-entropy"),
-        ("averaged logits", ll_average_logits, "averaged the logits"),
-        ("log of an underflowed probability", ll_naive_log, "logsumexp"),
-        ("forgot log R", ll_forgot_log_r, "log R"),
-        ("summed over patients", ll_sum_over_patients, "summed over the"),
-    ],
-    "3.1": [
-        ("softmax over the patients", gate_softmax_over_patients, "softmax over the patients"),
-        ("no softmax", gate_no_softmax, "raw scores"),
-        ("sigmoid", gate_sigmoid, "sigmoid"),
-        ("exp without subtracting the max", gate_naive_exp, "overflows"),
-        ("transposed w_gate", gate_transposed, "`w_gate` transposed; drop the .T"),
-    ],
-    "3.2": [
-        ("mixed logits, then softmax", mix_logits, "mixed the experts' logits"),
-        ("forgot the gate", mix_no_gate, "forgot to weight by the gate"),
-        ("gate softmax over the patients", mix_gate_over_patients, "over the patients"),
-        ("expert softmax over the experts", mix_expert_softmax_over_experts, "runs over the experts"),
-        ("raw gate scores as weights", mix_raw_gate, "raw scores"),
-        ("no sum over the experts", mix_no_sum, "separate answers"),
-    ],
-    "3.3": [
-        ("raw mutual information", score_raw_mi, "mutual information itself"),
-        ("divided by H(specialty) only", score_by_specialty_entropy, "H(specialty) alone"),
-        ("0 · log 0 gives NaN", score_nan_for_empty, "0 · log 0"),
-        ("divided by the smaller entropy", score_by_min_entropy, "smaller or larger of the two entropies"),
-        ("soft counts", score_soft_counts, "soft counts"),
-        ("argmax over the patients", score_argmax_over_patients, "argmax or a sum over the wrong axis"),
-    ],
-    "3.4": [
-        ("forgot the gate", mix_flops_no_gate, "gate is missing"),
-        ("one expert only", mix_flops_one_expert, "single expert"),
-        ("experts map back to D", mix_flops_square_experts, "F × classes"),
-        ("multiply-adds, not FLOPs", mix_flops_macs, "multiply-add"),
-    ],
-})
+MUTANTS.update(
+    {
+        "2.1": [
+            ("averaged logits, then softmax", avg_logits_then_softmax, "averaged the logits"),
+            ("softmax over the members", avg_softmax_over_members, "softmax over the members"),
+            ("sum instead of mean", avg_sum_not_mean, "summed the members"),
+            ("mean over the patients", avg_over_patients, "averaged over the patients"),
+            ("exp without subtracting the max", avg_naive_exp, "overflows"),
+        ],
+        "2.2": [
+            ("variance divides by R - 1", bv_unbiased_variance, "R - 1"),
+            ("mean over the classes", bv_mean_over_classes, "sum* over the classes"),
+            ("variance around the truth", bv_variance_around_truth, "spread around the truth"),
+            ("bias not squared", bv_bias_not_squared, "bias is not squared"),
+            ("per-patient values", bv_per_patient, "return one number"),
+        ],
+        "2.3": [
+            ("members' average loss", ll_members_average, "members' average cross-entropy"),
+            ("averaged logits", ll_average_logits, "averaged the logits"),
+            ("log of an underflowed probability", ll_naive_log, "logsumexp"),
+            ("forgot log R", ll_forgot_log_r, "log R"),
+            ("summed over patients", ll_sum_over_patients, "summed over the"),
+        ],
+        "3.1": [
+            ("softmax over the patients", gate_softmax_over_patients, "softmax over the patients"),
+            ("no softmax", gate_no_softmax, "raw scores"),
+            ("sigmoid", gate_sigmoid, "sigmoid"),
+            ("exp without subtracting the max", gate_naive_exp, "overflows"),
+            ("transposed w_gate", gate_transposed, "`w_gate` transposed; drop the .T"),
+        ],
+        "3.2": [
+            ("mixed logits, then softmax", mix_logits, "mixed the experts' logits"),
+            ("forgot the gate", mix_no_gate, "forgot to weight by the gate"),
+            ("gate softmax over the patients", mix_gate_over_patients, "over the patients"),
+            ("expert softmax over the experts", mix_expert_softmax_over_experts, "runs over the experts"),
+            ("raw gate scores as weights", mix_raw_gate, "raw scores"),
+            ("no sum over the experts", mix_no_sum, "separate answers"),
+        ],
+        "3.3": [
+            ("raw mutual information", score_raw_mi, "mutual information itself"),
+            ("divided by H(specialty) only", score_by_specialty_entropy, "H(specialty) alone"),
+            ("0 · log 0 gives NaN", score_nan_for_empty, "0 · log 0"),
+            ("divided by the smaller entropy", score_by_min_entropy, "smaller or larger of the two entropies"),
+            ("soft counts", score_soft_counts, "soft counts"),
+            ("argmax over the patients", score_argmax_over_patients, "argmax or a sum over the wrong axis"),
+        ],
+        "3.4": [
+            ("forgot the gate", mix_flops_no_gate, "gate is missing"),
+            ("one expert only", mix_flops_one_expert, "single expert"),
+            ("experts map back to D", mix_flops_square_experts, "F × classes"),
+            ("multiply-adds, not FLOPs", mix_flops_macs, "multiply-add"),
+        ],
+    }
+)
 
 
 # -- 6.1 sort_by_expert ------------------------------------------------------
@@ -491,26 +497,28 @@ def slots_float(expert_index, num_experts):
     return (torch.cumsum(one_hot, 0) - one_hot).gather(1, expert_index[:, None]).squeeze(1)
 
 
-MUTANTS.update({
-    "6.1": [
-        ("counts without minlength", sort_no_minlength, "still needs its 0"),
-        ("descending", sort_descending, "descending"),
-        ("unstable within an expert", sort_unstable, "stable sort"),
-        ("sorted values, not the permutation", sort_values_not_indices, "sorted expert ids"),
-    ],
-    "6.2": [
-        ("forgot the gate", combine_no_gate, "gate weights are missing"),
-        ("assignment instead of add (top-2)", combine_assign, "sum of both"),
-        ("gather instead of scatter", combine_gather, "wrong permutation"),
-        ("left in sorted order / lost dropped tokens", combine_keep_sorted, "still in sorted order"),
-    ],
-    "6.3": [
-        ("starts at 1", slots_from_one, "off by one"),
-        ("counts every earlier token", slots_all_tokens, "all earlier tokens"),
-        ("expert totals", slots_total, "total number of tokens"),
-        ("float positions", slots_float, "integer tensor"),
-    ],
-})
+MUTANTS.update(
+    {
+        "6.1": [
+            ("counts without minlength", sort_no_minlength, "still needs its 0"),
+            ("descending", sort_descending, "descending"),
+            ("unstable within an expert", sort_unstable, "stable sort"),
+            ("sorted values, not the permutation", sort_values_not_indices, "sorted expert ids"),
+        ],
+        "6.2": [
+            ("forgot the gate", combine_no_gate, "gate weights are missing"),
+            ("assignment instead of add (top-2)", combine_assign, "sum of both"),
+            ("gather instead of scatter", combine_gather, "wrong permutation"),
+            ("left in sorted order / lost dropped tokens", combine_keep_sorted, "still in sorted order"),
+        ],
+        "6.3": [
+            ("starts at 1", slots_from_one, "off by one"),
+            ("counts every earlier token", slots_all_tokens, "all earlier tokens"),
+            ("expert totals", slots_total, "total number of tokens"),
+            ("float positions", slots_float, "integer tensor"),
+        ],
+    }
+)
 
 
 # == lessons 04-05 ==================================================================
@@ -720,7 +728,7 @@ def keep_last_tokens(expert_index, num_experts, capacity):
     keep = torch.zeros(len(expert_index), dtype=torch.bool)
     for e in range(num_experts):
         rows = (expert_index == e).nonzero(as_tuple=True)[0]
-        keep[rows[len(rows) - capacity:] if len(rows) > capacity else rows] = True
+        keep[rows[len(rows) - capacity :] if len(rows) > capacity else rows] = True
     return keep
 
 
@@ -784,64 +792,66 @@ def choice_ranked_by_logits(router_logits, capacity):
     return token_index, scores.T.gather(-1, token_index)
 
 
-MUTANTS.update({
-    "4.1": [
-        ("no renormalisation after top-k", topk_no_renormalisation, "renormalise"),
-        ("softmax over tokens instead of experts", topk_softmax_over_tokens, "over the tokens (dim 0)"),
-        ("renormalised raw logits", topk_renormalised_logits, "renormalised the raw logits"),
-        ("the k least likely experts", topk_smallest, "least"),
-        ("results swapped", topk_swapped, "swapped"),
-        ("top-k over the tokens", topk_over_tokens, "over the tokens"),
-    ],
-    "4.2": [
-        ("noise not scaled", noisy_unscaled, "not scaled"),
-        ("scale without softplus", noisy_no_softplus, "softplus"),
-        ("choice on the clean logits", noisy_choice_on_clean, "picked on the clean logits"),
-        ("softmax over all experts (no KeepTopK)", noisy_softmax_over_all, "KeepTopK"),
-        ("gates from the clean logits", noisy_gates_from_clean, "gates come from the clean logits"),
-    ],
-    "4.3": [
-        ("no gate", switch_no_gate, "router gets no gradient"),
-        ("top-1 gate renormalised to 1", switch_renormalised_gate, "renormalised to 1.0"),
-        ("gate is the raw logit", switch_logit_gate, "raw router logit"),
-        ("softmax over tokens", switch_softmax_over_tokens, "over the tokens (dim 0)"),
-        ("dense mixture", switch_dense, "dense mixture"),
-        ("every expert on every token, then pick", switch_every_expert_then_pick, "E times the cost"),
-        ("detached gate", switch_detached_gate, "no gradient"),
-    ],
-    "5.1": [
-        ("f from probabilities instead of counts", lb_f_from_probs, "f is computed from the probabilities"),
-        ("no factor E", lb_no_factor_e, "factor E is missing"),
-        ("counts, not fractions", lb_counts_not_fractions, "N times too large"),
-        ("bincount without minlength", lb_no_minlength, "minlength"),
-        ("loss through .item()", lb_item, "no gradient"),
-        ("P summed, not averaged", lb_sum_of_probs, "N times too large"),
-        ("P from the counts as well", lb_both_from_counts, "both factors are computed from the counts"),
-    ],
-    "5.2": [
-        ("z-loss on probabilities instead of logits", z_on_probabilities, "on the probabilities"),
-        ("not squared", z_not_squared, "square is missing"),
-        ("sum over tokens", z_sum_over_tokens, "not the sum"),
-        ("logsumexp over tokens", z_over_tokens, "over the tokens (dim 0)"),
-        ("naive log-sum-exp overflows", z_naive, "overflows"),
-        ("mean squared logit", z_squared_logits, "mean squared logit"),
-    ],
-    "5.3": [
-        ("the wrong tokens dropped (keeps the last)", keep_last_tokens, "dropped the wrong tokens"),
-        ("off by one", keep_off_by_one, "C + 1"),
-        ("capacity for the whole batch", keep_global_capacity, "per expert"),
-        ("no dropping", keep_everything, "nothing is dropped"),
-        ("mask inverted", keep_inverted, "other way round"),
-        ("1-based positions", keep_cumsum_from_one, "C - 1"),
-    ],
-    "5.4": [
-        ("softmax over tokens", choice_softmax_over_tokens, "over the tokens (dim 0)"),
-        ("raw logits", choice_raw_logits, "raw logits"),
-        ("lowest scores", choice_lowest, "lowest"),
-        ("transposed", choice_transposed, "transposed"),
-        ("ranked by the logits", choice_ranked_by_logits, "picked each expert's tokens by their raw logits"),
-    ],
-})
+MUTANTS.update(
+    {
+        "4.1": [
+            ("no renormalisation after top-k", topk_no_renormalisation, "renormalise"),
+            ("softmax over tokens instead of experts", topk_softmax_over_tokens, "over the tokens (dim 0)"),
+            ("renormalised raw logits", topk_renormalised_logits, "renormalised the raw logits"),
+            ("the k least likely experts", topk_smallest, "least"),
+            ("results swapped", topk_swapped, "swapped"),
+            ("top-k over the tokens", topk_over_tokens, "over the tokens"),
+        ],
+        "4.2": [
+            ("noise not scaled", noisy_unscaled, "not scaled"),
+            ("scale without softplus", noisy_no_softplus, "softplus"),
+            ("choice on the clean logits", noisy_choice_on_clean, "picked on the clean logits"),
+            ("softmax over all experts (no KeepTopK)", noisy_softmax_over_all, "KeepTopK"),
+            ("gates from the clean logits", noisy_gates_from_clean, "gates come from the clean logits"),
+        ],
+        "4.3": [
+            ("no gate", switch_no_gate, "router gets no gradient"),
+            ("top-1 gate renormalised to 1", switch_renormalised_gate, "renormalised to 1.0"),
+            ("gate is the raw logit", switch_logit_gate, "raw router logit"),
+            ("softmax over tokens", switch_softmax_over_tokens, "over the tokens (dim 0)"),
+            ("dense mixture", switch_dense, "dense mixture"),
+            ("every expert on every token, then pick", switch_every_expert_then_pick, "E times the cost"),
+            ("detached gate", switch_detached_gate, "no gradient"),
+        ],
+        "5.1": [
+            ("f from probabilities instead of counts", lb_f_from_probs, "f is computed from the probabilities"),
+            ("no factor E", lb_no_factor_e, "factor E is missing"),
+            ("counts, not fractions", lb_counts_not_fractions, "N times too large"),
+            ("bincount without minlength", lb_no_minlength, "minlength"),
+            ("loss through .item()", lb_item, "no gradient"),
+            ("P summed, not averaged", lb_sum_of_probs, "N times too large"),
+            ("P from the counts as well", lb_both_from_counts, "both factors are computed from the counts"),
+        ],
+        "5.2": [
+            ("z-loss on probabilities instead of logits", z_on_probabilities, "on the probabilities"),
+            ("not squared", z_not_squared, "square is missing"),
+            ("sum over tokens", z_sum_over_tokens, "not the sum"),
+            ("logsumexp over tokens", z_over_tokens, "over the tokens (dim 0)"),
+            ("naive log-sum-exp overflows", z_naive, "overflows"),
+            ("mean squared logit", z_squared_logits, "mean squared logit"),
+        ],
+        "5.3": [
+            ("the wrong tokens dropped (keeps the last)", keep_last_tokens, "dropped the wrong tokens"),
+            ("off by one", keep_off_by_one, "C + 1"),
+            ("capacity for the whole batch", keep_global_capacity, "per expert"),
+            ("no dropping", keep_everything, "nothing is dropped"),
+            ("mask inverted", keep_inverted, "other way round"),
+            ("1-based positions", keep_cumsum_from_one, "C - 1"),
+        ],
+        "5.4": [
+            ("softmax over tokens", choice_softmax_over_tokens, "over the tokens (dim 0)"),
+            ("raw logits", choice_raw_logits, "raw logits"),
+            ("lowest scores", choice_lowest, "lowest"),
+            ("transposed", choice_transposed, "transposed"),
+            ("ranked by the logits", choice_ranked_by_logits, "picked each expert's tokens by their raw logits"),
+        ],
+    }
+)
 
 
 # == lesson 07 ======================================================================
@@ -963,34 +973,36 @@ def block_flattened(block, x):
     return x.reshape(-1, x.shape[-1])
 
 
-MUTANTS.update({
-    "7.1": [
-        ("no causal mask", attn_no_mask, "causal mask is missing"),
-        ("diagonal masked too", attn_diagonal_masked, "mask off by one"),
-        ("one future key allowed", attn_one_future_key, "one future key"),
-        ("mask the wrong way round (triu)", attn_mask_wrong_way, "wrong way round"),
-        ("no 1/sqrt(d)", attn_no_scale, "1/sqrt(d) scale is missing"),
-        ("scaled by 1/d", attn_scale_by_d, "1/d"),
-        ("softmax over queries", attn_softmax_over_queries, "over the queries (dim=-2)"),
-        ("masked with 0, not -inf", attn_zero_fill, "not -inf"),
-        ("masked after the softmax", attn_mask_after_softmax, "after the softmax"),
-        ("returns the weights", attn_returns_weights, "returned the attention weights"),
-        ("returns output and weights", attn_returns_both, "return only the output"),
-        ("forgot return", attn_forgot_return, "forget a `return`"),
-    ],
-    "7.2": [
-        ("attention residual missing", block_no_attention_residual, "attention residual is missing"),
-        ("FFN residual missing", block_no_ffn_residual, "FFN residual is missing"),
-        ("post-norm", block_post_norm, "post-norm"),
-        ("ln_1 used twice", block_ln_1_twice, "ln_1 was used twice"),
-        ("norms swapped", block_norms_swapped, "norms are swapped"),
-        ("parallel block", block_parallel, "in parallel"),
-        ("no layer norms", block_no_norms, "layer norms are missing"),
-        ("calls the package's block", block_calls_the_block, "build the block from its parts"),
-        ("adds into the input in place", block_in_place, "in place"),
-        ("flattened output", block_flattened, "expected (2, 5, 8)"),
-    ],
-})
+MUTANTS.update(
+    {
+        "7.1": [
+            ("no causal mask", attn_no_mask, "causal mask is missing"),
+            ("diagonal masked too", attn_diagonal_masked, "mask off by one"),
+            ("one future key allowed", attn_one_future_key, "one future key"),
+            ("mask the wrong way round (triu)", attn_mask_wrong_way, "wrong way round"),
+            ("no 1/sqrt(d)", attn_no_scale, "1/sqrt(d) scale is missing"),
+            ("scaled by 1/d", attn_scale_by_d, "1/d"),
+            ("softmax over queries", attn_softmax_over_queries, "over the queries (dim=-2)"),
+            ("masked with 0, not -inf", attn_zero_fill, "not -inf"),
+            ("masked after the softmax", attn_mask_after_softmax, "after the softmax"),
+            ("returns the weights", attn_returns_weights, "returned the attention weights"),
+            ("returns output and weights", attn_returns_both, "return only the output"),
+            ("forgot return", attn_forgot_return, "forget a `return`"),
+        ],
+        "7.2": [
+            ("attention residual missing", block_no_attention_residual, "attention residual is missing"),
+            ("FFN residual missing", block_no_ffn_residual, "FFN residual is missing"),
+            ("post-norm", block_post_norm, "post-norm"),
+            ("ln_1 used twice", block_ln_1_twice, "ln_1 was used twice"),
+            ("norms swapped", block_norms_swapped, "norms are swapped"),
+            ("parallel block", block_parallel, "in parallel"),
+            ("no layer norms", block_no_norms, "layer norms are missing"),
+            ("calls the package's block", block_calls_the_block, "build the block from its parts"),
+            ("adds into the input in place", block_in_place, "in place"),
+            ("flattened output", block_flattened, "expected (2, 5, 8)"),
+        ],
+    }
+)
 
 
 # -- 8.1 switch_block_forward ---------------------------------------------------
@@ -1048,8 +1060,17 @@ def switch_calls_the_block(block, x):
 
 
 # -- 8.2 lm_accounting -------------------------------------------------------------
-def _accounting(c, *, all_experts_active=False, no_router=False, untied_head=False, no_mix=False, one_expert_total=False,
-                flops_all_experts=False, multiply_add_once=False):
+def _accounting(
+    c,
+    *,
+    all_experts_active=False,
+    no_router=False,
+    untied_head=False,
+    no_mix=False,
+    one_expert_total=False,
+    flops_all_experts=False,
+    multiply_add_once=False,
+):
     V, T, D, F_, L, E = c.vocab_size, c.block_size, c.d_model, c.d_ff, c.n_layers, c.num_experts
     n_moe = len(c.moe_layers)
     ffn_one = 2 * D * F_ + F_ + D
@@ -1059,39 +1080,47 @@ def _accounting(c, *, all_experts_active=False, no_router=False, untied_head=Fal
     total = shared + (L - n_moe) * ffn_one + n_moe * (1 if one_expert_total else E) * ffn_one
     active = shared + L * ffn_one + (n_moe * (E - 1) * ffn_one if all_experts_active else 0)
     per_layer = 8 * D * D + (0 if no_mix else 4 * T * D) + 4 * D * F_
-    flops = L * per_layer + (n_moe * (E - 1) * 4 * D * F_ if flops_all_experts else 0) + (0 if no_router else n_moe * 2 * D * E) + 2 * D * V
+    flops = (
+        L * per_layer
+        + (n_moe * (E - 1) * 4 * D * F_ if flops_all_experts else 0)
+        + (0 if no_router else n_moe * 2 * D * E)
+        + 2 * D * V
+    )
     if multiply_add_once:
         flops //= 2
     return {"params_total": total, "params_active": active, "flops_per_token": flops}
 
 
-MUTANTS.update({
-    "8.1": [
-        ("Switch residual missing", switch_no_moe_residual, "residual around the Switch layer is missing"),
-        ("attention residual missing", switch_no_attention_residual, "residual around attention is missing"),
-        ("Switch layer reads the raw stream", switch_no_ln_2, "reads ln_2(x)"),
-        ("unweighted balance loss", switch_unweighted_balance, "unweighted balance loss"),
-        ("forgot the router loss", switch_forgets_aux, "router loss is missing"),
-        ("router loss detached", switch_detached_aux, "carries no gradient"),
-        ("returns the MoEOutput", switch_returns_moe_output, "MoEOutput itself"),
-        ("calls the package's block", switch_calls_the_block, "build the block from its parts"),
-    ],
-    "8.2": [
-        ("every expert counted as active", lambda c: _accounting(c, all_experts_active=True), "uses only the one expert"),
-        ("routers forgotten", lambda c: _accounting(c, no_router=True), "routers"),
-        ("head counted twice", lambda c: _accounting(c, untied_head=True), "tied to the token embedding"),
-        ("attention mix forgotten", lambda c: _accounting(c, no_mix=True), "4·T·D"),
-        ("one expert in the total", lambda c: _accounting(c, one_expert_total=True), "holds all E experts"),
-        ("FLOPs of every expert", lambda c: _accounting(c, flops_all_experts=True), "visits one expert"),
-        ("a multiply-add as one FLOP", lambda c: _accounting(c, multiply_add_once=True), "2 FLOPs"),
-        ("returns a tuple", lambda c: tuple(_accounting(c).values()), "return a dict"),
-    ],
-})
+MUTANTS.update(
+    {
+        "8.1": [
+            ("Switch residual missing", switch_no_moe_residual, "residual around the Switch layer is missing"),
+            ("attention residual missing", switch_no_attention_residual, "residual around attention is missing"),
+            ("Switch layer reads the raw stream", switch_no_ln_2, "reads ln_2(x)"),
+            ("unweighted balance loss", switch_unweighted_balance, "unweighted balance loss"),
+            ("forgot the router loss", switch_forgets_aux, "router loss is missing"),
+            ("router loss detached", switch_detached_aux, "carries no gradient"),
+            ("returns the MoEOutput", switch_returns_moe_output, "MoEOutput itself"),
+            ("calls the package's block", switch_calls_the_block, "build the block from its parts"),
+        ],
+        "8.2": [
+            ("every expert counted as active", lambda c: _accounting(c, all_experts_active=True), "uses only the one expert"),
+            ("routers forgotten", lambda c: _accounting(c, no_router=True), "routers"),
+            ("head counted twice", lambda c: _accounting(c, untied_head=True), "tied to the token embedding"),
+            ("attention mix forgotten", lambda c: _accounting(c, no_mix=True), "4·T·D"),
+            ("one expert in the total", lambda c: _accounting(c, one_expert_total=True), "holds all E experts"),
+            ("FLOPs of every expert", lambda c: _accounting(c, flops_all_experts=True), "visits one expert"),
+            ("a multiply-add as one FLOP", lambda c: _accounting(c, multiply_add_once=True), "2 FLOPs"),
+            ("returns a tuple", lambda c: tuple(_accounting(c).values()), "return a dict"),
+        ],
+    }
+)
 
 
 # == more wrong answers (issue 19): for every exercise, typical mistakes written as a learner would, =================
 # first without looking at the checks, then each check was taught the ones it only called "does not match".
 # Words None: a mutant caught with a generic message (tests/test_mutants.py counts them).
+
 
 # 0.1 ------------------------------------------------------------------------------
 def count_loop_stops_early(specialty, num_specialties):
@@ -1275,8 +1304,6 @@ def acc_error_rate(logits, diagnosis, specialty, num_specialties):
     return torch.stack([wrong[specialty == s].mean() for s in range(num_specialties)])
 
 
-
-
 # 2.1 --------------------------------------------------------------------------------
 def avg_softmax_over_patients(member_logits):
     return torch.softmax(member_logits, dim=1).mean(dim=0)
@@ -1324,26 +1351,39 @@ def bv_order(member_probs, targets):
 
 def bv_std(member_probs, targets):
     y, mean = _bv_parts(member_probs, targets)
-    return (((member_probs - y) ** 2).sum(-1).mean(), ((mean - y) ** 2).sum(-1).mean(),
-            member_probs.std(0, unbiased=False).sum(-1).mean())
+    return (
+        ((member_probs - y) ** 2).sum(-1).mean(),
+        ((mean - y) ** 2).sum(-1).mean(),
+        member_probs.std(0, unbiased=False).sum(-1).mean(),
+    )
 
 
 def bv_variance_summed_over_members(member_probs, targets):
     y, mean = _bv_parts(member_probs, targets)
-    return (((member_probs - y) ** 2).sum(-1).mean(), ((mean - y) ** 2).sum(-1).mean(),
-            ((member_probs - mean) ** 2).sum(-1).sum(0).mean())
+    return (
+        ((member_probs - y) ** 2).sum(-1).mean(),
+        ((mean - y) ** 2).sum(-1).mean(),
+        ((member_probs - mean) ** 2).sum(-1).sum(0).mean(),
+    )
 
 
 def bv_no_one_hot(member_probs, targets):
     mean = member_probs.mean(0)
     y = targets[:, None].float()
-    return (((member_probs - y) ** 2).sum(-1).mean(), ((mean - y) ** 2).sum(-1).mean(), ((member_probs - mean) ** 2).sum(-1).mean())
+    return (
+        ((member_probs - y) ** 2).sum(-1).mean(),
+        ((mean - y) ** 2).sum(-1).mean(),
+        ((member_probs - mean) ** 2).sum(-1).mean(),
+    )
 
 
 def bv_dict(member_probs, targets):
     y, mean = _bv_parts(member_probs, targets)
-    return {"error": ((member_probs - y) ** 2).sum(-1).mean(), "bias": ((mean - y) ** 2).sum(-1).mean(),
-            "variance": ((member_probs - mean) ** 2).sum(-1).mean()}
+    return {
+        "error": ((member_probs - y) ** 2).sum(-1).mean(),
+        "bias": ((mean - y) ** 2).sum(-1).mean(),
+        "variance": ((member_probs - mean) ** 2).sum(-1).mean(),
+    }
 
 
 def bv_two_values(member_probs, targets):
@@ -1461,7 +1501,7 @@ def mix_gate_transposed(x, gate, experts):
 
 def mix_weights_on_logits_sum(x, gate, experts):
     weights = torch.softmax(gate(x), dim=-1)
-    return sum(weights[:, i:i + 1] * e(x) for i, e in enumerate(experts))
+    return sum(weights[:, i : i + 1] * e(x) for i, e in enumerate(experts))
 
 
 def mix_keepdim(x, gate, experts):
@@ -1529,7 +1569,9 @@ def score_accuracy_like(gate_weights, specialty, num_specialties):
 
 # 3.4 --------------------------------------------------------------------------------
 def mflops_float(num_tokens, d_in, d_ff, num_classes, num_experts):
-    return 2.0 * num_tokens * d_in * num_experts + num_experts * (2 * num_tokens * d_in * d_ff + 2 * num_tokens * d_ff * num_classes)
+    return 2.0 * num_tokens * d_in * num_experts + num_experts * (
+        2 * num_tokens * d_in * d_ff + 2 * num_tokens * d_ff * num_classes
+    )
 
 
 def mflops_gate_no_tokens(num_tokens, d_in, d_ff, num_classes, num_experts):
@@ -1537,15 +1579,21 @@ def mflops_gate_no_tokens(num_tokens, d_in, d_ff, num_classes, num_experts):
 
 
 def mflops_classes_for_ff(num_tokens, d_in, d_ff, num_classes, num_experts):
-    return 2 * num_tokens * d_in * num_experts + num_experts * (2 * num_tokens * d_in * num_classes + 2 * num_tokens * num_classes * num_classes)
+    return 2 * num_tokens * d_in * num_experts + num_experts * (
+        2 * num_tokens * d_in * num_classes + 2 * num_tokens * num_classes * num_classes
+    )
 
 
 def mflops_training(num_tokens, d_in, d_ff, num_classes, num_experts):
-    return 3 * (2 * num_tokens * d_in * num_experts + num_experts * (2 * num_tokens * d_in * d_ff + 2 * num_tokens * d_ff * num_classes))
+    return 3 * (
+        2 * num_tokens * d_in * num_experts + num_experts * (2 * num_tokens * d_in * d_ff + 2 * num_tokens * d_ff * num_classes)
+    )
 
 
 def mflops_plus_mixing(num_tokens, d_in, d_ff, num_classes, num_experts):
-    base = 2 * num_tokens * d_in * num_experts + num_experts * (2 * num_tokens * d_in * d_ff + 2 * num_tokens * d_ff * num_classes)
+    base = 2 * num_tokens * d_in * num_experts + num_experts * (
+        2 * num_tokens * d_in * d_ff + 2 * num_tokens * d_ff * num_classes
+    )
     return base + 2 * num_tokens * num_experts * num_classes
 
 
@@ -1554,9 +1602,9 @@ def mflops_top1(num_tokens, d_in, d_ff, num_classes, num_experts):
 
 
 def mflops_experts_squared(num_tokens, d_in, d_ff, num_classes, num_experts):
-    return 2 * num_tokens * d_in * num_experts + num_experts ** 2 * (2 * num_tokens * d_in * d_ff + 2 * num_tokens * d_ff * num_classes)
-
-
+    return 2 * num_tokens * d_in * num_experts + num_experts**2 * (
+        2 * num_tokens * d_in * d_ff + 2 * num_tokens * d_ff * num_classes
+    )
 
 
 # 4.1 --------------------------------------------------------------------------------
@@ -1783,7 +1831,7 @@ def z_max_not_lse(router_logits):
 
 
 def z_square_then_lse(router_logits):
-    return torch.logsumexp(router_logits ** 2, dim=-1).mean()
+    return torch.logsumexp(router_logits**2, dim=-1).mean()
 
 
 def z_times_coef(router_logits):
@@ -2019,8 +2067,6 @@ def slots_python_list(expert_index, num_experts):
     return out
 
 
-
-
 # 7.1 --------------------------------------------------------------------------------
 def _causal(q, k, v, scores=None, masked=None, dim=-1, fill=float("-inf")):
     t = q.shape[-2]
@@ -2043,7 +2089,9 @@ def attn_q_and_k_swapped(q, k, v):
 
 def attn_weights_times_q(q, k, v):
     t = q.shape[-2]
-    w = torch.softmax((q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")), -1)
+    w = torch.softmax(
+        (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")), -1
+    )
     return w @ q
 
 
@@ -2058,7 +2106,9 @@ def attn_mask_upper_kept(q, k, v):
 
 def attn_v_first(q, k, v):
     t = q.shape[-2]
-    w = torch.softmax((q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")), -1)
+    w = torch.softmax(
+        (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")), -1
+    )
     return (v.transpose(-2, -1) @ w).transpose(-2, -1)
 
 
@@ -2211,252 +2261,252 @@ def books_tensors(c):
 
 for _ex_id, _rows in {
     "0.1": [
-        ('loop stops one specialty early', count_loop_stops_early, "the last specialty's count is 0 although"),
-        ('torch.unique counts', count_unique, 'its count (0) is missing'),
-        ('one_hot summed over the wrong axis', count_one_hot_wrong_axis, 'you returned one number per patient, shape'),
-        ('a Python list', count_python_list, 'the counts should be one torch.Tensor, but'),
-        ('labels counted from 1', count_labels_from_one, 'the counts: shifted by one place along'),
-        ('float counts from a loop', count_float_loop, 'counts should be whole numbers (an integer'),
-        ('histc', count_histc, 'counts should be whole numbers (an integer'),
-        ('minlength one short', count_minlength_short, 'its count (0) is missing'),
+        ("loop stops one specialty early", count_loop_stops_early, "the last specialty's count is 0 although"),
+        ("torch.unique counts", count_unique, "its count (0) is missing"),
+        ("one_hot summed over the wrong axis", count_one_hot_wrong_axis, "you returned one number per patient, shape"),
+        ("a Python list", count_python_list, "the counts should be one torch.Tensor, but"),
+        ("labels counted from 1", count_labels_from_one, "the counts: shifted by one place along"),
+        ("float counts from a loop", count_float_loop, "counts should be whole numbers (an integer"),
+        ("histc", count_histc, "counts should be whole numbers (an integer"),
+        ("minlength one short", count_minlength_short, "its count (0) is missing"),
     ],
     "1.1": [
-        ('sigmoid', ffn_sigmoid, "you used a sigmoid; this course's feed-forward"),
-        ('SiLU', ffn_silu, "you used SiLU (swish); this course's feed-forward"),
-        ('biases swapped', ffn_biases_swapped, 'two tensors combined entry by entry (+,'),
-        ('GELU twice', ffn_gelu_twice, 'GELU is applied twice: once on the'),
-        ('operands swapped', ffn_operands_swapped, 'a matrix product (@ or torch.matmul) got'),
-        ('hidden layer returned', ffn_hidden_only, 'the output has the hidden width F'),
-        ('bias multiplied', ffn_bias_multiplied, 'b_in is multiplied; a bias is *added*:'),
-        ('tanh', ffn_tanh, "you used tanh; this course's feed-forward block"),
-        ('output doubled', ffn_output_doubled, 'the output: exactly twice the expected value,'),
+        ("sigmoid", ffn_sigmoid, "you used a sigmoid; this course's feed-forward"),
+        ("SiLU", ffn_silu, "you used SiLU (swish); this course's feed-forward"),
+        ("biases swapped", ffn_biases_swapped, "two tensors combined entry by entry (+,"),
+        ("GELU twice", ffn_gelu_twice, "GELU is applied twice: once on the"),
+        ("operands swapped", ffn_operands_swapped, "a matrix product (@ or torch.matmul) got"),
+        ("hidden layer returned", ffn_hidden_only, "the output has the hidden width F"),
+        ("bias multiplied", ffn_bias_multiplied, "b_in is multiplied; a bias is *added*:"),
+        ("tanh", ffn_tanh, "you used tanh; this course's feed-forward block"),
+        ("output doubled", ffn_output_doubled, "the output: exactly twice the expected value,"),
     ],
     "1.2": [
-        ('float', params_float, 'the count should be an int, but'),
-        ('true division', params_true_division, 'the count should be an int, but'),
-        ('off by one', params_off_by_one, 'off by one'),
-        ('the FLOP formula', params_flops_formula, '4·D·F is the FLOP count of one'),
-        ('biases only', params_biases_only, 'you counted only the biases (F +'),
-        ('int tensor', params_numel_tensor, 'the count should be a Python int,'),
-        ('d_model for d_ff', params_square, 'you used d_model where the hidden width'),
+        ("float", params_float, "the count should be an int, but"),
+        ("true division", params_true_division, "the count should be an int, but"),
+        ("off by one", params_off_by_one, "off by one"),
+        ("the FLOP formula", params_flops_formula, "4·D·F is the FLOP count of one"),
+        ("biases only", params_biases_only, "you counted only the biases (F +"),
+        ("int tensor", params_numel_tensor, "the count should be a Python int,"),
+        ("d_model for d_ff", params_square, "you used d_model where the hidden width"),
     ],
     "1.3": [
-        ('training FLOPs', flops_training, 'these are training FLOPs (forward + backward'),
-        ('float', flops_float, 'the FLOP count should be an int,'),
-        ('D - 1 additions', flops_exact_adds, 'you counted D - 1 additions per'),
-        ('d_ff squared', flops_d_ff_squared, 'you used d_ff where the model width'),
-        ('activation counted', flops_with_activation, 'you also counted the activation (one per'),
-        ('one matmul times four', flops_one_matmul_four, 'the FLOP count: exactly twice the expected'),
-        ('per token', flops_per_token, 'the number of tokens is missing: every'),
+        ("training FLOPs", flops_training, "these are training FLOPs (forward + backward"),
+        ("float", flops_float, "the FLOP count should be an int,"),
+        ("D - 1 additions", flops_exact_adds, "you counted D - 1 additions per"),
+        ("d_ff squared", flops_d_ff_squared, "you used d_ff where the model width"),
+        ("activation counted", flops_with_activation, "you also counted the activation (one per"),
+        ("one matmul times four", flops_one_matmul_four, "the FLOP count: exactly twice the expected"),
+        ("per token", flops_per_token, "the number of tokens is missing: every"),
     ],
     "1.4": [
-        ('loop stops early', acc_loop_stops_early, 'every specialty is right except the last'),
-        ('against specialty', acc_against_specialty, 'you compared the predictions with the specialty;'),
-        ('percent', acc_percent, 'these are percentages; return fractions between 0'),
-        ('integer division', acc_integer_division, 'the accuracies: rounded down to whole numbers;'),
-        ('bincount without minlength', acc_bincount_no_minlength, 'the accuracies should have one entry per'),
-        ('argmax over the patients', acc_argmax_wrong_axis, 'two tensors combined entry by entry (+,'),
-        ('probability of the truth', acc_probability_of_truth, 'this is the mean probability of the'),
-        ('error rate', acc_error_rate, 'these are error rates (the fraction of'),
+        ("loop stops early", acc_loop_stops_early, "every specialty is right except the last"),
+        ("against specialty", acc_against_specialty, "you compared the predictions with the specialty;"),
+        ("percent", acc_percent, "these are percentages; return fractions between 0"),
+        ("integer division", acc_integer_division, "the accuracies: rounded down to whole numbers;"),
+        ("bincount without minlength", acc_bincount_no_minlength, "the accuracies should have one entry per"),
+        ("argmax over the patients", acc_argmax_wrong_axis, "two tensors combined entry by entry (+,"),
+        ("probability of the truth", acc_probability_of_truth, "this is the mean probability of the"),
+        ("error rate", acc_error_rate, "these are error rates (the fraction of"),
     ],
     "2.1": [
-        ('softmax over the patients', avg_softmax_over_patients, "the ensemble's probabilities: the values sum to"),
-        ('keepdim', avg_keepdim, 'extra dim 0 of size 1'),
-        ('median', avg_median, 'you took the median over the members;'),
-        ('max over members', avg_max_member, "you kept each class's largest probability over"),
-        ('mean log-probabilities', avg_log_probs, 'you averaged log-probabilities (log_softmax): return the mean'),
-        ('summed logits', avg_summed_logits, 'you summed the logits and then took'),
-        ('mean of everything', avg_everything, 'a single number'),
-        ('first member only', avg_first_member, "this is the first member's prediction alone;"),
+        ("softmax over the patients", avg_softmax_over_patients, "the ensemble's probabilities: the values sum to"),
+        ("keepdim", avg_keepdim, "extra dim 0 of size 1"),
+        ("median", avg_median, "you took the median over the members;"),
+        ("max over members", avg_max_member, "you kept each class's largest probability over"),
+        ("mean log-probabilities", avg_log_probs, "you averaged log-probabilities (log_softmax): return the mean"),
+        ("summed logits", avg_summed_logits, "you summed the logits and then took"),
+        ("mean of everything", avg_everything, "a single number"),
+        ("first member only", avg_first_member, "this is the first member's prediction alone;"),
     ],
     "2.2": [
-        ('order (bias, error, variance)', bv_order, 'you returned (bias, error, variance): return them'),
-        ('std for variance', bv_std, 'your variance is a standard deviation (a'),
-        ('variance summed over members', bv_variance_summed_over_members, 'your variance sums over the R'),
-        ('targets not one-hot', bv_no_one_hot, 'you compared the probabilities with the class'),
-        ('a dict', bv_dict, 'return a tuple (error, bias, variance), not'),
-        ('two values', bv_two_values, 'return three numbers, (error, bias, variance); got'),
-        ('error is the bias', bv_error_is_bias_plus_var_wrong, 'your error is the bias: the error'),
+        ("order (bias, error, variance)", bv_order, "you returned (bias, error, variance): return them"),
+        ("std for variance", bv_std, "your variance is a standard deviation (a"),
+        ("variance summed over members", bv_variance_summed_over_members, "your variance sums over the R"),
+        ("targets not one-hot", bv_no_one_hot, "you compared the probabilities with the class"),
+        ("a dict", bv_dict, "return a tuple (error, bias, variance), not"),
+        ("two values", bv_two_values, "return three numbers, (error, bias, variance); got"),
+        ("error is the bias", bv_error_is_bias_plus_var_wrong, "your error is the bias: the error"),
     ],
     "2.3": [
-        ('in bits', ll_log2, 'this is the loss in bits (log'),
-        ('probabilities as logits', ll_probs_as_logits, 'you passed the averaged probabilities to F.cross_entropy,'),
-        ('nll_loss on probabilities', ll_nll_on_probs, 'F.nll_loss expects log-probabilities, and you passed probabilities:'),
-        ('+ log R', ll_plus_log_r, 'you added log R instead of subtracting'),
-        ('per patient', ll_per_patient, 'return one number (the mean over the'),
-        ('positive log', ll_positive_log, 'the sign is flipped: the loss is'),
-        ('logsumexp over classes', ll_logsumexp_over_classes, 'the logsumexp runs over the classes; it'),
-        ('first member', ll_first_member, "this is the first member's loss alone;"),
+        ("in bits", ll_log2, "this is the loss in bits (log"),
+        ("probabilities as logits", ll_probs_as_logits, "you passed the averaged probabilities to F.cross_entropy,"),
+        ("nll_loss on probabilities", ll_nll_on_probs, "F.nll_loss expects log-probabilities, and you passed probabilities:"),
+        ("+ log R", ll_plus_log_r, "you added log R instead of subtracting"),
+        ("per patient", ll_per_patient, "return one number (the mean over the"),
+        ("positive log", ll_positive_log, "the sign is flipped: the loss is"),
+        ("logsumexp over classes", ll_logsumexp_over_classes, "the logsumexp runs over the classes; it"),
+        ("first member", ll_first_member, "this is the first member's loss alone;"),
     ],
     "3.1": [
-        ('normalised over everything', gate_normalise_everything, 'the gate weights: all entries together sum'),
-        ('w first', gate_w_first, 'one row per patient, one column per expert'),
-        ('softmax on input', gate_softmax_on_input, "you took the softmax of the patients'"),
-        ('log_softmax', gate_log_softmax, 'the gate weights: log-probabilities (log_softmax, or a'),
-        ('temperature', gate_temperature, 'you divided the scores by sqrt(D) (a'),
-        ('divide by max', gate_divide_by_max, 'you divided the scores by their maximum:'),
-        ('argmax one-hot', gate_argmax_one_hot, 'a hard choice of the top expert'),
-        ('abs normalised', gate_abs_normalised, 'you normalised the absolute scores; a negative'),
+        ("normalised over everything", gate_normalise_everything, "the gate weights: all entries together sum"),
+        ("w first", gate_w_first, "one row per patient, one column per expert"),
+        ("softmax on input", gate_softmax_on_input, "you took the softmax of the patients'"),
+        ("log_softmax", gate_log_softmax, "the gate weights: log-probabilities (log_softmax, or a"),
+        ("temperature", gate_temperature, "you divided the scores by sqrt(D) (a"),
+        ("divide by max", gate_divide_by_max, "you divided the scores by their maximum:"),
+        ("argmax one-hot", gate_argmax_one_hot, "a hard choice of the top expert"),
+        ("abs normalised", gate_abs_normalised, "you normalised the absolute scores; a negative"),
     ],
     "3.2": [
-        ('top expert only', mix_top_expert_only, "you kept only each patient's top expert;"),
-        ('log probs', mix_log_probs, "you mixed the experts' log-probabilities; mix their"),
-        ('same weight', mix_same_weight, 'every expert got the weight of expert'),
-        ('gate transposed and mean', mix_gate_transposed, 'the gate weights already sum to 1'),
-        ('weights on logits', mix_weights_on_logits_sum, 'you returned the gate-weighted sum of the'),
-        ('keepdim', mix_keepdim, 'extra dim 1 of size 1'),
-        ('sigmoid gate', mix_sigmoid_gate, 'you used a sigmoid for the gate:'),
+        ("top expert only", mix_top_expert_only, "you kept only each patient's top expert;"),
+        ("log probs", mix_log_probs, "you mixed the experts' log-probabilities; mix their"),
+        ("same weight", mix_same_weight, "every expert got the weight of expert"),
+        ("gate transposed and mean", mix_gate_transposed, "the gate weights already sum to 1"),
+        ("weights on logits", mix_weights_on_logits_sum, "you returned the gate-weighted sum of the"),
+        ("keepdim", mix_keepdim, "extra dim 1 of size 1"),
+        ("sigmoid gate", mix_sigmoid_gate, "you used a sigmoid for the gate:"),
     ],
     "3.3": [
-        ('1 - score', score_one_minus, 'you returned 1 - score: 1 means'),
-        ('counts not probabilities', score_counts_not_probs, 'you computed with counts, not probabilities: divide'),
-        ('factor 2 missing', score_missing_factor_two, 'the score: exactly half the expected value,'),
-        ('MI in bits', score_log2_mi_only, 'the mutual information is in bits and'),
-        ('max entropy', score_max_entropy, 'you divided the mutual information by H(expert)'),
-        ('purity', score_accuracy_like, 'this is the fraction of patients whose'),
+        ("1 - score", score_one_minus, "you returned 1 - score: 1 means"),
+        ("counts not probabilities", score_counts_not_probs, "you computed with counts, not probabilities: divide"),
+        ("factor 2 missing", score_missing_factor_two, "the score: exactly half the expected value,"),
+        ("MI in bits", score_log2_mi_only, "the mutual information is in bits and"),
+        ("max entropy", score_max_entropy, "you divided the mutual information by H(expert)"),
+        ("purity", score_accuracy_like, "this is the fraction of patients whose"),
     ],
     "3.4": [
-        ('float', mflops_float, 'the FLOP count should be an int,'),
-        ('gate without tokens', mflops_gate_no_tokens, "the gate's FLOPs lack the number of"),
-        ('classes for d_ff', mflops_classes_for_ff, 'you used num_classes where the hidden width'),
-        ('training', mflops_training, 'these are training FLOPs (forward + backward'),
-        ('plus mixing', mflops_plus_mixing, 'you also counted the weighted sum of'),
-        ('top-1', mflops_top1, 'you counted a single expert: in a'),
-        ('E squared', mflops_experts_squared, 'E² experts: every patient goes through each'),
+        ("float", mflops_float, "the FLOP count should be an int,"),
+        ("gate without tokens", mflops_gate_no_tokens, "the gate's FLOPs lack the number of"),
+        ("classes for d_ff", mflops_classes_for_ff, "you used num_classes where the hidden width"),
+        ("training", mflops_training, "these are training FLOPs (forward + backward"),
+        ("plus mixing", mflops_plus_mixing, "you also counted the weighted sum of"),
+        ("top-1", mflops_top1, "you counted a single expert: in a"),
+        ("E squared", mflops_experts_squared, "E² experts: every patient goes through each"),
     ],
     "4.1": [
-        ('squeezed for k=1', topk_squeezed, 'keep the k dimension'),
-        ('renormalised over the tokens', topk_renorm_over_tokens, 'you renormalised over the tokens (dim 0):'),
-        ('divided by the sum of all probabilities', topk_renorm_by_all, "the gates are not renormalised: each token's"),
-        ('float index', topk_index_float, 'expert_index should hold integer expert ids (e.g.'),
-        ('argsort ascending', topk_argsort_ascending, 'you picked the k *least* likely experts:'),
-        ('log-probabilities', topk_log_probs, 'these gates are log-probabilities: take the softmax'),
-        ('uniform gates', topk_uniform_gates, 'the gates must follow the router'),
-        ('k + 1 experts', topk_k_plus_one, 'should both have shape (N, k)'),
+        ("squeezed for k=1", topk_squeezed, "keep the k dimension"),
+        ("renormalised over the tokens", topk_renorm_over_tokens, "you renormalised over the tokens (dim 0):"),
+        ("divided by the sum of all probabilities", topk_renorm_by_all, "the gates are not renormalised: each token's"),
+        ("float index", topk_index_float, "expert_index should hold integer expert ids (e.g."),
+        ("argsort ascending", topk_argsort_ascending, "you picked the k *least* likely experts:"),
+        ("log-probabilities", topk_log_probs, "these gates are log-probabilities: take the softmax"),
+        ("uniform gates", topk_uniform_gates, "the gates must follow the router"),
+        ("k + 1 experts", topk_k_plus_one, "should both have shape (N, k)"),
     ],
     "4.2": [
-        ('forgot epsilon', noisy_forgot_epsilon, 'ε is missing: the noise is ε'),
-        ('roles swapped', noisy_roles_swapped, 'the roles are swapped: softplus goes on'),
-        ('multiplied', noisy_multiplied, 'the noise is *added* to the clean'),
-        ('sigmoid scale', noisy_sigmoid_scale, 'the noise scale is softplus(noise_logits); you used'),
-        ('renormalised, no softmax', noisy_no_softmax_renorm, 'you divided the kept noisy scores by'),
-        ('masked with zeros', noisy_masked_zero, 'outside the top k you set the'),
-        ('subtracted noise', noisy_subtracted, 'the noise is added with a minus'),
+        ("forgot epsilon", noisy_forgot_epsilon, "ε is missing: the noise is ε"),
+        ("roles swapped", noisy_roles_swapped, "the roles are swapped: softplus goes on"),
+        ("multiplied", noisy_multiplied, "the noise is *added* to the clean"),
+        ("sigmoid scale", noisy_sigmoid_scale, "the noise scale is softplus(noise_logits); you used"),
+        ("renormalised, no softmax", noisy_no_softmax_renorm, "you divided the kept noisy scores by"),
+        ("masked with zeros", noisy_masked_zero, "outside the top k you set the"),
+        ("subtracted noise", noisy_subtracted, "the noise is added with a minus"),
     ],
     "4.3": [
-        ('adds the residual', switch_adds_residual, 'you added the input x to the'),
-        ('argmin', switch_argmin, 'each token went to its *least* likely'),
-        ('gate squared', switch_gate_squared, 'the gate is squared: multiply each expert'),
-        ('router transposed', switch_router_transposed, 'a matrix product (@ or torch.matmul) got'),
-        ('experts reversed', switch_wrong_expert_order, 'the experts are in the wrong order:'),
-        ('mean gate', switch_gate_after_sum_mean, 'every token got the same gate (the'),
-        ('router under no_grad', switch_no_grad_router, 'w_router receives no gradient: multiply each expert'),
+        ("adds the residual", switch_adds_residual, "you added the input x to the"),
+        ("argmin", switch_argmin, "each token went to its *least* likely"),
+        ("gate squared", switch_gate_squared, "the gate is squared: multiply each expert"),
+        ("router transposed", switch_router_transposed, "a matrix product (@ or torch.matmul) got"),
+        ("experts reversed", switch_wrong_expert_order, "the experts are in the wrong order:"),
+        ("mean gate", switch_gate_after_sum_mean, "every token got the same gate (the"),
+        ("router under no_grad", switch_no_grad_router, "w_router receives no gradient: multiply each expert"),
     ],
     "5.1": [
-        ('ignores expert_index', lb_ignores_expert_index, 'f is counted from router_probs.argmax, not from'),
-        ('E squared', lb_e_squared, 'you multiplied by E twice'),
-        ('P over the experts', lb_p_over_experts, None),
-        ('one-hot mean over the wrong axis', lb_one_hot_mean_wrong_axis, None),
-        ('times alpha', lb_times_alpha, 'you multiplied by α = 0.01: the'),
-        ('f from max probabilities', lb_f_from_max_prob, "f_i sums the chosen tokens' top probabilities;"),
-        ('squared products', lb_squared, 'you squared each product f_i · P_i;'),
-        ('integer division', lb_int_division, 'the loss is 0: is f all'),
+        ("ignores expert_index", lb_ignores_expert_index, "f is counted from router_probs.argmax, not from"),
+        ("E squared", lb_e_squared, "you multiplied by E twice"),
+        ("P over the experts", lb_p_over_experts, None),
+        ("one-hot mean over the wrong axis", lb_one_hot_mean_wrong_axis, None),
+        ("times alpha", lb_times_alpha, "you multiplied by α = 0.01: the"),
+        ("f from max probabilities", lb_f_from_max_prob, "f_i sums the chosen tokens' top probabilities;"),
+        ("squared products", lb_squared, "you squared each product f_i · P_i;"),
+        ("integer division", lb_int_division, "the loss is 0: is f all"),
     ],
     "5.2": [
-        ('max not logsumexp', z_max_not_lse, "you squared each token's largest logit; the"),
-        ('square then logsumexp', z_square_then_lse, 'you squared the logits before the logsumexp;'),
-        ('times coefficient', z_times_coef, 'you multiplied by the coefficient 1e-3: it'),
-        ('logsumexp over everything', z_lse_all, 'one logsumexp over every logit of the'),
-        ('abs', z_abs, 'the square is missing: the z-loss is'),
-        ('item', z_item, 'the z-loss carries no gradient back to'),
-        ('sum exp squared', z_sum_exp_squared, 'the log is missing: logsumexp is log(Σ'),
-        ('per token', z_per_token, 'the z-loss should be one number (a'),
+        ("max not logsumexp", z_max_not_lse, "you squared each token's largest logit; the"),
+        ("square then logsumexp", z_square_then_lse, "you squared the logits before the logsumexp;"),
+        ("times coefficient", z_times_coef, "you multiplied by the coefficient 1e-3: it"),
+        ("logsumexp over everything", z_lse_all, "one logsumexp over every logit of the"),
+        ("abs", z_abs, "the square is missing: the z-loss is"),
+        ("item", z_item, "the z-loss carries no gradient back to"),
+        ("sum exp squared", z_sum_exp_squared, "the log is missing: logsumexp is log(Σ"),
+        ("per token", z_per_token, "the z-loss should be one number (a"),
     ],
     "5.3": [
-        ('int mask', keep_int_mask, 'a mask must be a bool tensor'),
-        ('float mask', keep_float_mask, 'expected bool'),
-        ('indices', keep_indices, 'the indices of the kept tokens?'),
-        ('global C·E', keep_global_cumsum, 'you kept the first C·E = 8'),
-        ('<= capacity', keep_less_equal, 'each expert keeps C + 1 ='),
-        ('loop stops early', keep_loop_stops_early, 'keeps nobody: does your loop'),
-        ('(N, E) mask', keep_one_hot_mask, 'one entry per token *and expert*'),
-        ('drops the first', keep_drops_first, 'you dropped the wrong tokens: your mask'),
+        ("int mask", keep_int_mask, "a mask must be a bool tensor"),
+        ("float mask", keep_float_mask, "expected bool"),
+        ("indices", keep_indices, "the indices of the kept tokens?"),
+        ("global C·E", keep_global_cumsum, "you kept the first C·E = 8"),
+        ("<= capacity", keep_less_equal, "each expert keeps C + 1 ="),
+        ("loop stops early", keep_loop_stops_early, "keeps nobody: does your loop"),
+        ("(N, E) mask", keep_one_hot_mask, "one entry per token *and expert*"),
+        ("drops the first", keep_drops_first, "you dropped the wrong tokens: your mask"),
     ],
     "5.4": [
-        ('gates renormalised', choice_renormalised, "you renormalised each expert's C gates to"),
-        ('token choice', choice_token_choice, 'torch.topk was asked for more entries than'),
-        ('swapped', choice_swapped, 'the two results are swapped: return (token_index,'),
-        ('float index', choice_index_float, 'token_index should hold integer token ids (e.g.'),
-        ('first C tokens', choice_first_c_tokens, 'the first C in order'),
-        ('log scores', choice_log_scores, 'these gates are log-scores (log_softmax): use the'),
-        ('ascending', choice_sorted_ascending, 'each expert picked its C *lowest*-scoring tokens:'),
+        ("gates renormalised", choice_renormalised, "you renormalised each expert's C gates to"),
+        ("token choice", choice_token_choice, "torch.topk was asked for more entries than"),
+        ("swapped", choice_swapped, "the two results are swapped: return (token_index,"),
+        ("float index", choice_index_float, "token_index should hold integer token ids (e.g."),
+        ("first C tokens", choice_first_c_tokens, "the first C in order"),
+        ("log scores", choice_log_scores, "these gates are log-scores (log_softmax): use the"),
+        ("ascending", choice_sorted_ascending, "each expert picked its C *lowest*-scoring tokens:"),
     ],
     "6.1": [
-        ('loop stops early', sort_loop_stops_early, "some experts' tokens are missing"),
-        ('swapped', sort_swapped, 'the two results are swapped: return (order,'),
-        ('float counts', sort_counts_float, 'counts are numbers of tokens: return an'),
-        ('offsets', sort_offsets, "these are cumulative counts (where each expert's"),
-        ('descending then flipped', sort_default_sort, 'within one expert the tokens are not'),
-        ('inverse permutation', sort_inverse_permutation, 'this is the inverse permutation (for each'),
-        ('one-hot summed over the wrong axis', sort_counts_one_hot_wrong_axis, 'counts has one entry per token, shape'),
-        ('list order', sort_list_order, 'order should be one torch.Tensor of token'),
+        ("loop stops early", sort_loop_stops_early, "some experts' tokens are missing"),
+        ("swapped", sort_swapped, "the two results are swapped: return (order,"),
+        ("float counts", sort_counts_float, "counts are numbers of tokens: return an"),
+        ("offsets", sort_offsets, "these are cumulative counts (where each expert's"),
+        ("descending then flipped", sort_default_sort, "within one expert the tokens are not"),
+        ("inverse permutation", sort_inverse_permutation, "this is the inverse permutation (for each"),
+        ("one-hot summed over the wrong axis", sort_counts_one_hot_wrong_axis, "counts has one entry per token, shape"),
+        ("list order", sort_list_order, "order should be one torch.Tensor of token"),
     ],
     "6.2": [
-        ('gates without [:, None]', combine_gates_no_broadcast, 'two tensors combined entry by entry (+,'),
-        ('divided by the gate', combine_divide_gate, 'you divided by the gates: multiply each'),
-        ('index_copy', combine_index_copy, 'a token with two experts (top-2) must'),
-        ('long zeros', combine_long_zeros, 'two tensors of different dtypes met (e.g.'),
-        ('mean of top-2', combine_mean_top2, 'the combined output: exactly half the expected'),
-        ('in place on y_sorted', combine_in_place_on_input, 'changed its input `y_sorted`'),
-        ('sorted token', combine_sorted_token, 'the rows are still in sorted order:'),
+        ("gates without [:, None]", combine_gates_no_broadcast, "two tensors combined entry by entry (+,"),
+        ("divided by the gate", combine_divide_gate, "you divided by the gates: multiply each"),
+        ("index_copy", combine_index_copy, "a token with two experts (top-2) must"),
+        ("long zeros", combine_long_zeros, "two tensors of different dtypes met (e.g."),
+        ("mean of top-2", combine_mean_top2, "the combined output: exactly half the expected"),
+        ("in place on y_sorted", combine_in_place_on_input, "changed its input `y_sorted`"),
+        ("sorted token", combine_sorted_token, "the rows are still in sorted order:"),
     ],
     "6.3": [
-        ('cumsum of everything', slots_cumsum_total, 'you counted all earlier tokens; count only'),
-        ('rank in the sort', slots_rank_in_sort, "that is each token's place in the"),
-        ('in sorted order', slots_sorted_order, 'these are the slots in sorted order;'),
-        ('loop stops early', slots_loop_stops_early, 'does a loop over the experts stop one early?'),
-        ('(N, E) matrix', slots_one_hot_matrix, 'a count for every token and every expert'),
-        ('counted from the end', slots_counted_from_end, "you counted the later tokens; a token's"),
-        ('python list', slots_python_list, 'the positions should be one torch.Tensor, but'),
+        ("cumsum of everything", slots_cumsum_total, "you counted all earlier tokens; count only"),
+        ("rank in the sort", slots_rank_in_sort, "that is each token's place in the"),
+        ("in sorted order", slots_sorted_order, "these are the slots in sorted order;"),
+        ("loop stops early", slots_loop_stops_early, "does a loop over the experts stop one early?"),
+        ("(N, E) matrix", slots_one_hot_matrix, "a count for every token and every expert"),
+        ("counted from the end", slots_counted_from_end, "you counted the later tokens; a token's"),
+        ("python list", slots_python_list, "the positions should be one torch.Tensor, but"),
     ],
     "7.1": [
-        ('k.T on 4-D', attn_k_T, '`.T` on a tensor with more than'),
-        ('scaled by sqrt(T)', attn_scale_by_sqrt_t, 'you scaled the scores by 1/sqrt(T) (T'),
-        ('q and k swapped', attn_q_and_k_swapped, 'q and k are swapped: the scores'),
-        ('weights times q', attn_weights_times_q, 'the weights multiply q; the output is'),
-        ('output transposed', attn_transposed_output, 'right sizes in another order'),
-        ('upper triangle kept', attn_mask_upper_kept, 'the mask is the wrong way round:'),
-        ('v first', attn_v_first, 'the product is in the wrong order:'),
-        ('masked with -1', attn_large_negative, 'the masked scores got a finite value'),
+        ("k.T on 4-D", attn_k_T, "`.T` on a tensor with more than"),
+        ("scaled by sqrt(T)", attn_scale_by_sqrt_t, "you scaled the scores by 1/sqrt(T) (T"),
+        ("q and k swapped", attn_q_and_k_swapped, "q and k are swapped: the scores"),
+        ("weights times q", attn_weights_times_q, "the weights multiply q; the output is"),
+        ("output transposed", attn_transposed_output, "right sizes in another order"),
+        ("upper triangle kept", attn_mask_upper_kept, "the mask is the wrong way round:"),
+        ("v first", attn_v_first, "the product is in the wrong order:"),
+        ("masked with -1", attn_large_negative, "the masked scores got a finite value"),
     ],
     "7.2": [
-        ('FFN first', block_ffn_first, 'the FFN comes first: in the block,'),
-        ('final norm', block_final_norm, 'the output is normalised at the end:'),
-        ('returns a tuple', block_returns_tuple, "the block's output should be one torch.Tensor,"),
-        ('norm of the sum', block_norm_of_sum, 'the FFN half is post-norm (ln_2 after'),
-        ('residual doubled', block_residual_doubled, 'x is added twice in the attention'),
-        ('attention twice', block_attn_twice, 'attention ran twice: the second half of'),
-        ('normalised residual', block_ffn_on_normalised_residual, 'the residual adds the normalised stream ln_1(x);'),
+        ("FFN first", block_ffn_first, "the FFN comes first: in the block,"),
+        ("final norm", block_final_norm, "the output is normalised at the end:"),
+        ("returns a tuple", block_returns_tuple, "the block's output should be one torch.Tensor,"),
+        ("norm of the sum", block_norm_of_sum, "the FFN half is post-norm (ln_2 after"),
+        ("residual doubled", block_residual_doubled, "x is added twice in the attention"),
+        ("attention twice", block_attn_twice, "attention ran twice: the second half of"),
+        ("normalised residual", block_ffn_on_normalised_residual, "the residual adds the normalised stream ln_1(x);"),
     ],
     "8.1": [
-        ('MoE on ln_1', sw_moe_on_ln_1, 'the Switch layer reads ln_1 of the'),
-        ('MoE first', sw_moe_first, 'the Switch layer comes first: attention first'),
-        ('z-loss only', sw_z_loss_only, 'you returned moe.z_loss alone; return moe.router_loss, the'),
-        ('unweighted sum', sw_sum_unweighted, 'you added the unweighted losses; moe.router_loss already'),
-        ('swapped', sw_swapped, 'the two results are swapped: return (x,'),
-        ('only x', sw_only_x, 'return two things, `(x, router_loss)`: the stream'),
-        ('MoE reads the input', sw_moe_reads_input, "the Switch layer reads the block's input"),
-        ('loss as float', sw_loss_float, 'float() or .item() cut it off'),
+        ("MoE on ln_1", sw_moe_on_ln_1, "the Switch layer reads ln_1 of the"),
+        ("MoE first", sw_moe_first, "the Switch layer comes first: attention first"),
+        ("z-loss only", sw_z_loss_only, "you returned moe.z_loss alone; return moe.router_loss, the"),
+        ("unweighted sum", sw_sum_unweighted, "you added the unweighted losses; moe.router_loss already"),
+        ("swapped", sw_swapped, "the two results are swapped: return (x,"),
+        ("only x", sw_only_x, "return two things, `(x, router_loss)`: the stream"),
+        ("MoE reads the input", sw_moe_reads_input, "the Switch layer reads the block's input"),
+        ("loss as float", sw_loss_float, "float() or .item() cut it off"),
     ],
     "8.2": [
-        ('floats', books_floats, "out['params_total'] should be an int, but it"),
-        ('wrong keys', books_wrong_keys, "the dict lacks the key(s) ['params_total', 'params_active',"),
-        ('no norms', books_no_norms, 'the layer norms are missing (2 per'),
-        ('training FLOPs', books_training_flops, 'these are training FLOPs (forward + backward'),
-        ('no head FLOPs', books_no_head_flops, "the head's logits (2·D·V FLOPs) are missing."),
-        ('position table', books_position_table, 'a learned position table is counted, but'),
-        ('no attention biases', books_no_attn_bias, 'the attention biases are missing (q, k,'),
-        ('tensors', books_tensors, "out['params_total'] should be a Python int, but"),
+        ("floats", books_floats, "out['params_total'] should be an int, but it"),
+        ("wrong keys", books_wrong_keys, "the dict lacks the key(s) ['params_total', 'params_active',"),
+        ("no norms", books_no_norms, "the layer norms are missing (2 per"),
+        ("training FLOPs", books_training_flops, "these are training FLOPs (forward + backward"),
+        ("no head FLOPs", books_no_head_flops, "the head's logits (2·D·V FLOPs) are missing."),
+        ("position table", books_position_table, "a learned position table is counted, but"),
+        ("no attention biases", books_no_attn_bias, "the attention biases are missing (q, k,"),
+        ("tensors", books_tensors, "out['params_total'] should be a Python int, but"),
     ],
 }.items():
     MUTANTS.setdefault(_ex_id, []).extend(_rows)
@@ -2523,13 +2573,21 @@ def b_avg_sigmoid(member_logits):
 def b_bv_bias_with_abs(member_probs, targets):
     y = F.one_hot(targets, member_probs.shape[-1]).float()
     mean = member_probs.mean(0)
-    return ((member_probs - y) ** 2).sum(-1).mean(), ((mean - y) ** 2).mean(-1).mean(), ((member_probs - mean) ** 2).sum(-1).mean()
+    return (
+        ((member_probs - y) ** 2).sum(-1).mean(),
+        ((mean - y) ** 2).mean(-1).mean(),
+        ((member_probs - mean) ** 2).sum(-1).mean(),
+    )
 
 
 def b_bv_variance_first_member(member_probs, targets):
     y = F.one_hot(targets, member_probs.shape[-1]).float()
     mean = member_probs.mean(0)
-    return ((member_probs - y) ** 2).sum(-1).mean(), ((mean - y) ** 2).sum(-1).mean(), ((member_probs[0] - mean) ** 2).sum(-1).mean()
+    return (
+        ((member_probs - y) ** 2).sum(-1).mean(),
+        ((mean - y) ** 2).sum(-1).mean(),
+        ((member_probs[0] - mean) ** 2).sum(-1).mean(),
+    )
 
 
 def b_ll_max_member(member_logits, targets):
@@ -2758,7 +2816,11 @@ def b_books_every_layer_switch(c):
     b = _books2(c)
     total = b["shared"] + b["L"] * b["E"] * b["ffn_one"] if b["n_moe"] else b["shared"] + b["L"] * b["ffn_one"]
     active = b["shared"] + b["L"] * b["ffn_one"]
-    flops = b["L"] * (8 * b["D"] ** 2 + 4 * b["T"] * b["D"] + 4 * b["D"] * b["F"]) + b["n_moe"] * 2 * b["D"] * b["E"] + 2 * b["D"] * b["V"]
+    flops = (
+        b["L"] * (8 * b["D"] ** 2 + 4 * b["T"] * b["D"] + 4 * b["D"] * b["F"])
+        + b["n_moe"] * 2 * b["D"] * b["E"]
+        + 2 * b["D"] * b["V"]
+    )
     return {"params_total": total, "params_active": active, "flops_per_token": flops}
 
 
@@ -2766,114 +2828,118 @@ def b_books_mix_t_squared(c):
     b = _books2(c)
     total = b["shared"] + (b["L"] - b["n_moe"]) * b["ffn_one"] + b["n_moe"] * b["E"] * b["ffn_one"]
     active = b["shared"] + b["L"] * b["ffn_one"]
-    flops = b["L"] * (8 * b["D"] ** 2 + 4 * b["T"] ** 2 * b["D"] + 4 * b["D"] * b["F"]) + b["n_moe"] * 2 * b["D"] * b["E"] + 2 * b["D"] * b["V"]
+    flops = (
+        b["L"] * (8 * b["D"] ** 2 + 4 * b["T"] ** 2 * b["D"] + 4 * b["D"] * b["F"])
+        + b["n_moe"] * 2 * b["D"] * b["E"]
+        + 2 * b["D"] * b["V"]
+    )
     return {"params_total": total, "params_active": active, "flops_per_token": flops}
 
 
 for _ex_id, _rows in {
     "0.1": [
-        ('minlength from the largest label', b_count_sum_bool, 'with 3 specialties you returned 2 counts:'),
-        ('counts sorted', b_count_sorted, 'the counts: the right values, sorted along'),
+        ("minlength from the largest label", b_count_sum_bool, "with 3 specialties you returned 2 counts:"),
+        ("counts sorted", b_count_sorted, "the counts: the right values, sorted along"),
     ],
     "1.1": [
-        ('residual added', b_ffn_residual, 'the output: the expected result plus `x`:'),
-        ('b_out subtracted', b_ffn_no_b_in_activation_after_bias_out, 'the output: the expected result minus 2'),
+        ("residual added", b_ffn_residual, "the output: the expected result plus `x`:"),
+        ("b_out subtracted", b_ffn_no_b_in_activation_after_bias_out, "the output: the expected result minus 2"),
     ],
     "1.2": [
-        ('(D + F)²', b_params_squared_sum, '(D + F)² is not how the'),
-        ('three matrices', b_params_three_matrices, 'three weight matrices: this block has two,'),
+        ("(D + F)²", b_params_squared_sum, "(D + F)² is not how the"),
+        ("three matrices", b_params_three_matrices, "three weight matrices: this block has two,"),
     ],
     "1.3": [
-        ('plus one', b_flops_plus_one, 'the FLOP count: off by one'),
-        ('D + F', b_flops_sum_dims, 'you added d_model and d_ff where they'),
+        ("plus one", b_flops_plus_one, "the FLOP count: off by one"),
+        ("D + F", b_flops_sum_dims, "you added d_model and d_ff where they"),
     ],
     "1.4": [
-        ('share of all hits', b_acc_normalised, "each specialty's share of all correct answers;"),
-        ('all hits over each count', b_acc_counts_over_total_correct, None),
+        ("share of all hits", b_acc_normalised, "each specialty's share of all correct answers;"),
+        ("all hits over each count", b_acc_counts_over_total_correct, None),
     ],
     "2.1": [
-        ('weighted members', b_avg_weighted_first, None),
-        ('sigmoid', b_avg_sigmoid, 'a sigmoid treats each class on its'),
+        ("weighted members", b_avg_weighted_first, None),
+        ("sigmoid", b_avg_sigmoid, "a sigmoid treats each class on its"),
     ],
     "2.2": [
-        ('bias averaged over classes', b_bv_bias_with_abs, 'your bias (the other two are right):'),
-        ('variance of one member', b_bv_variance_first_member, 'your variance uses only the first member:'),
+        ("bias averaged over classes", b_bv_bias_with_abs, "your bias (the other two are right):"),
+        ("variance of one member", b_bv_variance_first_member, "your variance uses only the first member:"),
     ],
     "2.3": [
-        ('best member per class', b_ll_max_member, None),
-        ('summed logits', b_ll_mean_of_log_probs_of_mean_logits, "you summed the members' logits before the"),
+        ("best member per class", b_ll_max_member, None),
+        ("summed logits", b_ll_mean_of_log_probs_of_mean_logits, "you summed the members' logits before the"),
     ],
     "3.1": [
-        ('softmax twice', b_gate_softmax_twice, 'the gate weights: a softmax applied twice'),
-        ('mixed with uniform', b_gate_plus_bias, None),
+        ("softmax twice", b_gate_softmax_twice, "the gate weights: a softmax applied twice"),
+        ("mixed with uniform", b_gate_plus_bias, None),
     ],
     "3.2": [
-        ('gate squared', b_mix_weights_squared, 'the gate weights are squared: weigh each'),
-        ('most confident expert', b_mix_gate_on_expert_output, None),
+        ("gate squared", b_mix_weights_squared, "the gate weights are squared: weigh each"),
+        ("most confident expert", b_mix_gate_on_expert_output, None),
     ],
     "3.3": [
-        ('threshold, not argmax', b_score_without_argmax, None),
-        ('square root', b_score_sqrt, 'you took a square root: the score'),
+        ("threshold, not argmax", b_score_without_argmax, None),
+        ("square root", b_score_sqrt, "you took a square root: the score"),
     ],
     "3.4": [
-        ('second matmul missing', b_mflops_no_classes, "each expert's second matmul (F × classes,"),
-        ('gate as big as an FFN', b_mflops_gate_is_ffn, 'the gate is a D × E'),
+        ("second matmul missing", b_mflops_no_classes, "each expert's second matmul (F × classes,"),
+        ("gate as big as an FFN", b_mflops_gate_is_ffn, "the gate is a D × E"),
     ],
     "4.1": [
-        ('softmax of top probabilities', b_topk_softmax_after_mask_zero, 'you took a softmax of the top-k'),
-        ('index sorted, gates not', b_topk_sorted_index, 'you sorted the expert ids but not'),
+        ("softmax of top probabilities", b_topk_softmax_after_mask_zero, "you took a softmax of the top-k"),
+        ("index sorted, gates not", b_topk_sorted_index, "you sorted the expert ids but not"),
     ],
     "4.2": [
-        ('noise on the gates', b_noisy_noise_on_gates, None),
-        ('softplus of the sum', b_noisy_softplus_of_sum, None),
+        ("noise on the gates", b_noisy_noise_on_gates, None),
+        ("softplus of the sum", b_noisy_softplus_of_sum, None),
     ],
     "4.3": [
-        ('top-2', b_switch_top2, 'each token went to its top-2 experts;'),
-        ('1 - gate', b_switch_gate_logit_softmax_over_all, 'you scaled by 1 - p_i; the'),
+        ("top-2", b_switch_top2, "each token went to its top-2 experts;"),
+        ("1 - gate", b_switch_gate_logit_softmax_over_all, "you scaled by 1 - p_i; the"),
     ],
     "5.1": [
-        ('means of f and P', b_lb_f_times_p_mean, 'you multiplied the means of f and'),
-        ('importance CV²', b_lb_cv_squared, 'this is the importance loss of Shazeer'),
+        ("means of f and P", b_lb_f_times_p_mean, "you multiplied the means of f and"),
+        ("importance CV²", b_lb_cv_squared, "this is the importance loss of Shazeer"),
     ],
     "5.2": [
-        ('mean logit squared', b_z_mean_logits_squared, "you squared each token's mean logit; the"),
-        ('logsumexp minus max', b_z_lse_minus_max, None),
+        ("mean logit squared", b_z_mean_logits_squared, "you squared each token's mean logit; the"),
+        ("logsumexp minus max", b_z_lse_minus_max, None),
     ],
     "5.3": [
-        ('keeps the last in reverse', b_keep_random_order, 'you dropped the wrong tokens: your mask'),
-        ('experts with at most C tokens', b_keep_capacity_minus_one_global, 'you dropped every token of an expert'),
+        ("keeps the last in reverse", b_keep_random_order, "you dropped the wrong tokens: your mask"),
+        ("experts with at most C tokens", b_keep_capacity_minus_one_global, "you dropped every token of an expert"),
     ],
     "5.4": [
-        ('softmax over the picked logits', b_choice_softmax_after_topk, "you took a softmax over each expert's"),
-        ('gates are logits', b_choice_no_softmax_tokens_by_probs, 'the right tokens, but the gates are'),
+        ("softmax over the picked logits", b_choice_softmax_after_topk, "you took a softmax over each expert's"),
+        ("gates are logits", b_choice_no_softmax_tokens_by_probs, "the right tokens, but the gates are"),
     ],
     "6.1": [
-        ('counts shifted', b_sort_counts_cumsum_prepend, 'counts: shifted by one place along dim'),
-        ('later tokens first', b_sort_by_value_then_index, 'within one expert the tokens are not'),
+        ("counts shifted", b_sort_counts_cumsum_prepend, "counts: shifted by one place along dim"),
+        ("later tokens first", b_sort_by_value_then_index, "within one expert the tokens are not"),
     ],
     "6.2": [
-        ('ones instead of zeros', b_combine_add_without_zero, 'the combined output: off by +1 everywhere'),
-        ('gate squared', b_combine_gate_squared, 'the gates are applied twice (squared): multiply'),
+        ("ones instead of zeros", b_combine_add_without_zero, "the combined output: off by +1 everywhere"),
+        ("gate squared", b_combine_gate_squared, "the gates are applied twice (squared): multiply"),
     ],
     "6.3": [
-        ('minus 2', b_slots_per_expert_totals_minus, 'the positions: off by -1 everywhere (off'),
-        ('float from division', b_slots_float_division, 'positions are slot numbers: return an integer'),
+        ("minus 2", b_slots_per_expert_totals_minus, "the positions: off by -1 everywhere (off"),
+        ("float from division", b_slots_float_division, "positions are slot numbers: return an integer"),
     ],
     "7.1": [
-        ('triu with diagonal 0', b_attn_mask_with_triu_diag0, 'mask off by one: each query must'),
-        ('times 0.9', b_attn_dropout_like, None),
+        ("triu with diagonal 0", b_attn_mask_with_triu_diag0, "mask off by one: each query must"),
+        ("times 0.9", b_attn_dropout_like, None),
     ],
     "7.2": [
-        ('half the attention', b_block_half_residual, None),
-        ('one norm for both', b_block_shared_norm_input, 'the FFN reads a normalised copy of'),
+        ("half the attention", b_block_half_residual, None),
+        ("one norm for both", b_block_shared_norm_input, "the FFN reads a normalised copy of"),
     ],
     "8.1": [
-        ('moe.y doubled', b_sw_moe_y_times_gate, "the Switch layer's output is added twice:"),
-        ('half the loss', b_sw_loss_mean_of_two, 'router_loss: exactly half the expected value, a'),
+        ("moe.y doubled", b_sw_moe_y_times_gate, "the Switch layer's output is added twice:"),
+        ("half the loss", b_sw_loss_mean_of_two, "router_loss: exactly half the expected value, a"),
     ],
     "8.2": [
-        ('every layer a Switch layer', b_books_every_layer_switch, None),
-        ('T² in the attention mix', b_books_mix_t_squared, None),
+        ("every layer a Switch layer", b_books_every_layer_switch, None),
+        ("T² in the attention mix", b_books_mix_t_squared, None),
     ],
 }.items():
     MUTANTS.setdefault(_ex_id, []).extend(_rows)
@@ -3175,61 +3241,63 @@ def up_changes_ffn(ffn, num_experts, top_k):
     return layer
 
 
-MUTANTS.update({
-    "10.1": [
-        ("softmax over all E, no renormalising", mix_softmax_all_no_renorm, "the top-k of the softmax over all E experts"),
-        ("raw logits as gates", mix_raw_logits, "raw logits of the chosen experts"),
-        ("sigmoid of the chosen logits", mix_sigmoid, "you took a sigmoid of each chosen logit"),
-        ("softmax of the top probabilities", mix_softmax_of_probs, "a softmax of a softmax"),
-        ("the k smallest logits", mix_smallest, "you picked the k *smallest* logits"),
-        ("gates detached", mix_detached, "carry no gradient back to the logits"),
-        ("results swapped", mix_swapped, "the two results are swapped"),
-        ("softmax over the tokens", mix_softmax_over_tokens, "the softmax runs over the tokens (dim 0)"),
-    ],
-    "10.2": [
-        ("bias in the gates", ds_bias_in_gates, "the bias is in the gates"),
-        ("bias ignored", ds_no_bias, "the choice ignores the bias"),
-        ("no renormalising", ds_no_renorm, "the gates are not renormalised"),
-        ("softmax scores", ds_softmax, "you used a softmax where DeepSeek-V3 uses a sigmoid"),
-        ("bias on the logits", ds_bias_on_logits, "you added the bias to the logits before the sigmoid"),
-        ("bias subtracted", ds_minus_bias, "the bias is subtracted"),
-        ("renormalised over all experts", ds_renorm_over_all, "divided the chosen scores by the sum over *all* experts"),
-        ("Mixtral's gates", ds_mixtral_gates, "a softmax over the chosen logits (Mixtral's gate)"),
-    ],
-    "10.3": [
-        ("sign flipped", bu_flipped, "the sign is flipped"),
-        ("proportional step", bu_proportional, "the step is proportional to the difference"),
-        ("the step alone", bu_step_only, "you returned the step alone"),
-        ("no gamma", bu_no_gamma, "γ is missing"),
-        ("the total load", bu_total, "compared each load with the *total* load"),
-        ("ties move up", bu_ties_up, "an expert exactly at the mean load should keep its bias"),
-        ("in place", bu_in_place, "changed its input `bias`"),
-        ("the median", bu_median, "you compared with the median load"),
-        ("integer mean", bu_int_mean, "load holds integer counts (int64)"),
-    ],
-    "10.4": [
-        ("no shared experts", sr_no_shared, "the shared experts are missing"),
-        ("shared experts averaged", sr_shared_mean, "you averaged the shared experts"),
-        ("only shared expert 0", sr_first_shared, "only shared expert 0 is in"),
-        ("routed ungated", sr_ungated, "the routed outputs are not weighed by their gates"),
-        ("first choice only", sr_first_choice, "only each token's first choice is used"),
-        ("shared gated", sr_gated_shared, "the shared experts are weighed by the first gate"),
-        ("residual added", sr_residual, "you added the input x"),
-        ("shared only", sr_only_shared, "the routed experts are missing"),
-    ],
-    "10.5": [
-        ("experts not copied", up_no_copy, "is not a copy of the dense FFN"),
-        ("only expert 0 copied", up_first_expert_only, "are not copies of the dense FFN"),
-        ("biases not copied", up_no_biases, "the experts' b_in is not a copy"),
-        ("Switch's raw gate for top-1", up_switch_gate, "times p_max"),
-        ("raw top-k gates", up_raw_gates, "the gates are not renormalised"),
-        ("router zeroed", up_zero_router, "the router is all zeros"),
-        ("a capacity limit", up_capacity, "capacity_factor=1.0"),
-        ("shares memory with the FFN", up_shared_memory, "shares memory with the dense FFN"),
-        ("activation always gelu", up_gelu_always, "activation"),
-        ("changes the dense FFN", up_changes_ffn, "the dense FFN's fc_in.weight changed"),
-    ],
-})
+MUTANTS.update(
+    {
+        "10.1": [
+            ("softmax over all E, no renormalising", mix_softmax_all_no_renorm, "the top-k of the softmax over all E experts"),
+            ("raw logits as gates", mix_raw_logits, "raw logits of the chosen experts"),
+            ("sigmoid of the chosen logits", mix_sigmoid, "you took a sigmoid of each chosen logit"),
+            ("softmax of the top probabilities", mix_softmax_of_probs, "a softmax of a softmax"),
+            ("the k smallest logits", mix_smallest, "you picked the k *smallest* logits"),
+            ("gates detached", mix_detached, "carry no gradient back to the logits"),
+            ("results swapped", mix_swapped, "the two results are swapped"),
+            ("softmax over the tokens", mix_softmax_over_tokens, "the softmax runs over the tokens (dim 0)"),
+        ],
+        "10.2": [
+            ("bias in the gates", ds_bias_in_gates, "the bias is in the gates"),
+            ("bias ignored", ds_no_bias, "the choice ignores the bias"),
+            ("no renormalising", ds_no_renorm, "the gates are not renormalised"),
+            ("softmax scores", ds_softmax, "you used a softmax where DeepSeek-V3 uses a sigmoid"),
+            ("bias on the logits", ds_bias_on_logits, "you added the bias to the logits before the sigmoid"),
+            ("bias subtracted", ds_minus_bias, "the bias is subtracted"),
+            ("renormalised over all experts", ds_renorm_over_all, "divided the chosen scores by the sum over *all* experts"),
+            ("Mixtral's gates", ds_mixtral_gates, "a softmax over the chosen logits (Mixtral's gate)"),
+        ],
+        "10.3": [
+            ("sign flipped", bu_flipped, "the sign is flipped"),
+            ("proportional step", bu_proportional, "the step is proportional to the difference"),
+            ("the step alone", bu_step_only, "you returned the step alone"),
+            ("no gamma", bu_no_gamma, "γ is missing"),
+            ("the total load", bu_total, "compared each load with the *total* load"),
+            ("ties move up", bu_ties_up, "an expert exactly at the mean load should keep its bias"),
+            ("in place", bu_in_place, "changed its input `bias`"),
+            ("the median", bu_median, "you compared with the median load"),
+            ("integer mean", bu_int_mean, "load holds integer counts (int64)"),
+        ],
+        "10.4": [
+            ("no shared experts", sr_no_shared, "the shared experts are missing"),
+            ("shared experts averaged", sr_shared_mean, "you averaged the shared experts"),
+            ("only shared expert 0", sr_first_shared, "only shared expert 0 is in"),
+            ("routed ungated", sr_ungated, "the routed outputs are not weighed by their gates"),
+            ("first choice only", sr_first_choice, "only each token's first choice is used"),
+            ("shared gated", sr_gated_shared, "the shared experts are weighed by the first gate"),
+            ("residual added", sr_residual, "you added the input x"),
+            ("shared only", sr_only_shared, "the routed experts are missing"),
+        ],
+        "10.5": [
+            ("experts not copied", up_no_copy, "is not a copy of the dense FFN"),
+            ("only expert 0 copied", up_first_expert_only, "are not copies of the dense FFN"),
+            ("biases not copied", up_no_biases, "the experts' b_in is not a copy"),
+            ("Switch's raw gate for top-1", up_switch_gate, "times p_max"),
+            ("raw top-k gates", up_raw_gates, "the gates are not renormalised"),
+            ("router zeroed", up_zero_router, "the router is all zeros"),
+            ("a capacity limit", up_capacity, "capacity_factor=1.0"),
+            ("shares memory with the FFN", up_shared_memory, "shares memory with the dense FFN"),
+            ("activation always gelu", up_gelu_always, "activation"),
+            ("changes the dense FFN", up_changes_ffn, "the dense FFN's fc_in.weight changed"),
+        ],
+    }
+)
 
 
 # == lesson 09 =======================================================================================
@@ -3322,7 +3390,9 @@ def a2a_zeros(grad_received, splits):
 
 def a2a_rows_by_hand_wrong_split(grad_received, splits):
     W = splits.shape[0]
-    blocks = [torch.split(g, splits[q].tolist()) for q, g in enumerate(grad_received)]  # split by what q sent, not what it received
+    blocks = [
+        torch.split(g, splits[q].tolist()) for q, g in enumerate(grad_received)
+    ]  # split by what q sent, not what it received
     return [torch.cat([blocks[q][s] for q in range(W)]) for s in range(W)]
 
 
@@ -3407,46 +3477,48 @@ def topp_fixed_k(router_probs, p):
     return torch.zeros_like(router_probs, dtype=torch.bool).scatter(1, index, True)
 
 
-MUTANTS.update({
-    "9.1": [
-        ("output = input", split_no_transpose, "output_splits equals your input_splits"),
-        ("swapped", split_swapped, "the two results are swapped"),
-        ("round robin experts", split_round_robin, "round robin"),
-        ("tensors, not lists", split_tensors, "Python list of ints"),
-        ("per expert", split_per_expert, "one per expert"),
-        ("one expert's column", split_single_expert_column, "counts only expert"),
-        ("column sums", split_column_sums, "what each rank receives from everybody"),
-        ("floats", split_float_mean, "holds floats"),
-        ("everyone's sends", split_everyones_sends, "counts every rank's rows"),
-    ],
-    "9.2": [
-        ("same splits", a2a_same_splits, "with the same splits"),
-        ("identity", a2a_identity, "kept the gradients of the rows it received"),
-        ("averaged over ranks", a2a_averaged, "divided by the number of ranks"),
-        ("ranks reversed", a2a_reversed_ranks, "the ranks are in reverse order"),
-        ("blocks reversed", a2a_blocks_reversed, "blocks are in reverse order"),
-        ("one tensor", a2a_one_tensor, "return a list of"),
-        ("zeros", a2a_zeros, "every gradient is zero"),
-        ("split by what was sent, by hand", a2a_rows_by_hand_wrong_split, "with the same splits"),
-    ],
-    "9.3": [
-        ("axes swapped", smw_axes_swapped, "the results are in the wrong order"),
-        ("both over the slots", smw_both_over_slots, "dispatch and combine are the same tensor"),
-        ("dispatch over the batch", smw_dispatch_over_batch, "over the sequences of the batch"),
-        ("dispatch over all tokens", smw_dispatch_all_tokens, "over the tokens of every sequence at once"),
-        ("raw combine", smw_raw_combine, "raw logits"),
-        ("detached", smw_detached, "carry no gradient"),
-        ("log dispatch", smw_log_dispatch, "log-weights"),
-        ("combine over everything", smw_combine_over_everything, "over all tokens and slots together"),
-    ],
-    "9.4": [
-        ("crossing expert left out", topp_without_crossing, "the expert that crosses p is left out"),
-        ("sorted order", topp_sorted_order, "the mask is in sorted order"),
-        ("unsorted cumsum", topp_unsorted, "sort each token's probabilities first"),
-        ("ascending", topp_ascending, "from smallest to largest"),
-        ("threshold", topp_threshold, "p is a total"),
-        ("long mask", topp_long_mask, "must be a bool tensor"),
-        ("counts", topp_counts, "one number per token"),
-        ("fixed k", topp_fixed_k, "the same number of experts"),
-    ],
-})
+MUTANTS.update(
+    {
+        "9.1": [
+            ("output = input", split_no_transpose, "output_splits equals your input_splits"),
+            ("swapped", split_swapped, "the two results are swapped"),
+            ("round robin experts", split_round_robin, "round robin"),
+            ("tensors, not lists", split_tensors, "Python list of ints"),
+            ("per expert", split_per_expert, "one per expert"),
+            ("one expert's column", split_single_expert_column, "counts only expert"),
+            ("column sums", split_column_sums, "what each rank receives from everybody"),
+            ("floats", split_float_mean, "holds floats"),
+            ("everyone's sends", split_everyones_sends, "counts every rank's rows"),
+        ],
+        "9.2": [
+            ("same splits", a2a_same_splits, "with the same splits"),
+            ("identity", a2a_identity, "kept the gradients of the rows it received"),
+            ("averaged over ranks", a2a_averaged, "divided by the number of ranks"),
+            ("ranks reversed", a2a_reversed_ranks, "the ranks are in reverse order"),
+            ("blocks reversed", a2a_blocks_reversed, "blocks are in reverse order"),
+            ("one tensor", a2a_one_tensor, "return a list of"),
+            ("zeros", a2a_zeros, "every gradient is zero"),
+            ("split by what was sent, by hand", a2a_rows_by_hand_wrong_split, "with the same splits"),
+        ],
+        "9.3": [
+            ("axes swapped", smw_axes_swapped, "the results are in the wrong order"),
+            ("both over the slots", smw_both_over_slots, "dispatch and combine are the same tensor"),
+            ("dispatch over the batch", smw_dispatch_over_batch, "over the sequences of the batch"),
+            ("dispatch over all tokens", smw_dispatch_all_tokens, "over the tokens of every sequence at once"),
+            ("raw combine", smw_raw_combine, "raw logits"),
+            ("detached", smw_detached, "carry no gradient"),
+            ("log dispatch", smw_log_dispatch, "log-weights"),
+            ("combine over everything", smw_combine_over_everything, "over all tokens and slots together"),
+        ],
+        "9.4": [
+            ("crossing expert left out", topp_without_crossing, "the expert that crosses p is left out"),
+            ("sorted order", topp_sorted_order, "the mask is in sorted order"),
+            ("unsorted cumsum", topp_unsorted, "sort each token's probabilities first"),
+            ("ascending", topp_ascending, "from smallest to largest"),
+            ("threshold", topp_threshold, "p is a total"),
+            ("long mask", topp_long_mask, "must be a bool tensor"),
+            ("counts", topp_counts, "one number per token"),
+            ("fixed k", topp_fixed_k, "the same number of experts"),
+        ],
+    }
+)

@@ -73,8 +73,20 @@ def run_cells(nb: nbformat.NotebookNode, cwd: Path | None = None) -> list[CellRu
 def run_nbval(paths: list[Path], tmp: Path, cwd: Path = ROOT) -> dict[str, str]:
     """Run pytest --nbval-lax on notebooks in a subprocess: 'classname::Cell k' → 'passed' / 'failed'."""
     report = tmp / "nbval.xml"
-    cmd = [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-current-env", "-p", "no:cacheprovider",
-           "-q", f"--junitxml={report}", "-o", "addopts=", *map(str, paths)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "--nbval-lax",
+        "--nbval-current-env",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        f"--junitxml={report}",
+        "-o",
+        "addopts=",
+        *map(str, paths),
+    ]
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
     if not report.exists():
         raise AssertionError(f"nbval did not run:\n{proc.stdout}\n{proc.stderr}")

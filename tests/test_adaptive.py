@@ -46,9 +46,11 @@ def test_top_p_max_k_caps_the_experts_and_the_columns():
 
 def test_null_expert_routing_gives_fewer_real_experts_to_tokens_that_choose_null_ones():
     # E=3 real + Z=2 null experts, k=2
-    probs = [[0.5, 0.3, 0.1, 0.05, 0.05],  # two real experts
-             [0.4, 0.05, 0.05, 0.45, 0.05],  # one null, one real
-             [0.05, 0.05, 0.05, 0.45, 0.4]]  # two nulls: no real expert
+    probs = [
+        [0.5, 0.3, 0.1, 0.05, 0.05],  # two real experts
+        [0.4, 0.05, 0.05, 0.45, 0.05],  # one null, one real
+        [0.05, 0.05, 0.05, 0.45, 0.4],
+    ]  # two nulls: no real expert
     r = null_expert_routing(_logits_of(probs), k=2, num_null=2)
     assert r.experts_per_token.tolist() == [2, 1, 0]
     torch.testing.assert_close(r.gates[1], torch.tensor([0.0, 0.4 / 0.85]))  # the null choice (best) contributes 0
@@ -78,8 +80,9 @@ def test_compute_by_group_means_per_group_and_nan_for_empty_groups():
 @pytest.mark.parametrize("router", ["top_p", "null"])
 def test_adaptive_moe_equals_a_hand_loop_over_the_used_choices(router):
     torch.manual_seed(0)
-    layer = AdaptiveMoE(AdaptiveMoEConfig(d_model=8, d_ff=16, num_experts=4, router=router, top_p=0.5, top_k=2, num_null=2,
-                                          init_scale=2.0))
+    layer = AdaptiveMoE(
+        AdaptiveMoEConfig(d_model=8, d_ff=16, num_experts=4, router=router, top_p=0.5, top_k=2, num_null=2, init_scale=2.0)
+    )
     x = torch.randn(2, 5, 8)
     out = layer(x)
     tokens = x.reshape(-1, 8)
@@ -88,7 +91,7 @@ def test_adaptive_moe_equals_a_hand_loop_over_the_used_choices(router):
     for n in range(tokens.shape[0]):
         for j in range(r.keep.shape[1]):
             if r.keep[n, j]:
-                expected[n] += r.gates[n, j] * layer.experts.expert_output(int(r.expert_index[n, j]), tokens[n:n + 1])[0]
+                expected[n] += r.gates[n, j] * layer.experts.expert_output(int(r.expert_index[n, j]), tokens[n : n + 1])[0]
     torch.testing.assert_close(out.y.reshape(-1, 8), expected, atol=1e-5, rtol=1e-5)
     assert out.experts_per_token.shape == (10,) and len(set(out.experts_per_token.tolist())) > 1  # compute varies
     out.router_loss.backward()
@@ -98,9 +101,14 @@ def test_adaptive_moe_equals_a_hand_loop_over_the_used_choices(router):
 def test_clinic_adaptive_moe_trains_and_reports_compute_per_specialty():
     clinic = make_clinic(4, n_train=512, n_val=256, seed=0)
     torch.manual_seed(0)
-    model = ClinicAdaptiveMoE(clinic.d_in, clinic.num_diagnoses,
-                              AdaptiveMoEConfig(d_model=16, d_ff=32, num_experts=4, top_p=0.6, entropy_loss_coef=1e-3))
-    result = train(model, ClassificationTask.from_clinic(clinic), TrainConfig(steps=30, batch_size=64, eval_every=30), progress=False)
+    model = ClinicAdaptiveMoE(
+        clinic.d_in,
+        clinic.num_diagnoses,
+        AdaptiveMoEConfig(d_model=16, d_ff=32, num_experts=4, top_p=0.6, entropy_loss_coef=1e-3),
+    )
+    result = train(
+        model, ClassificationTask.from_clinic(clinic), TrainConfig(steps=30, batch_size=64, eval_every=30), progress=False
+    )
     assert result.final["val_acc"] > 1 / clinic.num_diagnoses  # it learned something
     with torch.no_grad():
         used = model(clinic.val.x).moe.experts_per_token
@@ -108,8 +116,16 @@ def test_clinic_adaptive_moe_trains_and_reports_compute_per_specialty():
     assert per.shape == (4,) and ((per >= 1) & (per <= 4)).all()
 
 
-@pytest.mark.parametrize("bad, name", [(dict(router="top_z"), "router"), (dict(top_p=1.5), "top_p"), (dict(max_k=9), "max_k"),
-                                       (dict(router="null", top_k=9, num_null=2), "top_k"), (dict(entropy_loss_coef=-1.0), "entropy")])
+@pytest.mark.parametrize(
+    "bad, name",
+    [
+        (dict(router="top_z"), "router"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(max_k=9), "max_k"),
+        (dict(router="null", top_k=9, num_null=2), "top_k"),
+        (dict(entropy_loss_coef=-1.0), "entropy"),
+    ],
+)
 def test_adaptive_config_rejects_bad_values_by_name(bad, name):
     with pytest.raises(ValueError, match=name):
         AdaptiveMoEConfig(**{**dict(d_model=8, d_ff=16, num_experts=4), **bad})

@@ -41,8 +41,7 @@ CONFIG = TrainConfig(steps=20, batch_size=32, lr=1e-2, eval_every=20)
 @pytest.fixture(scope="module")
 def tiny():
     clinic = make_clinic(2, n_train=256, n_val=128, seed=0)
-    return clinic, four_approaches(clinic, CONFIG, num_experts=2, d_ff=4, seeds=(0, 1), track_every=10, workers=1,
-                                   progress=False)
+    return clinic, four_approaches(clinic, CONFIG, num_experts=2, d_ff=4, seeds=(0, 1), track_every=10, workers=1, progress=False)
 
 
 def test_four_approaches_measures_every_approach_for_every_seed(tiny):
@@ -82,7 +81,9 @@ def test_four_approaches_budget_is_matched_and_flops_are_what_each_visit_costs(t
     d, c = clinic.d_in, clinic.num_diagnoses
     first = result.table[result.table["seed"] == 0].set_index("approach")
     params = first["parameters"]
-    assert params.max() / params.min() < 1.25  # the same hidden units; the gate (a big part at this tiny size) and output layers differ
+    assert (
+        params.max() / params.min() < 1.25
+    )  # the same hidden units; the gate (a big part at this tiny size) and output layers differ
     assert params[CARDIOLOGISTS] == params[ORACLE]  # E doctors of F units, whoever taught them
     flops = first["FLOPs per patient"]
     one = matmul_flops(1, d, 4) + matmul_flops(1, 4, c)
@@ -175,8 +176,13 @@ def test_seed_report_reads_the_histories_of_one_gated_approach(tiny):
 
 
 def test_paired_difference_compares_seed_by_seed():
-    table = pd.DataFrame({"approach": ["a"] * 4 + ["b"] * 4, "seed": [0, 1, 2, 3] * 2,
-                          "held-out accuracy": [0.80, 0.82, 0.84, 0.86, 0.70, 0.73, 0.73, 0.76]})
+    table = pd.DataFrame(
+        {
+            "approach": ["a"] * 4 + ["b"] * 4,
+            "seed": [0, 1, 2, 3] * 2,
+            "held-out accuracy": [0.80, 0.82, 0.84, 0.86, 0.70, 0.73, 0.73, 0.76],
+        }
+    )
     c = paired_difference(table, "a", "b")
     assert c.mean == pytest.approx(0.10) and c.ahead == 4 and c.seeds == 4
     assert c.std == pytest.approx(pd.Series([0.10, 0.09, 0.11, 0.10]).std())

@@ -21,7 +21,12 @@ from moe_course.attention import (
 def test_causal_mask_allows_the_past_and_the_present_only():
     m = causal_mask(4)
     assert m.dtype == torch.bool
-    assert m.tolist() == [[True, False, False, False], [True, True, False, False], [True, True, True, False], [True, True, True, True]]
+    assert m.tolist() == [
+        [True, False, False, False],
+        [True, True, False, False],
+        [True, True, True, False],
+        [True, True, True, True],
+    ]
     # queries at the end of a longer key sequence (e.g. new tokens after a cached prefix)
     r = causal_mask(2, 5)
     assert r.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]

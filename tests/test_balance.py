@@ -48,8 +48,14 @@ def test_load_tracker_records_every_evaluation(clinic):
     model = ClinicMoE(clinic.d_in, 4, MoEConfig(d_model=8, d_ff=8, num_experts=3))
     tracker = LoadTracker(clinic.val.x)
     tracker(0, model)
-    train(model, ClassificationTask.from_clinic(clinic), TrainConfig(steps=20, batch_size=32, eval_every=10), device="cpu",
-          progress=False, callback=tracker)
+    train(
+        model,
+        ClassificationTask.from_clinic(clinic),
+        TrainConfig(steps=20, batch_size=32, eval_every=10),
+        device="cpu",
+        progress=False,
+        callback=tracker,
+    )
     history = tracker.history
     assert list(history["step"]) == [0, 10, 20]
     assert {"balance loss", "z-loss", "largest |logit|", "busiest share", "idle doctors", "load CV"} <= set(history.columns)
@@ -71,7 +77,9 @@ def test_evaluate_capacity_counts_dropped_patients_per_batch(clinic):
 
 def test_capacity_sweep_trains_one_model_per_factor(clinic):
     base = MoEConfig(d_model=8, d_ff=8, num_experts=4)
-    table, models = capacity_sweep(clinic, base, TrainConfig(steps=10, batch_size=32, eval_every=10), [0.5, 2.0, None], progress=False)
+    table, models = capacity_sweep(
+        clinic, base, TrainConfig(steps=10, batch_size=32, eval_every=10), [0.5, 2.0, None], progress=False
+    )
     assert list(table["slots per expert"].fillna(-1)) == [4, 16, -1]
     assert table["dropped share"].iloc[0] > table["dropped share"].iloc[1] >= table["dropped share"].iloc[2] == 0.0
     assert set(models) == {0.5, 2.0, None} and models[0.5].moe.config.capacity_factor == 0.5

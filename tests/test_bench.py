@@ -38,8 +38,14 @@ def test_the_outside_peer_is_timed_when_transformers_is_installed():
 
 def test_one_hot_memory_grows_with_n_times_c_while_sorting_grows_with_n():
     """The reason GShard-style dispatch loses on a CPU: its (N, E, C) tensors. Dropless, C ~ N/E, so N·E·C ~ N²."""
-    results = run_benchmark([BenchConfig(256, 16, 32, 4), BenchConfig(1024, 16, 32, 4)], methods=["onehot_einsum", "grouped_mm"],
-                            repeats=1, warmup=0, peer=False, log=None)
+    results = run_benchmark(
+        [BenchConfig(256, 16, 32, 4), BenchConfig(1024, 16, 32, 4)],
+        methods=["onehot_einsum", "grouped_mm"],
+        repeats=1,
+        warmup=0,
+        peer=False,
+        log=None,
+    )
     fb = results[results["mode"] == "forward+backward"].set_index(["config", "implementation"])["peak_MiB"]
     small, large = (f"N={n} D=16 F=32 E=4 k=1" for n in (256, 1024))
     assert fb[(small, "onehot_einsum")] > 3 * fb[(small, "grouped_mm")]
@@ -68,9 +74,27 @@ def test_bench_config_validates():
 @pytest.mark.slow  # the benchmark in a subprocess
 def test_command_line_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "moe_course.bench", "--quick", "--repeats", "1", "--warmup", "0",
-                           "--methods", "grouped_mm", "--no-peer", "--no-memory", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moe_course.bench",
+            "--quick",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--methods",
+            "grouped_mm",
+            "--no-peer",
+            "--no-memory",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(out.read_text())
     assert payload["default"] == DEFAULT_METHOD and len(payload["configs"]) == 3
@@ -92,6 +116,7 @@ def test_paired_times_cancels_a_slow_spell_that_hits_both_halves_of_a_pair(monke
             clock["now"] += cost * clock["slow"]
             if len(calls) % 2 == 0:  # a pair is over: the next one runs in a slow spell, or not
                 clock["slow"] = 5.0 if clock["slow"] == 1.0 else 1.0
+
         return run
 
     out = bench.paired_times({"base": runner("base", 1.0), "cand": runner("cand", 2.0)}, baseline="base", repeats=6, warmup=0)

@@ -20,11 +20,14 @@ def test_the_rule_lowers_busy_experts_raises_idle_ones_and_leaves_the_mean_alone
     torch.testing.assert_close(bias, torch.tensor([0.0, 0.5, -0.5, 0.0]))  # pure: the input is untouched
 
 
-@pytest.mark.parametrize("args,words", [
-    ((torch.zeros(4), torch.ones(3), 1e-3), "load must be a tensor of the bias's shape"),
-    ((torch.zeros(4), torch.ones(4), -1.0), "rate γ must be a number >= 0"),
-    ((torch.zeros(4, dtype=torch.long), torch.ones(4), 1e-3), "bias must be a float tensor"),
-])
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        ((torch.zeros(4), torch.ones(3), 1e-3), "load must be a tensor of the bias's shape"),
+        ((torch.zeros(4), torch.ones(4), -1.0), "rate γ must be a number >= 0"),
+        ((torch.zeros(4, dtype=torch.long), torch.ones(4), 1e-3), "bias must be a float tensor"),
+    ],
+)
 def test_the_rule_names_bad_inputs(args, words):
     with pytest.raises(ValueError, match=words):
         expert_bias_update(*args)
@@ -63,8 +66,22 @@ def test_the_hook_on_a_gpt_takes_its_moe_outputs_in_block_order():
     from moe_course.transformer import GPT, GPTConfig
 
     torch.manual_seed(0)
-    gpt = GPT(GPTConfig(vocab_size=20, block_size=8, d_model=16, n_layers=4, n_heads=2, d_ff=32, ffn="switch", num_experts=4,
-                        router="sigmoid", top_k=2, bias_update_rate=0.5, moe_every=2))
+    gpt = GPT(
+        GPTConfig(
+            vocab_size=20,
+            block_size=8,
+            d_model=16,
+            n_layers=4,
+            n_heads=2,
+            d_ff=32,
+            ffn="switch",
+            num_experts=4,
+            router="sigmoid",
+            top_k=2,
+            bias_update_rate=0.5,
+            moe_every=2,
+        )
+    )
     out = gpt(torch.randint(20, (4, 8)))
     assert update_expert_biases_(gpt, [m for _, m in out.moe_outputs]) == 2
     for layer, (_, m) in zip(gpt.moe_layers, out.moe_outputs):

@@ -28,8 +28,15 @@ if not Path(CHROMIUM).exists():
     pytest.skip("no system Chromium (apt-get install chromium)", allow_module_level=True)
 playwright = pytest.importorskip("playwright.sync_api")
 
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run", "--disable-quic"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 SHOTS = ROOT / "build" / "browser"
 
 
@@ -41,10 +48,19 @@ def lab_url(tmp_path_factory):
     write_playground_only(root / "notebooks")
     port, token = free_port(), "browser-test"
     SHOTS.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-           # its own workspaces and settings: never restore tabs another JupyterLab left open
-           f"--LabApp.workspaces_dir={root / '.workspaces'}", f"--LabApp.user_settings_dir={root / '.settings'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={root}",
+        # its own workspaces and settings: never restore tabs another JupyterLab left open
+        f"--LabApp.workspaces_dir={root / '.workspaces'}",
+        f"--LabApp.user_settings_dir={root / '.settings'}",
+    ]
     if os.geteuid() == 0:
         cmd.append("--allow-root")
     base = f"http://127.0.0.1:{port}"
@@ -103,7 +119,9 @@ def test_hospital_explorer_slider_updates_the_numbers(lab_url):
                 page.keyboard.press("ArrowRight")
             page.wait_for_function(
                 "() => [...document.querySelectorAll('.widget-html-content')].some("
-                "e => e.textContent.startsWith('12 specialists'))", timeout=30_000)
+                "e => e.textContent.startsWith('12 specialists'))",
+                timeout=30_000,
+            )
             page.wait_for_timeout(1500)  # let the chart image catch up before the screenshot
             after = summary.text_content()
             assert "12 specialists, each patient sees 1" in after, after
@@ -137,7 +155,9 @@ def test_waiting_room_playground_capacity_slider_updates_the_numbers(lab_url):
                 page.keyboard.press("ArrowLeft")
             page.wait_for_function(
                 "() => [...document.querySelectorAll('.widget-html-content')].some("
-                "e => e.textContent.includes('capacity factor 0.50'))", timeout=60_000)
+                "e => e.textContent.includes('capacity factor 0.50'))",
+                timeout=60_000,
+            )
             page.wait_for_timeout(1500)  # let the chart image catch up before the screenshot
             after = summary.text_content()
 

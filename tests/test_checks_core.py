@@ -48,7 +48,10 @@ def test_a_crash_is_reported_in_the_learners_terms_with_no_torch_traceback():
     with pytest.raises(ExerciseError) as caught:
         check("1.1", crash)
     msg = str(caught.value)
-    assert "raised RuntimeError in `return x @ x  # wrong shapes`" in msg and "a matrix product (@ or torch.matmul) got shapes (5, 8) and (5, 8)" in msg
+    assert (
+        "raised RuntimeError in `return x @ x  # wrong shapes`" in msg
+        and "a matrix product (@ or torch.matmul) got shapes (5, 8) and (5, 8)" in msg
+    )
     assert "It was called with x (5, 8), number 2 (8, 32)" in msg and caught.value.named
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
 
@@ -122,8 +125,14 @@ def test_expect_int_accepts_ints_only_and_says_why():
 
     ex = _ex()
     assert ex.expect_int(3) == 3 and ex.expect_int(np.int64(4)) == 4
-    for bad, words in [(4.0, "the float 4.0. Its value is whole"), (2.5, "not even whole"), (torch.tensor(5), "a Python int, but it is a tensor"),
-                       ("3", "a whole number"), (True, "bool"), (None, "forget a `return`")]:
+    for bad, words in [
+        (4.0, "the float 4.0. Its value is whole"),
+        (2.5, "not even whole"),
+        (torch.tensor(5), "a Python int, but it is a tensor"),
+        ("3", "a whole number"),
+        (True, "bool"),
+        (None, "forget a `return`"),
+    ]:
         with pytest.raises(ExerciseError, match=re.escape(words)):
             ex.expect_int(bad)
 
@@ -178,7 +187,11 @@ LOGITS = torch.randn(6, 4, generator=G)
         (-P, P, "the wrong sign"),
         (40 * P, P, "40 times too large, and 40 is N"),
         (P / 40, P, "40 times too small"),
-        (torch.softmax(LOGITS, dim=0), torch.softmax(LOGITS, dim=-1), "sum to 1 along dim 0, but they should sum to 1 along dim 1"),
+        (
+            torch.softmax(LOGITS, dim=0),
+            torch.softmax(LOGITS, dim=-1),
+            "sum to 1 along dim 0, but they should sum to 1 along dim 1",
+        ),
         (torch.exp(LOGITS), torch.softmax(LOGITS, dim=-1), "not normalised"),
         (LOGITS, torch.softmax(LOGITS, dim=-1), "raw scores"),
         (torch.log_softmax(LOGITS, dim=-1), torch.softmax(LOGITS, dim=-1), "log-probabilities"),
@@ -212,9 +225,15 @@ def test_a_result_that_is_the_reference_plus_an_input_is_named():
 
 @pytest.mark.parametrize(
     "got,want,words",
-    [((3, 2), (2, 3), "transposed"), ((4,), (5,), "One entry short along dim 0"), ((1, 5), (5,), "extra dim 0 of size 1"),
-     ((5,), (5, 3), "Dim 1 (of size 3) is missing"), ((), (5,), "a single number"), ((15,), (5, 3), "another shape"),
-     ((2, 5, 3, 4), (2, 3, 5, 4), "right sizes in another order")],
+    [
+        ((3, 2), (2, 3), "transposed"),
+        ((4,), (5,), "One entry short along dim 0"),
+        ((1, 5), (5,), "extra dim 0 of size 1"),
+        ((5,), (5, 3), "Dim 1 (of size 3) is missing"),
+        ((), (5,), "a single number"),
+        ((15,), (5, 3), "another shape"),
+        ((2, 5, 3, 4), (2, 3, 5, 4), "right sizes in another order"),
+    ],
 )
 def test_shape_hints(got, want, words):
     with pytest.raises(ExerciseError, match=re.escape(words)):

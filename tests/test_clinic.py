@@ -26,7 +26,9 @@ def _nearest_neighbour_accuracy(ref: Patients, query: Patients, d_measure: int) 
     return (_nearest_neighbour_guess(ref, query, d_measure) == query.diagnosis).float().mean().item()
 
 
-def _least_squares_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, classes: int) -> float:
+def _least_squares_probe(
+    train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, classes: int
+) -> float:
     """Accuracy of a linear classifier fitted by least squares to one-hot targets."""
 
     def with_bias(x: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ def _is_valid(corpus: Corpus, text: str, domain: str) -> bool:
         return corpus.facts[int(head.removeprefix("patient "))] == ward
     if domain == "arithmetic":
         expr, result = body.split("=")
-        a, op, b = (expr.partition("+") if "+" in expr else expr.partition("-"))
+        a, op, b = expr.partition("+") if "+" in expr else expr.partition("-")
         return int(result) == (int(a) + int(b) if op == "+" else int(a) - int(b)) and int(result) >= 0
     if domain == "reversal":
         word, answer = body.removeprefix("rev ").split("=")
@@ -56,8 +56,14 @@ def _is_valid(corpus: Corpus, text: str, domain: str) -> bool:
         return len(stack) > 0 and closing == "".join(_CLOSE[o] for o in reversed(stack))
     if domain == "grammar":
         words = body.rstrip(".").split()
-        plural_subject = words[0] == "some" or words[1 + (words[1] in ("old", "young", "kind", "busy", "tired", "calm", "new"))].endswith(("s", "children"))
-        verb = next(w for w in words if w in {"sees", "see", "treats", "treat", "helps", "help", "calls", "call", "visits", "visit", "thanks", "thank"})
+        plural_subject = words[0] == "some" or words[
+            1 + (words[1] in ("old", "young", "kind", "busy", "tired", "calm", "new"))
+        ].endswith(("s", "children"))
+        verb = next(
+            w
+            for w in words
+            if w in {"sees", "see", "treats", "treat", "helps", "help", "calls", "call", "visits", "visit", "thanks", "thank"}
+        )
         return body.endswith(".") and verb.endswith("s") != plural_subject
     raise AssertionError(domain)
 
@@ -193,7 +199,11 @@ def test_held_out_set_is_fixed_fresh_and_uses_the_same_facts(corpus: Corpus):
     train = corpus.batch(16, 64, torch.Generator().manual_seed(0))
     assert not torch.equal(h1.x, train.x)
     text = "".join(corpus.decode(r) for r in h1.y)
-    patients = [int(line.split(":")[0].removeprefix("patient ")) for line in text.split("\n") if line.startswith("patient ") and ": " in line and len(line.split(": ")[0]) == 11]
+    patients = [
+        int(line.split(":")[0].removeprefix("patient "))
+        for line in text.split("\n")
+        if line.startswith("patient ") and ": " in line and len(line.split(": ")[0]) == 11
+    ]
     assert patients and all(p in corpus.facts for p in patients)
 
 
@@ -235,13 +245,27 @@ def test_text_file_errors_are_clear(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs,words",
-    [({"num_facts": 0}, "num_facts"), ({"num_facts": 91}, "at most 90 facts"), ({"num_facts": 901, "id_digits": 3}, "at most 900"), ({"num_wards": 17}, "num_wards"),
-     ({"mix": {"gossip": 1.0}}, "unknown domain 'gossip'"), ({"mix": {"facts": -1.0}}, r"mix\['facts'\]"),
-     ({"mix": {"facts": 0.0}}, "sum to 0"), ({"max_word": 2}, "max_word"), ({"seed": -1}, "seed"),
-     ({"fact_prompt": "patient: "}, "exactly one"), ({"fact_prompt": "#{} {}"}, "exactly one"), ({"fact_prompt": "#{}\n"}, "one line"),
-     ({"fact_prompt": "7{}: "}, "merge with the number"), ({"fact_prompt": "Patiënt {}: "}, "printable ASCII"),
-     ({"id_alphabet": "A"}, "at least 2 distinct"), ({"id_alphabet": "AA"}, "at least 2 distinct"), ({"id_alphabet": "A B"}, "other than spaces"),
-     ({"id_alphabet": "AB", "num_facts": 5}, "at most 4 facts"), ({"id_alphabet": "ABC", "num_facts": 5, "fact_prompt": "#{}A"}, "merge with the number")],
+    [
+        ({"num_facts": 0}, "num_facts"),
+        ({"num_facts": 91}, "at most 90 facts"),
+        ({"num_facts": 901, "id_digits": 3}, "at most 900"),
+        ({"num_wards": 17}, "num_wards"),
+        ({"mix": {"gossip": 1.0}}, "unknown domain 'gossip'"),
+        ({"mix": {"facts": -1.0}}, r"mix\['facts'\]"),
+        ({"mix": {"facts": 0.0}}, "sum to 0"),
+        ({"max_word": 2}, "max_word"),
+        ({"seed": -1}, "seed"),
+        ({"fact_prompt": "patient: "}, "exactly one"),
+        ({"fact_prompt": "#{} {}"}, "exactly one"),
+        ({"fact_prompt": "#{}\n"}, "one line"),
+        ({"fact_prompt": "7{}: "}, "merge with the number"),
+        ({"fact_prompt": "Patiënt {}: "}, "printable ASCII"),
+        ({"id_alphabet": "A"}, "at least 2 distinct"),
+        ({"id_alphabet": "AA"}, "at least 2 distinct"),
+        ({"id_alphabet": "A B"}, "other than spaces"),
+        ({"id_alphabet": "AB", "num_facts": 5}, "at most 4 facts"),
+        ({"id_alphabet": "ABC", "num_facts": 5, "fact_prompt": "#{}A"}, "merge with the number"),
+    ],
 )
 def test_corpus_config_rejects_bad_values(kwargs, words):
     with pytest.raises(ValueError, match=words):

@@ -95,8 +95,11 @@ def test_the_answer_cell_is_the_one_that_defines_the_checked_name_in_every_gener
 def test_find_root_and_bad_targets_say_what_to_do(tmp_path, capsys):
     with pytest.raises(layout.CourseError, match="could not find the course folder"):
         find_root(tmp_path)
-    for args, words in [(["check", "99"], "no lesson matches '99'"), (["reset", "9.9"], "there is no exercise 9.9"),
-                        (["restore", "77"], "no lesson matches '77'")]:
+    for args, words in [
+        (["check", "99"], "no lesson matches '99'"),
+        (["reset", "9.9"], "there is no exercise 9.9"),
+        (["restore", "77"], "no lesson matches '77'"),
+    ]:
         code, _, err = cli(ROOT, *args, capsys=capsys)
         assert code == 2 and words in err, (args, err)
 
@@ -105,8 +108,10 @@ def test_find_root_and_bad_targets_say_what_to_do(tmp_path, capsys):
 
 
 def test_progress_lists_every_exercise_without_loading_torch(course):
-    script = ("import sys; from moe_course.course.cli import main; code = main(['--root', sys.argv[1], 'progress']); "
-              "print('torch loaded:', 'torch' in sys.modules); sys.exit(code)")
+    script = (
+        "import sys; from moe_course.course.cli import main; code = main(['--root', sys.argv[1], 'progress']); "
+        "print('torch loaded:', 'torch' in sys.modules); sys.exit(code)"
+    )
     proc = subprocess.run([sys.executable, "-c", script, str(course)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
@@ -125,10 +130,14 @@ def test_progress_shows_the_last_check_until_the_exercise_changes(course, capsys
     code, out, _ = cli(course, "progress", capsys=capsys)
     assert re.search(r"✎ 1.1 .*started, not checked yet: `moe-course check 01`", out)
     cells = read_notebook(course / "exercises" / "01_mlp.ipynb")["cells"]
-    results.save(course, "exercises/01_mlp.ipynb", [
-        results.ExerciseResult("1.1", results.PASSED, "", 2, layout.exercise_fingerprint(cells, "1.1")),
-        results.ExerciseResult("1.2", results.FAILED, "you forgot the biases", 4, layout.exercise_fingerprint(cells, "1.2")),
-    ])
+    results.save(
+        course,
+        "exercises/01_mlp.ipynb",
+        [
+            results.ExerciseResult("1.1", results.PASSED, "", 2, layout.exercise_fingerprint(cells, "1.1")),
+            results.ExerciseResult("1.2", results.FAILED, "you forgot the biases", 4, layout.exercise_fingerprint(cells, "1.2")),
+        ],
+    )
     code, out, _ = cli(course, "progress", capsys=capsys)
     assert code == 0
     assert re.search(r"^  ✅ 1.1 ", out, re.M) and re.search(r"^  ❌ 1.2 .*you forgot the biases", out, re.M)
@@ -232,8 +241,12 @@ def test_lab_opens_the_course_at_a_lesson_or_an_exercise(course, monkeypatch, ca
 def test_python_dash_m_and_the_old_moe_check_name(course):
     proc = subprocess.run([sys.executable, "-m", "moe_course", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and all(c in proc.stdout for c in ("lab", "check", "progress", "reset", "restore", "update"))
-    proc = subprocess.run([sys.executable, "-m", "moe_course.course.check", "--root", str(course), "99"], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "moe_course.course.check", "--root", str(course), "99"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "no lesson matches '99'" in proc.stderr
     assert check_alias(["--root", str(course), "1.9"]) == 2
 
@@ -284,15 +297,25 @@ def _mixed_lesson_01(root: Path) -> None:
 @pytest.mark.slow
 def test_plain_pytest_names_the_exercise_and_stays_short_and_plain(course):
     _mixed_lesson_01(course)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "exercises/01_mlp.ipynb", "-p", "no:cacheprovider", "-rf"],
-                          cwd=course, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "300"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "exercises/01_mlp.ipynb", "-p", "no:cacheprovider", "-rf"],
+        cwd=course,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "COLUMNS": "300"},
+    )
     out = proc.stdout
     assert proc.returncode == 1, out[-3000:]
     assert "\x1b[" not in out  # not a terminal: no colour codes
     short = out.split("short test summary info")[1]
-    assert re.search(r"^FAILED exercises/01_mlp.ipynb::Cell 4 · check 1.2 - Exercise 1.2 \(ffn_param_count\): you counted", short, re.M)
+    assert re.search(
+        r"^FAILED exercises/01_mlp.ipynb::Cell 4 · check 1.2 - Exercise 1.2 \(ffn_param_count\): you counted", short, re.M
+    )
     assert re.search(r"^FAILED exercises/01_mlp.ipynb::Cell 5 - SyntaxError: invalid syntax", short, re.M)
-    assert re.search(r"^FAILED exercises/01_mlp.ipynb::Cell 8 · check 1.4 - Exercise 1.4 \(accuracy_by_specialty\): not done", short, re.M)
+    assert re.search(
+        r"^FAILED exercises/01_mlp.ipynb::Cell 8 · check 1.4 - Exercise 1.4 \(accuracy_by_specialty\): not done", short, re.M
+    )
     assert "Notebook cell execution failed" not in short
     for check in ("1.2", "1.4"):  # the checker's message alone: no frames of the checker, not 25 lines
         section = re.search(rf"^_+ \S+::Cell \d · check {check} _+\n(.*?)\n(?=_{{5}}|={{5}})", out, re.M | re.S)
@@ -327,8 +350,13 @@ def test_check_fails_on_the_stubs_one_line_each_and_passes_on_the_solutions(cour
 @pytest.fixture
 def clones(course, tmp_path, monkeypatch):
     """An upstream course repository and a learner's clone of it."""
-    for key, value in {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "t",
-                       "GIT_COMMITTER_EMAIL": "t@example.org", "GIT_CONFIG_GLOBAL": os.devnull}.items():
+    for key, value in {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.org",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.org",
+        "GIT_CONFIG_GLOBAL": os.devnull,
+    }.items():
         monkeypatch.setenv(key, value)
     upstream = course
 

@@ -112,8 +112,17 @@ def _case(name: str, seed: int = 0):
     return x, experts, routing.expert_index, routing.gates, keep
 
 
-CASES = ["top1", "top2", "top1_capacity", "top2_capacity", "top1_empty_expert", "top2_empty_expert",
-         "top1_one_expert", "top1_one_expert_capacity", "top2_one_expert_capacity"]
+CASES = [
+    "top1",
+    "top2",
+    "top1_capacity",
+    "top2_capacity",
+    "top1_empty_expert",
+    "top2_empty_expert",
+    "top1_one_expert",
+    "top1_one_expert_capacity",
+    "top2_one_expert_capacity",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -151,8 +160,9 @@ def test_nothing_kept_gives_zeros(method):
 def test_onehot_einsum_honours_an_explicit_capacity():
     x, experts, expert_index, gates, _ = _case("top1_one_expert")
     keep = capacity_mask(expert_index, 4, capacity=3).keep
-    torch.testing.assert_close(onehot_einsum(x, experts, expert_index, gates, capacity=3),
-                               sort_dispatch(x, experts, expert_index, gates, keep))
+    torch.testing.assert_close(
+        onehot_einsum(x, experts, expert_index, gates, capacity=3), sort_dispatch(x, experts, expert_index, gates, keep)
+    )
 
 
 def test_grouped_mm_survives_a_stride_zero_gradient():
@@ -167,7 +177,9 @@ def test_grouped_mm_survives_a_stride_zero_gradient():
 def test_dispatch_picks_the_default_and_rejects_unknown_methods():
     assert DEFAULT_METHOD in METHODS and DEFAULT_METHOD != "onehot_einsum"  # never the (N, E, C) path
     x, experts, expert_index, gates, _ = _case("top1")
-    torch.testing.assert_close(dispatch(x, experts, expert_index, gates), METHODS[DEFAULT_METHOD](x, experts, expert_index, gates))
+    torch.testing.assert_close(
+        dispatch(x, experts, expert_index, gates), METHODS[DEFAULT_METHOD](x, experts, expert_index, gates)
+    )
     with pytest.raises(ValueError, match="unknown dispatch method"):
         dispatch(x, experts, expert_index, gates, method="magic")
 

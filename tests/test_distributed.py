@@ -60,7 +60,17 @@ def _check_equal(results: list[list[dict]]) -> float:
     for rank_results in results:
         for r in rank_results:
             assert r["expert_grads_present"], f"rank {r['rank']}: an expert has no gradient in {r['case']}"
-            assert set(r["max_diff"]) >= {"y", "dx", "router", "aux_loss", "z_loss", "experts.w_in", "experts.w_out", "experts.b_in", "experts.b_out"}
+            assert set(r["max_diff"]) >= {
+                "y",
+                "dx",
+                "router",
+                "aux_loss",
+                "z_loss",
+                "experts.w_in",
+                "experts.w_out",
+                "experts.b_in",
+                "experts.b_out",
+            }
             if r["case"]["num_shared_experts"]:
                 assert "shared_experts.w_in" in r["max_diff"], f"the shared experts' gradients were not compared in {r['case']}"
             if r["case"]["shared_expert_gate"]:
@@ -144,14 +154,62 @@ def _repo_root() -> Path:
 def test_torchrun_trains_the_switch_lm_with_the_loss_curve_of_one_process(tmp_path):
     from moe_course.training.cli import main as train_one
 
-    args = ["--model", "switch", "--experts", "4", "--capacity-factor", "none", "--d-model", "16", "--d-ff", "32", "--layers", "2",
-            "--heads", "2", "--context", "16", "--batch-size", "8", "--eval-rows", "8", "--facts", "20", "--quiet", "--device", "cpu",
-            "--threads", "1", "--warmup", "2", "--steps", "8", "--eval-every", "1"]
+    args = [
+        "--model",
+        "switch",
+        "--experts",
+        "4",
+        "--capacity-factor",
+        "none",
+        "--d-model",
+        "16",
+        "--d-ff",
+        "32",
+        "--layers",
+        "2",
+        "--heads",
+        "2",
+        "--context",
+        "16",
+        "--batch-size",
+        "8",
+        "--eval-rows",
+        "8",
+        "--facts",
+        "20",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--warmup",
+        "2",
+        "--steps",
+        "8",
+        "--eval-every",
+        "1",
+    ]
     assert train_one([*args, "--out", str(tmp_path / "one")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(_repo_root()), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "moe_course.train", *args, "--timeout", "60", "--out", str(tmp_path / "ep")]  # the issue's command
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(_repo_root()), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "moe_course.train",
+        *args,
+        "--timeout",
+        "60",
+        "--out",
+        str(tmp_path / "ep"),
+    ]  # the issue's command
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=300)
@@ -178,8 +236,9 @@ def test_torchrun_trains_the_switch_lm_with_the_loss_curve_of_one_process(tmp_pa
 def test_imbalance_timings_steer_the_share_of_tokens_to_rank_0():
     from moe_course.distributed.traffic import imbalance_timings
 
-    rows = run_on_processes(imbalance_timings, 2, [0.5, 1.0], timeout=90,
-                            kwargs=dict(tokens_per_rank=64, d_model=16, d_ff=16, repeats=1))
+    rows = run_on_processes(
+        imbalance_timings, 2, [0.5, 1.0], timeout=90, kwargs=dict(tokens_per_rank=64, d_model=16, d_ff=16, repeats=1)
+    )
     by = {(r["share"], r["rank"]): r for rank in rows for r in rank}
     assert by[0.5, 0]["received"] == by[0.5, 1]["received"] == 64  # balanced: each rank gets its share
     assert by[1.0, 0]["received"] == 128 and by[1.0, 1]["received"] == 0  # everything to rank 0's experts
@@ -194,10 +253,27 @@ def test_a_capacity_padded_switch_lm_trains_and_evaluates_on_two_processes():
     from moe_course.transformer import GPTConfig
 
     corpus_cfg = CorpusConfig(num_facts=20)
-    cfg = GPTConfig(vocab_size=Corpus(corpus_cfg).vocab_size, block_size=16, d_model=16, n_layers=2, n_heads=2, d_ff=16,
-                    ffn="switch", num_experts=4, moe_every=2, capacity_factor=1.0)
-    results = run_on_processes(record_traffic, 2, cfg, TrainConfig(steps=2, batch_size=8, eval_every=2), corpus_cfg,
-                               kwargs=dict(eval_rows=8), timeout=150)
+    cfg = GPTConfig(
+        vocab_size=Corpus(corpus_cfg).vocab_size,
+        block_size=16,
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        d_ff=16,
+        ffn="switch",
+        num_experts=4,
+        moe_every=2,
+        capacity_factor=1.0,
+    )
+    results = run_on_processes(
+        record_traffic,
+        2,
+        cfg,
+        TrainConfig(steps=2, batch_size=8, eval_every=2),
+        corpus_cfg,
+        kwargs=dict(eval_rows=8),
+        timeout=150,
+    )
     history = results[0]["history"]
     assert {"val_loss", "val_dropped"} <= set(history.columns) and history["val_loss"].notna().all()
     table = traffic_table(results)

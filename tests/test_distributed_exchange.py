@@ -32,9 +32,17 @@ def test_bytes_per_token_matches_the_rows_a_capacity_padded_layer_sends():
     assert rows * D * 4 * 2 / N == bytes_per_token(D, K, cf, backward=False)
 
 
-@pytest.mark.parametrize("bad, name", [(dict(d_model=0), "d_model"), (dict(d_model=8.0), "d_model"), (dict(d_model=8, top_k=0), "top_k"),
-                                       (dict(d_model=8, capacity_factor=0.0), "capacity_factor"),
-                                       (dict(d_model=8, capacity_factor=float("inf")), "capacity_factor"), (dict(d_model=8, world_size=0), "world_size")])
+@pytest.mark.parametrize(
+    "bad, name",
+    [
+        (dict(d_model=0), "d_model"),
+        (dict(d_model=8.0), "d_model"),
+        (dict(d_model=8, top_k=0), "top_k"),
+        (dict(d_model=8, capacity_factor=0.0), "capacity_factor"),
+        (dict(d_model=8, capacity_factor=float("inf")), "capacity_factor"),
+        (dict(d_model=8, world_size=0), "world_size"),
+    ],
+)
 def test_bytes_per_token_rejects_bad_input_by_name(bad, name):
     with pytest.raises(ValueError, match=name):
         bytes_per_token(**bad)
@@ -60,11 +68,13 @@ def test_exchange_matrix_rows_are_input_splits_and_columns_output_splits():
 
 def test_everything_that_needs_a_process_group_says_so():
     assert not torch.distributed.is_initialized()
-    for call in (lambda: ExpertParallelMoE(MoEConfig(8, 16, 4)),
-                 lambda: all_to_all(torch.zeros(2, 3), [2], [2]),
-                 lambda: exchange_counts(torch.zeros(4, dtype=torch.int64)),
-                 lambda: shard_moe_layers(torch.nn.Sequential(MoELayer(MoEConfig(8, 16, 4)))),
-                 lambda: require_process_group()):
+    for call in (
+        lambda: ExpertParallelMoE(MoEConfig(8, 16, 4)),
+        lambda: all_to_all(torch.zeros(2, 3), [2], [2]),
+        lambda: exchange_counts(torch.zeros(4, dtype=torch.int64)),
+        lambda: shard_moe_layers(torch.nn.Sequential(MoELayer(MoEConfig(8, 16, 4)))),
+        lambda: require_process_group(),
+    ):
         with pytest.raises(RuntimeError, match="process group.*torchrun"):
             call()
 
@@ -100,7 +110,9 @@ def test_simulate_all_to_all_delivers_every_block_in_sender_order():
     assert [r.shape[0] for r in received] == splits.sum(0).tolist()  # column sums: what each rank receives
     assert received[0].flatten().tolist() == [0, 1, 100, 200, 201, 202, 203, 204]  # from rank 0, then 1, then 2
     assert received[2].flatten().tolist() == [7, 103, 104, 105, 106, 107, 206, 207]
-    assert torch.equal(exchange_matrix(torch.tensor([[2, 5, 1], [1, 2, 5], [5, 1, 2]])), splits)  # one expert per rank: the same table
+    assert torch.equal(
+        exchange_matrix(torch.tensor([[2, 5, 1], [1, 2, 5], [5, 1, 2]])), splits
+    )  # one expert per rank: the same table
 
 
 def test_simulate_all_to_all_backward_is_the_exchange_with_the_splits_swapped():
@@ -116,12 +128,15 @@ def test_simulate_all_to_all_backward_is_the_exchange_with_the_splits_swapped():
     assert all(torch.equal(a, b) for a, b in zip(grads, back))
 
 
-@pytest.mark.parametrize("rows, splits, match", [
-    ([torch.zeros(3, 2)], torch.tensor([[3]]).float(), "integer"),
-    ([torch.zeros(3, 2)], torch.tensor([[1, 2], [0, 0]]), "one tensor per rank"),
-    ([torch.zeros(3, 2), torch.zeros(1, 2)], torch.tensor([[1, 2], [0, 0]]), "rank 1 holds 1 rows"),
-    ([torch.zeros(3, 2), torch.zeros(0, 2)], torch.tensor([[4, -1], [0, 0]]), "negative"),
-])
+@pytest.mark.parametrize(
+    "rows, splits, match",
+    [
+        ([torch.zeros(3, 2)], torch.tensor([[3]]).float(), "integer"),
+        ([torch.zeros(3, 2)], torch.tensor([[1, 2], [0, 0]]), "one tensor per rank"),
+        ([torch.zeros(3, 2), torch.zeros(1, 2)], torch.tensor([[1, 2], [0, 0]]), "rank 1 holds 1 rows"),
+        ([torch.zeros(3, 2), torch.zeros(0, 2)], torch.tensor([[4, -1], [0, 0]]), "negative"),
+    ],
+)
 def test_simulate_all_to_all_rejects_tables_that_do_not_fit_by_name(rows, splits, match):
     from moe_course.distributed.exchange import simulate_all_to_all
 
@@ -143,7 +158,9 @@ def test_in_sequence_runs_each_call_and_refuses_calls_that_cannot_travel():
 
 
 def test_options_whose_statistics_are_per_rank_are_refused_by_name():
-    for options, name in (({"balance_scope": "sequence"}, "balance_scope"),
-                          ({"router": "sigmoid", "top_k": 2, "bias_update_rate": 1e-3}, "bias_update_rate")):
+    for options, name in (
+        ({"balance_scope": "sequence"}, "balance_scope"),
+        ({"router": "sigmoid", "top_k": 2, "bias_update_rate": 1e-3}, "bias_update_rate"),
+    ):
         with pytest.raises(ValueError, match=f"does not support MoEConfig.{name}"):
             ExpertParallelMoE(MoEConfig(8, 16, 4, **options))

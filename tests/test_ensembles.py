@@ -29,7 +29,7 @@ def _logits(r=5, n=8, c=4, seed=0, scale=2.0):
 def test_average_probs_averages_probabilities_not_logits():
     logits = _logits()
     out = average_probs(logits)
-    torch.testing.assert_close(out, sum(torch.softmax(l, -1) for l in logits) / 5)
+    torch.testing.assert_close(out, sum(torch.softmax(z, -1) for z in logits) / 5)
     torch.testing.assert_close(out.sum(-1), torch.ones(8))
     assert not torch.allclose(out, torch.softmax(logits.mean(0), -1), atol=1e-3)
     torch.testing.assert_close(average_probs(logits[:1]), torch.softmax(logits[0], -1))
@@ -62,7 +62,7 @@ def test_the_ensemble_loss_is_never_above_the_members_average_loss():
         parts = log_loss_gap(logits, targets)
         assert parts["gap"] >= -1e-6
         assert parts["gap"] == pytest.approx(parts["members"] - parts["ensemble"])
-        members = torch.stack([F.cross_entropy(l, targets) for l in logits]).mean().item()
+        members = torch.stack([F.cross_entropy(z, targets) for z in logits]).mean().item()
         assert parts["members"] == pytest.approx(members, rel=1e-5)
     same = _logits(r=1).expand(3, -1, -1)
     assert log_loss_gap(same, torch.zeros(8, dtype=torch.long))["gap"] == pytest.approx(0.0, abs=1e-6)
@@ -117,8 +117,9 @@ def test_bias_variance_by_size_keeps_the_bias_and_shrinks_the_variance():
     assert table["ensembles"].tolist() == [16, 8, 4, 2]
     assert table["bias"].max() - table["bias"].min() < 1e-6  # every size averages the same 16 doctors
     assert table["variance"].is_monotonic_decreasing
-    torch.testing.assert_close(torch.tensor(table["error"].to_numpy()),
-                               torch.tensor((table["bias"] + table["variance"]).to_numpy()))
+    torch.testing.assert_close(
+        torch.tensor(table["error"].to_numpy()), torch.tensor((table["bias"] + table["variance"]).to_numpy())
+    )
     # independent doctors, measured against the average of all 16: (1/M - 1/R) / (1 - 1/R) of one doctor's
     expected = [(1 / m - 1 / 16) / (1 - 1 / 16) for m in (2, 4)]
     measured = (table["variance"] / table["variance"].iloc[0]).tolist()[1:3]

@@ -51,8 +51,10 @@ def test_stub_replaces_the_region_at_its_indentation():
 
 
 def test_stub_only_keeps_the_other_answers():
-    source = ("def f(x):\n    ### BEGIN SOLUTION 3.1: a\n    return 1\n    ### END SOLUTION\n"
-              "def g(x):\n    ### BEGIN SOLUTION 3.2: b\n    return 2\n    ### END SOLUTION\n")
+    source = (
+        "def f(x):\n    ### BEGIN SOLUTION 3.1: a\n    return 1\n    ### END SOLUTION\n"
+        "def g(x):\n    ### BEGIN SOLUTION 3.2: b\n    return 2\n    ### END SOLUTION\n"
+    )
     stub, regions = stub_source(source, stub_only={"3.2"})
     assert "return 1" in stub and "return 2" not in stub and "BEGIN" not in stub
     assert 'raise NotImplementedError("Exercise 3.2: b")' in stub and len(regions) == 2

@@ -92,8 +92,10 @@ def test_saved_outputs_never_decide_a_check(stem, tmp_path):
     stale_pass = [{"output_type": "stream", "name": "stdout", "text": "✅ Exercise passed: old success\n"}]
     stubbed_dir = tmp_path / "stubbed"
     stubbed_dir.mkdir()
-    stubbed = write_notebook(with_outputs(exercise, {i: stale_pass for i, c in enumerate(exercise.cells) if is_check(c)}),
-                             stubbed_dir / f"{stem}.ipynb")
+    stubbed = write_notebook(
+        with_outputs(exercise, {i: stale_pass for i, c in enumerate(exercise.cells) if is_check(c)}),
+        stubbed_dir / f"{stem}.ipynb",
+    )
     results = run_nbval([passed, stubbed], tmp_path)
     solved = {k: v for k, v in results.items() if k != "_output" and "stubbed" not in k}
     stubs = {k: v for k, v in results.items() if "stubbed" in k}

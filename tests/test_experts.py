@@ -179,7 +179,9 @@ def test_swiglu_feedforward_is_silu_gate_times_up_projection():
     x = torch.randn(4, 6)
     want = (F.silu(x @ m.fc_gate.weight.T) * (x @ m.fc_in.weight.T)) @ m.fc_out.weight.T
     torch.testing.assert_close(m(x), want)
-    torch.testing.assert_close(feed_forward(x, m.fc_in.weight.T, None, m.fc_out.weight.T, None, "swiglu", m.fc_gate.weight.T), want)
+    torch.testing.assert_close(
+        feed_forward(x, m.fc_in.weight.T, None, m.fc_out.weight.T, None, "swiglu", m.fc_gate.weight.T), want
+    )
     assert FeedForward(6, 10).fc_gate is None and m.gated
 
 

@@ -7,8 +7,7 @@ import torch.nn.functional as F
 from moe_course import fast
 from moe_course.dispatch import METHODS, sort_dispatch, sort_split
 from moe_course.experts import ACTIVATIONS, Experts
-from moe_course.fast import router_matmul
-from moe_course.fast import sorted_experts
+from moe_course.fast import router_matmul, sorted_experts
 from moe_course.fast.activations import ACTIVATION_GRADS
 from moe_course.routing import capacity_mask, top_k_routing
 
@@ -32,7 +31,9 @@ def test_router_matmul_has_the_value_and_gradients_of_x_at_w(n, d, e):
     torch.testing.assert_close(logits, ref)
     torch.testing.assert_close(dx, ref_x.grad)
     torch.testing.assert_close(dw, ref_w.grad)
-    assert torch.autograd.gradcheck(router_matmul, (x[:6, :4].detach().clone().requires_grad_(), w[:4].detach().clone().requires_grad_()))
+    assert torch.autograd.gradcheck(
+        router_matmul, (x[:6, :4].detach().clone().requires_grad_(), w[:4].detach().clone().requires_grad_())
+    )
 
 
 def test_router_matmul_with_a_frozen_weight_still_gives_x_its_gradient_and_leaves_a_contiguous_weight_grad():
@@ -150,7 +151,9 @@ def test_swiglu_experts_run_the_readable_dispatch_with_the_gradients_autograd_gi
         for n in range(x.shape[0]):
             for j in range(expert_index.shape[1]):
                 if keep[n, j]:
-                    y = y.index_add(0, torch.tensor([n]), gates[n, j] * experts.expert_output(int(expert_index[n, j]), x[n : n + 1]))
+                    y = y.index_add(
+                        0, torch.tensor([n]), gates[n, j] * experts.expert_output(int(expert_index[n, j]), x[n : n + 1])
+                    )
         return y
 
     want = outputs_and_grads(by_autograd, x, experts, expert_index, gates, keep)

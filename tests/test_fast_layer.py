@@ -17,7 +17,6 @@ from moe_course import fast
 from moe_course.fast import fused_switch, grouped_blocks, shared_cores, sorted_experts
 from moe_course.fast.activations import ACTIVATION_GRADS
 from moe_course.fast.router_matmul import FEW_EXPERTS
-from moe_course.moe import MoELayer
 
 from helpers import randn, small_layer
 
@@ -67,10 +66,13 @@ def _fused_calls(monkeypatch) -> list:
 
 @pytest.mark.parametrize("experts", [4, FEW_EXPERTS + 4], ids=["few", "many"])
 @pytest.mark.parametrize("capacity_factor", [None, 1.0, 0.5], ids=["dropless", "cf1", "cf0.5"])
-@pytest.mark.parametrize("activation,bias,arrangement", [("gelu", True, "grouped"), ("relu", False, "grouped"),
-                                                           ("gelu", True, "batched"), ("relu", False, "blocked")])
-def test_fused_switch_layer_gives_every_output_and_gradient_of_the_readable_layer(monkeypatch, experts, capacity_factor,
-                                                                                 activation, bias, arrangement):
+@pytest.mark.parametrize(
+    "activation,bias,arrangement",
+    [("gelu", True, "grouped"), ("relu", False, "grouped"), ("gelu", True, "batched"), ("relu", False, "blocked")],
+)
+def test_fused_switch_layer_gives_every_output_and_gradient_of_the_readable_layer(
+    monkeypatch, experts, capacity_factor, activation, bias, arrangement
+):
     if arrangement == "grouped" and not grouped_blocks.HAS_GROUPED_MM:
         pytest.skip("this torch has no grouped_mm")
     monkeypatch.setattr(sorted_experts, "BATCHED_ELEMENTS", 0 if arrangement == "blocked" else 2**40)
@@ -111,9 +113,13 @@ def test_fused_switch_layer_gives_the_gradients_of_the_readable_layer_when_only_
 
 @pytest.mark.parametrize("change", ["top_k", "shared", "jitter", "dispatch", "replaced_router", "disabled", "swiglu", "float64"])
 def test_fused_switch_layer_steps_aside_for_anything_but_the_plain_switch_layer(monkeypatch, change):
-    overrides = {"top_k": dict(router="top_k", top_k=2), "shared": dict(num_shared_experts=1),
-                 "jitter": dict(router_jitter=0.1), "dispatch": dict(dispatch="masks_loop"),
-                 "swiglu": dict(activation="swiglu")}.get(change, {})
+    overrides = {
+        "top_k": dict(router="top_k", top_k=2),
+        "shared": dict(num_shared_experts=1),
+        "jitter": dict(router_jitter=0.1),
+        "dispatch": dict(dispatch="masks_loop"),
+        "swiglu": dict(activation="swiglu"),
+    }.get(change, {})
     layer = small_layer(**overrides).train()
     x = randn(16, 8)
     if change == "float64":
@@ -170,7 +176,9 @@ def test_busy_follows_the_pin_of_contention(two_threads):
 
 @pytest.mark.parametrize("experts", [4, 40])
 @pytest.mark.parametrize("dispatch", [None, "masks_loop"], ids=["default", "masks_loop"])
-def test_the_layer_on_a_busy_machine_gives_the_same_outputs_and_gradients_on_one_thread(two_threads, monkeypatch, experts, dispatch):
+def test_the_layer_on_a_busy_machine_gives_the_same_outputs_and_gradients_on_one_thread(
+    two_threads, monkeypatch, experts, dispatch
+):
     """contention(True): the layer's forward and backward run on one intra-op thread, the caller's count comes back."""
     from moe_course.fast import threads
 

@@ -128,8 +128,15 @@ def test_hf_mixtral_load_balancing_loss_is_k_times_ours():
 
 def _switch_pair(expert_capacity: int, seed: int = 0, capacity_factor: float | None = None):
     config = transformers.SwitchTransformersConfig(
-        d_model=D, d_ff=F_, num_experts=E, expert_capacity=expert_capacity, router_bias=False,
-        router_jitter_noise=0.0, router_dtype="float32", dense_act_fn="relu", dropout_rate=0.0,
+        d_model=D,
+        d_ff=F_,
+        num_experts=E,
+        expert_capacity=expert_capacity,
+        router_bias=False,
+        router_jitter_noise=0.0,
+        router_dtype="float32",
+        dense_act_fn="relu",
+        dropout_rate=0.0,
     )
     theirs = switch_mod.SwitchTransformersSparseMLP(config).eval()
     _randomise(theirs, seed)
@@ -195,7 +202,9 @@ class TheirExperts(nn.Module):
 
 
 def _mixtral_pair(seed: int = 0, k: int = 2):
-    config = transformers.MixtralConfig(hidden_size=D, intermediate_size=F_, num_local_experts=E, num_experts_per_tok=k, router_jitter_noise=0.0)
+    config = transformers.MixtralConfig(
+        hidden_size=D, intermediate_size=F_, num_local_experts=E, num_experts_per_tok=k, router_jitter_noise=0.0
+    )
     theirs = mixtral_mod.MixtralSparseMoeBlock(config).eval()
     _randomise(theirs, seed)
     ours = MoELayer(MoEConfig(D, F_, E, top_k=k, router="top_k")).eval()
@@ -257,7 +266,9 @@ def _copy_shared_mlp(ours: Experts, mlp: nn.Module) -> None:
 @pytest.mark.parametrize("router", ["mixtral", "top_k"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_hf_mixtral_block_equals_our_layer_with_our_swiglu_experts(router, k):
-    config = transformers.MixtralConfig(hidden_size=D, intermediate_size=F_, num_local_experts=E, num_experts_per_tok=k, router_jitter_noise=0.0)
+    config = transformers.MixtralConfig(
+        hidden_size=D, intermediate_size=F_, num_local_experts=E, num_experts_per_tok=k, router_jitter_noise=0.0
+    )
     theirs = mixtral_mod.MixtralSparseMoeBlock(config).eval()
     _randomise(theirs, 11)
     ours = MoELayer(MoEConfig(D, F_, E, top_k=k, router=router, activation="swiglu", bias=False)).eval()
@@ -269,16 +280,35 @@ def test_hf_mixtral_block_equals_our_layer_with_our_swiglu_experts(router, k):
         _close(ours(x).y, theirs(x.clone()))
 
 
-
 def _deepseek_pair(k: int, shared: int, renormalize: bool, seed: int = 0, num_experts: int = 8):
-    config = transformers.DeepseekV3Config(hidden_size=D, moe_intermediate_size=F_, n_routed_experts=num_experts, num_experts_per_tok=k,
-                                           n_shared_experts=shared, n_group=1, topk_group=1, norm_topk_prob=renormalize,
-                                           routed_scaling_factor=1.0, hidden_act="silu")
+    config = transformers.DeepseekV3Config(
+        hidden_size=D,
+        moe_intermediate_size=F_,
+        n_routed_experts=num_experts,
+        num_experts_per_tok=k,
+        n_shared_experts=shared,
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=renormalize,
+        routed_scaling_factor=1.0,
+        hidden_act="silu",
+    )
     theirs = deepseek_mod.DeepseekV3MoE(config).eval()
     _randomise(theirs, seed)
     bias = torch.randn(num_experts, generator=torch.Generator().manual_seed(seed + 100)) * 0.3
-    ours = MoELayer(MoEConfig(D, F_, num_experts, top_k=k, router="sigmoid", renormalize=renormalize, num_shared_experts=shared,
-                              activation="swiglu", bias=False)).eval()
+    ours = MoELayer(
+        MoEConfig(
+            D,
+            F_,
+            num_experts,
+            top_k=k,
+            router="sigmoid",
+            renormalize=renormalize,
+            num_shared_experts=shared,
+            activation="swiglu",
+            bias=False,
+        )
+    ).eval()
     with torch.no_grad():
         theirs.gate.e_score_correction_bias.copy_(bias)
         ours.expert_bias.copy_(bias)
@@ -312,12 +342,31 @@ def test_hf_deepseek_v3_moe_block_equals_our_layer_with_shared_experts(shared):
 
 
 def _qwen2_pair(k: int, shared: int, renormalize: bool, seed: int):
-    config = transformers.Qwen2MoeConfig(hidden_size=D, moe_intermediate_size=F_, shared_expert_intermediate_size=shared * F_, num_experts=E,
-                                         num_experts_per_tok=k, norm_topk_prob=renormalize, hidden_act="silu")
+    config = transformers.Qwen2MoeConfig(
+        hidden_size=D,
+        moe_intermediate_size=F_,
+        shared_expert_intermediate_size=shared * F_,
+        num_experts=E,
+        num_experts_per_tok=k,
+        norm_topk_prob=renormalize,
+        hidden_act="silu",
+    )
     theirs = qwen2_moe_mod.Qwen2MoeSparseMoeBlock(config).eval()
     _randomise(theirs, seed)
-    ours = MoELayer(MoEConfig(D, F_, E, top_k=k, router="top_k", renormalize=renormalize, num_shared_experts=shared,
-                              shared_expert_gate=True, activation="swiglu", bias=False)).eval()
+    ours = MoELayer(
+        MoEConfig(
+            D,
+            F_,
+            E,
+            top_k=k,
+            router="top_k",
+            renormalize=renormalize,
+            num_shared_experts=shared,
+            shared_expert_gate=True,
+            activation="swiglu",
+            bias=False,
+        )
+    ).eval()
     with torch.no_grad():
         ours.w_router.copy_(theirs.gate.weight.T)
         ours.w_shared_gate.copy_(theirs.shared_expert_gate.weight.T)  # (D, 1)
@@ -351,11 +400,19 @@ def test_hf_qwen2_moe_balance_loss_over_layers_is_k_times_ours_over_all_their_to
 @pytest.mark.parametrize("renormalize", [False, True])
 def test_hf_olmoe_block_equals_our_layer(renormalize):
     num_experts, k = 16, 4
-    config = transformers.OlmoeConfig(hidden_size=D, intermediate_size=F_, num_experts=num_experts, num_experts_per_tok=k,
-                                      norm_topk_prob=renormalize, hidden_act="silu")
+    config = transformers.OlmoeConfig(
+        hidden_size=D,
+        intermediate_size=F_,
+        num_experts=num_experts,
+        num_experts_per_tok=k,
+        norm_topk_prob=renormalize,
+        hidden_act="silu",
+    )
     theirs = olmoe_mod.OlmoeSparseMoeBlock(config).eval()
     _randomise(theirs, 20)
-    ours = MoELayer(MoEConfig(D, F_, num_experts, top_k=k, router="top_k", renormalize=renormalize, activation="swiglu", bias=False)).eval()
+    ours = MoELayer(
+        MoEConfig(D, F_, num_experts, top_k=k, router="top_k", renormalize=renormalize, activation="swiglu", bias=False)
+    ).eval()
     with torch.no_grad():
         ours.w_router.copy_(theirs.gate.weight.T)
     _copy_swiglu_experts(ours.experts, theirs.experts.gate_up_proj, theirs.experts.down_proj)

@@ -69,20 +69,36 @@ def test_unknown_variant_is_named():
         choose(LAPTOP, SPEC, variant="rocm")
 
 
-@pytest.mark.parametrize(("version", "cpu"), [("2.13.0+cpu", True), ("2.13.0+cpu.cxx11.abi", True), ("2.13.0", False),
-                                              ("2.13.0+cu128", False), (None, False), ("", False)])
+@pytest.mark.parametrize(
+    ("version", "cpu"),
+    [
+        ("2.13.0+cpu", True),
+        ("2.13.0+cpu.cxx11.abi", True),
+        ("2.13.0", False),
+        ("2.13.0+cu128", False),
+        (None, False),
+        ("", False),
+    ],
+)
 def test_cpu_builds_are_recognised_by_their_version(version, cpu):
     assert install_torch.is_cpu_version(version) is cpu
 
 
 def test_pips_report_is_read_for_torch_only():
-    report = {"install": [{"metadata": {"name": "filelock", "version": "3.0"}}, {"metadata": {"name": "torch", "version": "2.13.0+cpu"}}]}
+    report = {
+        "install": [
+            {"metadata": {"name": "filelock", "version": "3.0"}},
+            {"metadata": {"name": "torch", "version": "2.13.0+cpu"}},
+        ]
+    }
     assert install_torch.build_from_report(report) == "2.13.0+cpu"
     assert install_torch.build_from_report({"install": []}) is None
 
 
 def test_plan_runs_on_this_machine_and_never_installs(tmp_path):
     """`--plan` prints a decision (here: whichever this machine calls for) and changes nothing."""
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "install_torch.py"), "--plan"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "install_torch.py"), "--plan"], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("PyTorch: ") and "-m pip install" in result.stdout

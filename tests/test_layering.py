@@ -12,8 +12,21 @@ from moe_course.moe import MoELayer
 
 PACKAGE = Path(__file__).resolve().parents[1] / "moe_course"
 # The model core: the flat files the lessons show, in reading order (and the device, the accounting, show_source).
-CORE = ["device", "experts", "gating", "mixture", "routing", "losses", "dispatch", "moe", "models", "attention", "transformer",
-        "flops", "show"]
+CORE = [
+    "device",
+    "experts",
+    "gating",
+    "mixture",
+    "routing",
+    "losses",
+    "dispatch",
+    "moe",
+    "models",
+    "attention",
+    "transformer",
+    "flops",
+    "show",
+]
 # Top-level files that are entry points, not model code: `python -m moe_course` and `python -m moe_course.train`.
 ENTRIES = ["__init__", "__main__", "train"]
 MAX_TOP_LEVEL_MODULES = 15  # besides __init__.py
@@ -65,7 +78,9 @@ def test_the_package_has_at_most_15_top_level_modules_each_core_or_an_entry_poin
     modules = sorted(p.stem for p in PACKAGE.glob("*.py"))
     assert len(modules) - 1 <= MAX_TOP_LEVEL_MODULES, f"{len(modules) - 1} top-level modules besides __init__.py: {modules}"
     unknown = set(modules) - set(CORE) - set(ENTRIES)
-    assert not unknown, f"moe_course/{sorted(unknown)} is neither core nor an entry point: put it in a role folder, or name it in CORE"
+    assert not unknown, (
+        f"moe_course/{sorted(unknown)} is neither core nor an entry point: put it in a role folder, or name it in CORE"
+    )
 
 
 def test_every_folder_is_a_known_role_folder():
@@ -85,8 +100,11 @@ def test_the_core_never_imports_figures_experiments_training_benchmarks_or_cours
 def test_each_folder_imports_only_what_lies_below_it(folder):
     wrong = []
     for path in sorted((PACKAGE / folder).rglob("*.py")):
-        wrong += [f"{path.relative_to(PACKAGE)} imports {name}" for name in sorted(_imports(path))
-                  if _role(name) != folder and _role(name) not in ROLES[folder]]
+        wrong += [
+            f"{path.relative_to(PACKAGE)} imports {name}"
+            for name in sorted(_imports(path))
+            if _role(name) != folder and _role(name) not in ROLES[folder]
+        ]
     assert not wrong, "; ".join(wrong)
 
 
@@ -104,11 +122,19 @@ def test_the_core_holds_no_autograd_function_thread_pool_or_private_torch_api(mo
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef):
             bases = {ast.unparse(b) for b in node.bases}
-            assert not bases & {"torch.autograd.Function", "Function", "autograd.Function"}, f"{module}.{node.name} is an autograd Function"
+            assert not bases & {"torch.autograd.Function", "Function", "autograd.Function"}, (
+                f"{module}.{node.name} is an autograd Function"
+            )
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = [a.name for a in node.names] + [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            names = (
+                [a.name for a in node.names] + [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in node.names]
+            )
             assert not any(n.split(".")[0] in ("threading", "concurrent") for n in names), f"{module} imports threads: {names}"
-            assert not any(part.startswith("_") and part != "__future__" for n in names for part in n.split(".")), f"{module} imports a private API: {names}"
+            assert not any(part.startswith("_") and part != "__future__" for n in names for part in n.split(".")), (
+                f"{module} imports a private API: {names}"
+            )
         if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
             owner = ast.unparse(node.value)
             assert not owner.startswith("torch"), f"{module} uses a private torch API: {owner}.{node.attr}"

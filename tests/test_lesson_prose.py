@@ -76,7 +76,9 @@ BANNED = (
 
 _NUM = r"\d+(?:[.,]\d+)*(?:\.\d+)?(?:e-?\d+)?"
 _DEC = r"\d+\.\d+(?:e-?\d+)?|\d+e-\d+"
-_UNITS = r"(?:ms|µs|us|ns|s|sec|secs|seconds?|min|minutes?|hours?|h|MiB|GiB|KiB|MB|GB|kB|KB|GFLOP/s|TFLOP/s|FLOP/s|GB/s|it/s|tokens/s)"
+_UNITS = (
+    r"(?:ms|µs|us|ns|s|sec|secs|seconds?|min|minutes?|hours?|h|MiB|GiB|KiB|MB|GB|kB|KB|GFLOP/s|TFLOP/s|FLOP/s|GB/s|it/s|tokens/s)"
+)
 _MEASURE = re.compile(
     rf"""
     (?P<pct>{_NUM}\s?%)                                         # a percentage
@@ -99,9 +101,13 @@ _STRIP = [
     re.compile(r"\b[Ee]xercises?\s+\d+\.\d+(?:\s*(?:,|–|-|and|to|·)\s*\d+\.\d+)*"),
     re.compile(r"§\s?\d+(?:\.\d+)*"),
     re.compile(r"\b(?:Table|Figure|Fig\.|eq\.|Eq\.|Equation|Section|Sec\.)\s?\d+(?:\.\d+)*"),
-    re.compile(r"\b(?:torch|PyTorch|Python|JupyterLab|Jupyter|nbval|jupytext|ipywidgets|CUDA|transformers)\s?(?:≥|>=|<=)?\s?\d+(?:\.\d+)+"),
+    re.compile(
+        r"\b(?:torch|PyTorch|Python|JupyterLab|Jupyter|nbval|jupytext|ipywidgets|CUDA|transformers)\s?(?:≥|>=|<=)?\s?\d+(?:\.\d+)+"
+    ),
 ]
-_PAPERS = r"(?:Switch Transformers?|ST-MoE|GShard|Mixtral|DeepSeek[-\w]*|OLMoE|MegaBlocks|Fedus|Shazeer|Lepikhin|Zoph|Zhou|Jacobs)"
+_PAPERS = (
+    r"(?:Switch Transformers?|ST-MoE|GShard|Mixtral|DeepSeek[-\w]*|OLMoE|MegaBlocks|Fedus|Shazeer|Lepikhin|Zoph|Zhou|Jacobs)"
+)
 _CITATION = re.compile(
     rf"et al\.|arXiv:|\bthe paper\b|\bpaper's\b|\btheir Table\b"  # a citation on its own
     rf"|\b{_PAPERS}\b.*\b(?:reports?|reported|found|finds|shows?|showed|measured)\b",  # a named paper and its finding
@@ -259,8 +265,13 @@ def scan_prose(text: str, settings: Settings = Settings()) -> list[tuple[str, st
                 continue
             if kind == "unit" and re.fullmatch(r"\d{4}\s?s", m.group(0)):  # "the 1990s"
                 continue
-            what = {"pct": "a percentage", "ratio": "a ratio", "unit": "an amount with a unit",
-                    "about": "an estimate", "dec": "a decimal"}[kind]
+            what = {
+                "pct": "a percentage",
+                "ratio": "a ratio",
+                "unit": "an amount with a unit",
+                "about": "an estimate",
+                "dec": "a decimal",
+            }[kind]
             found.append((m.group(0).strip(), sentence, f"{what} not printed by the run and not a setting in the code:"))
     return found
 
@@ -315,14 +326,19 @@ def test_a_banned_phrase_fails():
 
 
 def test_a_setting_the_code_uses_passes():
-    cells = parse_percent("# %%\nfactors = [0.5, 1.0, 1.25]\nBASE = dict(aux_loss_coef=1e-2)  # 0.75 in a comment is no setting\n")
+    cells = parse_percent(
+        "# %%\nfactors = [0.5, 1.0, 1.25]\nBASE = dict(aux_loss_coef=1e-2)  # 0.75 in a comment is no setting\n"
+    )
     settings = code_numbers(cells)
     assert 1.25 in settings and 0.01 in settings and 0.75 not in settings
     assert "1e-2" in settings.texts
     assert _numbers("A capacity factor of 1.25 leaves slack; α = 0.01 is the paper's weight.", settings) == []
     assert _numbers("A capacity factor of 1.3 leaves slack.", settings) == ["1.3"]
     assert _numbers("Half the patients (50%) go first.", settings) == []
-    assert _numbers("Unchanged (0.000), and the weight is 1.00.", code_numbers(parse_percent("# %%\nx = [0, 1]\n"))) == ["0.000", "1.00"]
+    assert _numbers("Unchanged (0.000), and the weight is 1.00.", code_numbers(parse_percent("# %%\nx = [0, 1]\n"))) == [
+        "0.000",
+        "1.00",
+    ]
 
 
 def test_math_code_citations_and_exercise_numbers_pass():

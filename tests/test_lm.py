@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-from types import SimpleNamespace
-
 from torch import nn
 
 from moe_course.data.corpus import Corpus, CorpusConfig, LMBatch
@@ -60,7 +58,8 @@ def test_exact_match_counts_whole_answers_of_complete_samples():
     # row: two complete samples (domains 0 and 1) and a truncated one (-1)
     y = torch.zeros(1, 9, dtype=torch.int64)
     batch = LMBatch(
-        x=y, y=y,
+        x=y,
+        y=y,
         domain=torch.tensor([[0, 0, 0, 1, 1, 1, 0, 0, 0]]),
         answer=torch.tensor([[False, True, True, False, True, True, False, True, True]]),
         sample=torch.tensor([[0, 0, 0, 1, 1, 1, -1, -1, -1]]),
@@ -258,7 +257,9 @@ def test_routing_report_counts_every_token_once_per_layer(corpus: Corpus):
         assert 1 / 4 <= r.mean_gate < 0.4  # the chosen expert has the largest probability; untrained, close to uniform 1/E
         assert 0.0 <= r.specialisation <= 1.0
         table = r.domain_table()
-        assert list(table.index) == list(corpus.domains) and torch.allclose(torch.tensor(table.sum(axis=1).values), torch.ones(6, dtype=torch.float64))
+        assert list(table.index) == list(corpus.domains) and torch.allclose(
+            torch.tensor(table.sum(axis=1).values), torch.ones(6, dtype=torch.float64)
+        )
         prefs = r.preferred_chars(corpus.tokenizer, k=3)
         assert set(prefs.columns) == {"expert", "char", "count", "share", "lift"} and (prefs.groupby("expert").size() <= 3).all()
 
@@ -268,8 +269,14 @@ def test_routing_tracker_records_shares_over_training(corpus: Corpus):
 
     task = LMTask(corpus, 32, eval_rows=8)
     tracker = RoutingTracker(task.held_out, corpus.domains, chunk=8)
-    train(_model(corpus, ffn="switch", num_experts=2), task, TrainConfig(steps=4, batch_size=8, eval_every=2),
-          progress=False, device="cpu", callback=tracker)
+    train(
+        _model(corpus, ffn="switch", num_experts=2),
+        task,
+        TrainConfig(steps=4, batch_size=8, eval_every=2),
+        progress=False,
+        device="cpu",
+        callback=tracker,
+    )
     h = tracker.history
     assert sorted(h["step"].unique()) == [2, 4] and len(h) == 2 * 2 * 2
     assert torch.allclose(torch.tensor(h.groupby(["step", "layer"])["share"].sum().values), torch.ones(4, dtype=torch.float64))

@@ -16,12 +16,12 @@ import torch  # noqa: E402
 from moe_course.analysis.lm_routing import LayerRouting  # noqa: E402
 from moe_course.figures.lm_plots import (  # noqa: E402
     domain_bars,
-    knowledge_vs_parameters,
-    layer_name,
-    phone_book_bars,
     expert_share_over_training,
     experts_scaling,
+    knowledge_vs_parameters,
+    layer_name,
     loss_curves,
+    phone_book_bars,
     routing_heatmaps,
     routing_over_training,
 )
@@ -53,10 +53,15 @@ def _result(label: str, seed: int, losses: list[float]) -> _Result:
 
 
 def test_loss_curves_draw_the_mean_over_seeds_with_a_band_per_model():
-    results = [_result("dense", 0, [2.0, 1.0]), _result("dense", 1, [3.0, 2.0]), _result("switch", 0, [4.0, 3.0]), _result("switch", 1, [4.0, 3.0])]
+    results = [
+        _result("dense", 0, [2.0, 1.0]),
+        _result("dense", 1, [3.0, 2.0]),
+        _result("switch", 0, [4.0, 3.0]),
+        _result("switch", 1, [4.0, 3.0]),
+    ]
     ax = loss_curves(results, title="T")
-    lines = [l for l in ax.get_lines() if len(l.get_xdata()) == 2]
-    means = {tuple(np.round(l.get_ydata(), 6)) for l in lines}
+    lines = [ln for ln in ax.get_lines() if len(ln.get_xdata()) == 2]
+    means = {tuple(np.round(ln.get_ydata(), 6)) for ln in lines}
     assert means == {(2.5, 1.5), (4.0, 3.0)}
     assert len(ax.collections) >= 2  # one band per model
     assert ax.get_title() == "T" and ax.get_xlabel() == "training step" and "nats" in ax.get_ylabel()
@@ -113,7 +118,9 @@ def test_expert_share_and_routing_over_training():
     assert len(ax.collections) == 2  # one stacked band per expert
     top = ax.collections[1].get_paths()[0].vertices[:, 1]
     assert top.max() == pytest.approx(1.0)  # the shares are stacked up to 1
-    summary = pd.DataFrame({"step": [1, 2], "layer": [0, 0], "dropped_rate": [0.1, 0.02], "specialisation": [0.2, 0.3], "mean_gate": [0.2, 0.3]})
+    summary = pd.DataFrame(
+        {"step": [1, 2], "layer": [0, 0], "dropped_rate": [0.1, 0.02], "specialisation": [0.2, 0.3], "mean_gate": [0.2, 0.3]}
+    )
     fig = routing_over_training(summary, title="T")
     left, right = fig.axes
     assert list(left.get_lines()[0].get_ydata()) == pytest.approx([10.0, 2.0])  # in percent
@@ -124,10 +131,25 @@ def test_expert_share_and_routing_over_training():
 
 def _phone_book_table() -> pd.DataFrame:
     rows = []
-    for label, F, E, params, flops, acc in [("dense F=8", 8, 1, 1000, 1500, [0.2, 0.3]), ("Switch E=8", 8, 8, 8000, 2000, [0.9, 1.0]),
-                                             ("dense F=64", 64, 1, 8000, 9000, [0.95, 1.0]), ("Switch E=2", 8, 2, 2000, 1600, [0.4, 0.5])]:
-        rows += [{"label": label, "d_ff": F, "experts": E, "seed": s, "parameters": params, "flops_per_patient": flops, "accuracy": a, "loss": 1 - a}
-                 for s, a in enumerate(acc)]
+    for label, F, E, params, flops, acc in [
+        ("dense F=8", 8, 1, 1000, 1500, [0.2, 0.3]),
+        ("Switch E=8", 8, 8, 8000, 2000, [0.9, 1.0]),
+        ("dense F=64", 64, 1, 8000, 9000, [0.95, 1.0]),
+        ("Switch E=2", 8, 2, 2000, 1600, [0.4, 0.5]),
+    ]:
+        rows += [
+            {
+                "label": label,
+                "d_ff": F,
+                "experts": E,
+                "seed": s,
+                "parameters": params,
+                "flops_per_patient": flops,
+                "accuracy": a,
+                "loss": 1 - a,
+            }
+            for s, a in enumerate(acc)
+        ]
     return pd.DataFrame(rows)
 
 
@@ -148,8 +170,8 @@ def test_phone_book_bars_show_the_mean_with_a_dot_per_seed_and_the_costs():
 
 def test_knowledge_vs_parameters_draws_a_dense_and_a_switch_line():
     ax = knowledge_vs_parameters(_phone_book_table(), title="T")
-    lines = [l for l in ax.get_lines() if l.get_marker() == "o"]  # the two means (error bars are lines too)
-    xs = sorted(tuple(l.get_xdata()) for l in lines)
+    lines = [ln for ln in ax.get_lines() if ln.get_marker() == "o"]  # the two means (error bars are lines too)
+    xs = sorted(tuple(ln.get_xdata()) for ln in lines)
     assert xs == [(1000, 2000, 8000), (1000, 8000)]  # Switch E = 1 (the narrow dense layer), 2, 8; dense F = 8, 64
     assert ax.get_xscale() == "log" and ax.get_ylim()[0] == 0
     with pytest.raises(ValueError, match="Switch runs"):

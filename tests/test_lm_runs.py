@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
-
-import pandas as pd
 
 from moe_course.data.corpus import Corpus, CorpusConfig
 from moe_course.experiments.lm_runs import LMRun, results_table, run_lm, run_lms, seed_verdict, summarise
@@ -119,14 +118,16 @@ def test_run_in_workers_keeps_the_order_of_the_jobs():
 
 
 def test_seed_verdict_needs_every_seed_to_agree():
-    table = pd.DataFrame({
-        "label": ["dense"] * 3 + ["switch"] * 3,
-        "seed": [0, 1, 2] * 2,
-        "recall": [0.40, 0.45, 0.42, 0.60, 0.62, 0.58],  # switch ahead on every seed
-        "loss": [0.30, 0.35, 0.32, 0.31, 0.29, 0.40],  # seed 1 favours switch, seeds 0 and 2 dense
-        "skill": [1.0, 1.1, 1.05, 1.3, 1.2, 1.25],  # dense lower (better) on every seed
-        "paired": [0.40, 0.50, 0.60, 0.45, 0.55, 0.65],  # the ranges overlap, but switch wins each seed
-    })
+    table = pd.DataFrame(
+        {
+            "label": ["dense"] * 3 + ["switch"] * 3,
+            "seed": [0, 1, 2] * 2,
+            "recall": [0.40, 0.45, 0.42, 0.60, 0.62, 0.58],  # switch ahead on every seed
+            "loss": [0.30, 0.35, 0.32, 0.31, 0.29, 0.40],  # seed 1 favours switch, seeds 0 and 2 dense
+            "skill": [1.0, 1.1, 1.05, 1.3, 1.2, 1.25],  # dense lower (better) on every seed
+            "paired": [0.40, 0.50, 0.60, 0.45, 0.55, 0.65],  # the ranges overlap, but switch wins each seed
+        }
+    )
     v = seed_verdict(table, "dense", "switch", {"recall": True, "loss": False, "skill": False, "paired": True})
     assert list(v["verdict"]) == ["B better", "within seed noise", "A better", "B better"]
     assert list(v["B won"]) == ["3 of 3", "1 of 3", "0 of 3", "3 of 3"]

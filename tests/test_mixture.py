@@ -49,18 +49,22 @@ def test_a_uniform_gate_is_the_ensemble_average_and_a_one_hot_gate_picks_one_exp
 
 def test_mixture_log_probs_equals_the_log_of_the_mixture_and_survives_underflow():
     logits, gate_logits = _random(seed=1)
-    torch.testing.assert_close(mixture_log_probs(logits, gate_logits),
-                               mixture_probs(logits, torch.softmax(gate_logits, -1)).log(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        mixture_log_probs(logits, gate_logits), mixture_probs(logits, torch.softmax(gate_logits, -1)).log(), rtol=1e-5, atol=1e-5
+    )
     logits = logits.clone()
     logits[:, :, 0] -= 200.0  # every expert is certain class 0 is impossible: exp underflows in float32
     out = mixture_log_probs(logits, gate_logits)
     assert torch.isfinite(out).all()
-    reference = torch.logsumexp(torch.log_softmax(gate_logits.double(), -1)[:, :, None]
-                                + torch.log_softmax(logits.double(), -1), dim=1)
+    reference = torch.logsumexp(
+        torch.log_softmax(gate_logits.double(), -1)[:, :, None] + torch.log_softmax(logits.double(), -1), dim=1
+    )
     torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("logits_shape,gate_shape", [((6, 3, 4), (6, 2)), ((6, 3, 4), (5, 3)), ((6, 3), (6, 3)), ((6, 0, 4), (6, 0))])
+@pytest.mark.parametrize(
+    "logits_shape,gate_shape", [((6, 3, 4), (6, 2)), ((6, 3, 4), (5, 3)), ((6, 3), (6, 3)), ((6, 0, 4), (6, 0))]
+)
 def test_mixture_functions_reject_mismatched_shapes_and_zero_experts(logits_shape, gate_shape):
     with pytest.raises(ValueError):
         mixture_probs(torch.randn(logits_shape), torch.rand(gate_shape))
@@ -100,8 +104,10 @@ def test_dense_mixture_sends_gradient_to_the_gate_and_every_expert_and_keeps_no_
     torch.testing.assert_close(model(x).logits, first.logits)  # pure: same input, same output
 
 
-@pytest.mark.parametrize("field,value", [("num_experts", 0), ("num_experts", -2), ("d_in", 0), ("d_ff", 1.5),
-                                         ("num_classes", True), ("num_experts", None)])
+@pytest.mark.parametrize(
+    "field,value",
+    [("num_experts", 0), ("num_experts", -2), ("d_in", 0), ("d_ff", 1.5), ("num_classes", True), ("num_experts", None)],
+)
 def test_config_rejects_invalid_values(field, value):
     with pytest.raises(ValueError, match=field):
         _config(**{field: value})
@@ -135,6 +141,11 @@ def test_dense_mixture_learns_the_clinic_and_beats_chance_clearly():
     clinic = make_clinic(num_specialties=2, n_train=800, n_val=400, seed=3)
     torch.manual_seed(0)
     model = DenseMixture(DenseMixtureConfig(clinic.d_in, 8, clinic.num_diagnoses, 2))
-    result = train(model, ClassificationTask.from_clinic(clinic), TrainConfig(steps=200, lr=1e-2, eval_every=100),
-                   device="cpu", progress=False)
+    result = train(
+        model,
+        ClassificationTask.from_clinic(clinic),
+        TrainConfig(steps=200, lr=1e-2, eval_every=100),
+        device="cpu",
+        progress=False,
+    )
     assert result.final["val_acc"] > 2.0 / clinic.num_diagnoses

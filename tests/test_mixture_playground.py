@@ -22,7 +22,12 @@ def _setup():
 def test_playground_shows_a_patient_then_a_specialty():
     clinic, model = _setup()
     widget = mixture_playground(model, clinic.val, clinic.specialties, max_patients=20)
-    mode, (patient, chosen), summary, chart = widget.children[0], widget.children[1].children, widget.children[2], widget.children[3]
+    mode, (patient, chosen), summary, chart = (
+        widget.children[0],
+        widget.children[1].children,
+        widget.children[2],
+        widget.children[3],
+    )
     assert patient.max == 19 and "Patient 0" in summary.value and chart.value[:4] == b"\x89PNG"
     with torch.no_grad():
         top = int(model(clinic.val.x[5:6]).router_probs.argmax())

@@ -38,7 +38,7 @@ def test_clinicmoe_residual_keeps_dropped_patients_embedding():
 def test_clinicmoe_training_adds_the_router_loss_and_learns():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, 6, generator=g)
-    y = ((x[:, 0] > 0).long() + (x[:, 1] * x[:, 2] > 0).long())  # 3 classes
+    y = (x[:, 0] > 0).long() + (x[:, 1] * x[:, 2] > 0).long()  # 3 classes
     task = ClassificationTask(x[:384], y[:384], x[384:], y[384:])
     model = _model()
     batch = task.sample_batch(64, torch.Generator().manual_seed(1), torch.device("cpu"))

@@ -48,7 +48,10 @@ def test_micro_batch_balance_is_the_mean_of_the_per_micro_batch_losses_and_batch
 
 
 def test_a_bias_run_moves_the_bias_and_evens_the_load_in_this_process_and_in_workers():
-    runs = [BalanceRun("none", MOE, steps=60, eval_every=30), BalanceRun("bias", replace(MOE, bias_update_rate=1e-2), steps=60, eval_every=30)]
+    runs = [
+        BalanceRun("none", MOE, steps=60, eval_every=30),
+        BalanceRun("bias", replace(MOE, bias_update_rate=1e-2), steps=60, eval_every=30),
+    ]
     here = [train_balance(CLINIC, r) for r in runs]
     assert here[0].expert_bias == [0.0] * 4 and any(b != 0 for b in here[1].expert_bias)
     assert list(here[1].history["step"]) == [0, 30, 60]
@@ -60,12 +63,15 @@ def test_a_bias_run_moves_the_bias_and_evens_the_load_in_this_process_and_in_wor
     assert list(table.columns) == ["label", "seed", "accuracy", "specialisation", "max_over_mean", "seconds"]
 
 
-@pytest.mark.parametrize("kwargs,words", [
-    (dict(scope="global"), "scope must be one of"),
-    (dict(batches="sorted"), "batches must be one of"),
-    (dict(batch_size=30, micro_batches=4), "not a multiple of micro_batches=4"),
-    (dict(aux=-1.0), "aux must be a number >= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        (dict(scope="global"), "scope must be one of"),
+        (dict(batches="sorted"), "batches must be one of"),
+        (dict(batch_size=30, micro_batches=4), "not a multiple of micro_batches=4"),
+        (dict(aux=-1.0), "aux must be a number >= 0"),
+    ],
+)
 def test_balance_run_rejects_bad_settings(kwargs, words):
     with pytest.raises(ValueError, match=words):
         BalanceRun("x", MOE, **kwargs)

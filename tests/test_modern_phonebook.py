@@ -47,13 +47,16 @@ def test_runs_give_the_same_result_in_workers_and_the_table_has_one_row_each():
     assert list(table["label"]) == ["switch", "dense"] and {"parameters", "flops_per_patient", "accuracy"} <= set(table.columns)
 
 
-@pytest.mark.parametrize("kwargs,words", [
-    (dict(), "give either moe"),
-    (dict(moe=SWITCH, d_ff=4), "give either moe"),
-    (dict(moe=replace(SWITCH, capacity_factor=1.0)), "use a dropless layer"),
-    (dict(moe=MoEConfig(16, 4, 4, capacity_factor=None)), "d_model=8"),
-    (dict(d_ff=4, steps=0), "steps must be a positive int"),
-])
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        (dict(), "give either moe"),
+        (dict(moe=SWITCH, d_ff=4), "give either moe"),
+        (dict(moe=replace(SWITCH, capacity_factor=1.0)), "use a dropless layer"),
+        (dict(moe=MoEConfig(16, 4, 4, capacity_factor=None)), "d_model=8"),
+        (dict(d_ff=4, steps=0), "steps must be a positive int"),
+    ],
+)
 def test_runs_reject_bad_settings(kwargs, words):
     with pytest.raises(ValueError, match=words):
         PhoneBookMoERun("x", BOOK, **kwargs)

@@ -349,11 +349,14 @@ def test_fine_grained_config_keeps_parameters_and_flops_and_shares_k_s():
     assert moe_layer_flops(1, 16, 8, 15, 3, num_shared_experts=1) - 2 * 16 * 15 == moe_layer_flops(1, 16, 32, 4, 1) - 2 * 16 * 4
 
 
-@pytest.mark.parametrize("kwargs,words", [
-    (dict(segments=3), "d_ff=16 cannot be cut into 3 equal segments"),
-    (dict(segments=2, num_shared_experts=2), "leave none of the m·K = 2 active experts"),
-    (dict(segments=0), "segments must be a positive int"),
-])
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        (dict(segments=3), "d_ff=16 cannot be cut into 3 equal segments"),
+        (dict(segments=2, num_shared_experts=2), "leave none of the m·K = 2 active experts"),
+        (dict(segments=0), "segments must be a positive int"),
+    ],
+)
 def test_fine_grained_rejects_impossible_cuts(kwargs, words):
     with pytest.raises(ValueError, match=words):
         MoEConfig(8, 16, 4).fine_grained(**kwargs)
@@ -432,7 +435,9 @@ def test_moelayer_names_nan_or_inf_input_and_mismatched_dtypes():
     x[1, 2, 3] = float("inf")
     with pytest.raises(ValueError, match="NaN or inf"):
         layer(x)
-    with pytest.raises(TypeError, match=r"experts hold float32 weights but x is float64: convert one to the other, e\.g\. x\.to\(float32\)"):
+    with pytest.raises(
+        TypeError, match=r"experts hold float32 weights but x is float64: convert one to the other, e\.g\. x\.to\(float32\)"
+    ):
         layer(torch.randn(3, 8, dtype=torch.float64))
     with pytest.raises(TypeError, match="x is int64"):
         layer(torch.ones(3, 8, dtype=torch.int64))

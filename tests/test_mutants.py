@@ -57,8 +57,12 @@ def table() -> str:
     totals = [0, 0, 0, 0]
     for ex_id, items in sorted(MUTANTS.items(), key=lambda kv: tuple(map(int, kv[0].split(".")))):
         errors = [caught(ex_id, fn) for _, fn, _ in items]
-        row = [len(items), sum(bool(e and e.named) for e in errors), sum(bool(e and not e.named) for e in errors),
-               sum(e is None for e in errors)]
+        row = [
+            len(items),
+            sum(bool(e and e.named) for e in errors),
+            sum(bool(e and not e.named) for e in errors),
+            sum(e is None for e in errors),
+        ]
         totals = [a + b for a, b in zip(totals, row)]
         lines.append(f"{ex_id:<9}" + "".join(f"{v:>{w}}" for v, w in zip(row, (8, 7, 9, 8))))
     lines.append(f"{'all':<9}" + "".join(f"{v:>{w}}" for v, w in zip(totals, (8, 7, 9, 8))))

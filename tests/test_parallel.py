@@ -7,9 +7,9 @@ import torch
 
 import moe_course.fast.threads as parallel
 from moe_course.bench.memory import MemoryRecorder
-from moe_course.fast import sorted_experts
 from moe_course.dispatch import METHODS, sort_split
 from moe_course.experts import Experts
+from moe_course.fast import sorted_experts
 from moe_course.fast.shared_cores import contention
 from moe_course.fast.threads import expert_order, over_experts, worth_threading
 from moe_course.routing import capacity_mask, top_k_routing

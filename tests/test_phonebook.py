@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from moe_course.flops import count_parameters
 from moe_course.experiments.phonebook import (
     PhoneBookConfig,
     PhoneBookModel,
@@ -20,6 +19,7 @@ from moe_course.experiments.phonebook import (
     run_phone_books,
     train_phone_book,
 )
+from moe_course.flops import count_parameters
 
 SMALL = PhoneBookConfig(num_records=192, d_model=16)
 
@@ -43,7 +43,7 @@ def test_the_rule_is_a_fair_function_of_the_key_and_brings_new_patients():
     counts = torch.bincount(book.test_wards, minlength=16).double() / 4000
     assert counts.min() > 0.03 and counts.max() < 0.10  # every ward about 1/16: each bit is a fair coin
     g = torch.Generator().manual_seed(0)
-    (k1, w1), (k2, w2) = book.batch(g), book.batch(g)
+    (k1, w1), (k2, _) = book.batch(g), book.batch(g)
     assert k1.shape == (64, 16) and not torch.equal(k1, k2)  # new patients every step
     assert torch.equal(w1, rule_wards(k1, book.directions))
     # the rule by hand: bit j is |u_j·x| > 0.6745·|u_j|
@@ -97,7 +97,15 @@ def test_a_run_is_reproducible_and_the_same_in_a_worker_process():
     assert [r.run for r in workers] == runs
     assert [(r.accuracy, r.loss, r.expert_load) for r in workers] == [(r.accuracy, r.loss, r.expert_load) for r in here]
     table = phone_book_table(workers)
-    assert list(table["seed"]) == [0, 1] and set(table.columns) >= {"label", "task", "experts", "parameters", "flops_per_patient", "accuracy", "loss"}
+    assert list(table["seed"]) == [0, 1] and set(table.columns) >= {
+        "label",
+        "task",
+        "experts",
+        "parameters",
+        "flops_per_patient",
+        "accuracy",
+        "loss",
+    }
 
 
 def test_train_phone_book_leaves_the_thread_count_as_it_found_it():
@@ -112,8 +120,13 @@ def test_train_phone_book_leaves_the_thread_count_as_it_found_it():
 
 @pytest.mark.parametrize(
     "kwargs,words",
-    [({"task": "facts"}, "task must be one of"), ({"num_records": 0}, "num_records"), ({"num_wards": 1}, "at least 2"),
-     ({"task": "rule", "num_wards": 12}, "power of 2"), ({"d_model": 2.5}, "d_model")],
+    [
+        ({"task": "facts"}, "task must be one of"),
+        ({"num_records": 0}, "num_records"),
+        ({"num_wards": 1}, "at least 2"),
+        ({"task": "rule", "num_wards": 12}, "power of 2"),
+        ({"d_model": 2.5}, "d_model"),
+    ],
 )
 def test_bad_books_are_refused(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -122,8 +135,15 @@ def test_bad_books_are_refused(kwargs, words):
 
 @pytest.mark.parametrize(
     "kwargs,words",
-    [({"label": ""}, "label"), ({"d_ff": 0}, "d_ff"), ({"num_experts": -1}, "num_experts"), ({"seed": -2}, "seed"),
-     ({"lr": 0.0}, "lr"), ({"lr": math.nan}, "lr"), ({"steps": 1.5}, "steps")],
+    [
+        ({"label": ""}, "label"),
+        ({"d_ff": 0}, "d_ff"),
+        ({"num_experts": -1}, "num_experts"),
+        ({"seed": -2}, "seed"),
+        ({"lr": 0.0}, "lr"),
+        ({"lr": math.nan}, "lr"),
+        ({"steps": 1.5}, "steps"),
+    ],
 )
 def test_bad_runs_are_refused(kwargs, words):
     base = dict(label="dense", book=SMALL)

@@ -59,8 +59,12 @@ def test_playground_pictures_draw(model, clinic):
     fig = clinic_day_picture(day, clinic.specialties)
     assert len(fig.axes) >= 2
     plt.close(fig)
-    fig = load_snapshots({"a": [torch.tensor([0.5, 0.5]), torch.tensor([0.9, 0.1])], "b": [torch.tensor([0.2, 0.8])] * 2},
-                         steps=[0, 10], picks=[0, 1], title="loads")
+    fig = load_snapshots(
+        {"a": [torch.tensor([0.5, 0.5]), torch.tensor([0.9, 0.1])], "b": [torch.tensor([0.2, 0.8])] * 2},
+        steps=[0, 10],
+        picks=[0, 1],
+        title="loads",
+    )
     assert len(fig.axes) == 4
     plt.close(fig)
 
@@ -68,8 +72,15 @@ def test_playground_pictures_draw(model, clinic):
 def test_accuracy_vs_flops_needs_its_columns():
     import pandas as pd
 
-    table = pd.DataFrame({"approach": ["a", "a", "b"], "seed": [0, 1, 0], "parameters": [10, 10, 12],
-                          "FLOPs per patient": [100.0, 100.0, 30.0], "held-out accuracy": [0.5, 0.6, 0.7]})
+    table = pd.DataFrame(
+        {
+            "approach": ["a", "a", "b"],
+            "seed": [0, 1, 0],
+            "parameters": [10, 10, 12],
+            "FLOPs per patient": [100.0, 100.0, 30.0],
+            "held-out accuracy": [0.5, 0.6, 0.7],
+        }
+    )
     ax = accuracy_vs_flops(table, title="t", reference="b", chance=0.25)
     assert len(ax.get_legend().get_texts()) == 2
     plt.close(ax.figure)

@@ -11,8 +11,13 @@ pytestmark = pytest.mark.usefixtures("course_style")  # the course's style; ever
 
 
 def test_grouped_bars_draws_one_bar_per_group_and_series():
-    ax = grouped_bars({"a": [0.5, 0.7, 0.9], "b": torch.tensor([0.2, 0.3, float("nan")])}, ["x", "y", "z"],
-                      title="T", ylabel="accuracy", chance=0.25)
+    ax = grouped_bars(
+        {"a": [0.5, 0.7, 0.9], "b": torch.tensor([0.2, 0.3, float("nan")])},
+        ["x", "y", "z"],
+        title="T",
+        ylabel="accuracy",
+        chance=0.25,
+    )
     assert ax.get_title() == "T" and ax.get_ylabel() == "accuracy"
     assert [len(c) for c in ax.containers] == [3, 2]  # a NaN value draws no bar
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]

@@ -105,8 +105,14 @@ def test_soft_moe_flops_per_token_follow_the_slots_not_the_tokens():
         soft_moe_flops_per_token(64, 256, 8, 1, 0)
 
 
-@pytest.mark.parametrize("bad, name", [(dict(num_experts=0), "num_experts"), (dict(slots_per_expert=0), "slots_per_expert"),
-                                       (dict(activation="tanh"), "activation")])
+@pytest.mark.parametrize(
+    "bad, name",
+    [
+        (dict(num_experts=0), "num_experts"),
+        (dict(slots_per_expert=0), "slots_per_expert"),
+        (dict(activation="tanh"), "activation"),
+    ],
+)
 def test_soft_moe_config_rejects_bad_values_by_name(bad, name):
     with pytest.raises(ValueError, match=name):
         SoftMoEConfig(**{**dict(d_model=8, d_ff=16, num_experts=2), **bad})

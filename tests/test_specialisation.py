@@ -39,7 +39,9 @@ def test_top_expert_counts_tabulates_specialty_against_the_argmax():
 def test_nmi_extremes_and_a_hand_computed_split():
     assert normalized_mutual_information(torch.eye(4)[[2, 0, 3, 1]] * 25) == pytest.approx(1.0)  # one-to-one
     assert normalized_mutual_information(torch.tensor([[5, 0], [7, 0], [3, 0]])) == pytest.approx(0.0)  # one expert
-    assert normalized_mutual_information(torch.outer(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 1.0, 1.0]))) == pytest.approx(0.0, abs=1e-12)  # independent
+    assert normalized_mutual_information(torch.outer(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 1.0, 1.0]))) == pytest.approx(
+        0.0, abs=1e-12
+    )  # independent
     # specialty 0 → expert 0; specialty 1 split evenly over experts 1 and 2:
     # I = H(S) = ln 2, H(X) = 1.5 ln 2, so 2 I / (H(S) + H(X)) = 2 / 2.5
     assert normalized_mutual_information(torch.tensor([[10, 0, 0], [0, 5, 5]])) == pytest.approx(0.8)
@@ -66,12 +68,15 @@ def test_specialisation_score_ignores_expert_names_and_handles_idle_experts():
     assert specialisation_score(weights[:, [4, 2, 0, 3, 1]], specialty, 3) == pytest.approx(score)
 
 
-@pytest.mark.parametrize("weights,specialty,s", [
-    (torch.rand(4, 3), torch.tensor([0, 1, 2, 3]), 3),   # a specialty id out of range
-    (torch.rand(4, 0), torch.tensor([0, 1, 0, 1]), 2),   # no experts
-    (torch.rand(4, 3), torch.tensor([0, 1, 0]), 2),      # mismatched N
-    (torch.rand(4, 3), torch.tensor([0, 1, 0, 1]), 0),   # no specialties
-])
+@pytest.mark.parametrize(
+    "weights,specialty,s",
+    [
+        (torch.rand(4, 3), torch.tensor([0, 1, 2, 3]), 3),  # a specialty id out of range
+        (torch.rand(4, 0), torch.tensor([0, 1, 0, 1]), 2),  # no experts
+        (torch.rand(4, 3), torch.tensor([0, 1, 0]), 2),  # mismatched N
+        (torch.rand(4, 3), torch.tensor([0, 1, 0, 1]), 0),  # no specialties
+    ],
+)
 def test_specialisation_functions_reject_bad_input(weights, specialty, s):
     with pytest.raises(ValueError):
         specialisation_score(weights, specialty, s)
@@ -92,8 +97,14 @@ def test_tracker_records_the_score_at_every_evaluation():
     torch.manual_seed(0)
     model = DenseMixture(DenseMixtureConfig(clinic.d_in, 8, clinic.num_diagnoses, 3))
     tracker = SpecialisationTracker(clinic.val.x, clinic.val.specialty, 2)
-    train(model, ClassificationTask.from_clinic(clinic), TrainConfig(steps=40, eval_every=20), device="cpu",
-          progress=False, callback=tracker)
+    train(
+        model,
+        ClassificationTask.from_clinic(clinic),
+        TrainConfig(steps=40, eval_every=20),
+        device="cpu",
+        progress=False,
+        callback=tracker,
+    )
     assert tracker.history["step"].tolist() == [20, 40]
     assert len(tracker.gate_mass) == 2 and tracker.gate_mass[0].shape == (2, 3)
     with torch.no_grad():
@@ -128,12 +139,15 @@ def test_context_share_ignores_what_every_expert_or_every_patient_shares():
     assert math.isnan(context_share(torch.zeros(4, 5), x, 2))
 
 
-@pytest.mark.parametrize("w, x, d_context", [
-    (torch.zeros(3, 6), torch.zeros(10, 5), 2),  # widths disagree
-    (torch.zeros(3, 6), torch.zeros(10, 6), 0),
-    (torch.zeros(3, 6), torch.zeros(10, 6), 6),
-    (torch.zeros(6), torch.zeros(10, 6), 2),
-])
+@pytest.mark.parametrize(
+    "w, x, d_context",
+    [
+        (torch.zeros(3, 6), torch.zeros(10, 5), 2),  # widths disagree
+        (torch.zeros(3, 6), torch.zeros(10, 6), 0),
+        (torch.zeros(3, 6), torch.zeros(10, 6), 6),
+        (torch.zeros(6), torch.zeros(10, 6), 2),
+    ],
+)
 def test_context_share_rejects_bad_input(w, x, d_context):
     with pytest.raises(ValueError):
         context_share(w, x, d_context)
@@ -144,10 +158,18 @@ def test_tracker_records_counts_and_the_context_share_when_asked():
     torch.manual_seed(0)
     model = DenseMixture(DenseMixtureConfig(clinic.d_in, 8, clinic.num_diagnoses, 3))
     tracker = SpecialisationTracker(clinic.val.x, clinic.val.specialty, 2, d_context=clinic.d_context)
-    train(model, ClassificationTask.from_clinic(clinic), TrainConfig(steps=40, eval_every=20), device="cpu",
-          progress=False, callback=tracker)
+    train(
+        model,
+        ClassificationTask.from_clinic(clinic),
+        TrainConfig(steps=40, eval_every=20),
+        device="cpu",
+        progress=False,
+        callback=tracker,
+    )
     assert list(tracker.history.columns) == ["step", "score", "context_share"]
-    assert tracker.history["context_share"].iloc[-1] == pytest.approx(context_share(model.gate.proj.weight, clinic.val.x, clinic.d_context))
+    assert tracker.history["context_share"].iloc[-1] == pytest.approx(
+        context_share(model.gate.proj.weight, clinic.val.x, clinic.d_context)
+    )
     assert [c.sum().item() for c in tracker.counts] == [100, 100]
     with torch.no_grad():
         assert torch.equal(tracker.counts[-1], top_expert_counts(model(clinic.val.x).router_probs, clinic.val.specialty, 2))

@@ -100,7 +100,9 @@ def test_python_version_is_the_same_everywhere():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     lowest = re.fullmatch(r">=\s*(3\.\d+)", project["requires-python"]).group(1)
     env = re.search(r"^\s*-\s*python\s*>=\s*(3\.\d+)", (ROOT / "environment.yml").read_text(), re.MULTILINE)
-    assert env and env.group(1) == lowest, f"environment.yml asks for python>={env and env.group(1)}, pyproject.toml for >={lowest}"
+    assert env and env.group(1) == lowest, (
+        f"environment.yml asks for python>={env and env.group(1)}, pyproject.toml for >={lowest}"
+    )
     assert f"Python ≥ {lowest}" in (ROOT / "README.md").read_text(), f"the README should say Python ≥ {lowest}"
     assert tuple(map(int, lowest.split("."))) >= (3, 11), "the tests import tomllib (Python 3.11+)"
 

@@ -33,8 +33,14 @@ def test_time_per_batch_ratios_are_paired_with_the_first_model():
             time.sleep(self.seconds)
             return self.lin(x)
 
-    table = time_per_batch({"fast": Sleeper(0.005), "slow": Sleeper(0.050)}, torch.randn(4, 2), torch.zeros(4, dtype=torch.long),
-                           repeats=3, warmup=0, backward=False)
+    table = time_per_batch(
+        {"fast": Sleeper(0.005), "slow": Sleeper(0.050)},
+        torch.randn(4, 2),
+        torch.zeros(4, dtype=torch.long),
+        repeats=3,
+        warmup=0,
+        backward=False,
+    )
     assert table["ratio"].tolist()[0] == 1.0 and 3.0 < table["ratio"].iloc[1] < 12.0  # 50 ms / 5 ms, give or take a busy machine
 
 

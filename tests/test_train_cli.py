@@ -13,8 +13,31 @@ import torch
 
 from moe_course.training.cli import load_run, main
 
-TINY = ["--d-model", "16", "--d-ff", "32", "--layers", "2", "--heads", "2", "--context", "16", "--batch-size", "4",
-        "--eval-rows", "4", "--facts", "20", "--quiet", "--device", "cpu", "--threads", "1", "--warmup", "2"]
+TINY = [
+    "--d-model",
+    "16",
+    "--d-ff",
+    "32",
+    "--layers",
+    "2",
+    "--heads",
+    "2",
+    "--context",
+    "16",
+    "--batch-size",
+    "4",
+    "--eval-rows",
+    "4",
+    "--facts",
+    "20",
+    "--quiet",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+    "--warmup",
+    "2",
+]
 
 
 def _weights(out) -> dict[str, torch.Tensor]:
@@ -38,7 +61,21 @@ def test_cli_trains_and_writes_config_checkpoint_metrics_and_samples(tmp_path, c
 
 
 def test_cli_resume_ends_with_exactly_the_weights_of_an_uninterrupted_run(tmp_path):
-    args = ["--model", "switch", "--experts", "2", "--jitter", "0.05", "--dropout", "0.1", "--steps", "8", "--eval-every", "2", *TINY]
+    args = [
+        "--model",
+        "switch",
+        "--experts",
+        "2",
+        "--jitter",
+        "0.05",
+        "--dropout",
+        "0.1",
+        "--steps",
+        "8",
+        "--eval-every",
+        "2",
+        *TINY,
+    ]
     whole, split = tmp_path / "whole", tmp_path / "split"
     main([*args, "--out", str(whole)])
     main([*args, "--out", str(split), "--stop-after", "4", "--checkpoint-every", "2"])
@@ -67,10 +104,17 @@ def test_cli_refuses_to_overwrite_or_to_resume_with_other_settings(tmp_path, cap
 
 @pytest.mark.parametrize(
     "flags,words",
-    [(["--model", "dense", "--experts", "4"], "dense model has no experts"), (["--heads", "5"], "divisible by n_heads"),
-     (["--facts", "0"], "num_facts"), (["--capacity-factor", "-1"], "capacity_factor"), (["--mix", "facts=1,gossip=1"], "unknown domain 'gossip'"),
-     (["--text-file", "/nonexistent/file.txt"], "does not exist"), (["--model", "switch", "--top-k", "2"], "router='top_k'"),
-     (["--fact-prompt", "patient"], "exactly one"), (["--model", "switch", "--router", "hash"], "capacity_factor=None")],
+    [
+        (["--model", "dense", "--experts", "4"], "dense model has no experts"),
+        (["--heads", "5"], "divisible by n_heads"),
+        (["--facts", "0"], "num_facts"),
+        (["--capacity-factor", "-1"], "capacity_factor"),
+        (["--mix", "facts=1,gossip=1"], "unknown domain 'gossip'"),
+        (["--text-file", "/nonexistent/file.txt"], "does not exist"),
+        (["--model", "switch", "--top-k", "2"], "router='top_k'"),
+        (["--fact-prompt", "patient"], "exactly one"),
+        (["--model", "switch", "--router", "hash"], "capacity_factor=None"),
+    ],
 )
 def test_cli_bad_settings_give_a_clear_error_not_a_traceback(tmp_path, capsys, flags, words):
     with pytest.raises(SystemExit) as exc:
@@ -80,8 +124,26 @@ def test_cli_bad_settings_give_a_clear_error_not_a_traceback(tmp_path, capsys, f
 
 def test_cli_takes_top_k_routing_and_coded_records(tmp_path):
     out = tmp_path / "top2"
-    flags = ["--model", "switch", "--experts", "4", "--router", "top_k", "--top-k", "2", "--id-alphabet", "ABCDEFGHIJ",
-             "--fact-prompt", "#{}", "--steps", "2", "--eval-every", "2", "--out", str(out)]
+    flags = [
+        "--model",
+        "switch",
+        "--experts",
+        "4",
+        "--router",
+        "top_k",
+        "--top-k",
+        "2",
+        "--id-alphabet",
+        "ABCDEFGHIJ",
+        "--fact-prompt",
+        "#{}",
+        "--steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--out",
+        str(out),
+    ]
     assert main([*flags, *TINY]) == 0
     model, corpus, saved = load_run(out)
     assert (model.config.router, model.config.top_k) == ("top_k", 2) and saved["corpus"]["fact_prompt"] == "#{}"

@@ -54,7 +54,15 @@ def test_resume_refuses_a_different_config(tmp_path):
     ckpt = tmp_path / "run.pt"
     train(_model(), _task(), TrainConfig(steps=10, eval_every=5), progress=False, device="cpu", checkpoint_path=ckpt)
     with pytest.raises(ValueError, match="different TrainConfig"):
-        train(_model(), _task(), TrainConfig(steps=20, eval_every=5), progress=False, device="cpu", checkpoint_path=ckpt, resume=True)
+        train(
+            _model(),
+            _task(),
+            TrainConfig(steps=20, eval_every=5),
+            progress=False,
+            device="cpu",
+            checkpoint_path=ckpt,
+            resume=True,
+        )
 
 
 def test_resume_needs_a_path():
@@ -71,8 +79,14 @@ def test_learning_rate_schedule_warms_up_then_decays():
 
 @pytest.mark.parametrize(
     "kwargs,words",
-    [({"steps": 0}, "steps"), ({"lr": 0.0}, "lr"), ({"batch_size": -1}, "batch_size"),
-     ({"steps": 5, "warmup_steps": 6}, "warmup_steps"), ({"grad_clip": 0.0}, "grad_clip"), ({"lr_min_ratio": 2.0}, "lr_min_ratio")],
+    [
+        ({"steps": 0}, "steps"),
+        ({"lr": 0.0}, "lr"),
+        ({"batch_size": -1}, "batch_size"),
+        ({"steps": 5, "warmup_steps": 6}, "warmup_steps"),
+        ({"grad_clip": 0.0}, "grad_clip"),
+        ({"lr_min_ratio": 2.0}, "lr_min_ratio"),
+    ],
 )
 def test_train_config_rejects_bad_values(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -81,7 +95,9 @@ def test_train_config_rejects_bad_values(kwargs, words):
 
 def test_callback_sees_every_evaluation():
     seen = []
-    train(_model(), _task(), TrainConfig(steps=20, eval_every=5), progress=False, device="cpu", callback=lambda s, m: seen.append(s))
+    train(
+        _model(), _task(), TrainConfig(steps=20, eval_every=5), progress=False, device="cpu", callback=lambda s, m: seen.append(s)
+    )
     assert seen == [5, 10, 15, 20]
 
 
@@ -141,7 +157,9 @@ def test_a_bare_moe_layer_trains_with_its_weighted_router_loss():
 
 def test_classification_task_checks_shapes():
     with pytest.raises(ValueError, match="train split"):
-        ClassificationTask(torch.zeros(3, 2), torch.zeros(4, dtype=torch.long), torch.zeros(2, 2), torch.zeros(2, dtype=torch.long))
+        ClassificationTask(
+            torch.zeros(3, 2), torch.zeros(4, dtype=torch.long), torch.zeros(2, 2), torch.zeros(2, dtype=torch.long)
+        )
 
 
 def test_every_tracker_looks_at_the_model_in_eval_mode_without_gradients_and_restores_its_mode():
@@ -160,8 +178,21 @@ def test_every_tracker_looks_at_the_model_in_eval_mode_without_gradients_and_res
     cases = [
         (ClinicMoE(5, 2, MoEConfig(d_model=8, d_ff=8, num_experts=3)), LoadTracker(torch.randn(12, 5))),
         (DenseMixture(DenseMixtureConfig(5, 8, 2, 3)), SpecialisationTracker(torch.randn(12, 5), torch.randint(0, 2, (12,)), 2)),
-        (GPT(GPTConfig(vocab_size=corpus.vocab_size, block_size=16, d_model=16, n_layers=1, n_heads=2, d_ff=16, ffn="switch", num_experts=2)),
-         RoutingTracker(corpus.held_out(4, 16), corpus.domains, chunk=2)),
+        (
+            GPT(
+                GPTConfig(
+                    vocab_size=corpus.vocab_size,
+                    block_size=16,
+                    d_model=16,
+                    n_layers=1,
+                    n_heads=2,
+                    d_ff=16,
+                    ffn="switch",
+                    num_experts=2,
+                )
+            ),
+            RoutingTracker(corpus.held_out(4, 16), corpus.domains, chunk=2),
+        ),
     ]
     for model, tracker in cases:
         seen = []
@@ -176,13 +207,29 @@ def test_every_tracker_looks_at_the_model_in_eval_mode_without_gradients_and_res
 def test_a_checkpoint_every_few_minutes_and_after_each_save_the_callback(tmp_path):
     saves = []
     config = TrainConfig(steps=5, batch_size=16, eval_every=2)
-    train(_model(), _task(), config, device="cpu", progress=False, checkpoint_path=tmp_path / "c.pt",
-          checkpoint_minutes=1e-9, on_checkpoint=lambda step, rows: saves.append((step, len(rows))))
+    train(
+        _model(),
+        _task(),
+        config,
+        device="cpu",
+        progress=False,
+        checkpoint_path=tmp_path / "c.pt",
+        checkpoint_minutes=1e-9,
+        on_checkpoint=lambda step, rows: saves.append((step, len(rows))),
+    )
     # every step is "a few minutes" after the last save here; the final save comes at the end
     assert [s for s, _ in saves] == [1, 2, 3, 4, 5] and saves[-1] == (5, 3)
     saves.clear()
-    train(_model(), _task(), config, device="cpu", progress=False, checkpoint_path=tmp_path / "d.pt",
-          checkpoint_minutes=60, on_checkpoint=lambda step, rows: saves.append(step))
+    train(
+        _model(),
+        _task(),
+        config,
+        device="cpu",
+        progress=False,
+        checkpoint_path=tmp_path / "d.pt",
+        checkpoint_minutes=60,
+        on_checkpoint=lambda step, rows: saves.append(step),
+    )
     assert saves == [5]  # an hour never passed: only the save at the end
 
 

@@ -13,7 +13,6 @@ from moe_course.moe import MoEOutput
 from moe_course.transformer import (
     GPT,
     Block,
-    HashLayer,
     GPTConfig,
     GPTOutput,
     copy_dense_into_switch,
@@ -41,16 +40,25 @@ def _ids(b: int = 2, t: int = 16, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "kwargs,words",
-    [({"ffn": "moe"}, "ffn must be one of"), ({"num_experts": 4}, "dense model has no experts"),
-     ({"n_heads": 5}, "divisible by n_heads"), ({"ffn": "switch", "num_experts": 4, "moe_every": 3}, "no Switch block"),
-     ({"ffn": "switch", "num_experts": 4, "capacity_factor": 0.0}, "capacity_factor"),
-     ({"ffn": "switch", "num_experts": 4, "aux_loss_coef": -1.0}, "aux_loss_coef"), ({"d_model": 0}, "d_model"),
-     ({"position": "sinusoid"}, "position"), ({"d_model": 12, "n_heads": 4}, "even head width"), ({"dropout": 1.0}, "dropout"),
-     ({"top_k": 2}, "dense model routes nothing"), ({"ffn": "switch", "num_experts": 4, "top_k": 2}, "router='top_k'"),
-     ({"ffn": "switch", "num_experts": 4, "router": "expert_choice"}, "unknown router type"),
-     ({"ffn": "switch", "num_experts": 2, "router": "top_k", "top_k": 3}, "more than num_experts"), ({"top_k": 0}, "top_k"),
-     ({"ffn": "switch", "num_experts": 4, "router": "hash"}, "drops no tokens"),
-     ({"ffn": "switch", "num_experts": 4, "router": "hash", "top_k": 2, "capacity_factor": None}, "one expert")],
+    [
+        ({"ffn": "moe"}, "ffn must be one of"),
+        ({"num_experts": 4}, "dense model has no experts"),
+        ({"n_heads": 5}, "divisible by n_heads"),
+        ({"ffn": "switch", "num_experts": 4, "moe_every": 3}, "no Switch block"),
+        ({"ffn": "switch", "num_experts": 4, "capacity_factor": 0.0}, "capacity_factor"),
+        ({"ffn": "switch", "num_experts": 4, "aux_loss_coef": -1.0}, "aux_loss_coef"),
+        ({"d_model": 0}, "d_model"),
+        ({"position": "sinusoid"}, "position"),
+        ({"d_model": 12, "n_heads": 4}, "even head width"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"top_k": 2}, "dense model routes nothing"),
+        ({"ffn": "switch", "num_experts": 4, "top_k": 2}, "router='top_k'"),
+        ({"ffn": "switch", "num_experts": 4, "router": "expert_choice"}, "unknown router type"),
+        ({"ffn": "switch", "num_experts": 2, "router": "top_k", "top_k": 3}, "more than num_experts"),
+        ({"top_k": 0}, "top_k"),
+        ({"ffn": "switch", "num_experts": 4, "router": "hash"}, "drops no tokens"),
+        ({"ffn": "switch", "num_experts": 4, "router": "hash", "top_k": 2, "capacity_factor": None}, "one expert"),
+    ],
 )
 def test_config_rejects_bad_values_with_clear_messages(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -118,7 +126,9 @@ def test_gpt_output_fields_and_shapes(ffn, experts):
         assert out.router_loss.item() > 0
 
 
-@pytest.mark.parametrize("kw", [{}, {"position": "learned"}, {"fast_attention": False}, {"ffn": "switch", "num_experts": 4, "capacity_factor": None}])
+@pytest.mark.parametrize(
+    "kw", [{}, {"position": "learned"}, {"fast_attention": False}, {"ffn": "switch", "num_experts": 4, "capacity_factor": None}]
+)
 def test_gpt_is_causal(kw):
     torch.manual_seed(0)
     model = GPT(_cfg(**kw)).eval()
@@ -186,7 +196,9 @@ def test_one_expert_switch_gets_the_dense_gradients_when_its_losses_are_off():
     torch.manual_seed(0)
     dense = GPT(_cfg())
     torch.manual_seed(1)
-    switch = copy_dense_into_switch(dense, GPT(_cfg(ffn="switch", num_experts=1, capacity_factor=None, aux_loss_coef=0.0, z_loss_coef=0.0)))
+    switch = copy_dense_into_switch(
+        dense, GPT(_cfg(ffn="switch", num_experts=1, capacity_factor=None, aux_loss_coef=0.0, z_loss_coef=0.0))
+    )
     x, y = _ids(2, seed=1), _ids(2, seed=2)
     for m in (dense, switch):
         out = m(x)
@@ -222,10 +234,15 @@ def test_copy_refuses_models_of_different_shapes():
 
 @pytest.mark.parametrize(
     "kw",
-    [{}, {"ffn": "switch", "num_experts": 4}, {"ffn": "switch", "num_experts": 3, "n_layers": 4, "moe_every": 2},
-     {"tie_embeddings": False, "position": "learned"}, {"bias": False, "ffn": "switch", "num_experts": 2},
-     {"ffn": "switch", "num_experts": 4, "router": "top_k", "top_k": 2},
-     {"ffn": "switch", "num_experts": 4, "router": "noisy_top_k", "top_k": 2, "n_layers": 4, "moe_every": 2}],
+    [
+        {},
+        {"ffn": "switch", "num_experts": 4},
+        {"ffn": "switch", "num_experts": 3, "n_layers": 4, "moe_every": 2},
+        {"tie_embeddings": False, "position": "learned"},
+        {"bias": False, "ffn": "switch", "num_experts": 2},
+        {"ffn": "switch", "num_experts": 4, "router": "top_k", "top_k": 2},
+        {"ffn": "switch", "num_experts": 4, "router": "noisy_top_k", "top_k": 2, "n_layers": 4, "moe_every": 2},
+    ],
 )
 def test_param_count_matches_the_model(kw):
     cfg = _cfg(**kw)
@@ -304,8 +321,15 @@ def test_top_k_routing_in_the_gpt_counts_k_experts_per_token():
     assert top2.dense_twin().top_k == 1 and top2.dense_twin().router == "switch"
 
 
-@pytest.mark.parametrize("kw", [{}, {"ffn": "switch", "num_experts": 4}, {"ffn": "switch", "num_experts": 8, "n_layers": 4, "moe_every": 2},
-                                {"ffn": "switch", "num_experts": 4, "router": "top_k", "top_k": 2}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"ffn": "switch", "num_experts": 4},
+        {"ffn": "switch", "num_experts": 8, "n_layers": 4, "moe_every": 2},
+        {"ffn": "switch", "num_experts": 4, "router": "top_k", "top_k": 2},
+    ],
+)
 def test_flops_per_token_match_pytorchs_flop_counter(kw):
     # explicit attention and a per-expert dispatch, so that every matmul is seen by the counter
     cfg = _cfg(fast_attention=False, dispatch="sort_split", capacity_factor=None, **kw) if kw else _cfg(fast_attention=False)
@@ -363,9 +387,27 @@ MODERN = [
     {"ffn": "switch", "num_experts": 4, "router": "top_k", "top_k": 2},
     {"ffn": "switch", "num_experts": 4, "router": "mixtral", "top_k": 2, "activation": "swiglu", "bias": False},
     {"activation": "swiglu"},
-    {"ffn": "switch", "num_experts": 15, "top_k": 3, "router": "top_k", "renormalize": False, "expert_segments": 4, "num_shared_experts": 1},
-    {"ffn": "switch", "num_experts": 7, "top_k": 1, "router": "top_k", "expert_segments": 2, "num_shared_experts": 1, "shared_expert_gate": True,
-     "activation": "swiglu", "n_layers": 4, "moe_every": 2},
+    {
+        "ffn": "switch",
+        "num_experts": 15,
+        "top_k": 3,
+        "router": "top_k",
+        "renormalize": False,
+        "expert_segments": 4,
+        "num_shared_experts": 1,
+    },
+    {
+        "ffn": "switch",
+        "num_experts": 7,
+        "top_k": 1,
+        "router": "top_k",
+        "expert_segments": 2,
+        "num_shared_experts": 1,
+        "shared_expert_gate": True,
+        "activation": "swiglu",
+        "n_layers": 4,
+        "moe_every": 2,
+    },
     {"ffn": "switch", "num_experts": 8, "top_k": 2, "router": "sigmoid", "bias_update_rate": 1e-3, "balance_scope": "sequence"},
     {"ffn": "switch", "num_experts": 4, "router": "noisy_top_k", "top_k": 2},
 ]
@@ -401,18 +443,27 @@ def test_fine_grained_gpt_keeps_parameters_and_flops_but_for_the_routers():
 
 
 def test_top_2_costs_two_experts_and_swiglu_one_and_a_half_ffns():
-    top1, top2 = flops_per_token(_cfg(ffn="switch", num_experts=4)), flops_per_token(_cfg(ffn="switch", num_experts=4, router="top_k", top_k=2))
+    top1, top2 = (
+        flops_per_token(_cfg(ffn="switch", num_experts=4)),
+        flops_per_token(_cfg(ffn="switch", num_experts=4, router="top_k", top_k=2)),
+    )
     assert top2.ffn == 2 * top1.ffn
     assert flops_per_token(_cfg(activation="swiglu")).ffn * 2 == flops_per_token(_cfg()).ffn * 3
-    assert param_count(_cfg(ffn="switch", num_experts=4, router="top_k", top_k=2)).ffn_active == 2 * param_count(_cfg(ffn="switch", num_experts=4)).ffn_active
+    assert (
+        param_count(_cfg(ffn="switch", num_experts=4, router="top_k", top_k=2)).ffn_active
+        == 2 * param_count(_cfg(ffn="switch", num_experts=4)).ffn_active
+    )
 
 
 @pytest.mark.parametrize(
     "kwargs,words",
-    [({"top_k": 2}, "a dense model routes nothing"), ({"ffn": "switch", "num_experts": 4, "top_k": 2}, "router='switch' routes each token to one expert"),
-     ({"ffn": "switch", "num_experts": 4, "expert_segments": 3}, "d_ff=64 cannot be cut into expert_segments=3"),
-     ({"activation": "swish"}, "unknown activation 'swish'"),
-     ({"ffn": "switch", "num_experts": 4, "bias_update_rate": 1e-3}, "selection bias belongs to router='sigmoid'")],
+    [
+        ({"top_k": 2}, "a dense model routes nothing"),
+        ({"ffn": "switch", "num_experts": 4, "top_k": 2}, "router='switch' routes each token to one expert"),
+        ({"ffn": "switch", "num_experts": 4, "expert_segments": 3}, "d_ff=64 cannot be cut into expert_segments=3"),
+        ({"activation": "swish"}, "unknown activation 'swish'"),
+        ({"ffn": "switch", "num_experts": 4, "bias_update_rate": 1e-3}, "selection bias belongs to router='sigmoid'"),
+    ],
 )
 def test_config_rejects_bad_modern_options(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -420,7 +471,9 @@ def test_config_rejects_bad_modern_options(kwargs, words):
 
 
 def test_dense_twin_of_a_modern_model_is_plain_dense():
-    cfg = _cfg(ffn="switch", num_experts=8, router="sigmoid", top_k=2, bias_update_rate=1e-3, activation="swiglu").fine_grained(2, 1)
+    cfg = _cfg(ffn="switch", num_experts=8, router="sigmoid", top_k=2, bias_update_rate=1e-3, activation="swiglu").fine_grained(
+        2, 1
+    )
     twin = cfg.dense_twin()
     assert twin.ffn == "dense" and twin.activation == "swiglu" and count_parameters(GPT(twin)) == param_count(twin).total
 

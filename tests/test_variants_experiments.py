@@ -19,9 +19,11 @@ def clinic():
 
 
 def test_run_variants_trains_each_kind_of_model_and_is_deterministic(clinic):
-    runs = [VariantRun("switch", MoEConfig(d_model=8, d_ff=8, num_experts=4), seed=1),
-            VariantRun("soft", SoftMoEConfig(d_model=8, d_ff=8, num_experts=4, slots_per_expert=2), seed=1, group_size=8),
-            VariantRun("top-p", AdaptiveMoEConfig(d_model=8, d_ff=8, num_experts=4, top_p=0.8), seed=1)]
+    runs = [
+        VariantRun("switch", MoEConfig(d_model=8, d_ff=8, num_experts=4), seed=1),
+        VariantRun("soft", SoftMoEConfig(d_model=8, d_ff=8, num_experts=4, slots_per_expert=2), seed=1, group_size=8),
+        VariantRun("top-p", AdaptiveMoEConfig(d_model=8, d_ff=8, num_experts=4, top_p=0.8), seed=1),
+    ]
     cfg = TrainConfig(steps=5, batch_size=32, eval_every=5)
     first, second = (run_variants(clinic, runs, cfg, workers=1, progress=False) for _ in range(2))
     assert [type(r.model).__name__ for r in first] == ["ClinicMoE", "ClinicSoftMoE", "ClinicAdaptiveMoE"]
@@ -41,10 +43,14 @@ def test_the_waiting_room_moves_soft_moe_diagnoses_but_never_a_token_choice_laye
     torch.manual_seed(0)
     from moe_course.models import ClinicMoE
 
-    alone = waiting_room_effect(ClinicMoE(clinic.d_in, clinic.num_diagnoses, MoEConfig(d_model=8, d_ff=8, num_experts=4, capacity_factor=None)),
-                                clinic.val)
+    alone = waiting_room_effect(
+        ClinicMoE(clinic.d_in, clinic.num_diagnoses, MoEConfig(d_model=8, d_ff=8, num_experts=4, capacity_factor=None)),
+        clinic.val,
+    )
     assert alone["changed between two waiting rooms"] == 0.0 and alone["changed in some waiting room"] == 0.0
-    soft = ClinicSoftMoE(clinic.d_in, clinic.num_diagnoses, SoftMoEConfig(d_model=8, d_ff=8, num_experts=4, slots_per_expert=2), group_size=8)
+    soft = ClinicSoftMoE(
+        clinic.d_in, clinic.num_diagnoses, SoftMoEConfig(d_model=8, d_ff=8, num_experts=4, slots_per_expert=2), group_size=8
+    )
     with torch.no_grad():
         soft.moe.scale.fill_(20.0)  # sharp dispatch: each slot close to a few patients, so the company matters
     blended = waiting_room_effect(soft, clinic.val, arrangements=3)

@@ -86,14 +86,20 @@ def choose(
         return Plan(["--index-url", index_url, spec], f"TORCH_INDEX_URL is set: installing {spec} from {index_url}")
     cpu = wants_cpu(machine, variant)
     if not cuda_is_the_default(machine):
-        return Plan([spec], f"{machine.system} {machine.machine}: the plain wheel of {spec} is already the right build (CPU{', MPS' if machine.system == 'Darwin' else ''})")
+        return Plan(
+            [spec],
+            f"{machine.system} {machine.machine}: the plain wheel of {spec} is already the right build (CPU{', MPS' if machine.system == 'Darwin' else ''})",
+        )
     if not cpu:
         why = "TORCH_VARIANT=cuda" if variant == "cuda" else "an NVIDIA GPU was found"
         return Plan([spec], f"{why}: installing the CUDA build of {spec} from the configured registry")
     if configured_is_cpu:
         return Plan([spec], f"the configured package registry already serves a CPU build of {spec}: installing it from there")
     if cpu_index_reachable:
-        return Plan(["--extra-index-url", CPU_INDEX, spec], f"no NVIDIA GPU here: installing the CPU build of {spec} from PyTorch's index {CPU_INDEX}")
+        return Plan(
+            ["--extra-index-url", CPU_INDEX, spec],
+            f"no NVIDIA GPU here: installing the CPU build of {spec} from PyTorch's index {CPU_INDEX}",
+        )
     return Plan(
         [spec],
         f"no NVIDIA GPU here, but PyTorch's CPU index ({CPU_INDEX}) cannot be reached: falling back to the configured registry",
@@ -150,9 +156,20 @@ def torch_installed(python: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--spec", default=os.environ.get("TORCH_SPEC") or DEFAULT_SPEC, help=f"the requirement (default {DEFAULT_SPEC}; env TORCH_SPEC)")
-    parser.add_argument("--variant", default=os.environ.get("TORCH_VARIANT") or "auto", choices=VARIANTS, help="auto (CPU unless an NVIDIA GPU is found), cpu or cuda (env TORCH_VARIANT)")
-    parser.add_argument("--index-url", default=os.environ.get("TORCH_INDEX_URL") or None, help="install from this index (env TORCH_INDEX_URL)")
+    parser.add_argument(
+        "--spec",
+        default=os.environ.get("TORCH_SPEC") or DEFAULT_SPEC,
+        help=f"the requirement (default {DEFAULT_SPEC}; env TORCH_SPEC)",
+    )
+    parser.add_argument(
+        "--variant",
+        default=os.environ.get("TORCH_VARIANT") or "auto",
+        choices=VARIANTS,
+        help="auto (CPU unless an NVIDIA GPU is found), cpu or cuda (env TORCH_VARIANT)",
+    )
+    parser.add_argument(
+        "--index-url", default=os.environ.get("TORCH_INDEX_URL") or None, help="install from this index (env TORCH_INDEX_URL)"
+    )
     parser.add_argument("--python", default=sys.executable, help="the environment's interpreter")
     parser.add_argument("--plan", action="store_true", help="print the plan and exit")
     args = parser.parse_args(argv)
@@ -168,7 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         configured = is_cpu_version(version)
         if not configured:
             index_ok = reachable(CPU_INDEX + "/torch/")
-    plan = choose(machine, args.spec, variant=args.variant, index_url=args.index_url, configured_is_cpu=configured, cpu_index_reachable=index_ok)
+    plan = choose(
+        machine,
+        args.spec,
+        variant=args.variant,
+        index_url=args.index_url,
+        configured_is_cpu=configured,
+        cpu_index_reachable=index_ok,
+    )
     print(f"PyTorch: {plan.reason}.")
     if plan.warning:
         print(f"WARNING: {plan.warning}", file=sys.stderr)

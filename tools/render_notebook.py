@@ -1,6 +1,6 @@
 """Execute a notebook and save what a learner sees: an HTML page and every figure as PNG.
 
-    .venv/bin/python tools/render_notebook.py notebooks/01_mlp.ipynb   # → build/render/01_mlp/
+.venv/bin/python tools/render_notebook.py notebooks/01_mlp.ipynb   # → build/render/01_mlp/
 """
 
 from __future__ import annotations

@@ -93,8 +93,15 @@ class LayerRouting:
             for v in lift.argsort(descending=True)[:k].tolist():
                 if lift[v] == float("-inf"):
                     break
-                rows.append({"expert": e, "char": tokenizer.chars[v], "count": int(counts[v, e]),
-                             "share": float(share[v]), "lift": float(lift[v])})
+                rows.append(
+                    {
+                        "expert": e,
+                        "char": tokenizer.chars[v],
+                        "count": int(counts[v, e]),
+                        "share": float(share[v]),
+                        "lift": float(lift[v]),
+                    }
+                )
         return pd.DataFrame(rows, columns=["expert", "char", "count", "share", "lift"])
 
 
@@ -112,15 +119,28 @@ def routing_report(model: nn.Module, batch: LMBatch, domains: tuple[str, ...], *
         for layer, moe in out.moe_outputs:
             E = moe.router_logits.shape[-1]
             first = moe.expert_index[:, 0].cpu()  # (N,) top-1 choice
-            a = acc.setdefault(layer, {"de": torch.zeros(S * E, dtype=torch.int64), "ce": torch.zeros(V * E, dtype=torch.int64),
-                                       "dropped": 0, "tokens": 0, "gates": 0.0, "E": E})
+            a = acc.setdefault(
+                layer,
+                {
+                    "de": torch.zeros(S * E, dtype=torch.int64),
+                    "ce": torch.zeros(V * E, dtype=torch.int64),
+                    "dropped": 0,
+                    "tokens": 0,
+                    "gates": 0.0,
+                    "E": E,
+                },
+            )
             a["de"] += torch.bincount(dom * E + first, minlength=S * E)
             a["ce"] += torch.bincount(char * E + first, minlength=V * E)
             a["dropped"] += int(moe.num_dropped)
             a["tokens"] += first.numel()
             a["gates"] += float(moe.gates[:, 0].double().sum())
-    return [LayerRouting(layer, tuple(domains), a["de"].reshape(S, a["E"]), a["ce"].reshape(V, a["E"]), a["dropped"], a["tokens"], a["gates"])
-            for layer, a in sorted(acc.items())]
+    return [
+        LayerRouting(
+            layer, tuple(domains), a["de"].reshape(S, a["E"]), a["ce"].reshape(V, a["E"]), a["dropped"], a["tokens"], a["gates"]
+        )
+        for layer, a in sorted(acc.items())
+    ]
 
 
 @dataclass
@@ -152,7 +172,15 @@ class RoutingTracker:
 
     @property
     def summary(self) -> pd.DataFrame:
-        rows = [{"step": step, "layer": lr.layer, "dropped_rate": lr.dropped_rate, "specialisation": lr.specialisation,
-                 "mean_gate": lr.mean_gate}
-                for step, layers in self.reports.items() for lr in layers]
+        rows = [
+            {
+                "step": step,
+                "layer": lr.layer,
+                "dropped_rate": lr.dropped_rate,
+                "specialisation": lr.specialisation,
+                "mean_gate": lr.mean_gate,
+            }
+            for step, layers in self.reports.items()
+            for lr in layers
+        ]
         return pd.DataFrame(rows, columns=["step", "layer", "dropped_rate", "specialisation", "mean_gate"])

@@ -99,13 +99,15 @@ class LoadTracker:
         shares = expert_fraction(expert_index, logits.shape[-1])  # (E,) before dropping
         probs = torch.softmax(logits, dim=-1)
         self.shares.append(shares)
-        self.rows.append({
-            "step": step,
-            "balance loss": float(load_balancing_loss(probs, expert_index)),
-            "z-loss": float(router_z_loss(logits)),
-            "largest |logit|": float(logits.abs().amax(dim=-1).mean()),
-            **load_stats(shares),
-        })
+        self.rows.append(
+            {
+                "step": step,
+                "balance loss": float(load_balancing_loss(probs, expert_index)),
+                "z-loss": float(router_z_loss(logits)),
+                "largest |logit|": float(logits.abs().amax(dim=-1).mean()),
+                **load_stats(shares),
+            }
+        )
 
     @property
     def history(self) -> pd.DataFrame:

@@ -52,13 +52,17 @@ __all__ = [
 
 def _check(gate_weights: torch.Tensor, specialty: torch.Tensor, num_specialties: int) -> None:
     if gate_weights.ndim != 2 or specialty.shape != gate_weights.shape[:1]:
-        raise ValueError(f"expected gate_weights (N, E) and specialty (N,); got {tuple(gate_weights.shape)} and {tuple(specialty.shape)}")
+        raise ValueError(
+            f"expected gate_weights (N, E) and specialty (N,); got {tuple(gate_weights.shape)} and {tuple(specialty.shape)}"
+        )
     if gate_weights.shape[1] == 0:
         raise ValueError("there must be at least one expert (gate_weights has E = 0 columns)")
     if isinstance(num_specialties, bool) or not isinstance(num_specialties, int) or num_specialties <= 0:
         raise ValueError(f"num_specialties must be a positive int, got {num_specialties!r}")
     if specialty.numel() and (specialty.min() < 0 or specialty.max() >= num_specialties):
-        raise ValueError(f"specialty ids must lie in [0, {num_specialties}), got values in [{int(specialty.min())}, {int(specialty.max())}]")
+        raise ValueError(
+            f"specialty ids must lie in [0, {num_specialties}), got values in [{int(specialty.min())}, {int(specialty.max())}]"
+        )
 
 
 def gate_mass_by_specialty(gate_weights: torch.Tensor, specialty: torch.Tensor, num_specialties: int) -> torch.Tensor:
@@ -82,18 +86,24 @@ def top_expert_counts(gate_weights: torch.Tensor, specialty: torch.Tensor, num_s
     return torch.bincount(specialty.cpu() * e + top, minlength=num_specialties * e).reshape(num_specialties, e)
 
 
-def seen_by_specialty(expert_index: torch.Tensor, specialty: torch.Tensor, num_specialties: int, num_experts: int) -> torch.Tensor:
+def seen_by_specialty(
+    expert_index: torch.Tensor, specialty: torch.Tensor, num_specialties: int, num_experts: int
+) -> torch.Tensor:
     """Share of each specialty's patients who see each expert: expert_index (N, K), specialty (N,) → (S, E).
 
     With top-k routing a patient sees K experts, so row s sums to K (each
     entry is at most 1); NaN for a specialty without patients.
     """
     if expert_index.ndim != 2 or specialty.shape != expert_index.shape[:1]:
-        raise ValueError(f"expected expert_index (N, K) and specialty (N,); got {tuple(expert_index.shape)} and {tuple(specialty.shape)}")
+        raise ValueError(
+            f"expected expert_index (N, K) and specialty (N,); got {tuple(expert_index.shape)} and {tuple(specialty.shape)}"
+        )
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
     if expert_index.numel() and (expert_index.min() < 0 or expert_index.max() >= num_experts):
-        raise ValueError(f"expert ids must lie in [0, {num_experts}), got values in [{int(expert_index.min())}, {int(expert_index.max())}]")
+        raise ValueError(
+            f"expert ids must lie in [0, {num_experts}), got values in [{int(expert_index.min())}, {int(expert_index.max())}]"
+        )
     sees = torch.zeros(expert_index.shape[0], num_experts).scatter_(1, expert_index.cpu(), 1.0)  # (N, E): 1 where seen
     return gate_mass_by_specialty(sees, specialty, num_specialties)
 
@@ -128,14 +138,18 @@ def specialisation_score(gate_weights: torch.Tensor, specialty: torch.Tensor, nu
     return normalized_mutual_information(top_expert_counts(gate_weights, specialty, num_specialties))
 
 
-def expert_accuracy_by_specialty(expert_logits: torch.Tensor, targets: torch.Tensor, specialty: torch.Tensor, num_specialties: int) -> torch.Tensor:
+def expert_accuracy_by_specialty(
+    expert_logits: torch.Tensor, targets: torch.Tensor, specialty: torch.Tensor, num_specialties: int
+) -> torch.Tensor:
     """Accuracy of each expert *on its own*, within each specialty: (N, E, classes), (N,), (N,) → (S, E).
 
     Shows whether the expert the gate picks for a specialty is the one that
     knows that specialty's rule. NaN for a specialty without patients.
     """
     if expert_logits.ndim != 3 or targets.shape != expert_logits.shape[:1]:
-        raise ValueError(f"expected expert_logits (N, E, classes) and targets (N,); got {tuple(expert_logits.shape)} and {tuple(targets.shape)}")
+        raise ValueError(
+            f"expected expert_logits (N, E, classes) and targets (N,); got {tuple(expert_logits.shape)} and {tuple(targets.shape)}"
+        )
     correct = (expert_logits.detach().argmax(-1) == targets[:, None]).float()  # (N, E)
     return gate_mass_by_specialty(correct, specialty, num_specialties)
 
@@ -156,7 +170,9 @@ def context_share(gate_weight: torch.Tensor, x: torch.Tensor, d_context: int) ->
     the doctor); 1: on the department only. NaN if both parts are constant.
     """
     if gate_weight.ndim != 2 or x.ndim != 2 or x.shape[1] != gate_weight.shape[1]:
-        raise ValueError(f"expected gate_weight (E, D) and x (N, D) with the same D; got {tuple(gate_weight.shape)} and {tuple(x.shape)}")
+        raise ValueError(
+            f"expected gate_weight (E, D) and x (N, D) with the same D; got {tuple(gate_weight.shape)} and {tuple(x.shape)}"
+        )
     if isinstance(d_context, bool) or not isinstance(d_context, int) or not 0 < d_context < x.shape[1]:
         raise ValueError(f"d_context must be an int between 1 and D - 1 = {x.shape[1] - 1}, got {d_context!r}")
     w = gate_weight.detach().double().cpu()

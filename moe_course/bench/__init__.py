@@ -12,18 +12,30 @@ Timings live here and in the lessons that measure them, never in docstrings or u
 """
 
 from .benchmark import (
-           QUICK,
-           STANDARD,
-           BenchConfig,
-           PairedTiming,
-           format_table,
-           main,
-           paired_times,
-           run_benchmark,
-           steady_allocator,
+    QUICK,
+    STANDARD,
+    BenchConfig,
+    PairedTiming,
+    format_table,
+    main,
+    paired_times,
+    run_benchmark,
+    steady_allocator,
 )
 from .memory import MemoryRecorder, peak_bytes
 from .timing import time_per_batch
 
-__all__ = ["BenchConfig", "STANDARD", "QUICK", "steady_allocator", "PairedTiming", "paired_times", "run_benchmark",
-           "format_table", "main", "time_per_batch", "MemoryRecorder", "peak_bytes"]
+__all__ = [
+    "BenchConfig",
+    "STANDARD",
+    "QUICK",
+    "steady_allocator",
+    "PairedTiming",
+    "paired_times",
+    "run_benchmark",
+    "format_table",
+    "main",
+    "time_per_batch",
+    "MemoryRecorder",
+    "peak_bytes",
+]

@@ -43,8 +43,8 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import pandas as pd
 import torch
@@ -54,7 +54,17 @@ from ..experts import FeedForward
 from ..moe import MoEConfig, MoELayer
 from .memory import peak_bytes
 
-__all__ = ["BenchConfig", "STANDARD", "QUICK", "steady_allocator", "PairedTiming", "paired_times", "run_benchmark", "format_table", "main"]
+__all__ = [
+    "BenchConfig",
+    "STANDARD",
+    "QUICK",
+    "steady_allocator",
+    "PairedTiming",
+    "paired_times",
+    "run_benchmark",
+    "format_table",
+    "main",
+]
 
 
 @dataclass(frozen=True)
@@ -106,8 +116,16 @@ def _candidates(cfg: BenchConfig, methods: list[str], peer: bool, notes: dict[st
         if method == "onehot_einsum" and _onehot_bytes(cfg) > ONEHOT_LIMIT:
             notes[method] = f"skipped: its (N, E, C) tensors would need about {_onehot_bytes(cfg) / 2**30:.1f} GiB"
             continue
-        layer = MoELayer(MoEConfig(cfg.d_model, cfg.d_ff, cfg.num_experts, top_k=cfg.top_k,
-                                   router="switch" if cfg.top_k == 1 else "top_k", dispatch=method))
+        layer = MoELayer(
+            MoEConfig(
+                cfg.d_model,
+                cfg.d_ff,
+                cfg.num_experts,
+                top_k=cfg.top_k,
+                router="switch" if cfg.top_k == 1 else "top_k",
+                dispatch=method,
+            )
+        )
         xm = x.clone()
         out.append(_Candidate(method, lambda m=layer, t=xm: m(t).y, list(layer.parameters()), xm))
     if peer:
@@ -121,8 +139,16 @@ def _candidates(cfg: BenchConfig, methods: list[str], peer: bool, notes: dict[st
                 notes["hf_switch"] = "skipped: transformers is not installed"
             else:
                 config = transformers.SwitchTransformersConfig(
-                    d_model=cfg.d_model, d_ff=cfg.d_ff, num_experts=cfg.num_experts, expert_capacity=cfg.num_tokens,
-                    router_bias=False, router_jitter_noise=0.0, router_dtype="float32", dense_act_fn="relu", dropout_rate=0.0)
+                    d_model=cfg.d_model,
+                    d_ff=cfg.d_ff,
+                    num_experts=cfg.num_experts,
+                    expert_capacity=cfg.num_tokens,
+                    router_bias=False,
+                    router_jitter_noise=0.0,
+                    router_dtype="float32",
+                    dense_act_fn="relu",
+                    dropout_rate=0.0,
+                )
                 module = hf.SwitchTransformersSparseMLP(config)
                 with torch.no_grad():
                     for p in module.parameters():
@@ -192,7 +218,9 @@ class PairedTiming:
         return tuple(statistics.quantiles(self.ratios, n=4, method="inclusive"))
 
 
-def paired_times(candidates: dict[str, Callable[[], object]], baseline: str, *, repeats: int = 7, warmup: int = 2) -> dict[str, PairedTiming]:
+def paired_times(
+    candidates: dict[str, Callable[[], object]], baseline: str, *, repeats: int = 7, warmup: int = 2
+) -> dict[str, PairedTiming]:
     """Time each candidate next to a fresh run of the baseline: name → PairedTiming (the baseline's ratios are all 1).
 
     Every repeat runs each candidate once, paired with a baseline run right
@@ -220,7 +248,7 @@ def paired_times(candidates: dict[str, Callable[[], object]], baseline: str, *, 
             out[baseline].seconds.append(timed(baseline))
             out[baseline].ratios.append(1.0)
             continue
-        for name in others[r % len(others):] + others[: r % len(others)]:
+        for name in others[r % len(others) :] + others[: r % len(others)]:
             pair = (baseline, name) if r % 2 == 0 else (name, baseline)
             took = {member: timed(member) for member in pair}
             out[name].seconds.append(took[name])
@@ -261,19 +289,42 @@ def run_benchmark(
             log(f"{cfg.name}: {', '.join(c.name for c in candidates)}")
         peaks = {c.name: peak_bytes(lambda c=c: _run(c, True, grad)) for c in candidates} if memory else {}
         for mode, backward in (("forward", False), ("forward+backward", True)):
-            timed = paired_times({c.name: (lambda c=c: _run(c, backward, grad)) for c in candidates},
-                                 baseline="dense", repeats=repeats, warmup=warmup)
+            timed = paired_times(
+                {c.name: (lambda c=c: _run(c, backward, grad)) for c in candidates},
+                baseline="dense",
+                repeats=repeats,
+                warmup=warmup,
+            )
             for name, t in timed.items():
-                rows.append({
-                    "config": cfg.name, "implementation": name, "mode": mode,
-                    "median_ms": 1000 * statistics.median(t.seconds), "ratio_to_dense": t.ratio,
-                    "ratio_q1": t.ratio_q1, "ratio_q3": t.ratio_q3,
-                    "peak_MiB": peaks.get(name, float("nan")) / 2**20,
-                    "default": name == DEFAULT_METHOD, "note": "",
-                })
+                rows.append(
+                    {
+                        "config": cfg.name,
+                        "implementation": name,
+                        "mode": mode,
+                        "median_ms": 1000 * statistics.median(t.seconds),
+                        "ratio_to_dense": t.ratio,
+                        "ratio_q1": t.ratio_q1,
+                        "ratio_q3": t.ratio_q3,
+                        "peak_MiB": peaks.get(name, float("nan")) / 2**20,
+                        "default": name == DEFAULT_METHOD,
+                        "note": "",
+                    }
+                )
         for name, note in notes.items():
-            rows.append({"config": cfg.name, "implementation": name, "mode": "", "median_ms": float("nan"),
-                         "ratio_to_dense": float("nan"), "ratio_q1": float("nan"), "ratio_q3": float("nan"), "peak_MiB": float("nan"), "default": False, "note": note})
+            rows.append(
+                {
+                    "config": cfg.name,
+                    "implementation": name,
+                    "mode": "",
+                    "median_ms": float("nan"),
+                    "ratio_to_dense": float("nan"),
+                    "ratio_q1": float("nan"),
+                    "ratio_q3": float("nan"),
+                    "peak_MiB": float("nan"),
+                    "default": False,
+                    "note": note,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -291,8 +342,10 @@ def format_table(results: pd.DataFrame) -> str:
         for name, rows in timed.groupby("implementation", sort=False):
             by_mode = {r["mode"]: r for _, r in rows.iterrows()}
             tag = " (default)" if by_mode["forward"]["default"] else ""
-            cells = [f"{r['ratio_to_dense']:5.2f}x ({r['ratio_q1']:4.2f}-{r['ratio_q3']:4.2f}) {r['median_ms']:7.1f} ms"
-                     for r in (by_mode["forward"], by_mode["forward+backward"])]
+            cells = [
+                f"{r['ratio_to_dense']:5.2f}x ({r['ratio_q1']:4.2f}-{r['ratio_q3']:4.2f}) {r['median_ms']:7.1f} ms"
+                for r in (by_mode["forward"], by_mode["forward+backward"])
+            ]
             lines.append(f"  {name + tag:<22}{cells[0]:>30}{cells[1]:>32}{by_mode['forward']['peak_MiB']:>10.1f}")
         for _, r in part[part["mode"] == ""].iterrows():
             lines.append(f"  {r['implementation']:<22}{r['note']}")
@@ -310,11 +363,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's choice)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH ('-' for stdout)")
-    parser.add_argument("--system-allocator", action="store_true",
-                        help="leave the C allocator as it is (default: keep freed memory, see steady_allocator)")
+    parser.add_argument(
+        "--system-allocator",
+        action="store_true",
+        help="leave the C allocator as it is (default: keep freed memory, see steady_allocator)",
+    )
     rounds = parser.add_argument_group("rounds (--busy, --lm): interleaved rounds, judged on the pooled median")
-    rounds.add_argument("--busy", type=int, default=0, metavar="N",
-                        help="also time every round with N background processes spinning (forward+backward only)")
+    rounds.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time every round with N background processes spinning (forward+backward only)",
+    )
     rounds.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     lm = parser.add_argument_group("--lm: a training step of the Switch LM against its dense twin (lesson 08's sizes)")
     lm.add_argument("--lm", action="store_true", help="time LM training steps instead of layers (one thread unless --threads)")
@@ -327,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     lm.add_argument("--batch-size", type=int, default=32)
     lm.add_argument("--d-model", type=int, default=64, help="D at width 1 (default 64)")
     lm.add_argument("--d-ff", type=int, default=128, help="F at width 1, the dense FFN's and every expert's (default 128)")
-    lm.add_argument("--dispatch", default=None, choices=sorted(METHODS), help="the Switch layers' dispatch method (default: the default)")
+    lm.add_argument(
+        "--dispatch", default=None, choices=sorted(METHODS), help="the Switch layers' dispatch method (default: the default)"
+    )
     args = parser.parse_args(argv)
     if args.lm or args.busy:
         from .rounds import main_rounds
@@ -338,16 +401,23 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     configs = QUICK if args.quick else STANDARD
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json == "-" else print
-    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, default dispatch: {DEFAULT_METHOD}, "
-        f"allocator: {'steady (freed memory kept)' if steady else 'system default'}")
-    results = run_benchmark(configs, args.methods, repeats=args.repeats, warmup=args.warmup,
-                            peer=not args.no_peer, memory=not args.no_memory, log=log)
+    log(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, default dispatch: {DEFAULT_METHOD}, "
+        f"allocator: {'steady (freed memory kept)' if steady else 'system default'}"
+    )
+    results = run_benchmark(
+        configs, args.methods, repeats=args.repeats, warmup=args.warmup, peer=not args.no_peer, memory=not args.no_memory, log=log
+    )
     log(format_table(results))
     if args.json:
-        payload = {"torch": torch.__version__, "threads": torch.get_num_threads(), "default": DEFAULT_METHOD,
-                   "steady_allocator": steady,
-                   "configs": [asdict(c) | {"name": c.name} for c in configs],
-                   "results": json.loads(results.to_json(orient="records"))}
+        payload = {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "default": DEFAULT_METHOD,
+            "steady_allocator": steady,
+            "configs": [asdict(c) | {"name": c.name} for c in configs],
+            "results": json.loads(results.to_json(orient="records")),
+        }
         text = json.dumps(payload, indent=1)
         if args.json == "-":
             print(text)

@@ -61,15 +61,25 @@ class LMBenchConfig:
     def name(self) -> str:
         extra = "" if self.top_k == 1 and self.router is None else f" {self.router or 'switch'} k={self.top_k}"
         extra += f" dispatch={self.dispatch}" if self.dispatch else ""
-        return (f"width x{self.width}: D={self.d_model * self.width} F={self.d_ff * self.width} E={self.num_experts} "
-                f"T={self.block_size} B={self.batch_size} layers={self.n_layers} moe_every={self.moe_every} "
-                f"capacity={self.capacity_factor}{extra}")
+        return (
+            f"width x{self.width}: D={self.d_model * self.width} F={self.d_ff * self.width} E={self.num_experts} "
+            f"T={self.block_size} B={self.batch_size} layers={self.n_layers} moe_every={self.moe_every} "
+            f"capacity={self.capacity_factor}{extra}"
+        )
 
     def models(self, vocab_size: int) -> tuple[GPTConfig, GPTConfig]:
         """(dense, switch) GPTConfigs: lesson 08's ``dense`` and ``dense.switch_twin(E)``, with this config's options."""
-        dense = GPTConfig(vocab_size=vocab_size, block_size=self.block_size, d_model=self.d_model * self.width,
-                          n_layers=self.n_layers, n_heads=self.n_heads, d_ff=self.d_ff * self.width,
-                          moe_every=self.moe_every, capacity_factor=self.capacity_factor, dispatch=self.dispatch)
+        dense = GPTConfig(
+            vocab_size=vocab_size,
+            block_size=self.block_size,
+            d_model=self.d_model * self.width,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            d_ff=self.d_ff * self.width,
+            moe_every=self.moe_every,
+            capacity_factor=self.capacity_factor,
+            dispatch=self.dispatch,
+        )
         routing = {}
         if self.router is not None:
             routing["router"] = self.router

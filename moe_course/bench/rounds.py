@@ -74,8 +74,15 @@ class Round:
     runnable: int | None  # tasks running or waiting for a core when the round started
 
 
-def interleaved_rounds(measure: Callable[[str], dict], configs: list[str], *, rounds: int = 3, busy: int = 0,
-                       baseline: str = "dense", log: Callable[[str], None] | None = print) -> list[Round]:
+def interleaved_rounds(
+    measure: Callable[[str], dict],
+    configs: list[str],
+    *,
+    rounds: int = 3,
+    busy: int = 0,
+    baseline: str = "dense",
+    log: Callable[[str], None] | None = print,
+) -> list[Round]:
     """Run ``measure(config)`` (→ name → ``PairedTiming``) for every config, ``rounds`` times, quiet and with ``busy`` spinners.
 
     Round r runs the quiet phase first when r is even and the busy one first
@@ -89,11 +96,21 @@ def interleaved_rounds(measure: Callable[[str], dict], configs: list[str], *, ro
         phases = ["quiet"] if not busy else (["quiet", "busy"] if r % 2 == 0 else ["busy", "quiet"])
         for phase in phases:
             with spinning(busy if phase == "busy" else 0):
-                for config in configs[r % len(configs):] + configs[: r % len(configs)]:
+                for config in configs[r % len(configs) :] + configs[: r % len(configs)]:
                     runnable, before = runnable_tasks(), _load()
                     timings = measure(config)
-                    out.append(Round(r, phase, config, {n: list(t.ratios) for n, t in timings.items()},
-                                     {n: list(t.seconds) for n, t in timings.items()}, before, _load(), runnable))
+                    out.append(
+                        Round(
+                            r,
+                            phase,
+                            config,
+                            {n: list(t.ratios) for n, t in timings.items()},
+                            {n: list(t.seconds) for n, t in timings.items()},
+                            before,
+                            _load(),
+                            runnable,
+                        )
+                    )
                     if log:
                         ratios = ", ".join(f"{n} {statistics.median(t.ratios):.3f}" for n, t in timings.items() if n != baseline)
                         log(f"  round {r + 1}/{rounds} {phase:5s} {config}: {ratios}  (load {before:.2f}, runnable {runnable})")
@@ -115,13 +132,24 @@ def pooled(rounds: list[Round]) -> pd.DataFrame:
             pairs = [x for r in part for x in r.ratios[name]]
             medians = [statistics.median(r.ratios[name]) for r in part]
             q1, _, q3 = statistics.quantiles(pairs, n=4, method="inclusive") if len(pairs) > 1 else (pairs[0],) * 3
-            rows.append({
-                "config": config, "phase": phase, "candidate": name, "rounds": len(part), "pairs": len(pairs),
-                "ratio": statistics.median(pairs), "q1": q1, "q3": q3, "round_low": min(medians), "round_high": max(medians),
-                "round_medians": medians, "median_ms": 1000 * statistics.median(x for r in part for x in r.seconds[name]),
-                "load": statistics.mean([r.load_before for r in part] + [r.load_after for r in part]),
-                "runnable": [r.runnable for r in part],
-            })
+            rows.append(
+                {
+                    "config": config,
+                    "phase": phase,
+                    "candidate": name,
+                    "rounds": len(part),
+                    "pairs": len(pairs),
+                    "ratio": statistics.median(pairs),
+                    "q1": q1,
+                    "q3": q3,
+                    "round_low": min(medians),
+                    "round_high": max(medians),
+                    "round_medians": medians,
+                    "median_ms": 1000 * statistics.median(x for r in part for x in r.seconds[name]),
+                    "load": statistics.mean([r.load_before for r in part] + [r.load_after for r in part]),
+                    "runnable": [r.runnable for r in part],
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -130,22 +158,36 @@ def format_pooled(table: pd.DataFrame, baseline: str = "dense") -> str:
     lines = []
     for (config, phase), part in table.groupby(["config", "phase"], sort=False):
         first = part.iloc[0]
-        lines.append(f"\n{config}  [{phase}: {first['rounds']} rounds, load average {first['load']:.2f}, "
-                     f"runnable at round starts {first['runnable']}]")
+        lines.append(
+            f"\n{config}  [{phase}: {first['rounds']} rounds, load average {first['load']:.2f}, "
+            f"runnable at round starts {first['runnable']}]"
+        )
         for _, row in part.iterrows():
             if row["candidate"] == baseline:
                 lines.append(f"  {row['candidate']:<20}{'1.00x':>8}{'':36}{row['median_ms']:9.2f} ms")
                 continue
             rounds = " ".join(f"{m:.2f}" for m in row["round_medians"])
-            lines.append(f"  {row['candidate']:<20}{row['ratio']:7.3f}x  middle half {row['q1']:.2f}-{row['q3']:.2f}  "
-                         f"rounds {row['round_low']:.2f}-{row['round_high']:.2f} ({rounds}){row['median_ms']:9.2f} ms")
-    lines.append(f"\nratio: pooled median of every paired ratio to {baseline} over all rounds; middle half: their quartiles; "
-                 "rounds: lowest-highest round median; ms: median time")
+            lines.append(
+                f"  {row['candidate']:<20}{row['ratio']:7.3f}x  middle half {row['q1']:.2f}-{row['q3']:.2f}  "
+                f"rounds {row['round_low']:.2f}-{row['round_high']:.2f} ({rounds}){row['median_ms']:9.2f} ms"
+            )
+    lines.append(
+        f"\nratio: pooled median of every paired ratio to {baseline} over all rounds; middle half: their quartiles; "
+        "rounds: lowest-highest round median; ms: median time"
+    )
     return "\n".join(lines)
 
 
-def layer_rounds(configs, methods: list[str], *, rounds: int = 3, busy: int = 2, repeats: int = 7, warmup: int = 2,
-                 log: Callable[[str], None] | None = print) -> pd.DataFrame:
+def layer_rounds(
+    configs,
+    methods: list[str],
+    *,
+    rounds: int = 3,
+    busy: int = 2,
+    repeats: int = 7,
+    warmup: int = 2,
+    log: Callable[[str], None] | None = print,
+) -> pd.DataFrame:
     """The layer benchmark's forward+backward, quiet and with ``busy`` spinners, in interleaved rounds → ``pooled`` table.
 
     configs: ``bench.BenchConfig``s; methods: the dispatch methods to time
@@ -168,8 +210,9 @@ def layer_rounds(configs, methods: list[str], *, rounds: int = 3, busy: int = 2,
     return pooled(interleaved_rounds(measure, list(runs), rounds=rounds, busy=busy, log=log))
 
 
-def lm_rounds(configs, *, rounds: int = 3, busy: int = 0, repeats: int = 30, warmup: int = 5,
-              log: Callable[[str], None] | None = print) -> pd.DataFrame:
+def lm_rounds(
+    configs, *, rounds: int = 3, busy: int = 0, repeats: int = 30, warmup: int = 5, log: Callable[[str], None] | None = print
+) -> pd.DataFrame:
     """Training steps of the Switch LM against its dense twin (``bench.lm``), in interleaved rounds → ``pooled`` table."""
     from .benchmark import paired_times
     from .lm import lm_steps
@@ -197,29 +240,53 @@ def main_rounds(args) -> int:
     elif args.lm:
         torch.set_num_threads(1)  # as lesson 08 trains: one thread per model
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json == "-" else print
-    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, default dispatch: {DEFAULT_METHOD}, "
+    log(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, default dispatch: {DEFAULT_METHOD}, "
         f"allocator: {'steady (freed memory kept)' if steady else 'system default'}, {args.rounds} rounds, busy processes: {args.busy}, "
-        f"load average now {_load():.2f}")
+        f"load average now {_load():.2f}"
+    )
     if args.lm:
         from .lm import LMBenchConfig
 
         factor = None if str(args.capacity_factor).lower() == "none" else float(args.capacity_factor)
-        configs = [LMBenchConfig(width=w, num_experts=args.num_experts, moe_every=args.moe_every, capacity_factor=factor,
-                                 top_k=args.top_k, router=args.router, batch_size=args.batch_size, d_model=args.d_model,
-                                 d_ff=args.d_ff, dispatch=args.dispatch) for w in args.lm_widths]
+        configs = [
+            LMBenchConfig(
+                width=w,
+                num_experts=args.num_experts,
+                moe_every=args.moe_every,
+                capacity_factor=factor,
+                top_k=args.top_k,
+                router=args.router,
+                batch_size=args.batch_size,
+                d_model=args.d_model,
+                d_ff=args.d_ff,
+                dispatch=args.dispatch,
+            )
+            for w in args.lm_widths
+        ]
         repeats = args.repeats if args.repeats != 7 else 30  # steps are short: more pairs per round
         table = lm_rounds(configs, rounds=args.rounds, busy=args.busy, repeats=repeats, warmup=max(args.warmup, 5), log=log)
         described = [c.name for c in configs]
     else:
         configs = QUICK if args.quick else STANDARD
         methods = args.methods or list(dict.fromkeys([DEFAULT_METHOD, "masks_loop"]))
-        table = layer_rounds(configs, methods, rounds=args.rounds, busy=args.busy, repeats=args.repeats, warmup=args.warmup, log=log)
+        table = layer_rounds(
+            configs, methods, rounds=args.rounds, busy=args.busy, repeats=args.repeats, warmup=args.warmup, log=log
+        )
         described = [c.name for c in configs]
     log(format_pooled(table))
     if args.json:
-        payload = {"torch": torch.__version__, "threads": torch.get_num_threads(), "default": DEFAULT_METHOD, "steady_allocator": steady,
-                   "mode": "lm" if args.lm else "layer", "busy": args.busy, "rounds": args.rounds, "configs": described,
-                   "results": json.loads(table.to_json(orient="records"))}
+        payload = {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "default": DEFAULT_METHOD,
+            "steady_allocator": steady,
+            "mode": "lm" if args.lm else "layer",
+            "busy": args.busy,
+            "rounds": args.rounds,
+            "configs": described,
+            "results": json.loads(table.to_json(orient="records")),
+        }
         text = json.dumps(payload, indent=1)
         if args.json == "-":
             print(text)

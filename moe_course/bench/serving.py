@@ -88,6 +88,12 @@ def serving_table(
         timed = paired_times({name: _forward(m, x, calls) for name, m in layers.items()}, baseline, repeats=repeats, warmup=1)
         for name in names:
             seconds = statistics.median(timed[name].seconds)
-            rows.append({"tokens": n, "layer": name, "tokens_per_second": n * calls / seconds,
-                         "ratio": statistics.median(timed[name].ratios)})
+            rows.append(
+                {
+                    "tokens": n,
+                    "layer": name,
+                    "tokens_per_second": n * calls / seconds,
+                    "ratio": statistics.median(timed[name].ratios),
+                }
+            )
     return pd.DataFrame(rows)

@@ -145,8 +145,9 @@ def _same(a: Any, b: Any) -> bool:
 def _parameter_names(fn: Callable, count: int) -> list[str]:
     """The learner's own names for the first ``count`` positional arguments."""
     try:
-        params = [p.name for p in inspect.signature(fn).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        params = [
+            p.name for p in inspect.signature(fn).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
     except (TypeError, ValueError):
         params = []
     return [params[i] if i < len(params) else f"number {i + 1}" for i in range(count)]
@@ -192,7 +193,9 @@ class Exercise:
                 message, named = _crashes.explain(err, [*names, *kwargs], [*args, *kwargs.values()])
                 self.fail(message, named=named)
             hint = f" ({err})" if str(err) else ""
-            self.fail(f"not done yet: your function still raises NotImplementedError{hint}. Replace the stub with your code, then run this cell again.")
+            self.fail(
+                f"not done yet: your function still raises NotImplementedError{hint}. Replace the stub with your code, then run this cell again."
+            )
         except ExerciseError:
             raise
         except Exception as err:  # the learner's code crashed: say where, and what the error means
@@ -200,22 +203,39 @@ class Exercise:
             self.fail(message, named=named)
         for i, (old, new) in enumerate(zip(before, args)):
             if not _same(new, old):
-                self.fail(f"your function changed its input `{names[i]}` ({describe(new)}) in place. Compute a new tensor instead of writing into the input (avoid `+=`, `.add_()`, `x[...] = ...` on inputs).")
+                self.fail(
+                    f"your function changed its input `{names[i]}` ({describe(new)}) in place. Compute a new tensor instead of writing into the input (avoid `+=`, `.add_()`, `x[...] = ...` on inputs)."
+                )
         for k, old in before_kw.items():
             if not _same(kwargs[k], old):
-                self.fail(f"your function changed its input `{k}` in place. Compute a new tensor instead of writing into the input.")
+                self.fail(
+                    f"your function changed its input `{k}` in place. Compute a new tensor instead of writing into the input."
+                )
         return out
 
     # -- looking at what came back ------------------------------------------
-    def expect_tensor(self, out: Any, shape: Sequence[int] | None = None, dtype: torch.dtype | None = None, name: str = "the result", *, floating: bool | None = None, allow_nan: bool = False) -> torch.Tensor:
+    def expect_tensor(
+        self,
+        out: Any,
+        shape: Sequence[int] | None = None,
+        dtype: torch.dtype | None = None,
+        name: str = "the result",
+        *,
+        floating: bool | None = None,
+        allow_nan: bool = False,
+    ) -> torch.Tensor:
         __tracebackhide__ = True
         if out is None:
             self.fail(f"{name} is None. Did you forget a `return` statement?")
         if type(out).__module__ == "numpy":
-            self.fail(f"{name} is a NumPy {type(out).__name__}; return a torch.Tensor (compute with torch, or wrap it with torch.as_tensor).")
+            self.fail(
+                f"{name} is a NumPy {type(out).__name__}; return a torch.Tensor (compute with torch, or wrap it with torch.as_tensor)."
+            )
         if isinstance(out, (tuple, list)):
-            self.fail(f"{name} should be one torch.Tensor, but it is a {describe(out)}. Return a single tensor "
-                      "(torch.tensor(...) or torch.stack(...) turns a list into one; return one result, not several).")
+            self.fail(
+                f"{name} should be one torch.Tensor, but it is a {describe(out)}. Return a single tensor "
+                "(torch.tensor(...) or torch.stack(...) turns a list into one; return one result, not several)."
+            )
         if not isinstance(out, torch.Tensor):
             self.fail(f"{name} should be a torch.Tensor, but it is a {describe(out)}.")
         if shape is not None and tuple(out.shape) != tuple(shape):
@@ -224,10 +244,16 @@ class Exercise:
         if dtype is not None and out.dtype != dtype:
             self.fail(_dtype_message(out, dtype, name))
         if floating is True and not out.is_floating_point():
-            self.fail(f"{name} has dtype {out.dtype}, expected a floating-point tensor: an integer division (//) or integer inputs? Use / and float tensors.".replace("torch.", ""))
+            self.fail(
+                f"{name} has dtype {out.dtype}, expected a floating-point tensor: an integer division (//) or integer inputs? Use / and float tensors.".replace(
+                    "torch.", ""
+                )
+            )
         if out.is_floating_point() and not allow_nan and not torch.isfinite(out).all():
             bad = (~torch.isfinite(out)).nonzero()[0].tolist()
-            self.fail(f"{name} contains NaN or inf (first at index {tuple(bad)}): 0/0, log(0), or exp() of a large number overflowing?")
+            self.fail(
+                f"{name} contains NaN or inf (first at index {tuple(bad)}): 0/0, log(0), or exp() of a large number overflowing?"
+            )
         return out
 
     def expect_int(self, out: Any, name: str = "the result") -> int:
@@ -242,10 +268,15 @@ class Exercise:
         if isinstance(out, torch.Tensor):
             what = f"a tensor ({describe(out)})"
             value = f" holding {out.item():g}" if out.numel() == 1 else ""
-            self.fail(f"{name} should be a Python int, but it is {what}{value}. Return int(...) of it (a count is a plain number).")
+            self.fail(
+                f"{name} should be a Python int, but it is {what}{value}. Return int(...) of it (a count is a plain number)."
+            )
         if isinstance(out, float):
-            detail = (" Its value is whole, but an int is asked for: use // for integer division, or int(...)."
-                      if out.is_integer() else " It is not even whole: a / where // belongs, or a fraction in the formula?")
+            detail = (
+                " Its value is whole, but an int is asked for: use // for integer division, or int(...)."
+                if out.is_integer()
+                else " It is not even whole: a / where // belongs, or a fraction in the formula?"
+            )
             self.fail(f"{name} should be an int, but it is the float {out!r}.{detail}")
         self.fail(f"{name} should be a whole number (int), but it is a {describe(out)}.")
         return 0  # unreachable
@@ -264,7 +295,9 @@ class Exercise:
             self.fail(f"return {len(names)} things, {want}{what}; you returned {len(out)}: {describe(out)}.")
         return list(out)
 
-    def expect_order(self, parts: Sequence[Any], expected: Sequence[Any], names: Sequence[str], *, atol: float = 1e-5, rtol: float = 1e-4) -> None:
+    def expect_order(
+        self, parts: Sequence[Any], expected: Sequence[Any], names: Sequence[str], *, atol: float = 1e-5, rtol: float = 1e-4
+    ) -> None:
         """Fail with "swapped" if the learner's results match the expected ones in another order."""
         __tracebackhide__ = True
         if all(_close(p, e, atol, rtol) for p, e in zip(parts, expected)):
@@ -309,12 +342,16 @@ class Exercise:
 def _dtype_message(out: torch.Tensor, dtype: torch.dtype, name: str) -> str:
     got, want = str(out.dtype).replace("torch.", ""), str(dtype).replace("torch.", "")
     if dtype == torch.bool and not out.is_floating_point() and bool(((out == 0) | (out == 1)).all()):
-        return (f"{name} is a 0/1 {got} tensor, but a mask must be a bool tensor: indexing with integers picks rows by "
-                "number (x[mask] gives rows 0 and 1 again and again) instead of keeping the rows where the mask is True. "
-                "Build it with a comparison (e.g. position < capacity), or convert with .bool().")
+        return (
+            f"{name} is a 0/1 {got} tensor, but a mask must be a bool tensor: indexing with integers picks rows by "
+            "number (x[mask] gives rows 0 and 1 again and again) instead of keeping the rows where the mask is True. "
+            "Build it with a comparison (e.g. position < capacity), or convert with .bool()."
+        )
     if out.is_floating_point() and not dtype.is_floating_point and dtype != torch.bool:
-        return (f"{name} has dtype {got}, expected {want}: whole numbers (counts, ids, positions) belong in an integer "
-                "tensor. A division (/) turned them into floats? Use integer ops, or .long() at the end.")
+        return (
+            f"{name} has dtype {got}, expected {want}: whole numbers (counts, ids, positions) belong in an integer "
+            "tensor. A division (/) turned them into floats? Use integer ops, or .long() at the end."
+        )
     if dtype.is_floating_point and not out.is_floating_point():
         return f"{name} has dtype {got}, expected {want}: fractions need a float tensor. An integer division (//) or integer inputs? Use / and .float()."
     return f"{name} has dtype {got}, expected {want}."

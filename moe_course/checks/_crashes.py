@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import re
 import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -61,8 +62,11 @@ class Arguments:
 
     def who(self, shape: tuple[int, ...]) -> str:
         exact = [n for n, v in self.items if isinstance(v, torch.Tensor) and tuple(v.shape) == shape]
-        flipped = [n for n, v in self.items if isinstance(v, torch.Tensor) and v.ndim == 2 and tuple(v.shape)[::-1] == shape
-                   and tuple(v.shape) != shape]
+        flipped = [
+            n
+            for n, v in self.items
+            if isinstance(v, torch.Tensor) and v.ndim == 2 and tuple(v.shape)[::-1] == shape and tuple(v.shape) != shape
+        ]
         written = [n for n in flipped if re.search(rf"\b{re.escape(n)}\s*\.\s*(?:T\b|mT\b|t\(|transpose)", self.code)]
         if len(written) == 1:
             return f"`{written[0]}` transposed"
@@ -98,52 +102,70 @@ def _matmul(m: re.Match, a: Arguments) -> str:
 
 def _broadcast(m: re.Match, a: Arguments) -> str:
     x, y, dim = m.group(1), m.group(2), m.group(3)
-    return (f"two tensors combined entry by entry (+, -, *, / or a comparison) have sizes {x} and {y} in dimension {dim}, "
-            "which cannot broadcast. Check the shapes of both sides: is one of them transposed, summed over the wrong "
-            "axis, or missing a keepdim=True / [:, None]?")
+    return (
+        f"two tensors combined entry by entry (+, -, *, / or a comparison) have sizes {x} and {y} in dimension {dim}, "
+        "which cannot broadcast. Check the shapes of both sides: is one of them transposed, summed over the wrong "
+        "axis, or missing a keepdim=True / [:, None]?"
+    )
 
 
 def _dim_range(m: re.Match, a: Arguments) -> str:
     low, high, got = int(m.group(1)), int(m.group(2)), int(m.group(3))
     ndim = high + 1
-    return (f"dim={got} does not exist on a tensor with {ndim} dimension{'s' if ndim != 1 else ''} "
-            f"(valid: {low} to {high}). Which axis did you mean? Count the dimensions of the tensor you reduce.")
+    return (
+        f"dim={got} does not exist on a tensor with {ndim} dimension{'s' if ndim != 1 else ''} "
+        f"(valid: {low} to {high}). Which axis did you mean? Count the dimensions of the tensor you reduce."
+    )
 
 
 def _index_bounds(m: re.Match, a: Arguments) -> str:
     idx, dim, size = m.group(1), m.group(2), int(m.group(3))
-    return (f"index {idx} is out of range for dimension {dim} of size {size} (indices run from 0 to {size - 1}). "
-            "A loop one step too far, an id used as an index into the wrong tensor, or a size taken from the wrong argument?")
+    return (
+        f"index {idx} is out of range for dimension {dim} of size {size} (indices run from 0 to {size - 1}). "
+        "A loop one step too far, an id used as an index into the wrong tensor, or a size taken from the wrong argument?"
+    )
 
 
 def _reshape(m: re.Match, a: Arguments) -> str:
-    return (f"a reshape/view to [{m.group(1)}] does not fit a tensor of {m.group(2)} entries: the sizes you asked for "
-            "do not multiply to the number of entries. Take the sizes from the tensor itself (x.shape) rather than from another argument.")
+    return (
+        f"a reshape/view to [{m.group(1)}] does not fit a tensor of {m.group(2)} entries: the sizes you asked for "
+        "do not multiply to the number of entries. Take the sizes from the tensor itself (x.shape) rather than from another argument."
+    )
 
 
 def _dtype(m: re.Match, a: Arguments) -> str:
-    return ("two tensors of different dtypes met (e.g. an integer and a float tensor in one matmul or index_add): "
-            "convert one with .float() or .long() so both agree. Counts are integers; weights and probabilities are floats.")
+    return (
+        "two tensors of different dtypes met (e.g. an integer and a float tensor in one matmul or index_add): "
+        "convert one with .float() or .long() so both agree. Counts are integers; weights and probabilities are floats."
+    )
 
 
 def _cast(m: re.Match, a: Arguments) -> str:
-    return (f"a {m.group(1)} result was written into a {m.group(2)} tensor (an in-place op or out= on an integer tensor): "
-            "make the tensor you write into a float tensor (e.g. torch.zeros(..., dtype=torch.float)) or divide out of place.")
+    return (
+        f"a {m.group(1)} result was written into a {m.group(2)} tensor (an in-place op or out= on an integer tensor): "
+        "make the tensor you write into a float tensor (e.g. torch.zeros(..., dtype=torch.float)) or divide out of place."
+    )
 
 
 def _ambiguous(m: re.Match, a: Arguments) -> str:
-    return ("a tensor with several entries was used as a True/False (in `if`, `and`, `or` or `while`). Python cannot decide "
-            "for all entries at once: use .any() / .all(), or compute entry by entry with torch.where or a mask.")
+    return (
+        "a tensor with several entries was used as a True/False (in `if`, `and`, `or` or `while`). Python cannot decide "
+        "for all entries at once: use .any() / .all(), or compute entry by entry with torch.where or a mask."
+    )
 
 
 def _index_dtype(m: re.Match, a: Arguments) -> str:
-    return ("a float tensor was used as an index. Indices must be integers (int64) or a bool mask: use .long(), or "
-            "keep ids as integer tensors (argmax, topk indices and bincount already are).")
+    return (
+        "a float tensor was used as an index. Indices must be integers (int64) or a bool mask: use .long(), or "
+        "keep ids as integer tensors (argmax, topk indices and bincount already are)."
+    )
 
 
 def _inplace_grad(m: re.Match, a: Arguments) -> str:
-    return ("a tensor autograd needs was changed in place (+=, .add_(), x[...] = ...). Compute a new tensor instead, "
-            "e.g. y = y + z rather than y += z.")
+    return (
+        "a tensor autograd needs was changed in place (+=, .add_(), x[...] = ...). Compute a new tensor instead, "
+        "e.g. y = y + z rather than y += z."
+    )
 
 
 def _numpy_grad(m: re.Match, a: Arguments) -> str:
@@ -155,18 +177,24 @@ def _bincount(m: re.Match, a: Arguments) -> str:
 
 
 def _not_for_dtype(m: re.Match, a: Arguments) -> str:
-    return (f"this operation does not accept {m.group(1)} tensors: convert the input first (.long() for ids and counts, "
-            ".float() for values), or use another operation.")
+    return (
+        f"this operation does not accept {m.group(1)} tensors: convert the input first (.long() for ids and counts, "
+        ".float() for values), or use another operation."
+    )
 
 
 def _expand(m: re.Match, a: Arguments) -> str:
-    return (f"sizes {m.group(2)} and {m.group(1)} meet in dimension {m.group(3)} of an assignment or expand: the value you "
-            "write does not fit the slot you write it into. Compare the shapes of both sides.")
+    return (
+        f"sizes {m.group(2)} and {m.group(1)} meet in dimension {m.group(3)} of an assignment or expand: the value you "
+        "write does not fit the slot you write it into. Compare the shapes of both sides."
+    )
 
 
 def _inplace_broadcast(m: re.Match, a: Arguments) -> str:
-    return (f"an in-place operation on a tensor of shape [{m.group(1)}] would need shape [{m.group(2)}]. "
-            "In-place ops (+=, .add_()) cannot grow a tensor: compute a new one (y = y + z).")
+    return (
+        f"an in-place operation on a tensor of shape [{m.group(1)}] would need shape [{m.group(2)}]. "
+        "In-place ops (+=, .add_()) cannot grow a tensor: compute a new one (y = y + z)."
+    )
 
 
 def _too_many_indices(m: re.Match, a: Arguments) -> str:
@@ -174,8 +202,10 @@ def _too_many_indices(m: re.Match, a: Arguments) -> str:
 
 
 def _stack(m: re.Match, a: Arguments) -> str:
-    return (f"torch.stack got tensors of different shapes, [{m.group(1)}] and [{m.group(3)}]: every piece must have the same "
-            "shape (an empty group gives a different shape: handle it, or build the result with one vectorised operation).")
+    return (
+        f"torch.stack got tensors of different shapes, [{m.group(1)}] and [{m.group(3)}]: every piece must have the same "
+        "shape (an empty group gives a different shape: handle it, or build the result with one vectorised operation)."
+    )
 
 
 def _cat(m: re.Match, a: Arguments) -> str:
@@ -183,8 +213,10 @@ def _cat(m: re.Match, a: Arguments) -> str:
 
 
 def _topk(m: re.Match, a: Arguments) -> str:
-    return ("torch.topk was asked for more entries than the dimension has: is the dim right (the experts are the last "
-            "dimension, dim=-1) and is k the right number?")
+    return (
+        "torch.topk was asked for more entries than the dimension has: is the dim right (the experts are the last "
+        "dimension, dim=-1) and is k the right number?"
+    )
 
 
 def _gather(m: re.Match, a: Arguments) -> str:
@@ -192,17 +224,23 @@ def _gather(m: re.Match, a: Arguments) -> str:
 
 
 def _one_hot(m: re.Match, a: Arguments) -> str:
-    return "F.one_hot needs integer ids below num_classes: pass the ids (int64), not probabilities, and the right number of classes."
+    return (
+        "F.one_hot needs integer ids below num_classes: pass the ids (int64), not probabilities, and the right number of classes."
+    )
 
 
 def _no_grad(m: re.Match, a: Arguments) -> str:
-    return ("backward found no gradient path: a result was detached (.detach(), .item(), torch.no_grad(), or built from "
-            "integers only). Keep it a torch computation on the inputs.")
+    return (
+        "backward found no gradient path: a result was detached (.detach(), .item(), torch.no_grad(), or built from "
+        "integers only). Keep it a torch computation on the inputs."
+    )
 
 
 def _empty(m: re.Match, a: Arguments) -> str:
-    return ("a reduction (max, argmax, min…) on an empty tensor: a group with no members (an expert with no tokens, "
-            "a specialty with no patients). Handle the empty case, or use a vectorised operation that needs no special case.")
+    return (
+        "a reduction (max, argmax, min…) on an empty tensor: a group with no members (an expert with no tokens, "
+        "a specialty with no patients). Handle the empty case, or use a vectorised operation that needs no special case."
+    )
 
 
 def _zero_division(m: re.Match, a: Arguments) -> str:
@@ -210,8 +248,10 @@ def _zero_division(m: re.Match, a: Arguments) -> str:
 
 
 def _operands(m: re.Match, a: Arguments) -> str:
-    return (f"Python cannot apply {m.group(1)} to a {m.group(2)} and a {m.group(3)}: is one of them a list, None, or a "
-            "function you forgot to call (missing parentheses)?")
+    return (
+        f"Python cannot apply {m.group(1)} to a {m.group(2)} and a {m.group(3)}: is one of them a list, None, or a "
+        "function you forgot to call (missing parentheses)?"
+    )
 
 
 def _attribute(m: re.Match, a: Arguments) -> str:
@@ -224,8 +264,10 @@ def _attribute(m: re.Match, a: Arguments) -> str:
 
 
 def _signature(m: re.Match, a: Arguments) -> str:
-    return (f"your function takes {m.group(1)} positional argument(s), but the check calls it with {m.group(2)}: "
-            "keep the signature of the stub (the same arguments, in the same order).")
+    return (
+        f"your function takes {m.group(1)} positional argument(s), but the check calls it with {m.group(2)}: "
+        "keep the signature of the stub (the same arguments, in the same order)."
+    )
 
 
 def _keyword(m: re.Match, a: Arguments) -> str:
@@ -237,56 +279,81 @@ def _missing(m: re.Match, a: Arguments) -> str:
 
 
 def _name(m: re.Match, a: Arguments) -> str:
-    return (f"the name `{m.group(1)}` is not defined inside your function. A variable from another cell? A missing "
-            "import (torch, F)? Use only the function's arguments, and import what you need.")
+    return (
+        f"the name `{m.group(1)}` is not defined inside your function. A variable from another cell? A missing "
+        "import (torch, F)? Use only the function's arguments, and import what you need."
+    )
 
 
 def _index_shapes(m: re.Match, a: Arguments) -> str:
-    return (f"index tensors used together have shapes {m.group(1)}: they must have the same length (one entry per item). "
-            "An argmax or a sum over the wrong axis gives one value per expert (or class) instead of one per token?")
+    return (
+        f"index tensors used together have shapes {m.group(1)}: they must have the same length (one entry per item). "
+        "An argmax or a sum over the wrong axis gives one value per expert (or class) instead of one per token?"
+    )
 
 
 def _list_index(m: re.Match, a: Arguments) -> str:
     return "a Python list was indexed with a tensor or a float: convert the index with int(...), or use a tensor instead of the list."
 
 
-_CRASHES: list[tuple[re.Pattern, Callable[[re.Match, Arguments], str]]] = [(re.compile(p), f) for p, f in [
-    (r"mat1 and mat2 shapes cannot be multiplied \((\d+)x(\d+) and (\d+)x(\d+)\)", _matmul),
-    (r"The size of tensor a \((\d+)\) must match the size of tensor b \((\d+)\) at non-singleton dimension (\d+)", _broadcast),
-    (r"Dimension out of range \(expected to be in range of \[(-?\d+), (-?\d+)\], but got (-?\d+)\)", _dim_range),
-    (r"index (-?\d+) is out of bounds for dimension (\d+) with size (\d+)", _index_bounds),
-    (r"shape '\[([-\d, ]*)\]' is invalid for input of size (\d+)", _reshape),
-    (r"expected (?:scalar type \w+ but found \w+|m1 and m2 to have the same dtype|both vectors to have same dtype|mat1 and mat2 to have the same dtype)"
-     r"|Index put requires the source and destination dtypes match|index_add_\(\): self \(\w+\) and source \(\w+\) must have the same scalar type"
-     r"|expected \w+ and \w+ to have the same dtype|must have the same dtype", _dtype),
-    (r"result type (\w+) can't be cast to the desired output type (\w+)", _cast),
-    (r"Boolean value of Tensor with more than one (?:value|element) is ambiguous", _ambiguous),
-    (r"tensors used as indices must be long, int|only integer tensors of a single element can be converted to an index"
-     r"|index_add_\(\): Expected dtype int|Expected dtype int64 for index|IndexError: only integers, slices", _index_dtype),
-    (r"modified by an inplace operation", _inplace_grad),
-    (r"Can't call numpy\(\) on Tensor that requires grad", _numpy_grad),
-    (r"bincount only supports 1-d non-negative integral inputs|bincount.*(?:Float|floating)", _bincount),
-    (r"not implemented for '(\w+)'", _not_for_dtype),
-    (r"The expanded size of the tensor \((\d+)\) must match the existing size \((\d+)\) at non-singleton dimension (\d+)", _expand),
-    (r"output with shape \[([\d, ]*)\] doesn't match the broadcast shape \[([\d, ]*)\]", _inplace_broadcast),
-    (r"too many indices for tensor of dimension (\d+)", _too_many_indices),
-    (r"stack expects each tensor to be equal size, but got \[([\d, ]*)\] at entry (\d+) and \[([\d, ]*)\] at entry (\d+)", _stack),
-    (r"Sizes of tensors must match except in dimension", _cat),
-    (r"selected index k out of range|k \(\d+\) is too big", _topk),
-    (r"Index tensor must have the same number of dimensions as input tensor|gather\(\): Expected dtype", _gather),
-    (r"one_hot is only applicable to index tensor|Class values must be smaller than num_classes", _one_hot),
-    (r"does not require grad and does not have a grad_fn", _no_grad),
-    (r"Expected reduction dim to be specified for input\.numel\(\) == 0|on tensor with no elements|cannot perform reduction", _empty),
-    (r"division by zero", _zero_division),
-    (r"unsupported operand type\(s\) for (\S+?): '(\w+)' and '(\w+)'", _operands),
-    (r"'(\w+)' object has no attribute '(\w+)'", _attribute),
-    (r"takes (\d+) positional arguments? but (\d+) (?:was|were) given", _signature),
-    (r"(\w+)\(\) got an unexpected keyword argument '(\w+)'", _keyword),
-    (r"(\w+)\(\) missing (\d+) required positional argument", _missing),
-    (r"name '(\w+)' is not defined", _name),
-    (r"list indices must be integers", _list_index),
-    (r"indexing tensors could not be broadcast together with shapes (.*)$", _index_shapes),
-]]
+_CRASHES: list[tuple[re.Pattern, Callable[[re.Match, Arguments], str]]] = [
+    (re.compile(p), f)
+    for p, f in [
+        (r"mat1 and mat2 shapes cannot be multiplied \((\d+)x(\d+) and (\d+)x(\d+)\)", _matmul),
+        (
+            r"The size of tensor a \((\d+)\) must match the size of tensor b \((\d+)\) at non-singleton dimension (\d+)",
+            _broadcast,
+        ),
+        (r"Dimension out of range \(expected to be in range of \[(-?\d+), (-?\d+)\], but got (-?\d+)\)", _dim_range),
+        (r"index (-?\d+) is out of bounds for dimension (\d+) with size (\d+)", _index_bounds),
+        (r"shape '\[([-\d, ]*)\]' is invalid for input of size (\d+)", _reshape),
+        (
+            r"expected (?:scalar type \w+ but found \w+|m1 and m2 to have the same dtype|both vectors to have same dtype|mat1 and mat2 to have the same dtype)"
+            r"|Index put requires the source and destination dtypes match|index_add_\(\): self \(\w+\) and source \(\w+\) must have the same scalar type"
+            r"|expected \w+ and \w+ to have the same dtype|must have the same dtype",
+            _dtype,
+        ),
+        (r"result type (\w+) can't be cast to the desired output type (\w+)", _cast),
+        (r"Boolean value of Tensor with more than one (?:value|element) is ambiguous", _ambiguous),
+        (
+            r"tensors used as indices must be long, int|only integer tensors of a single element can be converted to an index"
+            r"|index_add_\(\): Expected dtype int|Expected dtype int64 for index|IndexError: only integers, slices",
+            _index_dtype,
+        ),
+        (r"modified by an inplace operation", _inplace_grad),
+        (r"Can't call numpy\(\) on Tensor that requires grad", _numpy_grad),
+        (r"bincount only supports 1-d non-negative integral inputs|bincount.*(?:Float|floating)", _bincount),
+        (r"not implemented for '(\w+)'", _not_for_dtype),
+        (
+            r"The expanded size of the tensor \((\d+)\) must match the existing size \((\d+)\) at non-singleton dimension (\d+)",
+            _expand,
+        ),
+        (r"output with shape \[([\d, ]*)\] doesn't match the broadcast shape \[([\d, ]*)\]", _inplace_broadcast),
+        (r"too many indices for tensor of dimension (\d+)", _too_many_indices),
+        (
+            r"stack expects each tensor to be equal size, but got \[([\d, ]*)\] at entry (\d+) and \[([\d, ]*)\] at entry (\d+)",
+            _stack,
+        ),
+        (r"Sizes of tensors must match except in dimension", _cat),
+        (r"selected index k out of range|k \(\d+\) is too big", _topk),
+        (r"Index tensor must have the same number of dimensions as input tensor|gather\(\): Expected dtype", _gather),
+        (r"one_hot is only applicable to index tensor|Class values must be smaller than num_classes", _one_hot),
+        (r"does not require grad and does not have a grad_fn", _no_grad),
+        (
+            r"Expected reduction dim to be specified for input\.numel\(\) == 0|on tensor with no elements|cannot perform reduction",
+            _empty,
+        ),
+        (r"division by zero", _zero_division),
+        (r"unsupported operand type\(s\) for (\S+?): '(\w+)' and '(\w+)'", _operands),
+        (r"'(\w+)' object has no attribute '(\w+)'", _attribute),
+        (r"takes (\d+) positional arguments? but (\d+) (?:was|were) given", _signature),
+        (r"(\w+)\(\) got an unexpected keyword argument '(\w+)'", _keyword),
+        (r"(\w+)\(\) missing (\d+) required positional argument", _missing),
+        (r"name '(\w+)' is not defined", _name),
+        (r"list indices must be integers", _list_index),
+        (r"indexing tensors could not be broadcast together with shapes (.*)$", _index_shapes),
+    ]
+]
 
 
 def explain(err: BaseException, names: Sequence[str], args: Sequence[Any]) -> tuple[str, bool]:
@@ -294,12 +361,21 @@ def explain(err: BaseException, names: Sequence[str], args: Sequence[Any]) -> tu
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     where = learner_line(err)
     arguments = Arguments(names, args, where)
-    if ".T" in where and re.search(r"\.T\b", where) and any(isinstance(v, torch.Tensor) and v.ndim > 2 for _, v in arguments.items):
-        return (f"your code raised {type(err).__name__}{where}: `.T` on a tensor with more than 2 dimensions reverses *all* of them "
-                f"(B, H, T, d becomes d, T, H, B). To swap the last two, use .transpose(-2, -1) (or .mT).\n  It was called with "
-                f"{arguments.shown()}."), True
+    if (
+        ".T" in where
+        and re.search(r"\.T\b", where)
+        and any(isinstance(v, torch.Tensor) and v.ndim > 2 for _, v in arguments.items)
+    ):
+        return (
+            f"your code raised {type(err).__name__}{where}: `.T` on a tensor with more than 2 dimensions reverses *all* of them "
+            f"(B, H, T, d becomes d, T, H, B). To swap the last two, use .transpose(-2, -1) (or .mT).\n  It was called with "
+            f"{arguments.shown()}."
+        ), True
     for pattern, say in _CRASHES:
         m = pattern.search(str(err))
         if m:
-            return f"your code raised {type(err).__name__}{where}: {say(m, arguments)}\n  It was called with {arguments.shown()}.", True
+            return (
+                f"your code raised {type(err).__name__}{where}: {say(m, arguments)}\n  It was called with {arguments.shown()}.",
+                True,
+            )
     return f"your function raised {type(err).__name__}{where}: {text}\n  It was called with {arguments.shown()}.", False

@@ -18,7 +18,8 @@ so that a factor of 40 can be named.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -40,7 +41,9 @@ def scale(ratio: float, sizes: Sizes, what: str) -> str | None:
     if math.isclose(ratio, 2.0, rel_tol=1e-4):
         return f"{what}: exactly twice the expected value, a factor 2 too many (counted twice, or a sum of two equal parts)?"
     if math.isclose(ratio, 0.5, rel_tol=1e-4):
-        return f"{what}: exactly half the expected value, a factor 2 missing (one of two equal parts, or a division by 2 too many)?"
+        return (
+            f"{what}: exactly half the expected value, a factor 2 missing (one of two equal parts, or a division by 2 too many)?"
+        )
     if math.isclose(ratio, -1.0, rel_tol=1e-4):
         return f"{what}: the right size but the wrong sign, a minus sign missing or extra?"
     named = _factor_name(ratio, sizes)
@@ -60,14 +63,20 @@ def shape_hint(got: tuple[int, ...], want: tuple[int, ...]) -> str:
     if len(got) == len(want):
         short = [i for i, (g, w) in enumerate(zip(got, want)) if g == w - 1]
         if len(short) == 1 and all(g == w for i, (g, w) in enumerate(zip(got, want)) if i != short[0]):
-            return (f" One entry short along dim {short[0]}: the last class (or expert) is missing, e.g. a loop that stops one early "
-                    "or torch.bincount without minlength, when nobody falls in the last one.")
-    if len(got) == len(want) + 1 and any(got[:i] + got[i + 1:] == want for i in range(len(got))):
-        i = next(i for i in range(len(got)) if got[:i] + got[i + 1:] == want)
-        extra = " (keepdim=True, or an unsqueeze)" if got[i] == 1 else " that should have been reduced (a sum or mean over it is missing)"
+            return (
+                f" One entry short along dim {short[0]}: the last class (or expert) is missing, e.g. a loop that stops one early "
+                "or torch.bincount without minlength, when nobody falls in the last one."
+            )
+    if len(got) == len(want) + 1 and any(got[:i] + got[i + 1 :] == want for i in range(len(got))):
+        i = next(i for i in range(len(got)) if got[:i] + got[i + 1 :] == want)
+        extra = (
+            " (keepdim=True, or an unsqueeze)"
+            if got[i] == 1
+            else " that should have been reduced (a sum or mean over it is missing)"
+        )
         return f" It has an extra dim {i} of size {got[i]}{extra}."
-    if len(got) + 1 == len(want) and any(want[:i] + want[i + 1:] == got for i in range(len(want))):
-        i = next(i for i in range(len(want)) if want[:i] + want[i + 1:] == got)
+    if len(got) + 1 == len(want) and any(want[:i] + want[i + 1 :] == got for i in range(len(want))):
+        i = next(i for i in range(len(want)) if want[:i] + want[i + 1 :] == got)
         return f" Dim {i} (of size {want[i]}) is missing: you reduced over an axis that should stay (check the dim of your sum/mean/max)."
     if sorted(got) == sorted(want) and len(got) == len(want) > 2:
         return " It has the right sizes in another order: a transpose or permute of the wrong axes?"
@@ -92,17 +101,23 @@ def _relation_to_inputs(o: torch.Tensor, e: torch.Tensor, inputs: Mapping[str, A
         except RuntimeError:
             continue
         if close(o, a):
-            return f"{name}: your input `{arg}` itself, unchanged. Did the computation happen (and is its result what you return)?"
-        for c, said in ((1.0, f"plus `{arg}`: you added `{arg}` once too often (a residual connection belongs outside this function?)"),
-                        (-1.0, f"minus `{arg}`: `{arg}` is missing from your sum, or subtracted"),
-                        (-2.0, f"minus 2 × `{arg}`: `{arg}` is subtracted where it should be added"),
-                        (2.0, f"plus 2 × `{arg}`: `{arg}` is added twice")):
+            return (
+                f"{name}: your input `{arg}` itself, unchanged. Did the computation happen (and is its result what you return)?"
+            )
+        for c, said in (
+            (1.0, f"plus `{arg}`: you added `{arg}` once too often (a residual connection belongs outside this function?)"),
+            (-1.0, f"minus `{arg}`: `{arg}` is missing from your sum, or subtracted"),
+            (-2.0, f"minus 2 × `{arg}`: `{arg}` is subtracted where it should be added"),
+            (2.0, f"plus 2 × `{arg}`: `{arg}` is added twice"),
+        ):
             if close(diff, c * a):
                 return f"{name}: the expected result {said}."
     return None
 
 
-def tensors(out: torch.Tensor, expected: torch.Tensor, sizes: Sizes, name: str, inputs: Mapping[str, Any] | None = None) -> str | None:
+def tensors(
+    out: torch.Tensor, expected: torch.Tensor, sizes: Sizes, name: str, inputs: Mapping[str, Any] | None = None
+) -> str | None:
     """Symptoms of a tensor result of the right shape that does not match."""
     o, e = out.detach().double(), expected.detach().double()
     if o.shape != e.shape:
@@ -112,12 +127,16 @@ def tensors(out: torch.Tensor, expected: torch.Tensor, sizes: Sizes, name: str, 
     o_nan, e_nan = torch.isnan(o), torch.isnan(e)
     if bool((o_nan & ~e_nan).any()):
         at = tuple(int(i) for i in (o_nan & ~e_nan).nonzero()[0])
-        return (f"{name}: NaN at index {at}, where a number ({e[at].item():.4g}) is expected: 0/0, log(0) or inf - inf "
-                "somewhere? An empty group needs care, and exp/log of large numbers overflows.")
+        return (
+            f"{name}: NaN at index {at}, where a number ({e[at].item():.4g}) is expected: 0/0, log(0) or inf - inf "
+            "somewhere? An empty group needs care, and exp/log of large numbers overflows."
+        )
     if bool((e_nan & ~o_nan).any()):
         at = tuple(int(i) for i in (e_nan & ~o_nan).nonzero()[0])
-        return (f"{name}: NaN belongs at index {at} (there is nothing to average there: 0/0), but you have {o[at].item():.4g}. "
-                "Do not replace an empty group's value by a number.")
+        return (
+            f"{name}: NaN belongs at index {at} (there is nothing to average there: 0/0), but you have {o[at].item():.4g}. "
+            "Do not replace an empty group's value by a number."
+        )
     ok = ~e_nan  # NaN sits at the same places in both now
     o, e = o.nan_to_num(0.0), e.nan_to_num(0.0)
 
@@ -133,8 +152,10 @@ def tensors(out: torch.Tensor, expected: torch.Tensor, sizes: Sizes, name: str, 
         head, tail = torch.arange(n - 1), torch.arange(1, n)
         for a, b in ((tail, head), (head, tail)):
             if close(o.index_select(axis, a), e.index_select(axis, b)) and not close(o, e):
-                return (f"{name}: shifted by one place along dim {axis}; entry i holds what belongs in entry i "
-                        f"{'- 1' if a is tail else '+ 1'}. An off-by-one in an index (ids and labels start at 0)?")
+                return (
+                    f"{name}: shifted by one place along dim {axis}; entry i holds what belongs in entry i "
+                    f"{'- 1' if a is tail else '+ 1'}. An off-by-one in an index (ids and labels start at 0)?"
+                )
     # the right numbers in another order
     if torch.equal(o[ok].sort().values, e[ok].sort().values) or close(o.flatten().sort().values, e.flatten().sort().values):
         if e.ndim >= 2 and e.shape[-1] == e.shape[-2] and close(o.transpose(-1, -2), e):
@@ -142,8 +163,10 @@ def tensors(out: torch.Tensor, expected: torch.Tensor, sizes: Sizes, name: str, 
         for axis in range(e.ndim):
             for descending in (True, False):
                 if e.shape[axis] > 2 and close(o, e.sort(dim=axis, descending=descending).values):
-                    return (f"{name}: the right values, sorted along dim {axis}; keep them in their own order "
-                            "(entry i belongs to id i).")
+                    return (
+                        f"{name}: the right values, sorted along dim {axis}; keep them in their own order "
+                        "(entry i belongs to id i)."
+                    )
         weak.append(f"{name}: the right values in the wrong places; the order (of tokens, rows or entries) is mixed up.")
     # a constant factor: named when it is 2, 1/2, -1 or a size of the problem
     nz = (e.abs() > 1e-6) & ok
@@ -155,20 +178,24 @@ def tensors(out: torch.Tensor, expected: torch.Tensor, sizes: Sizes, name: str, 
             if said and not said.startswith(WEAK):
                 return said
             if said:
-                weak.append(said[len(WEAK):])
+                weak.append(said[len(WEAK) :])
     # normalisation: over the wrong axis, or missing
     for axis in range(e.ndim):
         if e.shape[axis] > 1 and _sums_to_one(e, axis) and not _sums_to_one(o, axis):
             others = [b for b in range(o.ndim) if b != axis and o.shape[b] > 1 and _sums_to_one(o, b)]
             if others:
                 last = " (the last one)" if axis == e.ndim - 1 else ""
-                return (f"{name}: the values sum to 1 along dim {others[0]}, but they should sum to 1 along dim {axis}{last}: "
-                        "the softmax or normalisation runs over the wrong axis.")
+                return (
+                    f"{name}: the values sum to 1 along dim {others[0]}, but they should sum to 1 along dim {axis}{last}: "
+                    "the softmax or normalisation runs over the wrong axis."
+                )
             if close(o.exp(), e):
                 return f"{name}: log-probabilities (log_softmax, or a log too many); return the probabilities themselves."
             if abs(o.sum().item() - 1) < 1e-4 and e.numel() > e.shape[axis]:
-                return (f"{name}: all entries together sum to 1; you normalised over every entry at once. Normalise along "
-                        f"dim {axis} only (each row its own softmax).")
+                return (
+                    f"{name}: all entries together sum to 1; you normalised over every entry at once. Normalise along "
+                    f"dim {axis} only (each row its own softmax)."
+                )
             if bool((o >= 0).all()) and bool((o.sum(axis) > 0).all()) and close(o / o.sum(axis, keepdim=True), e):
                 return f"{name}: not normalised; along dim {axis} the values should sum to 1. Divide by their sum."
             if close(torch.softmax(o, dim=axis), e):
@@ -183,12 +210,16 @@ def tensors(out: torch.Tensor, expected: torch.Tensor, sizes: Sizes, name: str, 
         n = e.shape[axis]
         if n < 2:
             continue
-        for at, which, hint in ((n - 1, "last", "a loop that stops one early (range(n - 1))?"),
-                                (0, "first", "a loop that starts at 1, or labels counted from 1?")):
+        for at, which, hint in (
+            (n - 1, "last", "a loop that stops one early (range(n - 1))?"),
+            (0, "first", "a loop that starts at 1, or labels counted from 1?"),
+        ):
             idx = torch.tensor([i for i in range(n) if i != at])
             if close(o.index_select(axis, idx), e.index_select(axis, idx)):
-                return (f"{name}: right everywhere except the {which} entry along dim {axis} (index {at}): {hint} "
-                        "Every class and every expert counts, including the " + ("last" if at else "first") + " one.")
+                return (
+                    f"{name}: right everywhere except the {which} entry along dim {axis} (index {at}): {hint} "
+                    "Every class and every expert counts, including the " + ("last" if at else "first") + " one."
+                )
     # whole numbers where fractions belong
     if e.numel() > 1 and bool((o == o.round()).all()) and not bool((e == e.round()).all()):
         if close(o, e.floor()) or close(o, e.trunc()):
@@ -204,8 +235,10 @@ def tensors(out: torch.Tensor, expected: torch.Tensor, sizes: Sizes, name: str, 
     scale_ = e[ok].abs().max().item()
     worst = diff.abs().max().item()
     if scale_ > 0 and worst <= 1e-2 * scale_:
-        weak.append(f"{name}: within {100 * worst / scale_:.2g}% of the reference, but not equal; an approximation, an "
-                    "epsilon added somewhere, or lower precision (float16)?")
+        weak.append(
+            f"{name}: within {100 * worst / scale_:.2g}% of the reference, but not equal; an approximation, an "
+            "epsilon added somewhere, or lower precision (float16)?"
+        )
     return WEAK + weak[0] if weak else None
 
 
@@ -217,14 +250,22 @@ def numbers(out: float, expected: float, sizes: Sizes, name: str) -> str | None:
         said = scale(out / expected, sizes, name)
         if said and not said.startswith(WEAK):  # any two numbers have *some* ratio: only a telling one is said
             return said
-    if isinstance(out, float) and not isinstance(expected, int) and math.isfinite(out) and out == int(out) and expected != int(expected):
+    if (
+        isinstance(out, float)
+        and not isinstance(expected, int)
+        and math.isfinite(out)
+        and out == int(out)
+        and expected != int(expected)
+    ):
         return f"{name}: a whole number where a fraction is expected; an integer division (//) or int() somewhere?"
     if expected and abs(out - expected) <= 1e-2 * abs(expected):
         return f"{WEAK}{name}: within 1% of the reference but not equal; an approximation or an epsilon somewhere?"
     return None
 
 
-def diagnose(out: Any, expected: Any, sizes: Sizes, name: str, inputs: Mapping[str, Any] | None = None) -> tuple[str, bool] | None:
+def diagnose(
+    out: Any, expected: Any, sizes: Sizes, name: str, inputs: Mapping[str, Any] | None = None
+) -> tuple[str, bool] | None:
     """(sentence, named) for a result that does not match, or None if no symptom stands out.
 
     ``inputs``: the arguments of the learner's last call by name, to recognise a result that is
@@ -239,4 +280,4 @@ def diagnose(out: Any, expected: Any, sizes: Sizes, name: str, inputs: Mapping[s
             said = numbers(out, expected, sizes, name)
     if said is None:
         return None
-    return (said[len(WEAK):], False) if said.startswith(WEAK) else (said, True)
+    return (said[len(WEAK) :], False) if said.startswith(WEAK) else (said, True)

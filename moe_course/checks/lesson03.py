@@ -30,28 +30,68 @@ def check_softmax_gate(ex: Exercise, fn) -> str:
         out = ex.call(fn, x, w)
         ex.expect_tensor(out, name="the gate weights", allow_nan=True)
         if tuple(out.shape) == (e, n) and e != n:
-            ex.fail(f"the gate weights have shape {(e, n)}; expected (N, E) = {(n, e)}: one row per patient, one column per expert.")
+            ex.fail(
+                f"the gate weights have shape {(e, n)}; expected (N, E) = {(n, e)}: one row per patient, one column per expert."
+            )
         ex.expect_tensor(out, shape=(n, e), name="the gate weights")
         logits = x @ w  # (N, E)
         mistakes = [
-            Mistake(torch.softmax(logits, dim=0), f"you took the softmax over the patients (dim 0) instead of over the experts (the last dim). Each patient's weights must sum to 1 over the experts; yours: {_row_sums(out)}."),
-            Mistake(logits, "these are the gate's raw scores x @ w_gate: apply a softmax over the experts so that each patient's weights are positive and sum to 1."),
-            Mistake(torch.sigmoid(logits), f"you used a sigmoid: each weight lies in (0, 1) but a patient's weights do not sum to 1 ({_row_sums(out)}), so the experts do not compete. Use a softmax over the experts."),
-            Mistake(torch.softmax(x @ w.T, dim=-1) if d == e else None, "you multiplied by w_gate transposed: w_gate has shape (D, E), so the scores are x @ w_gate."),
-            Mistake(logits / logits.sum(-1, keepdim=True), "you divided the raw scores by their sum: scores can be negative, so these are not weights. Exponentiate first (a softmax)."),
-            Mistake(torch.softmax(x, dim=-1) @ w, "you took the softmax of the patients' features and then multiplied by w_gate; score first (x @ w_gate), then take the softmax of the scores over the experts."),
-            Mistake(torch.softmax(logits / d**0.5, dim=-1), "you divided the scores by sqrt(D) (a temperature, as in attention); the gate's softmax takes the scores x @ w_gate as they are."),
-            Mistake(logits / logits.max(-1, keepdim=True).values, "you divided the scores by their maximum: that is not a softmax, and the weights need not be positive or sum to 1."),
-            Mistake(logits.abs() / logits.abs().sum(-1, keepdim=True), "you normalised the absolute scores; a negative score must mean a *small* weight: exponentiate (softmax) instead."),
-            Mistake(torch.nn.functional.one_hot(logits.argmax(-1), e).float(), "a hard choice of the top expert (a one-hot row); the dense gate gives every expert a soft weight: softmax over the experts."),
+            Mistake(
+                torch.softmax(logits, dim=0),
+                f"you took the softmax over the patients (dim 0) instead of over the experts (the last dim). Each patient's weights must sum to 1 over the experts; yours: {_row_sums(out)}.",
+            ),
+            Mistake(
+                logits,
+                "these are the gate's raw scores x @ w_gate: apply a softmax over the experts so that each patient's weights are positive and sum to 1.",
+            ),
+            Mistake(
+                torch.sigmoid(logits),
+                f"you used a sigmoid: each weight lies in (0, 1) but a patient's weights do not sum to 1 ({_row_sums(out)}), so the experts do not compete. Use a softmax over the experts.",
+            ),
+            Mistake(
+                torch.softmax(x @ w.T, dim=-1) if d == e else None,
+                "you multiplied by w_gate transposed: w_gate has shape (D, E), so the scores are x @ w_gate.",
+            ),
+            Mistake(
+                logits / logits.sum(-1, keepdim=True),
+                "you divided the raw scores by their sum: scores can be negative, so these are not weights. Exponentiate first (a softmax).",
+            ),
+            Mistake(
+                torch.softmax(x, dim=-1) @ w,
+                "you took the softmax of the patients' features and then multiplied by w_gate; score first (x @ w_gate), then take the softmax of the scores over the experts.",
+            ),
+            Mistake(
+                torch.softmax(logits / d**0.5, dim=-1),
+                "you divided the scores by sqrt(D) (a temperature, as in attention); the gate's softmax takes the scores x @ w_gate as they are.",
+            ),
+            Mistake(
+                logits / logits.max(-1, keepdim=True).values,
+                "you divided the scores by their maximum: that is not a softmax, and the weights need not be positive or sum to 1.",
+            ),
+            Mistake(
+                logits.abs() / logits.abs().sum(-1, keepdim=True),
+                "you normalised the absolute scores; a negative score must mean a *small* weight: exponentiate (softmax) instead.",
+            ),
+            Mistake(
+                torch.nn.functional.one_hot(logits.argmax(-1), e).float(),
+                "a hard choice of the top expert (a one-hot row); the dense gate gives every expert a soft weight: softmax over the experts.",
+            ),
         ]
-        ex.match(out, softmax_gate(x, w), [m for m in mistakes if m.output is not None], context=f"x of shape {(n, d)}, w_gate of shape {(d, e)}", name="the gate weights")
+        ex.match(
+            out,
+            softmax_gate(x, w),
+            [m for m in mistakes if m.output is not None],
+            context=f"x of shape {(n, d)}, w_gate of shape {(d, e)}",
+            name="the gate weights",
+        )
     # a very sure GP: large scores overflow exp() unless the maximum is subtracted first
     x = torch.randn(5, 3, generator=g) * 60.0
     w = torch.randn(3, 4, generator=g)
     out = ex.call(fn, x, w)
     if isinstance(out, torch.Tensor) and out.is_floating_point() and not torch.isfinite(out).all():
-        ex.fail("with large scores (around 100) your weights contain NaN or inf: exp() overflows. Use torch.softmax (or subtract each row's maximum before exponentiating).")
+        ex.fail(
+            "with large scores (around 100) your weights contain NaN or inf: exp() overflows. Use torch.softmax (or subtract each row's maximum before exponentiating)."
+        )
     ex.expect_tensor(out, shape=(5, 4), name="the gate weights")
     ex.match(out, softmax_gate(x, w), context="large scores", name="the gate weights")
     return "softmax over the experts, rows sum to 1, stable for large scores, for 1 to 6 experts"
@@ -79,7 +119,9 @@ def check_dense_mixture(ex: Exercise, fn) -> str:
         out = ex.call(fn, x, gate, experts)
         ex.expect_tensor(out, name="the mixture's probabilities", allow_nan=True)
         if tuple(out.shape) == (n, e, c):
-            ex.fail(f"the result has shape {(n, e, c)} = (N, E, classes): these are still the experts' separate answers. Weight them by the gate and sum over the experts to get (N, classes) = {(n, c)}.")
+            ex.fail(
+                f"the result has shape {(n, e, c)} = (N, E, classes): these are still the experts' separate answers. Weight them by the gate and sum over the experts to get (N, classes) = {(n, c)}."
+            )
         ex.expect_tensor(out, shape=(n, c), name="the mixture's probabilities")
         with torch.no_grad():
             gate_logits = gate(x)  # (N, E)
@@ -88,22 +130,68 @@ def check_dense_mixture(ex: Exercise, fn) -> str:
             probs = torch.softmax(logits, dim=-1)  # (N, E, classes)
             expected = mixture_probs(logits, weights)
             mistakes = [
-                Mistake(torch.softmax(torch.einsum("ne,nec->nc", weights, logits), dim=-1), "you mixed the experts' logits (gate-weighted) and then took a softmax. Mix their probabilities instead: softmax each expert's logits over the diagnoses first, then take the gate-weighted sum."),
-                Mistake(torch.einsum("ne,nec->nc", weights, logits), "you returned the gate-weighted sum of the experts' raw logits: these are not probabilities. Softmax each expert's logits first, then weight them by the gate."),
-                Mistake(probs.mean(1), "you forgot to weight by the gate: this is a plain average of the experts (an ensemble). Multiply each expert's probabilities by its gate weight for that patient, then sum over the experts."),
-                Mistake(probs.sum(1), f"you summed the experts' probabilities without weighting by the gate: rows sum to E = {e}."),
-                Mistake(torch.einsum("ne,nec->nc", torch.softmax(gate_logits, dim=0), probs), "the gate's softmax runs over the patients (dim 0); it must run over the experts (the last dim), so that each patient's weights sum to 1."),
-                Mistake(torch.einsum("ne,nec->nc", weights, torch.softmax(logits, dim=1)), "the experts' softmax runs over the experts (dim 1 of the stacked (N, E, classes) logits); each expert's probabilities must sum to 1 over the diagnoses (the last dim)."),
-                Mistake(torch.einsum("ne,nec->nc", gate_logits, probs), "you weighted the experts by the gate's raw scores; take the softmax of the gate's scores over the experts first."),
-                Mistake(expected.log(), "you returned log-probabilities; return the probabilities themselves (each row sums to 1)."),
-                Mistake(probs[torch.arange(n), weights.argmax(-1)], "you kept only each patient's top expert; the dense mixture weighs *every* expert's probabilities by the gate and adds them up."),
-                Mistake(torch.einsum("ne,nec->nc", weights, torch.log_softmax(logits, dim=-1)), "you mixed the experts' log-probabilities; mix their probabilities (softmax), weighted by the gate."),
-                Mistake(weights[:, :1] * probs.sum(1), "every expert got the weight of expert 0 (weights[:, 0]): each expert e needs its own weight weights[:, e]."),
-                Mistake(torch.einsum("ne,nec->nc", torch.sigmoid(gate_logits), probs), "you used a sigmoid for the gate: the weights then do not sum to 1 over the experts. Use a softmax over the experts."),
-                Mistake(torch.einsum("ne,nec->nc", weights**2, probs), "the gate weights are squared: weigh each expert's probabilities by its gate weight once."),
-                Mistake(torch.einsum("ne,nec->nc", weights, probs) / e, f"you divided the weighted sum by E = {e}: the gate weights already sum to 1, so the weighted sum is the answer."),
+                Mistake(
+                    torch.softmax(torch.einsum("ne,nec->nc", weights, logits), dim=-1),
+                    "you mixed the experts' logits (gate-weighted) and then took a softmax. Mix their probabilities instead: softmax each expert's logits over the diagnoses first, then take the gate-weighted sum.",
+                ),
+                Mistake(
+                    torch.einsum("ne,nec->nc", weights, logits),
+                    "you returned the gate-weighted sum of the experts' raw logits: these are not probabilities. Softmax each expert's logits first, then weight them by the gate.",
+                ),
+                Mistake(
+                    probs.mean(1),
+                    "you forgot to weight by the gate: this is a plain average of the experts (an ensemble). Multiply each expert's probabilities by its gate weight for that patient, then sum over the experts.",
+                ),
+                Mistake(
+                    probs.sum(1), f"you summed the experts' probabilities without weighting by the gate: rows sum to E = {e}."
+                ),
+                Mistake(
+                    torch.einsum("ne,nec->nc", torch.softmax(gate_logits, dim=0), probs),
+                    "the gate's softmax runs over the patients (dim 0); it must run over the experts (the last dim), so that each patient's weights sum to 1.",
+                ),
+                Mistake(
+                    torch.einsum("ne,nec->nc", weights, torch.softmax(logits, dim=1)),
+                    "the experts' softmax runs over the experts (dim 1 of the stacked (N, E, classes) logits); each expert's probabilities must sum to 1 over the diagnoses (the last dim).",
+                ),
+                Mistake(
+                    torch.einsum("ne,nec->nc", gate_logits, probs),
+                    "you weighted the experts by the gate's raw scores; take the softmax of the gate's scores over the experts first.",
+                ),
+                Mistake(
+                    expected.log(), "you returned log-probabilities; return the probabilities themselves (each row sums to 1)."
+                ),
+                Mistake(
+                    probs[torch.arange(n), weights.argmax(-1)],
+                    "you kept only each patient's top expert; the dense mixture weighs *every* expert's probabilities by the gate and adds them up.",
+                ),
+                Mistake(
+                    torch.einsum("ne,nec->nc", weights, torch.log_softmax(logits, dim=-1)),
+                    "you mixed the experts' log-probabilities; mix their probabilities (softmax), weighted by the gate.",
+                ),
+                Mistake(
+                    weights[:, :1] * probs.sum(1),
+                    "every expert got the weight of expert 0 (weights[:, 0]): each expert e needs its own weight weights[:, e].",
+                ),
+                Mistake(
+                    torch.einsum("ne,nec->nc", torch.sigmoid(gate_logits), probs),
+                    "you used a sigmoid for the gate: the weights then do not sum to 1 over the experts. Use a softmax over the experts.",
+                ),
+                Mistake(
+                    torch.einsum("ne,nec->nc", weights**2, probs),
+                    "the gate weights are squared: weigh each expert's probabilities by its gate weight once.",
+                ),
+                Mistake(
+                    torch.einsum("ne,nec->nc", weights, probs) / e,
+                    f"you divided the weighted sum by E = {e}: the gate weights already sum to 1, so the weighted sum is the answer.",
+                ),
             ]
-        ex.match(out.detach(), expected, mistakes, context=f"{n} patients of width {d}, {e} experts, {c} diagnoses", name="the mixture's probabilities")
+        ex.match(
+            out.detach(),
+            expected,
+            mistakes,
+            context=f"{n} patients of width {d}, {e} experts, {c} diagnoses",
+            name="the mixture's probabilities",
+        )
     return "gate-weighted average of the experts' probabilities, for 1 to 9 experts"
 
 
@@ -194,25 +282,70 @@ def check_specialisation_score(ex: Exercise, fn) -> str:
         out = _as_number(ex, ex.call(fn, weights, specialty, s))
         expected = specialisation_score(weights, specialty, s)
         if math.isnan(out):
-            ex.fail(f"the score is NaN for {what}. An expert (or a specialty) with no patients has probability 0, and 0 · log 0 gives NaN in floating point; its contribution is 0 (the limit), so skip empty cells.")
+            ex.fail(
+                f"the score is NaN for {what}. An expert (or a specialty) with no patients has probability 0, and 0 · log 0 gives NaN in floating point; its contribution is 0 (the limit), so skip empty cells."
+            )
         counts = top_expert_counts(weights, specialty, s)
         v = _nmi_variants(counts)
         mistakes = [
-            Mistake(v["raw"], "this is the mutual information itself (in nats); normalise it: 2·I / (H(specialty) + H(expert)), so that the score lies between 0 and 1."),
-            Mistake(v["bits"], "this is the mutual information in bits; normalise it: 2·I / (H(specialty) + H(expert)), which lies between 0 and 1 whatever the log base."),
-            Mistake(v["by_specialty"], "you divided the mutual information by H(specialty) alone (here that is also the smaller or larger of the two entropies). Divide by the mean of both, (H(specialty) + H(expert)) / 2, so that a specialty split over several experts and two specialties sharing one expert both lower the score."),
-            Mistake(v["by_expert"], "you divided the mutual information by H(expert) alone (here that is also the smaller or larger of the two entropies). Divide by the mean of both, (H(specialty) + H(expert)) / 2, so that a specialty split over several experts and two specialties sharing one expert both lower the score."),
-            Mistake(v["by_sqrt"], "you divided by the geometric mean sqrt(H(specialty)·H(expert)); this course's score divides by the arithmetic mean, (H(specialty) + H(expert)) / 2."),
-            Mistake(_soft_score(weights, specialty, s), "you used the gate weights as soft counts; the score uses each patient's *top* expert (the argmax of its gate weights over the experts) and counts patients."),
-            Mistake(math.sqrt(expected) if expected >= 0 else float("nan"), "you took a square root: the score is 2·I / (H(specialty) + H(expert)) itself."),
-            Mistake(1 - expected, "you returned 1 - score: 1 means every specialty has its own expert, 0 means the expert tells nothing about the specialty."),
-            Mistake(v["counts"], "you computed with counts, not probabilities: divide the table of counts by the number of patients first, so that the joint probabilities sum to 1."),
-            Mistake(v["mi_bits"], "the mutual information is in bits and the entropies in nats (or the other way round): use the same log for all three."),
-            Mistake(v["purity"], "this is the fraction of patients whose expert is their specialty's most common one (a purity); the score is the normalised mutual information 2·I / (H(specialty) + H(expert))."),
+            Mistake(
+                v["raw"],
+                "this is the mutual information itself (in nats); normalise it: 2·I / (H(specialty) + H(expert)), so that the score lies between 0 and 1.",
+            ),
+            Mistake(
+                v["bits"],
+                "this is the mutual information in bits; normalise it: 2·I / (H(specialty) + H(expert)), which lies between 0 and 1 whatever the log base.",
+            ),
+            Mistake(
+                v["by_specialty"],
+                "you divided the mutual information by H(specialty) alone (here that is also the smaller or larger of the two entropies). Divide by the mean of both, (H(specialty) + H(expert)) / 2, so that a specialty split over several experts and two specialties sharing one expert both lower the score.",
+            ),
+            Mistake(
+                v["by_expert"],
+                "you divided the mutual information by H(expert) alone (here that is also the smaller or larger of the two entropies). Divide by the mean of both, (H(specialty) + H(expert)) / 2, so that a specialty split over several experts and two specialties sharing one expert both lower the score.",
+            ),
+            Mistake(
+                v["by_sqrt"],
+                "you divided by the geometric mean sqrt(H(specialty)·H(expert)); this course's score divides by the arithmetic mean, (H(specialty) + H(expert)) / 2.",
+            ),
+            Mistake(
+                _soft_score(weights, specialty, s),
+                "you used the gate weights as soft counts; the score uses each patient's *top* expert (the argmax of its gate weights over the experts) and counts patients.",
+            ),
+            Mistake(
+                math.sqrt(expected) if expected >= 0 else float("nan"),
+                "you took a square root: the score is 2·I / (H(specialty) + H(expert)) itself.",
+            ),
+            Mistake(
+                1 - expected,
+                "you returned 1 - score: 1 means every specialty has its own expert, 0 means the expert tells nothing about the specialty.",
+            ),
+            Mistake(
+                v["counts"],
+                "you computed with counts, not probabilities: divide the table of counts by the number of patients first, so that the joint probabilities sum to 1.",
+            ),
+            Mistake(
+                v["mi_bits"],
+                "the mutual information is in bits and the entropies in nats (or the other way round): use the same log for all three.",
+            ),
+            Mistake(
+                v["purity"],
+                "this is the fraction of patients whose expert is their specialty's most common one (a purity); the score is the normalised mutual information 2·I / (H(specialty) + H(expert)).",
+            ),
         ]
         mistakes = [m for m in mistakes if not math.isnan(m.output) and abs(m.output - expected) > 1e-6]
-        ex.match(out, expected, mistakes, context=f"{what}: {len(specialty)} patients, {s} specialties, {weights.shape[1]} experts", name="the score", atol=1e-5, rtol=1e-4)
-    return "normalised mutual information between specialty and top expert: 1 for one-to-one, 0 for one expert, idle experts handled"
+        ex.match(
+            out,
+            expected,
+            mistakes,
+            context=f"{what}: {len(specialty)} patients, {s} specialties, {weights.shape[1]} experts",
+            name="the score",
+            atol=1e-5,
+            rtol=1e-4,
+        )
+    return (
+        "normalised mutual information between specialty and top expert: 1 for one-to-one, 0 for one expert, idle experts handled"
+    )
 
 
 @exercise("3.4", "dense_mixture_flops")
@@ -223,19 +356,40 @@ def check_dense_mixture_flops(ex: Exercise, fn) -> str:
         expert = 2 * n * d * f + 2 * n * f * c
         mistakes = [
             Mistake(e * expert, "the gate is missing: it is a (D, E) matmul on every patient, 2·N·D·E FLOPs."),
-            Mistake(gate + expert, "you counted a single expert: in a dense mixture every patient goes through all E experts, so the experts cost E times one expert."),
+            Mistake(
+                gate + expert,
+                "you counted a single expert: in a dense mixture every patient goes through all E experts, so the experts cost E times one expert.",
+            ),
             Mistake(gate + e * 4 * n * d * f, "each expert maps D → F → classes (its second matmul is F × classes, not F × D)."),
             Mistake((gate + e * expert) // 2, "this is half the answer: a multiply-add counts as 2 FLOPs."),
             Mistake(2 * d * e + e * (2 * d * f + 2 * f * c), "the number of patients is missing: multiply by num_tokens."),
             Mistake(e * (gate + expert), "you counted the gate once per expert; there is one gate, 2·N·D·E FLOPs in total."),
-            Mistake(2 * d * e + e * expert, "the gate's FLOPs lack the number of patients: the gate runs on every patient, 2·N·D·E."),
-            Mistake(gate + e * (2 * n * d * c + 2 * n * c * c), "you used num_classes where the hidden width d_ff belongs: each expert maps D → F → classes."),
-            Mistake(3 * (gate + e * expert), "these are training FLOPs (forward + backward ≈ 3 × forward); count the forward pass only."),
-            Mistake(gate + e * expert + 2 * n * e * c, "you also counted the weighted sum of the experts' answers (N·E·classes multiply-adds); the course counts the matmuls of the gate and the experts only."),
+            Mistake(
+                2 * d * e + e * expert, "the gate's FLOPs lack the number of patients: the gate runs on every patient, 2·N·D·E."
+            ),
+            Mistake(
+                gate + e * (2 * n * d * c + 2 * n * c * c),
+                "you used num_classes where the hidden width d_ff belongs: each expert maps D → F → classes.",
+            ),
+            Mistake(
+                3 * (gate + e * expert),
+                "these are training FLOPs (forward + backward ≈ 3 × forward); count the forward pass only.",
+            ),
+            Mistake(
+                gate + e * expert + 2 * n * e * c,
+                "you also counted the weighted sum of the experts' answers (N·E·classes multiply-adds); the course counts the matmuls of the gate and the experts only.",
+            ),
             Mistake(gate + e * 2 * n * d * f, "each expert's second matmul (F × classes, 2·N·F·classes FLOPs) is missing."),
             Mistake(2 * n * d * f + e * expert, "the gate is a D × E matmul (2·N·D·E FLOPs), not an FFN of width F."),
-            Mistake(gate + e * e * expert, "E² experts: every patient goes through each of the E experts once, so E × one expert."),
+            Mistake(
+                gate + e * e * expert, "E² experts: every patient goes through each of the E experts once, so E × one expert."
+            ),
         ]
-        ex.match(out, dense_mixture_flops(n, d, f, c, e), [m for m in mistakes if m.output != dense_mixture_flops(n, d, f, c, e)],
-                 context=f"num_tokens={n}, d_in={d}, d_ff={f}, num_classes={c}, num_experts={e}", name="the FLOP count")
+        ex.match(
+            out,
+            dense_mixture_flops(n, d, f, c, e),
+            [m for m in mistakes if m.output != dense_mixture_flops(n, d, f, c, e)],
+            context=f"num_tokens={n}, d_in={d}, d_ff={f}, num_classes={c}, num_experts={e}",
+            name="the FLOP count",
+        )
     return "gate + E experts, 2 FLOPs per multiply-add, for 4 sizes including E = 1"

@@ -126,8 +126,10 @@ def put_exercise(target: nbformat.NotebookNode, donor: nbformat.NotebookNode, in
         target.cells.insert(t_check, new)
         t_answer, t_check, changed = t_check, t_check + 1, True
     else:
-        raise CourseError(f"exercise {info.ex_id} is not in your notebook any more (neither its cell nor its check cell); "
-                          f"`moe-course reset {info.stem[:2]}` writes the whole notebook afresh (yours is backed up first)")
+        raise CourseError(
+            f"exercise {info.ex_id} is not in your notebook any more (neither its cell nor its check cell); "
+            f"`moe-course reset {info.stem[:2]}` writes the whole notebook afresh (yours is backed up first)"
+        )
     if t_check is None and d_check is not None:
         target.cells.insert(t_answer + 1, _fresh(donor.cells[d_check]))
         changed = True
@@ -149,8 +151,10 @@ def reset(root: Path, picks: list[tuple[Lesson, ExerciseInfo | None]], *, now: _
                 path.write_text(_write_text(fresh), encoding="utf-8")
             _record_generated(root, lesson, fresh)
             results.forget(root, [e.ex_id for e in lesson.exercises])
-            lines.append(f"{rel} is fresh from solutions/: every exercise of lesson {lesson.number} is back to its stub."
-                         + (f" Your version: {saved.relative_to(root)}." if saved else ""))
+            lines.append(
+                f"{rel} is fresh from solutions/: every exercise of lesson {lesson.number} is back to its stub."
+                + (f" Your version: {saved.relative_to(root)}." if saved else "")
+            )
             continue
         if not path.exists():
             raise CourseError(f"{rel} is missing: `moe-course reset {lesson.number}` makes a fresh one")
@@ -160,8 +164,10 @@ def reset(root: Path, picks: list[tuple[Lesson, ExerciseInfo | None]], *, now: _
             continue
         saved = save_with_backup(root, lesson, mine, stamp=stamp)
         results.forget(root, [info.ex_id])
-        lines.append(f"Exercise {info.ex_id} ({info.name}) is back to its stub in {rel}; the rest of the notebook is as you "
-                     f"left it. Your version: {saved.relative_to(root)} (`moe-course restore {info.ex_id}` brings it back).")
+        lines.append(
+            f"Exercise {info.ex_id} ({info.name}) is back to its stub in {rel}; the rest of the notebook is as you "
+            f"left it. Your version: {saved.relative_to(root)} (`moe-course restore {info.ex_id}` brings it back)."
+        )
     if any("Your version" in line for line in lines):
         lines.append(RELOAD)
     return lines
@@ -169,7 +175,11 @@ def reset(root: Path, picks: list[tuple[Lesson, ExerciseInfo | None]], *, now: _
 
 def _describe(root: Path, backup: Backup, lesson: Lesson | None) -> str:
     age = _dt.datetime.now() - backup.when
-    ago = f"{age.days} days ago" if age.days else (f"{age.seconds // 3600} h ago" if age.seconds >= 3600 else f"{age.seconds // 60} min ago")
+    ago = (
+        f"{age.days} days ago"
+        if age.days
+        else (f"{age.seconds // 3600} h ago" if age.seconds >= 3600 else f"{age.seconds // 60} min ago")
+    )
     done = ""
     if lesson is not None:
         try:
@@ -184,17 +194,26 @@ def _describe(root: Path, backup: Backup, lesson: Lesson | None) -> str:
 def listing(root: Path, lessons: list[Lesson]) -> list[str]:
     found = backups(root)
     if not found:
-        return ["No backups yet: exercises/backups/ is empty. (reset, restore, update and `moe-exercises build --force` "
-                "save your notebook there before they replace it.)"]
+        return [
+            "No backups yet: exercises/backups/ is empty. (reset, restore, update and `moe-exercises build --force` "
+            "save your notebook there before they replace it.)"
+        ]
     by_stem = {lesson.stem: lesson for lesson in lessons}
     lines = ["Backups, newest first:"] + [_describe(root, b, by_stem.get(b.stem)) for b in found]
-    lines.append("`moe-course restore NN` brings back a lesson's newest backup, `restore N.M` one exercise's answer, "
-                 "`restore --from FILE` a chosen backup. The notebook it replaces is backed up first.")
+    lines.append(
+        "`moe-course restore NN` brings back a lesson's newest backup, `restore N.M` one exercise's answer, "
+        "`restore --from FILE` a chosen backup. The notebook it replaces is backed up first."
+    )
     return lines
 
 
-def restore(root: Path, picks: list[tuple[Lesson, ExerciseInfo | None]], *, source_file: Path | None = None,
-            now: _dt.datetime | None = None) -> list[str]:
+def restore(
+    root: Path,
+    picks: list[tuple[Lesson, ExerciseInfo | None]],
+    *,
+    source_file: Path | None = None,
+    now: _dt.datetime | None = None,
+) -> list[str]:
     """Bring back a backup: a whole lesson's notebook, or one exercise's answer."""
     stamp, lines = timestamp(now), []
     for lesson, info in picks:
@@ -213,8 +232,10 @@ def restore(root: Path, picks: list[tuple[Lesson, ExerciseInfo | None]], *, sour
                 saved = None
             else:
                 saved = save_with_backup(root, lesson, nb, stamp=stamp)
-            lines.append(f"{rel} is back as in {chosen.relative_to(root) if chosen.is_relative_to(root) else chosen}."
-                         + (f" The version it replaced: {saved.relative_to(root)}." if saved else ""))
+            lines.append(
+                f"{rel} is back as in {chosen.relative_to(root) if chosen.is_relative_to(root) else chosen}."
+                + (f" The version it replaced: {saved.relative_to(root)}." if saved else "")
+            )
             continue
         mine = read_any(lesson.notebook(root)) if lesson.notebook(root).exists() else generated(root, lesson)
         for path in candidates:  # the newest backup that holds an answer to this exercise, different from the current one
@@ -224,12 +245,14 @@ def restore(root: Path, picks: list[tuple[Lesson, ExerciseInfo | None]], *, sour
             if put_exercise(mine, donor, info):
                 saved = save_with_backup(root, lesson, mine, stamp=stamp)
                 results.forget(root, [info.ex_id])
-                lines.append(f"Exercise {info.ex_id} ({info.name}) is back in {rel} from {path.relative_to(root) if path.is_relative_to(root) else path}; "
-                             f"the rest of the notebook is as it was. The version it replaced: {saved.relative_to(root)}.")
+                lines.append(
+                    f"Exercise {info.ex_id} ({info.name}) is back in {rel} from {path.relative_to(root) if path.is_relative_to(root) else path}; "
+                    f"the rest of the notebook is as it was. The version it replaced: {saved.relative_to(root)}."
+                )
                 break
         else:
-            raise CourseError(f"no backup of lesson {lesson.number} holds an answer to exercise {info.ex_id} different from "
-                              f"the one in {rel}")
+            raise CourseError(
+                f"no backup of lesson {lesson.number} holds an answer to exercise {info.ex_id} different from the one in {rel}"
+            )
     lines.append(RELOAD)
     return lines
-

@@ -43,10 +43,23 @@ def default_jobs(count: int) -> int:
 
 def pytest_command(notebook: str, report: Path) -> list[str]:
     return [
-        sys.executable, "-m", "pytest", notebook,
-        "-p", "moe_course.course.pytest_plugin", f"--moe-course-report={report}",
-        "--nbval-lax", "--nbval-current-env", "--nbval-cell-timeout=300",
-        "-o", "addopts=", "-p", "no:cacheprovider", "--color=no", "-q", "-rN",
+        sys.executable,
+        "-m",
+        "pytest",
+        notebook,
+        "-p",
+        "moe_course.course.pytest_plugin",
+        f"--moe-course-report={report}",
+        "--nbval-lax",
+        "--nbval-current-env",
+        "--nbval-cell-timeout=300",
+        "-o",
+        "addopts=",
+        "-p",
+        "no:cacheprovider",
+        "--color=no",
+        "-q",
+        "-rN",
     ]
 
 
@@ -56,14 +69,17 @@ def run_notebook(root: Path, lesson: Lesson) -> NotebookRun:
     path = lesson.notebook(root)
     rel = path.relative_to(root).as_posix()
     if not path.exists():
-        run.results = [ExerciseResult(e.ex_id, FAILED, f"{rel} is missing: `moe-course reset {lesson.number}` makes a fresh one", -1)
-                       for e in lesson.exercises]
+        run.results = [
+            ExerciseResult(e.ex_id, FAILED, f"{rel} is missing: `moe-course reset {lesson.number}` makes a fresh one", -1)
+            for e in lesson.exercises
+        ]
         return run
     with tempfile.TemporaryDirectory(prefix="moe-course-") as tmp:
         report = Path(tmp) / "report.json"
         start = time.perf_counter()
-        proc = subprocess.run(pytest_command(rel, report), cwd=root, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.run(
+            pytest_command(rel, report), cwd=root, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
         run.seconds = time.perf_counter() - start
         run.log = proc.stdout + (f"\n[stderr]\n{proc.stderr}" if proc.stderr.strip() else "")
         data = json.loads(report.read_text()) if report.exists() else {}
@@ -74,8 +90,9 @@ def run_notebook(root: Path, lesson: Lesson) -> NotebookRun:
         problem = f"{rel} could not be run ({why}); the full log says more"
     else:
         problem = f"its check cell is missing from {rel}: `moe-course reset {{ex_id}}` puts it back (your answer is kept)"
-    run.results = [by_id.get(e.ex_id) or ExerciseResult(e.ex_id, FAILED, problem.format(ex_id=e.ex_id), -1)
-                   for e in lesson.exercises]
+    run.results = [
+        by_id.get(e.ex_id) or ExerciseResult(e.ex_id, FAILED, problem.format(ex_id=e.ex_id), -1) for e in lesson.exercises
+    ]
     return run
 
 
@@ -99,13 +116,24 @@ def check(root: Path, lessons: list[Lesson], *, jobs: int | None = None, out: Te
     state.mkdir(exist_ok=True)
     log_path = state / LOG
     jobs = jobs or default_jobs(len(lessons))
-    names = ", ".join(f"exercises/{lesson.stem}.ipynb" for lesson in lessons) if len(lessons) <= 2 else f"{len(lessons)} exercise notebooks"
-    print(f"Checking {names} with nbval{f' ({jobs} at a time)' if jobs > 1 else ''}. "
-          "Save your notebooks in JupyterLab first: the check reads the saved file.", file=out, flush=True)
+    names = (
+        ", ".join(f"exercises/{lesson.stem}.ipynb" for lesson in lessons)
+        if len(lessons) <= 2
+        else f"{len(lessons)} exercise notebooks"
+    )
+    print(
+        f"Checking {names} with nbval{f' ({jobs} at a time)' if jobs > 1 else ''}. "
+        "Save your notebooks in JupyterLab first: the check reads the saved file.",
+        file=out,
+        flush=True,
+    )
     twins = [lesson.stem for lesson in lessons if (root / "exercises" / f"{lesson.stem}.py").exists()]
     if twins:
-        print(f"Note: exercises/{twins[0]}.py{' and others' if len(twins) > 1 else ''} are left from an older version of the "
-              "course; the check reads the .ipynb only (`moe-exercises build` moves the .py files to exercises/backups/).", file=out)
+        print(
+            f"Note: exercises/{twins[0]}.py{' and others' if len(twins) > 1 else ''} are left from an older version of the "
+            "course; the check reads the .ipynb only (`moe-exercises build` moves the .py files to exercises/backups/).",
+            file=out,
+        )
     counts = {PASSED: 0, FAILED: 0, NOT_STARTED: 0}
     start = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log, ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -123,11 +151,17 @@ def check(root: Path, lessons: list[Lesson], *, jobs: int | None = None, out: Te
             log.write(f"\n===== exercises/{lesson.stem}.ipynb ({took}) =====\n{run.log}\n")
             results.save(root, f"exercises/{lesson.stem}.ipynb", run.results)
     total = sum(counts.values())
-    print(f"\n{counts[PASSED]} of {total} exercises passed, {counts[FAILED]} failed, {counts[NOT_STARTED]} not started "
-          f"({time.perf_counter() - start:.0f} s). Full log: {log_path.relative_to(root)}", file=out)
+    print(
+        f"\n{counts[PASSED]} of {total} exercises passed, {counts[FAILED]} failed, {counts[NOT_STARTED]} not started "
+        f"({time.perf_counter() - start:.0f} s). Full log: {log_path.relative_to(root)}",
+        file=out,
+    )
     if counts[FAILED]:
-        print("❌ names the mistake: the check raised an ExerciseError (its check cell in the notebook shows the whole "
-              "message). · means the exercise still raises NotImplementedError: replace its stub with your code.", file=out)
+        print(
+            "❌ names the mistake: the check raised an ExerciseError (its check cell in the notebook shows the whole "
+            "message). · means the exercise still raises NotImplementedError: replace its stub with your code.",
+            file=out,
+        )
     elif counts[NOT_STARTED]:
         print("· means the exercise still raises NotImplementedError: replace its stub with your code.", file=out)
     return 0 if counts[PASSED] == total else 1

@@ -1,11 +1,11 @@
 """``moe-course`` (or ``python -m moe_course``): the learner's one command.
 
-    moe-course lab [NN | N.M]      open the course in JupyterLab (a lesson, or an exercise's notebook)
-    moe-course check [NN | N.M …]  run exercise notebooks with nbval: one line per exercise, and a total
-    moe-course progress            every lesson and exercise at a glance (from the last checks; runs nothing)
-    moe-course reset NN | N.M …    a lesson's notebook, or one exercise, back to its stub (yours is backed up)
-    moe-course restore [NN | N.M]  bring back a backup (without an argument: list them)
-    moe-course update              take a new version of the course with git, keeping your work
+moe-course lab [NN | N.M]      open the course in JupyterLab (a lesson, or an exercise's notebook)
+moe-course check [NN | N.M …]  run exercise notebooks with nbval: one line per exercise, and a total
+moe-course progress            every lesson and exercise at a glance (from the last checks; runs nothing)
+moe-course reset NN | N.M …    a lesson's notebook, or one exercise, back to its stub (yours is backed up)
+moe-course restore [NN | N.M]  bring back a backup (without an argument: list them)
+moe-course update              take a new version of the course with git, keeping your work
 """
 
 from __future__ import annotations
@@ -24,19 +24,28 @@ COMMANDS = ("lab", "check", "progress", "reset", "restore", "update")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="moe-course", description="The Mixture-of-Experts course: open it, check your exercises, see your progress.",
-        epilog="Lessons are numbers such as 1 or 01; exercises are ids such as 1.2.")
+        prog="moe-course",
+        description="The Mixture-of-Experts course: open it, check your exercises, see your progress.",
+        epilog="Lessons are numbers such as 1 or 01; exercises are ids such as 1.2.",
+    )
     parser.add_argument("--root", type=Path, default=None, help="the course folder (default: found from the current folder)")
     common = argparse.ArgumentParser(add_help=False)  # --root after the command works too
     common.add_argument("--root", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     add = lambda name, **kw: sub.add_parser(name, parents=[common], **kw)  # noqa: E731
-    p = add("lab", help="open the course in JupyterLab", description="Open the course in JupyterLab. "
-                       "Any further arguments go to JupyterLab (e.g. --no-browser --port 8899).")
-    p.add_argument("target", nargs="?", help="a lesson (opens notebooks/NN_*.ipynb) or an exercise id (opens its exercise notebook)")
+    p = add(
+        "lab",
+        help="open the course in JupyterLab",
+        description="Open the course in JupyterLab. Any further arguments go to JupyterLab (e.g. --no-browser --port 8899).",
+    )
+    p.add_argument(
+        "target", nargs="?", help="a lesson (opens notebooks/NN_*.ipynb) or an exercise id (opens its exercise notebook)"
+    )
     p = add("check", help="check exercise notebooks: one line per exercise")
     p.add_argument("targets", nargs="*", metavar="NN", help="lessons to check, e.g. 01 (default: every lesson)")
-    p.add_argument("--jobs", "-j", type=int, default=None, help="notebooks to run at once (default: one per two cores, at most 4)")
+    p.add_argument(
+        "--jobs", "-j", type=int, default=None, help="notebooks to run at once (default: one per two cores, at most 4)"
+    )
     add("progress", help="the whole course at a glance, from the last checks")
     p = add("reset", help="put a lesson's exercise notebook, or one exercise, back to its stub")
     p.add_argument("targets", nargs="+", metavar="NN|N.M", help="a lesson (e.g. 01) or an exercise (e.g. 1.2)")

@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 STATE_DIR = ".moe-course"  # the learner's check results and logs (git ignores it; JupyterLab hides it)
 BACKUPS = "backups"  # exercises/backups/: every version of a learner's notebook that a command replaced
@@ -42,8 +43,10 @@ def find_root(start: Path | None = None) -> Path:
     for folder in (here, *here.parents):
         if (folder / "solutions").is_dir() and (folder / "pyproject.toml").exists():
             return folder
-    raise CourseError(f"could not find the course folder (with solutions/ and pyproject.toml) above {here}: "
-                      "run the command inside the course folder, or pass --root")
+    raise CourseError(
+        f"could not find the course folder (with solutions/ and pyproject.toml) above {here}: "
+        "run the command inside the course folder, or pass --root"
+    )
 
 
 @dataclass(frozen=True)

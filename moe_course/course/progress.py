@@ -72,17 +72,25 @@ def show(root: Path, lessons: list[Lesson], out: TextIO | None = None) -> int:
             if upcoming is None and row.status != PASSED:
                 upcoming = row
             note = f"  {row.note}" if row.note else ""
-            print(f"  {SYMBOLS[row.status]} {row.info.ex_id:<4} {row.info.name:<{width}}  {row.info.title}{note}".rstrip(), file=out)
+            print(
+                f"  {SYMBOLS[row.status]} {row.info.ex_id:<4} {row.info.name:<{width}}  {row.info.title}{note}".rstrip(), file=out
+            )
     total = sum(counts.values())
-    print(f"\n{counts[PASSED]} of {total} exercises passed · {counts[FAILED]} failing · {counts[TO_CHECK]} to check · "
-          f"{counts[NOT_STARTED]} not started", file=out)
+    print(
+        f"\n{counts[PASSED]} of {total} exercises passed · {counts[FAILED]} failing · {counts[TO_CHECK]} to check · "
+        f"{counts[NOT_STARTED]} not started",
+        file=out,
+    )
     checked = [v.get("checked_at", "") for v in stored.values()]
     if checked:
         when = _dt.datetime.fromisoformat(max(checked)).strftime("%Y-%m-%d %H:%M")
         print(f"Last check: {when}. The symbols: ✅ passed, ❌ failed, ✎ to check, · not started.", file=out)
     else:
-        print("No check has run yet: `moe-course check 00` checks the first notebook. "
-              "The symbols: ✅ passed, ❌ failed, ✎ to check, · not started.", file=out)
+        print(
+            "No check has run yet: `moe-course check 00` checks the first notebook. "
+            "The symbols: ✅ passed, ❌ failed, ✎ to check, · not started.",
+            file=out,
+        )
     if upcoming is not None:
         print(f"Next: exercise {upcoming.info.ex_id} ({upcoming.info.name}) in exercises/{upcoming.info.stem}.ipynb", file=out)
     else:

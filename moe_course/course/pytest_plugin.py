@@ -30,8 +30,12 @@ _ERRORS: dict[str, str] = {}  # collection errors of notebooks, by node id (a co
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("moe-course", "moe-course exercise notebooks")
-    group.addoption("--moe-course-report", metavar="PATH", default=None,
-                    help="write one result per exercise of the notebooks run (JSON) to PATH")
+    group.addoption(
+        "--moe-course-report",
+        metavar="PATH",
+        default=None,
+        help="write one result per exercise of the notebooks run (JSON) to PATH",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -98,10 +102,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         evalue = str(call.excinfo.value)  # a timeout or a dead kernel: nbval's own message
     checks = item.stash[_KEY]["checks"]
     cells = item.parent.nb.cells
-    state["cells"].append(CellOutcome(
-        item.cell_num, checks, "failed" if report.failed else report.outcome, ename, evalue,
-        exercise_fingerprint(cells, checks[0]) if checks else "",
-    ))
+    state["cells"].append(
+        CellOutcome(
+            item.cell_num,
+            checks,
+            "failed" if report.failed else report.outcome,
+            ename,
+            evalue,
+            exercise_fingerprint(cells, checks[0]) if checks else "",
+        )
+    )
     if report.failed:
         if ename == "ExerciseError":
             report.longrepr = ANSI.sub("", evalue).strip()  # the checker's message is the whole story

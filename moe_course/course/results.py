@@ -16,9 +16,10 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .layout import STATE_DIR
 
@@ -71,15 +72,32 @@ def exercise_results(cells: Sequence[CellOutcome]) -> list[ExerciseResult]:
             if cell.outcome == "passed":
                 results.append(ExerciseResult(ex_id, PASSED, "", cell.number, cell.fingerprint))
             elif cell.ename == "ExerciseError" and one_line(cell.evalue, ex_id).startswith(NOT_DONE):
-                results.append(ExerciseResult(ex_id, NOT_STARTED, "not started: its stub still raises NotImplementedError",
-                                              cell.number, cell.fingerprint))
+                results.append(
+                    ExerciseResult(
+                        ex_id,
+                        NOT_STARTED,
+                        "not started: its stub still raises NotImplementedError",
+                        cell.number,
+                        cell.fingerprint,
+                    )
+                )
             elif earlier_failure is not None:
                 what = f"{earlier_failure.ename}: {one_line(earlier_failure.evalue)}" if earlier_failure.ename else "an error"
-                results.append(ExerciseResult(ex_id, FAILED, f"your code (cell {earlier_failure.number}) raised {what}",
-                                              cell.number, cell.fingerprint))
+                results.append(
+                    ExerciseResult(
+                        ex_id, FAILED, f"your code (cell {earlier_failure.number}) raised {what}", cell.number, cell.fingerprint
+                    )
+                )
             elif cell.outcome == "skipped":
-                results.append(ExerciseResult(ex_id, FAILED, "its check cell did not run (an earlier cell timed out or the kernel died)",
-                                              cell.number, cell.fingerprint))
+                results.append(
+                    ExerciseResult(
+                        ex_id,
+                        FAILED,
+                        "its check cell did not run (an earlier cell timed out or the kernel died)",
+                        cell.number,
+                        cell.fingerprint,
+                    )
+                )
             elif cell.ename == "ExerciseError":
                 results.append(ExerciseResult(ex_id, FAILED, one_line(cell.evalue, ex_id), cell.number, cell.fingerprint))
             else:
@@ -127,6 +145,8 @@ def _write(root: Path, stored: dict[str, Any]) -> None:
     path = results_path(root)
     path.parent.mkdir(exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"version": 1, "exercises": dict(sorted(stored.items()))}, indent=1, ensure_ascii=False) + "\n",
-                   encoding="utf-8")
+    tmp.write_text(
+        json.dumps({"version": 1, "exercises": dict(sorted(stored.items()))}, indent=1, ensure_ascii=False) + "\n",
+        encoding="utf-8",
+    )
     tmp.replace(path)

@@ -30,7 +30,7 @@ import nbformat
 
 from ..exercises.build import _write_text, backup_path, timestamp
 from .backups import put_exercise
-from .layout import STATE_DIR, CourseError, check_ids, fingerprint, is_stub, read_lesson, answer_cell
+from .layout import STATE_DIR, CourseError, answer_cell, check_ids, fingerprint, is_stub, read_lesson
 
 
 def _git(cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -102,7 +102,7 @@ def merge_exercises(top: Path, path: str, mine: bytes, base: bytes | None, their
     for i, cell in enumerate(old.cells):
         if cell.get("id") in base_ids or not base_ids or any(cell.get("id") == c.get("id") for c in new.cells):
             continue
-        after = next((check_ids(c) for c in old.cells[i + 1:] if check_ids(c)), [])
+        after = next((check_ids(c) for c in old.cells[i + 1 :] if check_ids(c)), [])
         at = next((j for j, c in enumerate(new.cells) if after and after[0] in check_ids(c)), len(new.cells))
         new.cells.insert(at, cell)
         added += 1
@@ -119,8 +119,10 @@ def update(root: Path, out: TextIO | None = None, now: _dt.datetime | None = Non
     say = lambda text: print(text, file=out, flush=True)  # noqa: E731
     proc = _git(root, "rev-parse", "--show-toplevel")
     if proc.returncode != 0:
-        say("This course folder is not a git clone, so it cannot update itself. Get the new version (clone or download "
-            "it), then copy your notebooks from exercises/ into its exercises/ folder: your answers travel with them.")
+        say(
+            "This course folder is not a git clone, so it cannot update itself. Get the new version (clone or download "
+            "it), then copy your notebooks from exercises/ into its exercises/ folder: your answers travel with them."
+        )
         return 2
     top = Path(proc.stdout.strip())
     upstream = _git(top, "rev-parse", "--abbrev-ref", "--symbolic-full-name", "@{u}").stdout.strip()
@@ -138,8 +140,10 @@ def update(root: Path, out: TextIO | None = None, now: _dt.datetime | None = Non
         say("The course is up to date.")
         return 0
     if ahead:
-        say(f"You have made {ahead} commit{'s' if ahead > 1 else ''} of your own in this clone, so git has to merge: run "
-            f"`git pull` and resolve what it asks (your committed work is safe in git). Nothing was changed.")
+        say(
+            f"You have made {ahead} commit{'s' if ahead > 1 else ''} of your own in this clone, so git has to merge: run "
+            f"`git pull` and resolve what it asks (your committed work is safe in git). Nothing was changed."
+        )
         return 1
     stamp = timestamp(now)
     mine_paths = _changed_files(top)
@@ -152,7 +156,7 @@ def update(root: Path, out: TextIO | None = None, now: _dt.datetime | None = Non
         if saved[rel] is not None:
             (keep / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, keep / rel)
-            if rel.startswith("exercises/") and rel.endswith(".ipynb") and "/" not in rel[len("exercises/"):]:
+            if rel.startswith("exercises/") and rel.endswith(".ipynb") and "/" not in rel[len("exercises/") :]:
                 shutil.copy2(path, backup_path(top / "exercises", Path(rel).stem, stamp))
     if saved:
         say(f"Your changed files are saved in {keep.relative_to(top)}/ ({len(saved)} file{'s' if len(saved) > 1 else ''}).")
@@ -203,7 +207,6 @@ def update(root: Path, out: TextIO | None = None, now: _dt.datetime | None = Non
             target.write_bytes(data)
             say(f"  {rel}: the new version, with {'; '.join(notes) if notes else 'nothing of yours to carry over'}")
             continue
-        say(f"  {rel}: changed by the course and by you; the new version is in place, yours is in "
-            f"{keep.relative_to(top)}/{rel}")
+        say(f"  {rel}: changed by the course and by you; the new version is in place, yours is in {keep.relative_to(top)}/{rel}")
     say("Done. `moe-course progress` shows where you are.")
     return 0

@@ -167,7 +167,9 @@ class _Rule:
         return self.relabel[scores.argmax(-1)]
 
 
-def _make_rule(seed: int, s: int, *, d_measure: int, num_diagnoses: int, teacher_width: int, teacher_gain: float, twins: bool) -> _Rule:
+def _make_rule(
+    seed: int, s: int, *, d_measure: int, num_diagnoses: int, teacher_width: int, teacher_gain: float, twins: bool
+) -> _Rule:
     """The rule of specialty ``s``; it depends on (seed, s) and the sizes only."""
     # A twin (odd s) copies its partner's teacher, then renames the diagnoses.
     base = s - 1 if twins and s % 2 == 1 else s
@@ -218,7 +220,16 @@ def _make_centres(seed: int, num_specialties: int, d_context: int, radius: float
     return radius * centres
 
 
-def _draw(n: int, rules: list[_Rule], centres: torch.Tensor, *, num_diagnoses: int, d_measure: int, context_noise: float, g: torch.Generator) -> Patients:
+def _draw(
+    n: int,
+    rules: list[_Rule],
+    centres: torch.Tensor,
+    *,
+    num_diagnoses: int,
+    d_measure: int,
+    context_noise: float,
+    g: torch.Generator,
+) -> Patients:
     """Draw n patients under ``rules``: balanced specialties and diagnoses, shuffled."""
     num_specialties = len(rules)
     ms, ds, ss = [], [], []
@@ -298,7 +309,9 @@ def make_clinic(
     """
     _check_int("num_specialties", num_specialties, 1)
     if num_specialties > len(SPECIALTY_NAMES):
-        raise ValueError(f"num_specialties must be at most {len(SPECIALTY_NAMES)} (one per name in SPECIALTY_NAMES), got {num_specialties}")
+        raise ValueError(
+            f"num_specialties must be at most {len(SPECIALTY_NAMES)} (one per name in SPECIALTY_NAMES), got {num_specialties}"
+        )
     _check_int("n_train", n_train, 1)
     _check_int("n_val", n_val, 1)
     _check_int("num_diagnoses", num_diagnoses, 2)
@@ -313,7 +326,15 @@ def make_clinic(
             raise ValueError(f"{name} must be a number > 0, got {value!r}")
 
     rules = [
-        _make_rule(seed, s, d_measure=d_measure, num_diagnoses=num_diagnoses, teacher_width=teacher_width, teacher_gain=teacher_gain, twins=twins)
+        _make_rule(
+            seed,
+            s,
+            d_measure=d_measure,
+            num_diagnoses=num_diagnoses,
+            teacher_width=teacher_width,
+            teacher_gain=teacher_gain,
+            twins=twins,
+        )
         for s in range(num_specialties)
     ]
     # separation is counted in noise widths, so the probe's difficulty depends on it alone.

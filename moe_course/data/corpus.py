@@ -54,7 +54,7 @@ import math
 import random
 import string
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -96,8 +96,22 @@ DEFAULT_MIX: dict[str, float] = {
 
 # The wards a patient can be sent to (the answers of the facts domain).
 WARDS: tuple[str, ...] = (
-    "eye", "skin", "heart", "lung", "bone", "brain", "blood", "ear",
-    "gut", "kidney", "liver", "teeth", "child", "mind", "nerve", "joint",
+    "eye",
+    "skin",
+    "heart",
+    "lung",
+    "bone",
+    "brain",
+    "blood",
+    "ear",
+    "gut",
+    "kidney",
+    "liver",
+    "teeth",
+    "child",
+    "mind",
+    "nerve",
+    "joint",
 )
 
 _BRACKETS = {"(": ")", "[": "]", "{": "}", "<": ">"}
@@ -147,7 +161,7 @@ class CharTokenizer:
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
 
-    def extended(self, text: str) -> "CharTokenizer":
+    def extended(self, text: str) -> CharTokenizer:
         """A tokenizer that also knows every character of ``text`` (new ones appended, sorted)."""
         extra = "".join(sorted(set(text) - set(self.chars)))
         return CharTokenizer(self.chars + extra)
@@ -215,20 +229,34 @@ class CorpusConfig:
         if self.id_digits > 6:
             raise ValueError(f"CorpusConfig.id_digits must be at most 6, got {self.id_digits}")
         if self.id_alphabet is not None:
-            if not isinstance(self.id_alphabet, str) or len(self.id_alphabet) < 2 or len(set(self.id_alphabet)) != len(self.id_alphabet):
-                raise ValueError(f"CorpusConfig.id_alphabet must be a string of at least 2 distinct characters (or None for numbers), got {self.id_alphabet!r}")
+            if (
+                not isinstance(self.id_alphabet, str)
+                or len(self.id_alphabet) < 2
+                or len(set(self.id_alphabet)) != len(self.id_alphabet)
+            ):
+                raise ValueError(
+                    f"CorpusConfig.id_alphabet must be a string of at least 2 distinct characters (or None for numbers), got {self.id_alphabet!r}"
+                )
             if any(c not in BASE_CHARS or c.isspace() for c in self.id_alphabet):
-                raise ValueError(f"CorpusConfig.id_alphabet {self.id_alphabet!r} may use printable ASCII characters other than spaces only")
+                raise ValueError(
+                    f"CorpusConfig.id_alphabet {self.id_alphabet!r} may use printable ASCII characters other than spaces only"
+                )
         if self.num_facts > self.max_facts:
-            raise ValueError(f"CorpusConfig.num_facts={self.num_facts}: patient numbers have {self.id_digits} characters, so at most {self.max_facts} facts; raise id_digits")
+            raise ValueError(
+                f"CorpusConfig.num_facts={self.num_facts}: patient numbers have {self.id_digits} characters, so at most {self.max_facts} facts; raise id_digits"
+            )
         if not isinstance(self.num_wards, int) or not 2 <= self.num_wards <= len(WARDS):
             raise ValueError(f"CorpusConfig.num_wards must be an int in [2, {len(WARDS)}], got {self.num_wards!r}")
         if not isinstance(self.fact_prompt, str) or self.fact_prompt.count("{}") != 1 or "\n" in self.fact_prompt:
-            raise ValueError(f"CorpusConfig.fact_prompt must be one line with exactly one '{{}}' for the patient number, e.g. 'patient {{}}: ', got {self.fact_prompt!r}")
+            raise ValueError(
+                f"CorpusConfig.fact_prompt must be one line with exactly one '{{}}' for the patient number, e.g. 'patient {{}}: ', got {self.fact_prompt!r}"
+            )
         before, after = self.fact_prompt.split("{}")
         id_chars = self.id_alphabet or string.digits
         if before[-1:] and before[-1] in id_chars or after[:1] and after[0] in id_chars:
-            raise ValueError(f"CorpusConfig.fact_prompt {self.fact_prompt!r}: a character of the patient numbers next to '{{}}' would merge with the number")
+            raise ValueError(
+                f"CorpusConfig.fact_prompt {self.fact_prompt!r}: a character of the patient numbers next to '{{}}' would merge with the number"
+            )
         if any(c not in BASE_CHARS for c in self.fact_prompt):
             raise ValueError(f"CorpusConfig.fact_prompt {self.fact_prompt!r} may use printable ASCII characters only")
         if self.arithmetic_digits > 6:
@@ -292,7 +320,7 @@ class LMBatch:
     answer: torch.Tensor  # (B, T) bool: the target is part of a sample's answer
     sample: torch.Tensor  # (B, T) int64 index of the target's sample within its row; -1: truncated by the cut
 
-    def to(self, device: torch.device | str) -> "LMBatch":
+    def to(self, device: torch.device | str) -> LMBatch:
         return LMBatch(*(getattr(self, f).to(device) for f in ("x", "y", "domain", "answer", "sample")))
 
     def __len__(self) -> int:
@@ -302,7 +330,7 @@ class LMBatch:
     def shape(self) -> tuple[int, int]:
         return tuple(self.x.shape)
 
-    def rows(self, start: int, stop: int) -> "LMBatch":
+    def rows(self, start: int, stop: int) -> LMBatch:
         """Rows start:stop, as a smaller batch."""
         return LMBatch(*(getattr(self, f)[start:stop] for f in ("x", "y", "domain", "answer", "sample")))
 
@@ -349,7 +377,11 @@ class Corpus:
                     raise ValueError(f"the text is too short: its {name} part has {len(part)} characters")
         self.tokenizer = tokenizer
         self.domains: tuple[str, ...] = DOMAINS + ((TEXT_DOMAIN,) if text is not None else ())
-        mix = dict(config.mix) if config.mix is not None else dict(DEFAULT_MIX, **({TEXT_DOMAIN: config.text_weight} if text is not None else {}))
+        mix = (
+            dict(config.mix)
+            if config.mix is not None
+            else dict(DEFAULT_MIX, **({TEXT_DOMAIN: config.text_weight} if text is not None else {}))
+        )
         missing = [d for d, w in mix.items() if w > 0 and d not in self.domains]
         if missing:
             raise ValueError(f"mix gives weight to {missing}, which this corpus does not have (no text given)")
@@ -420,7 +452,7 @@ class Corpus:
         return Sample(prompt + self.facts[patient] + "\n", "facts", len(prompt))
 
     def _arithmetic(self, rng: random.Random, held_out: bool) -> Sample:
-        top = 10 ** self.config.arithmetic_digits
+        top = 10**self.config.arithmetic_digits
         a, b = rng.randrange(top), rng.randrange(top)
         if rng.random() < 0.5:
             prompt, result = f"{a}+{b}=", a + b
@@ -508,7 +540,9 @@ class Corpus:
 
     # --- batches ----------------------------------------------------------------
 
-    def batch(self, batch_size: int, block_size: int, generator: torch.Generator | None = None, *, held_out: bool = False) -> LMBatch:
+    def batch(
+        self, batch_size: int, block_size: int, generator: torch.Generator | None = None, *, held_out: bool = False
+    ) -> LMBatch:
         """B rows of T characters of fresh samples: an ``LMBatch`` on the CPU.
 
         All randomness comes from ``generator`` (one draw seeds a Python RNG),
@@ -545,8 +579,13 @@ class Corpus:
         ids, domain, sample = (torch.tensor(v, dtype=torch.int64) for v in (ids, domain, sample))  # (B, T + 1)
         answer = torch.tensor(answer, dtype=torch.bool)  # (B, T + 1)
         # Labels describe the targets y = ids[:, 1:].
-        return LMBatch(ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), domain[:, 1:].contiguous(),
-                       answer[:, 1:].contiguous(), sample[:, 1:].contiguous())
+        return LMBatch(
+            ids[:, :-1].contiguous(),
+            ids[:, 1:].contiguous(),
+            domain[:, 1:].contiguous(),
+            answer[:, 1:].contiguous(),
+            sample[:, 1:].contiguous(),
+        )
 
     def held_out(self, num_rows: int, block_size: int, seed: int = 0) -> LMBatch:
         """A fixed held-out set: fresh samples from the held-out stream (same fact table).
@@ -558,5 +597,7 @@ class Corpus:
         return self._batch(num_rows, block_size, rng, held_out=True)
 
     def __repr__(self) -> str:
-        return (f"Corpus(domains={list(self.domains)}, num_facts={self.config.num_facts}, "
-                f"vocab_size={self.vocab_size}, seed={self.config.seed})")
+        return (
+            f"Corpus(domains={list(self.domains)}, num_facts={self.config.num_facts}, "
+            f"vocab_size={self.vocab_size}, seed={self.config.seed})"
+        )

@@ -82,7 +82,9 @@ def exchange_counts(tokens_per_expert: torch.Tensor, group: Any = None) -> torch
     """
     _, world = require_process_group(group, "exchange_counts")
     if tokens_per_expert.ndim != 1 or tokens_per_expert.numel() % world:
-        raise ValueError(f"tokens_per_expert must be (E,) with E divisible by the world size {world}, got {tuple(tokens_per_expert.shape)}")
+        raise ValueError(
+            f"tokens_per_expert must be (E,) with E divisible by the world size {world}, got {tuple(tokens_per_expert.shape)}"
+        )
     counts = tokens_per_expert.to(torch.int64).contiguous()
     out = torch.empty_like(counts)
     with explain_collective_errors("the count exchange (all_to_all of tokens per expert)", group):
@@ -93,7 +95,9 @@ def exchange_counts(tokens_per_expert: torch.Tensor, group: Any = None) -> torch
 def rows_per_rank(tokens_per_expert: torch.Tensor, world_size: int) -> torch.Tensor:
     """Rows this rank sends to each rank: (E,) tokens per expert → (W,), the sum over each rank's E/W experts."""
     if tokens_per_expert.ndim != 1 or tokens_per_expert.numel() % world_size:
-        raise ValueError(f"tokens_per_expert must be (E,) with E divisible by world_size={world_size}, got {tuple(tokens_per_expert.shape)}")
+        raise ValueError(
+            f"tokens_per_expert must be (E,) with E divisible by world_size={world_size}, got {tuple(tokens_per_expert.shape)}"
+        )
     return tokens_per_expert.view(world_size, -1).sum(1)  # (W,)
 
 
@@ -121,8 +125,15 @@ def simulate_all_to_all(rows: Sequence[torch.Tensor], splits: torch.Tensor) -> l
     from ``torch.split`` and ``torch.cat``, so autograd gives its backward.
     """
     rows = list(rows)
-    if not isinstance(splits, torch.Tensor) or splits.ndim != 2 or splits.shape[0] != splits.shape[1] or splits.is_floating_point():
-        raise ValueError(f"splits must be a (W, W) integer tensor, got {getattr(splits, 'dtype', type(splits).__name__)} {tuple(getattr(splits, 'shape', ()))}")
+    if (
+        not isinstance(splits, torch.Tensor)
+        or splits.ndim != 2
+        or splits.shape[0] != splits.shape[1]
+        or splits.is_floating_point()
+    ):
+        raise ValueError(
+            f"splits must be a (W, W) integer tensor, got {getattr(splits, 'dtype', type(splits).__name__)} {tuple(getattr(splits, 'shape', ()))}"
+        )
     world = splits.shape[0]
     if len(rows) != world:
         raise ValueError(f"rows must hold one tensor per rank: splits is {world}×{world} but rows has {len(rows)} tensors")
@@ -130,8 +141,10 @@ def simulate_all_to_all(rows: Sequence[torch.Tensor], splits: torch.Tensor) -> l
         raise ValueError(f"split sizes cannot be negative, got {splits.tolist()}")
     for s, r in enumerate(rows):
         if not isinstance(r, torch.Tensor) or r.ndim < 1 or r.shape[0] != int(splits[s].sum()):
-            raise ValueError(f"rank {s} holds {r.shape[0] if isinstance(r, torch.Tensor) and r.ndim else '?'} rows, "
-                             f"but splits[{s}] sends {int(splits[s].sum())} ({splits[s].tolist()})")
+            raise ValueError(
+                f"rank {s} holds {r.shape[0] if isinstance(r, torch.Tensor) and r.ndim else '?'} rows, "
+                f"but splits[{s}] sends {int(splits[s].sum())} ({splits[s].tolist()})"
+            )
     blocks = [torch.split(r, splits[s].tolist()) for s, r in enumerate(rows)]  # blocks[s][q]: rank s's rows for rank q
     return [torch.cat([blocks[s][q] for s in range(world)]) for q in range(world)]
 
@@ -161,8 +174,12 @@ def bytes_per_token(
     for name, value in (("d_model", d_model), ("top_k", top_k), ("bytes_per_value", bytes_per_value)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if capacity_factor is not None and (isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float))
-                                        or not math.isfinite(capacity_factor) or capacity_factor <= 0):
+    if capacity_factor is not None and (
+        isinstance(capacity_factor, bool)
+        or not isinstance(capacity_factor, (int, float))
+        or not math.isfinite(capacity_factor)
+        or capacity_factor <= 0
+    ):
         raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor!r}")
     if world_size is not None and (not isinstance(world_size, int) or isinstance(world_size, bool) or world_size <= 0):
         raise ValueError(f"world_size must be a positive int or None, got {world_size!r}")

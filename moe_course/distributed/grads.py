@@ -57,7 +57,7 @@ def all_reduce_replicated_grads(model: nn.Module, *, group: Any = None) -> None:
         dist.all_reduce(flat, group=group)
     start = 0
     for p in params:
-        g = flat[start:start + p.numel()].view_as(p)
+        g = flat[start : start + p.numel()].view_as(p)
         start += p.numel()
         if p.grad is None:
             p.grad = g.clone()
@@ -94,10 +94,14 @@ def check_replicas_in_sync(model: nn.Module, *, group: Any = None) -> None:
     The usual cause: the model was built from different seeds on different
     ranks. Expert parameters are not compared (they are meant to differ).
     """
-    digest = {name: hashlib.sha256(p.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:12]
-              for name, p in split_parameters(model)[0]}
+    digest = {
+        name: hashlib.sha256(p.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:12]
+        for name, p in split_parameters(model)[0]
+    }
     try:
         same_on_every_rank(digest, "replicated parameters (checksums)", group)
     except ValueError:
-        raise ValueError("the replicated parameters (router, attention, embeddings, ...) differ between ranks: build the "
-                         "model from the same seed on every rank before sharding it") from None
+        raise ValueError(
+            "the replicated parameters (router, attention, embeddings, ...) differ between ranks: build the "
+            "model from the same seed on every rank before sharding it"
+        ) from None

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -64,14 +65,16 @@ def init_process_group(
             raise RuntimeError(
                 f"no process group: the environment lacks {', '.join(missing)}. Start the script with "
                 "`torchrun --standalone --nproc-per-node N ...`, or pass rank, world_size and init_method "
-                "(moe_course.distributed.launch.run_on_processes does this for you)")
+                "(moe_course.distributed.launch.run_on_processes does this for you)"
+            )
         rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not (isinstance(timeout_seconds, (int, float)) and timeout_seconds > 0):
         raise ValueError(f"timeout_seconds must be > 0, got {timeout_seconds!r}")
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_seconds))
+    dist.init_process_group(
+        backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_seconds)
+    )
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -82,7 +85,8 @@ def require_process_group(group: Any = None, what: str = "expert parallelism") -
             f"{what} needs a torch.distributed process group, and this process has none. Launch with "
             "`torchrun --standalone --nproc-per-node N -m ...`, call "
             "moe_course.distributed.init_process_group() in each process, or run a function on several "
-            "processes with moe_course.distributed.launch.run_on_processes")
+            "processes with moe_course.distributed.launch.run_on_processes"
+        )
     return dist.get_rank(group), dist.get_world_size(group)
 
 
@@ -121,4 +125,5 @@ def explain_collective_errors(what: str, group: Any = None) -> Iterator[None]:
         raise RuntimeError(
             f"{what} failed on rank {rank}: another rank did not take part in time. Usually one rank crashed, "
             f"took another code path (e.g. skipped a forward or a backward), or was built with another config. "
-            f"The backend said: {err}") from err
+            f"The backend said: {err}"
+        ) from err

@@ -25,8 +25,9 @@ import os
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -39,7 +40,8 @@ def _check_travels(fn: Any) -> None:
         raise ValueError(
             f"run_on_processes needs a function defined at the top level of an importable module, got {qualname or fn!r} "
             f"from {module!r}: new processes receive the function by name, and a function defined in a notebook or "
-            "inside another function cannot be found by name. Put it in a .py file (or use one from moe_course.distributed)")
+            "inside another function cannot be found by name. Put it in a .py file (or use one from moe_course.distributed)"
+        )
 
 
 def in_sequence(rank: int, world_size: int, calls: list[tuple[Callable, tuple, dict]]) -> list[Any]:
@@ -61,21 +63,33 @@ def _context():
         ctx = mp.get_context("forkserver")
         # Imported once in the server, and every rank forks from it (takes effect before the server starts).
         # torch._dynamo: the first optimizer a process builds imports it, which alone takes seconds.
-        ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "pandas",
-                                    "moe_course.distributed.traffic", "moe_course.distributed.verify"])
+        ctx.set_forkserver_preload(
+            [
+                "torch",
+                "torch.distributed",
+                "torch._dynamo",
+                "pandas",
+                "moe_course.distributed.traffic",
+                "moe_course.distributed.verify",
+            ]
+        )
         return ctx
     return mp.get_context("spawn")  # Windows
 
 
-def _run_rank(fn: Callable, rank: int, world_size: int, folder: str, args: tuple, kwargs: dict, collective_timeout: float, threads: int) -> None:
-    from .group import init_process_group
-
+def _run_rank(
+    fn: Callable, rank: int, world_size: int, folder: str, args: tuple, kwargs: dict, collective_timeout: float, threads: int
+) -> None:
     import torch.distributed as dist
+
+    from .group import init_process_group
 
     torch.set_num_threads(threads)  # W processes share the cores
     out = Path(folder) / f"rank{rank}.pt"
     try:
-        init_process_group(rank, world_size, init_method=f"file://{folder}/store", backend="gloo", timeout_seconds=collective_timeout)
+        init_process_group(
+            rank, world_size, init_method=f"file://{folder}/store", backend="gloo", timeout_seconds=collective_timeout
+        )
         payload = {"result": fn(rank, world_size, *args, **kwargs)}
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent
         payload = {"error": traceback.format_exc()}
@@ -116,8 +130,14 @@ def run_on_processes(
             raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
     ctx = _context()
     with tempfile.TemporaryDirectory(prefix="moe-ranks-") as folder:
-        procs = [ctx.Process(target=_run_rank, args=(fn, rank, world_size, folder, args, dict(kwargs or {}), collective_timeout, threads),
-                             name=f"moe-rank-{rank}") for rank in range(world_size)]
+        procs = [
+            ctx.Process(
+                target=_run_rank,
+                args=(fn, rank, world_size, folder, args, dict(kwargs or {}), collective_timeout, threads),
+                name=f"moe-rank-{rank}",
+            )
+            for rank in range(world_size)
+        ]
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout
@@ -132,7 +152,9 @@ def run_on_processes(
                 procs[rank].kill()
                 procs[rank].join(5)
         if stuck:
-            raise TimeoutError(f"{getattr(fn, '__name__', fn)} did not finish within {timeout:g} s on ranks {stuck}; they were stopped")
+            raise TimeoutError(
+                f"{getattr(fn, '__name__', fn)} did not finish within {timeout:g} s on ranks {stuck}; they were stopped"
+            )
         results, errors = [], []
         for rank, p in enumerate(procs):
             path = Path(folder) / f"rank{rank}.pt"
@@ -145,5 +167,7 @@ def run_on_processes(
             else:
                 results.append(payload["result"])
         if errors:
-            raise RuntimeError(f"{getattr(fn, '__name__', fn)} failed on {len(errors)} of {world_size} ranks:\n" + "\n".join(errors))
+            raise RuntimeError(
+                f"{getattr(fn, '__name__', fn)} failed on {len(errors)} of {world_size} ranks:\n" + "\n".join(errors)
+            )
     return results

@@ -52,13 +52,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dispatch import combine_rows, dispatch, sort_by_expert, sort_dispatch
-from ..experts import Experts
 from ..moe import MoEConfig, MoELayer, MoEOutput
 from ..routing import capacity_mask, expert_capacity
 from .exchange import all_to_all, exchange_counts
 from .group import explain_collective_errors, group_rank_zero, require_process_group, same_on_every_rank
 
 __all__ = ["ExpertParallelMoE", "ExpertParallelOutput", "shard_moe_layers", "expert_parallel_layers", "gather_full_state_dict"]
+
 
 @dataclass(frozen=True)
 class ExpertParallelOutput(MoEOutput):
@@ -93,38 +93,30 @@ class ExpertParallelMoE(MoELayer):
         unsupported = {"balance_scope": (config.balance_scope, "batch"), "bias_update_rate": (config.bias_update_rate, 0.0)}
         for name, (value, plain) in unsupported.items():
             if value != plain:
-                raise ValueError(f"ExpertParallelMoE does not support MoEConfig.{name}={value!r} (its losses and loads are summed over "
-                                 f"the global batch); use {name}={plain!r}, or a single-process MoELayer")
+                raise ValueError(
+                    f"ExpertParallelMoE does not support MoEConfig.{name}={value!r} (its losses and loads are summed over "
+                    f"the global batch); use {name}={plain!r}, or a single-process MoELayer"
+                )
         rank, world = require_process_group(group, "ExpertParallelMoE")
         if config.num_experts % world:
             divisors = [w for w in range(1, config.num_experts + 1) if config.num_experts % w == 0]
-            raise ValueError(f"ExpertParallelMoE: {config.num_experts} experts cannot be shared evenly by {world} processes; "
-                             f"use a world size that divides the number of experts ({divisors}), or change num_experts")
+            raise ValueError(
+                f"ExpertParallelMoE: {config.num_experts} experts cannot be shared evenly by {world} processes; "
+                f"use a world size that divides the number of experts ({divisors}), or change num_experts"
+            )
         same_on_every_rank(config, "MoEConfig of ExpertParallelMoE", group)
         nn.Module.__init__(self)  # not MoELayer.__init__: this rank holds only its own experts
         self.config, self.group, self.rank, self.world_size = config, group, rank, world
         self.num_local_experts = config.num_experts // world  # E_l
         self.first_expert = rank * self.num_local_experts
-        D, E = config.d_model, config.num_experts
-        self.w_router = nn.Parameter(torch.empty(D, E))
-        if config.router == "noisy_top_k":
-            self.w_noise = nn.Parameter(torch.zeros(D, E))
-        else:
-            self.register_parameter("w_noise", None)
-        self.experts = Experts(self.num_local_experts, D, config.d_ff, activation=config.activation, bias=config.bias,
-                               init_scale=config.init_scale)
-        # replicated like the router: every rank runs the shared experts on its own tokens
-        self.shared_experts = (Experts(config.num_shared_experts, D, config.d_ff, activation=config.activation, bias=config.bias,
-                                       init_scale=config.init_scale) if config.num_shared_experts else None)
-        self.w_shared_gate = nn.Parameter(torch.empty(D, 1)) if config.shared_expert_gate else None  # (D, 1)
-        self.register_buffer("expert_bias", torch.zeros(E) if config.router == "sigmoid" else None)  # (E,) selection only
-        self.reset_router()
+        # the router, shared experts and selection bias are replicated; the routed experts, only this rank's share
+        self._make_parameters(self.num_local_experts)
         with torch.no_grad(), explain_collective_errors("broadcasting the router weights", group):
             for p in _replicated_of(self):
                 dist.broadcast(p.data, src=group_rank_zero(group), group=group)
 
     @classmethod
-    def from_layer(cls, layer: MoELayer, *, group: Any = None) -> "ExpertParallelMoE":
+    def from_layer(cls, layer: MoELayer, *, group: Any = None) -> ExpertParallelMoE:
         """This rank's share of ``layer``: its router and experts rank·E_l … (rank+1)·E_l − 1 (copies)."""
         if not isinstance(layer, MoELayer) or isinstance(layer, ExpertParallelMoE):
             raise TypeError(f"from_layer expects a single-process MoELayer, got {type(layer).__name__}")
@@ -146,8 +138,11 @@ class ExpertParallelMoE(MoELayer):
         """Expert e alone on x (N, D) → (N, D); e is a global expert index and must live on this rank."""
         if not (isinstance(e, int) and self.first_expert <= e < self.first_expert + self.num_local_experts):
             owner = e // self.num_local_experts if isinstance(e, int) and 0 <= e < self.config.num_experts else None
-            raise ValueError(f"expert {e!r} does not live on rank {self.rank} (it holds experts {self.first_expert}..."
-                             f"{self.first_expert + self.num_local_experts - 1}" + (f"; expert {e} is on rank {owner})" if owner is not None else ")"))
+            raise ValueError(
+                f"expert {e!r} does not live on rank {self.rank} (it holds experts {self.first_expert}..."
+                f"{self.first_expert + self.num_local_experts - 1}"
+                + (f"; expert {e} is on rank {owner})" if owner is not None else ")")
+            )
         return self.experts.expert_output(e - self.first_expert, x)
 
     # -- the forward pass ---------------------------------------------------
@@ -203,8 +198,10 @@ class ExpertParallelMoE(MoELayer):
             both = torch.tensor([C, -C], device=tokens.device)
             dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
         if int(both[0]) != C or int(-both[1]) != C:
-            raise ValueError(f"capacity-padded expert parallelism needs the same capacity on every rank (the same number of "
-                             f"tokens per call): rank {self.rank} has C={C}, others range from {int(-both[1])} to {int(both[0])}")
+            raise ValueError(
+                f"capacity-padded expert parallelism needs the same capacity on every rank (the same number of "
+                f"tokens per call): rank {self.rank} has C={C}, others range from {int(-both[1])} to {int(both[0])}"
+            )
         equal = [E_l * C] * W
         rows = all_to_all(buffer, equal, equal, self.group)  # (W·E_l·C, D): [source rank][local expert][slot]
         t1 = time.perf_counter()
@@ -223,11 +220,17 @@ class ExpertParallelMoE(MoELayer):
         E, k = self.config.num_experts, expert_index.shape[1]
         log_z = torch.logsumexp(logits, dim=-1)  # (N,)
         counts = torch.bincount(expert_index.reshape(-1), minlength=E)  # (E,) what the router chose, before dropping
-        stats = torch.cat([counts.double(), probs.detach().sum(0).double(), (log_z.detach() ** 2).sum().double()[None],
-                           torch.tensor([float(logits.shape[0])], dtype=torch.float64, device=logits.device)])  # (2E + 2,)
+        stats = torch.cat(
+            [
+                counts.double(),
+                probs.detach().sum(0).double(),
+                (log_z.detach() ** 2).sum().double()[None],
+                torch.tensor([float(logits.shape[0])], dtype=torch.float64, device=logits.device),
+            ]
+        )  # (2E + 2,)
         with explain_collective_errors("summing the router statistics over ranks (all_reduce)", self.group):
             dist.all_reduce(stats, group=self.group)
-        counts_g, probs_g, z_sum_g, n_g = stats[:E], stats[E:2 * E], stats[2 * E], stats[2 * E + 1]
+        counts_g, probs_g, z_sum_g, n_g = stats[:E], stats[E : 2 * E], stats[2 * E], stats[2 * E + 1]
         f = (counts_g / (n_g * k)).float()  # (E,) share of all assignments, as in load_balancing_loss
         aux_part = E * (f * probs.sum(0)).sum() / n_g.float()  # this rank's Σ over its tokens, / N_g
         z_part = (log_z**2).sum() / n_g.float()
@@ -241,7 +244,9 @@ class ExpertParallelMoE(MoELayer):
     def forward(self, x: torch.Tensor) -> ExpertParallelOutput:
         cfg = self.config
         if not isinstance(x, torch.Tensor) or x.ndim not in (2, 3) or x.shape[-1] != cfg.d_model:
-            raise ValueError(f"ExpertParallelMoE expects x of shape (B, T, {cfg.d_model}) or (N, {cfg.d_model}), got {tuple(getattr(x, 'shape', ()))}")
+            raise ValueError(
+                f"ExpertParallelMoE expects x of shape (B, T, {cfg.d_model}) or (N, {cfg.d_model}), got {tuple(getattr(x, 'shape', ()))}"
+            )
         tokens = x.reshape(-1, cfg.d_model)  # (N, D)
         logits, routing = self._route(tokens)
         probs = routing.router_probs if cfg.router == "sigmoid" else F.softmax(logits, dim=-1)  # (N, E), as MoELayer
@@ -251,7 +256,9 @@ class ExpertParallelMoE(MoELayer):
             keep = torch.ones_like(expert_index, dtype=torch.bool)
             y, traffic, exchange_s, expert_s = self._dropless(tokens, expert_index, gates)
         else:
-            capacity = expert_capacity(tokens.shape[0], cfg.num_experts, cfg.capacity_factor, top_k=cfg.top_k, min_capacity=cfg.min_capacity)
+            capacity = expert_capacity(
+                tokens.shape[0], cfg.num_experts, cfg.capacity_factor, top_k=cfg.top_k, min_capacity=cfg.min_capacity
+            )
             assignment = capacity_mask(expert_index, cfg.num_experts, capacity)
             keep = assignment.keep
             y, traffic, exchange_s, expert_s = self._padded(tokens, expert_index, gates, assignment.position, keep, capacity)
@@ -282,9 +289,11 @@ class ExpertParallelMoE(MoELayer):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"rank={self.rank}/{self.world_size}, experts {self.first_expert}..{self.first_expert + self.num_local_experts - 1} "
-                f"of {c.num_experts}, router={c.router!r}, top_k={c.top_k}, "
-                + ("dropless" if c.capacity_factor is None else f"capacity-padded, capacity_factor={c.capacity_factor}"))
+        return (
+            f"rank={self.rank}/{self.world_size}, experts {self.first_expert}..{self.first_expert + self.num_local_experts - 1} "
+            f"of {c.num_experts}, router={c.router!r}, top_k={c.top_k}, "
+            + ("dropless" if c.capacity_factor is None else f"capacity-padded, capacity_factor={c.capacity_factor}")
+        )
 
 
 def _replicated_of(layer: MoELayer) -> list[torch.Tensor]:
@@ -301,10 +310,16 @@ def shard_moe_layers(model: nn.Module, *, group: Any = None) -> nn.Module:
     (``grads.check_replicas_in_sync`` verifies it). Returns ``model``.
     """
     require_process_group(group, "shard_moe_layers")
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if isinstance(child, MoELayer) and not isinstance(child, ExpertParallelMoE)]
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, MoELayer) and not isinstance(child, ExpertParallelMoE)
+    ]
     if isinstance(model, MoELayer):
-        raise TypeError("shard_moe_layers expects a model that contains MoELayers; for a layer itself use ExpertParallelMoE.from_layer")
+        raise TypeError(
+            "shard_moe_layers expects a model that contains MoELayers; for a layer itself use ExpertParallelMoE.from_layer"
+        )
     for parent, name, child in targets:
         setattr(parent, name, ExpertParallelMoE.from_layer(child, group=group))
     return model

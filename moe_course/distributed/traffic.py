@@ -78,19 +78,30 @@ def record_traffic(
         model = ClinicMoE(clinic.d_in, clinic.num_diagnoses, model_config)
         d_model = model_config.d_model
     else:
-        raise TypeError(f"model_config must be an MoEConfig (clinic) or a GPTConfig (language model), got {type(model_config).__name__}")
+        raise TypeError(
+            f"model_config must be an MoEConfig (clinic) or a GPTConfig (language model), got {type(model_config).__name__}"
+        )
     shard_moe_layers(model)
     rows: list[dict] = []
 
     def keep(step: int, output: Any) -> None:
         for layer, m in layer_outputs(output):
             for dst in range(world_size):
-                rows.append({
-                    "step": step, "layer": layer, "src": rank, "dst": dst,
-                    "rows": int(m.sent[dst]), "tokens": int(m.sent_tokens[dst]), "bytes": int(m.sent[dst]) * d_model * 4,
-                    "load": int(m.tokens_per_rank[dst]), "dropped": int(m.num_dropped),
-                    "exchange_seconds": m.exchange_seconds, "expert_seconds": m.expert_seconds,
-                })
+                rows.append(
+                    {
+                        "step": step,
+                        "layer": layer,
+                        "src": rank,
+                        "dst": dst,
+                        "rows": int(m.sent[dst]),
+                        "tokens": int(m.sent_tokens[dst]),
+                        "bytes": int(m.sent[dst]) * d_model * 4,
+                        "load": int(m.tokens_per_rank[dst]),
+                        "dropped": int(m.num_dropped),
+                        "exchange_seconds": m.exchange_seconds,
+                        "expert_seconds": m.expert_seconds,
+                    }
+                )
 
     result = train_expert_parallel(model, task, train_config, on_step=keep)
     return {"rank": rank, "traffic": rows, "history": result.history, "seconds": result.seconds}
@@ -109,7 +120,7 @@ def exchange_matrices(table: pd.DataFrame, column: str = "rows") -> torch.Tensor
     steps, layers = sorted(table["step"].unique()), sorted(table["layer"].unique())
     world = int(table["src"].max()) + 1
     out = torch.zeros(len(steps), len(layers), world, world, dtype=torch.int64)
-    si, li = {s: i for i, s in enumerate(steps)}, {l: i for i, l in enumerate(layers)}
+    si, li = {s: i for i, s in enumerate(steps)}, {name: i for i, name in enumerate(layers)}
     for row in table.itertuples():
         out[si[row.step], li[row.layer], row.src, row.dst] = getattr(row, column)
     return out
@@ -168,7 +179,9 @@ def imbalance_timings(
         busy = torch.arange(n_busy) % experts_per_rank  # rank 0's experts
         others = experts_per_rank + torch.arange(tokens_per_rank - n_busy) % (E - experts_per_rank)
         target = torch.cat([busy, others])  # (N,) the expert each token should reach
-        inputs.append(torch.nn.functional.one_hot(target, d_model).float() + 0.01 * torch.randn(tokens_per_rank, d_model, generator=g))
+        inputs.append(
+            torch.nn.functional.one_hot(target, d_model).float() + 0.01 * torch.randn(tokens_per_rank, d_model, generator=g)
+        )
     rows = []
     for r in range(repeats + 1):  # round 0 warms up; the shares take turns, so a slow spell hits them all
         for p, x in zip(shares, inputs):
@@ -179,7 +192,17 @@ def imbalance_timings(
             (out.y.square().sum() + out.router_loss).backward()
             step, cpu = time.perf_counter() - t0, time.process_time() - cpu0
             if r:
-                rows.append({"share": p, "repeat": r, "rank": rank, "step_seconds": step, "cpu_seconds": cpu, "expert_seconds": out.expert_seconds,
-                             "exchange_seconds": out.exchange_seconds, "received": int(out.received.sum()),
-                             "load": out.tokens_per_rank.tolist()})
+                rows.append(
+                    {
+                        "share": p,
+                        "repeat": r,
+                        "rank": rank,
+                        "step_seconds": step,
+                        "cpu_seconds": cpu,
+                        "expert_seconds": out.expert_seconds,
+                        "exchange_seconds": out.exchange_seconds,
+                        "received": int(out.received.sum()),
+                        "load": out.tokens_per_rank.tolist(),
+                    }
+                )
     return rows

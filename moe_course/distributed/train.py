@@ -34,9 +34,10 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import torch
@@ -87,15 +88,31 @@ def evaluate_expert_parallel(model: nn.Module, task: LMTask, *, group: Any = Non
         dropped.append(ev.dropped)
         balance.append(ev.balance)
     layers = len(dropped[0])
-    per_layer = torch.tensor([[sum(d[i] for d in dropped) / len(dropped) for i in range(layers)],
-                              [sum(b[i] for b in balance) / len(balance) for i in range(layers)]], dtype=torch.float64, device=device)
+    per_layer = torch.tensor(
+        [
+            [sum(d[i] for d in dropped) / len(dropped) for i in range(layers)],
+            [sum(b[i] for b in balance) / len(balance) for i in range(layers)],
+        ],
+        dtype=torch.float64,
+        device=device,
+    )
     sums = sums.to(device)
     with explain_collective_errors("summing the evaluation over ranks (all_reduce)", group):
         dist.all_reduce(sums, group=group)
         dist.all_reduce(per_layer, group=group)
-    sums, per_layer = sums.cpu(), per_layer.cpu() / world  # dropped: mean of the ranks' shares; balance: the same global value on every rank
-    return LMEvaluation(task.domains, sums[:S], sums[S:2 * S].long(), sums[2 * S:3 * S].long(), sums[3 * S:].long(),
-                        per_layer[0].tolist(), per_layer[1].tolist())
+    sums, per_layer = (
+        sums.cpu(),
+        per_layer.cpu() / world,
+    )  # dropped: mean of the ranks' shares; balance: the same global value on every rank
+    return LMEvaluation(
+        task.domains,
+        sums[:S],
+        sums[S : 2 * S].long(),
+        sums[2 * S : 3 * S].long(),
+        sums[3 * S :].long(),
+        per_layer[0].tolist(),
+        per_layer[1].tolist(),
+    )
 
 
 def _local_rows(batch: Any, rows: slice) -> tuple[Any, torch.Tensor, int]:
@@ -191,8 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     parser.prog = "torchrun --standalone --nproc-per-node N -m moe_course.distributed.train"
     d = parser.add_argument_group("distributed")
-    d.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS,
-                   help="seconds a rank waits for the others in any exchange before it fails (default %(default)s)")
+    d.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_SECONDS,
+        help="seconds a rank waits for the others in any exchange before it fails (default %(default)s)",
+    )
     args = parser.parse_args(argv)
     if args.resume:
         parser.error("--resume is not supported when training on several processes; start a new --out")
@@ -224,18 +245,33 @@ def main(argv: list[str] | None = None) -> int:
         model = shard_moe_layers(GPT(model_cfg).to(device))
         if rank == 0:
             pc, fc = param_count(model_cfg), flops_per_token(model_cfg)
-            print(f"{model_cfg.ffn} model, {model_cfg.num_experts} expert(s) per Switch layer over {world} processes: "
-                  f"{pc.total:,} parameters ({pc.active:,} active per token), {fc.total:,} forward FLOPs per token", flush=True)
+            print(
+                f"{model_cfg.ffn} model, {model_cfg.num_experts} expert(s) per Switch layer over {world} processes: "
+                f"{pc.total:,} parameters ({pc.active:,} active per token), {fc.total:,} forward FLOPs per token",
+                flush=True,
+            )
         result = train_expert_parallel(model, task, train_cfg, progress=rank == 0 and not args.quiet)
         state = gather_full_state_dict(model)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            saved = {"model": model_cfg.to_dict(), "corpus": corpus_cfg.to_dict(), "train": asdict(train_cfg), "task": dict(task_kw),
-                     "distributed": {"world_size": world, "backend": dist.get_backend()}}
+            saved = {
+                "model": model_cfg.to_dict(),
+                "corpus": corpus_cfg.to_dict(),
+                "train": asdict(train_cfg),
+                "task": dict(task_kw),
+                "distributed": {"world_size": world, "backend": dist.get_backend()},
+            }
             (out / CONFIG_FILE).write_text(json.dumps(saved, indent=1) + "\n")
             result.history.to_csv(out / METRICS_FILE, index=False)
-            torch.save({"model": state, "step": train_cfg.steps, "history": result.history.to_dict("records"),
-                        "config": asdict(train_cfg)}, out / CHECKPOINT_FILE)
+            torch.save(
+                {
+                    "model": state,
+                    "step": train_cfg.steps,
+                    "history": result.history.to_dict("records"),
+                    "config": asdict(train_cfg),
+                },
+                out / CHECKPOINT_FILE,
+            )
             row = result.final
             print(f"step {int(row['step'])}: val_loss={row['val_loss']:.4f}; wrote {out}/ ({result.seconds:.1f} s)", flush=True)
         dist.barrier()

@@ -47,9 +47,16 @@ class EquivalenceCase:
     seed: int = 0
 
     def config(self, world_size: int) -> MoEConfig:
-        return MoEConfig(d_model=self.d_model, d_ff=self.d_ff, num_experts=self.experts_per_rank * world_size, top_k=self.top_k,
-                         capacity_factor=self.capacity_factor, router=self.router, num_shared_experts=self.num_shared_experts,
-                         shared_expert_gate=self.shared_expert_gate)
+        return MoEConfig(
+            d_model=self.d_model,
+            d_ff=self.d_ff,
+            num_experts=self.experts_per_rank * world_size,
+            top_k=self.top_k,
+            capacity_factor=self.capacity_factor,
+            router=self.router,
+            num_shared_experts=self.num_shared_experts,
+            shared_expert_gate=self.shared_expert_gate,
+        )
 
 
 def _rows(case: EquivalenceCase, world_size: int) -> list[int]:
@@ -87,7 +94,9 @@ def compare_with_one_process(rank: int, world_size: int, cases: list[Equivalence
     for case in cases:
         cfg = case.config(world_size)
         if case.uneven and cfg.capacity_factor is not None:
-            raise ValueError("capacity-padded expert parallelism needs the same number of tokens on every rank; use uneven only when dropless")
+            raise ValueError(
+                "capacity-padded expert parallelism needs the same number of tokens on every rank; use uneven only when dropless"
+            )
         torch.manual_seed(case.seed)
         ref = MoELayer(cfg)
         sizes = _rows(case, world_size)
@@ -97,9 +106,11 @@ def compare_with_one_process(rank: int, world_size: int, cases: list[Equivalence
         if case.idle_rank:  # a constant feature, and the last rank's experts strongly disliked on it
             x[:, 0] = 3.0
             with torch.no_grad():
-                ref.w_router[0, cfg.num_experts - case.experts_per_rank:] = -30.0
+                ref.w_router[0, cfg.num_experts - case.experts_per_rank :] = -30.0
         ep = ExpertParallelMoE.from_layer(ref, group=None)
-        y_ref, dx_ref, grads_ref, aux_ref, z_ref, dropped_ref = _reference(ref, x, upstream, sizes, per_call=cfg.capacity_factor is not None)
+        y_ref, dx_ref, grads_ref, aux_ref, z_ref, dropped_ref = _reference(
+            ref, x, upstream, sizes, per_call=cfg.capacity_factor is not None
+        )
 
         start = sum(sizes[:rank])
         mine = slice(start, start + sizes[rank])
@@ -126,18 +137,20 @@ def compare_with_one_process(rank: int, world_size: int, cases: list[Equivalence
                 complete = False
                 continue
             diff[f"experts.{name}"] = (p.grad - grads_ref[f"experts.{name}"][experts]).abs().max().item()
-        results.append({
-            "case": asdict(case),
-            "rank": rank,
-            "world_size": world_size,
-            "max_diff": diff,
-            "expert_grads_present": complete,
-            "received_rows": int(out.received.sum()),
-            "sent_tokens": out.sent_tokens.tolist(),
-            "dropped": int(out.num_dropped),
-            "dropped_reference": None if dropped_ref is None else dropped_ref[rank],
-            "aux_loss": out.aux_loss.item(),
-        })
+        results.append(
+            {
+                "case": asdict(case),
+                "rank": rank,
+                "world_size": world_size,
+                "max_diff": diff,
+                "expert_grads_present": complete,
+                "received_rows": int(out.received.sum()),
+                "sent_tokens": out.sent_tokens.tolist(),
+                "dropped": int(out.num_dropped),
+                "dropped_reference": None if dropped_ref is None else dropped_ref[rank],
+                "aux_loss": out.aux_loss.item(),
+            }
+        )
     return results
 
 

@@ -37,8 +37,9 @@ it draws from its seed, so the numbers do not depend on ``workers``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
@@ -55,9 +56,22 @@ from .ensembles import train_ensemble
 from .specialists import train_specialists
 from .workers import run_in_workers
 
-__all__ = ["APPROACHES", "CARDIOLOGISTS", "GENERALIST", "DENSE", "TOP_1", "TOP_2", "ORACLE", "GATED",
-           "measure_flops_per_example", "FourApproaches", "four_approaches", "median_seed", "Comparison",
-           "paired_difference"]
+__all__ = [
+    "APPROACHES",
+    "CARDIOLOGISTS",
+    "GENERALIST",
+    "DENSE",
+    "TOP_1",
+    "TOP_2",
+    "ORACLE",
+    "GATED",
+    "measure_flops_per_example",
+    "FourApproaches",
+    "four_approaches",
+    "median_seed",
+    "Comparison",
+    "paired_difference",
+]
 
 CARDIOLOGISTS = "1 · second cardiologists (ensemble)"
 GENERALIST = "2 · one generalist"
@@ -152,11 +166,16 @@ def _run_job(job: _Job) -> _Outcome:
     with torch.no_grad():
         scores = predict(x)  # (N, classes): logits, or the ensemble's probabilities
     per_specialty = accuracy_by_group(scores, y, specialty, clinic.num_specialties)  # (S,)
-    row = {"approach": job.approach, "seed": job.seed, "parameters": params,
-           "FLOPs per patient": measure_flops_per_example(predict, x),
-           "held-out accuracy": (scores.argmax(-1) == y).float().mean().item(),
-           **{f"accuracy: {name}": float(a) for name, a in zip(clinic.specialties, per_specialty)},
-           "specialisation": float("nan"), "context share": float("nan")}
+    row = {
+        "approach": job.approach,
+        "seed": job.seed,
+        "parameters": params,
+        "FLOPs per patient": measure_flops_per_example(predict, x),
+        "held-out accuracy": (scores.argmax(-1) == y).float().mean().item(),
+        **{f"accuracy: {name}": float(a) for name, a in zip(clinic.specialties, per_specialty)},
+        "specialisation": float("nan"),
+        "context share": float("nan"),
+    }
     if tracker is None:
         return _Outcome(row, model)
     with torch.no_grad():
@@ -170,10 +189,14 @@ def _run_job(job: _Job) -> _Outcome:
 class FourApproaches:
     """The measurements, one row per (approach, seed), and what the gated models did while training."""
 
-    table: pd.DataFrame  # approach, seed, parameters, FLOPs per patient, held-out accuracy, accuracy: <specialty>, specialisation, context share
+    table: (
+        pd.DataFrame
+    )  # approach, seed, parameters, FLOPs per patient, held-out accuracy, accuracy: <specialty>, specialisation, context share
     models: dict[tuple[str, int], Any] = field(default_factory=dict)  # (approach, seed) → trained model (on the CPU)
     histories: pd.DataFrame = field(default_factory=pd.DataFrame)  # gated approaches: approach, seed, step, score, context_share
-    counts: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # (approach, seed) → (evaluations, S, E) top-expert counts
+    counts: dict[tuple[str, int], torch.Tensor] = field(
+        default_factory=dict
+    )  # (approach, seed) → (evaluations, S, E) top-expert counts
 
     def summary(self) -> pd.DataFrame:
         """One row per approach: parameters, FLOPs per patient, accuracy and specialisation as mean ± std over seeds.
@@ -194,9 +217,17 @@ class FourApproaches:
             specialisation=("specialisation", "mean"),
             specialisation_std=("specialisation", "std"),
         )
-        return out.rename(columns={"flops": "FLOPs per patient", "accuracy": "accuracy (mean)", "accuracy_std": "accuracy (std)",
-                                   "worst": "accuracy (worst seed)", "best": "accuracy (best seed)",
-                                   "specialisation": "specialisation (mean)", "specialisation_std": "specialisation (std)"})
+        return out.rename(
+            columns={
+                "flops": "FLOPs per patient",
+                "accuracy": "accuracy (mean)",
+                "accuracy_std": "accuracy (std)",
+                "worst": "accuracy (worst seed)",
+                "best": "accuracy (best seed)",
+                "specialisation": "specialisation (mean)",
+                "specialisation_std": "specialisation (std)",
+            }
+        )
 
     def report(self) -> pd.DataFrame:
         """``summary`` written for reading: mean ± std over seeds, worst and best seed, as text."""
@@ -207,15 +238,22 @@ class FourApproaches:
                 return "–"
             return f"{fmt.format(mean)} ± {fmt.format(std)}" if std == std else fmt.format(mean)
 
-        return pd.DataFrame({
-            "seeds": summary["seeds"],
-            "parameters": summary["parameters"].map("{:,}".format),
-            "FLOPs per patient": summary["FLOPs per patient"].map("{:,.0f}".format),
-            "held-out accuracy (mean ± std)": [pm(m, s, "{:.1%}") for m, s in zip(summary["accuracy (mean)"], summary["accuracy (std)"])],
-            "worst seed": summary["accuracy (worst seed)"].map("{:.1%}".format),
-            "best seed": summary["accuracy (best seed)"].map("{:.1%}".format),
-            "specialisation (mean ± std)": [pm(m, s, "{:.2f}") for m, s in zip(summary["specialisation (mean)"], summary["specialisation (std)"])],
-        }, index=summary.index)
+        return pd.DataFrame(
+            {
+                "seeds": summary["seeds"],
+                "parameters": summary["parameters"].map("{:,}".format),
+                "FLOPs per patient": summary["FLOPs per patient"].map("{:,.0f}".format),
+                "held-out accuracy (mean ± std)": [
+                    pm(m, s, "{:.1%}") for m, s in zip(summary["accuracy (mean)"], summary["accuracy (std)"])
+                ],
+                "worst seed": summary["accuracy (worst seed)"].map("{:.1%}".format),
+                "best seed": summary["accuracy (best seed)"].map("{:.1%}".format),
+                "specialisation (mean ± std)": [
+                    pm(m, s, "{:.2f}") for m, s in zip(summary["specialisation (mean)"], summary["specialisation (std)"])
+                ],
+            },
+            index=summary.index,
+        )
 
     def seed_report(self, approach: str, early_step: int = 25) -> pd.DataFrame:
         """For one gated approach, one row per seed: what the GP did early, and where it ended.
@@ -238,18 +276,20 @@ class FourApproaches:
             share = hist.set_index("step")["context_share"]
             load = self.counts[(approach, seed)].sum(1)  # (evaluations, E): first choices per expert
             final = self.table[(self.table["approach"] == approach) & (self.table["seed"] == seed)].iloc[0]
-            rows.append({
-                "seed": seed,
-                "doctors in use: start": effective_experts(load[0]).item(),
-                f"doctors in use: step {early_step}": effective_experts(load[steps.index(early_step)]).item(),
-                f"specialisation: step {early_step}": score[early_step],
-                f"specialisation: step {half}": score[half],
-                "specialisation: end": score.iloc[-1],
-                "change in the second half": score.iloc[-1] - score[half],
-                "context share: start": share.iloc[0],
-                "context share: end": share.iloc[-1],
-                "held-out accuracy": final["held-out accuracy"],
-            })
+            rows.append(
+                {
+                    "seed": seed,
+                    "doctors in use: start": effective_experts(load[0]).item(),
+                    f"doctors in use: step {early_step}": effective_experts(load[steps.index(early_step)]).item(),
+                    f"specialisation: step {early_step}": score[early_step],
+                    f"specialisation: step {half}": score[half],
+                    "specialisation: end": score.iloc[-1],
+                    "change in the second half": score.iloc[-1] - score[half],
+                    "context share: start": share.iloc[0],
+                    "context share: end": share.iloc[-1],
+                    "held-out accuracy": final["held-out accuracy"],
+                }
+            )
         return pd.DataFrame(rows).set_index("seed")
 
     def by_specialty(self) -> pd.DataFrame:
@@ -284,10 +324,12 @@ class Comparison:
 
     def __str__(self) -> str:
         scale, unit = (100, " points") if "accuracy" in self.column else (1, "")
-        verdict = ("beyond the spread of the seeds" if self.clear else "within the spread of the seeds")
-        return (f"{self.a} minus {self.b}: {scale * self.mean:+.{1 if scale == 100 else 2}f}{unit} of {self.column} "
-                f"(std over seeds {scale * self.std:.{1 if scale == 100 else 2}f}{unit}), ahead in {self.ahead} of "
-                f"{self.seeds} seeds: {verdict}")
+        verdict = "beyond the spread of the seeds" if self.clear else "within the spread of the seeds"
+        return (
+            f"{self.a} minus {self.b}: {scale * self.mean:+.{1 if scale == 100 else 2}f}{unit} of {self.column} "
+            f"(std over seeds {scale * self.std:.{1 if scale == 100 else 2}f}{unit}), ahead in {self.ahead} of "
+            f"{self.seeds} seeds: {verdict}"
+        )
 
 
 def paired_difference(table: pd.DataFrame, a: str, b: str, column: str = "held-out accuracy") -> Comparison:
@@ -353,17 +395,32 @@ def four_approaches(
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if num_experts < 2:
         raise ValueError(f"num_experts must be at least 2 (the top-2 GP sees two doctors), got {num_experts}")
-    if isinstance(home_specialty, bool) or not isinstance(home_specialty, int) or not 0 <= home_specialty < clinic.num_specialties:
+    if (
+        isinstance(home_specialty, bool)
+        or not isinstance(home_specialty, int)
+        or not 0 <= home_specialty < clinic.num_specialties
+    ):
         raise ValueError(f"home_specialty must be a specialty id in [0, {clinic.num_specialties}), got {home_specialty!r}")
     names = [*APPROACHES, *([ORACLE] if oracle else [])]
-    jobs = [_Job(name, seed, clinic, config, num_experts, d_ff, aux_loss_coef, home_specialty, track_every)
-            for seed in seeds for name in names]
-    outcomes = run_in_workers(_run_job, jobs, workers=workers, progress=progress, desc="training the approaches",
-                              name=lambda j: f"{j.approach}, seed {j.seed}")
+    jobs = [
+        _Job(name, seed, clinic, config, num_experts, d_ff, aux_loss_coef, home_specialty, track_every)
+        for seed in seeds
+        for name in names
+    ]
+    outcomes = run_in_workers(
+        _run_job,
+        jobs,
+        workers=workers,
+        progress=progress,
+        desc="training the approaches",
+        name=lambda j: f"{j.approach}, seed {j.seed}",
+    )
     histories = [o.history.assign(approach=j.approach, seed=j.seed) for j, o in zip(jobs, outcomes) if o.history is not None]
     return FourApproaches(
         table=pd.DataFrame([o.row for o in outcomes]),
         models={(j.approach, j.seed): o.model for j, o in zip(jobs, outcomes)},
-        histories=pd.concat(histories, ignore_index=True)[["approach", "seed", "step", "score", "context_share"]] if histories else pd.DataFrame(),
+        histories=pd.concat(histories, ignore_index=True)[["approach", "seed", "step", "score", "context_share"]]
+        if histories
+        else pd.DataFrame(),
         counts={(j.approach, j.seed): o.counts for j, o in zip(jobs, outcomes) if o.counts is not None},
     )

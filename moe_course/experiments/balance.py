@@ -68,13 +68,20 @@ def _train_one(clinic: Clinic, run: ClinicRun, *, config: TrainConfig) -> tuple[
     tracker = LoadTracker(clinic.val.x)
     tracker(0, model)  # the load at initialisation
     start = time.perf_counter()
-    result = train(model, ClassificationTask.from_clinic(clinic), dataclasses.replace(config, seed=run.seed), device="cpu",
-                   progress=False, callback=tracker)
+    result = train(
+        model,
+        ClassificationTask.from_clinic(clinic),
+        dataclasses.replace(config, seed=run.seed),
+        device="cpu",
+        progress=False,
+        callback=tracker,
+    )
     return model.state_dict(), tracker, float(result.final["val_acc"]), time.perf_counter() - start
 
 
-def run_clinic_moes(clinic: Clinic, runs: Sequence[ClinicRun], config: TrainConfig, *, workers: int = 2,
-                    progress: bool = True) -> list[ClinicRunResult]:
+def run_clinic_moes(
+    clinic: Clinic, runs: Sequence[ClinicRun], config: TrainConfig, *, workers: int = 2, progress: bool = True
+) -> list[ClinicRunResult]:
     """Train every run on ``clinic`` with the recipe ``config`` → results in the order of ``runs``.
 
     ``workers`` runs train at once, each in its own one-thread process
@@ -93,8 +100,14 @@ def run_clinic_moes(clinic: Clinic, runs: Sequence[ClinicRun], config: TrainConf
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # in this process too, so that workers=1 gives the workers' numbers
     try:
-        raw = run_in_workers(functools.partial(_train_one, clinic, config=config), runs, workers=workers, progress=progress,
-                             desc="training runs", name=lambda r: f"{r.label}, seed {r.seed}")
+        raw = run_in_workers(
+            functools.partial(_train_one, clinic, config=config),
+            runs,
+            workers=workers,
+            progress=progress,
+            desc="training runs",
+            name=lambda r: f"{r.label}, seed {r.seed}",
+        )
     finally:
         torch.set_num_threads(threads)
     results = []
@@ -132,8 +145,13 @@ def capacity_sweep(
         torch.manual_seed(seed)
         model = ClinicMoE(clinic.d_in, clinic.num_diagnoses, moe_config)
         train(model, task, dataclasses.replace(config, seed=seed), device=device, progress=progress)
-        slots = None if factor is None else expert_capacity(config.batch_size, base.num_experts, factor, top_k=base.top_k, min_capacity=base.min_capacity)
-        rows.append({"capacity factor": factor, "slots per expert": slots,
-                     **evaluate_capacity(model, clinic.val, config.batch_size)})
+        slots = (
+            None
+            if factor is None
+            else expert_capacity(config.batch_size, base.num_experts, factor, top_k=base.top_k, min_capacity=base.min_capacity)
+        )
+        rows.append(
+            {"capacity factor": factor, "slots per expert": slots, **evaluate_capacity(model, clinic.val, config.batch_size)}
+        )
         models[factor] = model.cpu()
     return pd.DataFrame(rows), models

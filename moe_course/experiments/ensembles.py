@@ -40,8 +40,8 @@ the gap measures their diversity (``log_loss_gap``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import pandas as pd
 import torch

@@ -91,8 +91,16 @@ class LMRunResult:
         return RoutingTracker(task.held_out, task.domains, chunk=task.eval_chunk, reports=dict(self.routing))
 
 
-def run_lm(run: LMRun, corpus_config: CorpusConfig, *, eval_rows: int = 96, eval_chunk: int | None = None,
-           progress: bool = False, threads: int | None = 1, device: torch.device | str = "cpu") -> LMRunResult:
+def run_lm(
+    run: LMRun,
+    corpus_config: CorpusConfig,
+    *,
+    eval_rows: int = 96,
+    eval_chunk: int | None = None,
+    progress: bool = False,
+    threads: int | None = 1,
+    device: torch.device | str = "cpu",
+) -> LMRunResult:
     """Train one run in this process and return its result (weights on the CPU).
 
     On the CPU it trains on ``threads`` threads (None: leave the setting as it is).
@@ -116,8 +124,16 @@ def run_lm(run: LMRun, corpus_config: CorpusConfig, *, eval_rows: int = 96, eval
     return LMRunResult(run, result.history, seconds, state, dict(tracker.reports) if tracker else {})
 
 
-def run_lms(runs: list[LMRun], corpus_config: CorpusConfig = CorpusConfig(), *, workers: int = 2, eval_rows: int = 96,
-            eval_chunk: int | None = None, progress: bool = True, device: torch.device | str | None = None) -> list[LMRunResult]:
+def run_lms(
+    runs: list[LMRun],
+    corpus_config: CorpusConfig = CorpusConfig(),
+    *,
+    workers: int = 2,
+    eval_rows: int = 96,
+    eval_chunk: int | None = None,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+) -> list[LMRunResult]:
     """Train every run (``workers`` at a time, each in its own one-thread process) → results in the order of ``runs``.
 
     Every run's model is trained on text of its own ``block_size`` from
@@ -139,8 +155,14 @@ def run_lms(runs: list[LMRun], corpus_config: CorpusConfig = CorpusConfig(), *, 
         raise ValueError(f"workers must be a positive int, got {workers!r}")
     device = torch.device(device) if device is not None else get_device()
     fn = partial(run_lm, corpus_config=corpus_config, eval_rows=eval_rows, eval_chunk=eval_chunk, device=device)
-    return run_in_workers(fn, runs, workers=workers if device.type == "cpu" else 1, progress=progress,
-                          desc="training runs", name=lambda r: f"{r.label}, seed {r.seed}")
+    return run_in_workers(
+        fn,
+        runs,
+        workers=workers if device.type == "cpu" else 1,
+        progress=progress,
+        desc="training runs",
+        name=lambda r: f"{r.label}, seed {r.seed}",
+    )
 
 
 def results_table(results: list[LMRunResult]) -> pd.DataFrame:
@@ -148,8 +170,16 @@ def results_table(results: list[LMRunResult]) -> pd.DataFrame:
     rows = []
     for res in results:
         final = {k: v for k, v in res.final.items() if k.startswith("val_")}
-        rows.append({"label": res.run.label, "experts": res.run.model.num_experts, "seed": res.run.seed, **final,
-                     "seconds": res.seconds, "seconds_per_step": res.seconds_per_step})
+        rows.append(
+            {
+                "label": res.run.label,
+                "experts": res.run.model.num_experts,
+                "seed": res.run.seed,
+                **final,
+                "seconds": res.seconds,
+                "seconds_per_step": res.seconds_per_step,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -206,11 +236,27 @@ def seed_verdict(table: pd.DataFrame, a: str, b: str, metrics: dict[str, bool], 
             verdict = "B better" if (gain > 0).all() else "A better" if (gain < 0).all() else "within seed noise"
         else:
             wins = "unpaired"
-            verdict = ("B better" if (sign * vb).min() > (sign * va).max() else
-                       "A better" if (sign * va).min() > (sign * vb).max() else "within seed noise")
+            verdict = (
+                "B better"
+                if (sign * vb).min() > (sign * va).max()
+                else "A better"
+                if (sign * va).min() > (sign * vb).max()
+                else "within seed noise"
+            )
         sd = lambda v: v.std() if len(v) > 1 else float("nan")  # noqa: E731
-        rows.append({"metric": metric, "better": "higher" if higher else "lower",
-                     "A": a, "A mean ± sd": f"{va.mean():.3f} ± {sd(va):.3f}", "A range": f"{va.min():.3f}–{va.max():.3f}",
-                     "B": b, "B mean ± sd": f"{vb.mean():.3f} ± {sd(vb):.3f}", "B range": f"{vb.min():.3f}–{vb.max():.3f}",
-                     "B − A": vb.mean() - va.mean(), "B won": wins, "verdict": verdict})
+        rows.append(
+            {
+                "metric": metric,
+                "better": "higher" if higher else "lower",
+                "A": a,
+                "A mean ± sd": f"{va.mean():.3f} ± {sd(va):.3f}",
+                "A range": f"{va.min():.3f}–{va.max():.3f}",
+                "B": b,
+                "B mean ± sd": f"{vb.mean():.3f} ± {sd(vb):.3f}",
+                "B range": f"{vb.min():.3f}–{vb.max():.3f}",
+                "B − A": vb.mean() - va.mean(),
+                "B won": wins,
+                "verdict": verdict,
+            }
+        )
     return pd.DataFrame(rows).set_index("metric")

@@ -51,8 +51,17 @@ from ..moe import MoEConfig
 from ..training.bias import update_expert_biases_
 from .workers import run_in_workers
 
-__all__ = ["SCOPES", "BATCHES", "BalanceRun", "BalanceResult", "balance_loss", "clinic_step_batch", "train_balance", "run_balance",
-           "balance_table"]
+__all__ = [
+    "SCOPES",
+    "BATCHES",
+    "BalanceRun",
+    "BalanceResult",
+    "balance_loss",
+    "clinic_step_batch",
+    "train_balance",
+    "run_balance",
+    "balance_table",
+]
 
 SCOPES = ("batch", "micro")
 BATCHES = ("mixed", "by_specialty")
@@ -93,7 +102,13 @@ class BalanceRun:
             raise ValueError(f"BalanceRun.seed must be an int >= 0, got {self.seed!r}")
         for name in ("aux", "lr"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+                or (name == "lr" and value == 0)
+            ):
                 raise ValueError(f"BalanceRun.{name} must be a number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
 
 
@@ -124,7 +139,9 @@ def clinic_step_batch(clinic: Clinic, run: BalanceRun, generator: torch.Generato
         return patients.x[idx], patients.diagnosis[idx]
     num_specialties = len(clinic.specialties)
     if run.micro_batches > num_specialties:
-        raise ValueError(f"{run.micro_batches} micro-batches of one specialty each need at least as many specialties; the clinic has {num_specialties}")
+        raise ValueError(
+            f"{run.micro_batches} micro-batches of one specialty each need at least as many specialties; the clinic has {num_specialties}"
+        )
     per = run.batch_size // run.micro_batches
     blocks = []
     for s in torch.randperm(num_specialties, generator=generator)[: run.micro_batches].tolist():
@@ -161,7 +178,15 @@ def train_balance(clinic: Clinic, run: BalanceRun, *, threads: int | None = 1) -
         optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.0)
         generator = torch.Generator().manual_seed(run.seed)
         accuracy, nmi, evenness, _ = _evaluate(model, clinic)
-        rows = [{"step": 0, "accuracy": accuracy, "specialisation": nmi, "max_over_mean": evenness, "train_max_over_mean": float("nan")}]
+        rows = [
+            {
+                "step": 0,
+                "accuracy": accuracy,
+                "specialisation": nmi,
+                "max_over_mean": evenness,
+                "train_max_over_mean": float("nan"),
+            }
+        ]
         train_evenness: list[float] = []
         start = time.perf_counter()
         for step in range(run.steps):
@@ -169,7 +194,9 @@ def train_balance(clinic: Clinic, run: BalanceRun, *, threads: int | None = 1) -
             out = model(x)  # the MoE layer reports its routing; it changes nothing of its own
             loss = F.cross_entropy(out.logits, y) + out.router_loss
             if run.aux:
-                loss = loss + run.aux * balance_loss(out.moe.router_probs, out.moe.expert_index, run.scope, run.batch_size // run.micro_batches)
+                loss = loss + run.aux * balance_loss(
+                    out.moe.router_probs, out.moe.expert_index, run.scope, run.batch_size // run.micro_batches
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -178,9 +205,16 @@ def train_balance(clinic: Clinic, run: BalanceRun, *, threads: int | None = 1) -
             train_evenness.append(max_over_mean_load(out.moe.tokens_per_expert))
             if (step + 1) % run.eval_every == 0 or step + 1 == run.steps:
                 accuracy, nmi, evenness, _ = _evaluate(model, clinic)
-                recent = train_evenness[-run.eval_every:]
-                rows.append({"step": step + 1, "accuracy": accuracy, "specialisation": nmi, "max_over_mean": evenness,
-                             "train_max_over_mean": sum(recent) / len(recent)})
+                recent = train_evenness[-run.eval_every :]
+                rows.append(
+                    {
+                        "step": step + 1,
+                        "accuracy": accuracy,
+                        "specialisation": nmi,
+                        "max_over_mean": evenness,
+                        "train_max_over_mean": sum(recent) / len(recent),
+                    }
+                )
         seconds = time.perf_counter() - start
         accuracy, nmi, evenness, seen = _evaluate(model, clinic)
     finally:
@@ -205,5 +239,16 @@ def run_balance(clinic: Clinic, runs: Sequence[BalanceRun], *, workers: int = 2)
 
 def balance_table(results: Sequence[BalanceResult]) -> pd.DataFrame:
     """One row per run: label, seed, accuracy, specialisation, max_over_mean, seconds."""
-    return pd.DataFrame([{"label": r.run.label, "seed": r.run.seed, "accuracy": r.accuracy, "specialisation": r.specialisation,
-                          "max_over_mean": r.max_over_mean, "seconds": r.seconds} for r in results])
+    return pd.DataFrame(
+        [
+            {
+                "label": r.run.label,
+                "seed": r.run.seed,
+                "accuracy": r.accuracy,
+                "specialisation": r.specialisation,
+                "max_over_mean": r.max_over_mean,
+                "seconds": r.seconds,
+            }
+            for r in results
+        ]
+    )

@@ -43,7 +43,14 @@ from ..training.bias import update_expert_biases_
 from .phonebook import PhoneBook, PhoneBookConfig, make_phone_book
 from .workers import run_in_workers
 
-__all__ = ["PhoneBookMoE", "PhoneBookMoERun", "PhoneBookMoEResult", "train_phone_book_moe", "run_phone_book_moes", "phone_book_moe_table"]
+__all__ = [
+    "PhoneBookMoE",
+    "PhoneBookMoERun",
+    "PhoneBookMoEResult",
+    "train_phone_book_moe",
+    "run_phone_book_moes",
+    "phone_book_moe_table",
+]
 
 
 class PhoneBookMoE(nn.Module):
@@ -108,7 +115,9 @@ class PhoneBookMoERun:
         if self.moe is not None and (not isinstance(self.moe, MoEConfig) or self.moe.d_model != self.book.d_model):
             raise ValueError(f"PhoneBookMoERun {self.label!r}: moe must be an MoEConfig with d_model={self.book.d_model}")
         if self.moe is not None and self.moe.capacity_factor is not None:
-            raise ValueError(f"PhoneBookMoERun {self.label!r}: the phone book is judged on every record; use a dropless layer (capacity_factor=None)")
+            raise ValueError(
+                f"PhoneBookMoERun {self.label!r}: the phone book is judged on every record; use a dropless layer (capacity_factor=None)"
+            )
         for name in ("steps", "eval_every") + (("d_ff",) if self.d_ff is not None else ()):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -133,8 +142,19 @@ class PhoneBookMoERun:
         if self.moe is None:
             return ffn_flops(1, D, self.d_ff) + head
         m = self.moe
-        return moe_layer_flops(1, D, m.d_ff, m.num_experts, m.top_k, activation=m.activation, num_shared_experts=m.num_shared_experts,
-                               shared_expert_gate=m.shared_expert_gate) + head
+        return (
+            moe_layer_flops(
+                1,
+                D,
+                m.d_ff,
+                m.num_experts,
+                m.top_k,
+                activation=m.activation,
+                num_shared_experts=m.num_shared_experts,
+                shared_expert_gate=m.shared_expert_gate,
+            )
+            + head
+        )
 
     def model(self) -> PhoneBookMoE:
         return PhoneBookMoE(self.book.d_model, self.book.num_wards, moe=self.moe, d_ff=self.d_ff)
@@ -160,8 +180,16 @@ def _accuracy(model: PhoneBookMoE, book: PhoneBook) -> float:
     return (logits.argmax(-1) == book.test_wards).double().mean().item()
 
 
-def _train(model: PhoneBookMoE, book: PhoneBook, steps: int, lr: float, generator: torch.Generator, every: int, offset: int,
-           rows: list[dict]) -> None:
+def _train(
+    model: PhoneBookMoE,
+    book: PhoneBook,
+    steps: int,
+    lr: float,
+    generator: torch.Generator,
+    every: int,
+    offset: int,
+    rows: list[dict],
+) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     for step in range(steps):
         for group in optimizer.param_groups:
@@ -235,6 +263,19 @@ def run_phone_book_moes(runs: Sequence[PhoneBookMoERun], *, workers: int = 2) ->
 
 def phone_book_moe_table(results: Sequence[PhoneBookMoEResult]) -> pd.DataFrame:
     """One row per run: label, task, seed, parameters, FLOPs per patient, accuracy, start and dense accuracy, seconds."""
-    return pd.DataFrame([{"label": r.run.label, "task": r.run.book.task, "seed": r.run.seed, "parameters": r.run.params,
-                          "flops_per_patient": r.run.flops_per_patient, "accuracy": r.accuracy, "start_accuracy": r.start_accuracy,
-                          "dense_accuracy": r.dense_accuracy, "seconds": r.seconds} for r in results])
+    return pd.DataFrame(
+        [
+            {
+                "label": r.run.label,
+                "task": r.run.book.task,
+                "seed": r.run.seed,
+                "parameters": r.run.params,
+                "flops_per_patient": r.run.flops_per_patient,
+                "accuracy": r.accuracy,
+                "start_accuracy": r.start_accuracy,
+                "dense_accuracy": r.dense_accuracy,
+                "seconds": r.seconds,
+            }
+            for r in results
+        ]
+    )

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -96,7 +96,9 @@ class PhoneBookConfig:
         if self.num_wards < 2:
             raise ValueError(f"PhoneBookConfig.num_wards must be at least 2, got {self.num_wards}")
         if self.task == "rule" and self.num_wards & (self.num_wards - 1):
-            raise ValueError(f"PhoneBookConfig: the rule answers log2(W) yes/no questions, so num_wards must be a power of 2, got {self.num_wards}")
+            raise ValueError(
+                f"PhoneBookConfig: the rule answers log2(W) yes/no questions, so num_wards must be a power of 2, got {self.num_wards}"
+            )
 
     @property
     def bits(self) -> float:
@@ -109,7 +111,9 @@ class PhoneBook:
     """One seeded phone book: the table (or the rule) and the patients it is judged on."""
 
     config: PhoneBookConfig
-    keys: torch.Tensor  # (N, D) float32 the table's patients ("records"); a sample of N patients ("rule": training draws new ones)
+    keys: (
+        torch.Tensor
+    )  # (N, D) float32 the table's patients ("records"); a sample of N patients ("rule": training draws new ones)
     wards: torch.Tensor  # (N,) int64 their wards
     directions: torch.Tensor | None  # (D, Q) the rule's directions u_j, Q = log2(W) ("rule" only)
     test_keys: torch.Tensor  # (M, D) the patients the model is judged on: the table itself, or new ones
@@ -131,7 +135,9 @@ def rule_wards(keys: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     so each bit is a fair coin: all 2^Q wards are equally likely.
     """
     if keys.ndim != 2 or directions.ndim != 2 or keys.shape[1] != directions.shape[0]:
-        raise ValueError(f"rule_wards expects keys (N, D) and directions (D, Q), got {tuple(keys.shape)} and {tuple(directions.shape)}")
+        raise ValueError(
+            f"rule_wards expects keys (N, D) and directions (D, Q), got {tuple(keys.shape)} and {tuple(directions.shape)}"
+        )
     median = 0.6744897501960817 * directions.norm(dim=0)  # (Q,) median of |N(0, |u|²)|
     bits = ((keys @ directions).abs() > median).long()  # (N, Q)
     powers = 2 ** torch.arange(directions.shape[1])  # (Q,)
@@ -176,7 +182,9 @@ class PhoneBookModel(nn.Module):
         if num_experts == 1:
             self.ffn: nn.Module = Experts(1, d_model, d_ff, init_scale=0.1)  # one expert that sees everyone: a dense FFN
         else:
-            self.ffn = MoELayer(MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=num_experts, capacity_factor=None, dispatch=_DISPATCH))
+            self.ffn = MoELayer(
+                MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=num_experts, capacity_factor=None, dispatch=_DISPATCH)
+            )
         self.head = nn.Linear(d_model, num_wards)  # (W, D) weight
 
     def forward(self, x: torch.Tensor) -> PhoneBookOutput:
@@ -287,14 +295,27 @@ def run_phone_books(runs: list[PhoneBookRun], *, workers: int = 2, progress: boo
     for r in runs:
         if not isinstance(r, PhoneBookRun):
             raise TypeError(f"run_phone_books expects PhoneBookRun objects, got {type(r).__name__}")
-    return run_in_workers(train_phone_book, runs, workers=workers, progress=progress, desc="phone books",
-                          name=lambda r: f"{r.label}, seed {r.seed}")
+    return run_in_workers(
+        train_phone_book, runs, workers=workers, progress=progress, desc="phone books", name=lambda r: f"{r.label}, seed {r.seed}"
+    )
 
 
 def phone_book_table(results: list[PhoneBookResult]) -> pd.DataFrame:
     """One row per run: label, task, F, E, seed, parameters, FLOPs per patient, accuracy, loss, seconds."""
-    return pd.DataFrame([{
-        "label": r.run.label, "task": r.run.book.task, "d_ff": r.run.d_ff, "experts": r.run.num_experts, "seed": r.run.seed,
-        "parameters": r.run.params, "flops_per_patient": r.run.flops_per_patient,
-        "accuracy": r.accuracy, "loss": r.loss, "seconds": r.seconds,
-    } for r in results])
+    return pd.DataFrame(
+        [
+            {
+                "label": r.run.label,
+                "task": r.run.book.task,
+                "d_ff": r.run.d_ff,
+                "experts": r.run.num_experts,
+                "seed": r.run.seed,
+                "parameters": r.run.params,
+                "flops_per_patient": r.run.flops_per_patient,
+                "accuracy": r.accuracy,
+                "loss": r.loss,
+                "seconds": r.seconds,
+            }
+            for r in results
+        ]
+    )

@@ -54,12 +54,24 @@ def train_clinic_moe(
     seed: int = 0,
 ) -> ClinicMoE:
     """A small ClinicMoE trained on ``clinic`` without a capacity limit; Switch router for k = 1, top-k otherwise."""
-    config = MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=num_experts, top_k=top_k,
-                       router="switch" if top_k == 1 else "top_k", aux_loss_coef=balance_weight, z_loss_coef=0.0)
+    config = MoEConfig(
+        d_model=d_model,
+        d_ff=d_ff,
+        num_experts=num_experts,
+        top_k=top_k,
+        router="switch" if top_k == 1 else "top_k",
+        aux_loss_coef=balance_weight,
+        z_loss_coef=0.0,
+    )
     torch.manual_seed(seed)
     model = ClinicMoE(clinic.d_in, clinic.num_diagnoses, config)
-    train(model, ClassificationTask.from_clinic(clinic), TrainConfig(steps=steps, batch_size=batch_size, lr=lr, eval_every=steps, seed=seed),
-          device="cpu", progress=False)
+    train(
+        model,
+        ClassificationTask.from_clinic(clinic),
+        TrainConfig(steps=steps, batch_size=batch_size, lr=lr, eval_every=steps, seed=seed),
+        device="cpu",
+        progress=False,
+    )
     return model.eval()
 
 

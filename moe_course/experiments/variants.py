@@ -50,7 +50,9 @@ class VariantRun:
         if not isinstance(self.label, str) or not self.label:
             raise ValueError(f"VariantRun.label must be a non-empty string, got {self.label!r}")
         if not isinstance(self.model, (MoEConfig, SoftMoEConfig, AdaptiveMoEConfig)):
-            raise TypeError(f"VariantRun.model must be an MoEConfig, SoftMoEConfig or AdaptiveMoEConfig, got {type(self.model).__name__}")
+            raise TypeError(
+                f"VariantRun.model must be an MoEConfig, SoftMoEConfig or AdaptiveMoEConfig, got {type(self.model).__name__}"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"VariantRun.seed must be an int >= 0, got {self.seed!r}")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
@@ -82,12 +84,15 @@ def _train_one(clinic: Clinic, run: VariantRun, *, config: TrainConfig) -> tuple
     seed_everything(run.seed)
     model = build_model(clinic, run)
     start = time.perf_counter()
-    result = train(model, ClassificationTask.from_clinic(clinic), dataclasses.replace(config, seed=run.seed), device="cpu", progress=False)
+    result = train(
+        model, ClassificationTask.from_clinic(clinic), dataclasses.replace(config, seed=run.seed), device="cpu", progress=False
+    )
     return model.state_dict(), result.history, float(result.final["val_acc"]), time.perf_counter() - start
 
 
-def run_variants(clinic: Clinic, runs: Sequence[VariantRun], config: TrainConfig, *, workers: int = 2,
-                 progress: bool = True) -> list[VariantResult]:
+def run_variants(
+    clinic: Clinic, runs: Sequence[VariantRun], config: TrainConfig, *, workers: int = 2, progress: bool = True
+) -> list[VariantResult]:
     """Train every run on ``clinic`` with the recipe ``config`` → results in the order of ``runs``.
 
     ``workers`` runs train at once, each in its own one-thread process; a
@@ -101,13 +106,21 @@ def run_variants(clinic: Clinic, runs: Sequence[VariantRun], config: TrainConfig
         if not isinstance(r, VariantRun):
             raise TypeError(f"run_variants expects VariantRun objects, got {type(r).__name__}")
         if isinstance(r.model, SoftMoEConfig) and (config.batch_size % r.group_size or len(clinic.val) % r.group_size):
-            raise ValueError(f"run {r.label!r}: Soft MoE groups patients {r.group_size} at a time, so the batch size "
-                             f"({config.batch_size}) and the held-out patients ({len(clinic.val)}) must be multiples of it")
+            raise ValueError(
+                f"run {r.label!r}: Soft MoE groups patients {r.group_size} at a time, so the batch size "
+                f"({config.batch_size}) and the held-out patients ({len(clinic.val)}) must be multiples of it"
+            )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # in this process too, so that workers=1 gives the workers' numbers
     try:
-        raw = run_in_workers(functools.partial(_train_one, clinic, config=config), runs, workers=workers, progress=progress,
-                             desc="training runs", name=lambda r: f"{r.label}, seed {r.seed}")
+        raw = run_in_workers(
+            functools.partial(_train_one, clinic, config=config),
+            runs,
+            workers=workers,
+            progress=progress,
+            desc="training runs",
+            name=lambda r: f"{r.label}, seed {r.seed}",
+        )
     finally:
         torch.set_num_threads(threads)
     results = []
@@ -157,7 +170,9 @@ def waiting_room_effect(model: nn.Module, patients: Patients, *, arrangements: i
 
 
 @torch.no_grad()
-def compute_profile(model: ClinicAdaptiveMoE, clinic: Clinic, patients: Patients, blur: Sequence[float] = (0.0, 0.25, 0.5)) -> dict:
+def compute_profile(
+    model: ClinicAdaptiveMoE, clinic: Clinic, patients: Patients, blur: Sequence[float] = (0.0, 0.25, 0.5)
+) -> dict:
     """Who gets more doctors from an adaptive router, and how they fare.
 
     Returns a dict of pandas Series:
@@ -184,7 +199,9 @@ def compute_profile(model: ClinicAdaptiveMoE, clinic: Clinic, patients: Patients
     model.train(was_training)
     counts = torch.bincount(k, minlength=E + 1).float()
     return {
-        "by_specialty": pd.Series(compute_by_group(k, patients.specialty, clinic.num_specialties).numpy(), index=list(clinic.specialties)),
+        "by_specialty": pd.Series(
+            compute_by_group(k, patients.specialty, clinic.num_specialties).numpy(), index=list(clinic.specialties)
+        ),
         "by_blur": pd.Series(by_blur),
         "accuracy_by_blur": pd.Series(acc_blur),
         "share_by_experts": pd.Series((counts / counts.sum()).numpy(), index=range(E + 1)),

@@ -76,8 +76,9 @@ def run_in_workers(
                 bar.set_postfix_str(name(job))
                 finished(i, fn(job))
             return results
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
-                                 initializer=_worker_init) as pool:
+        with ProcessPoolExecutor(
+            max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn"), initializer=_worker_init
+        ) as pool:
             futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
             for future in as_completed(futures):
                 finished(futures[future], future.result())

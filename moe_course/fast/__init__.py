@@ -23,13 +23,29 @@ way: the core imports this package, this package imports nothing of the core.
 
 from . import grouped_mm, sorted_experts  # noqa: E402,F401  (they register their dispatch methods)
 from .activations import ACTIVATION_GRADS
-from .shared_cores import busy, contention, one_thread_when_busy
 from .flag import applies, enabled
+from .fused_switch import applies_to as switch_layer_applies
+from .fused_switch import switch_layer
 from .registry import METHODS
 from .router_matmul import router_matmul
 from .router_softmax import softmax
-from .fused_switch import applies_to as switch_layer_applies, switch_layer
+from .shared_cores import busy, contention, one_thread_when_busy
 from .threads import expert_order, expert_threads, over_experts, worth_threading
 
-__all__ = ["ACTIVATION_GRADS", "applies", "enabled", "METHODS", "router_matmul", "softmax", "switch_layer", "switch_layer_applies", "busy", "contention", "one_thread_when_busy",
-           "expert_order", "expert_threads", "over_experts", "worth_threading"]
+__all__ = [
+    "ACTIVATION_GRADS",
+    "applies",
+    "enabled",
+    "METHODS",
+    "router_matmul",
+    "softmax",
+    "switch_layer",
+    "switch_layer_applies",
+    "busy",
+    "contention",
+    "one_thread_when_busy",
+    "expert_order",
+    "expert_threads",
+    "over_experts",
+    "worth_threading",
+]

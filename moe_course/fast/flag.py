@@ -18,7 +18,9 @@ from .activations import ACTIVATION_GRADS
 
 ENABLED = True  # the whole fast path; read through `applies`, set with `enabled(...)`
 THREADS = True  # expert threads (threads.worth_threading); set with `expert_threads(...)`
-CONTENTION: bool | None = None  # None: read the machine's load (shared_cores.busy); True/False pins it, set with `contention(...)`
+CONTENTION: bool | None = (
+    None  # None: read the machine's load (shared_cores.busy); True/False pins it, set with `contention(...)`
+)
 
 
 @contextmanager

@@ -44,8 +44,24 @@ from .sorting import unsort
 
 # MoEConfig fields this op knows; any other field must keep its default for the op to apply
 # (a new option is then never silently ignored: the readable forward runs instead).
-KNOWN_FIELDS = frozenset({"d_model", "d_ff", "num_experts", "top_k", "capacity_factor", "min_capacity", "router",
-                          "aux_loss_coef", "z_loss_coef", "router_jitter", "init_scale", "activation", "bias", "dispatch"})
+KNOWN_FIELDS = frozenset(
+    {
+        "d_model",
+        "d_ff",
+        "num_experts",
+        "top_k",
+        "capacity_factor",
+        "min_capacity",
+        "router",
+        "aux_loss_coef",
+        "z_loss_coef",
+        "router_jitter",
+        "init_scale",
+        "activation",
+        "bias",
+        "dispatch",
+    }
+)
 
 
 # The layer's steps, any of which a subclass or an instance attribute may replace (the playground routes
@@ -73,8 +89,12 @@ def applies_to(layer, tokens: torch.Tensor, cls: type) -> bool:
 @functools.lru_cache(maxsize=256)
 def _plain_switch(cfg) -> bool:
     """The Switch router, top-1, the default dispatch, and every field this op does not know at its default."""
-    return (cfg.router == "switch" and cfg.top_k == 1 and cfg.dispatch in (None, "sort_split")
-            and all(f.name in KNOWN_FIELDS or getattr(cfg, f.name) == f.default for f in dataclasses.fields(cfg)))
+    return (
+        cfg.router == "switch"
+        and cfg.top_k == 1
+        and cfg.dispatch in (None, "sort_split")
+        and all(f.name in KNOWN_FIELDS or getattr(cfg, f.name) == f.default for f in dataclasses.fields(cfg))
+    )
 
 
 def _add(a, b):
@@ -150,8 +170,18 @@ class _SwitchLayer(torch.autograd.Function):
             dys = dy.index_select(0, token)  # (M, D)
             arrange = ARRANGEMENTS[ctx.arrangement][1]
             wants = (need[0], router, need[2], need[3], need[4], need[5])
-            dxs, dgate_rows, dw_in, db_in, dw_out, db_out = arrange(ctx, xs, dys, gate_rows, index.index_select(0, token), w_in, w_out,
-                                                                    saved, wants, ACTIVATION_GRADS[ctx.activation][1])
+            dxs, dgate_rows, dw_in, db_in, dw_out, db_out = arrange(
+                ctx,
+                xs,
+                dys,
+                gate_rows,
+                index.index_select(0, token),
+                w_in,
+                w_out,
+                saved,
+                wants,
+                ACTIVATION_GRADS[ctx.activation][1],
+            )
         dx = dw = None
         if router:
             if drouter is not None:
@@ -162,8 +192,11 @@ class _SwitchLayer(torch.autograd.Function):
                 dp_t += (daux * (num_experts / num_tokens) * f)[:, None]
             dgate = dgates[:, 0] if dgates is not None else None  # (N,)
             if dgate_rows is not None:  # each kept token's gate also weighed its expert's output
-                from_rows = dgate_rows.index_select(0, inverse) if inverse is not None else \
-                    gate_rows.new_zeros(num_tokens).index_add_(0, token, dgate_rows)
+                from_rows = (
+                    dgate_rows.index_select(0, inverse)
+                    if inverse is not None
+                    else gate_rows.new_zeros(num_tokens).index_add_(0, token, dgate_rows)
+                )
                 dgate = _add(dgate, from_rows)
             if dgate is not None:
                 dp_t.scatter_add_(0, index[None], dgate[None])
@@ -187,8 +220,28 @@ def switch_layer(layer, tokens: torch.Tensor, capacity: int | None, shape: torch
     """``layer`` (an ``MoELayer``, ``applies_to`` it) on tokens (N, D) → the fields of its ``MoEOutput``, y shaped ``shape``."""
     cfg, experts = layer.config, layer.experts
     y, logits, probs, gates, expert_index, keep, aux, z, router_loss, counts, num_dropped = _SwitchLayer.apply(
-        tokens, layer.w_router, experts.w_in, experts.b_in, experts.w_out, experts.b_out, capacity,
-        experts.activation, float(cfg.aux_loss_coef), float(cfg.z_loss_coef))
-    return dict(y=y.reshape(shape), router_loss=router_loss, aux_loss=aux, z_loss=z, router_logits=logits, router_probs=probs,
-                expert_index=expert_index, gates=gates, keep=keep, num_dropped=num_dropped, tokens_per_expert=counts,
-                capacity=capacity)
+        tokens,
+        layer.w_router,
+        experts.w_in,
+        experts.b_in,
+        experts.w_out,
+        experts.b_out,
+        capacity,
+        experts.activation,
+        float(cfg.aux_loss_coef),
+        float(cfg.z_loss_coef),
+    )
+    return dict(
+        y=y.reshape(shape),
+        router_loss=router_loss,
+        aux_loss=aux,
+        z_loss=z,
+        router_logits=logits,
+        router_probs=probs,
+        expert_index=expert_index,
+        gates=gates,
+        keep=keep,
+        num_dropped=num_dropped,
+        tokens_per_expert=counts,
+        capacity=capacity,
+    )

@@ -85,8 +85,17 @@ def _blocked_forward(xs, gate, w_in, b_in, w_out, b_out, counts, act):
     ys = xs.new_empty(xs.shape[0], w_out.shape[2])  # (M, D)
     kept: list = [None] * len(counts)
     # every expert's arguments, cut once (a C call per tensor, not a Python index per expert)
-    per_expert = list(zip(torch.split(xs, counts), torch.split(ys, counts), torch.split(gate[:, None], counts),
-                          w_in.unbind(0), _unbind(b_in, len(counts)), w_out.unbind(0), _unbind(b_out, len(counts))))
+    per_expert = list(
+        zip(
+            torch.split(xs, counts),
+            torch.split(ys, counts),
+            torch.split(gate[:, None], counts),
+            w_in.unbind(0),
+            _unbind(b_in, len(counts)),
+            w_out.unbind(0),
+            _unbind(b_out, len(counts)),
+        )
+    )
 
     def expert_forward(e: int) -> None:
         x_e, y_e, gate_e, w1, b1, w2, b2 = per_expert[e]
@@ -136,10 +145,22 @@ def _blocked_backward(ctx, xs, dys, gate, expert, w_in, w_out, saved, need, act_
     db_in = xs.new_empty(num_experts, w_in.shape[2]) if need[3] else None  # (E, F)
     dw_out = torch.empty_like(w_out) if need[4] else None  # (E, F, D)
     db_out = xs.new_empty(num_experts, w_out.shape[2]) if need[5] else None  # (E, D)
-    per_expert = list(zip(
-        torch.split(xs, counts), torch.split(dys, counts), torch.split(gate[:, None], counts), kept,
-        w_in.transpose(1, 2).unbind(0), w_out.transpose(1, 2).unbind(0), _split(dxs, counts), _split(dgate, counts),
-        _unbind(dw_in, num_experts), _unbind(db_in, num_experts), _unbind(dw_out, num_experts), _unbind(db_out, num_experts)))
+    per_expert = list(
+        zip(
+            torch.split(xs, counts),
+            torch.split(dys, counts),
+            torch.split(gate[:, None], counts),
+            kept,
+            w_in.transpose(1, 2).unbind(0),
+            w_out.transpose(1, 2).unbind(0),
+            _split(dxs, counts),
+            _split(dgate, counts),
+            _unbind(dw_in, num_experts),
+            _unbind(db_in, num_experts),
+            _unbind(dw_out, num_experts),
+            _unbind(db_out, num_experts),
+        )
+    )
 
     def expert_backward(e: int) -> None:
         x_e, dy_e, gate_e, saved_e, w1_t, w2_t, dx_e, dgate_e, dw1, db1, dw2, db2 = per_expert[e]
@@ -178,7 +199,12 @@ def _batched_backward(ctx, xs, dys, gate, expert, w_in, w_out, saved, need, act_
     dxs = torch.empty_like(xs) if need[0] else None  # (M, D)
     dw_in = torch.empty_like(w_in) if need[2] else None  # (E, D, F)
     dw_out = torch.empty_like(w_out) if need[4] else None  # (E, F, D)
-    x_blocks, g_blocks, h_blocks, dh_blocks = torch.split(xs, counts), torch.split(g, counts), torch.split(h, counts), torch.split(dh, counts)
+    x_blocks, g_blocks, h_blocks, dh_blocks = (
+        torch.split(xs, counts),
+        torch.split(g, counts),
+        torch.split(h, counts),
+        torch.split(dh, counts),
+    )
     w1_ts, w2_ts = w_in.transpose(1, 2).unbind(0), w_out.transpose(1, 2).unbind(0)
     dw1s, dw2s, dx_blocks = _unbind(dw_in, num_experts), _unbind(dw_out, num_experts), _split(dxs, counts)
     flops = 2 * w_in.shape[1] * w_in.shape[2]
@@ -213,8 +239,11 @@ def _batched_backward(ctx, xs, dys, gate, expert, w_in, w_out, saved, need, act_
 
 
 # how the experts' work is laid out (``arrangement``): name → (forward, backward)
-ARRANGEMENTS = {"batched": (_batched_forward, _batched_backward), "blocked": (_blocked_forward, _blocked_backward),
-                "grouped": (grouped_forward, grouped_backward)}
+ARRANGEMENTS = {
+    "batched": (_batched_forward, _batched_backward),
+    "blocked": (_blocked_forward, _blocked_backward),
+    "grouped": (grouped_forward, grouped_backward),
+}
 
 
 def arrangement(xs: torch.Tensor, w_in: torch.Tensor, counts: list[int]) -> str:
@@ -256,7 +285,8 @@ class _SortedExperts(torch.autograd.Function):
             dys = dy.index_select(0, token)  # (M, D): each row's upstream gradient
             arrange = ARRANGEMENTS[ctx.arrangement][1]
             dxs, dgate, dw_in, db_in, dw_out, db_out = arrange(
-                ctx, xs, dys, gate, expert, w_in, w_out, saved, ctx.needs_input_grad, ACTIVATION_GRADS[ctx.activation][1])
+                ctx, xs, dys, gate, expert, w_in, w_out, saved, ctx.needs_input_grad, ACTIVATION_GRADS[ctx.activation][1]
+            )
             dx = unsort(dxs, token, inverse, ctx.num_tokens, ctx.k) if dxs is not None else None
             return dx, dgate, dw_in, db_in, dw_out, db_out, None, None, None, None, None, None
 
@@ -273,5 +303,17 @@ def sort_split(x, experts, expert_index, gates, keep=None) -> torch.Tensor:
     if token.numel() == 0:
         return torch.zeros_like(x)
     counts = torch.bincount(expert, minlength=experts.num_experts).tolist()
-    return _SortedExperts.apply(x, gate, experts.w_in, experts.b_in, experts.w_out, experts.b_out,
-                                token, expert, inverse, counts, experts.activation, expert_index.shape[1])
+    return _SortedExperts.apply(
+        x,
+        gate,
+        experts.w_in,
+        experts.b_in,
+        experts.w_out,
+        experts.b_out,
+        token,
+        expert,
+        inverse,
+        counts,
+        experts.activation,
+        expert_index.shape[1],
+    )

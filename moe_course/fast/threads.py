@@ -32,11 +32,20 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import flag
-from .shared_cores import sharing
 from .flag import expert_threads  # noqa: F401  (the switch lives with the fast path's other one)
+from .shared_cores import sharing
 
-__all__ = ["expert_order", "worth_threading", "threaded", "over_experts", "expert_threads", "MIN_EXPERTS_PER_THREAD", "MAX_BLOCK_FLOPS", "MIN_BLOCK_FLOPS",
-           "MIN_EXPERTS_PER_THREAD_SHARED"]
+__all__ = [
+    "expert_order",
+    "worth_threading",
+    "threaded",
+    "over_experts",
+    "expert_threads",
+    "MIN_EXPERTS_PER_THREAD",
+    "MAX_BLOCK_FLOPS",
+    "MIN_BLOCK_FLOPS",
+    "MIN_EXPERTS_PER_THREAD_SHARED",
+]
 
 # Where threads pay depends on the machine; these bounds are a starting point, not a law. To set
 # them for yours, time a layer's forward+backward with `expert_threads(False)` against the default,
@@ -104,7 +113,9 @@ def threaded(counts: list[int], flops_per_row: int) -> bool:
 
 def _pool(workers: int) -> ThreadPoolExecutor:
     if workers not in _pools:
-        _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="moe-experts", initializer=torch.set_num_threads, initargs=(1,))
+        _pools[workers] = ThreadPoolExecutor(
+            workers, thread_name_prefix="moe-experts", initializer=torch.set_num_threads, initargs=(1,)
+        )
     return _pools[workers]
 
 

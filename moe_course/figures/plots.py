@@ -14,8 +14,18 @@ import pandas as pd
 import seaborn as sns
 import torch
 
-__all__ = ["use_course_style", "grouped_bars", "learning_curves", "heatmap", "plot_clinic", "dispatch_picture", "save",
-           "bias_variance_bars", "expert_bars", "gate_mass_heatmap"]
+__all__ = [
+    "use_course_style",
+    "grouped_bars",
+    "learning_curves",
+    "heatmap",
+    "plot_clinic",
+    "dispatch_picture",
+    "save",
+    "bias_variance_bars",
+    "expert_bars",
+    "gate_mass_heatmap",
+]
 
 
 def use_course_style() -> None:
@@ -55,14 +65,31 @@ def grouped_bars(
     ax = ax or plt.figure().gca()
     sns.barplot(frame, x="group", y="value", hue="series", ax=ax)
     for container in ax.containers:
-        ax.bar_label(container, labels=[fmt.format(v) if np.isfinite(v) else "–" for v in container.datavalues], fontsize=8, padding=2)
+        ax.bar_label(
+            container, labels=[fmt.format(v) if np.isfinite(v) else "–" for v in container.datavalues], fontsize=8, padding=2
+        )
     if chance is not None:
         ax.axhline(chance, ls="--", color="gray", lw=1)
-        ax.annotate("chance", (1.0, chance), xycoords=("axes fraction", "data"), xytext=(3, 0), textcoords="offset points",
-                    ha="left", va="center", color="gray", fontsize=8)  # just outside the axes: never behind a bar
+        ax.annotate(
+            "chance",
+            (1.0, chance),
+            xycoords=("axes fraction", "data"),
+            xytext=(3, 0),
+            textcoords="offset points",
+            ha="left",
+            va="center",
+            color="gray",
+            fontsize=8,
+        )  # just outside the axes: never behind a bar
     ax.set(title=title, ylabel=ylabel, xlabel=xlabel)
     # below the axes, so it never hides a bar
-    ax.legend(title=None, loc="upper center", bbox_to_anchor=(0.5, -0.14 if not xlabel else -0.22), ncol=min(3, len(values)), frameon=False)
+    ax.legend(
+        title=None,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.14 if not xlabel else -0.22),
+        ncol=min(3, len(values)),
+        frameon=False,
+    )
     return ax
 
 
@@ -99,7 +126,18 @@ def heatmap(
 ) -> plt.Axes:
     """An annotated heatmap, e.g. specialty × expert gate mass."""
     ax = ax or plt.figure().gca()
-    sns.heatmap(_numpy(matrix), annot=True, fmt=fmt, cmap=cmap, xticklabels=list(cols), yticklabels=list(rows), vmin=vmin, vmax=vmax, ax=ax, cbar=True)
+    sns.heatmap(
+        _numpy(matrix),
+        annot=True,
+        fmt=fmt,
+        cmap=cmap,
+        xticklabels=list(cols),
+        yticklabels=list(rows),
+        vmin=vmin,
+        vmax=vmax,
+        ax=ax,
+        cbar=True,
+    )
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     return ax
 
@@ -110,10 +148,23 @@ def plot_clinic(clinic, *, specialties: Sequence[int] = (0, 1), max_points: int 
     """
     pts = clinic.train
     codes = torch.stack([clinic.context(pts.of_specialty(s).x).mean(0) for s in range(clinic.num_specialties)])
-    fig, axes = plt.subplots(1, 1 + len(specialties), figsize=(4.4 * (1 + len(specialties)), 4.0),
-                             gridspec_kw={"width_ratios": [1.1] + [1] * len(specialties)})
-    sns.heatmap(codes.numpy(), cmap="vlag", center=0, ax=axes[0], yticklabels=list(clinic.specialties),
-                annot=True, fmt=".1f", annot_kws={"fontsize": 7}, cbar=False)
+    fig, axes = plt.subplots(
+        1,
+        1 + len(specialties),
+        figsize=(4.4 * (1 + len(specialties)), 4.0),
+        gridspec_kw={"width_ratios": [1.1] + [1] * len(specialties)},
+    )
+    sns.heatmap(
+        codes.numpy(),
+        cmap="vlag",
+        center=0,
+        ax=axes[0],
+        yticklabels=list(clinic.specialties),
+        annot=True,
+        fmt=".1f",
+        annot_kws={"fontsize": 7},
+        cbar=False,
+    )
     axes[0].set(title="context: each department's code", xlabel="context feature (mean over its patients)", ylabel="")
     palette = sns.color_palette("colorblind", clinic.num_diagnoses)
     order = [f"diagnosis {d}" for d in range(clinic.num_diagnoses)]
@@ -121,8 +172,16 @@ def plot_clinic(clinic, *, specialties: Sequence[int] = (0, 1), max_points: int 
         own = pts.of_specialty(s)
         k = min(len(own), max_points)
         m = clinic.measurements(own.x[:k])
-        sns.scatterplot(x=m[:, 0].numpy(), y=m[:, 1].numpy(), hue=[f"diagnosis {d}" for d in own.diagnosis[:k].tolist()],
-                        hue_order=order, palette=palette, s=14, ax=ax, linewidth=0)
+        sns.scatterplot(
+            x=m[:, 0].numpy(),
+            y=m[:, 1].numpy(),
+            hue=[f"diagnosis {d}" for d in own.diagnosis[:k].tolist()],
+            hue_order=order,
+            palette=palette,
+            s=14,
+            ax=ax,
+            linewidth=0,
+        )
         ax.set(title=f"{clinic.specialties[s]}: diagnoses", xlabel="measurement 1", ylabel="measurement 2")
         ax.legend(fontsize=7, markerscale=1.5, loc="upper right")
     fig.tight_layout()
@@ -204,9 +263,18 @@ def gate_mass_heatmap(
     if m.ndim != 2 or m.shape[0] != len(specialties):
         raise ValueError(f"mass must be (S, E) with S = {len(specialties)} specialties, got shape {m.shape}")
     ax = ax or plt.figure().gca()
-    sns.heatmap(m, annot=True, fmt=fmt, cmap="viridis", vmin=0.0, vmax=1.0, ax=ax,
-                xticklabels=[str(e) for e in range(m.shape[1])], yticklabels=list(specialties),
-                cbar_kws={"label": label})
+    sns.heatmap(
+        m,
+        annot=True,
+        fmt=fmt,
+        cmap="viridis",
+        vmin=0.0,
+        vmax=1.0,
+        ax=ax,
+        xticklabels=[str(e) for e in range(m.shape[1])],
+        yticklabels=list(specialties),
+        cbar_kws={"label": label},
+    )
     ax.set(title=title, xlabel="expert", ylabel="specialty of the patients")
     return ax
 
@@ -245,15 +313,34 @@ def dispatch_picture(expert_index: torch.Tensor, num_experts: int) -> plt.Figure
         e, c = int(expert_index[t]), int(slots[t])
         ax.add_patch(plt.Rectangle((c, num_experts - 1 - e), 0.92, 0.9, color=colours[e]))
         ax.text(c + 0.46, num_experts - 0.55 - e, f"t{t}", ha="center", va="center", fontsize=8, color="white", weight="bold")
-    ax.set(xlim=(0, capacity), ylim=(0, num_experts), title=f"3. padded buffer (E × C = {num_experts} × {capacity})\nhatched: wasted slots",
-           xticks=[c + 0.46 for c in range(capacity)], xticklabels=range(capacity),
-           yticks=[num_experts - 0.55 - e for e in range(num_experts)], yticklabels=[f"expert {e}" for e in range(num_experts)], xlabel="slot")
+    ax.set(
+        xlim=(0, capacity),
+        ylim=(0, num_experts),
+        title=f"3. padded buffer (E × C = {num_experts} × {capacity})\nhatched: wasted slots",
+        xticks=[c + 0.46 for c in range(capacity)],
+        xticklabels=range(capacity),
+        yticks=[num_experts - 0.55 - e for e in range(num_experts)],
+        yticklabels=[f"expert {e}" for e in range(num_experts)],
+        xlabel="slot",
+    )
 
     one_hot = torch.zeros(n, num_experts * capacity)
     one_hot[torch.arange(n), expert_index * capacity + slots] = 1.0
-    sns.heatmap(one_hot.numpy(), cmap="Greys", cbar=False, ax=axes[3], linewidths=0.3, linecolor="#eeeeee",
-                xticklabels=[f"{e}·{c}" for e in range(num_experts) for c in range(capacity)], yticklabels=[f"t{t}" for t in range(n)])
-    axes[3].set(title=f"4. GShard's one-hot dispatch tensor (N, E·C)\n{n}×{num_experts * capacity} entries for {n} tokens", xlabel="expert·slot", ylabel="token")
+    sns.heatmap(
+        one_hot.numpy(),
+        cmap="Greys",
+        cbar=False,
+        ax=axes[3],
+        linewidths=0.3,
+        linecolor="#eeeeee",
+        xticklabels=[f"{e}·{c}" for e in range(num_experts) for c in range(capacity)],
+        yticklabels=[f"t{t}" for t in range(n)],
+    )
+    axes[3].set(
+        title=f"4. GShard's one-hot dispatch tensor (N, E·C)\n{n}×{num_experts * capacity} entries for {n} tokens",
+        xlabel="expert·slot",
+        ylabel="token",
+    )
     axes[3].tick_params(axis="x", labelsize=7, rotation=90)
     fig.tight_layout()
     return fig
@@ -290,14 +377,25 @@ def accuracy_vs_flops(
         mean, low, high = acc.mean(), acc.min(), acc.max()
         hollow = name == reference
         ax.scatter(np.full(len(acc), x), acc, s=10, color=colours[i], alpha=0.6, zorder=3, linewidths=0)  # the seeds
-        ax.errorbar([x], [mean], yerr=[[mean - low], [high - mean]], fmt=markers[i % len(markers)], ms=9, capsize=4,
-                    color=colours[i], mfc="white" if hollow else colours[i], mew=2,
-                    label=f"{name}: {int(rows['parameters'].iloc[0]):,} parameters")
+        ax.errorbar(
+            [x],
+            [mean],
+            yerr=[[mean - low], [high - mean]],
+            fmt=markers[i % len(markers)],
+            ms=9,
+            capsize=4,
+            color=colours[i],
+            mfc="white" if hollow else colours[i],
+            mew=2,
+            label=f"{name}: {int(rows['parameters'].iloc[0]):,} parameters",
+        )
         short = name.split(" · ")[0] if " · " in name else name.split(" (")[0]
         ax.annotate(short, (x, mean), xytext=(9, -3), textcoords="offset points", fontsize=9, color=colours[i], weight="bold")
     if chance is not None:
         ax.axhline(chance, ls="--", color="gray", lw=1)
-        ax.annotate("chance", (ax.get_xlim()[1], chance), xytext=(-4, 3), textcoords="offset points", ha="right", color="gray", fontsize=8)
+        ax.annotate(
+            "chance", (ax.get_xlim()[1], chance), xytext=(-4, 3), textcoords="offset points", ha="right", color="gray", fontsize=8
+        )
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax.xaxis.set_minor_formatter(plt.FuncFormatter(lambda v, _: f"{v:,.0f}" if f"{v:.0f}"[0] in "25" else ""))
@@ -364,7 +462,9 @@ def clinic_day_picture(day, specialties: Sequence[str], *, axes: Sequence[plt.Ax
             if day.keep[t, j]:
                 grid[int(day.expert_index[t, j]), t] = float(day.gates[t, j])
     cmap = plt.get_cmap("viridis").with_extremes(bad="#f2f2f2")
-    image = ax_map.imshow(grid, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest", extent=(-0.5, n - 0.5, e - 0.5, -0.5))
+    image = ax_map.imshow(
+        grid, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest", extent=(-0.5, n - 0.5, e - 0.5, -0.5)
+    )
     for t, j in (~day.keep).nonzero().tolist():
         ax_map.plot(t, int(day.expert_index[t, j]), marker="x", color="black", ms=7, mew=2)
     palette = sns.color_palette("colorblind", len(specialties))
@@ -377,8 +477,17 @@ def clinic_day_picture(day, specialties: Sequence[str], *, axes: Sequence[plt.Ax
     cbar = fig.colorbar(image, ax=ax_map, pad=0.01)
     cbar.set_label("gate")
     handles = [plt.Rectangle((0, 0), 1, 1, color=palette[s]) for s in range(len(specialties))]
-    ax_map.legend(handles, list(specialties), title="specialty (top strip)", loc="upper center", bbox_to_anchor=(0.5, -0.2),
-                  ncol=len(specialties), frameon=False, fontsize=8, title_fontsize=8)
+    ax_map.legend(
+        handles,
+        list(specialties),
+        title="specialty (top strip)",
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.2),
+        ncol=len(specialties),
+        frameon=False,
+        fontsize=8,
+        title_fontsize=8,
+    )
     colours = sns.color_palette("colorblind", 4)
     seen = day.seen.numpy()
     turned_away = (day.assigned - day.seen).numpy()

@@ -49,10 +49,12 @@ def hospital_explorer(d_model: int = 512, d_ff: int = 2048) -> W.Widget:
     Shows what the hospital *knows* (parameters) and what one visit *costs*
     (FLOPs per token), relative to a single doctor (one dense FFN).
     """
-    experts = W.IntSlider(value=8, min=1, max=64, description="specialists E", continuous_update=False,
-                          style={"description_width": "initial"})
-    top_k = W.IntSlider(value=1, min=1, max=8, description="seen per patient k", continuous_update=False,
-                        style={"description_width": "initial"})
+    experts = W.IntSlider(
+        value=8, min=1, max=64, description="specialists E", continuous_update=False, style={"description_width": "initial"}
+    )
+    top_k = W.IntSlider(
+        value=1, min=1, max=8, description="seen per patient k", continuous_update=False, style={"description_width": "initial"}
+    )
     summary = W.HTML()
     chart = W.Image(format="png", layout=W.Layout(width="560px"))
 
@@ -68,11 +70,15 @@ def hospital_explorer(d_model: int = 512, d_ff: int = 2048) -> W.Widget:
             f"({n['MoE FLOPs per token']:,} FLOPs per patient)."
         )
         fig, ax = plt.subplots(figsize=(6, 2.6))
-        ax.barh(["effort per patient\n(FLOPs per token)", "knowledge\n(parameters)"], [costs, knows],
-                color=["#DE8F05", "#0173B2"])
+        ax.barh(
+            ["effort per patient\n(FLOPs per token)", "knowledge\n(parameters)"], [costs, knows], color=["#DE8F05", "#0173B2"]
+        )
         ax.axvline(1.0, color="gray", ls="--", lw=1)
-        ax.set(xlabel="relative to one doctor (one dense FFN of the same width)", xlim=(0, max(8.0, knows * 1.1)),
-               title="An MoE layer: knowledge grows with E, effort with k")
+        ax.set(
+            xlabel="relative to one doctor (one dense FFN of the same width)",
+            xlim=(0, max(8.0, knows * 1.1)),
+            title="An MoE layer: knowledge grows with E, effort with k",
+        )
         for y, v in enumerate([costs, knows]):
             ax.text(v, y, f" {v:.2f}×", va="center")
         fig.tight_layout()
@@ -142,8 +148,15 @@ def mixture_playground(model, patients, specialties, *, max_patients: int = 512)
         axes[1].imshow(table, cmap="viridis", vmin=0, vmax=1, aspect="auto")
         for r in range(table.shape[0]):
             for c in range(num_classes):
-                axes[1].text(c, r, f"{table[r, c]:.2f}", ha="center", va="center", fontsize=8,
-                             color="black" if table[r, c] > 0.6 else "white")
+                axes[1].text(
+                    c,
+                    r,
+                    f"{table[r, c]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="black" if table[r, c] > 0.6 else "white",
+                )
         axes[1].add_patch(plt.Rectangle((truth - 0.5, -0.5), 1, table.shape[0], fill=False, lw=2.5, ec="#DE8F05"))
         axes[1].set_yticks(range(table.shape[0]), [f"expert {e} (w={g[e]:.2f})" for e in range(num_experts)] + ["mixture"])
         axes[1].set_xticks(range(num_classes), [f"{c}" for c in range(num_classes)])
@@ -163,11 +176,26 @@ def mixture_playground(model, patients, specialties, *, max_patients: int = 512)
             f"the mixture gets {mix_acc:.0%}."
         )
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-        expert_bars(mass[s], title=f"the GP's mean weight, {specialties[s]}", ylabel="mean gate weight", ax=axes[0], highlight=top, ylim=(0, 1.1))
+        expert_bars(
+            mass[s],
+            title=f"the GP's mean weight, {specialties[s]}",
+            ylabel="mean gate weight",
+            ax=axes[0],
+            highlight=top,
+            ylim=(0, 1.1),
+        )
         values = np.append(acc.numpy(), mix_acc)
-        expert_bars(values, labels=[f"expert {e}" for e in range(num_experts)] + ["mixture"], xlabel="",
-                    title=f"accuracy on {specialties[s]} patients", ylabel="held-out accuracy", ax=axes[1],
-                    highlight=top, ylim=(0, 1.1), fmt="{:.0%}")
+        expert_bars(
+            values,
+            labels=[f"expert {e}" for e in range(num_experts)] + ["mixture"],
+            xlabel="",
+            title=f"accuracy on {specialties[s]} patients",
+            ylabel="held-out accuracy",
+            ax=axes[1],
+            highlight=top,
+            ylim=(0, 1.1),
+            fmt="{:.0%}",
+        )
         axes[1].axhline(1 / num_classes, ls="--", color="gray", lw=1)
         fig.tight_layout()
         chart.value = figure_png(fig)
@@ -203,12 +231,33 @@ def waiting_room_playground(clinic, *, steps: int = 200, batch_size: int = 64, s
     style = {"description_width": "initial"}
     experts = W.IntSlider(value=8, min=2, max=16, description="experts E", continuous_update=False, style=style)
     top_k = W.IntSlider(value=1, min=1, max=4, description="doctors per patient k", continuous_update=False, style=style)
-    capacity = W.FloatSlider(value=1.0, min=0.25, max=3.0, step=0.25, description="capacity factor", continuous_update=False,
-                             readout_format=".2f", style=style)
-    noise = W.FloatSlider(value=0.0, min=0.0, max=3.0, step=0.25, description="router noise σ", continuous_update=False,
-                          readout_format=".2f", style=style)
-    balance = W.SelectionSlider(options=[0.0, 0.001, 0.01, 0.1, 1.0], value=0.01, description="balance-loss weight α",
-                                continuous_update=False, style=style)
+    capacity = W.FloatSlider(
+        value=1.0,
+        min=0.25,
+        max=3.0,
+        step=0.25,
+        description="capacity factor",
+        continuous_update=False,
+        readout_format=".2f",
+        style=style,
+    )
+    noise = W.FloatSlider(
+        value=0.0,
+        min=0.0,
+        max=3.0,
+        step=0.25,
+        description="router noise σ",
+        continuous_update=False,
+        readout_format=".2f",
+        style=style,
+    )
+    balance = W.SelectionSlider(
+        options=[0.0, 0.001, 0.01, 0.1, 1.0],
+        value=0.01,
+        description="balance-loss weight α",
+        continuous_update=False,
+        style=style,
+    )
     summary = W.HTML()
     chart = W.Image(format="png", layout=W.Layout(width="980px"))
     models: dict[tuple[int, int, float], object] = {}
@@ -219,8 +268,9 @@ def waiting_room_playground(clinic, *, steps: int = 200, batch_size: int = 64, s
         key = (experts.value, k, float(balance.value))
         if key not in models:
             summary.value = f"<i>training a clinic with {experts.value} experts, k = {k}, α = {balance.value:g} …</i>"
-            models[key] = train_clinic_moe(clinic, num_experts=experts.value, top_k=k, balance_weight=float(balance.value),
-                                           steps=steps, seed=seed)
+            models[key] = train_clinic_moe(
+                clinic, num_experts=experts.value, top_k=k, balance_weight=float(balance.value), steps=steps, seed=seed
+            )
         day = clinic_day(models[key], clinic, capacity_factor=capacity.value, noise=noise.value, batch_size=batch_size, seed=seed)
         busiest = int(day.assigned.max())
         summary.value = (

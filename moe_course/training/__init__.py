@@ -25,7 +25,22 @@ from .loop import (
     train_step,
 )
 
-__all__ = ["CLINIC_LR", "TrainConfig", "TrainResult", "Task", "ClassificationTask", "train", "train_step", "make_optimizer",
-           "model_logits", "evaluating",
-           "load_checkpoint", "TrainingInterrupted",
-           "LMTask", "LMEvaluation", "evaluate_lm", "complete", "update_expert_biases_"]
+__all__ = [
+    "CLINIC_LR",
+    "TrainConfig",
+    "TrainResult",
+    "Task",
+    "ClassificationTask",
+    "train",
+    "train_step",
+    "make_optimizer",
+    "model_logits",
+    "evaluating",
+    "load_checkpoint",
+    "TrainingInterrupted",
+    "LMTask",
+    "LMEvaluation",
+    "evaluate_lm",
+    "complete",
+    "update_expert_biases_",
+]

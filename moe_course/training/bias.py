@@ -51,7 +51,9 @@ def update_expert_biases_(model: nn.Module | Iterable[MoELayer], loads: Sequence
     layers = _layers(model)
     loads = list(loads)
     if len(loads) != len(layers):
-        raise ValueError(f"update_expert_biases_: {len(layers)} MoE layer(s) but {len(loads)} load(s); give one per layer, in order")
+        raise ValueError(
+            f"update_expert_biases_: {len(layers)} MoE layer(s) but {len(loads)} load(s); give one per layer, in order"
+        )
     moved = 0
     for layer, load in zip(layers, loads):
         if isinstance(load, MoEOutput):

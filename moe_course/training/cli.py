@@ -52,16 +52,44 @@ CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE, SAMPLES_FILE = "config.json", "check
 
 # flag dest → (config section, field name)
 _MODEL_FLAGS = {
-    "context": "block_size", "d_model": "d_model", "layers": "n_layers", "heads": "n_heads", "d_ff": "d_ff",
-    "model": "ffn", "experts": "num_experts", "router": "router", "top_k": "top_k", "moe_every": "moe_every", "capacity_factor": "capacity_factor",
-    "aux_coef": "aux_loss_coef", "z_coef": "z_loss_coef", "jitter": "router_jitter", "dropout": "dropout",
-    "untied": "tie_embeddings", "init_scale": "init_scale",
+    "context": "block_size",
+    "d_model": "d_model",
+    "layers": "n_layers",
+    "heads": "n_heads",
+    "d_ff": "d_ff",
+    "model": "ffn",
+    "experts": "num_experts",
+    "router": "router",
+    "top_k": "top_k",
+    "moe_every": "moe_every",
+    "capacity_factor": "capacity_factor",
+    "aux_coef": "aux_loss_coef",
+    "z_coef": "z_loss_coef",
+    "jitter": "router_jitter",
+    "dropout": "dropout",
+    "untied": "tie_embeddings",
+    "init_scale": "init_scale",
 }
-_CORPUS_FLAGS = {"facts": "num_facts", "id_digits": "id_digits", "id_alphabet": "id_alphabet", "fact_prompt": "fact_prompt", "wards": "num_wards",
-                 "corpus_seed": "seed", "mix": "mix", "text_file": "text_file"}
+_CORPUS_FLAGS = {
+    "facts": "num_facts",
+    "id_digits": "id_digits",
+    "id_alphabet": "id_alphabet",
+    "fact_prompt": "fact_prompt",
+    "wards": "num_wards",
+    "corpus_seed": "seed",
+    "mix": "mix",
+    "text_file": "text_file",
+}
 _TRAIN_FLAGS = {
-    "steps": "steps", "batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay", "warmup": "warmup_steps",
-    "lr_min_ratio": "lr_min_ratio", "grad_clip": "grad_clip", "eval_every": "eval_every", "seed": "seed",
+    "steps": "steps",
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "weight_decay": "weight_decay",
+    "warmup": "warmup_steps",
+    "lr_min_ratio": "lr_min_ratio",
+    "grad_clip": "grad_clip",
+    "eval_every": "eval_every",
+    "seed": "seed",
 }
 _TASK_FLAGS = {"eval_rows": "eval_rows"}
 
@@ -91,19 +119,28 @@ def _mix(text: str) -> dict[str, float]:
         pairs = [item.split("=") for item in text.split(",") if item.strip()]
         return {k.strip(): float(v) for k, v in pairs}
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--mix expects domain=weight pairs separated by commas, e.g. facts=0.5,arithmetic=0.5; got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--mix expects domain=weight pairs separated by commas, e.g. facts=0.5,arithmetic=0.5; got {text!r}"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe-train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Every flag left out keeps its default (or, with --resume, the saved value).")
+    p = argparse.ArgumentParser(
+        prog="moe-train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Every flag left out keeps its default (or, with --resume, the saved value).",
+    )
     S = argparse.SUPPRESS  # flags not given stay absent, so --resume can tell them apart
     m = p.add_argument_group("model (GPTConfig)")
     m.add_argument("--model", choices=["dense", "switch"], default=S, help="dense FFNs or Switch layers (default dense)")
     m.add_argument("--experts", type=int, default=S, help="experts per Switch layer (switch only; default 8)")
-    m.add_argument("--router", choices=["switch", "top_k", "noisy_top_k", "hash"], default=S,
-                   help="routing of the expert layers (default switch: top-1, raw gate; hash: fixed by token id, needs --capacity-factor none)")
+    m.add_argument(
+        "--router",
+        choices=["switch", "top_k", "noisy_top_k", "hash"],
+        default=S,
+        help="routing of the expert layers (default switch: top-1, raw gate; hash: fixed by token id, needs --capacity-factor none)",
+    )
     m.add_argument("--top-k", type=int, default=S, help="experts per token (router top_k or noisy_top_k; default 1)")
     m.add_argument("--d-model", type=int, default=S, help="model width D (default 128)")
     m.add_argument("--d-ff", type=int, default=S, help="FFN / expert hidden width F (default 512)")
@@ -111,21 +148,42 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--heads", type=int, default=S, help="attention heads (default 4)")
     m.add_argument("--context", type=int, default=S, help="characters of context T (default 128)")
     m.add_argument("--moe-every", type=int, default=S, help="every n-th block is a Switch block (default 1: all)")
-    m.add_argument("--capacity-factor", type=_optional_float, default=S, help="expert capacity factor, or 'none' for dropless (default 1.25)")
+    m.add_argument(
+        "--capacity-factor", type=_optional_float, default=S, help="expert capacity factor, or 'none' for dropless (default 1.25)"
+    )
     m.add_argument("--aux-coef", type=float, default=S, help="load-balancing loss weight α (default 0.01)")
     m.add_argument("--z-coef", type=float, default=S, help="router z-loss weight (default 0.001)")
     m.add_argument("--jitter", type=float, default=S, help="router input jitter ε (default 0)")
     m.add_argument("--dropout", type=float, default=S, help="dropout (default 0)")
-    m.add_argument("--init-scale", type=_optional_float, default=S, help="Switch init scale of FFNs and experts, or 'none' (default 0.1)")
-    m.add_argument("--untied", action="store_const", const=False, default=S, help="give the head its own weights (default: tied to the embedding)")
+    m.add_argument(
+        "--init-scale", type=_optional_float, default=S, help="Switch init scale of FFNs and experts, or 'none' (default 0.1)"
+    )
+    m.add_argument(
+        "--untied",
+        action="store_const",
+        const=False,
+        default=S,
+        help="give the head its own weights (default: tied to the embedding)",
+    )
     c = p.add_argument_group("corpus (CorpusConfig)")
-    c.add_argument("--facts", type=int, default=S, help="patients in the fact table (default %d)" % CorpusConfig().num_facts)
-    c.add_argument("--id-digits", type=int, default=S, help="digits of a patient number (default %d; 3 or 4 allow more facts)" % CorpusConfig().id_digits)
-    c.add_argument("--id-alphabet", default=S, help="write patients as codes of --id-digits characters from this alphabet, e.g. ABCDEFGHIJKLMNOPQRSTUVWXYZ (default: numbers)")
+    c.add_argument("--facts", type=int, default=S, help=f"patients in the fact table (default {CorpusConfig().num_facts})")
+    c.add_argument(
+        "--id-digits",
+        type=int,
+        default=S,
+        help=f"digits of a patient number (default {CorpusConfig().id_digits}; 3 or 4 allow more facts)",
+    )
+    c.add_argument(
+        "--id-alphabet",
+        default=S,
+        help="write patients as codes of --id-digits characters from this alphabet, e.g. ABCDEFGHIJKLMNOPQRSTUVWXYZ (default: numbers)",
+    )
     c.add_argument("--fact-prompt", default=S, help="a record's prompt, {} for the patient, e.g. '#{}' (default 'patient {}: ')")
-    c.add_argument("--wards", type=int, default=S, help="distinct answers of a fact (default %d)" % CorpusConfig().num_wards)
+    c.add_argument("--wards", type=int, default=S, help=f"distinct answers of a fact (default {CorpusConfig().num_wards})")
     c.add_argument("--corpus-seed", type=int, default=S, help="seed of the fact table and the held-out set (default 0)")
-    c.add_argument("--mix", type=_mix, default=S, help="sampling weights, e.g. facts=0.5,arithmetic=0.1,... (default: the course's mix)")
+    c.add_argument(
+        "--mix", type=_mix, default=S, help="sampling weights, e.g. facts=0.5,arithmetic=0.1,... (default: the course's mix)"
+    )
     c.add_argument("--text-file", default=S, help="also train on your own UTF-8 text file (domain 'text')")
     t = p.add_argument_group("training (TrainConfig)")
     t.add_argument("--steps", type=int, default=S, help="optimiser steps (default 2000)")
@@ -140,12 +198,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=S, help="seeds the model's initialisation and the batch sampler (default 0)")
     r = p.add_argument_group("run")
     r.add_argument("--out", required=True, help="output folder (config.json, checkpoint.pt, metrics.csv, samples.txt)")
-    r.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
-                   help="the defaults of the flags above: cpu (minutes on a laptop CPU), large (for a GPU); auto: cpu on the CPU (default)")
+    r.add_argument(
+        "--preset",
+        choices=["auto", *PRESETS],
+        default="auto",
+        help="the defaults of the flags above: cpu (minutes on a laptop CPU), large (for a GPU); auto: cpu on the CPU (default)",
+    )
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    r.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints and metrics writes (default: 5 × --eval-every)")
-    r.add_argument("--checkpoint-minutes", type=float, default=5.0, help="also save a checkpoint after this many minutes of training (default 5)")
-    r.add_argument("--stop-after", type=int, default=None, help="stop after this many steps in total (to split a run; resume later)")
+    r.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help="steps between checkpoints and metrics writes (default: 5 × --eval-every)",
+    )
+    r.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=5.0,
+        help="also save a checkpoint after this many minutes of training (default 5)",
+    )
+    r.add_argument(
+        "--stop-after", type=int, default=None, help="stop after this many steps in total (to split a run; resume later)"
+    )
     r.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     r.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on the CPU (default: PyTorch's choice)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -161,8 +235,9 @@ def preset_for(name: str, device: torch.device) -> str:
     return name
 
 
-def configs_from_args(args: argparse.Namespace, saved: dict | None = None, *, preset: str = "cpu"
-                      ) -> tuple[GPTConfig, CorpusConfig, TrainConfig, dict]:
+def configs_from_args(
+    args: argparse.Namespace, saved: dict | None = None, *, preset: str = "cpu"
+) -> tuple[GPTConfig, CorpusConfig, TrainConfig, dict]:
     """Build (model, corpus, train, task) configs from parsed flags, over ``saved`` configs or the ``preset``'s defaults."""
     given = vars(args)
     if saved is None:
@@ -281,13 +356,17 @@ def main(argv: list[str] | None = None) -> int:
             if not config_path.exists():
                 parser.error(f"--resume: there is no run to resume in {str(out)!r} (no {CONFIG_FILE})")
             if not ckpt.exists():
-                parser.error(f"--resume: {str(out)!r} holds a run but no {CHECKPOINT_FILE}: it was stopped before its first "
-                             "checkpoint, so there is nothing to continue. Start it again with another --out (or delete the folder).")
+                parser.error(
+                    f"--resume: {str(out)!r} holds a run but no {CHECKPOINT_FILE}: it was stopped before its first "
+                    "checkpoint, so there is nothing to continue. Start it again with another --out (or delete the folder)."
+                )
             saved = json.loads(config_path.read_text())
             model_cfg, corpus_cfg, train_cfg, task_kw = configs_from_args(args, saved)
             diff = _differences(saved, _as_saved(model_cfg, corpus_cfg, train_cfg, task_kw))
             if diff:
-                parser.error("--resume: these flags differ from the saved run (drop them, or start a new --out):\n  " + "\n  ".join(diff))
+                parser.error(
+                    "--resume: these flags differ from the saved run (drop them, or start a new --out):\n  " + "\n  ".join(diff)
+                )
         else:
             if config_path.exists() or ckpt.exists():
                 parser.error(f"{str(out)!r} already holds a run; add --resume to continue it, or choose another --out")
@@ -307,8 +386,11 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(train_cfg.seed)
     model = GPT(model_cfg)
     pc, fc = param_count(model_cfg), flops_per_token(model_cfg)
-    print(f"{model_cfg.ffn} model, {model_cfg.num_experts} expert(s): {pc.total:,} parameters ({pc.active:,} active per token), "
-          f"{fc.total:,} forward FLOPs per token; device {device}; corpus {list(corpus.domains)}", flush=True)
+    print(
+        f"{model_cfg.ffn} model, {model_cfg.num_experts} expert(s): {pc.total:,} parameters ({pc.active:,} active per token), "
+        f"{fc.total:,} forward FLOPs per token; device {device}; corpus {list(corpus.domains)}",
+        flush=True,
+    )
     assert count_parameters(model) == pc.total
 
     start = load_checkpoint(ckpt)["step"] if ckpt.exists() else 0
@@ -317,8 +399,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{str(ckpt)!r} is already at step {start}; nothing to do", flush=True)
     else:
         per_step = estimate_seconds_per_step(model, task, train_cfg, device)
-        print(f"about {per_step * 1000:.0f} ms per step here: steps {start} to {last} take about {_duration(per_step * (last - start))} "
-              f"(without the evaluations); Ctrl-C stops after the current step and saves a checkpoint", flush=True)
+        print(
+            f"about {per_step * 1000:.0f} ms per step here: steps {start} to {last} take about {_duration(per_step * (last - start))} "
+            f"(without the evaluations); Ctrl-C stops after the current step and saves a checkpoint",
+            flush=True,
+        )
 
     def write_metrics(step: int, rows: list[dict[str, float]]) -> None:
         if rows:
@@ -328,16 +413,31 @@ def main(argv: list[str] | None = None) -> int:
     result = None
     if start < last:
         try:
-            result = train(model, task, train_cfg, device=device, progress=not args.quiet, checkpoint_path=ckpt, resume=True,
-                           checkpoint_every=args.checkpoint_every or 5 * train_cfg.eval_every,
-                           checkpoint_minutes=args.checkpoint_minutes, on_checkpoint=write_metrics, stop_after=last)
+            result = train(
+                model,
+                task,
+                train_cfg,
+                device=device,
+                progress=not args.quiet,
+                checkpoint_path=ckpt,
+                resume=True,
+                checkpoint_every=args.checkpoint_every or 5 * train_cfg.eval_every,
+                checkpoint_minutes=args.checkpoint_minutes,
+                on_checkpoint=write_metrics,
+                stop_after=last,
+            )
         except TrainingInterrupted as stop:
-            print(f"\nstopped after step {stop.step} of {train_cfg.steps}; the checkpoint is in {ckpt}. "
-                  f"Continue with: moe-train --out {out} --resume", flush=True)
+            print(
+                f"\nstopped after step {stop.step} of {train_cfg.steps}; the checkpoint is in {ckpt}. "
+                f"Continue with: moe-train --out {out} --resume",
+                flush=True,
+            )
             return 130
     if result is not None and len(result.history):
         row = result.final
-        shown = {k: round(v, 4) for k, v in row.items() if k == "val_loss" or k.startswith("val_loss_") or k.startswith("val_exact_")}
+        shown = {
+            k: round(v, 4) for k, v in row.items() if k == "val_loss" or k.startswith("val_loss_") or k.startswith("val_exact_")
+        }
         print(f"step {int(row['step'])}: " + ", ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
     if result is not None and last >= train_cfg.steps:
         model.to(device).eval()

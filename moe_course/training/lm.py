@@ -32,7 +32,6 @@ from __future__ import annotations
 
 from copy import deepcopy
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +43,18 @@ from ..routing import expert_capacity
 from ..transformer import GPT
 from .loop import model_logits
 
-__all__ = ["token_losses", "loss_by_domain", "exact_match_by_domain", "LMEvaluation", "evaluate_lm", "without_dropping",
-           "FactRecall", "fact_recall", "LMTask", "complete"]
+__all__ = [
+    "token_losses",
+    "loss_by_domain",
+    "exact_match_by_domain",
+    "LMEvaluation",
+    "evaluate_lm",
+    "without_dropping",
+    "FactRecall",
+    "fact_recall",
+    "LMTask",
+    "complete",
+]
 
 
 def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -63,7 +72,9 @@ def loss_by_domain(token_loss: torch.Tensor, domain: torch.Tensor, num_domains: 
     targets); sums.sum() / counts.sum() is the overall mean.
     """
     if token_loss.shape != domain.shape:
-        raise ValueError(f"token_loss and domain must have the same shape, got {tuple(token_loss.shape)} and {tuple(domain.shape)}")
+        raise ValueError(
+            f"token_loss and domain must have the same shape, got {tuple(token_loss.shape)} and {tuple(domain.shape)}"
+        )
     d = domain.reshape(-1).cpu()
     if d.numel() and (d.min() < 0 or d.max() >= num_domains):
         raise ValueError(f"domain ids must lie in [0, {num_domains}), got values in [{int(d.min())}, {int(d.max())}]")
@@ -140,8 +151,15 @@ class LMEvaluation:
 
 
 @torch.no_grad()
-def evaluate_lm(model: nn.Module, batch: LMBatch, domains: tuple[str, ...], *, chunk: int = 32, device: torch.device | str | None = None,
-                dropless: bool = True) -> LMEvaluation:
+def evaluate_lm(
+    model: nn.Module,
+    batch: LMBatch,
+    domains: tuple[str, ...],
+    *,
+    chunk: int = 32,
+    device: torch.device | str | None = None,
+    dropless: bool = True,
+) -> LMEvaluation:
     """Run ``model`` on ``batch`` in chunks of ``chunk`` rows (eval mode) and tally losses per domain.
 
     dropless: judge the model without dropping tokens (``without_dropping``);
@@ -195,9 +213,17 @@ def evaluate_lm(model: nn.Module, batch: LMBatch, domains: tuple[str, ...], *, c
             balance.setdefault(i, []).append(float(m.aux_loss))
     model.train(was_training)
     mean = lambda v: sum(v) / len(v)  # noqa: E731
-    return LMEvaluation(domains, loss_sum, count, right, total,
-                        [mean(dropped[i]) for i in sorted(dropped)], [mean(balance[i]) for i in sorted(balance)],
-                        answer_sum, answer_count)
+    return LMEvaluation(
+        domains,
+        loss_sum,
+        count,
+        right,
+        total,
+        [mean(dropped[i]) for i in sorted(dropped)],
+        [mean(balance[i]) for i in sorted(balance)],
+        answer_sum,
+        answer_count,
+    )
 
 
 def without_dropping(model: nn.Module) -> nn.Module:
@@ -286,7 +312,6 @@ def fact_recall(model: nn.Module, corpus: Corpus, *, chunk: int = 256, device: t
     return FactRecall(patients, torch.cat(recalled), torch.cat(losses))
 
 
-
 @dataclass
 class LMTask:
     """Next-character prediction on ``corpus`` for ``train``; see the module docstring.
@@ -348,8 +373,17 @@ class LMTask:
         return metrics
 
 
-def complete(model: nn.Module, corpus: Corpus, prompt: str, *, max_new_tokens: int = 40, temperature: float = 0.0,
-             top_k: int | None = None, generator: torch.Generator | None = None, stop_at_newline: bool = True) -> str:
+def complete(
+    model: nn.Module,
+    corpus: Corpus,
+    prompt: str,
+    *,
+    max_new_tokens: int = 40,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    stop_at_newline: bool = True,
+) -> str:
     """Continue ``prompt`` with ``model``: greedy by default; stops after a newline (the end of a sample).
 
     Returns only the generated characters (without the prompt). A prompt
@@ -358,9 +392,15 @@ def complete(model: nn.Module, corpus: Corpus, prompt: str, *, max_new_tokens: i
     device = next(model.parameters()).device
     idx = corpus.encode("\n" + prompt)[None].to(device)  # (1, T0)
     newline = corpus.tokenizer.chars.index("\n")
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
-                         stop_token=newline if stop_at_newline else None)
-    text = corpus.decode(out[0, idx.shape[1]:].cpu())
+    out = model.generate(
+        idx,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        generator=generator,
+        stop_token=newline if stop_at_newline else None,
+    )
+    text = corpus.decode(out[0, idx.shape[1] :].cpu())
     if stop_at_newline and "\n" in text:
         text = text[: text.index("\n") + 1]
     return text

@@ -31,8 +31,20 @@ from torch import nn
 
 from ..device import get_device
 
-__all__ = ["CLINIC_LR", "TrainConfig", "TrainResult", "Task", "ClassificationTask", "train", "train_step", "make_optimizer",
-           "model_logits", "evaluating", "load_checkpoint", "TrainingInterrupted"]
+__all__ = [
+    "CLINIC_LR",
+    "TrainConfig",
+    "TrainResult",
+    "Task",
+    "ClassificationTask",
+    "train",
+    "train_step",
+    "make_optimizer",
+    "model_logits",
+    "evaluating",
+    "load_checkpoint",
+    "TrainingInterrupted",
+]
 
 # The learning rate of every clinic model in lessons 01-05. One constant, so that the same
 # model trained in two lessons gives the same result and the lessons' numbers can be compared.
@@ -221,7 +233,9 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
-def train_step(model: nn.Module, task: Task, batch: Any, optimizer: torch.optim.Optimizer, config: TrainConfig) -> dict[str, float]:
+def train_step(
+    model: nn.Module, task: Task, batch: Any, optimizer: torch.optim.Optimizer, config: TrainConfig
+) -> dict[str, float]:
     """One optimiser step on ``batch``: loss, backward, gradient clipping, update → the task's metrics for the batch."""
     loss, metrics = task.loss(model, batch)
     optimizer.zero_grad(set_to_none=True)
@@ -245,9 +259,11 @@ def load_checkpoint(path: str | Path, map_location: torch.device | str = "cpu") 
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"refusing to load {path}: it holds objects other than tensors and plain Python values, and "
-                         f"unpickling them could run code from the file. moe-course only loads checkpoints it wrote "
-                         f"itself. ({reason})") from None
+        raise ValueError(
+            f"refusing to load {path}: it holds objects other than tensors and plain Python values, and "
+            f"unpickling them could run code from the file. moe-course only loads checkpoints it wrote "
+            f"itself. ({reason})"
+        ) from None
 
 
 @contextmanager
@@ -368,7 +384,8 @@ def train(
             if stop_asked():
                 break
             due = (checkpoint_every and done % checkpoint_every == 0) or (
-                checkpoint_minutes is not None and time.perf_counter() - last_save >= 60 * checkpoint_minutes)
+                checkpoint_minutes is not None and time.perf_counter() - last_save >= 60 * checkpoint_minutes
+            )
             if path is not None and due and done < last:
                 save()
     bar.close()

@@ -12,5 +12,16 @@ Here are the main names; import the rest from the module. Neither needs a proces
 from .adaptive import AdaptiveMoE, AdaptiveMoEConfig, AdaptiveRouting, ClinicAdaptiveMoE, null_expert_routing, top_p_routing
 from .soft_moe import ClinicSoftMoE, SoftMoE, SoftMoEConfig, influence_matrix, soft_moe
 
-__all__ = ["AdaptiveMoE", "AdaptiveMoEConfig", "AdaptiveRouting", "ClinicAdaptiveMoE", "null_expert_routing", "top_p_routing",
-           "ClinicSoftMoE", "SoftMoE", "SoftMoEConfig", "influence_matrix", "soft_moe"]
+__all__ = [
+    "AdaptiveMoE",
+    "AdaptiveMoEConfig",
+    "AdaptiveRouting",
+    "ClinicAdaptiveMoE",
+    "null_expert_routing",
+    "top_p_routing",
+    "ClinicSoftMoE",
+    "SoftMoE",
+    "SoftMoEConfig",
+    "influence_matrix",
+    "soft_moe",
+]

@@ -80,8 +80,10 @@ class AdaptiveRouting:
 
 def _check_logits(router_logits: torch.Tensor) -> None:
     if not isinstance(router_logits, torch.Tensor) or router_logits.ndim != 2 or not router_logits.is_floating_point():
-        raise ValueError(f"router_logits must be a float tensor of shape (N, E), got {getattr(router_logits, 'dtype', type(router_logits).__name__)} "
-                         f"{tuple(getattr(router_logits, 'shape', ()))}")
+        raise ValueError(
+            f"router_logits must be a float tensor of shape (N, E), got {getattr(router_logits, 'dtype', type(router_logits).__name__)} "
+            f"{tuple(getattr(router_logits, 'shape', ()))}"
+        )
 
 
 def top_p_routing(router_logits: torch.Tensor, p: float, *, max_k: int | None = None) -> AdaptiveRouting:
@@ -192,7 +194,7 @@ def blur_referrals(clinic: Clinic, patients: Patients, amount: float) -> torch.T
     if torch.isnan(target).any():
         raise ValueError("blur_referrals needs patients of every specialty (to know where each department's letters point)")
     x = patients.x.clone()
-    x[:, clinic.d_measure:] = (1.0 - amount) * context + amount * target
+    x[:, clinic.d_measure :] = (1.0 - amount) * context + amount * target
     return x
 
 
@@ -222,17 +224,23 @@ class AdaptiveMoEConfig:
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"AdaptiveMoEConfig.top_p must be in (0, 1], got {self.top_p!r}")
         if self.max_k is not None and (not isinstance(self.max_k, int) or not 1 <= self.max_k <= self.num_experts):
-            raise ValueError(f"AdaptiveMoEConfig.max_k must be None or an int in [1, num_experts={self.num_experts}], got {self.max_k!r}")
+            raise ValueError(
+                f"AdaptiveMoEConfig.max_k must be None or an int in [1, num_experts={self.num_experts}], got {self.max_k!r}"
+            )
         if not isinstance(self.num_null, int) or isinstance(self.num_null, bool) or self.num_null < 0:
             raise ValueError(f"AdaptiveMoEConfig.num_null must be an int >= 0, got {self.num_null!r}")
         if self.router == "null" and self.top_k > self.num_experts + self.num_null:
-            raise ValueError(f"AdaptiveMoEConfig.top_k={self.top_k} is more than the {self.num_experts} + {self.num_null} experts")
+            raise ValueError(
+                f"AdaptiveMoEConfig.top_k={self.top_k} is more than the {self.num_experts} + {self.num_null} experts"
+            )
         for name in ("aux_loss_coef", "entropy_loss_coef"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"AdaptiveMoEConfig.{name} must be a number >= 0, got {value!r}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"AdaptiveMoEConfig.activation: unknown activation {self.activation!r}; choose from {sorted(ACTIVATIONS)}")
+            raise ValueError(
+                f"AdaptiveMoEConfig.activation: unknown activation {self.activation!r}; choose from {sorted(ACTIVATIONS)}"
+            )
 
     @property
     def router_width(self) -> int:
@@ -267,8 +275,9 @@ class AdaptiveMoE(nn.Module):
         self.w_router = nn.Parameter(torch.empty(D, config.router_width))
         std = math.sqrt((config.init_scale or 1.0) / D)
         nn.init.trunc_normal_(self.w_router, std=std, a=-2 * std, b=2 * std)
-        self.experts = Experts(config.num_experts, D, config.d_ff, activation=config.activation, bias=config.bias,
-                               init_scale=config.init_scale)
+        self.experts = Experts(
+            config.num_experts, D, config.d_ff, activation=config.activation, bias=config.bias, init_scale=config.init_scale
+        )
 
     def route(self, tokens: torch.Tensor) -> AdaptiveRouting:
         """tokens (N, D) → AdaptiveRouting."""
@@ -281,7 +290,9 @@ class AdaptiveMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> AdaptiveMoEOutput:
         cfg = self.config
         if not isinstance(x, torch.Tensor) or x.ndim not in (2, 3) or x.shape[-1] != cfg.d_model:
-            raise ValueError(f"AdaptiveMoE expects x of shape (B, T, {cfg.d_model}) or (N, {cfg.d_model}), got {tuple(getattr(x, 'shape', ()))}")
+            raise ValueError(
+                f"AdaptiveMoE expects x of shape (B, T, {cfg.d_model}) or (N, {cfg.d_model}), got {tuple(getattr(x, 'shape', ()))}"
+            )
         tokens = x.reshape(-1, cfg.d_model)  # (N, D)
         routing = self.route(tokens)
         y = dispatch(tokens, self.experts, routing.expert_index, routing.gates.to(tokens.dtype), routing.keep)  # (N, D)

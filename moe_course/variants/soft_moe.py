@@ -28,8 +28,8 @@ the expert FLOPs per token are S/T expert passes (``soft_moe_flops_per_token``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +86,9 @@ def soft_moe(x: torch.Tensor, dispatch: torch.Tensor, combine: torch.Tensor, exp
     """
     B, T, S = dispatch.shape
     if x.shape[:2] != (B, T) or combine.shape != dispatch.shape:
-        raise ValueError(f"x (B, T, D) and dispatch, combine (B, T, S) must agree, got {tuple(x.shape)}, {tuple(dispatch.shape)}, {tuple(combine.shape)}")
+        raise ValueError(
+            f"x (B, T, D) and dispatch, combine (B, T, S) must agree, got {tuple(x.shape)}, {tuple(dispatch.shape)}, {tuple(combine.shape)}"
+        )
     E = experts.num_experts
     if S % E:
         raise ValueError(f"{S} slots cannot be shared by {E} experts: S must be a multiple of E")
@@ -115,7 +117,9 @@ class SoftMoEConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"SoftMoEConfig.{name} must be a positive int, got {value!r}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"SoftMoEConfig.activation: unknown activation {self.activation!r}; choose from {sorted(ACTIVATIONS)}")
+            raise ValueError(
+                f"SoftMoEConfig.activation: unknown activation {self.activation!r}; choose from {sorted(ACTIVATIONS)}"
+            )
 
     @property
     def num_slots(self) -> int:
@@ -146,8 +150,9 @@ class SoftMoE(nn.Module):
         D = config.d_model
         self.phi = nn.Parameter(torch.randn(D, config.num_slots) / math.sqrt(D))  # (D, S)
         self.scale = nn.Parameter(torch.ones(())) if config.normalize else None
-        self.experts = Experts(config.num_experts, D, config.d_ff, activation=config.activation, bias=config.bias,
-                               init_scale=config.init_scale)
+        self.experts = Experts(
+            config.num_experts, D, config.d_ff, activation=config.activation, bias=config.bias, init_scale=config.init_scale
+        )
 
     def forward(self, x: torch.Tensor) -> SoftMoEOutput:
         D = self.config.d_model
@@ -167,7 +172,13 @@ def soft_moe_flops_per_token(d_model: int, d_ff: int, num_experts: int, slots_pe
     the experts 4·D·F per slot shared by the T tokens: 4·D·F·S / T.
     Compare a top-1 MoE: 2·D·E for the router and 4·D·F for one expert.
     """
-    for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts), ("slots_per_expert", slots_per_expert), ("tokens", tokens)):
+    for name, value in (
+        ("d_model", d_model),
+        ("d_ff", d_ff),
+        ("num_experts", num_experts),
+        ("slots_per_expert", slots_per_expert),
+        ("tokens", tokens),
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     S = num_experts * slots_per_expert
@@ -230,7 +241,9 @@ class ClinicSoftMoE(nn.Module):
         if x.ndim != 2 or x.shape[-1] != self.embed.in_features:
             raise ValueError(f"ClinicSoftMoE expects patients of shape (N, {self.embed.in_features}), got {tuple(x.shape)}")
         if x.shape[0] % self.group_size:
-            raise ValueError(f"ClinicSoftMoE groups patients {self.group_size} at a time; {x.shape[0]} patients is not a multiple of it")
+            raise ValueError(
+                f"ClinicSoftMoE groups patients {self.group_size} at a time; {x.shape[0]} patients is not a multiple of it"
+            )
         h = self.embed(x)  # (N, D)
         out = self.moe(h.view(-1, self.group_size, h.shape[-1]))  # groups (N/G, G, D)
         return ClinicSoftMoEOutput(self.head(h + out.y.reshape(h.shape)), h.new_zeros(()), out)
