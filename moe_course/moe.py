@@ -370,9 +370,8 @@ class MoELayer(nn.Module):
         cfg = self.config
         self._check_input(x)
         tokens = x.reshape(-1, cfg.d_model)  # (N, D)
-        if fast.switch_layer_applies(
-            self, tokens, MoELayer
-        ):  # the five steps below as one op, for speed (moe_course.fast.switch_layer)
+        # for speed, the five steps below as one op where it applies (moe_course.fast.fused_switch)
+        if fast.switch_layer_applies(self, tokens, MoELayer):
             return MoEOutput(**fast.switch_layer(self, tokens, self.slots(tokens.shape[0]), x.shape))
 
         # 1. The router (the GP) scores every expert for every token, in float32.

@@ -1,7 +1,8 @@
 """Interleaved rounds: paired timings repeated over rounds, quiet and busy side by side, pooled.
 
 One run of ``paired_times`` is one sample of a machine whose load moves by
-minutes: on a shared laptop one run's ratio can move by ±0.07 from the next.
+minutes: on a shared laptop one run's ratio can move from the next by more
+than the margin a speed target leaves.
 So a claim rests on rounds: every round times every configuration once
 quietly and once with ``busy`` background processes spinning (the phases
 alternate which goes first from one round to the next), and the verdict is the

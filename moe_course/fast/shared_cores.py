@@ -31,7 +31,7 @@ gradients).
 The signal is the kernel's count of tasks running or ready to run right now
 (the fourth field of ``/proc/loadavg`` on Linux; elsewhere the one-minute load
 average, or nothing). It is a snapshot, read once per forward and once per
-backward of a layer (about 20 µs), so it follows the machine from one call to
+backward of a layer (one small file read), so it follows the machine from one call to
 the next; a wrong guess costs one call some speed, never a different number.
 ``contention(True/False)`` pins the answer (tests, benchmarks);
 ``contention(None)`` goes back to reading it.
