@@ -11,9 +11,9 @@ from the dense one (``python -m moe_course.bench --lm`` prints the ratio).
 This op computes the same ``MoEOutput`` fields with about half the calls and
 one autograd node:
 
-- the router's logits come out as the transpose of an (E, N) product when E
-  is small (``router_matmul``), the softmax and the top-1 choice run along
-  that layout's first dimension (``router_softmax``), and the z-loss's
+- the router's logits come out as an (E, N) product (the layout
+  ``router_matmul`` uses for few experts), the softmax and the top-1 choice run
+  along its first dimension (``router_softmax``), and the z-loss's
   log-sum-exp comes from the top probability (log Z = l_max - log p_max);
 - the tokens are counted per expert once, and one stable sort by expert gives
   the capacity (a token's rank among its expert's tokens, kept if < C), the
@@ -24,9 +24,10 @@ one autograd node:
   caller), one softmax backward with the z-loss's term folded in, and the
   router's two products.
 
-It applies to the plain Switch configuration only (``applies_to``); anything
-else runs the readable forward. The tests compare both: every output and
-every gradient, with and without drops, E below and above ``FEW_EXPERTS``.
+It applies to the plain Switch configuration with few experts only
+(``applies_to``); anything else runs the readable forward. The tests compare
+both: every output and every gradient, with and without drops, in each
+arrangement of the experts' work.
 """
 
 from __future__ import annotations
@@ -88,10 +89,19 @@ def applies_to(layer, tokens: torch.Tensor, cls: type) -> bool:
 
 @functools.lru_cache(maxsize=256)
 def _plain_switch(cfg) -> bool:
-    """The Switch router, top-1, the default dispatch, and every field this op does not know at its default."""
+    """The Switch router, top-1, few experts, the default dispatch, and every field this op does not know at its default.
+
+    Few experts (E < ``FEW_EXPERTS``): the op keeps the router's tensors in the
+    (E, N) layout, quick for a handful of rows of N values. With many experts
+    its softmax, top-1 and gradient steps would run on transposed (N, E)
+    tensors, and at the benchmark's E=64 layer (``python -m moe_course.bench
+    --busy 2``) that cost more than the calls it saves; there the readable
+    forward with ``sort_split`` runs.
+    """
     return (
         cfg.router == "switch"
         and cfg.top_k == 1
+        and cfg.num_experts < FEW_EXPERTS
         and cfg.dispatch in (None, "sort_split")
         and all(f.name in KNOWN_FIELDS or getattr(cfg, f.name) == f.default for f in dataclasses.fields(cfg))
     )
@@ -109,13 +119,9 @@ class _SwitchLayer(torch.autograd.Function):
     def forward(ctx, x, w, w_in, b_in, w_out, b_out, capacity: int | None, activation: str, aux_coef: float, z_coef: float):
         ctx.set_materialize_grads(False)
         num_tokens, num_experts = x.shape[0], w.shape[1]
-        # 1. router and routing, in the (E, N) layout: logits_t = (x @ w)^T, probs_t = softmax over experts
-        if num_experts < FEW_EXPERTS:
-            logits_t = w.t().contiguous() @ x.t()  # (E, N)
-            probs_t = torch.softmax(logits_t, dim=0)
-        else:
-            logits = x @ w  # (N, E)
-            logits_t, probs_t = logits.t(), torch.softmax(logits, dim=-1).t()
+        # 1. router and routing, in the (E, N) layout (few experts, see _plain_switch): logits_t = (x @ w)^T
+        logits_t = w.t().contiguous() @ x.t()  # (E, N)
+        probs_t = torch.softmax(logits_t, dim=0)  # (E, N) softmax over the experts
         gate, index = probs_t.max(dim=0)  # (N,), (N,): the top-1 expert and its raw probability
         counts = torch.bincount(index, minlength=num_experts)  # (E,) tokens routed to each expert, counted once
         # 2. capacity: one stable sort by expert; a token's rank among its expert's tokens decides
