@@ -34,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fast
 from .dispatch import METHODS, dispatch
 from .experts import Experts, FeedForward, check_activation, init_linear_
-from .fast import router_matmul
+from .fast import one_thread_when_busy, router_matmul
 from .losses import load_balancing_loss, router_z_loss
 from .routing import (
     Routing,
@@ -295,7 +296,8 @@ class MoELayer(nn.Module):
                 f"MoELayer's experts hold {weights} weights but x is {x.dtype}: convert one to the other, "
                 f"e.g. x.to({weights}) (or layer.to({x.dtype}) to run the experts in {x.dtype})".replace("torch.", "")
             )
-        if not torch.isfinite(x).all():
+        # one reduction: a NaN or inf anywhere makes the sum NaN or inf (the full check runs only then)
+        if not math.isfinite(x.detach().sum()) and not torch.isfinite(x).all():
             n, d = (~torch.isfinite(x.reshape(-1, D))).nonzero()[0].tolist()
             raise ValueError(
                 f"MoELayer got NaN or inf in its input x (first at token {n}, feature {d}): the problem is "
@@ -349,20 +351,28 @@ class MoELayer(nn.Module):
         noise_logits = self._float32_matmul(router_in, self.w_noise)  # (N, E), the learned noise scale
         return noisy_top_k_routing(logits, noise_logits, cfg.top_k, training=self.training)
 
-    def capacity(self, expert_index: torch.Tensor) -> tuple[int | None, torch.Tensor | None]:
-        """Slots per expert C for this call and which assignments (N, K) fit; (None, None) when dropless."""
+    def slots(self, num_tokens: int) -> int | None:
+        """C, the slots per expert in a call on num_tokens tokens; None when dropless."""
         cfg = self.config
         if cfg.capacity_factor is None:
-            return None, None
-        capacity = expert_capacity(
-            expert_index.shape[0], cfg.num_experts, cfg.capacity_factor, top_k=cfg.top_k, min_capacity=cfg.min_capacity
-        )
-        return capacity, capacity_mask(expert_index, cfg.num_experts, capacity).keep  # C, (N, K)
+            return None
+        return expert_capacity(num_tokens, cfg.num_experts, cfg.capacity_factor, top_k=cfg.top_k, min_capacity=cfg.min_capacity)
 
+    def capacity(self, expert_index: torch.Tensor) -> tuple[int | None, torch.Tensor | None]:
+        """Slots per expert C for this call and which assignments (N, K) fit; (None, None) when dropless."""
+        capacity = self.slots(expert_index.shape[0])
+        if capacity is None:
+            return None, None
+        return capacity, capacity_mask(expert_index, self.config.num_experts, capacity).keep  # C, (N, K)
+
+    @one_thread_when_busy  # on a busy machine, one thread for this layer (moe_course.fast.shared_cores)
     def forward(self, x: torch.Tensor) -> MoEOutput:
         cfg = self.config
         self._check_input(x)
         tokens = x.reshape(-1, cfg.d_model)  # (N, D)
+        # for speed, the five steps below as one op where it applies (moe_course.fast.fused_switch)
+        if fast.switch_layer_applies(self, tokens, MoELayer):
+            return MoEOutput(**fast.switch_layer(self, tokens, self.slots(tokens.shape[0]), x.shape))
 
         # 1. The router (the GP) scores every expert for every token, in float32.
         router_in = self.jitter(tokens)  # (N, D); the experts still see the clean tokens
@@ -371,7 +381,7 @@ class MoELayer(nn.Module):
         # 2. Routing: each token's K experts, best first, and the weight of each one's answer.
         routing = self.route(logits, router_in)  # expert_index, gates (N, K)
         # each token's distribution over experts from the clean logits (the noisy router chose on noisy ones)
-        probs = routing.router_probs if cfg.router == "sigmoid" else F.softmax(logits, dim=-1)  # (N, E)
+        probs = F.softmax(logits, dim=-1) if cfg.router == "noisy_top_k" else routing.router_probs  # (N, E)
 
         # 3. Capacity: with a capacity factor, assignments beyond an expert's C slots are dropped.
         capacity, keep = self.capacity(routing.expert_index)  # keep (N, K), None when dropless

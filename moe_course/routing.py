@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .fast import softmax  # F.softmax(logits, dim=-1), in the layout a CPU is quick at for few experts
+
 __all__ = [
     "Routing",
     "ExpertChoiceRouting",
@@ -129,7 +131,7 @@ def top_k_routing(router_logits: torch.Tensor, k: int, *, renormalize: bool = Tr
     """
     _check_logits(router_logits)
     _check_k(k, router_logits.shape[-1])
-    probs = F.softmax(router_logits.float(), dim=-1)  # (N, E)
+    probs = softmax(router_logits.float())  # (N, E)
     top_probs, expert_index = torch.topk(probs, k, dim=-1)  # (N, K), (N, K)
     gates = top_probs / top_probs.sum(dim=-1, keepdim=True) if renormalize else top_probs
     return Routing(router_logits, probs, expert_index, gates)
@@ -143,7 +145,7 @@ def switch_routing(router_logits: torch.Tensor) -> Routing:
     how the router receives a gradient. expert_index (N, 1), gates (N, 1).
     """
     _check_logits(router_logits)
-    probs = F.softmax(router_logits.float(), dim=-1)  # (N, E)
+    probs = softmax(router_logits.float())  # (N, E)
     gate, index = probs.max(dim=-1, keepdim=True)  # (N, 1), (N, 1)
     return Routing(router_logits, probs, index, gate)
 

@@ -230,7 +230,9 @@ for config, part in timed.groupby("config", sort=False):
 #   then `grouped_mm` or `padded_bmm`, whose loops over the experts run in C++, can lead.
 # - A busy machine moves everything: if another program takes a core halfway through a
 #   pair, even a paired ratio shifts, and the middle halves widen. Rerun the cell when the
-#   verdicts surprise you.
+#   verdicts surprise you. If every `MoELayer` row sits far below 1.0, the machine was
+#   busy: the MoE layer noticed and changed how it uses the cores (section "When the cores
+#   are not yours" below), the dense layer did not.
 #
 # At the standard sizes (`SCALE = 4`, or `python -m moe_course.bench`) the layers are
 # bigger, so the arithmetic weighs more against the per-expert costs and the sort-based
@@ -387,6 +389,31 @@ else:
 # The results do not change: each thread writes only its own experts' rows and gradient
 # slices, each expert's arithmetic is the same whichever thread does it, and the tests
 # check the threaded layer against the masks loop, gradients included.
+#
+# ### When the cores are not yours: a busy laptop
+#
+# Two nurses who wait for each other after every patient are slow; they are slower still
+# when one of them keeps being called away. On a laptop with a browser and a second
+# notebook running, another program holds a core for a scheduler time slice at a time, and
+# an operation split over both cores waits for it at its end. An MoE layer is many small
+# operations, so it pays that wait many times; a dense layer is a few big ones. So before
+# each call the default layer reads how many tasks want a core right now
+# (`moe_course.fast.busy`). If other programs want some, the layer runs its small
+# operations on one thread and its experts on one-thread workers that each take the next
+# expert off the queue: a worker kept waiting delays only its own experts. The arithmetic
+# is the same either way (the tests pin both cases with `moe_course.fast.contention`).
+
+# %%
+from moe_course.fast import busy
+from moe_course.fast.shared_cores import core_count, runnable_tasks
+
+print(f"tasks running or waiting for a core right now: {runnable_tasks()} on {core_count()} cores; "
+      f"the layer would now run as on a {'busy' if busy() else 'quiet'} machine")
+
+# %% [markdown]
+# To see what this buys on your machine, `python -m moe_course.bench --busy 2` times the
+# layer against its dense twin in interleaved rounds, quietly and with two spinning
+# processes, and prints the pooled ratios side by side with the masks loop's.
 #
 # ## Why the one-hot chart is expensive: memory
 #

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from moe_course import fast
 from moe_course.dispatch import METHODS, sort_dispatch, sort_split
 from moe_course.experts import ACTIVATIONS, Experts
-from moe_course.fast import router_matmul
+from moe_course.fast import router_matmul, sorted_experts
 from moe_course.fast.activations import ACTIVATION_GRADS
 from moe_course.routing import capacity_mask, top_k_routing
 
@@ -23,7 +23,7 @@ def test_router_matmul_has_the_value_and_gradients_of_x_at_w(n, d, e):
     w = _x(d, e, seed=3).double().requires_grad_()
     dlogits = _x(n, e, seed=4).double()
     logits = router_matmul(x, w)
-    assert logits.shape == (n, e) and logits.is_contiguous()
+    assert logits.shape == (n, e) and (logits.is_contiguous() or logits.t().is_contiguous())  # few experts: (E, N) transposed
     dx, dw = torch.autograd.grad(logits, (x, w), dlogits)
     ref_x, ref_w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     ref = ref_x @ ref_w
@@ -115,8 +115,14 @@ def _tensors_in(value) -> list:
     return []
 
 
-def test_sorted_experts_keeps_its_activations_with_save_for_backward():
+@pytest.mark.parametrize("arrangement", ["grouped", "batched", "blocked"])
+def test_sorted_experts_keeps_its_activations_with_save_for_backward(monkeypatch, arrangement):
     """No tensor hangs on the autograd context as a plain attribute: all of them go through save_for_backward."""
+    if arrangement == "grouped" and not sorted_experts.HAS_GROUPED_MM:
+        pytest.skip("this torch has no grouped_mm")
+    all_rows = arrangement != "blocked"
+    monkeypatch.setattr(sorted_experts, "BATCHED_ELEMENTS", 2**40 if all_rows else 0)
+    monkeypatch.setattr(sorted_experts, "GROUPED", arrangement == "grouped")
     torch.manual_seed(0)
     experts = Experts(4, 8, 16)
     x = _x(30, 8).requires_grad_()
@@ -126,7 +132,9 @@ def test_sorted_experts_keeps_its_activations_with_save_for_backward():
     assert type(ctx).__name__ == "_SortedExpertsBackward"
     assert _tensors_in(vars(ctx)) == []
     busy = int((torch.bincount(expert_index.reshape(-1), minlength=4) > 0).sum())
-    assert len(ctx.saved_tensors) == 6 + 3 * busy  # xs, gate, w_in, w_out, token, inverse; pre, h, out per busy expert
+    assert ctx.arrangement == arrangement
+    # xs, gate, w_in, w_out, token, expert, inverse; then pre, h, out of all rows (batched) or per busy expert (blocked)
+    assert len(ctx.saved_tensors) == 7 + (3 if all_rows else 3 * busy)
 
 
 @pytest.mark.parametrize("bias", [True, False])

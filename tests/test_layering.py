@@ -39,7 +39,7 @@ ROLES = {
     "analysis": {"core", "data", "training"},
     "experiments": {"core", "data", "training", "analysis", "variants"},
     "figures": {"core", "data", "training", "analysis", "experiments"},
-    "bench": {"core", "fast", "training"},
+    "bench": {"core", "fast", "training", "data"},  # data: the LM benchmark trains on the corpus
     "variants": {"core", "data"},
     "distributed": {"core", "data", "training", "variants"},
     # course tooling: the hidden tests use what the lessons use; the learner's command and the exercise builder share files

@@ -9,6 +9,8 @@ import moe_course.fast.threads as parallel
 from moe_course.bench.memory import MemoryRecorder
 from moe_course.dispatch import METHODS, sort_split
 from moe_course.experts import Experts
+from moe_course.fast import sorted_experts
+from moe_course.fast.shared_cores import contention
 from moe_course.fast.threads import expert_order, over_experts, worth_threading
 from moe_course.routing import capacity_mask, top_k_routing
 
@@ -34,13 +36,14 @@ def test_worth_threading_only_for_many_small_blocks_on_several_threads():
 
 @pytest.fixture
 def two_threads(monkeypatch):
-    """Two intra-op threads, and threads for any number of experts of any size."""
+    """Two intra-op threads, and threads for any number of experts of any size, however busy the machine."""
     monkeypatch.setattr(parallel, "MIN_EXPERTS_PER_THREAD", 1)
     monkeypatch.setattr(parallel, "MAX_BLOCK_FLOPS", float("inf"))
     monkeypatch.setattr(parallel, "MIN_BLOCK_FLOPS", 0)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
-    yield
+    with contention(False):
+        yield
     torch.set_num_threads(before)
 
 
@@ -89,14 +92,17 @@ def _routing(n=40, e=6, k=1, capacity=None, seed=0):
     return x, experts, routing.expert_index, routing.gates, keep
 
 
+@pytest.mark.parametrize("all_rows", [True, False], ids=["batched", "blocked"])
 @pytest.mark.parametrize("k,capacity", [(1, None), (2, None), (1, 5), (2, 9)])
-def test_threaded_sort_split_gives_the_same_outputs_and_gradients(two_threads, monkeypatch, k, capacity):
+def test_threaded_sort_split_gives_the_same_outputs_and_gradients(two_threads, monkeypatch, k, capacity, all_rows):
+    monkeypatch.setattr(sorted_experts, "BATCHED_ELEMENTS", 2**40 if all_rows else 0)
     x, experts, expert_index, gates, keep = _routing(k=k, capacity=capacity)
     calls = []
-    real = parallel.worth_threading
-    monkeypatch.setattr(parallel, "worth_threading", lambda *a: calls.append(real(*a)) or calls[-1])
+    real = parallel.threaded  # over_experts asks it once per loop over the experts
+    monkeypatch.setattr(parallel, "threaded", lambda *a, **kw: calls.append(real(*a, **kw)) or calls[-1])
     got = outputs_and_grads(sort_split, x, experts, expert_index, gates, keep)
-    assert calls == [True, True], "forward and backward should both have run on two threads"
+    # forward and backward on two threads: once each block by block, twice each (around the activation) batched
+    assert calls == [True] * (4 if all_rows else 2), "forward and backward should both have run on two threads"
     want = outputs_and_grads(METHODS["masks_loop"], x, experts, expert_index, gates, keep)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)

@@ -5,6 +5,8 @@
     timing     time_per_batch(): models timed side by side, as paired ratios
     memory     peak_bytes(): the extra memory a piece of code needs, on any device
     serving    weight_bytes(), serving_table(): what an MoE must hold, tokens per second by batch size (lesson 10)
+    rounds     interleaved rounds, quiet and with busy background processes, pooled (``moe-bench --busy 2``)
+    lm         a training step of the Switch LM against its dense twin (``moe-bench --lm``)
 
 Timings live here and in the lessons that measure them, never in docstrings or unit tests.
 """

@@ -3,6 +3,8 @@
     python -m moe_course.bench                  # the three standard configurations
     python -m moe_course.bench --quick          # small sizes, well under a minute
     python -m moe_course.bench --json out.json  # also write the results as JSON ('-': stdout)
+    python -m moe_course.bench --busy 2         # quiet and with 2 spinning processes, 3 interleaved rounds, pooled
+    python -m moe_course.bench --lm             # a training step of lesson 08's Switch LM against its dense twin
 
 For every configuration (N tokens, D, F, E experts, top-k) it times, forward
 (no grad) and forward+backward:
@@ -25,6 +27,12 @@ in unit tests.
 The command line first makes the C allocator keep the memory it frees
 (``steady_allocator``), so that no candidate pays for fresh pages on every
 call; ``--system-allocator`` leaves it alone.
+
+``--busy N`` times forward+backward of the default method, the masks loop and
+dense in interleaved rounds, quiet and with N background processes spinning
+(``moe_course.bench.rounds``); ``--lm`` times training steps of the language
+model (``moe_course.bench.lm``). Both judge on the pooled median over
+``--rounds`` rounds and print the spread and the load average beside it.
 """
 
 from __future__ import annotations
@@ -360,7 +368,34 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="leave the C allocator as it is (default: keep freed memory, see steady_allocator)",
     )
+    rounds = parser.add_argument_group("rounds (--busy, --lm): interleaved rounds, judged on the pooled median")
+    rounds.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time every round with N background processes spinning (forward+backward only)",
+    )
+    rounds.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    lm = parser.add_argument_group("--lm: a training step of the Switch LM against its dense twin (lesson 08's sizes)")
+    lm.add_argument("--lm", action="store_true", help="time LM training steps instead of layers (one thread unless --threads)")
+    lm.add_argument("--lm-widths", type=int, nargs="+", default=[1, 4], help="d_model and d_ff times these (default 1 4)")
+    lm.add_argument("--num-experts", type=int, default=8)
+    lm.add_argument("--moe-every", type=int, default=1)
+    lm.add_argument("--capacity-factor", default="1.25", help="a number, or 'none' for dropless (default 1.25)")
+    lm.add_argument("--top-k", type=int, default=1)
+    lm.add_argument("--router", default=None, help="GPTConfig.router, where the GPTConfig has one (default: Switch)")
+    lm.add_argument("--batch-size", type=int, default=32)
+    lm.add_argument("--d-model", type=int, default=64, help="D at width 1 (default 64)")
+    lm.add_argument("--d-ff", type=int, default=128, help="F at width 1, the dense FFN's and every expert's (default 128)")
+    lm.add_argument(
+        "--dispatch", default=None, choices=sorted(METHODS), help="the Switch layers' dispatch method (default: the default)"
+    )
     args = parser.parse_args(argv)
+    if args.lm or args.busy:
+        from .rounds import main_rounds
+
+        return main_rounds(args)
     steady = not args.system_allocator and steady_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)

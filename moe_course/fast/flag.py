@@ -4,6 +4,7 @@
 dispatch methods run the readable ``sort_dispatch``, the router is a plain
 ``x @ w``, and no expert runs on a thread of its own. Use it to compare, or to debug.
 ``with expert_threads(False):`` turns off only the threads (lesson 06 times them).
+``with contention(True):`` makes the fast ops act as on a busy machine (one thread; ``shared_cores.py``).
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from .activations import ACTIVATION_GRADS
 
 ENABLED = True  # the whole fast path; read through `applies`, set with `enabled(...)`
 THREADS = True  # expert threads (threads.worth_threading); set with `expert_threads(...)`
+CONTENTION: bool | None = (
+    None  # None: read the machine's load (shared_cores.busy); True/False pins it, set with `contention(...)`
+)
 
 
 @contextmanager
-def _setting(name: str, on: bool) -> Iterator[None]:
+def _setting(name: str, on: bool | None) -> Iterator[None]:
     before = globals()[name]
-    globals()[name] = bool(on)
+    globals()[name] = on if on is None else bool(on)
     try:
         yield
     finally:
@@ -37,6 +41,12 @@ def enabled(on: bool):
 def expert_threads(on: bool):
     """``with expert_threads(False):`` runs every expert block on the calling thread (to compare, or to debug)."""
     return _setting("THREADS", on)
+
+
+def contention(on: bool | None):
+    """``with contention(True):`` the fast ops act as if other programs held the cores (False: as if the machine
+    were quiet; None: read the load, the default). See ``shared_cores.py``."""
+    return _setting("CONTENTION", on)
 
 
 def applies(*tensors: torch.Tensor, activation: str | None = None) -> bool:

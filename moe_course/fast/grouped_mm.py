@@ -14,11 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from .activations import ACTIVATION_GRADS
+from .grouped_blocks import grouped_ok
 from .registry import method
 from .sorted_experts import sort_split
 from .sorting import sorted_assignments, unsort
-
-HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -35,8 +34,7 @@ class _ContiguousGrad(torch.autograd.Function):
 
 def grouped_mm_ok(x: torch.Tensor, experts) -> bool:
     """Whether grouped_mm can run: it exists, and the widths are multiples of 16 bytes (its alignment rule)."""
-    row = 16 // x.element_size()
-    return HAS_GROUPED_MM and experts.d_model % row == 0 and experts.d_ff % row == 0 and x.dtype == experts.w_in.dtype
+    return grouped_ok(x, experts.d_ff) and x.dtype == experts.w_in.dtype
 
 
 @method("grouped_mm")

@@ -23,7 +23,7 @@ class _RouterMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w):
         ctx.save_for_backward(x, w)
-        return x @ w.t().contiguous().t()  # (N, E), the same product as x @ w
+        return (w.t().contiguous() @ x.t()).t()  # (N, E) as the transpose of (E, N): the same product as x @ w
 
     @staticmethod
     def backward(ctx, dlogits):
@@ -35,6 +35,6 @@ class _RouterMatmul(torch.autograd.Function):
 
 def router_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Router logits x (N, D) @ w (D, E) → (N, E); the same value and gradients as ``x @ w``."""
-    if w.shape[-1] < FEW_EXPERTS and x.ndim == 2 and w.ndim == 2 and applies(x, w):
+    if w.shape[-1] < FEW_EXPERTS and x.ndim == 2 and w.ndim == 2 and x.device.type == "cpu" and applies(x, w):
         return _RouterMatmul.apply(x, w)
     return x @ w

@@ -1,6 +1,6 @@
 """Training: one loop for every model of the course, the language-model task, and the ``moe-train`` command.
 
-    loop       train(), TrainConfig, TrainResult, ClassificationTask, model_logits(), evaluating(), load_checkpoint()
+    loop       train(), train_step(), make_optimizer(), TrainConfig, TrainResult, ClassificationTask, model_logits(), evaluating(), load_checkpoint()
     lm         LMTask: next-character loss, held-out loss and exact answers per domain; complete()
     bias       update_expert_biases_(): after a step, move the sigmoid router's selection bias by the load (lesson 10)
     cli        ``moe-train`` (or ``python -m moe_course.train``): train a language model from the shell
@@ -19,8 +19,10 @@ from .loop import (
     TrainResult,
     evaluating,
     load_checkpoint,
+    make_optimizer,
     model_logits,
     train,
+    train_step,
 )
 
 __all__ = [
@@ -30,6 +32,8 @@ __all__ = [
     "Task",
     "ClassificationTask",
     "train",
+    "train_step",
+    "make_optimizer",
     "model_logits",
     "evaluating",
     "load_checkpoint",

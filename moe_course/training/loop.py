@@ -38,6 +38,8 @@ __all__ = [
     "Task",
     "ClassificationTask",
     "train",
+    "train_step",
+    "make_optimizer",
     "model_logits",
     "evaluating",
     "load_checkpoint",
@@ -226,6 +228,24 @@ def _save_checkpoint(path: Path, model, optimizer, generator, step, rows, config
     tmp.replace(path)  # never leave a half-written checkpoint behind
 
 
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimiser ``train`` uses: AdamW at ``config.lr`` with ``config.weight_decay``."""
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def train_step(
+    model: nn.Module, task: Task, batch: Any, optimizer: torch.optim.Optimizer, config: TrainConfig
+) -> dict[str, float]:
+    """One optimiser step on ``batch``: loss, backward, gradient clipping, update → the task's metrics for the batch."""
+    loss, metrics = task.loss(model, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    optimizer.step()
+    return metrics
+
+
 def load_checkpoint(path: str | Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
     """Read a checkpoint of ``train`` or ``moe-train`` safely: tensors and plain Python values only.
 
@@ -305,7 +325,7 @@ def train(
 
     device = torch.device(device) if device is not None else get_device()
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)
     rows: list[dict[str, float]] = []
     running: dict[str, float] = {}
@@ -345,12 +365,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = task.sample_batch(config.batch_size, generator, device)
-            loss, metrics = task.loss(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
+            metrics = train_step(model, task, batch, optimizer, config)
             for key, value in metrics.items():  # average train metrics since the last evaluation
                 running[key] = running.get(key, 0.0) + value
             running["_n"] = running.get("_n", 0.0) + 1
