@@ -90,6 +90,13 @@ show_source(ClinicMoE.forward)
 # 5. **The router's losses**: the balance loss and the z-loss, the next two sections.
 #    `MoEOutput` carries them unweighted (`aux_loss`, `z_loss`) and weighted by their
 #    coefficients in `router_loss`, the one number training adds to the diagnosis loss.
+#
+# Two lines are about speed, not about the model, and you can read past them: the decorator
+# `@one_thread_when_busy` changes how many CPU threads the layer uses when other programs keep
+# the cores busy, and `fast.switch_layer_applies(...)` hands a Switch layer with few experts to
+# one fused operation that does the same five steps in fewer calls (lesson 06 is about such
+# arrangements). The tests check that both give the same outputs and gradients as the steps
+# written out below them.
 
 # %%
 from moe_course.moe import MoELayer
