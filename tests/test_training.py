@@ -252,3 +252,18 @@ def test_ctrl_c_in_train_finishes_the_step_saves_and_raises(tmp_path):
     whole = train(_model(), _task(), config, device="cpu", progress=False)
     assert all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(), whole.model.state_dict().values()))
     assert resumed.history.drop(columns="seconds").equals(whole.history.drop(columns="seconds"))
+
+
+def test_the_progress_bar_shows_a_few_headline_numbers_not_every_metric():
+    from moe_course.training.loop import _headline
+
+    lm_row = {"step": 200, "lr": 1e-3, "seconds": 3.0, "train_loss": 1.5, "val_loss": 0.9, "val_recall_facts": 0.4}
+    lm_row |= {f"val_loss_{d}": 1.0 for d in ("facts", "arithmetic", "reversal", "sorting", "brackets", "grammar")}
+    assert list(_headline(lm_row)) == ["train_loss", "val_loss", "val_recall_facts"]
+    assert _headline({"step": 1, "lr": 0.1, "seconds": 1.0, "train_loss": 0.5, "val_loss": 0.4, "val_acc": 0.9}) == {
+        "train_loss": "0.5",
+        "val_loss": "0.4",
+        "val_acc": "0.9",
+    }
+    other = {"step": 1, "lr": 0.1, "a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0, "e": 5.0}
+    assert list(_headline(other)) == ["a", "b", "c", "d"]  # an unknown task: its first four numbers

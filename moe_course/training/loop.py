@@ -179,6 +179,15 @@ class ClassificationTask:
         }
 
 
+# What the progress bar shows after an evaluation: a few numbers that fit on one line (the history has them all).
+HEADLINE = ("train_loss", "val_loss", "val_acc", "val_recall_facts")
+
+
+def _headline(row: dict[str, float]) -> dict[str, str]:
+    shown = [k for k in HEADLINE if k in row] or [k for k in row if k not in ("step", "lr", "seconds")][:4]
+    return {k: f"{row[k]:.3g}" for k in shown}
+
+
 @dataclass
 class TrainResult:
     model: nn.Module
@@ -380,7 +389,7 @@ def train(
                 running = {}
                 if callback is not None:
                     callback(done, model)
-                bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("step", "lr", "seconds")})
+                bar.set_postfix(_headline(row))
             if stop_asked():
                 break
             due = (checkpoint_every and done % checkpoint_every == 0) or (
