@@ -55,3 +55,20 @@ def test_the_progress_bar_names_the_jobs(capsys):
     assert "little jobs" in err and "finished job 7" in err and "2/2" in err
     run_in_workers(_fail, [5], workers=1)  # no bar unless asked for
     assert capsys.readouterr().err == ""
+
+
+def test_one_thread_holds_this_process_on_one_thread_and_restores_the_count_even_after_an_error():
+    import pytest
+    import torch
+
+    from moe_course.experiments.workers import one_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError), one_thread():
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("a job failed")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -29,7 +29,7 @@ from ..models import ClinicMoE
 from ..moe import MoEConfig
 from ..routing import expert_capacity
 from ..training.loop import ClassificationTask, TrainConfig, train
-from .workers import run_in_workers
+from .workers import one_thread, run_in_workers
 
 __all__ = ["ClinicRun", "ClinicRunResult", "run_clinic_moes", "capacity_sweep"]
 
@@ -97,9 +97,7 @@ def run_clinic_moes(
     for r in runs:
         if not isinstance(r, ClinicRun):
             raise TypeError(f"run_clinic_moes expects ClinicRun objects, got {type(r).__name__}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # in this process too, so that workers=1 gives the workers' numbers
-    try:
+    with one_thread():  # in this process too, so that workers=1 gives the workers' numbers
         raw = run_in_workers(
             functools.partial(_train_one, clinic, config=config),
             runs,
@@ -108,8 +106,6 @@ def run_clinic_moes(
             desc="training runs",
             name=lambda r: f"{r.label}, seed {r.seed}",
         )
-    finally:
-        torch.set_num_threads(threads)
     results = []
     for r, (state, tracker, accuracy, seconds) in zip(runs, raw):
         model = ClinicMoE(clinic.d_in, clinic.num_diagnoses, r.moe)

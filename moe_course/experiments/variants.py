@@ -32,7 +32,7 @@ from ..moe import MoEConfig
 from ..training.loop import ClassificationTask, TrainConfig, model_logits, train
 from ..variants.adaptive import AdaptiveMoEConfig, ClinicAdaptiveMoE, blur_referrals, compute_by_group
 from ..variants.soft_moe import ClinicSoftMoE, SoftMoEConfig
-from .workers import run_in_workers
+from .workers import one_thread, run_in_workers
 
 __all__ = ["VariantRun", "VariantResult", "build_model", "run_variants", "waiting_room_effect", "compute_profile"]
 
@@ -110,9 +110,7 @@ def run_variants(
                 f"run {r.label!r}: Soft MoE groups patients {r.group_size} at a time, so the batch size "
                 f"({config.batch_size}) and the held-out patients ({len(clinic.val)}) must be multiples of it"
             )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # in this process too, so that workers=1 gives the workers' numbers
-    try:
+    with one_thread():  # in this process too, so that workers=1 gives the workers' numbers
         raw = run_in_workers(
             functools.partial(_train_one, clinic, config=config),
             runs,
@@ -121,8 +119,6 @@ def run_variants(
             desc="training runs",
             name=lambda r: f"{r.label}, seed {r.seed}",
         )
-    finally:
-        torch.set_num_threads(threads)
     results = []
     for r, (state, history, accuracy, seconds) in zip(runs, raw):
         model = build_model(clinic, r)

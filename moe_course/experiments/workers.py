@@ -20,19 +20,31 @@ and every job must pickle.
 from __future__ import annotations
 
 import multiprocessing as mp
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["run_in_workers"]
+__all__ = ["run_in_workers", "one_thread"]
 
 Job = TypeVar("Job")
 
 
 def _worker_init() -> None:
     torch.set_num_threads(1)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """This process on one thread inside the block, as every worker is: then workers=1 gives the workers' numbers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_in_workers(
