@@ -267,3 +267,27 @@ def test_the_progress_bar_shows_a_few_headline_numbers_not_every_metric():
     }
     other = {"step": 1, "lr": 0.1, "a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0, "e": 5.0}
     assert list(_headline(other)) == ["a", "b", "c", "d"]  # an unknown task: its first four numbers
+
+
+def test_make_optimizer_uses_the_fused_adamw_and_falls_back_where_there_is_none(monkeypatch):
+    import torch
+
+    from moe_course.training.loop import TrainConfig, make_optimizer
+
+    model = torch.nn.Linear(4, 3)
+    config = TrainConfig(lr=0.05, weight_decay=0.1)
+    optimizer = make_optimizer(model, config)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["fused"]
+    assert optimizer.param_groups[0]["lr"] == 0.05 and optimizer.param_groups[0]["weight_decay"] == 0.1
+
+    real = torch.optim.AdamW
+
+    def no_fused_kernel(params, **kwargs):  # an older torch, or a device without the kernel
+        if kwargs.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused_kernel)
+    fallback = make_optimizer(model, config)
+    assert isinstance(fallback, real) and not fallback.param_groups[0]["fused"]
+    assert fallback.param_groups[0]["lr"] == 0.05 and len(fallback.param_groups[0]["params"]) == 2

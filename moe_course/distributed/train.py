@@ -48,7 +48,7 @@ from torch import nn
 from ..data.corpus import Corpus, LMBatch
 from ..device import seed_everything
 from ..training.lm import LMEvaluation, LMTask, evaluate_lm
-from ..training.loop import TrainConfig, TrainResult, model_logits
+from ..training.loop import TrainConfig, TrainResult, make_optimizer, model_logits
 from ..transformer import GPT, flops_per_token, param_count
 from .grads import all_reduce_replicated_grads, check_replicas_in_sync, clip_grad_norm_
 from .group import DEFAULT_TIMEOUT_SECONDS, explain_collective_errors, init_process_group, require_process_group
@@ -150,7 +150,7 @@ def train_expert_parallel(
     mine = _my_rows(config.batch_size, rank, world, "TrainConfig.batch_size")
     check_replicas_in_sync(model, group=group)
     device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config)  # as one process: the same update
     generator = torch.Generator().manual_seed(config.seed)
     rows: list[dict[str, float]] = []
     running: dict[str, float] = {}

@@ -44,7 +44,7 @@ from ..device import get_device, seed_everything
 from ..flops import count_parameters
 from ..transformer import GPT, GPTConfig, flops_per_token, param_count
 from .lm import LMTask, complete
-from .loop import TrainConfig, TrainingInterrupted, load_checkpoint, train
+from .loop import TrainConfig, TrainingInterrupted, load_checkpoint, make_optimizer, train
 
 __all__ = ["main", "build_parser", "configs_from_args", "load_run", "preset_for", "PRESETS", "estimate_seconds_per_step"]
 
@@ -311,7 +311,7 @@ def estimate_seconds_per_step(model: GPT, task: LMTask, config: TrainConfig, dev
     """
     rng = torch.get_rng_state()
     trial = copy.deepcopy(model).to(device).train()
-    optimizer = torch.optim.AdamW(trial.parameters(), lr=config.lr)
+    optimizer = make_optimizer(trial, config)  # the run's own optimiser
     generator = torch.Generator().manual_seed(12345)
     times = []
     for i in range(steps + 1):
