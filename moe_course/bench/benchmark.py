@@ -418,13 +418,18 @@ def main(argv: list[str] | None = None) -> int:
             "configs": [asdict(c) | {"name": c.name} for c in configs],
             "results": json.loads(results.to_json(orient="records")),
         }
-        text = json.dumps(payload, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as fh:
-                fh.write(text + "\n")
+        write_json(payload, args.json)
     return 0
+
+
+def write_json(payload: dict, dest: str) -> None:
+    """``--json DEST``: the results as indented JSON to the file DEST, or to stdout when DEST is "-"."""
+    text = json.dumps(payload, indent=1)
+    if dest == "-":
+        print(text)
+    else:
+        with open(dest, "w") as fh:
+            fh.write(text + "\n")
 
 
 if __name__ == "__main__":

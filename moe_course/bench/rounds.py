@@ -233,7 +233,7 @@ def main_rounds(args) -> int:
     import torch
 
     from ..dispatch import DEFAULT_METHOD
-    from .benchmark import QUICK, STANDARD, steady_allocator
+    from .benchmark import QUICK, STANDARD, steady_allocator, write_json
 
     steady = not args.system_allocator and steady_allocator()
     if args.threads:
@@ -288,10 +288,5 @@ def main_rounds(args) -> int:
             "configs": described,
             "results": json.loads(table.to_json(orient="records")),
         }
-        text = json.dumps(payload, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as fh:
-                fh.write(text + "\n")
+        write_json(payload, args.json)
     return 0
