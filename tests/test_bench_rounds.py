@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from moe_course.bench.benchmark import PairedTiming
-from moe_course.bench.lm import LMBenchConfig, lm_steps
+from moe_course.bench.lm import LMBenchConfig, hash_twin, lm_steps
 from moe_course.bench.rounds import Round, interleaved_rounds, pooled, spinning
+from moe_course.transformer import GPT
 
 
 def test_interleaved_rounds_rotate_the_configurations_and_label_every_round():
@@ -67,9 +68,24 @@ def test_lm_bench_builds_lesson_08s_dense_model_and_its_switch_twin_and_trains_b
     with pytest.raises(ValueError, match="batch_size"):
         LMBenchConfig(batch_size=0)
     steps = lm_steps(config, batches=2)
-    assert set(steps) == {"dense", "switch"}
+    assert set(steps) == {"dense", "switch", "hash"}
+    assert set(lm_steps(config, batches=2, hash_floor=False)) == {"dense", "switch"}
     for step in steps.values():
         model = step.__defaults__[0]  # the step's own model
         before = [p.detach().clone() for p in model.parameters()]
         step()
         assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # one optimiser step moved the weights
+
+
+def test_lm_bench_hash_twin_has_the_switch_models_experts_and_no_router():
+    _, switch = LMBenchConfig(n_layers=2, batch_size=2, block_size=8).models(vocab_size=40)
+    hashed = hash_twin(switch)
+    assert hashed.router == "hash" and hashed.capacity_factor is None
+    a, b = GPT(switch), GPT(hashed)
+    experts = {n: p.shape for n, p in a.named_parameters() if "router" not in n}
+    assert experts == {n: p.shape for n, p in b.named_parameters()}  # the same parameters, less the router's
+    assert sum(p.numel() for p in a.parameters()) - sum(p.numel() for p in b.parameters()) == 2 * 64 * 8  # two routers (D, E)
+    # a hash layer sends a token to one expert: no twin for top-2
+    _, top2 = LMBenchConfig(n_layers=1, top_k=2, router="top_k").models(vocab_size=40)
+    assert hash_twin(top2) is None
+    assert set(lm_steps(LMBenchConfig(n_layers=1, batch_size=2, block_size=8, top_k=2, router="top_k"), batches=1)) == {"dense", "switch"}

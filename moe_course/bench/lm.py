@@ -14,6 +14,9 @@ experts of that width, so a token costs the same FLOPs in both (plus the
 router's). Timed in pairs (``bench.paired_times``) over interleaved rounds
 (``bench.rounds``), on one thread unless told otherwise: lesson 08 trains
 each model in its own process on one thread.
+
+A third model splits the Switch step's extra time in two: the hash twin
+(``hash_twin``, lesson 08's hash layer) has the same experts and no router.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from ..training.loop import TrainConfig, make_optimizer, train_step
 from ..transformer import GPT, GPTConfig
 from .benchmark import PairedTiming, paired_times
 
-__all__ = ["LMBenchConfig", "LESSON_08", "lm_steps", "time_lm_steps"]
+__all__ = ["LMBenchConfig", "LESSON_08", "hash_twin", "lm_steps", "time_lm_steps"]
 
 
 @dataclass(frozen=True)
@@ -99,15 +102,36 @@ class LMBenchConfig:
 LESSON_08 = LMBenchConfig()
 
 
-def lm_steps(config: LMBenchConfig, *, batches: int = 8, seed: int = 0) -> dict:
-    """Two callables, "dense" and "switch": each runs one training step of its model on the next of ``batches`` fixed batches."""
+def hash_twin(switch: GPTConfig) -> GPTConfig | None:
+    """The Switch model's hash twin (lesson 08's third runner): the same experts, no router; None for top-k > 1.
+
+    Each token goes to the expert a fixed table assigns to its character, with
+    gate 1 and no capacity: no router product, no softmax, no router losses,
+    nothing dropped, but the same sorting by expert, the same expert products
+    and the same parameters. Its step time is what the experts cost without the
+    GP, so "hash" minus "dense" is the price of splitting the FFN into experts,
+    and "switch" minus "hash" the price of the learned router. (A hash layer
+    sends one token to one expert: for top-k > 1 it is no like-for-like twin.)
+    """
+    if getattr(switch, "top_k", 1) != 1:
+        return None
+    return replace(switch, router="hash", capacity_factor=None)
+
+
+def lm_steps(config: LMBenchConfig, *, batches: int = 8, seed: int = 0, hash_floor: bool = True) -> dict:
+    """Callables "dense", "switch" and (``hash_floor``, top-1) "hash" (``hash_twin``): each runs one training step
+    of its model on the next of ``batches`` fixed batches."""
     corpus = Corpus(CorpusConfig())
     task = LMTask(corpus, block_size=config.block_size, eval_rows=1)
     generator = torch.Generator().manual_seed(seed)
     fixed = [task.sample_batch(config.batch_size, generator, torch.device("cpu")) for _ in range(batches)]
     train_config = TrainConfig(batch_size=config.batch_size, lr=1e-2)  # lesson 08's learning rate and clipping
     steps = {}
-    for name, gpt in zip(("dense", "switch"), config.models(corpus.vocab_size)):
+    models = dict(zip(("dense", "switch"), config.models(corpus.vocab_size)))
+    hashed = hash_twin(models["switch"]) if hash_floor else None
+    if hashed is not None:
+        models["hash"] = hashed
+    for name, gpt in models.items():
         torch.manual_seed(seed)
         model = GPT(gpt).train()
         optimizer = make_optimizer(model, train_config)
