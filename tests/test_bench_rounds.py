@@ -88,4 +88,7 @@ def test_lm_bench_hash_twin_has_the_switch_models_experts_and_no_router():
     # a hash layer sends a token to one expert: no twin for top-2
     _, top2 = LMBenchConfig(n_layers=1, top_k=2, router="top_k").models(vocab_size=40)
     assert hash_twin(top2) is None
-    assert set(lm_steps(LMBenchConfig(n_layers=1, batch_size=2, block_size=8, top_k=2, router="top_k"), batches=1)) == {"dense", "switch"}
+    assert set(lm_steps(LMBenchConfig(n_layers=1, batch_size=2, block_size=8, top_k=2, router="top_k"), batches=1)) == {
+        "dense",
+        "switch",
+    }
