@@ -93,7 +93,7 @@ show_source(ClinicMoE.forward)
 #
 # Two lines are about speed, not about the model, and you can read past them: the decorator
 # `@one_thread_when_busy` changes how many CPU threads the layer uses when other programs keep
-# the cores busy, and `fast.switch_layer_applies(...)` hands a Switch layer with few experts to
+# the cores busy, and `fast.switch_layer_applies(...)` hands a plain Switch layer to
 # one fused operation that does the same five steps in fewer calls (lesson 06 is about such
 # arrangements). The tests check that both give the same outputs and gradients as the steps
 # written out below them.

@@ -11,10 +11,10 @@ from the dense one (``python -m moe_course.bench --lm`` prints the ratio).
 This op computes the same ``MoEOutput`` fields with about half the calls and
 one autograd node:
 
-- the router's logits come out as an (E, N) product (the layout
-  ``router_matmul`` uses for few experts), the softmax and the top-1 choice run
-  along its first dimension (``router_softmax``), and the z-loss's
-  log-sum-exp comes from the top probability (log Z = l_max - log p_max);
+- the router's logits, softmax and top-1 choice are three calls: with few
+  experts in the (E, N) layout (``router_matmul`` and ``router_softmax``: rows
+  of N values, which a CPU walks quickly), with many in the usual (N, E); the
+  z-loss's log-sum-exp comes from the top probability (log Z = l_max - log p_max);
 - the tokens are counted per expert once, and one stable sort by expert gives
   the capacity (a token's rank among its expert's tokens, kept if < C), the
   order of the experts' blocks and the way back;
@@ -24,8 +24,8 @@ one autograd node:
   caller), one softmax backward with the z-loss's term folded in, and the
   router's two products.
 
-It applies to the plain Switch configuration with few experts only
-(``applies_to``); anything else runs the readable forward. The tests compare
+It applies to the plain Switch configuration only (``applies_to``);
+anything else runs the readable forward. The tests compare
 both: every output and every gradient, with and without drops, in each
 arrangement of the experts' work.
 """
@@ -89,19 +89,10 @@ def applies_to(layer, tokens: torch.Tensor, cls: type) -> bool:
 
 @functools.lru_cache(maxsize=256)
 def _plain_switch(cfg) -> bool:
-    """The Switch router, top-1, few experts, the default dispatch, and every field this op does not know at its default.
-
-    Few experts (E < ``FEW_EXPERTS``): the op keeps the router's tensors in the
-    (E, N) layout, quick for a handful of rows of N values. With many experts
-    its softmax, top-1 and gradient steps would run on transposed (N, E)
-    tensors, and at the benchmark's E=64 layer (``python -m moe_course.bench
-    --busy 2``) that cost more than the calls it saves; there the readable
-    forward with ``sort_split`` runs.
-    """
+    """The Switch router, top-1, the default dispatch, and every field this op does not know at its default."""
     return (
         cfg.router == "switch"
         and cfg.top_k == 1
-        and cfg.num_experts < FEW_EXPERTS
         and cfg.dispatch in (None, "sort_split")
         and all(f.name in KNOWN_FIELDS or getattr(cfg, f.name) == f.default for f in dataclasses.fields(cfg))
     )
@@ -119,10 +110,13 @@ class _SwitchLayer(torch.autograd.Function):
     def forward(ctx, x, w, w_in, b_in, w_out, b_out, capacity: int | None, activation: str, aux_coef: float, z_coef: float):
         ctx.set_materialize_grads(False)
         num_tokens, num_experts = x.shape[0], w.shape[1]
-        # 1. router and routing, in the (E, N) layout (few experts, see _plain_switch): logits_t = (x @ w)^T
-        logits_t = w.t().contiguous() @ x.t()  # (E, N)
-        probs_t = torch.softmax(logits_t, dim=0)  # (E, N) softmax over the experts
-        gate, index = probs_t.max(dim=0)  # (N,), (N,): the top-1 expert and its raw probability
+        # 1. router and routing. The scores' layout: (E, N) = (x @ w)^T with few experts, (N, E) with many;
+        # ex is the experts' dimension in it
+        few = num_experts < FEW_EXPERTS
+        scores = w.t().contiguous() @ x.t() if few else x @ w  # (E, N) or (N, E) logits
+        ex = 0 if few else 1
+        probs = torch.softmax(scores, dim=ex)  # softmax over the experts
+        gate, index = probs.max(dim=ex)  # (N,), (N,): the top-1 expert and its raw probability
         counts = torch.bincount(index, minlength=num_experts)  # (E,) tokens routed to each expert, counted once
         # 2. capacity: one stable sort by expert; a token's rank among its expert's tokens decides
         order = torch.argsort(index, stable=True)  # (N,) sorted row -> token
@@ -149,27 +143,30 @@ class _SwitchLayer(torch.autograd.Function):
         y = unsort(ys, token, inverse, num_tokens, 1)  # (N, D)
         # 4. the losses: balance E·Σ f·P and z = mean (log Z)²
         f = counts.float() / num_tokens  # (E,) share of the tokens routed to each expert
-        aux = torch.dot(f, probs_t.sum(dim=1)) * (num_experts / num_tokens)  # E · Σ_e f_e · mean_n p_en
+        aux = torch.dot(f, probs.sum(dim=1 - ex)) * (num_experts / num_tokens)  # E · Σ_e f_e · mean_n p_en
         # log Z_n = l_n,max - log p_n,max: the softmax already holds it (p_max = gate >= 1/E, so the log is
         # well conditioned), and a log-sum-exp along the E dimension would be a slow kernel of its own
-        log_z = logits_t.gather(0, index[None])[0] - gate.log()  # (N,)
+        log_z = scores.gather(ex, index.unsqueeze(ex)).squeeze(ex) - gate.log()  # (N,)
         z = torch.dot(log_z, log_z) / num_tokens  # mean of (log Z)²
         router_loss = torch.add(aux * aux_coef, z, alpha=z_coef)
-        ctx.save_for_backward(x, w, w_in, w_out, xs, probs_t, log_z, f, gate_rows, token, index, inverse, *saved)
+        ctx.save_for_backward(x, w, w_in, w_out, xs, probs, log_z, f, gate_rows, token, index, inverse, *saved)
+        ctx.ex = ex
         ctx.counts, ctx.busy = block_counts, [e for e, c in enumerate(block_counts) if c > 0]
         ctx.activation, ctx.aux_coef, ctx.z_coef = activation, aux_coef, z_coef
         keep = torch.ones(num_tokens, dtype=torch.bool, device=x.device) if keep is None else keep
         num_dropped = torch.tensor(num_tokens - rows, device=x.device)
         expert_index = index[:, None]
         ctx.mark_non_differentiable(expert_index, keep, counts, num_dropped)
-        return y, logits_t.t(), probs_t.t(), gate[:, None], expert_index, keep[:, None], aux, z, router_loss, counts, num_dropped
+        logits, probs = (scores.t(), probs.t()) if few else (scores, probs)  # (N, E)
+        return y, logits, probs, gate[:, None], expert_index, keep[:, None], aux, z, router_loss, counts, num_dropped
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dlogits, dprobs, dgates, _index, _keep, daux, dz, drouter, _counts, _dropped):
-        x, w, w_in, w_out, xs, probs_t, log_z, f, gate_rows, token, index, inverse, *saved = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        num_experts, num_tokens = probs_t.shape
+        x, w, w_in, w_out, xs, probs, log_z, f, gate_rows, token, index, inverse, *saved = ctx.saved_tensors
+        need, ex = ctx.needs_input_grad, ctx.ex  # ex: the experts' dimension of probs, (E, N) or (N, E) as in forward
+        num_experts, num_tokens = probs.shape[ex], probs.shape[1 - ex]
+        layout = (lambda t: t.t()) if ex == 0 else (lambda t: t)  # (N, E) ↔ the forward's layout
         router = need[0] or need[1]  # the gradient at the logits is needed for x or the router weight
         dxs = dgate_rows = dw_in = db_in = dw_out = db_out = None
         if dy is not None:  # the experts' part, as in sort_split
@@ -192,10 +189,10 @@ class _SwitchLayer(torch.autograd.Function):
         if router:
             if drouter is not None:
                 daux, dz = _add(daux, ctx.aux_coef * drouter), _add(dz, ctx.z_coef * drouter)
-            # the gradient at the probabilities, (E, N): the caller's, the balance loss's, the gates'
-            dp_t = dprobs.t().clone() if dprobs is not None else probs_t.new_zeros(num_experts, num_tokens)
+            # the gradient at the probabilities, in their layout: the caller's, the balance loss's, the gates'
+            dp = layout(dprobs).clone() if dprobs is not None else torch.zeros_like(probs)
             if daux is not None:  # aux = E·Σ_e f_e·mean_n p_en: d aux / d p_en = E·f_e / N
-                dp_t += (daux * (num_experts / num_tokens) * f)[:, None]
+                dp += (daux * (num_experts / num_tokens) * f).unsqueeze(1 - ex)
             dgate = dgates[:, 0] if dgates is not None else None  # (N,)
             if dgate_rows is not None:  # each kept token's gate also weighed its expert's output
                 from_rows = (
@@ -205,18 +202,18 @@ class _SwitchLayer(torch.autograd.Function):
                 )
                 dgate = _add(dgate, from_rows)
             if dgate is not None:
-                dp_t.scatter_add_(0, index[None], dgate[None])
+                dp.scatter_add_(ex, index.unsqueeze(ex), dgate.unsqueeze(ex))
             # softmax backward, with the z-loss's term: d z / d logits_en = (2 log Z_n / N) · p_en
-            inner = dp_t - (probs_t * dp_t).sum(dim=0, keepdim=True)  # (E, N)
+            inner = dp - (probs * dp).sum(dim=ex, keepdim=True)
             if dz is not None:
-                inner += (dz * (2.0 / num_tokens)) * log_z
-            dl_t = probs_t * inner  # (E, N)
+                inner += (dz * (2.0 / num_tokens)) * log_z.unsqueeze(ex)
+            dl = probs * inner  # the gradient at the logits, in their layout
             if dlogits is not None:
-                dl_t += dlogits.t()
+                dl += layout(dlogits)
             if need[1]:
-                dw = (dl_t @ x).t()  # (D, E)
+                dw = (dl @ x).t() if ex == 0 else x.t() @ dl  # (D, E)
             if need[0]:
-                dx = torch.mm(dl_t.t(), w.t())  # (N, D) the router's share of x's gradient
+                dx = torch.mm(dl.t(), w.t()) if ex == 0 else dl @ w.t()  # (N, D) the router's share of x's gradient
         if need[0] and dxs is not None:
             dx = dx.index_add_(0, token, dxs) if dx is not None else unsort(dxs, token, inverse, num_tokens, 1)
         return dx, dw, dw_in, db_in, dw_out, db_out, None, None, None, None
