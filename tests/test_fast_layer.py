@@ -111,9 +111,7 @@ def test_fused_switch_layer_gives_the_gradients_of_the_readable_layer_when_only_
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize(
-    "change", ["top_k", "shared", "jitter", "dispatch", "replaced_router", "disabled", "swiglu", "float64"]
-)
+@pytest.mark.parametrize("change", ["top_k", "shared", "jitter", "dispatch", "replaced_router", "disabled", "swiglu", "float64"])
 def test_fused_switch_layer_steps_aside_for_anything_but_the_plain_switch_layer(monkeypatch, change):
     overrides = {
         "top_k": dict(router="top_k", top_k=2),
