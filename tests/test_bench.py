@@ -130,3 +130,18 @@ def test_paired_times_rejects_a_missing_baseline():
 
     with pytest.raises(ValueError, match="baseline 'dense' is not among"):
         bench.paired_times({"a": lambda: None}, baseline="dense")
+
+
+@pytest.mark.slow  # the benchmark in a subprocess
+@pytest.mark.parametrize("keep", [False, True], ids=["flushed", "kept"])
+def test_command_line_lm_mode_times_dense_switch_and_hash_and_says_what_it_did_with_denormals(tmp_path, keep):
+    out = tmp_path / "lm.json"
+    args = ["--lm", "--rounds", "1", "--repeats", "2", "--warmup", "1", "--lm-widths", "1", "--batch-size", "2"]
+    args += ["--d-model", "16", "--d-ff", "16", "--json", str(out)] + (["--keep-denormals"] if keep else [])
+    proc = subprocess.run([sys.executable, "-m", "moe_course.bench", *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(out.read_text())
+    assert payload["mode"] == "lm" and payload["threads"] == 1  # one thread, as lesson 08 trains
+    assert {row["candidate"] for row in payload["results"]} >= {"switch", "hash"}
+    assert payload["flush_denormal"] is (not keep)
+    assert ("denormals flushed to zero" in proc.stdout) is (not keep)

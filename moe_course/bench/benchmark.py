@@ -380,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     lm = parser.add_argument_group("--lm: a training step of the Switch LM against its dense twin (lesson 08's sizes)")
     lm.add_argument("--lm", action="store_true", help="time LM training steps instead of layers (one thread unless --threads)")
     lm.add_argument("--lm-widths", type=int, nargs="+", default=[1, 4], help="d_model and d_ff times these (default 1 4)")
+    lm.add_argument(
+        "--keep-denormals",
+        action="store_true",
+        help="leave denormal floats as they are (default: flushed to zero, see bench.rounds.main_rounds)",
+    )
     lm.add_argument("--num-experts", type=int, default=8)
     lm.add_argument("--moe-every", type=int, default=1)
     lm.add_argument("--capacity-factor", default="1.25", help="a number, or 'none' for dropless (default 1.25)")

@@ -236,6 +236,13 @@ def main_rounds(args) -> int:
     from .benchmark import QUICK, STANDARD, steady_allocator, write_json
 
     steady = not args.system_allocator and steady_allocator()
+    # A model training at a constant learning rate with no warm-up (the LM mode's steps) can drift into
+    # a region where its attention gradients are full of denormal floats (below 1.2e-38), which x86 CPUs
+    # handle up to a hundred times slower: a step's time then jumps by 2x within a few dozen steps, for the
+    # dense model and the Switch model alike, and the ratio measures which model hit more of them. Flushed
+    # to zero (set here, before any thread of PyTorch's pool starts, so that every one of them inherits it),
+    # they cost nothing; the arithmetic is otherwise the same. ``--keep-denormals`` measures them too.
+    flushed = bool(args.lm and not args.keep_denormals and torch.set_flush_denormal(True))
     if args.threads:
         torch.set_num_threads(args.threads)
     elif args.lm:
@@ -244,7 +251,7 @@ def main_rounds(args) -> int:
     log(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, default dispatch: {DEFAULT_METHOD}, "
         f"allocator: {'steady (freed memory kept)' if steady else 'system default'}, {args.rounds} rounds, busy processes: {args.busy}, "
-        f"load average now {_load():.2f}"
+        f"load average now {_load():.2f}" + (", denormals flushed to zero (--keep-denormals keeps them)" if flushed else "")
     )
     if args.lm:
         from .lm import LMBenchConfig
@@ -282,6 +289,7 @@ def main_rounds(args) -> int:
             "threads": torch.get_num_threads(),
             "default": DEFAULT_METHOD,
             "steady_allocator": steady,
+            "flush_denormal": flushed,
             "mode": "lm" if args.lm else "layer",
             "busy": args.busy,
             "rounds": args.rounds,
