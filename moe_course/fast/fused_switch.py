@@ -40,7 +40,7 @@ import torch
 from .activations import ACTIVATION_GRADS
 from .flag import applies
 from .router_matmul import FEW_EXPERTS
-from .sorted_experts import ARRANGEMENTS, arrangement
+from .sorted_experts import ARRANGEMENTS, arrangement, batched
 from .sorting import unsort
 
 # MoEConfig fields this op knows; any other field must keep its default for the op to apply
@@ -120,23 +120,32 @@ class _SwitchLayer(torch.autograd.Function):
         counts = torch.bincount(index, minlength=num_experts)  # (E,) tokens routed to each expert, counted once
         # 2. capacity: one stable sort by expert; a token's rank among its expert's tokens decides
         order = torch.argsort(index, stable=True)  # (N,) sorted row -> token
-        keep = None
-        if capacity is not None:
+        routed = counts.tolist()
+        kept_count = routed if capacity is None else [min(c, capacity) for c in routed]
+        num_kept = sum(kept_count)
+        # With drops, a small layer keeps every sorted row and gives the dropped ones gate 0 ("carry"): their
+        # expert rows are computed and multiplied by 0, so they add nothing to y or to any gradient, and every
+        # call has the same shapes and a gather for the way back. A few wasted rows cost less than the calls
+        # and fresh buffers of a compacted copy (``python -m moe_course.bench --lm``). Big layers compact.
+        carry = num_kept < num_tokens and batched(num_tokens, w_in.shape[2])
+        keep = kept_rows = None
+        if num_kept < num_tokens:
             starts = torch.cumsum(counts, 0) - counts  # (E,) first sorted row of each expert
             rank = torch.arange(num_tokens, device=x.device) - starts.repeat_interleave(counts, output_size=num_tokens)  # (N,)
             kept_rows = rank < capacity  # (N,) in sorted order
             keep = torch.empty_like(kept_rows).scatter_(0, order, kept_rows)  # (N,) in token order
-            token, kept = order[kept_rows], counts.clamp(max=capacity)  # (M,), (E,)
+        if kept_rows is None or carry:
+            token, block_counts = order, routed  # every row: (N,), rows per expert
         else:
-            token, kept = order, counts
-        block_counts = kept.tolist()
-        rows = token.shape[0]
+            token, block_counts = order[kept_rows], kept_count  # the kept rows only: (M,)
         inverse = None
-        if rows == num_tokens:  # nothing dropped: the way back is a gather by the inverse permutation
+        if token.shape[0] == num_tokens:  # every row: the way back is a gather by the inverse permutation
             inverse = torch.empty_like(order).scatter_(0, order, torch.arange(num_tokens, device=x.device))
         # 3. the experts on their blocks of sorted rows, weighted by the gates (as sort_split)
         xs = x.index_select(0, token)  # (M, D)
         gate_rows = gate.index_select(0, token)  # (M,)
+        if carry:
+            gate_rows = gate_rows * kept_rows  # a dropped row's gate is 0
         ctx.arrangement = arrangement(xs, w_in, block_counts)
         arrange = ARRANGEMENTS[ctx.arrangement][0]
         ys, saved = arrange(xs, gate_rows, w_in, b_in, w_out, b_out, block_counts, ACTIVATION_GRADS[activation][0])
@@ -149,12 +158,14 @@ class _SwitchLayer(torch.autograd.Function):
         log_z = scores.gather(ex, index.unsqueeze(ex)).squeeze(ex) - gate.log()  # (N,)
         z = torch.dot(log_z, log_z) / num_tokens  # mean of (log Z)²
         router_loss = torch.add(aux * aux_coef, z, alpha=z_coef)
-        ctx.save_for_backward(x, w, w_in, w_out, xs, probs, log_z, f, gate_rows, token, index, inverse, *saved)
+        ctx.save_for_backward(
+            x, w, w_in, w_out, xs, probs, log_z, f, gate_rows, token, index, inverse, keep if carry else None, *saved
+        )
         ctx.ex = ex
         ctx.counts, ctx.busy = block_counts, [e for e, c in enumerate(block_counts) if c > 0]
         ctx.activation, ctx.aux_coef, ctx.z_coef = activation, aux_coef, z_coef
         keep = torch.ones(num_tokens, dtype=torch.bool, device=x.device) if keep is None else keep
-        num_dropped = torch.tensor(num_tokens - rows, device=x.device)
+        num_dropped = torch.tensor(num_tokens - num_kept, device=x.device)
         expert_index = index[:, None]
         ctx.mark_non_differentiable(expert_index, keep, counts, num_dropped)
         logits, probs = (scores.t(), probs.t()) if few else (scores, probs)  # (N, E)
@@ -163,7 +174,7 @@ class _SwitchLayer(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dlogits, dprobs, dgates, _index, _keep, daux, dz, drouter, _counts, _dropped):
-        x, w, w_in, w_out, xs, probs, log_z, f, gate_rows, token, index, inverse, *saved = ctx.saved_tensors
+        x, w, w_in, w_out, xs, probs, log_z, f, gate_rows, token, index, inverse, carried, *saved = ctx.saved_tensors
         need, ex = ctx.needs_input_grad, ctx.ex  # ex: the experts' dimension of probs, (E, N) or (N, E) as in forward
         num_experts, num_tokens = probs.shape[ex], probs.shape[1 - ex]
         layout = (lambda t: t.t()) if ex == 0 else (lambda t: t)  # (N, E) ↔ the forward's layout
@@ -200,6 +211,8 @@ class _SwitchLayer(torch.autograd.Function):
                     if inverse is not None
                     else gate_rows.new_zeros(num_tokens).index_add_(0, token, dgate_rows)
                 )
+                if carried is not None:  # a carried row's gate was gate · keep: no gradient reaches a dropped token's gate
+                    from_rows = from_rows * carried
                 dgate = _add(dgate, from_rows)
             if dgate is not None:
                 dp.scatter_add_(ex, index.unsqueeze(ex), dgate.unsqueeze(ex))
