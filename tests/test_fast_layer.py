@@ -70,15 +70,23 @@ def _fused_calls(monkeypatch) -> list:
     "activation,bias,arrangement",
     [("gelu", True, "grouped"), ("relu", False, "grouped"), ("gelu", True, "batched"), ("relu", False, "blocked")],
 )
+@pytest.mark.parametrize("carry", [True, False], ids=["carry", "compact"])
 def test_fused_switch_layer_gives_every_output_and_gradient_of_the_readable_layer(
-    monkeypatch, experts, capacity_factor, activation, bias, arrangement
+    monkeypatch, experts, capacity_factor, activation, bias, arrangement, carry
 ):
     if arrangement == "grouped" and not grouped_blocks.HAS_GROUPED_MM:
         pytest.skip("this torch has no grouped_mm")
     monkeypatch.setattr(sorted_experts, "BATCHED_ELEMENTS", 0 if arrangement == "blocked" else 2**40)
     monkeypatch.setattr(sorted_experts, "GROUPED", arrangement == "grouped")
-    chosen = []
-    monkeypatch.setattr(fused_switch, "arrangement", lambda *a: chosen.append(sorted_experts.arrangement(*a)) or chosen[-1])
+    monkeypatch.setattr(fused_switch, "CARRY_FLOPS", 2**62 if carry else 0)  # dropped rows carried with gate 0, or compacted
+    chosen, rows = [], []
+
+    def record(xs, *a):
+        rows.append(xs.shape[0])
+        chosen.append(sorted_experts.arrangement(xs, *a))
+        return chosen[-1]
+
+    monkeypatch.setattr(fused_switch, "arrangement", record)
     layer = small_layer(num_experts=experts, capacity_factor=capacity_factor, activation=activation, bias=bias).train()
     x = randn(3, 20, 8, seed=2)
     calls = _fused_calls(monkeypatch)
@@ -90,6 +98,7 @@ def test_fused_switch_layer_gives_every_output_and_gradient_of_the_readable_laye
     assert not calls
     if capacity_factor == 0.5:
         assert int(want[0]["num_dropped"]) > 0  # the case with drops really drops
+        assert (rows == [60]) is carry  # carried: every one of the 60 rows; compacted: only the kept ones
     _assert_same(got, want)
 
 

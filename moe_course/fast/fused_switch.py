@@ -17,7 +17,9 @@ one autograd node:
   z-loss's log-sum-exp comes from the top probability (log Z = l_max - log p_max);
 - the tokens are counted per expert once, and one stable sort by expert gives
   the capacity (a token's rank among its expert's tokens, kept if < C), the
-  order of the experts' blocks and the way back;
+  order of the experts' blocks and the way back; where the dropped rows'
+  arithmetic is cheap (``CARRY_FLOPS``) they stay in their blocks with gate 0
+  instead of being cut out;
 - the experts run as in ``sort_split`` (``sorted_experts``: batched or block by block, threads);
 - the backward is written out: the experts' part as in ``sort_split``, then
   the gradient at the probabilities (from the gates, the balance loss and the
@@ -40,7 +42,7 @@ import torch
 from .activations import ACTIVATION_GRADS
 from .flag import applies
 from .router_matmul import FEW_EXPERTS
-from .sorted_experts import ARRANGEMENTS, arrangement, batched
+from .sorted_experts import ARRANGEMENTS, arrangement
 from .sorting import unsort
 
 # MoEConfig fields this op knows; any other field must keep its default for the op to apply
@@ -64,6 +66,12 @@ KNOWN_FIELDS = frozenset(
     }
 )
 
+
+# Carry dropped rows (gate 0) instead of compacting the kept ones while one expert product over the dropped rows
+# costs at most this many FLOPs (2·dropped·D·F). Measured with `python -m moe_course.bench --lm` in interleaved
+# A/B rounds against always compacting: lesson 08's race (D=64, F=32, ~0.8 MFLOP wasted) 1.17x against 1.21x
+# dense; D=64, F=128 (~3 MFLOP) even; at 2x and 4x that width compacting won (1.23x against 1.28x, 1.08x against 1.26x).
+CARRY_FLOPS = 2**22
 
 # The layer's steps, any of which a subclass or an instance attribute may replace (the playground routes
 # on given logits by setting ``layer.router``): the op computes the class's own steps, so it then steps aside.
@@ -123,11 +131,12 @@ class _SwitchLayer(torch.autograd.Function):
         routed = counts.tolist()
         kept_count = routed if capacity is None else [min(c, capacity) for c in routed]
         num_kept = sum(kept_count)
-        # With drops, a small layer keeps every sorted row and gives the dropped ones gate 0 ("carry"): their
-        # expert rows are computed and multiplied by 0, so they add nothing to y or to any gradient, and every
-        # call has the same shapes and a gather for the way back. A few wasted rows cost less than the calls
-        # and fresh buffers of a compacted copy (``python -m moe_course.bench --lm``). Big layers compact.
-        carry = num_kept < num_tokens and batched(num_tokens, w_in.shape[2])
+        # With a few cheap drops, keep every sorted row and give the dropped ones gate 0 ("carry"): their expert
+        # rows are computed and multiplied by 0, so they add nothing to y or to any gradient, and every call has
+        # the same shapes and a gather for the way back. Where those rows' arithmetic is cheaper than the calls
+        # and fresh buffers of a compacted copy (CARRY_FLOPS), that pays; elsewhere the kept rows are compacted.
+        wasted = 2 * (num_tokens - num_kept) * w_in.shape[1] * w_in.shape[2]  # FLOPs of one product on the dropped rows
+        carry = 0 < wasted <= CARRY_FLOPS
         keep = kept_rows = None
         if num_kept < num_tokens:
             starts = torch.cumsum(counts, 0) - counts  # (E,) first sorted row of each expert
