@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from moe_course.bench import BenchConfig, format_table, run_benchmark
+from moe_course.bench.benchmark import EXPERTS_ONLY, _candidates, _run
 from moe_course.dispatch import DEFAULT_METHOD, METHODS
 
 TINY = (BenchConfig(64, 16, 32, 4), BenchConfig(64, 16, 32, 4, 2))
@@ -145,3 +147,22 @@ def test_command_line_lm_mode_times_dense_switch_and_hash_and_says_what_it_did_w
     assert {row["candidate"] for row in payload["results"]} >= {"switch", "hash"}
     assert payload["flush_denormal"] is (not keep)
     assert ("denormals flushed to zero" in proc.stdout) is (not keep)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_the_experts_only_floor_runs_each_expert_on_its_equal_block_and_adds_the_rows_back(top_k):
+    cfg = BenchConfig(24, 8, 16, 4, top_k)
+    candidates = _candidates(cfg, ["masks_loop"], False, {}, floor=True)
+    floor = next(c for c in candidates if c.name == EXPERTS_ONLY)
+    assert [c.name for c in _candidates(cfg, ["masks_loop"], False, {})] == ["dense", "masks_loop"]  # only when asked
+    y = floor.forward()
+    params = dict(zip(("w_in", "b_in", "w_out", "b_out"), floor.params))
+    x = floor.x.reshape(24, 8)
+    rows = x.repeat_interleave(top_k, dim=0)  # assignment order: token-major
+    want = torch.empty(24 * top_k, 8)
+    for e, block in enumerate(torch.arange(24 * top_k).chunk(4)):  # 4 equal blocks of assignments
+        h = torch.nn.functional.gelu(rows[block] @ params["w_in"][e] + params["b_in"][e])
+        want[block] = h @ params["w_out"][e] + params["b_out"][e]
+    torch.testing.assert_close(y, want.view(24, top_k, 8).sum(1), atol=1e-5, rtol=1e-5)
+    _run(floor, True, torch.randn(24, 8))  # and its backward runs
+    assert all(p.grad is not None for p in floor.params)

@@ -62,6 +62,7 @@ __all__ = [
     "PairedTiming",
     "paired_times",
     "run_benchmark",
+    "EXPERTS_ONLY",
     "format_table",
     "main",
 ]
@@ -105,7 +106,40 @@ def _onehot_bytes(cfg: BenchConfig) -> int:
     return 3 * 4 * cfg.num_tokens * cfg.num_experts * capacity  # dispatch, combine, one-hot slots in float32
 
 
-def _candidates(cfg: BenchConfig, methods: list[str], peer: bool, notes: dict[str, str]) -> list[_Candidate]:
+EXPERTS_ONLY = "experts_only"
+
+
+def _experts_only(cfg: BenchConfig) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[torch.nn.Parameter]]:
+    """The floor of splitting the FFN into E experts: the default layer's experts on E equal blocks, nothing else.
+
+    The N·K assignments are already in expert order (assignment i goes to expert
+    i·E // (N·K)), the gates are 1, and there is no router, no softmax, no sort
+    and no loss: ``sort_split``'s op (``fast.sorted_experts``) runs the experts
+    on their blocks and adds the rows back to their tokens. What this costs
+    beyond the dense FFN is what the experts' arithmetic costs in E blocks
+    instead of one product (plus a gather and a sum back, which its identity
+    order makes plain copies); what the layer costs beyond this is routing.
+    """
+    from ..fast.sorted_experts import _SortedExperts
+
+    layer = MoELayer(MoEConfig(cfg.d_model, cfg.d_ff, cfg.num_experts))
+    experts = layer.experts
+    rows = cfg.num_tokens * cfg.top_k
+    assignment = torch.arange(rows)
+    token, expert = assignment // cfg.top_k, assignment * cfg.num_experts // rows  # (N·K,) each, already sorted
+    counts = torch.bincount(expert, minlength=cfg.num_experts).tolist()
+    gate = torch.ones(rows)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        args = (experts.w_in, experts.b_in, experts.w_out, experts.b_out, token, expert, assignment)
+        return _SortedExperts.apply(x, gate, *args, counts, experts.activation, cfg.top_k)
+
+    return forward, [p for p in (experts.w_in, experts.b_in, experts.w_out, experts.b_out) if p is not None]
+
+
+def _candidates(
+    cfg: BenchConfig, methods: list[str], peer: bool, notes: dict[str, str], *, floor: bool = False
+) -> list[_Candidate]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(cfg.num_tokens, cfg.d_model, generator=g)
     torch.manual_seed(0)
@@ -128,6 +162,10 @@ def _candidates(cfg: BenchConfig, methods: list[str], peer: bool, notes: dict[st
         )
         xm = x.clone()
         out.append(_Candidate(method, lambda m=layer, t=xm: m(t).y, list(layer.parameters()), xm))
+    if floor:
+        forward, params = _experts_only(cfg)
+        xf = x.clone()
+        out.append(_Candidate(EXPERTS_ONLY, lambda f=forward, t=xf: f(t), params, xf))
     if peer:
         if cfg.top_k != 1:
             notes["hf_switch"] = "skipped: the Switch peer is top-1 only"
@@ -266,9 +304,12 @@ def run_benchmark(
     warmup: int = 2,
     peer: bool = True,
     memory: bool = True,
+    floor: bool = False,
     log: Callable[[str], None] | None = print,
 ) -> pd.DataFrame:
     """Time every candidate on every configuration; one row per (config, implementation, mode).
+
+    ``floor``: also the layer's experts alone on equal blocks (``_experts_only``, named "experts_only").
 
     Timed in pairs with the dense layer (``paired_times``): ``ratio_to_dense``
     is the median of the paired ratios, ``ratio_q1`` and ``ratio_q3`` its
@@ -283,7 +324,7 @@ def run_benchmark(
     rows = []
     for cfg in configs:
         notes: dict[str, str] = {}
-        candidates = _candidates(cfg, methods, peer, notes)
+        candidates = _candidates(cfg, methods, peer, notes, floor=floor)
         grad = torch.randn(cfg.num_tokens, cfg.d_model, generator=torch.Generator().manual_seed(1))
         if log:
             log(f"{cfg.name}: {', '.join(c.name for c in candidates)}")
@@ -361,6 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="dispatch implementations (default: all)")
     parser.add_argument("--no-peer", action="store_true", help="leave out the Hugging Face Switch layer")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time the experts alone on equal, pre-sorted blocks (no router): what splitting the FFN costs by itself",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's choice)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH ('-' for stdout)")
     parser.add_argument(
@@ -411,7 +457,14 @@ def main(argv: list[str] | None = None) -> int:
         f"allocator: {'steady (freed memory kept)' if steady else 'system default'}"
     )
     results = run_benchmark(
-        configs, args.methods, repeats=args.repeats, warmup=args.warmup, peer=not args.no_peer, memory=not args.no_memory, log=log
+        configs,
+        args.methods,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        peer=not args.no_peer,
+        memory=not args.no_memory,
+        floor=args.floor,
+        log=log,
     )
     log(format_table(results))
     if args.json:

@@ -187,12 +187,14 @@ def layer_rounds(
     busy: int = 2,
     repeats: int = 7,
     warmup: int = 2,
+    floor: bool = False,
     log: Callable[[str], None] | None = print,
 ) -> pd.DataFrame:
     """The layer benchmark's forward+backward, quiet and with ``busy`` spinners, in interleaved rounds → ``pooled`` table.
 
     configs: ``bench.BenchConfig``s; methods: the dispatch methods to time
-    (each inside ``MoELayer``, against the dense FFN of ``bench``).
+    (each inside ``MoELayer``, against the dense FFN of ``bench``); ``floor``:
+    also the experts alone ("experts_only", see ``bench.benchmark._experts_only``).
     """
     import torch
 
@@ -200,7 +202,7 @@ def layer_rounds(
 
     by_name, runs = {}, {}
     for cfg in configs:
-        candidates = _candidates(cfg, methods, False, {})
+        candidates = _candidates(cfg, methods, False, {}, floor=floor)
         grad = torch.randn(cfg.num_tokens, cfg.d_model, generator=torch.Generator().manual_seed(1))
         by_name[cfg.name] = cfg
         runs[cfg.name] = {c.name: (lambda c=c, grad=grad: _run(c, True, grad)) for c in candidates}
@@ -279,7 +281,14 @@ def main_rounds(args) -> int:
         configs = QUICK if args.quick else STANDARD
         methods = args.methods or list(dict.fromkeys([DEFAULT_METHOD, "masks_loop"]))
         table = layer_rounds(
-            configs, methods, rounds=args.rounds, busy=args.busy, repeats=args.repeats, warmup=args.warmup, log=log
+            configs,
+            methods,
+            rounds=args.rounds,
+            busy=args.busy,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            floor=args.floor,
+            log=log,
         )
         described = [c.name for c in configs]
     log(format_pooled(table))
