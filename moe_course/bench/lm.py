@@ -110,8 +110,12 @@ def hash_twin(switch: GPTConfig) -> GPTConfig | None:
     nothing dropped, but the same sorting by expert, the same expert products
     and the same parameters. Its step time is what the experts cost without the
     GP, so "hash" minus "dense" is the price of splitting the FFN into experts,
-    and "switch" minus "hash" the price of the learned router. (A hash layer
-    sends one token to one expert: for top-k > 1 it is no like-for-like twin.)
+    and "switch" minus "hash" the price of the learned router. Two differences
+    remain: the hash layer still fills a Switch layer's ``MoEOutput`` fields (a
+    dozen small calls), and it drops nothing, so where the Switch layer drops
+    tokens for lack of capacity it does less expert arithmetic than its hash
+    twin (at 4x lesson 08's width the hash twin is the slower of the two).
+    A hash layer sends one token to one expert: for top-k > 1 it is no like-for-like twin.
     """
     if getattr(switch, "top_k", 1) != 1:
         return None
