@@ -96,6 +96,7 @@ def _routing(n=40, e=6, k=1, capacity=None, seed=0):
 @pytest.mark.parametrize("k,capacity", [(1, None), (2, None), (1, 5), (2, 9)])
 def test_threaded_sort_split_gives_the_same_outputs_and_gradients(two_threads, monkeypatch, k, capacity, all_rows):
     monkeypatch.setattr(sorted_experts, "BATCHED_ELEMENTS", 2**40 if all_rows else 0)
+    monkeypatch.setattr(sorted_experts, "GROUPED", False)  # on a quiet machine small layers take one grouped call instead
     x, experts, expert_index, gates, keep = _routing(k=k, capacity=capacity)
     calls = []
     real = parallel.threaded  # over_experts asks it once per loop over the experts
@@ -127,3 +128,17 @@ def test_expert_threads_off_keeps_everything_on_the_calling_thread():
             assert worth_threading([256] * 64, 2 * 128 * 512, threads=2)
         assert not worth_threading([256] * 64, 2 * 128 * 512, threads=2)
     assert worth_threading([256] * 64, 2 * 128 * 512, threads=2)
+
+
+def test_a_small_layer_takes_one_grouped_call_on_a_quiet_machine_and_the_workers_on_a_busy_one(two_threads):
+    if not sorted_experts.HAS_GROUPED_MM:
+        pytest.skip("this torch has no grouped_mm")
+    from moe_course.fast.shared_cores import fitted_threads
+
+    xs, w_in, counts = torch.randn(4096, 64), torch.randn(32, 64, 256), [128] * 32  # M·F = 2^20: small enough to batch
+    assert parallel.threaded(counts, 2 * 64 * 256)  # 32 blocks of 4 MFLOP: worth threads
+    with contention(False), fitted_threads():
+        assert sorted_experts.arrangement(xs, w_in, counts) == "grouped"  # quiet: one call per product won
+    with contention(True), fitted_threads():
+        assert sorted_experts.arrangement(xs, w_in, counts) == "batched"  # busy: the one-thread workers won
+    assert sorted_experts.arrangement(torch.randn(4097, 64), w_in, counts) == "blocked"  # too big to batch

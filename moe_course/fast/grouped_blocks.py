@@ -9,9 +9,9 @@ transposed first operand, (D, M) by (M, F), it gives the E weight gradients
 what the "batched" arrangement's loops over experts compute, with one Python
 call where those make E, and no per-expert views: at lesson 08's sizes those
 per-call costs are a good part of the layer's time (``python -m moe_course.bench
---lm`` times the training step). ``sorted_experts.arrangement`` picks it only
-where the experts would not run on threads anyway (one grouped call is one
-call, on one thread's queue).
+--lm`` times the training step). ``sorted_experts.arrangement`` picks it for
+every layer small enough to run batched, except on a busy machine, where the
+experts' one-thread workers won.
 """
 
 from __future__ import annotations
