@@ -102,9 +102,15 @@ def test_fused_switch_layer_gives_every_output_and_gradient_of_the_readable_laye
     _assert_same(got, want)
 
 
-def test_fused_switch_layer_gives_the_gradients_of_the_readable_layer_when_only_some_outputs_are_used(monkeypatch):
-    """Only y and the router loss reach the loss (as in training): the unused outputs' gradients are None inside the op."""
-    layer = small_layer(capacity_factor=1.0).train()
+@pytest.mark.parametrize("experts", [4, FEW_EXPERTS + 4])  # both layouts of the router's tensors
+@pytest.mark.parametrize("capacity_factor", [None, 1.0, 0.5], ids=["dropless", "cf1", "cf0.5"])
+@pytest.mark.parametrize("used", ["y+router_loss", "y", "router_loss", "y+aux"])
+def test_fused_switch_layer_gives_the_gradients_of_the_readable_layer_when_only_some_outputs_are_used(
+    monkeypatch, experts, capacity_factor, used
+):
+    """Only some outputs reach the loss (as in training: y and the router loss): the others' gradients are None
+    inside the op, and its backward takes the shortcut that never builds the gradient at every probability."""
+    layer = small_layer(num_experts=experts, capacity_factor=capacity_factor).train()
     x = randn(40, 8, seed=3)
     calls = _fused_calls(monkeypatch)
     grads = []
@@ -113,10 +119,19 @@ def test_fused_switch_layer_gives_the_gradients_of_the_readable_layer_when_only_
         layer.zero_grad(set_to_none=True)
         xg = x.clone().requires_grad_()
         out = layer(xg)
-        (out.y.square().sum() + out.router_loss).backward()
+        loss = {
+            "y+router_loss": lambda: out.y.square().sum() + out.router_loss,
+            "y": lambda: out.y.square().sum(),
+            "router_loss": lambda: 10 * out.router_loss,
+            "y+aux": lambda: out.y.square().sum() + out.aux_loss,
+        }[used]()
+        loss.backward()
         grads.append([xg.grad] + [p.grad for p in layer.parameters()])
     assert len(calls) == 1
     for g, w in zip(*grads):
+        if w is None:  # router_loss alone: the experts get no gradient either way
+            assert g is None or not g.any()
+            continue
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
 
 

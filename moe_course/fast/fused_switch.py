@@ -209,10 +209,9 @@ class _SwitchLayer(torch.autograd.Function):
         if router:
             if drouter is not None:
                 daux, dz = _add(daux, ctx.aux_coef * drouter), _add(dz, ctx.z_coef * drouter)
-            # the gradient at the probabilities, in their layout: the caller's, the balance loss's, the gates'
-            dp = layout(dprobs).clone() if dprobs is not None else torch.zeros_like(probs)
-            if daux is not None:  # aux = E·Σ_e f_e·mean_n p_en: d aux / d p_en = E·f_e / N
-                dp += (daux * (num_experts / num_tokens) * f).unsqueeze(1 - ex)
+            # the gradient at the probabilities dp_en: the caller's (dprobs), the balance loss's a_e, the gates' dg_n at e = i_n
+            # aux = E·Σ_e f_e·mean_n p_en: d aux / d p_en = E·f_e / N, one number per expert
+            a = daux * (num_experts / num_tokens) * f if daux is not None else None  # (E,)
             dgate = dgates[:, 0] if dgates is not None else None  # (N,)
             if dgate_rows is not None:  # each kept token's gate also weighed its expert's output
                 from_rows = (
@@ -223,13 +222,31 @@ class _SwitchLayer(torch.autograd.Function):
                 if carried is not None:  # a carried row's gate was gate · keep: no gradient reaches a dropped token's gate
                     from_rows = from_rows * carried
                 dgate = _add(dgate, from_rows)
-            if dgate is not None:
-                dp.scatter_add_(ex, index.unsqueeze(ex), dgate.unsqueeze(ex))
-            # softmax backward, with the z-loss's term: d z / d logits_en = (2 log Z_n / N) · p_en
-            inner = dp - (probs * dp).sum(dim=ex, keepdim=True)
-            if dz is not None:
-                inner += (dz * (2.0 / num_tokens)) * log_z.unsqueeze(ex)
-            dl = probs * inner  # the gradient at the logits, in their layout
+            # softmax backward, dl_en = p_en·(dp_en − Σ_e' p_ne'·dp_ne'), with the z-loss's term
+            # d z / d logits_en = (2 log Z_n / N) · p_en
+            z_term = (dz * (2.0 / num_tokens)) * log_z if dz is not None else None  # (N,)
+            if dprobs is not None:  # the caller's gradient at every probability: dp in full
+                dp = layout(dprobs).clone()
+                if a is not None:
+                    dp += a.unsqueeze(1 - ex)
+                if dgate is not None:
+                    dp.scatter_add_(ex, index.unsqueeze(ex), dgate.unsqueeze(ex))
+                inner = dp - (probs * dp).sum(dim=ex, keepdim=True)
+                dl = probs * (inner if z_term is None else inner + z_term.unsqueeze(ex))
+            else:  # as in training: dp_en = a_e + [e = i_n]·dg_n, so Σ_e p_ne·dp_ne = (p·a)_n + p_n,i_n·dg_n, and
+                # dl_en = p_en·(a_e + r_n) + [e = i_n]·p_n,i_n·dg_n with r_n = z_n − (p·a)_n − p_n,i_n·dg_n: no (N, E) dp
+                chosen = None if dgate is None else probs.gather(ex, index.unsqueeze(ex)).squeeze(ex) * dgate  # (N,)
+                pa = None if a is None else (probs @ a if ex == 1 else a @ probs)  # (N,)
+                r = z_term
+                for term in (pa, chosen):
+                    if term is not None:
+                        r = -term if r is None else r - term
+                if r is None:
+                    dl = probs * a.unsqueeze(1 - ex) if a is not None else torch.zeros_like(probs)
+                else:
+                    dl = probs * (r.unsqueeze(ex) if a is None else a.unsqueeze(1 - ex) + r.unsqueeze(ex))
+                if chosen is not None:
+                    dl.scatter_add_(ex, index.unsqueeze(ex), chosen.unsqueeze(ex))
             if dlogits is not None:
                 dl += layout(dlogits)
             if need[1]:
