@@ -241,8 +241,8 @@ class _SwitchLayer(torch.autograd.Function):
                 for term in (pa, chosen):
                     if term is not None:
                         r = -term if r is None else r - term
-                if r is None:
-                    dl = probs * a.unsqueeze(1 - ex) if a is not None else torch.zeros_like(probs)
+                if r is None:  # no balance loss, no gate, no z-loss reached the router
+                    dl = torch.zeros_like(probs)
                 else:
                     dl = probs * (r.unsqueeze(ex) if a is None else a.unsqueeze(1 - ex) + r.unsqueeze(ex))
                 if chosen is not None:
