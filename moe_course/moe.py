@@ -286,18 +286,11 @@ class MoELayer(nn.Module):
         if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[-1] != self.config.d_model:
             raise ValueError(f"{what} expects tokens of shape (N, {self.config.d_model}), got {tuple(getattr(x, 'shape', ()))}")
 
-    def _expert_dtype(self) -> torch.dtype:
-        """The experts' dtype: ``Experts.w_in``'s, or any ExpertBank's first parameter's (else the router's)."""
-        w_in = getattr(self.experts, "w_in", None)  # a direct look-up: walking .parameters() costs tens of µs a call
-        if isinstance(w_in, torch.Tensor):
-            return w_in.dtype
-        return next(self.experts.parameters(), self.w_router).dtype
-
     def _check_input(self, x: torch.Tensor) -> None:
         D = self.config.d_model
         if not isinstance(x, torch.Tensor) or x.ndim not in (2, 3) or x.shape[-1] != D:
             raise ValueError(f"MoELayer expects x of shape (B, T, {D}) or (N, {D}), got {tuple(getattr(x, 'shape', ()))}")
-        weights = self._expert_dtype()
+        weights = next(self.experts.parameters(), self.w_router).dtype  # the experts' dtype (any ExpertBank)
         if not x.is_floating_point() or (x.dtype != weights and not torch.is_autocast_enabled(x.device.type)):
             raise TypeError(
                 f"MoELayer's experts hold {weights} weights but x is {x.dtype}: convert one to the other, "

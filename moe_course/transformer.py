@@ -385,20 +385,6 @@ class Block(nn.Module):
         return BlockOutput(x + self.ffn_dropout(self.ffn(h)), None)  # computation, one token at a time
 
 
-def _layer_sum(losses: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """The sum of one () loss per routed layer; a () zero like ``like`` without routed layers.
-
-    One addition per extra layer (``sum(losses, zero)`` makes one more, and a
-    zero tensor): a small model's training step is mostly such small calls.
-    """
-    if not losses:
-        return like.new_zeros(())
-    total = losses[0]
-    for loss in losses[1:]:
-        total = total + loss
-    return total
-
-
 class GPT(nn.Module):
     """A character-level GPT, dense or Switch: idx (B, T) int64 → GPTOutput.
 
@@ -464,11 +450,12 @@ class GPT(nn.Module):
             moes.append(out.moe)
         logits = self.head(self.ln_f(x))  # (B, T, V)
         routed = [m for m in moes if m is not None]
+        zero = x.new_zeros(())
         return GPTOutput(
             logits=logits,
-            router_loss=_layer_sum([m.router_loss for m in routed], x),
-            aux_loss=_layer_sum([m.aux_loss for m in routed], x),
-            z_loss=_layer_sum([m.z_loss for m in routed], x),
+            router_loss=sum((m.router_loss for m in routed), zero),
+            aux_loss=sum((m.aux_loss for m in routed), zero),
+            z_loss=sum((m.z_loss for m in routed), zero),
             moe=tuple(moes),
         )
 
