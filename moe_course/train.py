@@ -35,5 +35,11 @@ if __name__ == "__main__":
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun started several processes: experts spread over them
         from .distributed.train import main as distributed_main
 
-        sys.exit(distributed_main())
+        code = distributed_main()  # every file written, the process group destroyed
+        # Then leave without the interpreter's teardown: there, gloo's worker threads can still abort a rank
+        # ("terminate called without an active exception", exit -6) after a run that succeeded (seen once in
+        # CI; pytorch/pytorch#190489). Nothing is left to run or to flush but the standard streams.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(main())
