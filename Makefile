@@ -22,6 +22,10 @@ LAB_ARGS   ?=
 # Jupyter refuses to run as root unless told to (containers, CI).
 ROOT_FLAG  := $(if $(filter 0,$(shell id -u)),--allow-root,)
 PYTEST_ARGS ?=
+# make test runs the tests in this many pytest-xdist workers, each file (each notebook) whole on
+# one worker (--dist loadfile: nbval runs a notebook's cells in order in one kernel).
+# TEST_WORKERS=0 runs everything in one process, in order.
+TEST_WORKERS ?= 2
 
 .PHONY: lab test test-fast lint env test-env sync exercises check figures bench clean help
 
@@ -57,7 +61,7 @@ lab: $(LEARN_STAMP)
 	$(BIN)/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks/00_welcome.ipynb $(ROOT_FLAG) $(LAB_ARGS)
 
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 exercises: $(LEARN_STAMP)
 	$(BIN)/moe-exercises build
